@@ -1,0 +1,123 @@
+//! `vmiscope run --batch`: no UI, guest serial on stdout, a line per stop and an
+//! exit-class summary on stderr; the exit status is the guest's.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmiscope_vmm::{Event, ExitHandler, Module, Reply, VcpuCtl, Vm, VmConfig};
+
+use crate::cli::RunArgs;
+
+/// Resolves a built-in image name or reads a file.
+pub fn load_image(name: &str) -> Result<(Vec<u8>, u32), String> {
+    if let Some(i) = vmiscope_images::find(name) {
+        return Ok((i.elf.to_vec(), i.vcpus));
+    }
+    match std::fs::read(name) {
+        Ok(b) => Ok((b, 1)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!(
+            "no built-in image or file named `{name}` (see `vmiscope images`)"
+        )),
+        Err(e) => Err(format!("cannot read {name}: {e}")),
+    }
+}
+
+pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, String> {
+    let mut modules = Vec::new();
+    for m in &a.modules {
+        let data = std::fs::read(m).map_err(|e| format!("cannot read module {}: {e}", m.display()))?;
+        modules.push(Module { name: m.display().to_string(), data });
+    }
+    let timeout = match a.timeout {
+        Some(t) if !(t > 0.0 && t.is_finite()) => return Err("--timeout must be a positive number of seconds".into()),
+        t => t.map(Duration::from_secs_f64),
+    };
+    Ok(VmConfig {
+        vcpus: a.vcpus.unwrap_or(default_vcpus),
+        mem_mib: a.mem,
+        irqchip: !a.no_irqchip,
+        hypercall_quirk: a.hypercall_quirk,
+        timeout,
+        cmdline: a.cmdline.clone(),
+        modules,
+        ..VmConfig::default()
+    })
+}
+
+/// Logs every event (with `--events`) and lets it happen.
+struct BatchHandler {
+    events: bool,
+}
+
+impl ExitHandler for BatchHandler {
+    fn on_event(&self, cpu: &mut VcpuCtl<'_>, event: &Event) -> Reply {
+        if self.events && !matches!(event, Event::Kicked) {
+            eprintln!("[vmiscope] vcpu{} {}: {:x?}", cpu.id(), event.class(), event);
+        }
+        Reply::Continue
+    }
+}
+
+pub fn run(a: &RunArgs) -> i32 {
+    if !a.batch {
+        eprintln!("vmiscope: the interactive console is not built yet; running in --batch mode");
+    }
+    let (image, vcpus) = match load_image(&a.image) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("vmiscope: {e}");
+            return 2;
+        }
+    };
+    let cfg = match config(a, vcpus) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmiscope: {e}");
+            return 2;
+        }
+    };
+    let vm = match Vm::new(&cfg, &image) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("vmiscope: {e}");
+            return 2;
+        }
+    };
+    vmiscope_vmm::install_interrupt_handler();
+    vm.shared().serial.set_live(Box::new(|b| {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(b);
+        let _ = out.flush();
+    }));
+    eprintln!(
+        "[vmiscope] {} ({}) on {}: {} vCPU(s), {} MiB",
+        a.image,
+        vm.format,
+        vm.shared().host.name(),
+        cfg.vcpus,
+        cfg.mem_mib
+    );
+    let out = vm.run(Arc::new(BatchHandler { events: a.events }), &cfg);
+    let summary: Vec<String> = out.exits.iter().map(|(c, n)| format!("{c}={n}")).collect();
+    eprintln!("[vmiscope] exits: {} (per vCPU: {:?})", summary.join(" "), out.exits_per_vcpu);
+    eprintln!("[vmiscope] stop: {} after {:.3} s", out.reason, out.elapsed.as_secs_f64());
+    out.reason.exit_status()
+}
+
+/// `vmiscope` with no arguments: the demo guest.
+pub fn run_default() -> i32 {
+    let a = RunArgs {
+        image: "demo".into(),
+        vcpus: None,
+        mem: 128,
+        batch: true,
+        timeout: None,
+        cmdline: String::new(),
+        modules: vec![],
+        events: false,
+        no_irqchip: false,
+        hypercall_quirk: false,
+    };
+    run(&a)
+}

@@ -1,0 +1,109 @@
+//! The command line (see README.md for the contract).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use vmiscope_images::IMAGES;
+
+#[derive(Parser, Debug)]
+#[command(name = "vmiscope", version, about = "A debugger-style VM introspection console on KVM")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// List the built-in guest images (and write their ELF files to DIR).
+    Images(ImagesArgs),
+    /// Run an image: a built-in name or a path to an ELF64 / multiboot v1 file.
+    Run(RunArgs),
+    /// What this host's KVM can trap, measured on scratch VMs.
+    Caps(CapsArgs),
+    /// Performance figures, each beside a raw-KVM baseline from the same run.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ImagesArgs {
+    /// Write every image's ELF file into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub export: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Built-in image name or path.
+    pub image: String,
+    /// Number of vCPUs (default: what the image wants).
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 128)]
+    pub mem: u64,
+    /// No UI: guest serial on stdout, events and the stop on stderr; exit status =
+    /// the guest's exit code, or non-zero on a VMM error.
+    #[arg(long)]
+    pub batch: bool,
+    /// Stop the run after this many seconds (exit status 124).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// Kernel command line (multiboot).
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// A multiboot module (repeatable), as QEMU's -initrd.
+    #[arg(long = "module", value_name = "FILE")]
+    pub modules: Vec<PathBuf>,
+    /// Print one line per handled event.
+    #[arg(long)]
+    pub events: bool,
+    /// Run without the in-kernel irqchip/PIT (HLT then exits to the VMM).
+    #[arg(long)]
+    pub no_irqchip: bool,
+    /// Keep KVM's fix-hypercall quirk (a CPL0 VMCALL then livelocks a PVM vCPU and
+    /// the watchdog stops it); by default VMCALL raises #UD in the guest.
+    #[arg(long)]
+    pub hypercall_quirk: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CapsArgs {
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// Exits per measurement.
+    #[arg(long, default_value_t = 20000)]
+    pub iterations: u64,
+    /// Repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub repeat: usize,
+}
+
+pub fn images(a: &ImagesArgs) -> i32 {
+    if let Some(dir) = &a.export {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            eprintln!("vmiscope: cannot create {}: {e}", dir.display());
+            return 2;
+        }
+        for i in IMAGES {
+            let p = dir.join(format!("{}.elf", i.name));
+            if let Err(e) = std::fs::write(&p, i.elf) {
+                eprintln!("vmiscope: cannot write {}: {e}", p.display());
+                return 2;
+            }
+        }
+        eprintln!("vmiscope: wrote {} images to {}", IMAGES.len(), dir.display());
+    }
+    println!("{:<14} {:<8} {:>5}  {}", "IMAGE", "KIND", "VCPUS", "WHAT IT DOES");
+    for i in IMAGES {
+        println!("{:<14} {:<8} {:>5}  {}", i.name, i.kind.label(), i.vcpus, i.summary);
+    }
+    0
+}

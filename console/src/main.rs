@@ -1,0 +1,22 @@
+//! `vmiscope`: an interactive, debugger-style VM introspection console on KVM.
+
+mod batch;
+mod bench;
+mod caps;
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let code = match cli.command {
+        None => batch::run_default(),
+        Some(cli::Command::Images(a)) => cli::images(&a),
+        Some(cli::Command::Run(a)) => batch::run(&a),
+        Some(cli::Command::Caps(a)) => caps::run(&a),
+        Some(cli::Command::Bench(a)) => bench::run(&a),
+    };
+    ExitCode::from(code.clamp(0, 255) as u8)
+}

@@ -1,0 +1,25 @@
+/* step: a labelled run of CPL0 instructions for single-step tests:
+ * step_start -> (2 instructions) -> step_mid -> (2 instructions) -> step_end. */
+#include "rt/rt.h"
+
+__attribute__((noinline, used)) u64 step_region(void) {
+    u64 r;
+    __asm__ volatile(".globl step_start\nstep_start:\n"
+                     "mov $1, %%eax\n"
+                     "add $2, %%eax\n"
+                     ".globl step_mid\nstep_mid:\n"
+                     "imul $3, %%eax, %%eax\n"
+                     "add $4, %%eax\n"
+                     ".globl step_end\nstep_end:\n"
+                     "nop\n"
+                     : "=a"(r));
+    return r;
+}
+
+int main(void) {
+    u64 r = step_region();
+    kprintf("step: region result %d\n", r);
+    if (r != 13) return 1;
+    kputs("step: done\n");
+    return 0;
+}

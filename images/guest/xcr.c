@@ -1,0 +1,19 @@
+/* xcr: enables CR4.OSXSAVE and writes XCR0 with XSETBV at CPL0 (a valid and an
+ * invalid value), printing what XGETBV reads back. */
+#include "rt/rt.h"
+
+int main(void) {
+    u32 a, b, c, d;
+    cpuid(1, 0, &a, &b, &c, &d);
+    kprintf("xcr: cpuid.1.ecx %x (xsave %d)\n", c, (c >> 26) & 1);
+    u64 e = write_cr4_safe(read_cr4() | (1UL << 18));
+    kprintf("xcr: set CR4.OSXSAVE (%s), cr4 %lx\n", e ? "fault" : "ok", read_cr4());
+    if (e) return 1;
+    kprintf("xcr: xcr0 %lx\n", xgetbv(0));
+    e = xsetbv_safe(0, 3);
+    kprintf("xcr: xsetbv xcr0 <- 3 (%s), xcr0 now %lx\n", e ? "fault" : "ok", xgetbv(0));
+    e = xsetbv_safe(0, 0);
+    kprintf("xcr: xsetbv xcr0 <- 0 (%s), xcr0 now %lx\n", e ? "fault" : "ok", xgetbv(0));
+    kputs("xcr: done\n");
+    return 0;
+}

@@ -1,0 +1,45 @@
+//! vmiscope's hypervisor side: a minimal KVM VMM (rust-vmm crates) that runs small
+//! guests and delivers every exit that matters to an exit handler as a typed
+//! `Event`, then applies the handler's `Reply`.
+
+pub mod devices;
+pub mod error;
+pub mod event;
+pub mod exit;
+pub mod host;
+pub mod kick;
+pub mod loader;
+pub mod memory;
+pub mod msr;
+pub mod slots;
+pub mod stats;
+pub mod stop;
+pub mod vcpu;
+pub mod vm;
+
+pub use error::{LoadError, VmError};
+pub use event::{Event, ExitHandler, Introcall, MemAccess, PassThrough, Reply};
+pub use host::HostKind;
+pub use loader::{Module, Symbols};
+pub use slots::Access;
+pub use stop::StopReason;
+pub use vcpu::VcpuCtl;
+pub use vm::{RunOutcome, Vm, VmConfig, VmShared};
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGINT (Ctrl-C) stop a running VM cleanly instead of killing the process.
+pub fn install_interrupt_handler() {
+    let _ = vmm_sys_util::signal::register_signal_handler(libc::SIGINT, on_sigint);
+}
+
+/// Whether the user pressed Ctrl-C; the watchdog turns it into `StopReason::User`.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}

@@ -1,0 +1,126 @@
+//! The VMM-built boot state: a GDT, a TSS and identity page tables below 0x10000,
+//! and the registers each entry mode starts with.
+
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+
+use crate::memory::GuestRam;
+
+/// Everything below this address belongs to the VMM's boot structures.
+pub const BOOT_AREA_END: u64 = 0x10000;
+
+const GDT: u64 = 0x500;
+const TSS: u64 = 0x600;
+const PML4: u64 = 0x1000;
+const PDPT: u64 = 0x2000;
+const PD: u64 = 0x3000; // four PDs: 0x3000..0x7000, 4 GiB of 2 MiB pages
+const STACK_TOP: u64 = 0x7ff0;
+pub(super) const MBI: u64 = 0x8000;
+
+pub const SEL_CODE64: u16 = 0x08;
+pub const SEL_DATA: u16 = 0x10;
+pub const SEL_CODE32: u16 = 0x18;
+pub const SEL_TSS: u16 = 0x20;
+
+/// How a vCPU enters the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryState {
+    /// 64-bit mode on the VMM's page tables; RDI = vCPU index, RSI = vCPU count.
+    Long64 { rip: u64 },
+    /// Multiboot: 32-bit protected mode, paging off, EAX = magic, EBX = info.
+    Protected32 { eip: u32, eax: u32, ebx: u32 },
+}
+
+/// Writes the GDT, TSS and page tables into the boot area.
+pub fn write_boot_area(ram: &GuestRam) -> Result<(), crate::error::VmError> {
+    let gdt: [u64; 6] = [
+        0,
+        0x00af_9a00_0000_ffff, // 0x08: 64-bit code
+        0x00cf_9200_0000_ffff, // 0x10: flat data
+        0x00cf_9a00_0000_ffff, // 0x18: flat 32-bit code
+        // 0x20: 64-bit TSS at TSS (busy type 0xb), limit 0x67.
+        0x0000_8b00_0000_0067 | (TSS << 16),
+        0,
+    ];
+    for (i, d) in gdt.iter().enumerate() {
+        ram.write(GDT + 8 * i as u64, &d.to_le_bytes())?;
+    }
+    ram.write(TSS, &[0u8; 0x68])?;
+    ram.write(PML4, &(PDPT | 3).to_le_bytes())?;
+    for i in 0..4u64 {
+        ram.write(PDPT + 8 * i, &((PD + i * 0x1000) | 3).to_le_bytes())?;
+    }
+    for i in 0..2048u64 {
+        // Present, writable, 2 MiB, supervisor: images that run CPL3 code build their own.
+        ram.write(PD + 8 * i, &((i << 21) | 0x83).to_le_bytes())?;
+    }
+    Ok(())
+}
+
+fn seg(selector: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db,
+        s: 1,
+        l,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// Special registers for `entry`, on top of what KVM created the vCPU with.
+pub fn sregs(entry: &EntryState, mut s: kvm_sregs) -> kvm_sregs {
+    s.gdt.base = GDT;
+    s.gdt.limit = 6 * 8 - 1;
+    s.idt.base = 0;
+    s.idt.limit = 0;
+    s.tr = kvm_segment { base: TSS, limit: 0x67, selector: SEL_TSS, type_: 0xb, present: 1, s: 0, g: 0, ..seg(0, 0, 0, 0) };
+    s.ldt = kvm_segment { selector: 0, type_: 2, present: 1, s: 0, limit: 0xffff, g: 0, ..seg(0, 0, 0, 0) };
+    let data = seg(SEL_DATA, 3, 0, 1);
+    s.ds = data;
+    s.es = data;
+    s.fs = data;
+    s.gs = data;
+    s.ss = data;
+    match entry {
+        EntryState::Long64 { .. } => {
+            s.cs = seg(SEL_CODE64, 11, 1, 0);
+            s.cr0 = 0x8005_0033; // PG | AM | WP | NE | ET | MP | PE
+            s.cr3 = PML4;
+            s.cr4 = 0x620; // OSXMMEXCPT | OSFXSR | PAE
+            s.efer = 0xd01; // NXE | LMA | LME | SCE
+        }
+        EntryState::Protected32 { .. } => {
+            s.cs = seg(SEL_CODE32, 11, 0, 1);
+            s.cr0 = 0x11; // ET | PE
+            s.cr3 = 0;
+            s.cr4 = 0;
+            s.efer = 0;
+        }
+    }
+    s
+}
+
+/// General registers for vCPU `cpu` of `ncpus` entering at `entry`.
+pub fn regs(entry: &EntryState, cpu: u32, ncpus: u32) -> kvm_regs {
+    let mut r = kvm_regs { rflags: 2, rsp: STACK_TOP - 0x400 * cpu as u64, ..Default::default() };
+    match *entry {
+        EntryState::Long64 { rip } => {
+            r.rip = rip;
+            r.rdi = cpu as u64;
+            r.rsi = ncpus as u64;
+        }
+        EntryState::Protected32 { eip, eax, ebx } => {
+            r.rip = eip as u64;
+            r.rax = eax as u64;
+            r.rbx = ebx as u64;
+        }
+    }
+    r
+}

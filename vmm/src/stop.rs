@@ -1,0 +1,80 @@
+//! Why a run ended, and the exit status `vmiscope run --batch` maps it to.
+
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest wrote to an exit port; the status it asked for.
+    GuestExit(i32),
+    /// The guest pulsed the i8042 reset line.
+    Reset,
+    /// A vCPU triple-faulted.
+    TripleFault { cpu: u32, rip: u64 },
+    /// KVM's emulator could not run an instruction and nobody handled it.
+    EmulationFailure { cpu: u32, rip: u64, cpl: u8, bytes: Vec<u8> },
+    /// A vCPU sat on a hypercall that never completes (VMCALL at CPL0 on PVM).
+    Livelock { cpu: u32, rip: u64 },
+    /// Every vCPU halted with no way to wake up.
+    AllHalted,
+    /// `--timeout` expired; where each vCPU was.
+    Timeout { millis: u64, where_: Vec<(u32, u64, u8)> },
+    /// The user interrupted the run (Ctrl-C, `quit`).
+    User,
+    /// The exit handler ended the run.
+    Handler(String),
+    /// The VMM itself failed.
+    Error(String),
+}
+
+impl StopReason {
+    /// Guest statuses are the guest's; VMM-side reasons use even numbers, which the
+    /// isa-debug-exit convention ((v << 1) | 1) never produces.
+    pub fn exit_status(&self) -> i32 {
+        match self {
+            StopReason::GuestExit(s) => *s,
+            StopReason::Reset => 0,
+            StopReason::Error(_) | StopReason::Handler(_) => 2,
+            StopReason::TripleFault { .. } => 4,
+            StopReason::EmulationFailure { .. } => 6,
+            StopReason::Livelock { .. } => 8,
+            StopReason::AllHalted => 10,
+            StopReason::Timeout { .. } => 124,
+            StopReason::User => 130,
+        }
+    }
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StopReason::GuestExit(s) => write!(f, "guest exited with status {s}"),
+            StopReason::Reset => write!(f, "guest requested a reset"),
+            StopReason::TripleFault { cpu, rip } => {
+                write!(f, "vCPU {cpu} triple-faulted (shutdown) at rip {rip:#x}")
+            }
+            StopReason::EmulationFailure { cpu, rip, cpl, bytes } => {
+                write!(f, "vCPU {cpu}: KVM cannot emulate the instruction at rip {rip:#x} (CPL{cpl}), bytes")?;
+                for b in bytes {
+                    write!(f, " {b:02x}")?;
+                }
+                Ok(())
+            }
+            StopReason::Livelock { cpu, rip } => write!(
+                f,
+                "vCPU {cpu} livelocked on a hypercall (VMCALL/VMMCALL) at rip {rip:#x}: on this PVM host \
+                 a CPL0 hypercall never completes"
+            ),
+            StopReason::AllHalted => write!(f, "every vCPU halted with nothing to wake it"),
+            StopReason::Timeout { millis, where_ } => {
+                write!(f, "timeout: the guest was still running after {:.1} s", *millis as f64 / 1000.0)?;
+                for (cpu, rip, cpl) in where_ {
+                    write!(f, "; vCPU {cpu} at rip {rip:#x} CPL{cpl}")?;
+                }
+                Ok(())
+            }
+            StopReason::User => write!(f, "stopped by the user"),
+            StopReason::Handler(m) => write!(f, "stopped by the introspection handler: {m}"),
+            StopReason::Error(m) => write!(f, "VMM error: {m}"),
+        }
+    }
+}

@@ -1,0 +1,733 @@
+//! One vCPU thread: a small state machine (running / paused / stopped) driven by
+//! messages, around KVM_RUN and `handle_exit`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+
+use kvm_bindings::{
+    KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
+    KVM_INTERNAL_ERROR_EMULATION, KVM_MP_STATE_RUNNABLE, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS, kvm_guest_debug,
+    kvm_mp_state, kvm_regs, kvm_sregs,
+};
+use kvm_ioctls::{SyncReg, VcpuFd, VmFd};
+use vmiscope_introspect::paging::{self, PagingMode, Translation, WalkError};
+
+use crate::devices::{INTROCALL_MAGIC, PortEffect};
+use crate::error::VmError;
+use crate::event::{Event, ExitHandler, Introcall, MemAccess, Reply};
+use crate::exit::{RawExit, decode};
+use crate::kick;
+use crate::loader::{self, EntryState};
+use crate::memory::PAGE_SIZE;
+use crate::slots::Access;
+use crate::stop::StopReason;
+use crate::vm::{STATE_PAUSED, STATE_RUNNING, STATE_STOPPED, VmConfig, VmShared};
+
+/// Messages that drive a vCPU's state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuMsg {
+    Pause,
+    Resume,
+    Stop,
+}
+
+/// Creates and initialises vCPU `id` for `entry`.
+pub(crate) fn create(
+    vm: &VmFd,
+    id: u32,
+    cfg: &VmConfig,
+    entry: &EntryState,
+    cpuid: &kvm_bindings::CpuId,
+) -> Result<VcpuFd, VmError> {
+    let mut fd = vm.create_vcpu(id as u64).map_err(VmError::ioctl("KVM_CREATE_VCPU"))?;
+    let mut cpuid = cpuid.clone();
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24),
+            0xb | 0x1f => e.edx = id,
+            _ => {}
+        }
+    }
+    fd.set_cpuid2(&cpuid).map_err(VmError::ioctl("KVM_SET_CPUID2"))?;
+    let sregs = fd.get_sregs().map_err(VmError::ioctl("KVM_GET_SREGS"))?;
+    fd.set_sregs(&loader::sregs_for(entry, sregs)).map_err(VmError::ioctl("KVM_SET_SREGS"))?;
+    fd.set_regs(&loader::regs_for(entry, id, cfg.vcpus)).map_err(VmError::ioctl("KVM_SET_REGS"))?;
+    if cfg.irqchip && id > 0 {
+        // Our boot protocol starts every vCPU at the entry, not through INIT/SIPI.
+        fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE }).map_err(VmError::ioctl("KVM_SET_MP_STATE"))?;
+    }
+    // Registers come back in kvm_run on every exit: no GET_REGS/GET_SREGS per exit.
+    fd.set_sync_valid_reg(SyncReg::Register);
+    fd.set_sync_valid_reg(SyncReg::SystemRegister);
+    Ok(fd)
+}
+
+/// Debug controls of one vCPU (KVM_SET_GUEST_DEBUG is issued only on change).
+#[derive(Debug, Default)]
+struct DebugState {
+    user_step: bool,
+    hw: [Option<u64>; 4],
+    applied: Option<(u32, [u64; 8])>,
+    generation: u64,
+}
+
+/// What a step-over must put back once the stepped instruction has run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Restore {
+    Page { gpa: u64, access: Access },
+    SwBp { gpa: u64 },
+    HwBps,
+}
+
+#[derive(Debug, Default)]
+struct StepOver {
+    /// Restores waiting for the single-step exit.
+    stepping: Vec<Restore>,
+    /// Restores for hosts that cannot step here (PVM at CPL3): applied at the next exit.
+    deferred: Vec<Restore>,
+    hw_suspended: bool,
+}
+
+/// What an exit handler may do with the vCPU it was called for.
+pub struct VcpuCtl<'a> {
+    id: u32,
+    fd: &'a mut VcpuFd,
+    vm: &'a VmShared,
+    debug: &'a mut DebugState,
+}
+
+impl VcpuCtl<'_> {
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    pub fn vm(&self) -> &VmShared {
+        self.vm
+    }
+
+    /// General registers at this exit (from kvm_run, no ioctl).
+    pub fn regs(&self) -> kvm_regs {
+        self.fd.sync_regs().regs
+    }
+
+    /// Changes general registers; KVM loads them on the next entry.
+    pub fn set_regs(&mut self, regs: &kvm_regs) {
+        self.fd.sync_regs_mut().regs = *regs;
+        self.fd.set_sync_dirty_reg(SyncReg::Register);
+    }
+
+    pub fn sregs(&self) -> kvm_sregs {
+        self.fd.sync_regs().sregs
+    }
+
+    /// Changes special registers (CR0/CR3/CR4, descriptor tables …) on the next entry.
+    pub fn set_sregs(&mut self, sregs: &kvm_sregs) {
+        self.fd.sync_regs_mut().sregs = *sregs;
+        self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+    }
+
+    pub fn cpl(&self) -> u8 {
+        cpl_of(&self.sregs())
+    }
+
+    pub fn paging_mode(&self) -> PagingMode {
+        let s = self.sregs();
+        PagingMode::from_regs(s.cr0, s.cr3, s.cr4, s.efer)
+    }
+
+    /// Translates a guest-virtual address with the vCPU's current page tables.
+    pub fn translate(&self, gva: u64) -> Result<Translation, WalkError> {
+        paging::translate(&self.vm.ram, self.paging_mode(), gva)
+    }
+
+    /// Reads guest-virtual memory (page by page through the guest's tables).
+    pub fn read_virt(&self, gva: u64, buf: &mut [u8]) -> Result<(), VmError> {
+        read_virt(self.vm, self.paging_mode(), gva, buf)
+    }
+
+    /// Single-steps this vCPU from now on (each step is a `SingleStep` event).
+    pub fn set_single_step(&mut self, on: bool) {
+        self.debug.user_step = on;
+    }
+
+    /// Sets hardware execute breakpoint `slot` (0..4) to a guest-virtual address.
+    pub fn set_hw_breakpoint(&mut self, slot: usize, addr: Option<u64>) {
+        self.debug.hw[slot] = addr;
+    }
+
+    /// Injects an exception into the guest on the next entry.
+    pub fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), VmError> {
+        inject(self.fd, vector, error_code)
+    }
+}
+
+fn cpl_of(s: &kvm_sregs) -> u8 {
+    if s.cr0 & 1 == 0 { 0 } else { (s.cs.selector & 3) as u8 }
+}
+
+pub(crate) fn read_virt(vm: &VmShared, mode: PagingMode, gva: u64, buf: &mut [u8]) -> Result<(), VmError> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let va = gva + done as u64;
+        let t = paging::translate(&vm.ram, mode, va).map_err(|e| VmError::Memory(e.to_string()))?;
+        let n = ((PAGE_SIZE - (va & (PAGE_SIZE - 1))) as usize).min(buf.len() - done);
+        vm.ram.read(t.gpa, &mut buf[done..done + n])?;
+        done += n;
+    }
+    Ok(())
+}
+
+fn inject(fd: &VcpuFd, vector: u8, error_code: Option<u32>) -> Result<(), VmError> {
+    let mut ev = fd.get_vcpu_events().map_err(VmError::ioctl("KVM_GET_VCPU_EVENTS"))?;
+    ev.exception.injected = 1;
+    ev.exception.nr = vector;
+    ev.exception.has_error_code = error_code.is_some() as u8;
+    ev.exception.error_code = error_code.unwrap_or(0);
+    fd.set_vcpu_events(&ev).map_err(VmError::ioctl("KVM_SET_VCPU_EVENTS"))
+}
+
+pub(crate) struct VcpuThread {
+    id: u32,
+    fd: VcpuFd,
+    vm: Arc<VmShared>,
+    handler: Arc<dyn ExitHandler>,
+    rx: Receiver<VcpuMsg>,
+    debug: DebugState,
+    step: StepOver,
+    /// RIP at the last kick that found no exit since the one before.
+    kick_rip: Option<u64>,
+    exits_since_kick: u64,
+}
+
+/// What the loop does after an exit.
+enum Flow {
+    Continue,
+    Stop,
+}
+
+impl VcpuThread {
+    pub(crate) fn new(
+        id: u32,
+        fd: VcpuFd,
+        vm: Arc<VmShared>,
+        handler: Arc<dyn ExitHandler>,
+        rx: Receiver<VcpuMsg>,
+    ) -> Self {
+        VcpuThread {
+            id,
+            fd,
+            vm,
+            handler,
+            rx,
+            debug: DebugState::default(),
+            step: StepOver::default(),
+            kick_rip: None,
+            exits_since_kick: 0,
+        }
+    }
+
+    fn info(&self) -> &crate::vm::VcpuInfo {
+        &self.vm.vcpus[self.id as usize]
+    }
+
+    pub(crate) fn run(mut self) {
+        kick::register_thread(self.fd.get_kvm_run());
+        let mut paused = false;
+        loop {
+            loop {
+                match self.rx.try_recv() {
+                    Ok(VcpuMsg::Pause) => paused = true,
+                    Ok(VcpuMsg::Resume) => paused = false,
+                    Ok(VcpuMsg::Stop) | Err(TryRecvError::Disconnected) => {
+                        self.vm.stop(StopReason::User);
+                        break;
+                    }
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
+            if self.vm.is_stopping() {
+                break;
+            }
+            if paused {
+                self.info().state.store(STATE_PAUSED, Ordering::SeqCst);
+                match self.rx.recv() {
+                    Ok(VcpuMsg::Resume) => {
+                        paused = false;
+                        self.info().state.store(STATE_RUNNING, Ordering::SeqCst);
+                    }
+                    Ok(VcpuMsg::Pause) => {}
+                    Ok(VcpuMsg::Stop) | Err(_) => break,
+                }
+                continue;
+            }
+            if let Err(e) = self.apply_debug() {
+                self.vm.stop(StopReason::Error(e.to_string()));
+                break;
+            }
+            let raw = match self.fd.run() {
+                Ok(exit) => decode(&exit),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => RawExit::Intr,
+                Err(e) => {
+                    self.vm.stop(StopReason::Error(format!("vCPU {}: KVM_RUN: {e}", self.id)));
+                    break;
+                }
+            };
+            if raw == RawExit::Intr {
+                self.fd.set_kvm_immediate_exit(0);
+            }
+            let s = self.fd.sync_regs();
+            let info = self.info();
+            info.last_exit_ns.store(self.vm.now_ns(), Ordering::Relaxed);
+            info.last_rip.store(s.regs.rip, Ordering::Relaxed);
+            info.last_cpl.store(cpl_of(&s.sregs), Ordering::Relaxed);
+            if let Flow::Stop = self.handle(raw) {
+                break;
+            }
+        }
+        self.info().state.store(STATE_STOPPED, Ordering::SeqCst);
+        kick::unregister_thread();
+    }
+
+    /// Applies the guest-debug controls if they changed (one ioctl, only then).
+    fn apply_debug(&mut self) -> Result<(), VmError> {
+        let generation = self.vm.debug_gen.load(Ordering::SeqCst);
+        let mut control = 0u32;
+        let mut regs = [0u64; 8];
+        if self.debug.user_step || !self.step.stepping.is_empty() {
+            control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+        }
+        if !self.step.hw_suspended && self.debug.hw.iter().any(Option::is_some) {
+            control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
+            for (i, a) in self.debug.hw.iter().enumerate() {
+                if let Some(a) = a {
+                    regs[i] = *a;
+                    regs[7] |= 1 << (2 * i); // local enable, execute, length 1
+                }
+            }
+        }
+        // With KVM_GUESTDBG_USE_SW_BP a hardware-virtualised host reports every INT3
+        // as a debug exit; on PVM INT3 at CPL0 is an emulation failure anyway.
+        if !self.vm.sw_bps.lock().unwrap().is_empty() {
+            control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP;
+        }
+        if self.debug.applied == Some((control, regs)) && self.debug.generation == generation {
+            return Ok(());
+        }
+        let mut dbg = kvm_guest_debug { control, ..Default::default() };
+        dbg.arch.debugreg = regs;
+        self.fd.set_guest_debug(&dbg).map_err(VmError::ioctl("KVM_SET_GUEST_DEBUG"))?;
+        self.debug.applied = Some((control, regs));
+        self.debug.generation = generation;
+        Ok(())
+    }
+
+    fn ask(&mut self, event: &Event) -> Reply {
+        self.info().stats.bump(event.class());
+        let mut ctl = VcpuCtl { id: self.id, fd: &mut self.fd, vm: &self.vm, debug: &mut self.debug };
+        self.handler.on_event(&mut ctl, event)
+    }
+
+    fn regs(&self) -> kvm_regs {
+        self.fd.sync_regs().regs
+    }
+
+    fn cpl(&self) -> u8 {
+        cpl_of(&self.fd.sync_regs().sregs)
+    }
+
+    fn set_regs(&mut self, f: impl FnOnce(&mut kvm_regs)) {
+        f(&mut self.fd.sync_regs_mut().regs);
+        self.fd.set_sync_dirty_reg(SyncReg::Register);
+    }
+
+    fn stop(&self, reason: StopReason) -> Flow {
+        self.vm.stop(reason);
+        Flow::Stop
+    }
+
+    fn handle(&mut self, raw: RawExit) -> Flow {
+        if raw != RawExit::Intr {
+            self.exits_since_kick += 1;
+        }
+        // A step-over that could not single-step finishes at the next exit.
+        if !self.step.deferred.is_empty() && !matches!(raw, RawExit::Debug { .. }) {
+            let d = std::mem::take(&mut self.step.deferred);
+            self.finish_restores(&d);
+        }
+        match raw {
+            RawExit::IoOut { port, size, value } => self.io_out(port, size, value),
+            RawExit::IoIn { port, size } => self.io_in(port, size),
+            RawExit::MmioRead { gpa, len } => self.mmio_read(gpa, len),
+            RawExit::MmioWrite { gpa, len, data } => self.mmio_write(gpa, len, data),
+            RawExit::RdMsr { index } => self.msr(index, None),
+            RawExit::WrMsr { index, value } => self.msr(index, Some(value)),
+            RawExit::Debug { exception, pc, dr6 } => self.debug_exit(exception, pc, dr6),
+            RawExit::InternalError => self.internal_error(),
+            RawExit::Hlt => match self.ask(&Event::Halt) {
+                Reply::Stop(m) => self.stop(StopReason::Handler(m)),
+                _ => {
+                    self.info().state.store(STATE_STOPPED, Ordering::SeqCst);
+                    if self.vm.vcpus.iter().all(|v| v.state.load(Ordering::SeqCst) == STATE_STOPPED) {
+                        self.vm.stop(StopReason::AllHalted);
+                    }
+                    Flow::Stop
+                }
+            },
+            RawExit::Shutdown => {
+                let _ = self.ask(&Event::Shutdown);
+                self.stop(StopReason::TripleFault { cpu: self.id, rip: self.regs().rip })
+            }
+            RawExit::Intr => self.kicked(),
+            RawExit::FailEntry { reason } => {
+                self.stop(StopReason::Error(format!("vCPU {}: VM entry failed (reason {reason:#x})", self.id)))
+            }
+            RawExit::SystemEvent { kind } => self.stop(match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => StopReason::Reset,
+                _ => StopReason::GuestExit(0),
+            }),
+            RawExit::Other(what) => self.stop(StopReason::Error(format!("vCPU {}: {what}", self.id))),
+        }
+    }
+
+    fn kicked(&mut self) -> Flow {
+        let rip = self.regs().rip;
+        let quiet = self.exits_since_kick == 0;
+        self.exits_since_kick = 0;
+        if quiet && self.cpl() == 0 && self.is_hypercall_at(rip) {
+            if self.kick_rip == Some(rip) {
+                return self.stop(StopReason::Livelock { cpu: self.id, rip });
+            }
+            self.kick_rip = Some(rip);
+        } else {
+            self.kick_rip = None;
+        }
+        match self.ask(&Event::Kicked) {
+            Reply::Stop(m) => self.stop(StopReason::Handler(m)),
+            _ => Flow::Continue,
+        }
+    }
+
+    fn is_hypercall_at(&self, rip: u64) -> bool {
+        let mut b = [0u8; 3];
+        let mode = VcpuCtl::mode_of(&self.fd.sync_regs().sregs);
+        read_virt(&self.vm, mode, rip, &mut b).is_ok() && (b == [0x0f, 0x01, 0xc1] || b == [0x0f, 0x01, 0xd9])
+    }
+
+    fn io_out(&mut self, port: u16, size: u8, value: u32) -> Flow {
+        self.info().stats.bump("io");
+        let effect = self.vm.devices.lock().unwrap().write(port, size, value);
+        match effect {
+            PortEffect::None => Flow::Continue,
+            PortEffect::Exit(status) => self.stop(StopReason::GuestExit(status)),
+            PortEffect::Reset => self.stop(StopReason::Reset),
+            PortEffect::Doorbell if self.regs().rax == INTROCALL_MAGIC => {
+                let r = self.regs();
+                let call = Introcall { op: r.rdi, args: [r.rsi, r.rdx, r.rbx], rip: r.rip, cpl: self.cpl() };
+                match self.ask(&Event::Introcall(call)) {
+                    Reply::Data(v) => self.set_regs(|r| {
+                        r.rax = 0;
+                        r.rbx = v;
+                    }),
+                    Reply::Stop(m) => return self.stop(StopReason::Handler(m)),
+                    _ => self.set_regs(|r| r.rax = u64::MAX),
+                }
+                Flow::Continue
+            }
+            PortEffect::Doorbell | PortEffect::Unclaimed => {
+                match self.ask(&Event::Port { port, size, write: Some(value) }) {
+                    Reply::Stop(m) => self.stop(StopReason::Handler(m)),
+                    _ => Flow::Continue,
+                }
+            }
+        }
+    }
+
+    fn io_in(&mut self, port: u16, size: u8) -> Flow {
+        self.info().stats.bump("io");
+        let claimed = self.vm.devices.lock().unwrap().read(port, size);
+        let value = match claimed {
+            Some(v) => v,
+            None => match self.ask(&Event::Port { port, size, write: None }) {
+                Reply::Data(v) => v as u32,
+                Reply::Stop(m) => return self.stop(StopReason::Handler(m)),
+                _ => u32::MAX,
+            },
+        };
+        self.complete_io_in(value);
+        Flow::Continue
+    }
+
+    fn complete_io_in(&mut self, value: u32) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_IO (direction in), so `io` is the live
+        // union member and data_offset points inside the mapped kvm_run area, with
+        // room for size * count bytes.
+        unsafe {
+            let io = run.__bindgen_anon_1.io;
+            let p = (run as *mut kvm_bindings::kvm_run as *mut u8).add(io.data_offset as usize);
+            let bytes = value.to_le_bytes();
+            for i in 0..(io.size as usize).min(4) {
+                *p.add(i) = bytes[i];
+            }
+        }
+    }
+
+    fn complete_mmio_read(&mut self, value: u64) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_MMIO (read), so `mmio` is the live union member.
+        unsafe {
+            let mmio = &mut run.__bindgen_anon_1.mmio;
+            let n = (mmio.len as usize).min(8);
+            mmio.data[..n].copy_from_slice(&value.to_le_bytes()[..n]);
+        }
+    }
+
+    fn mem_access(&self, gpa: u64, len: u8, write: bool, data: u64) -> MemAccess {
+        MemAccess { gpa, len, write, data, rip: self.regs().rip, cpl: self.cpl() }
+    }
+
+    fn mmio_read(&mut self, gpa: u64, len: u8) -> Flow {
+        let in_ram = self.vm.ram.contains(gpa, len as u64);
+        let acc = self.mem_access(gpa, len, false, 0);
+        let vm = self.vm.clone();
+        let ram_value = move || {
+            let mut b = [0u8; 8];
+            let _ = vm.ram.read(gpa, &mut b[..len.min(8) as usize]);
+            u64::from_le_bytes(b)
+        };
+        // A read of a page that is no longer trapped (a commit raced with this exit)
+        // is served silently.
+        let value = if in_ram && self.vm.page_access(gpa) != Access::AllTrap {
+            ram_value()
+        } else {
+            let ev = if in_ram { Event::Mem(acc) } else { Event::Mmio(acc) };
+            match self.ask(&ev) {
+                Reply::Data(v) => v,
+                Reply::Stop(m) => return self.stop(StopReason::Handler(m)),
+                _ if in_ram => ram_value(),
+                _ => u64::MAX,
+            }
+        };
+        self.complete_mmio_read(value);
+        Flow::Continue
+    }
+
+    fn mmio_write(&mut self, gpa: u64, len: u8, data: u64) -> Flow {
+        let in_ram = self.vm.ram.contains(gpa, len as u64);
+        let apply = |vm: &VmShared| {
+            let _ = vm.ram.write(gpa, &data.to_le_bytes()[..len.min(8) as usize]);
+        };
+        if in_ram && self.vm.page_access(gpa) == Access::Full {
+            apply(&self.vm);
+            return Flow::Continue;
+        }
+        let acc = self.mem_access(gpa, len, true, data);
+        let ev = if in_ram { Event::Mem(acc) } else { Event::Mmio(acc) };
+        match self.ask(&ev) {
+            Reply::Continue if in_ram => apply(&self.vm),
+            Reply::Stop(m) => return self.stop(StopReason::Handler(m)),
+            _ => {}
+        }
+        Flow::Continue
+    }
+
+    fn msr(&mut self, index: u32, write: Option<u64>) -> Flow {
+        let rip = self.regs().rip;
+        let reply = self.ask(&Event::Msr { index, write, rip });
+        let (error, data) = match (reply, write) {
+            (Reply::Stop(m), _) => return self.stop(StopReason::Handler(m)),
+            (Reply::Deny, _) => (1u8, 0u64),
+            (Reply::Data(v), None) => (0, v),
+            (_, None) => match self.get_msr(index) {
+                Some(v) => (0, v),
+                None => (1, 0),
+            },
+            (Reply::Continue, Some(v)) => (!self.set_msr(index, v) as u8, 0),
+            (_, Some(_)) => (0, 0),
+        };
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_X86_RDMSR/WRMSR, so `msr` is the live union member.
+        unsafe {
+            let m = &mut run.__bindgen_anon_1.msr;
+            m.error = error;
+            if write.is_none() {
+                m.data = data;
+            }
+        }
+        Flow::Continue
+    }
+
+    fn get_msr(&self, index: u32) -> Option<u64> {
+        let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry { index, ..Default::default() }]).ok()?;
+        (self.fd.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)
+    }
+
+    /// KVM does not apply a write it handed to user space: the VMM must.
+    fn set_msr(&self, index: u32, data: u64) -> bool {
+        kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry { index, data, ..Default::default() }])
+            .ok()
+            .and_then(|m| self.fd.set_msrs(&m).ok())
+            == Some(1)
+    }
+
+    fn debug_exit(&mut self, exception: u32, pc: u64, dr6: u64) -> Flow {
+        const DR6_BS: u64 = 1 << 14;
+        match exception {
+            1 if dr6 & DR6_BS != 0 || dr6 & 0xf == 0 => {
+                let ours = !self.step.stepping.is_empty();
+                if ours {
+                    let r = std::mem::take(&mut self.step.stepping);
+                    self.finish_restores(&r);
+                }
+                if self.debug.user_step || !ours {
+                    if let Reply::Stop(m) = self.ask(&Event::SingleStep { rip: pc }) {
+                        return self.stop(StopReason::Handler(m));
+                    }
+                }
+                Flow::Continue
+            }
+            1 => {
+                let slot = (dr6 & 0xf).trailing_zeros() as u8;
+                match self.ask(&Event::HwBreakpoint { rip: pc, slot }) {
+                    Reply::Stop(m) => self.stop(StopReason::Handler(m)),
+                    Reply::Retry => Flow::Continue,
+                    _ => {
+                        // Resuming on an execute breakpoint would fire it again: step
+                        // over the instruction with the breakpoints off.
+                        self.step.hw_suspended = true;
+                        self.begin_step_over(vec![Restore::HwBps]);
+                        Flow::Continue
+                    }
+                }
+            }
+            3 => self.breakpoint(pc),
+            _ => self.stop(StopReason::Error(format!("vCPU {}: debug exit for exception {exception}", self.id))),
+        }
+    }
+
+    fn internal_error(&mut self) -> Flow {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the live union member.
+        let (suberror, data) = unsafe { (run.__bindgen_anon_1.internal.suberror, run.__bindgen_anon_1.internal.data) };
+        let rip = self.regs().rip;
+        let cpl = self.cpl();
+        let mode = VcpuCtl::mode_of(&self.fd.sync_regs().sregs);
+        let gpa = paging::translate(&self.vm.ram, mode, rip).ok().map(|t| t.gpa);
+        if suberror == KVM_INTERNAL_ERROR_EMULATION {
+            // An instruction fetch from a page with no memslot: our execute trap.
+            if let Some(gpa) = gpa
+                && self.vm.page_access(gpa) == Access::AllTrap
+            {
+                return self.exec_fault(rip, gpa, cpl);
+            }
+            // INT3 at CPL0 on a PVM host: KVM's emulator cannot run it.
+            let mut b = [0u8];
+            if read_virt(&self.vm, mode, rip, &mut b).is_ok() && b[0] == 0xcc {
+                return self.breakpoint(rip);
+            }
+        }
+        let mut bytes = [0u8; 15];
+        let len = match read_virt(&self.vm, mode, rip, &mut bytes) {
+            Ok(()) => 15,
+            // The kernel's copy: data[1] = insn_size | bytes…
+            Err(_) => {
+                let raw: Vec<u8> = data[1..3].iter().flat_map(|w| w.to_le_bytes()).collect();
+                bytes.copy_from_slice(&raw[1..16]);
+                raw[0].min(15)
+            }
+        };
+        match self.ask(&Event::EmulationFailure { rip, bytes, len, cpl }) {
+            Reply::Retry => Flow::Continue,
+            Reply::Stop(m) => self.stop(StopReason::Handler(m)),
+            _ => self.stop(StopReason::EmulationFailure { cpu: self.id, rip, cpl, bytes: bytes[..len as usize].to_vec() }),
+        }
+    }
+
+    fn exec_fault(&mut self, gva: u64, gpa: u64, cpl: u8) -> Flow {
+        match self.ask(&Event::ExecFault { gva, gpa, cpl }) {
+            Reply::Stop(m) => self.stop(StopReason::Handler(m)),
+            Reply::Retry => Flow::Continue,
+            _ => {
+                let page = gpa & !(PAGE_SIZE - 1);
+                let access = self.vm.page_access(page);
+                if access == Access::AllTrap {
+                    if let Err(e) = self.vm.protect_page(page, Access::Full) {
+                        return self.stop(StopReason::Error(e.to_string()));
+                    }
+                    self.begin_step_over(vec![Restore::Page { gpa: page, access }]);
+                }
+                Flow::Continue
+            }
+        }
+    }
+
+    fn breakpoint(&mut self, rip: u64) -> Flow {
+        let mode = VcpuCtl::mode_of(&self.fd.sync_regs().sregs);
+        let gpa = paging::translate(&self.vm.ram, mode, rip).ok().map(|t| t.gpa);
+        let ours = gpa.and_then(|g| self.vm.sw_breakpoint_at(g)).is_some();
+        let cpl = self.cpl();
+        match self.ask(&Event::Breakpoint { rip, gpa, ours, cpl }) {
+            Reply::Stop(m) => self.stop(StopReason::Handler(m)),
+            Reply::Retry => Flow::Continue,
+            _ if ours => {
+                let gpa = gpa.expect("ours implies a translation");
+                if let Some(orig) = self.vm.sw_breakpoint_at(gpa) {
+                    let _ = self.vm.ram.write(gpa, &[orig]);
+                }
+                self.begin_step_over(vec![Restore::SwBp { gpa }]);
+                Flow::Continue
+            }
+            _ => {
+                // The guest's own INT3: deliver #BP with RIP after the INT3, as the CPU would.
+                self.set_regs(|r| r.rip = rip + 1);
+                match inject(&self.fd, 3, None) {
+                    Ok(()) => Flow::Continue,
+                    Err(e) => self.stop(StopReason::Error(e.to_string())),
+                }
+            }
+        }
+    }
+
+    /// Runs one instruction with `restores` pending: single-step where this host
+    /// can, else put things back at the next exit.
+    fn begin_step_over(&mut self, restores: Vec<Restore>) {
+        if self.vm.host.single_step_at(self.cpl()) {
+            self.step.stepping.extend(restores);
+        } else {
+            self.step.deferred.extend(restores);
+        }
+    }
+
+    fn finish_restores(&mut self, restores: &[Restore]) {
+        for r in restores {
+            match *r {
+                Restore::Page { gpa, access } => {
+                    if let Err(e) = self.vm.protect_page(gpa, access) {
+                        self.vm.stop(StopReason::Error(e.to_string()));
+                    }
+                }
+                Restore::SwBp { gpa } => {
+                    if self.vm.sw_breakpoint_at(gpa).is_some() {
+                        let _ = self.vm.ram.write(gpa, &[0xcc]);
+                    }
+                }
+                Restore::HwBps => self.step.hw_suspended = false,
+            }
+        }
+    }
+}
+
+impl VcpuCtl<'_> {
+    fn mode_of(s: &kvm_sregs) -> PagingMode {
+        PagingMode::from_regs(s.cr0, s.cr3, s.cr4, s.efer)
+    }
+}
+
+/// Marks for the compiler that the sync-register flags are the ones KVM uses.
+const _: () = assert!(KVM_SYNC_X86_REGS == 1 && KVM_SYNC_X86_SREGS == 2);
+
+#[allow(dead_code)]
+fn _running_state_is_zero() -> bool {
+    STATE_RUNNING == 0
+}

@@ -1,0 +1,503 @@
+//! One VM: RAM, memslots, devices, MSR filter, breakpoints, vCPU threads and the
+//! watchdog; the state every vCPU thread shares.
+
+use std::collections::HashMap;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::mpsc::{Sender, channel};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, kvm_enable_cap, kvm_userspace_memory_region};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::{Devices, FwCfg, SerialLog, SerialPort};
+use crate::error::VmError;
+use crate::event::ExitHandler;
+use crate::host::{self, HostKind};
+use crate::kick;
+use crate::loader::{self, Module, Symbols};
+use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::msr::MsrIntercepts;
+use crate::slots::{Access, CommitStats, Slot, SlotMap, SlotSink};
+use crate::stats::ExitCounters;
+use crate::stop::StopReason;
+use crate::vcpu::{VcpuMsg, VcpuThread};
+
+/// How to build the VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub vcpus: u32,
+    pub mem_mib: u64,
+    /// In-kernel PIC/IOAPIC/LAPIC and PIT (as a PC has). Without it HLT exits.
+    pub irqchip: bool,
+    /// Keep KVM's fix-hypercall quirk (then a CPL0 VMCALL livelocks a PVM vCPU and
+    /// the watchdog must catch it); by default it is turned off and VMCALL is a #UD.
+    pub hypercall_quirk: bool,
+    pub timeout: Option<Duration>,
+    /// A vCPU that has not exited for this long is kicked (the 1 Hz timer).
+    pub tick: Duration,
+    pub cmdline: String,
+    pub modules: Vec<Module>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            vcpus: 1,
+            mem_mib: 128,
+            irqchip: true,
+            hypercall_quirk: false,
+            timeout: None,
+            tick: Duration::from_secs(1),
+            cmdline: String::new(),
+            modules: vec![],
+        }
+    }
+}
+
+pub const MAX_VCPUS: u32 = 4;
+pub const MAX_MEM_MIB: u64 = 3072;
+
+/// Per-vCPU bookkeeping visible to other threads.
+pub(crate) struct VcpuInfo {
+    pub(crate) thread: OnceLock<libc::pthread_t>,
+    pub(crate) tx: Mutex<Option<Sender<VcpuMsg>>>,
+    pub(crate) stats: ExitCounters,
+    /// Nanoseconds since the VM started, at this vCPU's last exit.
+    pub(crate) last_exit_ns: AtomicU64,
+    pub(crate) state: AtomicU8,
+    /// RIP and CPL at the last exit (for timeout reports).
+    pub(crate) last_rip: AtomicU64,
+    pub(crate) last_cpl: AtomicU8,
+}
+
+/// vCPU run states.
+pub const STATE_RUNNING: u8 = 0;
+pub const STATE_PAUSED: u8 = 1;
+pub const STATE_STOPPED: u8 = 2;
+
+/// What all vCPU threads share; handlers reach it through `VcpuCtl::vm()`.
+pub struct VmShared {
+    pub ram: GuestRam,
+    pub(crate) vm_fd: VmFd,
+    pub host: HostKind,
+    pub symbols: Symbols,
+    pub serial: Arc<SerialLog>,
+    pub(crate) devices: Mutex<Devices>,
+    slots: Mutex<SlotMap>,
+    msrs: Mutex<MsrIntercepts>,
+    /// Our software breakpoints: guest-physical address -> original byte.
+    pub(crate) sw_bps: Mutex<HashMap<u64, u8>>,
+    /// Bumped when VM-wide debug state changes, so each vCPU re-applies it.
+    pub(crate) debug_gen: AtomicU64,
+    pub(crate) vcpus: Vec<VcpuInfo>,
+    stop: Mutex<Option<StopReason>>,
+    stopping: AtomicBool,
+    pub(crate) started: Instant,
+}
+
+struct Memslots<'a> {
+    vm: &'a VmFd,
+    host: u64,
+}
+
+impl SlotSink for Memslots<'_> {
+    fn create(&mut self, s: &Slot) -> std::io::Result<()> {
+        self.set(s, s.pages * PAGE_SIZE)
+    }
+    fn delete(&mut self, s: &Slot) -> std::io::Result<()> {
+        self.set(s, 0)
+    }
+}
+
+impl Memslots<'_> {
+    fn set(&self, s: &Slot, size: u64) -> std::io::Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot: s.id,
+            flags: if s.read_only { KVM_MEM_READONLY } else { 0 },
+            guest_phys_addr: s.first_page * PAGE_SIZE,
+            memory_size: size,
+            userspace_addr: self.host + s.first_page * PAGE_SIZE,
+        };
+        // SAFETY: the host range lies inside the guest RAM mapping, which lives as
+        // long as the VM (VmShared owns both).
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+impl VmShared {
+    pub fn vcpu_count(&self) -> u32 {
+        self.vcpus.len() as u32
+    }
+
+    /// Records the wished access of the page holding `gpa` (applied by `commit_access`).
+    pub fn set_page_access(&self, gpa: u64, access: Access) -> Result<bool, VmError> {
+        if !self.ram.contains(gpa, 1) {
+            return Err(VmError::OutsideRam(gpa));
+        }
+        Ok(self.slots.lock().unwrap().set(gpa / PAGE_SIZE, access))
+    }
+
+    pub fn page_access(&self, gpa: u64) -> Access {
+        self.slots.lock().unwrap().access(gpa / PAGE_SIZE)
+    }
+
+    /// Pages that are not `Full`.
+    pub fn trapped_pages(&self) -> Vec<(u64, Access)> {
+        self.slots.lock().unwrap().trapped().map(|(p, a)| (p * PAGE_SIZE, a)).collect()
+    }
+
+    /// Applies the recorded page-access changes as memslot changes, in one batch.
+    pub fn commit_access(&self) -> Result<CommitStats, VmError> {
+        let mut sink = Memslots { vm: &self.vm_fd, host: self.ram.host_base() };
+        self.slots
+            .lock()
+            .unwrap()
+            .commit(&mut sink)
+            .map_err(|e| VmError::Kvm(format!("KVM_SET_USER_MEMORY_REGION: {e}")))
+    }
+
+    /// Sets and commits the access of one page.
+    pub fn protect_page(&self, gpa: u64, access: Access) -> Result<CommitStats, VmError> {
+        self.set_page_access(gpa, access)?;
+        self.commit_access()
+    }
+
+    /// Intercepts reads and/or writes of an MSR (both false: stop intercepting).
+    pub fn intercept_msr(&self, index: u32, read: bool, write: bool) -> Result<(), VmError> {
+        let mut m = self.msrs.lock().unwrap();
+        let old = m.get(index);
+        m.set(index, read, write);
+        m.apply(&self.vm_fd).map_err(|e| {
+            m.set(index, old.0, old.1);
+            VmError::Config(e)
+        })
+    }
+
+    pub fn msr_intercepted(&self, index: u32) -> (bool, bool) {
+        self.msrs.lock().unwrap().get(index)
+    }
+
+    /// Plants a software breakpoint (INT3) at guest-physical `gpa`.
+    pub fn insert_sw_breakpoint(&self, gpa: u64) -> Result<(), VmError> {
+        let mut bps = self.sw_bps.lock().unwrap();
+        if bps.contains_key(&gpa) {
+            return Ok(());
+        }
+        let mut b = [0u8];
+        self.ram.read(gpa, &mut b)?;
+        self.ram.write(gpa, &[0xcc])?;
+        bps.insert(gpa, b[0]);
+        self.debug_gen.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    pub fn remove_sw_breakpoint(&self, gpa: u64) -> Result<bool, VmError> {
+        let mut bps = self.sw_bps.lock().unwrap();
+        let Some(orig) = bps.remove(&gpa) else { return Ok(false) };
+        self.ram.write(gpa, &[orig])?;
+        self.debug_gen.fetch_add(1, Ordering::SeqCst);
+        Ok(true)
+    }
+
+    /// The original byte under our breakpoint at `gpa`, if there is one.
+    pub fn sw_breakpoint_at(&self, gpa: u64) -> Option<u8> {
+        self.sw_bps.lock().unwrap().get(&gpa).copied()
+    }
+
+    /// Ends the run (the first reason wins) and kicks every vCPU out of the guest.
+    pub fn stop(&self, reason: StopReason) {
+        {
+            let mut s = self.stop.lock().unwrap();
+            if s.is_none() {
+                *s = Some(reason);
+            }
+        }
+        self.stopping.store(true, Ordering::SeqCst);
+        for (i, v) in self.vcpus.iter().enumerate() {
+            if let Some(tx) = v.tx.lock().unwrap().as_ref() {
+                let _ = tx.send(VcpuMsg::Stop);
+            }
+            self.kick(i as u32);
+        }
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    fn send(&self, cpu: u32, msg: VcpuMsg) {
+        if let Some(tx) = self.vcpus[cpu as usize].tx.lock().unwrap().as_ref() {
+            let _ = tx.send(msg);
+        }
+        self.kick(cpu);
+    }
+
+    /// Asks every vCPU to pause (it stops at its next exit; a kick forces one).
+    pub fn pause_all(&self) {
+        (0..self.vcpu_count()).for_each(|c| self.send(c, VcpuMsg::Pause));
+    }
+
+    pub fn resume_all(&self) {
+        (0..self.vcpu_count()).for_each(|c| self.send(c, VcpuMsg::Resume));
+    }
+
+    /// Waits until every running vCPU has paused (or stopped).
+    pub fn wait_paused(&self, timeout: Duration) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < timeout {
+            if self.vcpus.iter().all(|v| v.state.load(Ordering::SeqCst) != STATE_RUNNING) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
+    pub fn vcpu_state(&self, cpu: u32) -> u8 {
+        self.vcpus[cpu as usize].state.load(Ordering::SeqCst)
+    }
+
+    /// RIP and CPL of `cpu` at its last exit.
+    pub fn last_position(&self, cpu: u32) -> (u64, u8) {
+        let v = &self.vcpus[cpu as usize];
+        (v.last_rip.load(Ordering::Relaxed), v.last_cpl.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn kick(&self, cpu: u32) {
+        if let Some(t) = self.vcpus[cpu as usize].thread.get() {
+            kick::kick(*t);
+        }
+    }
+
+    pub(crate) fn now_ns(&self) -> u64 {
+        self.started.elapsed().as_nanos() as u64
+    }
+
+    /// Per-class exit counts, summed over vCPUs, and per vCPU.
+    pub fn exit_counts(&self) -> (Vec<(&'static str, u64)>, Vec<u64>) {
+        let mut total: Vec<(&'static str, u64)> = vec![];
+        let mut per = vec![];
+        for v in &self.vcpus {
+            let snap = v.stats.snapshot();
+            per.push(snap.iter().map(|(_, n)| n).sum());
+            for (class, n) in snap {
+                match total.iter_mut().find(|(c, _)| *c == class) {
+                    Some((_, t)) => *t += n,
+                    None => total.push((class, n)),
+                }
+            }
+        }
+        total.retain(|(_, n)| *n > 0);
+        (total, per)
+    }
+}
+
+/// The result of `Vm::run`.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub reason: StopReason,
+    pub elapsed: Duration,
+    /// Exits per class, summed over vCPUs.
+    pub exits: Vec<(&'static str, u64)>,
+    /// Exits per vCPU.
+    pub exits_per_vcpu: Vec<u64>,
+    pub serial: String,
+}
+
+/// A built VM, ready to run.
+pub struct Vm {
+    shared: Arc<VmShared>,
+    fds: Vec<VcpuFd>,
+    pub format: &'static str,
+}
+
+impl Vm {
+    /// Builds a VM and loads `image` into it.
+    pub fn new(cfg: &VmConfig, image: &[u8]) -> Result<Vm, VmError> {
+        if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
+            return Err(VmError::Config(format!("--vcpus must be 1..={MAX_VCPUS}")));
+        }
+        if cfg.mem_mib < 4 || cfg.mem_mib > MAX_MEM_MIB {
+            return Err(VmError::Config(format!("--mem must be 4..={MAX_MEM_MIB} MiB")));
+        }
+        let kvm = host::open_kvm()?;
+        host::check_required(&kvm)?;
+        let vm = kvm.create_vm().map_err(VmError::ioctl("KVM_CREATE_VM"))?;
+        vm.set_tss_address(0xfffb_d000).map_err(VmError::ioctl("KVM_SET_TSS_ADDR"))?;
+        let serial_irq = if cfg.irqchip {
+            vm.create_irq_chip().map_err(VmError::ioctl("KVM_CREATE_IRQCHIP"))?;
+            let pit = kvm_bindings::kvm_pit_config { flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+            vm.create_pit2(pit).map_err(VmError::ioctl("KVM_CREATE_PIT2"))?;
+            let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Kvm(e.to_string()))?;
+            vm.register_irqfd(&fd, 4).map_err(VmError::ioctl("KVM_IRQFD"))?;
+            Some(fd)
+        } else {
+            None
+        };
+        enable_vm_caps(&kvm, &vm, cfg)?;
+
+        let mem = cfg.mem_mib << 20;
+        let ram = GuestRam::new(mem)?;
+        loader::write_boot_area(&ram)?;
+        let loaded = loader::load(&ram, image, &cfg.cmdline, &cfg.modules)?;
+        let serial = Arc::new(SerialLog::default());
+        let devices = Devices::new(SerialPort::new(serial.clone(), serial_irq), FwCfg::new(cfg.vcpus as u16, mem));
+        let mut fds = Vec::new();
+        let cpuid = guest_cpuid(&kvm)?;
+        for id in 0..cfg.vcpus {
+            fds.push(crate::vcpu::create(&vm, id, cfg, &loaded.entry, &cpuid)?);
+        }
+        let vcpus = (0..cfg.vcpus)
+            .map(|_| VcpuInfo {
+                thread: OnceLock::new(),
+                tx: Mutex::new(None),
+                stats: ExitCounters::default(),
+                last_exit_ns: AtomicU64::new(0),
+                state: AtomicU8::new(STATE_RUNNING),
+                last_rip: AtomicU64::new(0),
+                last_cpl: AtomicU8::new(0),
+            })
+            .collect();
+        let shared = Arc::new(VmShared {
+            slots: Mutex::new(SlotMap::new(mem / PAGE_SIZE)),
+            ram,
+            vm_fd: vm,
+            host: HostKind::detect(),
+            symbols: loaded.symbols,
+            serial,
+            devices: Mutex::new(devices),
+            msrs: Mutex::new(MsrIntercepts::default()),
+            sw_bps: Mutex::new(HashMap::new()),
+            debug_gen: AtomicU64::new(0),
+            vcpus,
+            stop: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            started: Instant::now(),
+        });
+        shared.commit_access()?;
+        Ok(Vm { shared, fds, format: loaded.format })
+    }
+
+    pub fn shared(&self) -> &Arc<VmShared> {
+        &self.shared
+    }
+
+    pub fn symbol(&self, name: &str) -> Option<u64> {
+        self.shared.symbols.get(name)
+    }
+
+    /// Runs every vCPU on its own thread until the run stops; `cfg.timeout` and
+    /// `cfg.tick` drive the watchdog.
+    pub fn run(self, handler: Arc<dyn ExitHandler>, cfg: &VmConfig) -> RunOutcome {
+        kick::install();
+        let shared = self.shared;
+        let start = Instant::now();
+        let mut threads = Vec::new();
+        for (id, fd) in self.fds.into_iter().enumerate() {
+            let (tx, rx) = channel();
+            *shared.vcpus[id].tx.lock().unwrap() = Some(tx);
+            let t = VcpuThread::new(id as u32, fd, shared.clone(), handler.clone(), rx);
+            match std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || t.run()) {
+                Ok(h) => {
+                    let _ = shared.vcpus[id].thread.set(h.as_pthread_t());
+                    threads.push(h);
+                }
+                Err(e) => {
+                    shared.stop(StopReason::Error(format!("cannot start vCPU thread: {e}")));
+                    break;
+                }
+            }
+        }
+        if shared.is_stopping() {
+            // A stop that came before the threads existed could not kick them.
+            shared.stop(StopReason::User);
+        }
+        let watchdog = {
+            let shared = shared.clone();
+            let (timeout, tick) = (cfg.timeout, cfg.tick);
+            std::thread::spawn(move || watchdog(&shared, timeout, tick))
+        };
+        for t in threads {
+            let _ = t.join();
+        }
+        if !shared.is_stopping() {
+            shared.stop(StopReason::Error("all vCPU threads ended without a stop reason".into()));
+        }
+        let _ = watchdog.join();
+        let reason = shared.stop.lock().unwrap().clone().unwrap_or(StopReason::Error("no stop reason".into()));
+        let (exits, exits_per_vcpu) = shared.exit_counts();
+        RunOutcome { reason, elapsed: start.elapsed(), exits, exits_per_vcpu, serial: shared.serial.text() }
+    }
+}
+
+/// Kicks vCPUs that have not exited for a tick (so periodic checks run and
+/// livelocks are noticed) and enforces the timeout.
+fn watchdog(shared: &VmShared, timeout: Option<Duration>, tick: Duration) {
+    let start = Instant::now();
+    let mut last_tick = Instant::now();
+    while !shared.is_stopping() {
+        std::thread::sleep(Duration::from_millis(20));
+        if crate::interrupted() {
+            shared.stop(StopReason::User);
+            break;
+        }
+        if let Some(t) = timeout
+            && start.elapsed() >= t
+        {
+            let where_ = (0..shared.vcpu_count())
+                .map(|c| {
+                    let (rip, cpl) = shared.last_position(c);
+                    (c, rip, cpl)
+                })
+                .collect();
+            shared.stop(StopReason::Timeout { millis: t.as_millis() as u64, where_ });
+            break;
+        }
+        if last_tick.elapsed() >= tick {
+            last_tick = Instant::now();
+            let now = shared.now_ns();
+            for (c, v) in shared.vcpus.iter().enumerate() {
+                let quiet = now.saturating_sub(v.last_exit_ns.load(Ordering::Relaxed)) >= tick.as_nanos() as u64;
+                if quiet && v.state.load(Ordering::SeqCst) == STATE_RUNNING {
+                    shared.kick(c as u32);
+                }
+            }
+        }
+    }
+}
+
+fn enable_vm_caps(kvm: &Kvm, vm: &VmFd, cfg: &VmConfig) -> Result<(), VmError> {
+    if kvm.check_extension(Cap::X86UserSpaceMsr) {
+        let cap = kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+            args: [kvm_bindings::KVM_MSR_EXIT_REASON_FILTER as u64, 0, 0, 0],
+            ..Default::default()
+        };
+        vm.enable_cap(&cap).map_err(VmError::ioctl("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
+    }
+    const FIX_HYPERCALL_INSN: u64 = 1 << 5;
+    const CAP_DISABLE_QUIRKS2: u32 = 213;
+    let quirks = vm.check_extension_raw(CAP_DISABLE_QUIRKS2 as libc::c_ulong) as u64;
+    if !cfg.hypercall_quirk && quirks & FIX_HYPERCALL_INSN != 0 {
+        let cap = kvm_enable_cap { cap: CAP_DISABLE_QUIRKS2, args: [FIX_HYPERCALL_INSN, 0, 0, 0], ..Default::default() };
+        vm.enable_cap(&cap).map_err(VmError::ioctl("KVM_ENABLE_CAP(DISABLE_QUIRKS2)"))?;
+    }
+    Ok(())
+}
+
+/// KVM's supported CPUID, plus XSAVE (so the guest may set CR4.OSXSAVE) and SMEP
+/// (so the demo's guest may set CR4.SMEP); the APIC id is set per vCPU.
+fn guest_cpuid(kvm: &Kvm) -> Result<kvm_bindings::CpuId, VmError> {
+    let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(VmError::ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+    for e in cpuid.as_mut_slice() {
+        match (e.function, e.index) {
+            (1, _) => e.ecx |= 1 << 26,
+            (7, 0) => e.ebx |= 1 << 7,
+            _ => {}
+        }
+    }
+    Ok(cpuid)
+}
