@@ -26,11 +26,17 @@ pub fn load_image(name: &str) -> Result<(Vec<u8>, u32), String> {
 pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, String> {
     let mut modules = Vec::new();
     for m in &a.modules {
-        let data = std::fs::read(m).map_err(|e| format!("cannot read module {}: {e}", m.display()))?;
-        modules.push(Module { name: m.display().to_string(), data });
+        let data =
+            std::fs::read(m).map_err(|e| format!("cannot read module {}: {e}", m.display()))?;
+        modules.push(Module {
+            name: m.display().to_string(),
+            data,
+        });
     }
     let timeout = match a.timeout {
-        Some(t) if !(t > 0.0 && t.is_finite()) => return Err("--timeout must be a positive number of seconds".into()),
+        Some(t) if !(t > 0.0 && t.is_finite()) => {
+            return Err("--timeout must be a positive number of seconds".into());
+        }
         t => t.map(Duration::from_secs_f64),
     };
     Ok(VmConfig {
@@ -53,7 +59,12 @@ struct BatchHandler {
 impl ExitHandler for BatchHandler {
     fn on_event(&self, cpu: &mut VcpuCtl<'_>, event: &Event) -> Reply {
         if self.events && !matches!(event, Event::Kicked) {
-            eprintln!("[vmiscope] vcpu{} {}: {:x?}", cpu.id(), event.class(), event);
+            eprintln!(
+                "[vmiscope] vcpu{} {}: {:x?}",
+                cpu.id(),
+                event.class(),
+                event
+            );
         }
         Reply::Continue
     }
@@ -100,8 +111,16 @@ pub fn run(a: &RunArgs) -> i32 {
     );
     let out = vm.run(Arc::new(BatchHandler { events: a.events }), &cfg);
     let summary: Vec<String> = out.exits.iter().map(|(c, n)| format!("{c}={n}")).collect();
-    eprintln!("[vmiscope] exits: {} (per vCPU: {:?})", summary.join(" "), out.exits_per_vcpu);
-    eprintln!("[vmiscope] stop: {} after {:.3} s", out.reason, out.elapsed.as_secs_f64());
+    eprintln!(
+        "[vmiscope] exits: {} (per vCPU: {:?})",
+        summary.join(" "),
+        out.exits_per_vcpu
+    );
+    eprintln!(
+        "[vmiscope] stop: {} after {:.3} s",
+        out.reason,
+        out.elapsed.as_secs_f64()
+    );
     out.reason.exit_status()
 }
 

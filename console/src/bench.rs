@@ -1,1 +1,3 @@
-pub fn run(_a: &crate::cli::BenchArgs) -> i32 { 0 }
+pub fn run(_a: &crate::cli::BenchArgs) -> i32 {
+    0
+}

@@ -1,1 +1,3 @@
-pub fn run(_a: &crate::cli::CapsArgs) -> i32 { 0 }
+pub fn run(_a: &crate::cli::CapsArgs) -> i32 {
+    0
+}

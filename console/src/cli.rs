@@ -6,7 +6,11 @@ use clap::{Args, Parser, Subcommand};
 use vmiscope_images::IMAGES;
 
 #[derive(Parser, Debug)]
-#[command(name = "vmiscope", version, about = "A debugger-style VM introspection console on KVM")]
+#[command(
+    name = "vmiscope",
+    version,
+    about = "A debugger-style VM introspection console on KVM"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -99,11 +103,24 @@ pub fn images(a: &ImagesArgs) -> i32 {
                 return 2;
             }
         }
-        eprintln!("vmiscope: wrote {} images to {}", IMAGES.len(), dir.display());
+        eprintln!(
+            "vmiscope: wrote {} images to {}",
+            IMAGES.len(),
+            dir.display()
+        );
     }
-    println!("{:<14} {:<8} {:>5}  {}", "IMAGE", "KIND", "VCPUS", "WHAT IT DOES");
+    println!(
+        "{:<14} {:<8} {:>5}  {}",
+        "IMAGE", "KIND", "VCPUS", "WHAT IT DOES"
+    );
     for i in IMAGES {
-        println!("{:<14} {:<8} {:>5}  {}", i.name, i.kind.label(), i.vcpus, i.summary);
+        println!(
+            "{:<14} {:<8} {:>5}  {}",
+            i.name,
+            i.kind.label(),
+            i.vcpus,
+            i.summary
+        );
     }
     0
 }

@@ -22,5 +22,6 @@ int main(void) {
         cpu_relax();
     }
     kprintf("smp: all %d cpus up\n", rt_ncpus);
+    kputs("smp: done\n");
     return 0;
 }

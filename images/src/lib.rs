@@ -59,7 +59,12 @@ mod tests {
         for i in IMAGES {
             assert_eq!(&i.elf[..4], b"\x7fELF", "{}", i.name);
             assert_eq!(i.elf[4], 2, "{} is not ELF64", i.name);
-            assert_eq!(u16::from_le_bytes([i.elf[18], i.elf[19]]), 62, "{} is not x86-64", i.name);
+            assert_eq!(
+                u16::from_le_bytes([i.elf[18], i.elf[19]]),
+                62,
+                "{} is not x86-64",
+                i.name
+            );
         }
         assert!(find("hello").is_some());
         assert!(find("nope").is_none());

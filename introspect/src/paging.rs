@@ -60,14 +60,29 @@ pub struct PagingMode {
 impl PagingMode {
     /// Long-mode paging as the registers say (`paging` = CR0.PG && EFER.LMA).
     pub fn from_regs(cr0: u64, cr3: u64, cr4: u64, efer: u64) -> Self {
-        PagingMode { cr3, paging: cr0 & (1 << 31) != 0 && efer & (1 << 10) != 0, la57: cr4 & (1 << 12) != 0 }
+        PagingMode {
+            cr3,
+            paging: cr0 & (1 << 31) != 0 && efer & (1 << 10) != 0,
+            la57: cr4 & (1 << 12) != 0,
+        }
     }
 }
 
 /// Translates `gva` through the guest's own tables.
-pub fn translate(mem: &impl PhysRead, mode: PagingMode, gva: u64) -> Result<Translation, WalkError> {
+pub fn translate(
+    mem: &impl PhysRead,
+    mode: PagingMode,
+    gva: u64,
+) -> Result<Translation, WalkError> {
     if !mode.paging {
-        return Ok(Translation { gpa: gva, page_size: 4096, writable: true, user: true, no_exec: false, steps: vec![] });
+        return Ok(Translation {
+            gpa: gva,
+            page_size: 4096,
+            writable: true,
+            user: true,
+            no_exec: false,
+            steps: vec![],
+        });
     }
     let bits = if mode.la57 { 57 } else { 48 };
     let top = (gva as i64) >> (bits - 1);
@@ -82,8 +97,15 @@ pub fn translate(mem: &impl PhysRead, mode: PagingMode, gva: u64) -> Result<Tran
         let shift = 12 + 9 * (level as u32 - 1);
         let index = ((gva >> shift) & 0x1ff) as u16;
         let addr = table + index as u64 * 8;
-        let entry = mem.read_u64(addr).ok_or(WalkError::TableOutsideRam(table))?;
-        steps.push(WalkStep { level, table, index, entry });
+        let entry = mem
+            .read_u64(addr)
+            .ok_or(WalkError::TableOutsideRam(table))?;
+        steps.push(WalkStep {
+            level,
+            table,
+            index,
+            entry,
+        });
         if entry & PRESENT == 0 {
             return Err(WalkError::NotPresent { gva, level, entry });
         }
@@ -93,7 +115,14 @@ pub fn translate(mem: &impl PhysRead, mode: PagingMode, gva: u64) -> Result<Tran
         if level == 1 || (entry & LARGE != 0 && (level == 2 || level == 3)) {
             let page_size = 1u64 << shift;
             let base = entry & ADDR_MASK & !(page_size - 1);
-            return Ok(Translation { gpa: base | (gva & (page_size - 1)), page_size, writable, user, no_exec, steps });
+            return Ok(Translation {
+                gpa: base | (gva & (page_size - 1)),
+                page_size,
+                writable,
+                user,
+                no_exec,
+                steps,
+            });
         }
         table = entry & ADDR_MASK;
     }
@@ -108,12 +137,20 @@ mod tests {
     struct Mem(HashMap<u64, u64>);
     impl PhysRead for Mem {
         fn read_u64(&self, gpa: u64) -> Option<u64> {
-            if gpa >= 0x100_0000 { None } else { Some(*self.0.get(&gpa).unwrap_or(&0)) }
+            if gpa >= 0x100_0000 {
+                None
+            } else {
+                Some(*self.0.get(&gpa).unwrap_or(&0))
+            }
         }
     }
 
     fn mode(cr3: u64) -> PagingMode {
-        PagingMode { cr3, paging: true, la57: false }
+        PagingMode {
+            cr3,
+            paging: true,
+            la57: false,
+        }
     }
 
     #[test]
@@ -128,13 +165,26 @@ mod tests {
         let t = translate(&mem, mode(0x1000), 0x1234).unwrap();
         assert_eq!((t.gpa, t.page_size, t.user), (0x1234, 2 << 20, false));
         let t = translate(&mem, mode(0x1000), 0x205123).unwrap();
-        assert_eq!((t.gpa, t.page_size, t.user, t.writable, t.no_exec), (0x9123, 4096, true, false, true));
+        assert_eq!(
+            (t.gpa, t.page_size, t.user, t.writable, t.no_exec),
+            (0x9123, 4096, true, false, true)
+        );
         assert_eq!(t.steps.len(), 4);
         let e = translate(&mem, mode(0x1000), 0x206000).unwrap_err();
         assert!(matches!(e, WalkError::NotPresent { level: 1, .. }));
-        assert_eq!(translate(&mem, mode(0x1000), 0x8000_0000_0000), Err(WalkError::NonCanonical(0x8000_0000_0000)));
-        assert_eq!(translate(&mem, mode(0x200_0000), 0), Err(WalkError::TableOutsideRam(0x200_0000)));
-        let off = PagingMode { cr3: 0, paging: false, la57: false };
+        assert_eq!(
+            translate(&mem, mode(0x1000), 0x8000_0000_0000),
+            Err(WalkError::NonCanonical(0x8000_0000_0000))
+        );
+        assert_eq!(
+            translate(&mem, mode(0x200_0000), 0),
+            Err(WalkError::TableOutsideRam(0x200_0000))
+        );
+        let off = PagingMode {
+            cr3: 0,
+            paging: false,
+            la57: false,
+        };
         assert_eq!(translate(&mem, off, 0xabc).unwrap().gpa, 0xabc);
     }
 }

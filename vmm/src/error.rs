@@ -8,7 +8,10 @@ pub enum VmError {
     #[error("/dev/kvm: {0}")]
     Kvm(String),
     #[error("KVM {op} failed: {err}")]
-    Ioctl { op: &'static str, err: kvm_ioctls::Error },
+    Ioctl {
+        op: &'static str,
+        err: kvm_ioctls::Error,
+    },
     #[error("guest memory: {0}")]
     Memory(String),
     #[error("guest-physical {0:#x} is outside RAM")]

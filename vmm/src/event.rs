@@ -33,13 +33,26 @@ pub enum Event {
     /// An access to guest-physical memory where nothing is (outside RAM).
     Mmio(MemAccess),
     /// An intercepted MSR access: `write` is the value for WRMSR, `None` for RDMSR.
-    Msr { index: u32, write: Option<u64>, rip: u64 },
+    Msr {
+        index: u32,
+        write: Option<u64>,
+        rip: u64,
+    },
     /// Port I/O no device claims.
-    Port { port: u16, size: u8, write: Option<u32> },
+    Port {
+        port: u16,
+        size: u8,
+        write: Option<u32>,
+    },
     /// The introcall doorbell.
     Introcall(Introcall),
     /// An INT3 executed: one of ours (`ours`) or the guest's own.
-    Breakpoint { rip: u64, gpa: Option<u64>, ours: bool, cpl: u8 },
+    Breakpoint {
+        rip: u64,
+        gpa: Option<u64>,
+        ours: bool,
+        cpl: u8,
+    },
     /// A single-step requested with `VcpuCtl::set_single_step` completed.
     SingleStep { rip: u64 },
     /// A hardware execute breakpoint fired.
@@ -47,7 +60,12 @@ pub enum Event {
     /// An instruction fetch from an all-trapped page.
     ExecFault { gva: u64, gpa: u64, cpl: u8 },
     /// KVM's emulator could not run the instruction at `rip`.
-    EmulationFailure { rip: u64, bytes: [u8; 15], len: u8, cpl: u8 },
+    EmulationFailure {
+        rip: u64,
+        bytes: [u8; 15],
+        len: u8,
+        cpl: u8,
+    },
     /// HLT (only without the in-kernel irqchip).
     Halt,
     /// The guest triple-faulted.

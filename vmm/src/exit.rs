@@ -31,13 +31,34 @@ fn le(data: &[u8]) -> u64 {
 
 pub fn decode(exit: &VcpuExit<'_>) -> RawExit {
     match exit {
-        VcpuExit::IoIn(port, data) => RawExit::IoIn { port: *port, size: data.len() as u8 },
-        VcpuExit::IoOut(port, data) => RawExit::IoOut { port: *port, size: data.len() as u8, value: le(data) as u32 },
-        VcpuExit::MmioRead(gpa, data) => RawExit::MmioRead { gpa: *gpa, len: data.len() as u8 },
-        VcpuExit::MmioWrite(gpa, data) => RawExit::MmioWrite { gpa: *gpa, len: data.len() as u8, data: le(data) },
+        VcpuExit::IoIn(port, data) => RawExit::IoIn {
+            port: *port,
+            size: data.len() as u8,
+        },
+        VcpuExit::IoOut(port, data) => RawExit::IoOut {
+            port: *port,
+            size: data.len() as u8,
+            value: le(data) as u32,
+        },
+        VcpuExit::MmioRead(gpa, data) => RawExit::MmioRead {
+            gpa: *gpa,
+            len: data.len() as u8,
+        },
+        VcpuExit::MmioWrite(gpa, data) => RawExit::MmioWrite {
+            gpa: *gpa,
+            len: data.len() as u8,
+            data: le(data),
+        },
         VcpuExit::X86Rdmsr(m) => RawExit::RdMsr { index: m.index },
-        VcpuExit::X86Wrmsr(m) => RawExit::WrMsr { index: m.index, value: m.data },
-        VcpuExit::Debug(d) => RawExit::Debug { exception: d.exception, pc: d.pc, dr6: d.dr6 },
+        VcpuExit::X86Wrmsr(m) => RawExit::WrMsr {
+            index: m.index,
+            value: m.data,
+        },
+        VcpuExit::Debug(d) => RawExit::Debug {
+            exception: d.exception,
+            pc: d.pc,
+            dr6: d.dr6,
+        },
         VcpuExit::InternalError => RawExit::InternalError,
         VcpuExit::Hlt => RawExit::Hlt,
         VcpuExit::Shutdown => RawExit::Shutdown,

@@ -21,7 +21,10 @@ impl HostKind {
             return HostKind::Pvm;
         }
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let flags = cpuinfo.lines().find(|l| l.starts_with("flags")).unwrap_or("");
+        let flags = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("flags"))
+            .unwrap_or("");
         if flags.split_whitespace().any(|f| f == "vmx") {
             HostKind::Vmx
         } else if flags.split_whitespace().any(|f| f == "svm") {
@@ -60,7 +63,11 @@ pub fn open_kvm() -> Result<Kvm, crate::error::VmError> {
 
 /// Capabilities the VMM cannot do without.
 pub fn check_required(kvm: &Kvm) -> Result<(), crate::error::VmError> {
-    for (cap, name) in [(Cap::SyncRegs, "KVM_CAP_SYNC_REGS"), (Cap::ReadonlyMem, "KVM_CAP_READONLY_MEM"), (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT")] {
+    for (cap, name) in [
+        (Cap::SyncRegs, "KVM_CAP_SYNC_REGS"),
+        (Cap::ReadonlyMem, "KVM_CAP_READONLY_MEM"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    ] {
         if !kvm.check_extension(cap) {
             return Err(crate::error::VmError::Kvm(format!("this KVM lacks {name}")));
         }

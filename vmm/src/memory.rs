@@ -19,7 +19,10 @@ impl GuestRam {
     pub fn new(size: u64) -> Result<Self, VmError> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
             .map_err(|e| VmError::Memory(e.to_string()))?;
-        let host = mem.iter().next().and_then(|r| r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok());
+        let host = mem
+            .iter()
+            .next()
+            .and_then(|r| r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok());
         let host = host.ok_or_else(|| VmError::Memory("no host mapping".into()))? as u64;
         Ok(GuestRam { mem, size, host })
     }
@@ -42,11 +45,15 @@ impl GuestRam {
     }
 
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
-        self.mem.read_slice(buf, GuestAddress(gpa)).map_err(|_| VmError::OutsideRam(gpa))
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| VmError::OutsideRam(gpa))
     }
 
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
-        self.mem.write_slice(data, GuestAddress(gpa)).map_err(|_| VmError::OutsideRam(gpa))
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|_| VmError::OutsideRam(gpa))
     }
 
     pub fn read_u64_at(&self, gpa: u64) -> Result<u64, VmError> {

@@ -38,9 +38,16 @@ impl MsrIntercepts {
     /// (= exits), a 1 bit allows.
     fn ranges(&self) -> Result<Vec<(MsrFilterRangeFlags, u32, Vec<u8>)>, String> {
         let mut out = Vec::new();
-        for (flag, pick) in [(MsrFilterRangeFlags::READ, 0), (MsrFilterRangeFlags::WRITE, 1)] {
-            let idx: Vec<u32> =
-                self.msrs.iter().filter(|(_, rw)| if pick == 0 { rw.0 } else { rw.1 }).map(|(i, _)| *i).collect();
+        for (flag, pick) in [
+            (MsrFilterRangeFlags::READ, 0),
+            (MsrFilterRangeFlags::WRITE, 1),
+        ] {
+            let idx: Vec<u32> = self
+                .msrs
+                .iter()
+                .filter(|(_, rw)| if pick == 0 { rw.0 } else { rw.1 })
+                .map(|(i, _)| *i)
+                .collect();
             let mut i = 0;
             while i < idx.len() {
                 let base = idx[i];
@@ -54,7 +61,10 @@ impl MsrIntercepts {
             }
         }
         if out.len() > MAX_RANGES {
-            return Err(format!("too many scattered MSRs to intercept ({} filter ranges, KVM allows 16)", out.len()));
+            return Err(format!(
+                "too many scattered MSRs to intercept ({} filter ranges, KVM allows 16)",
+                out.len()
+            ));
         }
         Ok(out)
     }
@@ -64,9 +74,15 @@ impl MsrIntercepts {
         let ranges = self.ranges()?;
         let r: Vec<MsrFilterRange<'_>> = ranges
             .iter()
-            .map(|(flags, base, bitmap)| MsrFilterRange { flags: *flags, base: *base, msr_count: WINDOW, bitmap })
+            .map(|(flags, base, bitmap)| MsrFilterRange {
+                flags: *flags,
+                base: *base,
+                msr_count: WINDOW,
+                bitmap,
+            })
             .collect();
-        vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &r).map_err(|e| format!("KVM_X86_SET_MSR_FILTER: {e}"))
+        vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &r)
+            .map_err(|e| format!("KVM_X86_SET_MSR_FILTER: {e}"))
     }
 }
 
@@ -85,7 +101,11 @@ mod tests {
         let (flags, base, bitmap) = &r[0];
         assert_eq!((*flags, *base), (MsrFilterRangeFlags::READ, 0xc000_0082));
         assert_eq!(bitmap[0], 0xfe);
-        let w: Vec<_> = r.iter().filter(|x| x.0 == MsrFilterRangeFlags::WRITE).map(|x| (x.1, x.2[0])).collect();
+        let w: Vec<_> = r
+            .iter()
+            .filter(|x| x.0 == MsrFilterRangeFlags::WRITE)
+            .map(|x| (x.1, x.2[0]))
+            .collect();
         assert_eq!(w, [(0x176, 0xfe), (0xc000_0081, 0xfc)]);
         m.set(0x176, false, false);
         assert_eq!(m.ranges().unwrap().len(), 2);

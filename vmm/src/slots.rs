@@ -63,7 +63,14 @@ pub struct SlotMap {
 impl SlotMap {
     /// A map of `pages` pages, all `Full`, with nothing installed yet (commit installs).
     pub fn new(pages: u64) -> Self {
-        SlotMap { pages, wished: BTreeMap::new(), installed: BTreeMap::new(), free_ids: vec![], next_id: 0, dirty: true }
+        SlotMap {
+            pages,
+            wished: BTreeMap::new(),
+            installed: BTreeMap::new(),
+            free_ids: vec![],
+            next_id: 0,
+            dirty: true,
+        }
     }
 
     pub fn pages(&self) -> u64 {
@@ -137,8 +144,17 @@ impl SlotMap {
             return Ok(stats);
         }
         let wanted = self.wanted_runs();
-        let keep = |s: &Slot| wanted.iter().any(|&(f, n, ro)| s.first_page == f && s.pages == n && s.read_only == ro);
-        let stale: Vec<Slot> = self.installed.values().filter(|s| !keep(s)).copied().collect();
+        let keep = |s: &Slot| {
+            wanted
+                .iter()
+                .any(|&(f, n, ro)| s.first_page == f && s.pages == n && s.read_only == ro)
+        };
+        let stale: Vec<Slot> = self
+            .installed
+            .values()
+            .filter(|s| !keep(s))
+            .copied()
+            .collect();
         for s in stale {
             sink.delete(&s)?;
             self.installed.remove(&s.first_page);
@@ -153,7 +169,12 @@ impl SlotMap {
                 self.next_id += 1;
                 self.next_id - 1
             });
-            let slot = Slot { id, first_page: first, pages, read_only: ro };
+            let slot = Slot {
+                id,
+                first_page: first,
+                pages,
+                read_only: ro,
+            };
             sink.create(&slot)?;
             self.installed.insert(first, slot);
             stats.created += 1;
@@ -171,7 +192,13 @@ mod tests {
     struct Recorder(Vec<String>);
     impl SlotSink for Recorder {
         fn create(&mut self, s: &Slot) -> std::io::Result<()> {
-            self.0.push(format!("+{}:{:#x}+{}{}", s.id, s.first_page, s.pages, if s.read_only { "ro" } else { "" }));
+            self.0.push(format!(
+                "+{}:{:#x}+{}{}",
+                s.id,
+                s.first_page,
+                s.pages,
+                if s.read_only { "ro" } else { "" }
+            ));
             Ok(())
         }
         fn delete(&mut self, s: &Slot) -> std::io::Result<()> {
@@ -184,7 +211,13 @@ mod tests {
     fn protect_and_unprotect_a_page_in_the_middle() {
         let mut m = SlotMap::new(0x100);
         let mut r = Recorder::default();
-        assert_eq!(m.commit(&mut r).unwrap(), CommitStats { deleted: 0, created: 1 });
+        assert_eq!(
+            m.commit(&mut r).unwrap(),
+            CommitStats {
+                deleted: 0,
+                created: 1
+            }
+        );
         assert_eq!(r.0, ["+0:0x0+256"]);
         r.0.clear();
         assert!(m.set(0x10, Access::WriteTrap));
@@ -214,7 +247,10 @@ mod tests {
         m.set(3, Access::Full);
         m.set(5, Access::Full);
         m.commit(&mut r).unwrap();
-        assert_eq!(r.0, ["-0", "-1", "-2", "+2:0x0+4", "+1:0x4+1ro", "+0:0x5+3"]);
+        assert_eq!(
+            r.0,
+            ["-0", "-1", "-2", "+2:0x0+4", "+1:0x4+1ro", "+0:0x5+3"]
+        );
         r.0.clear();
         assert_eq!(m.commit(&mut r).unwrap().ioctls(), 0);
     }

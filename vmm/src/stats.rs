@@ -2,13 +2,28 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub const CLASSES: [&str; 16] = [
-    "io", "mmio", "mem-read", "mem-write", "msr-read", "msr-write", "port", "introcall", "breakpoint",
-    "single-step", "hw-breakpoint", "exec-fault", "emulation-failure", "halt", "shutdown", "kick",
+pub const CLASSES: [&str; 17] = [
+    "io",
+    "mmio",
+    "mem-read",
+    "mem-write",
+    "msr-read",
+    "msr-write",
+    "port",
+    "introcall",
+    "breakpoint",
+    "single-step",
+    "hw-breakpoint",
+    "exec-fault",
+    "emulation-failure",
+    "halt",
+    "shutdown",
+    "kick",
+    "fixup",
 ];
 
 #[derive(Default)]
-pub struct ExitCounters([AtomicU64; 16]);
+pub struct ExitCounters([AtomicU64; 17]);
 
 impl ExitCounters {
     pub fn bump(&self, class: &str) {
@@ -18,6 +33,10 @@ impl ExitCounters {
     }
 
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-        CLASSES.iter().zip(&self.0).map(|(c, n)| (*c, n.load(Ordering::Relaxed))).collect()
+        CLASSES
+            .iter()
+            .zip(&self.0)
+            .map(|(c, n)| (*c, n.load(Ordering::Relaxed)))
+            .collect()
     }
 }

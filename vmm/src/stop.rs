@@ -11,13 +11,21 @@ pub enum StopReason {
     /// A vCPU triple-faulted.
     TripleFault { cpu: u32, rip: u64 },
     /// KVM's emulator could not run an instruction and nobody handled it.
-    EmulationFailure { cpu: u32, rip: u64, cpl: u8, bytes: Vec<u8> },
+    EmulationFailure {
+        cpu: u32,
+        rip: u64,
+        cpl: u8,
+        bytes: Vec<u8>,
+    },
     /// A vCPU sat on a hypercall that never completes (VMCALL at CPL0 on PVM).
     Livelock { cpu: u32, rip: u64 },
     /// Every vCPU halted with no way to wake up.
     AllHalted,
     /// `--timeout` expired; where each vCPU was.
-    Timeout { millis: u64, where_: Vec<(u32, u64, u8)> },
+    Timeout {
+        millis: u64,
+        where_: Vec<(u32, u64, u8)>,
+    },
     /// The user interrupted the run (Ctrl-C, `quit`).
     User,
     /// The exit handler ended the run.
@@ -52,8 +60,16 @@ impl fmt::Display for StopReason {
             StopReason::TripleFault { cpu, rip } => {
                 write!(f, "vCPU {cpu} triple-faulted (shutdown) at rip {rip:#x}")
             }
-            StopReason::EmulationFailure { cpu, rip, cpl, bytes } => {
-                write!(f, "vCPU {cpu}: KVM cannot emulate the instruction at rip {rip:#x} (CPL{cpl}), bytes")?;
+            StopReason::EmulationFailure {
+                cpu,
+                rip,
+                cpl,
+                bytes,
+            } => {
+                write!(
+                    f,
+                    "vCPU {cpu}: KVM cannot emulate the instruction at rip {rip:#x} (CPL{cpl}), bytes"
+                )?;
                 for b in bytes {
                     write!(f, " {b:02x}")?;
                 }
@@ -66,7 +82,11 @@ impl fmt::Display for StopReason {
             ),
             StopReason::AllHalted => write!(f, "every vCPU halted with nothing to wake it"),
             StopReason::Timeout { millis, where_ } => {
-                write!(f, "timeout: the guest was still running after {:.1} s", *millis as f64 / 1000.0)?;
+                write!(
+                    f,
+                    "timeout: the guest was still running after {:.1} s",
+                    *millis as f64 / 1000.0
+                )?;
                 for (cpu, rip, cpl) in where_ {
                     write!(f, "; vCPU {cpu} at rip {rip:#x} CPL{cpl}")?;
                 }

@@ -7,8 +7,8 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 
 use kvm_bindings::{
     KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
-    KVM_INTERNAL_ERROR_EMULATION, KVM_MP_STATE_RUNNABLE, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS, kvm_guest_debug,
-    kvm_mp_state, kvm_regs, kvm_sregs,
+    KVM_INTERNAL_ERROR_EMULATION, KVM_MP_STATE_RUNNABLE, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
+    kvm_guest_debug, kvm_mp_state, kvm_regs, kvm_sregs,
 };
 use kvm_ioctls::{SyncReg, VcpuFd, VmFd};
 use vmiscope_introspect::paging::{self, PagingMode, Translation, WalkError};
@@ -40,7 +40,9 @@ pub(crate) fn create(
     entry: &EntryState,
     cpuid: &kvm_bindings::CpuId,
 ) -> Result<VcpuFd, VmError> {
-    let mut fd = vm.create_vcpu(id as u64).map_err(VmError::ioctl("KVM_CREATE_VCPU"))?;
+    let mut fd = vm
+        .create_vcpu(id as u64)
+        .map_err(VmError::ioctl("KVM_CREATE_VCPU"))?;
     let mut cpuid = cpuid.clone();
     for e in cpuid.as_mut_slice() {
         match e.function {
@@ -49,13 +51,19 @@ pub(crate) fn create(
             _ => {}
         }
     }
-    fd.set_cpuid2(&cpuid).map_err(VmError::ioctl("KVM_SET_CPUID2"))?;
+    fd.set_cpuid2(&cpuid)
+        .map_err(VmError::ioctl("KVM_SET_CPUID2"))?;
     let sregs = fd.get_sregs().map_err(VmError::ioctl("KVM_GET_SREGS"))?;
-    fd.set_sregs(&loader::sregs_for(entry, sregs)).map_err(VmError::ioctl("KVM_SET_SREGS"))?;
-    fd.set_regs(&loader::regs_for(entry, id, cfg.vcpus)).map_err(VmError::ioctl("KVM_SET_REGS"))?;
+    fd.set_sregs(&loader::sregs_for(entry, sregs))
+        .map_err(VmError::ioctl("KVM_SET_SREGS"))?;
+    fd.set_regs(&loader::regs_for(entry, id, cfg.vcpus))
+        .map_err(VmError::ioctl("KVM_SET_REGS"))?;
     if cfg.irqchip && id > 0 {
         // Our boot protocol starts every vCPU at the entry, not through INIT/SIPI.
-        fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE }).map_err(VmError::ioctl("KVM_SET_MP_STATE"))?;
+        fd.set_mp_state(kvm_mp_state {
+            mp_state: KVM_MP_STATE_RUNNABLE,
+        })
+        .map_err(VmError::ioctl("KVM_SET_MP_STATE"))?;
     }
     // Registers come back in kvm_run on every exit: no GET_REGS/GET_SREGS per exit.
     fd.set_sync_valid_reg(SyncReg::Register);
@@ -67,7 +75,6 @@ pub(crate) fn create(
 #[derive(Debug, Default)]
 struct DebugState {
     user_step: bool,
-    hw: [Option<u64>; 4],
     applied: Option<(u32, [u64; 8])>,
     generation: u64,
 }
@@ -151,9 +158,10 @@ impl VcpuCtl<'_> {
         self.debug.user_step = on;
     }
 
-    /// Sets hardware execute breakpoint `slot` (0..4) to a guest-virtual address.
+    /// Sets hardware execute breakpoint `slot` (0..4) on every vCPU (see
+    /// `VmShared::set_hw_breakpoint`).
     pub fn set_hw_breakpoint(&mut self, slot: usize, addr: Option<u64>) {
-        self.debug.hw[slot] = addr;
+        self.vm.set_hw_breakpoint(slot, addr);
     }
 
     /// Injects an exception into the guest on the next entry.
@@ -163,10 +171,19 @@ impl VcpuCtl<'_> {
 }
 
 fn cpl_of(s: &kvm_sregs) -> u8 {
-    if s.cr0 & 1 == 0 { 0 } else { (s.cs.selector & 3) as u8 }
+    if s.cr0 & 1 == 0 {
+        0
+    } else {
+        (s.cs.selector & 3) as u8
+    }
 }
 
-pub(crate) fn read_virt(vm: &VmShared, mode: PagingMode, gva: u64, buf: &mut [u8]) -> Result<(), VmError> {
+pub(crate) fn read_virt(
+    vm: &VmShared,
+    mode: PagingMode,
+    gva: u64,
+    buf: &mut [u8],
+) -> Result<(), VmError> {
     let mut done = 0usize;
     while done < buf.len() {
         let va = gva + done as u64;
@@ -179,12 +196,15 @@ pub(crate) fn read_virt(vm: &VmShared, mode: PagingMode, gva: u64, buf: &mut [u8
 }
 
 fn inject(fd: &VcpuFd, vector: u8, error_code: Option<u32>) -> Result<(), VmError> {
-    let mut ev = fd.get_vcpu_events().map_err(VmError::ioctl("KVM_GET_VCPU_EVENTS"))?;
+    let mut ev = fd
+        .get_vcpu_events()
+        .map_err(VmError::ioctl("KVM_GET_VCPU_EVENTS"))?;
     ev.exception.injected = 1;
     ev.exception.nr = vector;
     ev.exception.has_error_code = error_code.is_some() as u8;
     ev.exception.error_code = error_code.unwrap_or(0);
-    fd.set_vcpu_events(&ev).map_err(VmError::ioctl("KVM_SET_VCPU_EVENTS"))
+    fd.set_vcpu_events(&ev)
+        .map_err(VmError::ioctl("KVM_SET_VCPU_EVENTS"))
 }
 
 pub(crate) struct VcpuThread {
@@ -269,7 +289,8 @@ impl VcpuThread {
                 Ok(exit) => decode(&exit),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => RawExit::Intr,
                 Err(e) => {
-                    self.vm.stop(StopReason::Error(format!("vCPU {}: KVM_RUN: {e}", self.id)));
+                    self.vm
+                        .stop(StopReason::Error(format!("vCPU {}: KVM_RUN: {e}", self.id)));
                     break;
                 }
             };
@@ -297,9 +318,11 @@ impl VcpuThread {
         if self.debug.user_step || !self.step.stepping.is_empty() {
             control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
         }
-        if !self.step.hw_suspended && self.debug.hw.iter().any(Option::is_some) {
+        let hw = *self.vm.hw_bps.lock().unwrap();
+        if !self.step.hw_suspended && hw.iter().any(Option::is_some) {
             control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
-            for (i, a) in self.debug.hw.iter().enumerate() {
+            regs[7] = 0x600; // GE and the always-one bit 10
+            for (i, a) in hw.iter().enumerate() {
                 if let Some(a) = a {
                     regs[i] = *a;
                     regs[7] |= 1 << (2 * i); // local enable, execute, length 1
@@ -314,9 +337,14 @@ impl VcpuThread {
         if self.debug.applied == Some((control, regs)) && self.debug.generation == generation {
             return Ok(());
         }
-        let mut dbg = kvm_guest_debug { control, ..Default::default() };
+        let mut dbg = kvm_guest_debug {
+            control,
+            ..Default::default()
+        };
         dbg.arch.debugreg = regs;
-        self.fd.set_guest_debug(&dbg).map_err(VmError::ioctl("KVM_SET_GUEST_DEBUG"))?;
+        self.fd
+            .set_guest_debug(&dbg)
+            .map_err(VmError::ioctl("KVM_SET_GUEST_DEBUG"))?;
         self.debug.applied = Some((control, regs));
         self.debug.generation = generation;
         Ok(())
@@ -324,7 +352,12 @@ impl VcpuThread {
 
     fn ask(&mut self, event: &Event) -> Reply {
         self.info().stats.bump(event.class());
-        let mut ctl = VcpuCtl { id: self.id, fd: &mut self.fd, vm: &self.vm, debug: &mut self.debug };
+        let mut ctl = VcpuCtl {
+            id: self.id,
+            fd: &mut self.fd,
+            vm: &self.vm,
+            debug: &mut self.debug,
+        };
         self.handler.on_event(&mut ctl, event)
     }
 
@@ -368,7 +401,12 @@ impl VcpuThread {
                 Reply::Stop(m) => self.stop(StopReason::Handler(m)),
                 _ => {
                     self.info().state.store(STATE_STOPPED, Ordering::SeqCst);
-                    if self.vm.vcpus.iter().all(|v| v.state.load(Ordering::SeqCst) == STATE_STOPPED) {
+                    if self
+                        .vm
+                        .vcpus
+                        .iter()
+                        .all(|v| v.state.load(Ordering::SeqCst) == STATE_STOPPED)
+                    {
                         self.vm.stop(StopReason::AllHalted);
                     }
                     Flow::Stop
@@ -376,17 +414,23 @@ impl VcpuThread {
             },
             RawExit::Shutdown => {
                 let _ = self.ask(&Event::Shutdown);
-                self.stop(StopReason::TripleFault { cpu: self.id, rip: self.regs().rip })
+                self.stop(StopReason::TripleFault {
+                    cpu: self.id,
+                    rip: self.regs().rip,
+                })
             }
             RawExit::Intr => self.kicked(),
-            RawExit::FailEntry { reason } => {
-                self.stop(StopReason::Error(format!("vCPU {}: VM entry failed (reason {reason:#x})", self.id)))
-            }
+            RawExit::FailEntry { reason } => self.stop(StopReason::Error(format!(
+                "vCPU {}: VM entry failed (reason {reason:#x})",
+                self.id
+            ))),
             RawExit::SystemEvent { kind } => self.stop(match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_RESET => StopReason::Reset,
                 _ => StopReason::GuestExit(0),
             }),
-            RawExit::Other(what) => self.stop(StopReason::Error(format!("vCPU {}: {what}", self.id))),
+            RawExit::Other(what) => {
+                self.stop(StopReason::Error(format!("vCPU {}: {what}", self.id)))
+            }
         }
     }
 
@@ -411,7 +455,8 @@ impl VcpuThread {
     fn is_hypercall_at(&self, rip: u64) -> bool {
         let mut b = [0u8; 3];
         let mode = VcpuCtl::mode_of(&self.fd.sync_regs().sregs);
-        read_virt(&self.vm, mode, rip, &mut b).is_ok() && (b == [0x0f, 0x01, 0xc1] || b == [0x0f, 0x01, 0xd9])
+        read_virt(&self.vm, mode, rip, &mut b).is_ok()
+            && (b == [0x0f, 0x01, 0xc1] || b == [0x0f, 0x01, 0xd9])
     }
 
     fn io_out(&mut self, port: u16, size: u8, value: u32) -> Flow {
@@ -423,7 +468,12 @@ impl VcpuThread {
             PortEffect::Reset => self.stop(StopReason::Reset),
             PortEffect::Doorbell if self.regs().rax == INTROCALL_MAGIC => {
                 let r = self.regs();
-                let call = Introcall { op: r.rdi, args: [r.rsi, r.rdx, r.rbx], rip: r.rip, cpl: self.cpl() };
+                let call = Introcall {
+                    op: r.rdi,
+                    args: [r.rsi, r.rdx, r.rbx],
+                    rip: r.rip,
+                    cpl: self.cpl(),
+                };
                 match self.ask(&Event::Introcall(call)) {
                     Reply::Data(v) => self.set_regs(|r| {
                         r.rax = 0;
@@ -435,7 +485,11 @@ impl VcpuThread {
                 Flow::Continue
             }
             PortEffect::Doorbell | PortEffect::Unclaimed => {
-                match self.ask(&Event::Port { port, size, write: Some(value) }) {
+                match self.ask(&Event::Port {
+                    port,
+                    size,
+                    write: Some(value),
+                }) {
                     Reply::Stop(m) => self.stop(StopReason::Handler(m)),
                     _ => Flow::Continue,
                 }
@@ -448,7 +502,11 @@ impl VcpuThread {
         let claimed = self.vm.devices.lock().unwrap().read(port, size);
         let value = match claimed {
             Some(v) => v,
-            None => match self.ask(&Event::Port { port, size, write: None }) {
+            None => match self.ask(&Event::Port {
+                port,
+                size,
+                write: None,
+            }) {
                 Reply::Data(v) => v as u32,
                 Reply::Stop(m) => return self.stop(StopReason::Handler(m)),
                 _ => u32::MAX,
@@ -484,7 +542,14 @@ impl VcpuThread {
     }
 
     fn mem_access(&self, gpa: u64, len: u8, write: bool, data: u64) -> MemAccess {
-        MemAccess { gpa, len, write, data, rip: self.regs().rip, cpl: self.cpl() }
+        MemAccess {
+            gpa,
+            len,
+            write,
+            data,
+            rip: self.regs().rip,
+            cpl: self.cpl(),
+        }
     }
 
     fn mmio_read(&mut self, gpa: u64, len: u8) -> Flow {
@@ -501,7 +566,11 @@ impl VcpuThread {
         let value = if in_ram && self.vm.page_access(gpa) != Access::AllTrap {
             ram_value()
         } else {
-            let ev = if in_ram { Event::Mem(acc) } else { Event::Mmio(acc) };
+            let ev = if in_ram {
+                Event::Mem(acc)
+            } else {
+                Event::Mmio(acc)
+            };
             match self.ask(&ev) {
                 Reply::Data(v) => v,
                 Reply::Stop(m) => return self.stop(StopReason::Handler(m)),
@@ -516,14 +585,20 @@ impl VcpuThread {
     fn mmio_write(&mut self, gpa: u64, len: u8, data: u64) -> Flow {
         let in_ram = self.vm.ram.contains(gpa, len as u64);
         let apply = |vm: &VmShared| {
-            let _ = vm.ram.write(gpa, &data.to_le_bytes()[..len.min(8) as usize]);
+            let _ = vm
+                .ram
+                .write(gpa, &data.to_le_bytes()[..len.min(8) as usize]);
         };
         if in_ram && self.vm.page_access(gpa) == Access::Full {
             apply(&self.vm);
             return Flow::Continue;
         }
         let acc = self.mem_access(gpa, len, true, data);
-        let ev = if in_ram { Event::Mem(acc) } else { Event::Mmio(acc) };
+        let ev = if in_ram {
+            Event::Mem(acc)
+        } else {
+            Event::Mmio(acc)
+        };
         match self.ask(&ev) {
             Reply::Continue if in_ram => apply(&self.vm),
             Reply::Stop(m) => return self.stop(StopReason::Handler(m)),
@@ -559,15 +634,23 @@ impl VcpuThread {
     }
 
     fn get_msr(&self, index: u32) -> Option<u64> {
-        let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry { index, ..Default::default() }]).ok()?;
+        let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .ok()?;
         (self.fd.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)
     }
 
     /// KVM does not apply a write it handed to user space: the VMM must.
     fn set_msr(&self, index: u32, data: u64) -> bool {
-        kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry { index, data, ..Default::default() }])
-            .ok()
-            .and_then(|m| self.fd.set_msrs(&m).ok())
+        kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }])
+        .ok()
+        .and_then(|m| self.fd.set_msrs(&m).ok())
             == Some(1)
     }
 
@@ -602,18 +685,28 @@ impl VcpuThread {
                 }
             }
             3 => self.breakpoint(pc),
-            _ => self.stop(StopReason::Error(format!("vCPU {}: debug exit for exception {exception}", self.id))),
+            _ => self.stop(StopReason::Error(format!(
+                "vCPU {}: debug exit for exception {exception}",
+                self.id
+            ))),
         }
     }
 
     fn internal_error(&mut self) -> Flow {
         let run = self.fd.get_kvm_run();
         // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the live union member.
-        let (suberror, data) = unsafe { (run.__bindgen_anon_1.internal.suberror, run.__bindgen_anon_1.internal.data) };
+        let (suberror, data) = unsafe {
+            (
+                run.__bindgen_anon_1.internal.suberror,
+                run.__bindgen_anon_1.internal.data,
+            )
+        };
         let rip = self.regs().rip;
         let cpl = self.cpl();
         let mode = VcpuCtl::mode_of(&self.fd.sync_regs().sregs);
-        let gpa = paging::translate(&self.vm.ram, mode, rip).ok().map(|t| t.gpa);
+        let gpa = paging::translate(&self.vm.ram, mode, rip)
+            .ok()
+            .map(|t| t.gpa);
         if suberror == KVM_INTERNAL_ERROR_EMULATION {
             // An instruction fetch from a page with no memslot: our execute trap.
             if let Some(gpa) = gpa
@@ -637,11 +730,51 @@ impl VcpuThread {
                 raw[0].min(15)
             }
         };
-        match self.ask(&Event::EmulationFailure { rip, bytes, len, cpl }) {
+        if self.fixup(&bytes[..len as usize]) {
+            return Flow::Continue;
+        }
+        match self.ask(&Event::EmulationFailure {
+            rip,
+            bytes,
+            len,
+            cpl,
+        }) {
             Reply::Retry => Flow::Continue,
             Reply::Stop(m) => self.stop(StopReason::Handler(m)),
-            _ => self.stop(StopReason::EmulationFailure { cpu: self.id, rip, cpl, bytes: bytes[..len as usize].to_vec() }),
+            _ => self.stop(StopReason::EmulationFailure {
+                cpu: self.id,
+                rip,
+                cpl,
+                bytes: bytes[..len as usize].to_vec(),
+            }),
         }
+    }
+
+    /// Instructions KVM's emulator cannot run at CPL0 on a PVM host but the VMM can
+    /// complete itself. Returns whether it did.
+    fn fixup(&mut self, bytes: &[u8]) -> bool {
+        // XGETBV: read the XCR through KVM_GET_XCRS.
+        if bytes.starts_with(&[0x0f, 0x01, 0xd0]) {
+            let index = self.regs().rcx as u32;
+            let Ok(xcrs) = self.fd.get_xcrs() else {
+                return false;
+            };
+            let Some(x) = xcrs.xcrs[..xcrs.nr_xcrs as usize]
+                .iter()
+                .find(|x| x.xcr == index)
+            else {
+                return false;
+            };
+            let v = x.value;
+            self.set_regs(|r| {
+                r.rax = v & 0xffff_ffff;
+                r.rdx = v >> 32;
+                r.rip += 3;
+            });
+            self.info().stats.bump("fixup");
+            return true;
+        }
+        false
     }
 
     fn exec_fault(&mut self, gva: u64, gpa: u64, cpl: u8) -> Flow {
@@ -664,10 +797,17 @@ impl VcpuThread {
 
     fn breakpoint(&mut self, rip: u64) -> Flow {
         let mode = VcpuCtl::mode_of(&self.fd.sync_regs().sregs);
-        let gpa = paging::translate(&self.vm.ram, mode, rip).ok().map(|t| t.gpa);
+        let gpa = paging::translate(&self.vm.ram, mode, rip)
+            .ok()
+            .map(|t| t.gpa);
         let ours = gpa.and_then(|g| self.vm.sw_breakpoint_at(g)).is_some();
         let cpl = self.cpl();
-        match self.ask(&Event::Breakpoint { rip, gpa, ours, cpl }) {
+        match self.ask(&Event::Breakpoint {
+            rip,
+            gpa,
+            ours,
+            cpl,
+        }) {
             Reply::Stop(m) => self.stop(StopReason::Handler(m)),
             Reply::Retry => Flow::Continue,
             _ if ours => {

@@ -3,12 +3,14 @@
 
 use std::collections::HashMap;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, kvm_enable_cap, kvm_userspace_memory_region};
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, kvm_enable_cap, kvm_userspace_memory_region,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -92,6 +94,8 @@ pub struct VmShared {
     pub(crate) sw_bps: Mutex<HashMap<u64, u8>>,
     /// Bumped when VM-wide debug state changes, so each vCPU re-applies it.
     pub(crate) debug_gen: AtomicU64,
+    /// Hardware execute breakpoints (guest-virtual), the same on every vCPU.
+    pub(crate) hw_bps: Mutex<[Option<u64>; 4]>,
     pub(crate) vcpus: Vec<VcpuInfo>,
     stop: Mutex<Option<StopReason>>,
     stopping: AtomicBool,
@@ -123,7 +127,8 @@ impl Memslots<'_> {
         };
         // SAFETY: the host range lies inside the guest RAM mapping, which lives as
         // long as the VM (VmShared owns both).
-        unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
     }
 }
 
@@ -146,12 +151,20 @@ impl VmShared {
 
     /// Pages that are not `Full`.
     pub fn trapped_pages(&self) -> Vec<(u64, Access)> {
-        self.slots.lock().unwrap().trapped().map(|(p, a)| (p * PAGE_SIZE, a)).collect()
+        self.slots
+            .lock()
+            .unwrap()
+            .trapped()
+            .map(|(p, a)| (p * PAGE_SIZE, a))
+            .collect()
     }
 
     /// Applies the recorded page-access changes as memslot changes, in one batch.
     pub fn commit_access(&self) -> Result<CommitStats, VmError> {
-        let mut sink = Memslots { vm: &self.vm_fd, host: self.ram.host_base() };
+        let mut sink = Memslots {
+            vm: &self.vm_fd,
+            host: self.ram.host_base(),
+        };
         self.slots
             .lock()
             .unwrap()
@@ -196,10 +209,22 @@ impl VmShared {
 
     pub fn remove_sw_breakpoint(&self, gpa: u64) -> Result<bool, VmError> {
         let mut bps = self.sw_bps.lock().unwrap();
-        let Some(orig) = bps.remove(&gpa) else { return Ok(false) };
+        let Some(orig) = bps.remove(&gpa) else {
+            return Ok(false);
+        };
         self.ram.write(gpa, &[orig])?;
         self.debug_gen.fetch_add(1, Ordering::SeqCst);
         Ok(true)
+    }
+
+    /// Sets hardware execute breakpoint `slot` (0..4) at a guest-virtual address on
+    /// every vCPU. On a PVM host these fire for CPL0 code only.
+    pub fn set_hw_breakpoint(&self, slot: usize, addr: Option<u64>) {
+        self.hw_bps.lock().unwrap()[slot] = addr;
+        self.debug_gen.fetch_add(1, Ordering::SeqCst);
+        for c in 0..self.vcpu_count() {
+            self.kick(c);
+        }
     }
 
     /// The original byte under our breakpoint at `gpa`, if there is one.
@@ -248,7 +273,11 @@ impl VmShared {
     pub fn wait_paused(&self, timeout: Duration) -> bool {
         let t = Instant::now();
         while t.elapsed() < timeout {
-            if self.vcpus.iter().all(|v| v.state.load(Ordering::SeqCst) != STATE_RUNNING) {
+            if self
+                .vcpus
+                .iter()
+                .all(|v| v.state.load(Ordering::SeqCst) != STATE_RUNNING)
+            {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -263,7 +292,10 @@ impl VmShared {
     /// RIP and CPL of `cpu` at its last exit.
     pub fn last_position(&self, cpu: u32) -> (u64, u8) {
         let v = &self.vcpus[cpu as usize];
-        (v.last_rip.load(Ordering::Relaxed), v.last_cpl.load(Ordering::Relaxed))
+        (
+            v.last_rip.load(Ordering::Relaxed),
+            v.last_cpl.load(Ordering::Relaxed),
+        )
     }
 
     pub(crate) fn kick(&self, cpu: u32) {
@@ -321,18 +353,27 @@ impl Vm {
             return Err(VmError::Config(format!("--vcpus must be 1..={MAX_VCPUS}")));
         }
         if cfg.mem_mib < 4 || cfg.mem_mib > MAX_MEM_MIB {
-            return Err(VmError::Config(format!("--mem must be 4..={MAX_MEM_MIB} MiB")));
+            return Err(VmError::Config(format!(
+                "--mem must be 4..={MAX_MEM_MIB} MiB"
+            )));
         }
         let kvm = host::open_kvm()?;
         host::check_required(&kvm)?;
         let vm = kvm.create_vm().map_err(VmError::ioctl("KVM_CREATE_VM"))?;
-        vm.set_tss_address(0xfffb_d000).map_err(VmError::ioctl("KVM_SET_TSS_ADDR"))?;
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(VmError::ioctl("KVM_SET_TSS_ADDR"))?;
         let serial_irq = if cfg.irqchip {
-            vm.create_irq_chip().map_err(VmError::ioctl("KVM_CREATE_IRQCHIP"))?;
-            let pit = kvm_bindings::kvm_pit_config { flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-            vm.create_pit2(pit).map_err(VmError::ioctl("KVM_CREATE_PIT2"))?;
+            vm.create_irq_chip()
+                .map_err(VmError::ioctl("KVM_CREATE_IRQCHIP"))?;
+            let pit = kvm_bindings::kvm_pit_config {
+                flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            vm.create_pit2(pit)
+                .map_err(VmError::ioctl("KVM_CREATE_PIT2"))?;
             let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Kvm(e.to_string()))?;
-            vm.register_irqfd(&fd, 4).map_err(VmError::ioctl("KVM_IRQFD"))?;
+            vm.register_irqfd(&fd, 4)
+                .map_err(VmError::ioctl("KVM_IRQFD"))?;
             Some(fd)
         } else {
             None
@@ -344,7 +385,10 @@ impl Vm {
         loader::write_boot_area(&ram)?;
         let loaded = loader::load(&ram, image, &cfg.cmdline, &cfg.modules)?;
         let serial = Arc::new(SerialLog::default());
-        let devices = Devices::new(SerialPort::new(serial.clone(), serial_irq), FwCfg::new(cfg.vcpus as u16, mem));
+        let devices = Devices::new(
+            SerialPort::new(serial.clone(), serial_irq),
+            FwCfg::new(cfg.vcpus as u16, mem),
+        );
         let mut fds = Vec::new();
         let cpuid = guest_cpuid(&kvm)?;
         for id in 0..cfg.vcpus {
@@ -372,13 +416,18 @@ impl Vm {
             msrs: Mutex::new(MsrIntercepts::default()),
             sw_bps: Mutex::new(HashMap::new()),
             debug_gen: AtomicU64::new(0),
+            hw_bps: Mutex::new([None; 4]),
             vcpus,
             stop: Mutex::new(None),
             stopping: AtomicBool::new(false),
             started: Instant::now(),
         });
         shared.commit_access()?;
-        Ok(Vm { shared, fds, format: loaded.format })
+        Ok(Vm {
+            shared,
+            fds,
+            format: loaded.format,
+        })
     }
 
     pub fn shared(&self) -> &Arc<VmShared> {
@@ -400,7 +449,10 @@ impl Vm {
             let (tx, rx) = channel();
             *shared.vcpus[id].tx.lock().unwrap() = Some(tx);
             let t = VcpuThread::new(id as u32, fd, shared.clone(), handler.clone(), rx);
-            match std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || t.run()) {
+            match std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || t.run())
+            {
                 Ok(h) => {
                     let _ = shared.vcpus[id].thread.set(h.as_pthread_t());
                     threads.push(h);
@@ -424,12 +476,25 @@ impl Vm {
             let _ = t.join();
         }
         if !shared.is_stopping() {
-            shared.stop(StopReason::Error("all vCPU threads ended without a stop reason".into()));
+            shared.stop(StopReason::Error(
+                "all vCPU threads ended without a stop reason".into(),
+            ));
         }
         let _ = watchdog.join();
-        let reason = shared.stop.lock().unwrap().clone().unwrap_or(StopReason::Error("no stop reason".into()));
+        let reason = shared
+            .stop
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or(StopReason::Error("no stop reason".into()));
         let (exits, exits_per_vcpu) = shared.exit_counts();
-        RunOutcome { reason, elapsed: start.elapsed(), exits, exits_per_vcpu, serial: shared.serial.text() }
+        RunOutcome {
+            reason,
+            elapsed: start.elapsed(),
+            exits,
+            exits_per_vcpu,
+            serial: shared.serial.text(),
+        }
     }
 }
 
@@ -453,14 +518,18 @@ fn watchdog(shared: &VmShared, timeout: Option<Duration>, tick: Duration) {
                     (c, rip, cpl)
                 })
                 .collect();
-            shared.stop(StopReason::Timeout { millis: t.as_millis() as u64, where_ });
+            shared.stop(StopReason::Timeout {
+                millis: t.as_millis() as u64,
+                where_,
+            });
             break;
         }
         if last_tick.elapsed() >= tick {
             last_tick = Instant::now();
             let now = shared.now_ns();
             for (c, v) in shared.vcpus.iter().enumerate() {
-                let quiet = now.saturating_sub(v.last_exit_ns.load(Ordering::Relaxed)) >= tick.as_nanos() as u64;
+                let quiet = now.saturating_sub(v.last_exit_ns.load(Ordering::Relaxed))
+                    >= tick.as_nanos() as u64;
                 if quiet && v.state.load(Ordering::SeqCst) == STATE_RUNNING {
                     shared.kick(c as u32);
                 }
@@ -476,14 +545,20 @@ fn enable_vm_caps(kvm: &Kvm, vm: &VmFd, cfg: &VmConfig) -> Result<(), VmError> {
             args: [kvm_bindings::KVM_MSR_EXIT_REASON_FILTER as u64, 0, 0, 0],
             ..Default::default()
         };
-        vm.enable_cap(&cap).map_err(VmError::ioctl("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
+        vm.enable_cap(&cap)
+            .map_err(VmError::ioctl("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
     }
     const FIX_HYPERCALL_INSN: u64 = 1 << 5;
     const CAP_DISABLE_QUIRKS2: u32 = 213;
     let quirks = vm.check_extension_raw(CAP_DISABLE_QUIRKS2 as libc::c_ulong) as u64;
     if !cfg.hypercall_quirk && quirks & FIX_HYPERCALL_INSN != 0 {
-        let cap = kvm_enable_cap { cap: CAP_DISABLE_QUIRKS2, args: [FIX_HYPERCALL_INSN, 0, 0, 0], ..Default::default() };
-        vm.enable_cap(&cap).map_err(VmError::ioctl("KVM_ENABLE_CAP(DISABLE_QUIRKS2)"))?;
+        let cap = kvm_enable_cap {
+            cap: CAP_DISABLE_QUIRKS2,
+            args: [FIX_HYPERCALL_INSN, 0, 0, 0],
+            ..Default::default()
+        };
+        vm.enable_cap(&cap)
+            .map_err(VmError::ioctl("KVM_ENABLE_CAP(DISABLE_QUIRKS2)"))?;
     }
     Ok(())
 }
@@ -491,7 +566,9 @@ fn enable_vm_caps(kvm: &Kvm, vm: &VmFd, cfg: &VmConfig) -> Result<(), VmError> {
 /// KVM's supported CPUID, plus XSAVE (so the guest may set CR4.OSXSAVE) and SMEP
 /// (so the demo's guest may set CR4.SMEP); the APIC id is set per vCPU.
 fn guest_cpuid(kvm: &Kvm) -> Result<kvm_bindings::CpuId, VmError> {
-    let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(VmError::ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(VmError::ioctl("KVM_GET_SUPPORTED_CPUID"))?;
     for e in cpuid.as_mut_slice() {
         match (e.function, e.index) {
             (1, _) => e.ecx |= 1 << 26,

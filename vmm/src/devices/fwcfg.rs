@@ -29,7 +29,11 @@ impl FwCfg {
             (KEY_MAX_CPUS, cpus.to_le_bytes().to_vec()),
             (KEY_FILE_DIR, 0u32.to_be_bytes().to_vec()),
         ];
-        FwCfg { items, selected: 0, offset: 0 }
+        FwCfg {
+            items,
+            selected: 0,
+            offset: 0,
+        }
     }
 
     pub fn write(&mut self, port: u16, _size: u8, value: u32) {
@@ -44,7 +48,11 @@ impl FwCfg {
         if port != DATA_PORT {
             return 0;
         }
-        let item = self.items.iter().find(|(k, _)| *k == self.selected).map(|(_, v)| v.as_slice());
+        let item = self
+            .items
+            .iter()
+            .find(|(k, _)| *k == self.selected)
+            .map(|(_, v)| v.as_slice());
         let mut v = 0u32;
         for i in 0..size.min(4) as usize {
             let b = item.and_then(|d| d.get(self.offset)).copied().unwrap_or(0);
@@ -68,7 +76,9 @@ mod tests {
         f.write(SELECTOR_PORT, 2, KEY_NB_CPUS as u32);
         assert_eq!(f.read(DATA_PORT, 1) | f.read(DATA_PORT, 1) << 8, 3);
         f.write(SELECTOR_PORT, 2, KEY_RAM_SIZE as u32);
-        let ram: u64 = (0..8).map(|i| (f.read(DATA_PORT, 1) as u64) << (8 * i)).sum();
+        let ram: u64 = (0..8)
+            .map(|i| (f.read(DATA_PORT, 1) as u64) << (8 * i))
+            .sum();
         assert_eq!(ram, 0x400_0000);
         f.write(SELECTOR_PORT, 2, 0x4242);
         assert_eq!(f.read(DATA_PORT, 1), 0, "unknown keys read as zero");

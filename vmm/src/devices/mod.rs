@@ -85,7 +85,10 @@ mod tests {
 
     fn devices() -> (Devices, Arc<SerialLog>) {
         let log = Arc::new(SerialLog::default());
-        (Devices::new(SerialPort::new(log.clone(), None), FwCfg::new(2, 64 << 20)), log)
+        (
+            Devices::new(SerialPort::new(log.clone(), None), FwCfg::new(2, 64 << 20)),
+            log,
+        )
     }
 
     #[test]
@@ -97,7 +100,11 @@ mod tests {
         assert_eq!(log.text(), "hi\n");
         assert_eq!(d.write(0xf4, 1, 0x10), PortEffect::Exit(0x21));
         assert_eq!(d.write(0x604, 2, 0x2000), PortEffect::Exit(0));
-        assert_eq!(d.write(0x604, 1, 0x20), PortEffect::Unclaimed, "garbage must not power off");
+        assert_eq!(
+            d.write(0x604, 1, 0x20),
+            PortEffect::Unclaimed,
+            "garbage must not power off"
+        );
         assert_eq!(d.write(0x64, 1, 0xfe), PortEffect::Reset);
         assert_eq!(d.write(0x9a, 1, 0x22), PortEffect::Doorbell);
         assert_eq!(d.write(0x1234, 4, 7), PortEffect::Unclaimed);

@@ -80,8 +80,25 @@ pub fn sregs(entry: &EntryState, mut s: kvm_sregs) -> kvm_sregs {
     s.gdt.limit = 6 * 8 - 1;
     s.idt.base = 0;
     s.idt.limit = 0;
-    s.tr = kvm_segment { base: TSS, limit: 0x67, selector: SEL_TSS, type_: 0xb, present: 1, s: 0, g: 0, ..seg(0, 0, 0, 0) };
-    s.ldt = kvm_segment { selector: 0, type_: 2, present: 1, s: 0, limit: 0xffff, g: 0, ..seg(0, 0, 0, 0) };
+    s.tr = kvm_segment {
+        base: TSS,
+        limit: 0x67,
+        selector: SEL_TSS,
+        type_: 0xb,
+        present: 1,
+        s: 0,
+        g: 0,
+        ..seg(0, 0, 0, 0)
+    };
+    s.ldt = kvm_segment {
+        selector: 0,
+        type_: 2,
+        present: 1,
+        s: 0,
+        limit: 0xffff,
+        g: 0,
+        ..seg(0, 0, 0, 0)
+    };
     let data = seg(SEL_DATA, 3, 0, 1);
     s.ds = data;
     s.es = data;
@@ -109,7 +126,11 @@ pub fn sregs(entry: &EntryState, mut s: kvm_sregs) -> kvm_sregs {
 
 /// General registers for vCPU `cpu` of `ncpus` entering at `entry`.
 pub fn regs(entry: &EntryState, cpu: u32, ncpus: u32) -> kvm_regs {
-    let mut r = kvm_regs { rflags: 2, rsp: STACK_TOP - 0x400 * cpu as u64, ..Default::default() };
+    let mut r = kvm_regs {
+        rflags: 2,
+        rsp: STACK_TOP - 0x400 * cpu as u64,
+        ..Default::default()
+    };
     match *entry {
         EntryState::Long64 { rip } => {
             r.rip = rip;

@@ -14,26 +14,43 @@ type Header = object::elf::FileHeader64<object::Endianness>;
 
 pub(super) fn load(ram: &GuestRam, image: &[u8]) -> Result<EntryState, LoadError> {
     if image.len() < 4 || &image[..4] != b"\x7fELF" {
-        return Err(LoadError::UnknownFormat("no ELF magic, no multiboot header".into()));
+        return Err(LoadError::UnknownFormat(
+            "no ELF magic, no multiboot header".into(),
+        ));
     }
     if image.len() < 5 || image[4] != ELFCLASS64 {
-        return Err(LoadError::UnknownFormat("32-bit ELF without a multiboot header".into()));
+        return Err(LoadError::UnknownFormat(
+            "32-bit ELF without a multiboot header".into(),
+        ));
     }
     let hdr = Header::parse(image).map_err(|e| LoadError::Malformed(e.to_string()))?;
-    let endian = hdr.endian().map_err(|e| LoadError::Malformed(e.to_string()))?;
+    let endian = hdr
+        .endian()
+        .map_err(|e| LoadError::Malformed(e.to_string()))?;
     let machine = hdr.e_machine(endian);
     if machine != EM_X86_64 {
         return Err(LoadError::WrongMachine(format!("machine {machine}")));
     }
-    let phdrs = hdr.program_headers(endian, image).map_err(|e| LoadError::Malformed(e.to_string()))?;
+    let phdrs = hdr
+        .program_headers(endian, image)
+        .map_err(|e| LoadError::Malformed(e.to_string()))?;
     let entry = hdr.e_entry(endian);
     let mut any = false;
     let mut entry_inside = false;
     for ph in phdrs.iter().filter(|p| p.p_type(endian) == PT_LOAD) {
-        let (addr, memsz, filesz, off) =
-            (ph.p_paddr(endian), ph.p_memsz(endian), ph.p_filesz(endian), ph.p_offset(endian));
-        if off.checked_add(filesz).is_none_or(|end| end > image.len() as u64) {
-            return Err(LoadError::Malformed(format!("segment at {addr:#x} extends past the end of the file")));
+        let (addr, memsz, filesz, off) = (
+            ph.p_paddr(endian),
+            ph.p_memsz(endian),
+            ph.p_filesz(endian),
+            ph.p_offset(endian),
+        );
+        if off
+            .checked_add(filesz)
+            .is_none_or(|end| end > image.len() as u64)
+        {
+            return Err(LoadError::Malformed(format!(
+                "segment at {addr:#x} extends past the end of the file"
+            )));
         }
         super::check_range(ram, addr, memsz)?;
         any = true;
@@ -47,5 +64,7 @@ pub(super) fn load(ram: &GuestRam, image: &[u8]) -> Result<EntryState, LoadError
     }
     let res = Elf::load(ram.inner(), None, &mut Cursor::new(image), None)
         .map_err(|e| LoadError::Malformed(e.to_string()))?;
-    Ok(EntryState::Long64 { rip: res.kernel_load.0 })
+    Ok(EntryState::Long64 {
+        rip: res.kernel_load.0,
+    })
 }

@@ -28,20 +28,50 @@ pub struct Loaded {
 }
 
 /// Loads `image` into `ram`: a multiboot header wins (as in QEMU), else ELF64.
-pub fn load(ram: &GuestRam, image: &[u8], cmdline: &str, modules: &[Module]) -> Result<Loaded, LoadError> {
+pub fn load(
+    ram: &GuestRam,
+    image: &[u8],
+    cmdline: &str,
+    modules: &[Module],
+) -> Result<Loaded, LoadError> {
     if image.is_empty() {
         return Err(LoadError::Empty);
     }
+    // The ELF parser reads headers in place and needs 8-byte alignment, which an
+    // `include_bytes!` or a sub-slice does not promise.
+    let words: Vec<u64> = image
+        .chunks(8)
+        .map(|c| {
+            let mut b = [0u8; 8];
+            b[..c.len()].copy_from_slice(c);
+            u64::from_ne_bytes(b)
+        })
+        .collect();
+    // SAFETY: `words` holds image.len() initialised bytes (plus padding), u8 has
+    // no alignment requirement, and the slice does not outlive `words`.
+    let image: &[u8] =
+        unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, image.len()) };
     let symbols = Symbols::parse(image);
     if let Some(header) = multiboot::find_header(image)? {
         let entry = multiboot::load(ram, image, &header, cmdline, modules)?;
-        return Ok(Loaded { entry, symbols, format: "multiboot v1" });
+        return Ok(Loaded {
+            entry,
+            symbols,
+            format: "multiboot v1",
+        });
     }
     if !modules.is_empty() {
-        return Err(LoadError::Module(modules[0].name.clone(), "modules need a multiboot kernel".into()));
+        return Err(LoadError::Module(
+            modules[0].name.clone(),
+            "modules need a multiboot kernel".into(),
+        ));
     }
     let entry = elf::load(ram, image)?;
-    Ok(Loaded { entry, symbols, format: "ELF64" })
+    Ok(Loaded {
+        entry,
+        symbols,
+        format: "ELF64",
+    })
 }
 
 /// Checks that `[gpa, gpa+len)` fits in RAM above the boot area.
@@ -50,7 +80,11 @@ fn check_range(ram: &GuestRam, gpa: u64, len: u64) -> Result<(), LoadError> {
         return Err(LoadError::OverlapsBootArea(gpa));
     }
     if !ram.contains(gpa, len) {
-        return Err(LoadError::TooBig { at: gpa, need: len, ram: ram.size() >> 20 });
+        return Err(LoadError::TooBig {
+            at: gpa,
+            need: len,
+            ram: ram.size() >> 20,
+        });
     }
     Ok(())
 }

@@ -29,7 +29,9 @@ pub(super) struct Header {
 }
 
 fn word(image: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(image.get(off..off + 4)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        image.get(off..off + 4)?.try_into().ok()?,
+    ))
 }
 
 /// The multiboot header in the first 8 KiB, if any.
@@ -42,10 +44,13 @@ pub(super) fn find_header(image: &[u8]) -> Result<Option<Header>, LoadError> {
             let sum = word(image, off + 8).unwrap_or(0);
             if MAGIC.wrapping_add(flags).wrapping_add(sum) == 0 {
                 let need = |i: usize| {
-                    word(image, off + 12 + 4 * i).ok_or_else(|| LoadError::Multiboot("header truncated".into()))
+                    word(image, off + 12 + 4 * i)
+                        .ok_or_else(|| LoadError::Multiboot("header truncated".into()))
                 };
                 if flags & 0xffff & !SUPPORTED_REQUIRED != 0 {
-                    return Err(LoadError::Multiboot(format!("required flags {flags:#x} are not supported")));
+                    return Err(LoadError::Multiboot(format!(
+                        "required flags {flags:#x} are not supported"
+                    )));
                 }
                 let kludge = flags & FLAG_AOUT_KLUDGE != 0;
                 let h = Header {
@@ -70,19 +75,31 @@ fn load_kernel(ram: &GuestRam, image: &[u8], h: &Header) -> Result<(u32, u64), L
     if h.flags & FLAG_AOUT_KLUDGE != 0 {
         let bad = |m: &str| LoadError::Multiboot(m.to_string());
         let start = (h.offset as u64)
-            .checked_sub((h.header_addr as u64).checked_sub(h.load_addr as u64).ok_or_else(|| bad("load_addr > header_addr"))?)
+            .checked_sub(
+                (h.header_addr as u64)
+                    .checked_sub(h.load_addr as u64)
+                    .ok_or_else(|| bad("load_addr > header_addr"))?,
+            )
             .ok_or_else(|| bad("load_addr is before the file start"))? as usize;
         let len = if h.load_end_addr == 0 {
             image.len() - start
         } else {
-            (h.load_end_addr.checked_sub(h.load_addr).ok_or_else(|| bad("load_end_addr < load_addr"))?) as usize
+            (h.load_end_addr
+                .checked_sub(h.load_addr)
+                .ok_or_else(|| bad("load_end_addr < load_addr"))?) as usize
         };
-        let data = image.get(start..start + len).ok_or_else(|| bad("load range extends past the end of the file"))?;
+        let data = image
+            .get(start..start + len)
+            .ok_or_else(|| bad("load range extends past the end of the file"))?;
         let end = (h.bss_end_addr as u64).max(h.load_addr as u64 + len as u64);
         check_range(ram, h.load_addr as u64, end - h.load_addr as u64)?;
-        ram.write(h.load_addr as u64, data).map_err(|e| bad(&e.to_string()))?;
-        ram.write(h.load_addr as u64 + len as u64, &vec![0; (end - h.load_addr as u64 - len as u64) as usize])
+        ram.write(h.load_addr as u64, data)
             .map_err(|e| bad(&e.to_string()))?;
+        ram.write(
+            h.load_addr as u64 + len as u64,
+            &vec![0; (end - h.load_addr as u64 - len as u64) as usize],
+        )
+        .map_err(|e| bad(&e.to_string()))?;
         if !(h.load_addr as u64..end).contains(&(h.entry_addr as u64)) {
             return Err(LoadError::EntryOutside(h.entry_addr as u64));
         }
@@ -92,20 +109,32 @@ fn load_kernel(ram: &GuestRam, image: &[u8], h: &Header) -> Result<(u32, u64), L
     match image.get(4) {
         Some(1) => load_elf::<object::elf::FileHeader32<object::Endianness>>(ram, image),
         Some(2) => load_elf::<object::elf::FileHeader64<object::Endianness>>(ram, image),
-        _ => Err(LoadError::Multiboot("no a.out kludge and not an ELF file".into())),
+        _ => Err(LoadError::Multiboot(
+            "no a.out kludge and not an ELF file".into(),
+        )),
     }
 }
 
-fn load_elf<H: FileHeader<Endian = object::Endianness>>(ram: &GuestRam, image: &[u8]) -> Result<(u32, u64), LoadError> {
+fn load_elf<H: FileHeader<Endian = object::Endianness>>(
+    ram: &GuestRam,
+    image: &[u8],
+) -> Result<(u32, u64), LoadError> {
     let hdr = H::parse(image).map_err(|e| LoadError::Malformed(e.to_string()))?;
-    let en = hdr.endian().map_err(|e| LoadError::Malformed(e.to_string()))?;
-    let phdrs = hdr.program_headers(en, image).map_err(|e| LoadError::Malformed(e.to_string()))?;
+    let en = hdr
+        .endian()
+        .map_err(|e| LoadError::Malformed(e.to_string()))?;
+    let phdrs = hdr
+        .program_headers(en, image)
+        .map_err(|e| LoadError::Malformed(e.to_string()))?;
     let mut end = 0u64;
     for ph in phdrs.iter().filter(|p| p.p_type(en) == PT_LOAD) {
         let (addr, memsz): (u64, u64) = (ph.p_paddr(en).into(), ph.p_memsz(en).into());
-        let data = ph.data(en, image).map_err(|_| LoadError::Malformed("segment past the end of the file".into()))?;
+        let data = ph
+            .data(en, image)
+            .map_err(|_| LoadError::Malformed("segment past the end of the file".into()))?;
         check_range(ram, addr, memsz)?;
-        ram.write(addr, data).map_err(|e| LoadError::Malformed(e.to_string()))?;
+        ram.write(addr, data)
+            .map_err(|e| LoadError::Malformed(e.to_string()))?;
         end = end.max(addr + memsz);
     }
     if end == 0 {
@@ -125,13 +154,18 @@ pub(super) fn load(
     modules: &[Module],
 ) -> Result<EntryState, LoadError> {
     let (entry, kernel_end) = load_kernel(ram, image, h)?;
-    let w = |gpa: u64, d: &[u8]| ram.write(gpa, d).map_err(|e| LoadError::Multiboot(e.to_string()));
+    let w = |gpa: u64, d: &[u8]| {
+        ram.write(gpa, d)
+            .map_err(|e| LoadError::Multiboot(e.to_string()))
+    };
     // Layout inside the boot area: info, memory map, module list, strings.
     let (mmap, mods, mut strings) = (MBI + 0x100, MBI + 0x200, MBI + 0x400);
     let mut put_str = |s: &str| -> Result<u32, LoadError> {
         let at = strings;
         if at + s.len() as u64 + 1 > super::BOOT_AREA_END {
-            return Err(LoadError::Multiboot("command line and module names are too long".into()));
+            return Err(LoadError::Multiboot(
+                "command line and module names are too long".into(),
+            ));
         }
         w(at, s.as_bytes())?;
         w(at + s.len() as u64, &[0])?;
@@ -155,8 +189,11 @@ pub(super) fn load(
         next = (next + m.data.len() as u64 + 0xfff) & !0xfff;
     }
     let ram_size = ram.size();
-    let regions: [(u64, u64, u32); 3] =
-        [(0, 0x9fc00, 1), (0x9fc00, 0x100000 - 0x9fc00, 2), (0x100000, ram_size - 0x100000, 1)];
+    let regions: [(u64, u64, u32); 3] = [
+        (0, 0x9fc00, 1),
+        (0x9fc00, 0x100000 - 0x9fc00, 2),
+        (0x100000, ram_size - 0x100000, 1),
+    ];
     for (i, (base, len, ty)) in regions.iter().enumerate() {
         let at = mmap + 24 * i as u64;
         w(at, &20u32.to_le_bytes())?;
@@ -183,7 +220,11 @@ pub(super) fn load(
     for (i, v) in info.iter().enumerate() {
         w(MBI + 4 * i as u64, &v.to_le_bytes())?;
     }
-    Ok(EntryState::Protected32 { eip: entry, eax: BOOT_MAGIC, ebx: MBI as u32 })
+    Ok(EntryState::Protected32 {
+        eip: entry,
+        eax: BOOT_MAGIC,
+        ebx: MBI as u32,
+    })
 }
 
 #[cfg(test)]
@@ -202,7 +243,12 @@ mod tests {
     #[test]
     fn header_search_and_validation() {
         assert!(find_header(&[0u8; 100]).unwrap().is_none());
-        let h = find_header(&header(FLAG_AOUT_KLUDGE, &[0x100010, 0x100000, 0, 0, 0x100020])).unwrap().unwrap();
+        let h = find_header(&header(
+            FLAG_AOUT_KLUDGE,
+            &[0x100010, 0x100000, 0, 0, 0x100020],
+        ))
+        .unwrap()
+        .unwrap();
         assert_eq!((h.offset, h.entry_addr), (16, 0x100020));
         let e = find_header(&header(1 << 2, &[])).unwrap_err();
         assert!(e.to_string().contains("not supported"), "{e}");
@@ -213,12 +259,25 @@ mod tests {
     #[test]
     fn kludge_load_writes_info() {
         let ram = GuestRam::new(4 << 20).unwrap();
-        let mut img = header(FLAG_AOUT_KLUDGE, &[0x100010, 0x100000, 0, 0x101000, 0x100020]);
+        let mut img = header(
+            FLAG_AOUT_KLUDGE,
+            &[0x100010, 0x100000, 0, 0x101000, 0x100020],
+        );
         img.extend_from_slice(&[0x90; 32]);
         let h = find_header(&img).unwrap().unwrap();
-        let m = [Module { name: "initrd".into(), data: b"payload".to_vec() }];
+        let m = [Module {
+            name: "initrd".into(),
+            data: b"payload".to_vec(),
+        }];
         let e = load(&ram, &img, &h, "console=ttyS0", &m).unwrap();
-        assert_eq!(e, EntryState::Protected32 { eip: 0x100020, eax: BOOT_MAGIC, ebx: MBI as u32 });
+        assert_eq!(
+            e,
+            EntryState::Protected32 {
+                eip: 0x100020,
+                eax: BOOT_MAGIC,
+                ebx: MBI as u32
+            }
+        );
         let mut b = [0u8; 4];
         ram.read(MBI + 20, &mut b).unwrap();
         assert_eq!(u32::from_le_bytes(b), 1, "mods_count");
@@ -226,7 +285,10 @@ mod tests {
         let mods = u32::from_le_bytes(b) as u64;
         ram.read(mods, &mut b).unwrap();
         let start = u32::from_le_bytes(b) as u64;
-        assert_eq!(start, 0x101000, "module after the kernel's bss, page aligned");
+        assert_eq!(
+            start, 0x101000,
+            "module after the kernel's bss, page aligned"
+        );
         let mut p = [0u8; 7];
         ram.read(start, &mut p).unwrap();
         assert_eq!(&p, b"payload");

@@ -16,7 +16,12 @@ impl Symbols {
         };
         let mut by_addr: Vec<(u64, u64, String)> = file
             .symbols()
-            .filter(|s| matches!(s.kind(), SymbolKind::Text | SymbolKind::Data | SymbolKind::Unknown))
+            .filter(|s| {
+                matches!(
+                    s.kind(),
+                    SymbolKind::Text | SymbolKind::Data | SymbolKind::Unknown
+                )
+            })
             .filter(|s| s.address() != 0)
             .filter_map(|s| Some((s.address(), s.size(), s.name().ok()?.to_string())))
             .filter(|(_, _, n)| !n.is_empty() && !n.starts_with('.'))
@@ -26,7 +31,10 @@ impl Symbols {
     }
 
     pub fn get(&self, name: &str) -> Option<u64> {
-        self.by_addr.iter().find(|(_, _, n)| n == name).map(|(a, _, _)| *a)
+        self.by_addr
+            .iter()
+            .find(|(_, _, n)| n == name)
+            .map(|(a, _, _)| *a)
     }
 
     /// The symbol containing (or the nearest below) `addr`, with the offset.

@@ -1,0 +1,72 @@
+//! Shared helpers of the integration tests (all of them boot real KVM guests).
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+
+use vmiscope_vmm::{Event, ExitHandler, Reply, RunOutcome, VcpuCtl, Vm, VmConfig};
+
+/// Whether /dev/kvm is usable. Under CI (`CI=true`) a missing /dev/kvm fails the
+/// test loudly; elsewhere the test says why it does nothing.
+pub fn kvm_available() -> bool {
+    if std::path::Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true but /dev/kvm is missing: these tests need KVM");
+    }
+    eprintln!("SKIPPED: no /dev/kvm on this machine, so no guest can boot");
+    false
+}
+
+pub fn image(name: &str) -> &'static [u8] {
+    vmiscope_images::find(name)
+        .unwrap_or_else(|| panic!("no image {name}"))
+        .elf
+}
+
+pub fn config(vcpus: u32) -> VmConfig {
+    VmConfig {
+        vcpus,
+        timeout: Some(std::time::Duration::from_secs(60)),
+        ..VmConfig::default()
+    }
+}
+
+/// A handler that records every event (except kicks) and answers with `f`.
+pub struct Recorder<F> {
+    pub events: Mutex<Vec<(u32, Event)>>,
+    f: F,
+}
+
+impl<F: Fn(&mut VcpuCtl<'_>, &Event) -> Reply + Send + Sync> Recorder<F> {
+    pub fn new(f: F) -> Arc<Self> {
+        Arc::new(Recorder {
+            events: Mutex::new(vec![]),
+            f,
+        })
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+}
+
+impl<F: Fn(&mut VcpuCtl<'_>, &Event) -> Reply + Send + Sync> ExitHandler for Recorder<F> {
+    fn on_event(&self, cpu: &mut VcpuCtl<'_>, event: &Event) -> Reply {
+        if !matches!(event, Event::Kicked) {
+            self.events.lock().unwrap().push((cpu.id(), event.clone()));
+        }
+        (self.f)(cpu, event)
+    }
+}
+
+pub fn run(vm: Vm, handler: Arc<dyn ExitHandler>, cfg: &VmConfig) -> RunOutcome {
+    let out = vm.run(handler, cfg);
+    eprintln!("--- serial ---\n{}--- stop: {} ---", out.serial, out.reason);
+    out
+}
