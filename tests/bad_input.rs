@@ -1,1 +1,158 @@
+//! Bad input gets a clear error and a non-zero status, never a hang or a panic:
+//! malformed images, guests that triple-fault, spin, livelock or write garbage.
 
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use vmiscope_vmm::{LoadError, Vm, VmError};
+
+fn vmiscope() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vmiscope"))
+}
+
+fn load_err(image: &[u8]) -> LoadError {
+    match Vm::new(&config(1), image) {
+        Err(VmError::Image(e)) => e,
+        Err(e) => panic!("expected an image error, got {e}"),
+        Ok(_) => panic!("expected an image error, got a VM"),
+    }
+}
+
+fn patched(name: &str, at: usize, bytes: &[u8]) -> Vec<u8> {
+    let mut v = image(name).to_vec();
+    v[at..at + bytes.len()].copy_from_slice(bytes);
+    v
+}
+
+#[test]
+fn malformed_images_are_refused_with_a_reason() {
+    if !kvm_available() {
+        return;
+    }
+    assert_eq!(load_err(b""), LoadError::Empty);
+    assert!(matches!(load_err(b"MZ\x90\x00 this is not an ELF file"), LoadError::UnknownFormat(_)));
+    assert!(matches!(load_err(&image("hello")[..100]), LoadError::Malformed(_)), "truncated");
+    // e_machine = AArch64
+    assert!(matches!(load_err(&patched("hello", 18, &183u16.to_le_bytes())), LoadError::WrongMachine(_)));
+    // e_ident[EI_CLASS] = ELFCLASS32, no multiboot header
+    assert!(matches!(load_err(&patched("hello", 4, &[1])), LoadError::UnknownFormat(_)));
+    // e_entry far outside every segment
+    assert_eq!(load_err(&patched("hello", 24, &0x7000_0000u64.to_le_bytes())), LoadError::EntryOutside(0x7000_0000));
+    // First program header's p_paddr beyond RAM (program headers start at 64).
+    let e = load_err(&patched("hello", 64 + 24, &0xf000_0000u64.to_le_bytes()));
+    assert!(matches!(e, LoadError::TooBig { .. }), "{e}");
+    assert!(e.to_string().contains("--mem"), "the message says what to do: {e}");
+    // ... and into the VMM's boot area.
+    assert!(matches!(load_err(&patched("hello", 64 + 24, &0x1000u64.to_le_bytes())), LoadError::OverlapsBootArea(_)));
+}
+
+#[test]
+fn the_cli_reports_bad_images_and_options_without_panicking() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("vmiscope-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        ("empty.elf", vec![], "the image is empty"),
+        ("trunc.elf", image("hello")[..200].to_vec(), "truncated or malformed"),
+        ("big.elf", patched("hello", 64 + 32 + 8, &0x4000_0000u64.to_le_bytes()), "beyond the"),
+    ];
+    for (name, data, want) in cases {
+        let p = dir.join(name);
+        std::fs::write(&p, data).unwrap();
+        let out = vmiscope().args(["run", p.to_str().unwrap(), "--batch"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert!(err.contains(want), "{name}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let out = vmiscope().args(["run", "no-such-image", "--batch"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("vmiscope images"));
+    let out = vmiscope().args(["run", "hello", "--batch", "--vcpus", "9"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--vcpus must be"));
+    let out = vmiscope().args(["run", "multiboot", "--batch", "--module", "/nonexistent"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read module"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn run_cli(args: &[&str]) -> (Option<i32>, String, String, Duration) {
+    let t = Instant::now();
+    let out = vmiscope().args(args).output().unwrap();
+    let (o, e) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    eprintln!("{o}{e}");
+    (out.status.code(), o, e, t.elapsed())
+}
+
+#[test]
+fn a_triple_fault_is_a_clear_stop() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, _, err, _) = run_cli(&["run", "triple-fault", "--batch"]);
+    assert_eq!(code, Some(4));
+    assert!(err.contains("triple-faulted"), "{err}");
+}
+
+#[test]
+fn a_cpl3_spin_is_stopped_by_the_timeout_and_by_ctrl_c() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, _, err, took) = run_cli(&["run", "hang", "--batch", "--timeout", "1"]);
+    assert_eq!(code, Some(124), "{err}");
+    assert!(err.contains("timeout") && err.contains("CPL3"), "{err}");
+    assert!(took < Duration::from_secs(10));
+
+    let mut child = vmiscope().args(["run", "hang", "--batch"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let t = Instant::now();
+    let out = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "Ctrl-C did not stop the guest");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(out.code(), Some(130));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("stopped by the user"), "{err}");
+}
+
+#[test]
+fn vmcall_at_cpl0_is_a_ud_or_a_detected_livelock() {
+    if !kvm_available() {
+        return;
+    }
+    // Default: the fix-hypercall quirk is off, so the guest gets #UD and says so.
+    let (code, out, _, _) = run_cli(&["run", "vmcall", "--batch", "--timeout", "20"]);
+    if vmiscope_vmm::HostKind::detect() == vmiscope_vmm::HostKind::Pvm {
+        assert_eq!(code, Some(253), "guest exit 0x7e");
+        assert!(out.contains("FATAL exception 6"), "{out}");
+        // With the quirk kept, the vCPU livelocks and the watchdog stops it.
+        let (code, _, err, took) = run_cli(&["run", "vmcall", "--batch", "--hypercall-quirk", "--timeout", "30"]);
+        assert_eq!(code, Some(8), "{err}");
+        assert!(err.contains("livelocked"), "{err}");
+        assert!(took < Duration::from_secs(15), "{took:?}");
+    } else {
+        // Hardware KVM completes the hypercall (ENOSYS) and the guest reports it.
+        assert!(out.contains("vmcall: returned") || out.contains("FATAL exception 6"), "{out}");
+    }
+}
+
+#[test]
+fn garbage_on_every_port_does_not_hurt_the_vmm() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, out, err, _) = run_cli(&["run", "port-garbage", "--batch", "--timeout", "120"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("port-garbage: survived"));
+}

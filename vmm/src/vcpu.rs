@@ -58,8 +58,9 @@ pub(crate) fn create(
         .map_err(VmError::ioctl("KVM_SET_SREGS"))?;
     fd.set_regs(&loader::regs_for(entry, id, cfg.vcpus))
         .map_err(VmError::ioctl("KVM_SET_REGS"))?;
-    if cfg.irqchip && id > 0 {
+    if cfg.irqchip && id > 0 && matches!(entry, EntryState::Long64 { .. }) {
         // Our boot protocol starts every vCPU at the entry, not through INIT/SIPI.
+        // Multiboot kernels get their APs the PC way: waiting for INIT/SIPI.
         fd.set_mp_state(kvm_mp_state {
             mp_state: KVM_MP_STATE_RUNNABLE,
         })
