@@ -123,6 +123,11 @@ pub enum Reply {
 /// Receives every event of every vCPU (possibly from several threads at once).
 pub trait ExitHandler: Send + Sync {
     fn on_event(&self, cpu: &mut VcpuCtl<'_>, event: &Event) -> Reply;
+
+    /// Called at every exit, before it is handled, with the registers the exit
+    /// carries (no ioctl): where CR/DTR changes are caught on hosts that have no
+    /// exit for them. Keep it cheap.
+    fn on_exit(&self, _cpu: &mut VcpuCtl<'_>) {}
 }
 
 /// The handler that lets everything happen as it would without introspection.

@@ -154,6 +154,13 @@ impl VcpuCtl<'_> {
         read_virt(self.vm, self.paging_mode(), gva, buf)
     }
 
+    /// An extended control register (XCR0 …); one KVM_GET_XCRS ioctl, so poll it
+    /// on timer ticks rather than on every exit.
+    pub fn xcr(&self, index: u32) -> Option<u64> {
+        let x = self.fd.get_xcrs().ok()?;
+        x.xcrs[..x.nr_xcrs as usize].iter().find(|e| e.xcr == index).map(|e| e.value)
+    }
+
     /// Single-steps this vCPU from now on (each step is a `SingleStep` event).
     pub fn set_single_step(&mut self, on: bool) {
         self.debug.user_step = on;
@@ -303,6 +310,10 @@ impl VcpuThread {
             info.last_exit_ns.store(self.vm.now_ns(), Ordering::Relaxed);
             info.last_rip.store(s.regs.rip, Ordering::Relaxed);
             info.last_cpl.store(cpl_of(&s.sregs), Ordering::Relaxed);
+            {
+                let mut ctl = VcpuCtl { id: self.id, fd: &mut self.fd, vm: &self.vm, debug: &mut self.debug };
+                self.handler.on_exit(&mut ctl);
+            }
             if let Flow::Stop = self.handle(raw) {
                 break;
             }

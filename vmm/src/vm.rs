@@ -298,6 +298,11 @@ impl VmShared {
         )
     }
 
+    /// Kicks `cpu` out of the guest once (it reports `Event::Kicked` and goes on).
+    pub fn kick_vcpu(&self, cpu: u32) {
+        self.kick(cpu);
+    }
+
     pub(crate) fn kick(&self, cpu: u32) {
         if let Some(t) = self.vcpus[cpu as usize].thread.get() {
             kick::kick(*t);
