@@ -442,6 +442,12 @@ impl Vm {
         &self.shared
     }
 
+    /// The built VM's vCPU file descriptors, for driving KVM_RUN directly (the raw
+    /// baseline of `vmiscope bench`). The VMM's exit handling is bypassed.
+    pub fn into_raw(self) -> (Arc<VmShared>, Vec<VcpuFd>) {
+        (self.shared, self.fds)
+    }
+
     pub fn symbol(&self, name: &str) -> Option<u64> {
         self.shared.symbols.get(name)
     }
