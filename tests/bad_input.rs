@@ -33,20 +33,41 @@ fn malformed_images_are_refused_with_a_reason() {
         return;
     }
     assert_eq!(load_err(b""), LoadError::Empty);
-    assert!(matches!(load_err(b"MZ\x90\x00 this is not an ELF file"), LoadError::UnknownFormat(_)));
-    assert!(matches!(load_err(&image("hello")[..100]), LoadError::Malformed(_)), "truncated");
+    assert!(matches!(
+        load_err(b"MZ\x90\x00 this is not an ELF file"),
+        LoadError::UnknownFormat(_)
+    ));
+    assert!(
+        matches!(load_err(&image("hello")[..100]), LoadError::Malformed(_)),
+        "truncated"
+    );
     // e_machine = AArch64
-    assert!(matches!(load_err(&patched("hello", 18, &183u16.to_le_bytes())), LoadError::WrongMachine(_)));
+    assert!(matches!(
+        load_err(&patched("hello", 18, &183u16.to_le_bytes())),
+        LoadError::WrongMachine(_)
+    ));
     // e_ident[EI_CLASS] = ELFCLASS32, no multiboot header
-    assert!(matches!(load_err(&patched("hello", 4, &[1])), LoadError::UnknownFormat(_)));
+    assert!(matches!(
+        load_err(&patched("hello", 4, &[1])),
+        LoadError::UnknownFormat(_)
+    ));
     // e_entry far outside every segment
-    assert_eq!(load_err(&patched("hello", 24, &0x7000_0000u64.to_le_bytes())), LoadError::EntryOutside(0x7000_0000));
+    assert_eq!(
+        load_err(&patched("hello", 24, &0x7000_0000u64.to_le_bytes())),
+        LoadError::EntryOutside(0x7000_0000)
+    );
     // First program header's p_paddr beyond RAM (program headers start at 64).
     let e = load_err(&patched("hello", 64 + 24, &0xf000_0000u64.to_le_bytes()));
     assert!(matches!(e, LoadError::TooBig { .. }), "{e}");
-    assert!(e.to_string().contains("--mem"), "the message says what to do: {e}");
+    assert!(
+        e.to_string().contains("--mem"),
+        "the message says what to do: {e}"
+    );
     // ... and into the VMM's boot area.
-    assert!(matches!(load_err(&patched("hello", 64 + 24, &0x1000u64.to_le_bytes())), LoadError::OverlapsBootArea(_)));
+    assert!(matches!(
+        load_err(&patched("hello", 64 + 24, &0x1000u64.to_le_bytes())),
+        LoadError::OverlapsBootArea(_)
+    ));
 }
 
 #[test]
@@ -58,24 +79,44 @@ fn the_cli_reports_bad_images_and_options_without_panicking() {
     std::fs::create_dir_all(&dir).unwrap();
     let cases: [(&str, Vec<u8>, &str); 3] = [
         ("empty.elf", vec![], "the image is empty"),
-        ("trunc.elf", image("hello")[..200].to_vec(), "truncated or malformed"),
-        ("big.elf", patched("hello", 64 + 32 + 8, &0x4000_0000u64.to_le_bytes()), "beyond the"),
+        (
+            "trunc.elf",
+            image("hello")[..200].to_vec(),
+            "truncated or malformed",
+        ),
+        (
+            "big.elf",
+            patched("hello", 64 + 32 + 8, &0x4000_0000u64.to_le_bytes()),
+            "beyond the",
+        ),
     ];
     for (name, data, want) in cases {
         let p = dir.join(name);
         std::fs::write(&p, data).unwrap();
-        let out = vmiscope().args(["run", p.to_str().unwrap(), "--batch"]).output().unwrap();
+        let out = vmiscope()
+            .args(["run", p.to_str().unwrap(), "--batch"])
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{name}: {err}");
         assert!(err.contains(want), "{name}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
-    let out = vmiscope().args(["run", "no-such-image", "--batch"]).output().unwrap();
+    let out = vmiscope()
+        .args(["run", "no-such-image", "--batch"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("vmiscope images"));
-    let out = vmiscope().args(["run", "hello", "--batch", "--vcpus", "9"]).output().unwrap();
+    let out = vmiscope()
+        .args(["run", "hello", "--batch", "--vcpus", "9"])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--vcpus must be"));
-    let out = vmiscope().args(["run", "multiboot", "--batch", "--module", "/nonexistent"]).output().unwrap();
+    let out = vmiscope()
+        .args(["run", "multiboot", "--batch", "--module", "/nonexistent"])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read module"));
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -83,7 +124,10 @@ fn the_cli_reports_bad_images_and_options_without_panicking() {
 fn run_cli(args: &[&str]) -> (Option<i32>, String, String, Duration) {
     let t = Instant::now();
     let out = vmiscope().args(args).output().unwrap();
-    let (o, e) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
     eprintln!("{o}{e}");
     (out.status.code(), o, e, t.elapsed())
 }
@@ -108,7 +152,12 @@ fn a_cpl3_spin_is_stopped_by_the_timeout_and_by_ctrl_c() {
     assert!(err.contains("timeout") && err.contains("CPL3"), "{err}");
     assert!(took < Duration::from_secs(10));
 
-    let mut child = vmiscope().args(["run", "hang", "--batch"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = vmiscope()
+        .args(["run", "hang", "--batch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: sending SIGINT to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
@@ -117,7 +166,10 @@ fn a_cpl3_spin_is_stopped_by_the_timeout_and_by_ctrl_c() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "Ctrl-C did not stop the guest");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "Ctrl-C did not stop the guest"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(out.code(), Some(130));
@@ -137,13 +189,23 @@ fn vmcall_at_cpl0_is_a_ud_or_a_detected_livelock() {
         assert_eq!(code, Some(253), "guest exit 0x7e");
         assert!(out.contains("FATAL exception 6"), "{out}");
         // With the quirk kept, the vCPU livelocks and the watchdog stops it.
-        let (code, _, err, took) = run_cli(&["run", "vmcall", "--batch", "--hypercall-quirk", "--timeout", "30"]);
+        let (code, _, err, took) = run_cli(&[
+            "run",
+            "vmcall",
+            "--batch",
+            "--hypercall-quirk",
+            "--timeout",
+            "30",
+        ]);
         assert_eq!(code, Some(8), "{err}");
         assert!(err.contains("livelocked"), "{err}");
         assert!(took < Duration::from_secs(15), "{took:?}");
     } else {
         // Hardware KVM completes the hypercall (ENOSYS) and the guest reports it.
-        assert!(out.contains("vmcall: returned") || out.contains("FATAL exception 6"), "{out}");
+        assert!(
+            out.contains("vmcall: returned") || out.contains("FATAL exception 6"),
+            "{out}"
+        );
     }
 }
 

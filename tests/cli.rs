@@ -8,8 +8,15 @@ use std::process::Command;
 use common::kvm_available;
 
 fn vmiscope(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vmiscope")).args(args).output().unwrap();
-    let r = (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    let out = Command::new(env!("CARGO_BIN_EXE_vmiscope"))
+        .args(args)
+        .output()
+        .unwrap();
+    let r = (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
     eprintln!("{}{}", r.1, r.2);
     r
 }
@@ -18,8 +25,26 @@ fn vmiscope(args: &[&str]) -> (Option<i32>, String, String) {
 fn images_lists_and_exports_every_image() {
     let (code, out, _) = vmiscope(&["images"]);
     assert_eq!(code, Some(0));
-    for name in ["hello", "ept-write", "ept-read", "ept-exec", "msr", "cr", "dtr", "xcr", "introcall", "int3", "step", "smp", "spin", "demo"] {
-        assert!(out.lines().any(|l| l.starts_with(&format!("{name} "))), "{name} missing");
+    for name in [
+        "hello",
+        "ept-write",
+        "ept-read",
+        "ept-exec",
+        "msr",
+        "cr",
+        "dtr",
+        "xcr",
+        "introcall",
+        "int3",
+        "step",
+        "smp",
+        "spin",
+        "demo",
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with(&format!("{name} "))),
+            "{name} missing"
+        );
     }
     let dir = std::env::temp_dir().join(format!("vmiscope-export-{}", std::process::id()));
     let (code, _, _) = vmiscope(&["images", "--export", dir.to_str().unwrap()]);
@@ -37,9 +62,15 @@ fn run_batch_exits_zero_for_hello_and_every_event_image() {
     let (code, out, err) = vmiscope(&["run", "hello", "--batch"]);
     assert_eq!(code, Some(0));
     assert!(out.contains("Hello from the vmiscope guest"));
-    assert!(err.contains("[vmiscope] exits: io="), "per-class summary: {err}");
+    assert!(
+        err.contains("[vmiscope] exits: io="),
+        "per-class summary: {err}"
+    );
     assert!(err.contains("[vmiscope] stop: guest exited with status 0"));
-    for i in vmiscope_images::IMAGES.iter().filter(|i| i.kind == vmiscope_images::Kind::EventClass) {
+    for i in vmiscope_images::IMAGES
+        .iter()
+        .filter(|i| i.kind == vmiscope_images::Kind::EventClass)
+    {
         let (code, _, err) = vmiscope(&["run", i.name, "--batch", "--timeout", "60"]);
         assert_eq!(code, Some(0), "{}: {err}", i.name);
     }
@@ -53,14 +84,103 @@ fn multiboot_gets_its_command_line_modules_and_fw_cfg() {
     let m = std::env::temp_dir().join(format!("vmiscope-mod-{}", std::process::id()));
     std::fs::write(&m, b"initrd payload from the host").unwrap();
     let (code, out, _) = vmiscope(&[
-        "run", "multiboot", "--batch", "--vcpus", "2", "--mem", "64", "--cmdline", "console=ttyS0 quiet",
-        "--module", m.to_str().unwrap(),
+        "run",
+        "multiboot",
+        "--batch",
+        "--vcpus",
+        "2",
+        "--mem",
+        "64",
+        "--cmdline",
+        "console=ttyS0 quiet",
+        "--module",
+        m.to_str().unwrap(),
     ]);
     let _ = std::fs::remove_file(&m);
     assert_eq!(code, Some(0));
     assert!(out.contains("magic 2badb002 (ok)"));
     assert!(out.contains("cmdline 'console=ttyS0 quiet'"));
-    assert!(out.contains("1 module(s)") && out.contains("'initrd payload from the host'"), "{out}");
+    assert!(
+        out.contains("1 module(s)") && out.contains("'initrd payload from the host'"),
+        "{out}"
+    );
     assert!(out.contains("mem_upper 64512 KiB"));
-    assert!(out.contains("fw_cfg signature QEMU, 2 cpu(s), 64 MiB"), "{out}");
+    assert!(
+        out.contains("fw_cfg signature QEMU, 2 cpu(s), 64 MiB"),
+        "{out}"
+    );
+}
+
+#[test]
+fn caps_reports_each_mechanism_consistently_with_the_host() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, out, err) = vmiscope(&["caps", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let row = |m: &str| {
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["mechanism"] == m)
+            .unwrap_or_else(|| panic!("{m}"))
+            .clone()
+    };
+    for m in ["EPT write", "EPT read", "EPT execute", "introcall"] {
+        assert_eq!(row(m)["cpl0"], "exact", "{m}");
+        assert_eq!(row(m)["cpl3"], "exact", "{m}");
+    }
+    assert_eq!(row("MSR")["cpl0"], "exact");
+    for m in ["CR write", "DTR load (LIDT/LGDT)", "XCR write (XSETBV)"] {
+        assert_eq!(row(m)["cpl0"], "polled", "KVM has no exit for {m}");
+    }
+    assert_eq!(row("single-step")["cpl0"], "exact");
+    assert_eq!(row("INT3 breakpoint")["cpl0"], "exact");
+    if vmiscope_vmm::HostKind::detect() == vmiscope_vmm::HostKind::Pvm {
+        // kvm-host-probe.md Q3: debugging works at CPL0 only on PVM.
+        assert_eq!(v["pvm"], true);
+        assert_eq!(row("single-step")["cpl3"], "unavailable");
+        assert_eq!(row("HW execute breakpoint")["cpl3"], "unavailable");
+        assert_eq!(row("INT3 breakpoint")["cpl3"], "unavailable");
+    }
+}
+
+#[test]
+fn bench_json_has_every_figure_with_its_baseline() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, out, err) = vmiscope(&["bench", "--json", "--iterations", "300", "--repeat", "1"]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let figs = v["figures"].as_array().unwrap();
+    for name in [
+        "I/O exit round trip, CPL0",
+        "I/O exit round trip, CPL3",
+        "MMIO write exit round trip, CPL0",
+        "MMIO write exit round trip, CPL3",
+    ] {
+        let f = figs
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap_or_else(|| panic!("{name}"));
+        let (val, base, ratio) = (
+            f["value"].as_f64().unwrap(),
+            f["baseline"].as_f64().unwrap(),
+            f["ratio"].as_f64().unwrap(),
+        );
+        assert!(val > 0.0 && base > 0.0);
+        assert!((ratio - val / base).abs() < 1e-9);
+    }
+    assert!(
+        figs.iter()
+            .any(|f| f["name"] == "protect one page (write-trap)"
+                && f["note"].as_str().unwrap().contains("ioctls"))
+    );
+    assert!(
+        figs.iter()
+            .any(|f| f["name"] == "hello: process start to guest exit")
+    );
 }

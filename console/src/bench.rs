@@ -49,8 +49,13 @@ impl Workload {
     }
     fn label(self) -> String {
         match self {
-            Workload::Io { cpl3 } => format!("I/O exit round trip, CPL{}", if cpl3 { 3 } else { 0 }),
-            Workload::Mmio { cpl3 } => format!("MMIO write exit round trip, CPL{}", if cpl3 { 3 } else { 0 }),
+            Workload::Io { cpl3 } => {
+                format!("I/O exit round trip, CPL{}", if cpl3 { 3 } else { 0 })
+            }
+            Workload::Mmio { cpl3 } => format!(
+                "MMIO write exit round trip, CPL{}",
+                if cpl3 { 3 } else { 0 }
+            ),
         }
     }
 }
@@ -61,10 +66,16 @@ fn build(w: Workload, n: u64) -> Result<Vm, String> {
     let sh = vm.shared();
     for (sym, v) in [("spin_mode", w.mode()), ("spin_count", n)] {
         let at = vm.symbol(sym).ok_or("spin image lacks its symbols")?;
-        sh.ram.write(at, &v.to_le_bytes()).map_err(|e| e.to_string())?;
+        sh.ram
+            .write(at, &v.to_le_bytes())
+            .map_err(|e| e.to_string())?;
     }
     if let Workload::Mmio { .. } = w {
-        sh.protect_page(vm.symbol("spin_page").ok_or("no spin_page")?, Access::WriteTrap).map_err(|e| e.to_string())?;
+        sh.protect_page(
+            vm.symbol("spin_page").ok_or("no spin_page")?,
+            Access::WriteTrap,
+        )
+        .map_err(|e| e.to_string())?;
     }
     Ok(vm)
 }
@@ -109,7 +120,13 @@ struct Stamp(Mutex<(Option<Instant>, Option<Instant>, u64)>);
 
 impl ExitHandler for Stamp {
     fn on_event(&self, _: &mut VcpuCtl<'_>, e: &Event) -> Reply {
-        if matches!(e, Event::Port { port: BENCH_PORT, .. } | Event::Mem(_)) {
+        if matches!(
+            e,
+            Event::Port {
+                port: BENCH_PORT,
+                ..
+            } | Event::Mem(_)
+        ) {
             let now = Instant::now();
             let mut s = self.0.lock().unwrap();
             s.0.get_or_insert(now);
@@ -123,7 +140,10 @@ impl ExitHandler for Stamp {
 fn vmiscope(w: Workload, n: u64) -> Result<f64, String> {
     let vm = build(w, n)?;
     let stamp = Arc::new(Stamp::default());
-    let cfg = VmConfig { timeout: Some(Duration::from_secs(300)), ..VmConfig::default() };
+    let cfg = VmConfig {
+        timeout: Some(Duration::from_secs(300)),
+        ..VmConfig::default()
+    };
     let out = vm.run(stamp.clone(), &cfg);
     if out.reason.exit_status() != 0 {
         return Err(format!("spin did not finish: {}", out.reason));
@@ -144,10 +164,14 @@ fn protect_cost(repeat: usize) -> Result<(f64, f64, f64), String> {
     let (mut p, mut u, mut ioctls) = (vec![], vec![], 0u32);
     for _ in 0..(repeat * 20) {
         let t = Instant::now();
-        let a = sh.protect_page(page, Access::WriteTrap).map_err(|e| e.to_string())?;
+        let a = sh
+            .protect_page(page, Access::WriteTrap)
+            .map_err(|e| e.to_string())?;
         p.push(t.elapsed().as_nanos() as f64);
         let t = Instant::now();
-        let b = sh.protect_page(page, Access::Full).map_err(|e| e.to_string())?;
+        let b = sh
+            .protect_page(page, Access::Full)
+            .map_err(|e| e.to_string())?;
         u.push(t.elapsed().as_nanos() as f64);
         ioctls = a.ioctls().max(b.ioctls());
     }
@@ -159,7 +183,10 @@ fn hello_wall(repeat: usize) -> Result<f64, String> {
     let mut v = vec![];
     for _ in 0..repeat {
         let t = Instant::now();
-        let out = std::process::Command::new(&exe).args(["run", "hello", "--batch"]).output().map_err(|e| e.to_string())?;
+        let out = std::process::Command::new(&exe)
+            .args(["run", "hello", "--batch"])
+            .output()
+            .map_err(|e| e.to_string())?;
         if !out.status.success() {
             return Err("hello failed".into());
         }
@@ -171,7 +198,12 @@ fn hello_wall(repeat: usize) -> Result<f64, String> {
 pub fn measure(iterations: u64, repeat: usize) -> Result<Report, String> {
     let repeat = repeat.max(1);
     let mut figures = vec![];
-    for w in [Workload::Io { cpl3: false }, Workload::Io { cpl3: true }, Workload::Mmio { cpl3: false }, Workload::Mmio { cpl3: true }] {
+    for w in [
+        Workload::Io { cpl3: false },
+        Workload::Io { cpl3: true },
+        Workload::Mmio { cpl3: false },
+        Workload::Mmio { cpl3: true },
+    ] {
         let (mut r, mut v) = (vec![], vec![]);
         // Interleave baseline and vmiscope runs so drift on a noisy host hits both.
         for _ in 0..repeat {
@@ -189,10 +221,36 @@ pub fn measure(iterations: u64, repeat: usize) -> Result<Report, String> {
         });
     }
     let (p, u, ioctls) = protect_cost(repeat)?;
-    figures.push(Figure { name: "protect one page (write-trap)".into(), unit: "us", value: p / 1e3, baseline: None, ratio: None, note: format!("{ioctls} memslot ioctls per operation (split the RAM slot)") });
-    figures.push(Figure { name: "unprotect one page".into(), unit: "us", value: u / 1e3, baseline: None, ratio: None, note: format!("{ioctls} memslot ioctls per operation (merge back)") });
-    figures.push(Figure { name: "hello: process start to guest exit".into(), unit: "ms", value: hello_wall(repeat)?, baseline: None, ratio: None, note: "`vmiscope run hello --batch`, wall clock".into() });
-    Ok(Report { host: HostKind::detect().name(), iterations, repeat, figures })
+    figures.push(Figure {
+        name: "protect one page (write-trap)".into(),
+        unit: "us",
+        value: p / 1e3,
+        baseline: None,
+        ratio: None,
+        note: format!("{ioctls} memslot ioctls per operation (split the RAM slot)"),
+    });
+    figures.push(Figure {
+        name: "unprotect one page".into(),
+        unit: "us",
+        value: u / 1e3,
+        baseline: None,
+        ratio: None,
+        note: format!("{ioctls} memslot ioctls per operation (merge back)"),
+    });
+    figures.push(Figure {
+        name: "hello: process start to guest exit".into(),
+        unit: "ms",
+        value: hello_wall(repeat)?,
+        baseline: None,
+        ratio: None,
+        note: "`vmiscope run hello --batch`, wall clock".into(),
+    });
+    Ok(Report {
+        host: HostKind::detect().name(),
+        iterations,
+        repeat,
+        figures,
+    })
 }
 
 pub fn run(a: &crate::cli::BenchArgs) -> i32 {
@@ -207,12 +265,27 @@ pub fn run(a: &crate::cli::BenchArgs) -> i32 {
         println!("{}", serde_json::to_string_pretty(&r).unwrap());
         return 0;
     }
-    println!("host: {}  ({} exits per run, median of {})", r.host, r.iterations, r.repeat);
-    println!("{:<36} {:>10} {:>10} {:>7}  unit", "figure", "vmiscope", "raw KVM", "ratio");
+    println!(
+        "host: {}  ({} exits per run, median of {})",
+        r.host, r.iterations, r.repeat
+    );
+    println!(
+        "{:<36} {:>10} {:>10} {:>7}  unit",
+        "figure", "vmiscope", "raw KVM", "ratio"
+    );
     for f in &r.figures {
-        let b = f.baseline.map(|b| format!("{b:.2}")).unwrap_or_else(|| "-".into());
-        let q = f.ratio.map(|q| format!("{q:.3}x")).unwrap_or_else(|| "-".into());
-        println!("{:<36} {:>10.2} {:>10} {:>7}  {}  ({})", f.name, f.value, b, q, f.unit, f.note);
+        let b = f
+            .baseline
+            .map(|b| format!("{b:.2}"))
+            .unwrap_or_else(|| "-".into());
+        let q = f
+            .ratio
+            .map(|q| format!("{q:.3}x"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<36} {:>10.2} {:>10} {:>7}  {}  ({})",
+            f.name, f.value, b, q, f.unit, f.note
+        );
     }
     0
 }

@@ -49,6 +49,9 @@ pub struct Caps {
     pub kick_latency_us: Option<f64>,
 }
 
+/// Events seen, and (CR0, IDTR base, RIP) at every exit.
+type Seen = (Vec<Event>, Vec<(u64, u64, u64)>);
+
 type Probe = dyn Fn(&mut VcpuCtl<'_>, &Event) -> Reply + Send + Sync;
 
 /// Records events and CR/DTR values seen at exits, answering with `f`.
@@ -75,12 +78,19 @@ fn probe(
     image: &str,
     setup: impl FnOnce(&Vm),
     f: impl Fn(&mut VcpuCtl<'_>, &Event) -> Reply + Send + Sync + 'static,
-) -> Result<(Vec<Event>, Vec<(u64, u64, u64)>), String> {
+) -> Result<Seen, String> {
     let img = vmiscope_images::find(image).ok_or("missing image")?;
-    let cfg = VmConfig { timeout: Some(Duration::from_secs(10)), ..VmConfig::default() };
+    let cfg = VmConfig {
+        timeout: Some(Duration::from_secs(10)),
+        ..VmConfig::default()
+    };
     let vm = Vm::new(&cfg, img.elf).map_err(|e| e.to_string())?;
     setup(&vm);
-    let rec = Arc::new(Recorder { events: Mutex::new(vec![]), seen: Mutex::new(vec![]), f: Box::new(f) });
+    let rec = Arc::new(Recorder {
+        events: Mutex::new(vec![]),
+        seen: Mutex::new(vec![]),
+        f: Box::new(f),
+    });
     let _ = vm.run(rec.clone(), &cfg);
     let e = rec.events.lock().unwrap().clone();
     let s = rec.seen.lock().unwrap().clone();
@@ -88,7 +98,11 @@ fn probe(
 }
 
 fn at(events: &[Event], cpl: u8, pred: impl Fn(&Event) -> Option<u8>) -> Support {
-    if events.iter().any(|e| pred(e) == Some(cpl)) { Support::Exact } else { Support::Unavailable }
+    if events.iter().any(|e| pred(e) == Some(cpl)) {
+        Support::Exact
+    } else {
+        Support::Unavailable
+    }
 }
 
 pub fn measure() -> Result<Caps, String> {
@@ -96,93 +110,294 @@ pub fn measure() -> Result<Caps, String> {
     let mut rows = Vec::new();
     let cont = |_: &mut VcpuCtl<'_>, _: &Event| Reply::Continue;
 
-    let (ev, _) = probe("ept-write", |vm| { vm.shared().protect_page(vm.symbol("ept_target").unwrap(), Access::WriteTrap).unwrap(); }, cont)?;
-    let w = |e: &Event| if let Event::Mem(m) = e { m.write.then_some(m.cpl) } else { None };
-    rows.push(Row { mechanism: "EPT write", handler: "handle_ept_violation", cpl0: at(&ev, 0, w), cpl3: at(&ev, 3, w), how: "read-only memslot -> MMIO write exit (RIP after the instruction)".into() });
+    let (ev, _) = probe(
+        "ept-write",
+        |vm| {
+            vm.shared()
+                .protect_page(vm.symbol("ept_target").unwrap(), Access::WriteTrap)
+                .unwrap();
+        },
+        cont,
+    )?;
+    let w = |e: &Event| {
+        if let Event::Mem(m) = e {
+            m.write.then_some(m.cpl)
+        } else {
+            None
+        }
+    };
+    rows.push(Row {
+        mechanism: "EPT write",
+        handler: "handle_ept_violation",
+        cpl0: at(&ev, 0, w),
+        cpl3: at(&ev, 3, w),
+        how: "read-only memslot -> MMIO write exit (RIP after the instruction)".into(),
+    });
 
-    let (ev, _) = probe("ept-read", |vm| { vm.shared().protect_page(vm.symbol("ept_secret").unwrap(), Access::AllTrap).unwrap(); }, cont)?;
-    let r = |e: &Event| if let Event::Mem(m) = e { (!m.write).then_some(m.cpl) } else { None };
-    rows.push(Row { mechanism: "EPT read", handler: "handle_ept_violation", cpl0: at(&ev, 0, r), cpl3: at(&ev, 3, r), how: "page without memslot -> MMIO read exit (RIP at the instruction)".into() });
+    let (ev, _) = probe(
+        "ept-read",
+        |vm| {
+            vm.shared()
+                .protect_page(vm.symbol("ept_secret").unwrap(), Access::AllTrap)
+                .unwrap();
+        },
+        cont,
+    )?;
+    let r = |e: &Event| {
+        if let Event::Mem(m) = e {
+            (!m.write).then_some(m.cpl)
+        } else {
+            None
+        }
+    };
+    rows.push(Row {
+        mechanism: "EPT read",
+        handler: "handle_ept_violation",
+        cpl0: at(&ev, 0, r),
+        cpl3: at(&ev, 3, r),
+        how: "page without memslot -> MMIO read exit (RIP at the instruction)".into(),
+    });
 
-    let (ev, _) = probe("ept-exec", |vm| { vm.shared().protect_page(vm.symbol("exec_target").unwrap(), Access::AllTrap).unwrap(); }, cont)?;
-    let x = |e: &Event| if let Event::ExecFault { cpl, .. } = e { Some(*cpl) } else { None };
-    let rearm = if host.single_step_at(3) { "re-armed after a single-step" } else { "at CPL3 re-armed at the vCPU's next exit (no CPL3 single-step here)" };
-    rows.push(Row { mechanism: "EPT execute", handler: "handle_ept_violation", cpl0: at(&ev, 0, x), cpl3: at(&ev, 3, x), how: format!("page without memslot -> fetch fails (emulation failure at the target); {rearm}") });
+    let (ev, _) = probe(
+        "ept-exec",
+        |vm| {
+            vm.shared()
+                .protect_page(vm.symbol("exec_target").unwrap(), Access::AllTrap)
+                .unwrap();
+        },
+        cont,
+    )?;
+    let x = |e: &Event| {
+        if let Event::ExecFault { cpl, .. } = e {
+            Some(*cpl)
+        } else {
+            None
+        }
+    };
+    let rearm = if host.single_step_at(3) {
+        "re-armed after a single-step"
+    } else {
+        "at CPL3 re-armed at the vCPU's next exit (no CPL3 single-step here)"
+    };
+    rows.push(Row {
+        mechanism: "EPT execute",
+        handler: "handle_ept_violation",
+        cpl0: at(&ev, 0, x),
+        cpl3: at(&ev, 3, x),
+        how: format!(
+            "page without memslot -> fetch fails (emulation failure at the target); {rearm}"
+        ),
+    });
 
-    let (ev, _) = probe("msr", |vm| vm.shared().intercept_msr(0xc000_0082, true, true).unwrap(), cont)?;
+    let (ev, _) = probe(
+        "msr",
+        |vm| vm.shared().intercept_msr(0xc000_0082, true, true).unwrap(),
+        cont,
+    )?;
     let m = |e: &Event| matches!(e, Event::Msr { .. }).then_some(0);
-    rows.push(Row { mechanism: "MSR", handler: "handle_msr_violation", cpl0: at(&ev, 0, m), cpl3: Support::NotApplicable, how: "KVM_X86_SET_MSR_FILTER + user-space MSR exits; the VMM applies allowed writes".into() });
+    rows.push(Row {
+        mechanism: "MSR",
+        handler: "handle_msr_violation",
+        cpl0: at(&ev, 0, m),
+        cpl3: Support::NotApplicable,
+        how: "KVM_X86_SET_MSR_FILTER + user-space MSR exits; the VMM applies allowed writes".into(),
+    });
 
     let (ev, seen) = probe("cr", |_| {}, cont)?;
-    let cr_exit = ev.iter().any(|e| !matches!(e, Event::Kicked | Event::Port { .. }));
+    let cr_exit = ev
+        .iter()
+        .any(|e| !matches!(e, Event::Kicked | Event::Port { .. }));
     let cr_seen = seen.iter().any(|s| s.0 == 0x8004_0033);
-    let cr = if cr_exit { Support::Exact } else if cr_seen { Support::Polled } else { Support::Unavailable };
+    let cr = if cr_exit {
+        Support::Exact
+    } else if cr_seen {
+        Support::Polled
+    } else {
+        Support::Unavailable
+    };
     rows.push(Row { mechanism: "CR write", handler: "handle_cr_write", cpl0: cr, cpl3: Support::NotApplicable, how: format!("no KVM exit for MOV CR; the change {} in the registers of the next exit (KVM_CAP_SYNC_REGS) and timer kicks; writer unknown", if cr_seen { "was seen" } else { "was NOT seen" }) });
 
     let (_, seen) = probe("dtr", |_| {}, cont)?;
     let dtr_seen = seen.iter().any(|s| s.1 == 0x207000 || s.1 == 0x206000);
-    rows.push(Row { mechanism: "DTR load (LIDT/LGDT)", handler: "handle_dtr_violation", cpl0: if dtr_seen { Support::Polled } else { Support::Unavailable }, cpl3: Support::NotApplicable, how: "no KVM exit for LIDT/LGDT; compared on exits and timer kicks".into() });
+    rows.push(Row {
+        mechanism: "DTR load (LIDT/LGDT)",
+        handler: "handle_dtr_violation",
+        cpl0: if dtr_seen {
+            Support::Polled
+        } else {
+            Support::Unavailable
+        },
+        cpl3: Support::NotApplicable,
+        how: "no KVM exit for LIDT/LGDT; compared on exits and timer kicks".into(),
+    });
 
-    let xcr = if xcr_polled()? { Support::Polled } else { Support::Unavailable };
-    rows.push(Row { mechanism: "XCR write (XSETBV)", handler: "handle_xcr_write", cpl0: xcr, cpl3: Support::NotApplicable, how: "no KVM exit for XSETBV; XCR0 read with KVM_GET_XCRS on timer ticks".into() });
+    let xcr = if xcr_polled()? {
+        Support::Polled
+    } else {
+        Support::Unavailable
+    };
+    rows.push(Row {
+        mechanism: "XCR write (XSETBV)",
+        handler: "handle_xcr_write",
+        cpl0: xcr,
+        cpl3: Support::NotApplicable,
+        how: "no KVM exit for XSETBV; XCR0 read with KVM_GET_XCRS on timer ticks".into(),
+    });
 
     let (ev, _) = probe("introcall", |_| {}, |_, _| Reply::Data(0))?;
-    let ic = |e: &Event| if let Event::Introcall(c) = e { Some(c.cpl) } else { None };
-    let vmcall = if host == HostKind::Pvm { "VMCALL itself livelocks a CPL0 vCPU here (the VMM turns it into #UD)" } else { "VMCALL stays in the kernel" };
-    rows.push(Row { mechanism: "introcall", handler: "handle_introcall", cpl0: at(&ev, 0, ic), cpl3: at(&ev, 3, ic), how: format!("I/O-port doorbell 0x9a with RAX=0x22; {vmcall}") });
+    let ic = |e: &Event| {
+        if let Event::Introcall(c) = e {
+            Some(c.cpl)
+        } else {
+            None
+        }
+    };
+    let vmcall = if host == HostKind::Pvm {
+        "VMCALL itself livelocks a CPL0 vCPU here (the VMM turns it into #UD)"
+    } else {
+        "VMCALL stays in the kernel"
+    };
+    rows.push(Row {
+        mechanism: "introcall",
+        handler: "handle_introcall",
+        cpl0: at(&ev, 0, ic),
+        cpl3: at(&ev, 3, ic),
+        how: format!("I/O-port doorbell 0x9a with RAX=0x22; {vmcall}"),
+    });
 
-    let (ev, _) = probe("int3", |vm| vm.shared().insert_sw_breakpoint(vm.symbol("bp_target").unwrap()).unwrap(), cont)?;
-    let ours = |e: &Event| if let Event::Breakpoint { ours: true, cpl, .. } = e { Some(*cpl) } else { None };
-    let guest3 = ev.iter().any(|e| matches!(e, Event::Breakpoint { ours: false, cpl: 3, .. }));
-    let how = if host == HostKind::Pvm { "INT3 at CPL0 fails emulation on the INT3 (taken as the breakpoint); at CPL3 the guest receives #BP with no exit" } else { "KVM_GUESTDBG_USE_SW_BP -> debug exit" };
-    rows.push(Row { mechanism: "INT3 breakpoint", handler: "handle_breakpoint", cpl0: at(&ev, 0, ours), cpl3: if guest3 { Support::Exact } else { Support::Unavailable }, how: how.into() });
+    let (ev, _) = probe(
+        "int3",
+        |vm| {
+            vm.shared()
+                .insert_sw_breakpoint(vm.symbol("bp_target").unwrap())
+                .unwrap()
+        },
+        cont,
+    )?;
+    let ours = |e: &Event| {
+        if let Event::Breakpoint {
+            ours: true, cpl, ..
+        } = e
+        {
+            Some(*cpl)
+        } else {
+            None
+        }
+    };
+    let guest3 = ev.iter().any(|e| {
+        matches!(
+            e,
+            Event::Breakpoint {
+                ours: false,
+                cpl: 3,
+                ..
+            }
+        )
+    });
+    let how = if host == HostKind::Pvm {
+        "INT3 at CPL0 fails emulation on the INT3 (taken as the breakpoint); at CPL3 the guest receives #BP with no exit"
+    } else {
+        "KVM_GUESTDBG_USE_SW_BP -> debug exit"
+    };
+    rows.push(Row {
+        mechanism: "INT3 breakpoint",
+        handler: "handle_breakpoint",
+        cpl0: at(&ev, 0, ours),
+        cpl3: if guest3 {
+            Support::Exact
+        } else {
+            Support::Unavailable
+        },
+        how: how.into(),
+    });
 
     // Single-step and hardware breakpoints: arm an execute breakpoint on CPL0 code
     // (step_start) and on CPL3 code (user_hello), then step from each.
     let steps = Arc::new(Mutex::new(Vec::<(u64, u8)>::new()));
     let s2 = steps.clone();
-    let (ev, _) = probe("step", |vm| vm.shared().set_hw_breakpoint(0, vm.symbol("step_start")), move |cpu, e| {
-        match e {
-            Event::HwBreakpoint { .. } => {
-                cpu.set_hw_breakpoint(0, None);
-                cpu.set_single_step(true);
+    let (ev, _) = probe(
+        "step",
+        |vm| vm.shared().set_hw_breakpoint(0, vm.symbol("step_start")),
+        move |cpu, e| {
+            match e {
+                Event::HwBreakpoint { .. } => {
+                    cpu.set_hw_breakpoint(0, None);
+                    cpu.set_single_step(true);
+                }
+                Event::SingleStep { rip } => {
+                    s2.lock().unwrap().push((*rip, cpu.cpl()));
+                    cpu.set_single_step(false);
+                }
+                _ => {}
             }
-            Event::SingleStep { rip } => {
-                s2.lock().unwrap().push((*rip, cpu.cpl()));
-                cpu.set_single_step(false);
-            }
-            _ => {}
-        }
-        Reply::Continue
-    })?;
+            Reply::Continue
+        },
+    )?;
     let hw0 = ev.iter().any(|e| matches!(e, Event::HwBreakpoint { .. }));
     let step0 = steps.lock().unwrap().iter().any(|s| s.1 == 0);
     let hw3_hit = Arc::new(Mutex::new(None::<bool>));
     let h3 = hw3_hit.clone();
-    let (ev, _) = probe("ept-write", |vm| {
-        vm.shared().set_hw_breakpoint(0, vm.symbol("user_write"));
-        vm.shared().protect_page(vm.symbol("ept_target").unwrap(), Access::WriteTrap).unwrap();
-    }, move |cpu, e| {
-        match e {
-            // Step from the CPL3 write: does the next step exit stay in user code?
-            Event::Mem(m) if m.cpl == 3 => cpu.set_single_step(true),
-            Event::SingleStep { .. } => {
-                *h3.lock().unwrap() = Some(cpu.cpl() == 3);
-                cpu.set_single_step(false);
+    let (ev, _) = probe(
+        "ept-write",
+        |vm| {
+            vm.shared().set_hw_breakpoint(0, vm.symbol("user_write"));
+            vm.shared()
+                .protect_page(vm.symbol("ept_target").unwrap(), Access::WriteTrap)
+                .unwrap();
+        },
+        move |cpu, e| {
+            match e {
+                // Step from the CPL3 write: does the next step exit stay in user code?
+                Event::Mem(m) if m.cpl == 3 => cpu.set_single_step(true),
+                Event::SingleStep { .. } => {
+                    *h3.lock().unwrap() = Some(cpu.cpl() == 3);
+                    cpu.set_single_step(false);
+                }
+                _ => {}
             }
-            _ => {}
-        }
-        Reply::Continue
-    })?;
+            Reply::Continue
+        },
+    )?;
     let hw3 = ev.iter().any(|e| matches!(e, Event::HwBreakpoint { .. }));
     let step3 = *hw3_hit.lock().unwrap() == Some(true);
-    let ex = |b: bool| if b { Support::Exact } else { Support::Unavailable };
-    rows.push(Row { mechanism: "single-step", handler: "(stepping)", cpl0: ex(step0), cpl3: ex(step3), how: "KVM_GUESTDBG_SINGLESTEP".into() });
-    rows.push(Row { mechanism: "HW execute breakpoint", handler: "handle_breakpoint", cpl0: ex(hw0), cpl3: ex(hw3), how: "KVM_GUESTDBG_USE_HW_BP (4 slots)".into() });
+    let ex = |b: bool| {
+        if b {
+            Support::Exact
+        } else {
+            Support::Unavailable
+        }
+    };
+    rows.push(Row {
+        mechanism: "single-step",
+        handler: "(stepping)",
+        cpl0: ex(step0),
+        cpl3: ex(step3),
+        how: "KVM_GUESTDBG_SINGLESTEP".into(),
+    });
+    rows.push(Row {
+        mechanism: "HW execute breakpoint",
+        handler: "handle_breakpoint",
+        cpl0: ex(hw0),
+        cpl3: ex(hw3),
+        how: "KVM_GUESTDBG_USE_HW_BP (4 slots)".into(),
+    });
 
     let kick = kick_latency()?;
-    rows.push(Row { mechanism: "timer", handler: "handle_timer", cpl0: Support::Exact, cpl3: Support::Exact, how: format!("host timer thread kicks quiet vCPUs (signal + immediate_exit), latency {kick:.0} us") });
-    Ok(Caps { host: host.name(), pvm: host == HostKind::Pvm, rows, kick_latency_us: Some(kick) })
+    rows.push(Row {
+        mechanism: "timer",
+        handler: "handle_timer",
+        cpl0: Support::Exact,
+        cpl3: Support::Exact,
+        how: format!(
+            "host timer thread kicks quiet vCPUs (signal + immediate_exit), latency {kick:.0} us"
+        ),
+    });
+    Ok(Caps {
+        host: host.name(),
+        pvm: host == HostKind::Pvm,
+        rows,
+        kick_latency_us: Some(kick),
+    })
 }
 
 /// Whether XCR0 changes are visible to the VMM (KVM_GET_XCRS at exits).
@@ -199,7 +414,10 @@ fn xcr_polled() -> Result<bool, String> {
         }
     }
     let img = vmiscope_images::find("xcr").ok_or("missing image")?;
-    let cfg = VmConfig { timeout: Some(Duration::from_secs(10)), ..VmConfig::default() };
+    let cfg = VmConfig {
+        timeout: Some(Duration::from_secs(10)),
+        ..VmConfig::default()
+    };
     let vm = Vm::new(&cfg, img.elf).map_err(|e| e.to_string())?;
     let w = Arc::new(Watch(Mutex::new(false)));
     let _ = vm.run(w.clone(), &cfg);
@@ -210,7 +428,11 @@ fn xcr_polled() -> Result<bool, String> {
 /// Time from a kick to the vCPU's exit, median of a few, on a guest spinning at CPL3.
 fn kick_latency() -> Result<f64, String> {
     let img = vmiscope_images::find("hang").ok_or("missing image")?;
-    let cfg = VmConfig { timeout: Some(Duration::from_secs(10)), tick: Duration::from_secs(3600), ..VmConfig::default() };
+    let cfg = VmConfig {
+        timeout: Some(Duration::from_secs(10)),
+        tick: Duration::from_secs(3600),
+        ..VmConfig::default()
+    };
     let vm = Vm::new(&cfg, img.elf).map_err(|e| e.to_string())?;
     let shared = vm.shared().clone();
     let t0 = Arc::new(Mutex::new(None::<Instant>));
@@ -254,9 +476,19 @@ pub fn run(a: &crate::cli::CapsArgs) -> i32 {
         return 0;
     }
     println!("host: {}", caps.host);
-    println!("{:<22} {:<21} {:<12} {:<12} how", "mechanism", "HVMI handler", "CPL0", "CPL3");
+    println!(
+        "{:<22} {:<21} {:<12} {:<12} how",
+        "mechanism", "HVMI handler", "CPL0", "CPL3"
+    );
     for r in &caps.rows {
-        println!("{:<22} {:<21} {:<12} {:<12} {}", r.mechanism, r.handler, r.cpl0.label(), r.cpl3.label(), r.how);
+        println!(
+            "{:<22} {:<21} {:<12} {:<12} {}",
+            r.mechanism,
+            r.handler,
+            r.cpl0.label(),
+            r.cpl3.label(),
+            r.how
+        );
     }
     0
 }

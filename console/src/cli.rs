@@ -109,10 +109,7 @@ pub fn images(a: &ImagesArgs) -> i32 {
             dir.display()
         );
     }
-    println!(
-        "{:<14} {:<8} {:>5}  {}",
-        "IMAGE", "KIND", "VCPUS", "WHAT IT DOES"
-    );
+    println!("{:<14} {:<8} {:>5}  WHAT IT DOES", "IMAGE", "KIND", "VCPUS");
     for i in IMAGES {
         println!(
             "{:<14} {:<8} {:>5}  {}",

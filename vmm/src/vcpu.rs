@@ -158,7 +158,10 @@ impl VcpuCtl<'_> {
     /// on timer ticks rather than on every exit.
     pub fn xcr(&self, index: u32) -> Option<u64> {
         let x = self.fd.get_xcrs().ok()?;
-        x.xcrs[..x.nr_xcrs as usize].iter().find(|e| e.xcr == index).map(|e| e.value)
+        x.xcrs[..x.nr_xcrs as usize]
+            .iter()
+            .find(|e| e.xcr == index)
+            .map(|e| e.value)
     }
 
     /// Single-steps this vCPU from now on (each step is a `SingleStep` event).
@@ -311,7 +314,12 @@ impl VcpuThread {
             info.last_rip.store(s.regs.rip, Ordering::Relaxed);
             info.last_cpl.store(cpl_of(&s.sregs), Ordering::Relaxed);
             {
-                let mut ctl = VcpuCtl { id: self.id, fd: &mut self.fd, vm: &self.vm, debug: &mut self.debug };
+                let mut ctl = VcpuCtl {
+                    id: self.id,
+                    fd: &mut self.fd,
+                    vm: &self.vm,
+                    debug: &mut self.debug,
+                };
                 self.handler.on_exit(&mut ctl);
             }
             if let Flow::Stop = self.handle(raw) {
@@ -536,9 +544,13 @@ impl VcpuThread {
         unsafe {
             let io = run.__bindgen_anon_1.io;
             let p = (run as *mut kvm_bindings::kvm_run as *mut u8).add(io.data_offset as usize);
-            let bytes = value.to_le_bytes();
-            for i in 0..(io.size as usize).min(4) {
-                *p.add(i) = bytes[i];
+            for (i, b) in value
+                .to_le_bytes()
+                .iter()
+                .take((io.size as usize).min(4))
+                .enumerate()
+            {
+                *p.add(i) = *b;
             }
         }
     }
@@ -675,10 +687,10 @@ impl VcpuThread {
                     let r = std::mem::take(&mut self.step.stepping);
                     self.finish_restores(&r);
                 }
-                if self.debug.user_step || !ours {
-                    if let Reply::Stop(m) = self.ask(&Event::SingleStep { rip: pc }) {
-                        return self.stop(StopReason::Handler(m));
-                    }
+                if (self.debug.user_step || !ours)
+                    && let Reply::Stop(m) = self.ask(&Event::SingleStep { rip: pc })
+                {
+                    return self.stop(StopReason::Handler(m));
                 }
                 Flow::Continue
             }

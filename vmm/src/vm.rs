@@ -394,7 +394,10 @@ impl Vm {
             SerialPort::new(serial.clone(), serial_irq),
             FwCfg::new(cfg.vcpus as u16, mem),
         );
-        if !cfg.irqchip && cfg.vcpus > 1 && matches!(loaded.entry, loader::EntryState::Protected32 { .. }) {
+        if !cfg.irqchip
+            && cfg.vcpus > 1
+            && matches!(loaded.entry, loader::EntryState::Protected32 { .. })
+        {
             return Err(VmError::Config("a multiboot kernel with several vCPUs needs the irqchip (its APs wait for INIT/SIPI)".into()));
         }
         let mut fds = Vec::new();

@@ -5,7 +5,7 @@ mod fwcfg;
 mod serial;
 
 pub use fwcfg::FwCfg;
-pub use serial::{SerialLog, SerialPort};
+pub use serial::{LiveSink, SerialLog, SerialPort};
 
 /// COM1.
 pub const SERIAL_BASE: u16 = 0x3f8;

@@ -7,16 +7,19 @@ use std::sync::{Arc, Mutex};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+/// A consumer of serial output as it arrives.
+pub type LiveSink = Box<dyn FnMut(&[u8]) + Send>;
+
 /// Everything the guest printed, plus an optional live consumer.
 #[derive(Default)]
 pub struct SerialLog {
     bytes: Mutex<Vec<u8>>,
-    live: Mutex<Option<Box<dyn FnMut(&[u8]) + Send>>>,
+    live: Mutex<Option<LiveSink>>,
 }
 
 impl SerialLog {
     /// Calls `f` with every chunk the guest prints from now on.
-    pub fn set_live(&self, f: Box<dyn FnMut(&[u8]) + Send>) {
+    pub fn set_live(&self, f: LiveSink) {
         *self.live.lock().unwrap() = Some(f);
     }
 
