@@ -152,7 +152,7 @@ fn vmiscope(w: Workload, n: u64) -> Result<f64, String> {
     per_exit(s.0, s.1, s.2)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }

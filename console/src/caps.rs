@@ -97,6 +97,24 @@ fn probe(
     Ok((e, s))
 }
 
+/// Traps the page of `symbol` in `image` and reports at which CPLs `pred` saw it.
+fn page_probe(
+    image: &str,
+    symbol: &str,
+    access: Access,
+    pred: impl Fn(&Event) -> Option<u8>,
+) -> Result<(Support, Support), String> {
+    let (ev, _) = probe(
+        image,
+        |vm| {
+            let gpa = vm.symbol(symbol).expect("image symbol");
+            vm.shared().protect_page(gpa, access).expect("protect");
+        },
+        |_, _| Reply::Continue,
+    )?;
+    Ok((at(&ev, 0, &pred), at(&ev, 3, &pred)))
+}
+
 fn at(events: &[Event], cpl: u8, pred: impl Fn(&Event) -> Option<u8>) -> Support {
     if events.iter().any(|e| pred(e) == Some(cpl)) {
         Support::Exact
@@ -110,70 +128,33 @@ pub fn measure() -> Result<Caps, String> {
     let mut rows = Vec::new();
     let cont = |_: &mut VcpuCtl<'_>, _: &Event| Reply::Continue;
 
-    let (ev, _) = probe(
-        "ept-write",
-        |vm| {
-            vm.shared()
-                .protect_page(vm.symbol("ept_target").unwrap(), Access::WriteTrap)
-                .unwrap();
-        },
-        cont,
-    )?;
-    let w = |e: &Event| {
-        if let Event::Mem(m) = e {
-            m.write.then_some(m.cpl)
-        } else {
-            None
+    let mem = |write: bool| {
+        move |e: &Event| match e {
+            Event::Mem(m) if m.write == write => Some(m.cpl),
+            _ => None,
         }
     };
+    let (c0, c3) = page_probe("ept-write", "ept_target", Access::WriteTrap, mem(true))?;
     rows.push(Row {
         mechanism: "EPT write",
         handler: "handle_ept_violation",
-        cpl0: at(&ev, 0, w),
-        cpl3: at(&ev, 3, w),
+        cpl0: c0,
+        cpl3: c3,
         how: "read-only memslot -> MMIO write exit (RIP after the instruction)".into(),
     });
-
-    let (ev, _) = probe(
-        "ept-read",
-        |vm| {
-            vm.shared()
-                .protect_page(vm.symbol("ept_secret").unwrap(), Access::AllTrap)
-                .unwrap();
-        },
-        cont,
-    )?;
-    let r = |e: &Event| {
-        if let Event::Mem(m) = e {
-            (!m.write).then_some(m.cpl)
-        } else {
-            None
-        }
-    };
+    let (c0, c3) = page_probe("ept-read", "ept_secret", Access::AllTrap, mem(false))?;
     rows.push(Row {
         mechanism: "EPT read",
         handler: "handle_ept_violation",
-        cpl0: at(&ev, 0, r),
-        cpl3: at(&ev, 3, r),
+        cpl0: c0,
+        cpl3: c3,
         how: "page without memslot -> MMIO read exit (RIP at the instruction)".into(),
     });
-
-    let (ev, _) = probe(
-        "ept-exec",
-        |vm| {
-            vm.shared()
-                .protect_page(vm.symbol("exec_target").unwrap(), Access::AllTrap)
-                .unwrap();
-        },
-        cont,
-    )?;
-    let x = |e: &Event| {
-        if let Event::ExecFault { cpl, .. } = e {
-            Some(*cpl)
-        } else {
-            None
-        }
+    let exec = |e: &Event| match e {
+        Event::ExecFault { cpl, .. } => Some(*cpl),
+        _ => None,
     };
+    let (c0, c3) = page_probe("ept-exec", "exec_target", Access::AllTrap, exec)?;
     let rearm = if host.single_step_at(3) {
         "re-armed after a single-step"
     } else {
@@ -182,8 +163,8 @@ pub fn measure() -> Result<Caps, String> {
     rows.push(Row {
         mechanism: "EPT execute",
         handler: "handle_ept_violation",
-        cpl0: at(&ev, 0, x),
-        cpl3: at(&ev, 3, x),
+        cpl0: c0,
+        cpl3: c3,
         how: format!(
             "page without memslot -> fetch fails (emulation failure at the target); {rearm}"
         ),
@@ -455,12 +436,11 @@ fn kick_latency() -> Result<f64, String> {
     }
     shared.stop(vmiscope_vmm::StopReason::User);
     let _ = runner.join();
-    let mut v = lat.lock().unwrap().clone();
+    let v = lat.lock().unwrap().clone();
     if v.is_empty() {
         return Err("no kick reached the vCPU".into());
     }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Ok(v[v.len() / 2])
+    Ok(crate::bench::median(v))
 }
 
 pub fn run(a: &crate::cli::CapsArgs) -> i32 {

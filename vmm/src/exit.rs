@@ -68,3 +68,41 @@ pub fn decode(exit: &VcpuExit<'_>) -> RawExit {
         _ => RawExit::Other("unexpected exit"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_exits_decode_to_owned_values() {
+        let out = [0x34u8, 0x12];
+        assert_eq!(
+            decode(&VcpuExit::IoOut(0xf4, &out)),
+            RawExit::IoOut {
+                port: 0xf4,
+                size: 2,
+                value: 0x1234
+            }
+        );
+        let mut inp = [0u8; 4];
+        assert_eq!(
+            decode(&VcpuExit::IoIn(0x511, &mut inp)),
+            RawExit::IoIn {
+                port: 0x511,
+                size: 4
+            }
+        );
+        let w = 0x1122_3344_5566_7788u64.to_le_bytes();
+        assert_eq!(
+            decode(&VcpuExit::MmioWrite(0x20_6008, &w)),
+            RawExit::MmioWrite {
+                gpa: 0x20_6008,
+                len: 8,
+                data: 0x1122_3344_5566_7788
+            }
+        );
+        assert_eq!(decode(&VcpuExit::Shutdown), RawExit::Shutdown);
+        assert_eq!(decode(&VcpuExit::Hlt), RawExit::Hlt);
+        assert!(matches!(decode(&VcpuExit::Unknown), RawExit::Other(_)));
+    }
+}
