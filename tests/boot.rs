@@ -425,3 +425,27 @@ fn dtr_cr_and_xcr_images_see_their_register_writes() {
         "XCR0 without x87 is refused"
     );
 }
+
+#[test]
+fn without_the_irqchip_a_finished_vcpu_halts_to_the_vmm() {
+    if !kvm_available() {
+        return;
+    }
+    let cfg = vmiscope_vmm::VmConfig {
+        irqchip: false,
+        ..config(2)
+    };
+    let vm = Vm::new(&cfg, image("smp")).unwrap();
+    let rec = Recorder::new(|_, _| Reply::Continue);
+    let out = run(vm, rec.clone(), &cfg);
+    assert_eq!(out.reason, StopReason::GuestExit(0));
+    let halts: Vec<u32> = rec
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::Halt))
+        .map(|(c, _)| *c)
+        .collect();
+    assert_eq!(halts, [1], "vCPU 1 halts after checking in");
+}
