@@ -1,0 +1,58 @@
+//! The engine's view of the hypervisor (HVMI's GLUE_IFACE, reduced to what a
+//! user-space KVM VMM provides). Everything is about the vCPU whose event is being
+//! handled, plus VM-wide controls. The VMM implements it; `mock::MockGuest`
+//! implements it in memory for unit tests.
+
+use thiserror::Error;
+
+use crate::arch::{Regs, SRegs};
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum GlueError {
+    #[error("guest-physical {0:#x} is outside RAM")]
+    OutsideRam(u64),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// How the guest may touch a page (the VMM's page access control).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PageRights {
+    /// Normal memory.
+    Full,
+    /// Reads and execution run natively, writes exit.
+    WriteTrapped,
+    /// Every access exits (read, write and execute hooks need this).
+    AllTrapped,
+}
+
+/// The hypervisor as seen while handling one event of one vCPU.
+pub trait Guest {
+    /// The vCPU whose event is being handled.
+    fn vcpu(&self) -> u32;
+    fn vcpu_count(&self) -> u32;
+    fn regs(&self) -> Regs;
+    fn set_regs(&mut self, regs: &Regs);
+    fn sregs(&self) -> SRegs;
+    /// Loads CR0/CR3/CR4, IDTR and GDTR (the rest is kept) on the next entry.
+    fn set_sregs(&mut self, sregs: &SRegs);
+    /// XCR0 (may cost a hypervisor call: poll it on the timer).
+    fn xcr0(&self) -> Option<u64>;
+    fn set_xcr0(&mut self, value: u64) -> Result<(), GlueError>;
+
+    fn ram_size(&self) -> u64;
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GlueError>;
+    fn write_phys(&mut self, gpa: u64, data: &[u8]) -> Result<(), GlueError>;
+    /// Atomically replaces `expected` by `new` (same length, 1/2/4/8 bytes, not
+    /// crossing a page) if memory still holds `expected`; returns whether it did.
+    fn cmpxchg_phys(&mut self, gpa: u64, expected: &[u8], new: &[u8]) -> Result<bool, GlueError>;
+
+    /// Records the rights of the page holding `gpa`; applied by `commit_rights`.
+    fn set_page_rights(&mut self, gpa: u64, rights: PageRights) -> Result<(), GlueError>;
+    fn commit_rights(&mut self) -> Result<(), GlueError>;
+    /// Makes RDMSR and/or WRMSR of `index` exit (both false: stop).
+    fn intercept_msr(&mut self, index: u32, read: bool, write: bool) -> Result<(), GlueError>;
+    /// Plants / removes a breakpoint the VMM steps over (the engine hides it).
+    fn set_breakpoint(&mut self, gpa: u64, on: bool) -> Result<(), GlueError>;
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), GlueError>;
+}

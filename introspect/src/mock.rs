@@ -1,0 +1,203 @@
+//! An in-memory `Guest` that records every call, so engine logic is tested without
+//! a hypervisor (in the manner of vmi-rs's mock driver).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::arch::{Regs, SRegs};
+use crate::glue::{GlueError, Guest, PageRights};
+
+/// One recorded call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    SetRights(u64, PageRights),
+    CommitRights,
+    InterceptMsr(u32, bool, bool),
+    SetBreakpoint(u64, bool),
+    Inject(u8),
+    SetRegs,
+    SetSregs,
+    SetXcr0(u64),
+    WritePhys(u64, usize),
+    Cmpxchg(u64, bool),
+}
+
+pub struct MockGuest {
+    pub vcpu: u32,
+    pub vcpus: u32,
+    pub regs: Regs,
+    pub sregs: SRegs,
+    pub xcr0: u64,
+    pub ram: Vec<u8>,
+    pub rights: BTreeMap<u64, PageRights>,
+    pub msrs: BTreeMap<u32, (bool, bool)>,
+    pub breakpoints: BTreeSet<u64>,
+    pub calls: Vec<Call>,
+    /// Runs before every `cmpxchg_phys`: models another vCPU writing meanwhile.
+    pub race: Option<Box<dyn FnMut(&mut Vec<u8>)>>,
+}
+
+/// Page tables of the mock: PML4 at 0x1000, PDPT 0x2000, PD 0x3000, PT 0x4000
+/// mapping the first 2 MiB with 4 KiB pages, identity, user, writable.
+pub const MOCK_CR3: u64 = 0x1000;
+
+impl MockGuest {
+    pub fn new() -> Self {
+        let mut g = MockGuest {
+            vcpu: 0,
+            vcpus: 1,
+            regs: Regs::default(),
+            sregs: SRegs {
+                cr0: 0x8005_0033,
+                cr3: MOCK_CR3,
+                cr4: 0x620,
+                efer: 0xd01,
+                cs_selector: 0x08,
+                ..SRegs::default()
+            },
+            xcr0: 1,
+            ram: vec![0; 4 << 20],
+            rights: BTreeMap::new(),
+            msrs: BTreeMap::new(),
+            breakpoints: BTreeSet::new(),
+            calls: vec![],
+            race: None,
+        };
+        g.put_u64(0x1000, 0x2000 | 7);
+        g.put_u64(0x2000, 0x3000 | 7);
+        g.put_u64(0x3000, 0x4000 | 7);
+        for i in 0..512u64 {
+            g.put_u64(0x4000 + 8 * i, (i << 12) | 7);
+        }
+        g
+    }
+
+    pub fn put(&mut self, gpa: u64, data: &[u8]) {
+        self.ram[gpa as usize..gpa as usize + data.len()].copy_from_slice(data);
+    }
+
+    pub fn put_u64(&mut self, gpa: u64, v: u64) {
+        self.put(gpa, &v.to_le_bytes());
+    }
+
+    pub fn u64_at(&self, gpa: u64) -> u64 {
+        u64::from_le_bytes(self.ram[gpa as usize..gpa as usize + 8].try_into().unwrap())
+    }
+
+    /// Maps the 4 KiB virtual page `gva` (< 2 MiB) to `gpa`.
+    pub fn map(&mut self, gva: u64, gpa: u64) {
+        self.put_u64(0x4000 + 8 * (gva >> 12), gpa | 7);
+    }
+
+    pub fn take_calls(&mut self) -> Vec<Call> {
+        std::mem::take(&mut self.calls)
+    }
+}
+
+impl Default for MockGuest {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Guest for MockGuest {
+    fn vcpu(&self) -> u32 {
+        self.vcpu
+    }
+    fn vcpu_count(&self) -> u32 {
+        self.vcpus
+    }
+    fn regs(&self) -> Regs {
+        self.regs
+    }
+    fn set_regs(&mut self, regs: &Regs) {
+        self.regs = *regs;
+        self.calls.push(Call::SetRegs);
+    }
+    fn sregs(&self) -> SRegs {
+        self.sregs
+    }
+    fn set_sregs(&mut self, sregs: &SRegs) {
+        self.sregs = *sregs;
+        self.calls.push(Call::SetSregs);
+    }
+    fn xcr0(&self) -> Option<u64> {
+        Some(self.xcr0)
+    }
+    fn set_xcr0(&mut self, value: u64) -> Result<(), GlueError> {
+        self.xcr0 = value;
+        self.calls.push(Call::SetXcr0(value));
+        Ok(())
+    }
+    fn ram_size(&self) -> u64 {
+        self.ram.len() as u64
+    }
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GlueError> {
+        let end = gpa
+            .checked_add(buf.len() as u64)
+            .filter(|e| *e <= self.ram.len() as u64)
+            .ok_or(GlueError::OutsideRam(gpa))?;
+        buf.copy_from_slice(&self.ram[gpa as usize..end as usize]);
+        Ok(())
+    }
+    fn write_phys(&mut self, gpa: u64, data: &[u8]) -> Result<(), GlueError> {
+        let end = gpa
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= self.ram.len() as u64)
+            .ok_or(GlueError::OutsideRam(gpa))?;
+        self.ram[gpa as usize..end as usize].copy_from_slice(data);
+        self.calls.push(Call::WritePhys(gpa, data.len()));
+        Ok(())
+    }
+    fn cmpxchg_phys(&mut self, gpa: u64, expected: &[u8], new: &[u8]) -> Result<bool, GlueError> {
+        if let Some(r) = self.race.as_mut() {
+            r(&mut self.ram);
+        }
+        let mut cur = vec![0; expected.len()];
+        self.read_phys(gpa, &mut cur)?;
+        let ok = cur == expected;
+        if ok {
+            self.ram[gpa as usize..gpa as usize + new.len()].copy_from_slice(new);
+        }
+        self.calls.push(Call::Cmpxchg(gpa, ok));
+        Ok(ok)
+    }
+    fn set_page_rights(&mut self, gpa: u64, rights: PageRights) -> Result<(), GlueError> {
+        if gpa >= self.ram.len() as u64 {
+            return Err(GlueError::OutsideRam(gpa));
+        }
+        let page = gpa & !0xfff;
+        if rights == PageRights::Full {
+            self.rights.remove(&page);
+        } else {
+            self.rights.insert(page, rights);
+        }
+        self.calls.push(Call::SetRights(page, rights));
+        Ok(())
+    }
+    fn commit_rights(&mut self) -> Result<(), GlueError> {
+        self.calls.push(Call::CommitRights);
+        Ok(())
+    }
+    fn intercept_msr(&mut self, index: u32, read: bool, write: bool) -> Result<(), GlueError> {
+        if read || write {
+            self.msrs.insert(index, (read, write));
+        } else {
+            self.msrs.remove(&index);
+        }
+        self.calls.push(Call::InterceptMsr(index, read, write));
+        Ok(())
+    }
+    fn set_breakpoint(&mut self, gpa: u64, on: bool) -> Result<(), GlueError> {
+        if on {
+            self.breakpoints.insert(gpa);
+        } else {
+            self.breakpoints.remove(&gpa);
+        }
+        self.calls.push(Call::SetBreakpoint(gpa, on));
+        Ok(())
+    }
+    fn inject_exception(&mut self, vector: u8, _error_code: Option<u32>) -> Result<(), GlueError> {
+        self.calls.push(Call::Inject(vector));
+        Ok(())
+    }
+}
