@@ -1,14 +1,26 @@
 //! vmiscope's introspection engine: HVMI's callback layer on top of a small
 //! hypervisor interface (`glue::Guest`). This crate names no KVM type.
 
+pub mod alert;
 pub mod arch;
 pub mod decode;
+pub mod engine;
+pub mod event;
+pub mod exceptions;
 pub mod glue;
+pub mod handlers;
+pub mod hooks;
+pub mod integrity;
 #[cfg(test)]
 pub mod mock;
 pub mod paging;
 pub mod verdict;
 
+pub use alert::{Alert, Journal};
 pub use arch::{Cr, Dtr, DtrKind, Regs, SRegs};
+pub use engine::{Engine, HookError};
+pub use event::{AccessKind, Ctx, Detection, EventInfo};
+pub use exceptions::{Exceptions, Rule};
 pub use glue::{GlueError, Guest, PageRights};
+pub use hooks::{Callback, Class, HookId, Rights, Target};
 pub use verdict::{Outcome, Verdict};

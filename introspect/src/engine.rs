@@ -1,0 +1,535 @@
+//! The engine's state and the machinery every handler shares: adding and removing
+//! hooks (with their hypervisor controls), dispatching an event to the hooks that
+//! match, combining verdicts, alerts, exceptions, the journal, and the common
+//! prologue/epilogue of a handler (written once, unlike HVMI's ten copies).
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use crate::alert::{Alert, Journal, Record};
+use crate::arch::{Regs, SRegs};
+use crate::event::{Ctx, EventInfo};
+use crate::exceptions::Exceptions;
+use crate::glue::{GlueError, Guest, PageRights};
+use crate::hooks::{Callback, Class, HookId, Hooks, Rights, Target};
+use crate::verdict::{Outcome, Verdict};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HookError {
+    #[error("{0:#x} is outside guest RAM")]
+    OutsideRam(u64),
+    #[error("{0:#x} is not mapped in the guest's page tables")]
+    Unmapped(u64),
+    #[error("a memory hook must stay inside one 4 KiB page ({0:#x} + {1:#x} crosses)")]
+    CrossesPage(u64, u64),
+    #[error("empty range")]
+    Empty,
+    #[error("no hook {0}")]
+    NoHook(HookId),
+    #[error("hypervisor: {0}")]
+    Glue(#[from] GlueError),
+}
+
+/// Handler timing: a log2 histogram of nanoseconds.
+#[derive(Debug, Clone, Default)]
+pub struct Latency {
+    pub buckets: [u64; 32],
+    pub count: u64,
+    pub total_ns: u64,
+}
+
+impl Latency {
+    fn add(&mut self, ns: u64) {
+        self.buckets[(64 - ns.max(1).leading_zeros() as usize - 1).min(31)] += 1;
+        self.count += 1;
+        self.total_ns += ns;
+    }
+}
+
+/// Per-vCPU engine state (passed explicitly: no global "current vCPU").
+#[derive(Debug, Clone, Default)]
+pub(crate) struct VcpuState {
+    /// Registers as last seen, for CR/DTR change detection.
+    pub(crate) last: Option<SRegs>,
+    pub(crate) last_xcr0: Option<u64>,
+    /// Exits seen on this vCPU (to know that two exits belong to one instruction).
+    pub(crate) exits: u64,
+    /// The instruction last analysed: (start rip, end rip, exit number, verdict).
+    pub(crate) insn: Option<(u64, u64, u64, Verdict)>,
+}
+
+/// The introspection engine.
+pub struct Engine {
+    pub hooks: Hooks,
+    page_counts: HashMap<u64, [u32; 3]>,
+    msr_counts: HashMap<u32, (u32, u32)>,
+    class_counts: HashMap<Class, u32>,
+    pub(crate) rights_dirty: bool,
+    pub alerts: Vec<Alert>,
+    pub exceptions: Exceptions,
+    /// Report NotAllowed but enforce nothing.
+    pub log_only: bool,
+    journal: Option<Box<dyn Journal>>,
+    pub event_id: u64,
+    pub events_per_class: HashMap<Class, u64>,
+    pub latency: Latency,
+    pub(crate) vcpus: Vec<VcpuState>,
+    /// Bytes hidden from guest reads (our INT3s): gpa -> original byte.
+    pub(crate) hidden: HashMap<u64, u8>,
+    pub(crate) integrity: Vec<crate::integrity::Region>,
+    /// Set by a callback that finds the engine unable to go on (HVMI's DisableOnReturn).
+    pub fatal: Option<String>,
+    /// What an introcall hook answers (RBX for the guest).
+    pub introcall_result: Option<u64>,
+    next_alert: u64,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Engine::new()
+    }
+}
+
+impl Engine {
+    /// `init`: an engine with no hooks; every event class starts off.
+    pub fn new() -> Self {
+        Engine {
+            hooks: Hooks::default(),
+            page_counts: HashMap::new(),
+            msr_counts: HashMap::new(),
+            class_counts: HashMap::new(),
+            rights_dirty: false,
+            alerts: vec![],
+            exceptions: Exceptions::default(),
+            log_only: false,
+            journal: None,
+            event_id: 0,
+            events_per_class: HashMap::new(),
+            latency: Latency::default(),
+            vcpus: vec![],
+            hidden: HashMap::new(),
+            integrity: vec![],
+            fatal: None,
+            introcall_result: None,
+            next_alert: 0,
+        }
+    }
+
+    /// `uninit`: removes every hook and undoes its controls.
+    pub fn uninit(&mut self, guest: &mut dyn Guest) -> Result<(), GlueError> {
+        let ids: Vec<HookId> = self.hooks.iter().map(|h| h.id).collect();
+        for id in ids {
+            self.hooks.flag_removed(id);
+        }
+        self.commit(guest)
+    }
+
+    pub fn set_journal(&mut self, j: Box<dyn Journal>) {
+        self.journal = Some(j);
+    }
+
+    /// Whether the exit for `class` is switched on (some hook of it exists).
+    pub fn class_enabled(&self, class: Class) -> bool {
+        self.class_counts.get(&class).copied().unwrap_or(0) > 0
+    }
+
+    pub(crate) fn vcpu(&mut self, id: u32) -> &mut VcpuState {
+        let i = id as usize;
+        if self.vcpus.len() <= i {
+            self.vcpus.resize(i + 1, VcpuState::default());
+        }
+        &mut self.vcpus[i]
+    }
+
+    // ---- adding and removing hooks ----
+
+    /// Adds a hook; its hypervisor control (page rights, MSR interception,
+    /// breakpoint, polling) is switched on with the first hook that needs it.
+    pub fn add_hook(
+        &mut self,
+        guest: &mut dyn Guest,
+        target: Target,
+        name: impl Into<String>,
+        callback: Callback,
+    ) -> Result<HookId, HookError> {
+        let target = self.resolve(guest, target)?;
+        self.control(guest, &target, 1)?;
+        let id = self.hooks.insert(target, name.into(), callback);
+        Ok(id)
+    }
+
+    /// Validates a target and fills in what the guest state determines.
+    fn resolve(&mut self, guest: &mut dyn Guest, mut target: Target) -> Result<Target, HookError> {
+        match &mut target {
+            Target::Gpa { gpa, len, .. } => {
+                check_range(*gpa, *len)?;
+                if *gpa + *len > guest.ram_size() {
+                    return Err(HookError::OutsideRam(*gpa));
+                }
+            }
+            Target::Gva {
+                gva, len, cr3, gpa, ..
+            } => {
+                check_range(*gva, *len)?;
+                let mut s = guest.sregs();
+                if *cr3 == 0 {
+                    *cr3 = s.cr3;
+                }
+                s.cr3 = *cr3;
+                let t = crate::paging::translate(&crate::decode::phys(guest), s.paging(), *gva)
+                    .map_err(|_| HookError::Unmapped(*gva))?;
+                if t.gpa >= guest.ram_size() {
+                    return Err(HookError::OutsideRam(t.gpa));
+                }
+                *gpa = Some(t.gpa);
+            }
+            Target::Breakpoint { gva, gpa } => {
+                let s = guest.sregs();
+                let t = crate::paging::translate(&crate::decode::phys(guest), s.paging(), *gva)
+                    .map_err(|_| HookError::Unmapped(*gva))?;
+                *gpa = t.gpa;
+                let mut b = [0u8];
+                guest.read_phys(t.gpa, &mut b)?;
+                self.hidden.insert(t.gpa, b[0]);
+            }
+            _ => {}
+        }
+        Ok(target)
+    }
+
+    /// Applies (+1) or undoes (-1) the hypervisor controls a hook needs.
+    fn control(
+        &mut self,
+        guest: &mut dyn Guest,
+        target: &Target,
+        delta: i32,
+    ) -> Result<(), GlueError> {
+        let class = target.class();
+        let c = self.class_counts.entry(class).or_default();
+        *c = c.checked_add_signed(delta).unwrap_or(0);
+        match *target {
+            Target::Gpa { gpa, rights, .. }
+            | Target::Gva {
+                gpa: Some(gpa),
+                rights,
+                ..
+            } => {
+                self.page_rights(guest, gpa, rights, delta)?;
+            }
+            Target::Breakpoint { gpa, .. } => {
+                // The page is read-trapped so guest reads of the INT3 return the
+                // original byte (AllowedPatched).
+                self.page_rights(guest, gpa, Rights::R, delta)?;
+                guest.set_breakpoint(gpa, delta > 0)?;
+                if delta < 0 {
+                    self.hidden.remove(&gpa);
+                }
+            }
+            Target::Msr { index, read, write } => {
+                let e = self.msr_counts.entry(index).or_default();
+                let old = (e.0 > 0, e.1 > 0);
+                if read {
+                    e.0 = e.0.checked_add_signed(delta).unwrap_or(0);
+                }
+                if write {
+                    e.1 = e.1.checked_add_signed(delta).unwrap_or(0);
+                }
+                let new = (e.0 > 0, e.1 > 0);
+                if old != new {
+                    guest.intercept_msr(index, new.0, new.1)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Per-page counts; the page's rights change only when a count goes 0 <-> 1.
+    fn page_rights(
+        &mut self,
+        guest: &mut dyn Guest,
+        gpa: u64,
+        rights: Rights,
+        delta: i32,
+    ) -> Result<(), GlueError> {
+        let page = gpa & !0xfff;
+        let counts = self.page_counts.entry(page).or_default();
+        let before = *counts;
+        for (i, on) in [rights.read, rights.write, rights.exec]
+            .into_iter()
+            .enumerate()
+        {
+            if on {
+                counts[i] = counts[i].checked_add_signed(delta).unwrap_or(0);
+            }
+        }
+        let after = *counts;
+        if after == [0, 0, 0] {
+            self.page_counts.remove(&page);
+        }
+        let zero = |c: [u32; 3]| c.map(|n| n > 0);
+        if zero(before) != zero(after) {
+            guest.set_page_rights(page, rights_for(after))?;
+            self.rights_dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Flags a hook for removal (it stops firing now; deleted at the next commit).
+    pub fn remove_hook(&mut self, id: HookId) -> Result<(), HookError> {
+        self.hooks
+            .flag_removed(id)
+            .map(|_| ())
+            .ok_or(HookError::NoHook(id))
+    }
+
+    pub fn set_hook_enabled(&mut self, id: HookId, on: bool) -> Result<(), HookError> {
+        let h = self
+            .hooks
+            .get_mut(id)
+            .filter(|h| !h.removed)
+            .ok_or(HookError::NoHook(id))?;
+        h.enabled = on;
+        Ok(())
+    }
+
+    /// Deletes flagged hooks, undoes their controls, and applies page-rights
+    /// changes in one batch. Runs at every handler's end and on the timer.
+    pub fn commit(&mut self, guest: &mut dyn Guest) -> Result<(), GlueError> {
+        for h in self.hooks.commit() {
+            self.control(guest, &h.target, -1)?;
+        }
+        if self.rights_dirty {
+            self.rights_dirty = false;
+            guest.commit_rights()?;
+        }
+        Ok(())
+    }
+
+    /// Moves a GVA hook to its page's new frame (or off, when unmapped).
+    pub(crate) fn repage(
+        &mut self,
+        guest: &mut dyn Guest,
+        id: HookId,
+        new: Option<u64>,
+    ) -> Result<(), GlueError> {
+        let Some(h) = self.hooks.get(id) else {
+            return Ok(());
+        };
+        let old = h.target.clone();
+        self.control(guest, &old, -1)?;
+        self.hooks.repage(id, new);
+        let now = self.hooks.get(id).map(|h| h.target.clone());
+        if let Some(t) = now {
+            self.control(guest, &t, 1)?;
+        }
+        Ok(())
+    }
+
+    // ---- dispatch ----
+
+    /// Calls every live, enabled hook that `matches`, in insertion order, walking
+    /// by position so hooks added by a callback are called in this same dispatch.
+    pub(crate) fn dispatch(
+        &mut self,
+        guest: &mut dyn Guest,
+        page: Option<u64>,
+        info: &EventInfo,
+        matches: &dyn Fn(&Target) -> bool,
+    ) -> Vec<(HookId, Outcome)> {
+        let mut fired = Vec::new();
+        let mut pos = 0;
+        loop {
+            let id = match page {
+                Some(p) => self.hooks.on_page_at(p, pos),
+                None => self.hooks.at(pos),
+            };
+            let Some(id) = id else { break };
+            pos += 1;
+            let Some(h) = self.hooks.get_mut(id) else {
+                continue;
+            };
+            if h.removed || !h.enabled || !matches(&h.target) {
+                continue;
+            }
+            // Taking the callback out lets it use the engine (and guards against a
+            // hook re-entering itself).
+            let Some(mut cb) = h.callback.take() else {
+                continue;
+            };
+            h.hits += 1;
+            let out = {
+                let mut ctx = Ctx {
+                    engine: self,
+                    guest: &mut *guest,
+                    event: info,
+                    hook: id,
+                };
+                cb(&mut ctx)
+            };
+            if let Some(h) = self.hooks.get_mut(id) {
+                h.callback = Some(cb);
+            }
+            if out.remove {
+                self.hooks.flag_removed(id);
+            }
+            let skip = out.skip_others;
+            fired.push((id, out));
+            if skip {
+                break;
+            }
+        }
+        fired
+    }
+
+    /// Combines the hooks' answers by maximum, raises at most one alert per event
+    /// (for the first hook that blocked), applies exceptions and log-only mode,
+    /// and journals the event.
+    pub(crate) fn conclude(
+        &mut self,
+        guest: &dyn Guest,
+        class: Class,
+        info: &EventInfo,
+        instruction: Option<&str>,
+        fired: &[(HookId, Outcome)],
+    ) -> Verdict {
+        let mut verdict = fired
+            .iter()
+            .map(|(_, o)| o.verdict)
+            .max()
+            .unwrap_or_default();
+        let (regs, s) = (guest.regs(), guest.sregs());
+        if verdict == Verdict::NotAllowed
+            && let Some((hook, out)) = fired.iter().find(|(_, o)| o.verdict == Verdict::NotAllowed)
+        {
+            self.next_alert += 1;
+            let mut alert = self.make_alert(
+                guest.vcpu(),
+                class,
+                info,
+                instruction,
+                *hook,
+                out,
+                &regs,
+                &s,
+            );
+            if let Some(rule) = self.exceptions.matching(&alert) {
+                verdict = Verdict::Allowed;
+                self.journal(&Record::Exception {
+                    alert: alert.id,
+                    rule,
+                });
+            } else {
+                alert.enforced = !self.log_only;
+                if self.log_only {
+                    verdict = Verdict::Allowed;
+                }
+                self.journal(&Record::Alert(&alert));
+                self.alerts.push(alert);
+            }
+        }
+        let hooks: Vec<HookId> = fired.iter().map(|(id, _)| *id).collect();
+        let rec = Record::Event {
+            event_id: self.event_id,
+            class,
+            vcpu: guest.vcpu(),
+            rip: regs.rip,
+            cpl: s.cpl(),
+            instruction,
+            event: info,
+            hooks: &hooks,
+            verdict,
+        };
+        self.journal(&rec);
+        verdict
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn make_alert(
+        &self,
+        vcpu: u32,
+        class: Class,
+        info: &EventInfo,
+        instruction: Option<&str>,
+        hook: HookId,
+        out: &Outcome,
+        regs: &Regs,
+        s: &SRegs,
+    ) -> Alert {
+        let hook_name = self
+            .hooks
+            .get(hook)
+            .map(|h| h.name.clone())
+            .unwrap_or_default();
+        Alert {
+            id: self.next_alert,
+            event_id: self.event_id,
+            class,
+            vcpu,
+            rip: regs.rip,
+            cr3: s.cr3,
+            cpl: s.cpl(),
+            instruction: instruction.map(str::to_string),
+            event: info.clone(),
+            hook,
+            reason: out
+                .reason
+                .clone()
+                .unwrap_or_else(|| format!("hook {hook} ({hook_name}) denied it")),
+            hook_name,
+            verdict: Verdict::NotAllowed,
+            enforced: true,
+        }
+    }
+
+    fn journal(&mut self, r: &Record<'_>) {
+        if let Some(j) = self.journal.as_mut() {
+            j.record(&serde_json::to_string(r).expect("records serialise"));
+        }
+    }
+
+    /// The common prologue and epilogue of every handler: a new event id,
+    /// statistics and timing, then the commit of removed hooks and page rights.
+    pub(crate) fn handle<R>(
+        &mut self,
+        guest: &mut dyn Guest,
+        class: Class,
+        body: impl FnOnce(&mut Self, &mut dyn Guest) -> R,
+    ) -> R {
+        let start = Instant::now();
+        self.event_id += 1;
+        *self.events_per_class.entry(class).or_default() += 1;
+        let r = body(self, guest);
+        if let Err(e) = self.commit(guest) {
+            self.fatal.get_or_insert(format!("commit failed: {e}"));
+        }
+        self.latency.add(start.elapsed().as_nanos() as u64);
+        r
+    }
+
+    /// Records that the vCPU exited (for per-instruction bookkeeping).
+    pub fn note_exit(&mut self, vcpu: u32) {
+        self.vcpu(vcpu).exits += 1;
+    }
+}
+
+fn check_range(addr: u64, len: u64) -> Result<(), HookError> {
+    if len == 0 {
+        return Err(HookError::Empty);
+    }
+    if (addr & 0xfff) + len > 0x1000 {
+        return Err(HookError::CrossesPage(addr, len));
+    }
+    Ok(())
+}
+
+/// Read and execute hooks need every access to exit; write hooks only writes.
+fn rights_for(counts: [u32; 3]) -> PageRights {
+    if counts[0] > 0 || counts[2] > 0 {
+        PageRights::AllTrapped
+    } else if counts[1] > 0 {
+        PageRights::WriteTrapped
+    } else {
+        PageRights::Full
+    }
+}

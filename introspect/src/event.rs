@@ -1,0 +1,88 @@
+//! Typed event payloads handed to hook callbacks, and the callback context.
+
+use serde::Serialize;
+
+use crate::arch::{Cr, Dtr, DtrKind};
+use crate::engine::Engine;
+use crate::glue::Guest;
+use crate::hooks::HookId;
+
+/// Kind of a memory access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AccessKind {
+    Read,
+    Write,
+    Exec,
+}
+
+/// How a register-class event was observed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Detection {
+    /// The hypervisor delivered an exit for it (the writing instruction is known).
+    Exit,
+    /// Found by comparing registers at a later exit or timer tick: the writing
+    /// instruction is unknown, and the change was already in effect meanwhile.
+    Polled,
+}
+
+/// What happened, as the hooks see it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "class", rename_all = "kebab-case")]
+pub enum EventInfo {
+    Mem {
+        gla: u64,
+        gpa: u64,
+        size: u64,
+        access: AccessKind,
+        /// The bytes being written (little-endian), for the access KVM reported.
+        data: Option<u64>,
+    },
+    Msr {
+        index: u32,
+        /// WRMSR: the new value; RDMSR: None.
+        write: Option<u64>,
+    },
+    Cr {
+        cr: Cr,
+        old: u64,
+        new: u64,
+        detection: Detection,
+    },
+    Dtr {
+        dtr: DtrKind,
+        old: Dtr,
+        new: Dtr,
+        detection: Detection,
+    },
+    Xcr {
+        index: u32,
+        old: u64,
+        new: u64,
+        detection: Detection,
+    },
+    Breakpoint {
+        gva: u64,
+        gpa: u64,
+    },
+    Introcall {
+        op: u64,
+        args: [u64; 3],
+    },
+    Integrity {
+        gva: u64,
+        len: u64,
+        old_hash: u64,
+        new_hash: u64,
+    },
+}
+
+/// What a callback may use while it runs.
+pub struct Ctx<'a> {
+    pub engine: &'a mut Engine,
+    pub guest: &'a mut dyn Guest,
+    pub event: &'a EventInfo,
+    /// The hook being called.
+    pub hook: HookId,
+}

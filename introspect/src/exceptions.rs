@@ -1,0 +1,183 @@
+//! Exceptions: allow-list rules that turn a would-be alert into an allowed event.
+//! Stored as JSON; unknown fields are errors, so a typo never silently widens a rule.
+
+use serde::{Deserialize, Serialize};
+
+use crate::alert::Alert;
+use crate::arch::{Cr, DtrKind};
+use crate::event::EventInfo;
+use crate::hooks::Class;
+
+/// An inclusive address range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Range {
+    pub from: u64,
+    pub to: u64,
+}
+
+impl Range {
+    pub fn contains(&self, v: u64) -> bool {
+        self.from <= v && v <= self.to
+    }
+}
+
+/// One rule; every field that is present must match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub class: Class,
+    /// Memory: the accessed guest-virtual (or, failing that, physical) address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub victim: Option<Range>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msr: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cr: Option<Cr>,
+    /// CR: the rule covers a change only if every changed bit is in this mask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cr_bits: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtr: Option<DtrKind>,
+    /// The originator: the instruction's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rip: Option<Range>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpl: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Exceptions {
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExceptionError {
+    #[error("exceptions file: {0}")]
+    Parse(#[from] serde_json::Error),
+    #[error("exceptions file: rule {0}: {1}")]
+    Invalid(usize, String),
+}
+
+impl Exceptions {
+    pub fn parse(text: &str) -> Result<Exceptions, ExceptionError> {
+        let e: Exceptions = serde_json::from_str(text)?;
+        for (i, r) in e.rules.iter().enumerate() {
+            if let Some(v) = r.victim.or(r.rip)
+                && v.from > v.to
+            {
+                return Err(ExceptionError::Invalid(
+                    i,
+                    format!("range from {:#x} is above to {:#x}", v.from, v.to),
+                ));
+            }
+            if r.cpl.is_some_and(|c| c > 3) {
+                return Err(ExceptionError::Invalid(i, "cpl must be 0..=3".into()));
+            }
+        }
+        Ok(e)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("rules serialise")
+    }
+
+    /// The first rule matching `alert`.
+    pub fn matching(&self, alert: &Alert) -> Option<usize> {
+        self.rules.iter().position(|r| r.matches(alert))
+    }
+}
+
+impl Rule {
+    pub fn matches(&self, a: &Alert) -> bool {
+        if self.class != a.class
+            || self.rip.is_some_and(|r| !r.contains(a.rip))
+            || self.cpl.is_some_and(|c| c != a.cpl)
+        {
+            return false;
+        }
+        match &a.event {
+            EventInfo::Mem { gla, gpa, .. } => self
+                .victim
+                .is_none_or(|v| v.contains(*gla) || v.contains(*gpa)),
+            EventInfo::Msr { index, .. } => self.msr.is_none_or(|m| m == *index),
+            EventInfo::Cr { cr, old, new, .. } => {
+                self.cr.is_none_or(|c| c == *cr)
+                    && self.cr_bits.is_none_or(|m| (old ^ new) & !m == 0)
+            }
+            EventInfo::Dtr { dtr, .. } => self.dtr.is_none_or(|d| d == *dtr),
+            EventInfo::Breakpoint { gva, .. } => self.victim.is_none_or(|v| v.contains(*gva)),
+            EventInfo::Integrity { gva, .. } => self.victim.is_none_or(|v| v.contains(*gva)),
+            EventInfo::Xcr { .. } | EventInfo::Introcall { .. } => true,
+        }
+    }
+
+    /// The narrowest rule that allows exactly what `alert` reported.
+    pub fn from_alert(a: &Alert) -> Rule {
+        let exact = |v: u64| Some(Range { from: v, to: v });
+        let mut r = Rule {
+            class: a.class,
+            victim: None,
+            msr: None,
+            cr: None,
+            cr_bits: None,
+            dtr: None,
+            rip: if a.instruction.is_some() {
+                exact(a.rip)
+            } else {
+                None
+            },
+            cpl: Some(a.cpl),
+            comment: Some(format!("from alert {}: {}", a.id, a.reason)),
+        };
+        match &a.event {
+            EventInfo::Mem { gla, size, .. } => {
+                r.victim = Some(Range {
+                    from: *gla,
+                    to: gla + size.saturating_sub(1),
+                })
+            }
+            EventInfo::Msr { index, .. } => r.msr = Some(*index),
+            EventInfo::Cr { cr, old, new, .. } => {
+                r.cr = Some(*cr);
+                r.cr_bits = Some(old ^ new);
+            }
+            EventInfo::Dtr { dtr, .. } => r.dtr = Some(*dtr),
+            EventInfo::Breakpoint { gva, .. } | EventInfo::Integrity { gva, .. } => {
+                r.victim = exact(*gva)
+            }
+            _ => {}
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_files_are_refused_with_the_place() {
+        let e =
+            Exceptions::parse("{\"rules\": [ {\"class\": \"msr\", \"msrr\": 1} ]}").unwrap_err();
+        assert!(e.to_string().contains("unknown field `msrr`"), "{e}");
+        let e = Exceptions::parse("{\"rules\": [ {\"class\": \"bogus\"} ]}").unwrap_err();
+        assert!(e.to_string().contains("unknown variant"), "{e}");
+        let e = Exceptions::parse("{\"rules\": [").unwrap_err();
+        assert!(e.to_string().contains("line 1"), "{e}");
+        let e = Exceptions::parse(
+            "{\"rules\": [ {\"class\": \"ept\", \"victim\": {\"from\": 9, \"to\": 1}} ]}",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("rule 0"), "{e}");
+        assert!(
+            Exceptions::parse("{\"rules\": []}")
+                .unwrap()
+                .rules
+                .is_empty()
+        );
+    }
+}

@@ -1,0 +1,253 @@
+//! `handle_ept_violation`: an access to a trapped page.
+//!
+//! KVM reports each access to a trapped page as its own exit, with the physical
+//! address, size and (for writes) the data, but with RIP *after* the instruction for
+//! writes. The engine finds the instruction (decoding at RIP for reads and fetches;
+//! for writes, the instruction that ends at RIP and writes that address), lists
+//! every linear address it touches (`PUSH [rax]`: the read and the stack write;
+//! MOVS both sides; REP: RCX elements; page-crossing pieces), and dispatches every
+//! hooked page it touches. The verdict is cached for the instruction, so the second
+//! exit of the same instruction (e.g. the stack write of `PUSH [rax]`) reuses it
+//! instead of asking the hooks twice.
+//!
+//! TOCTOU: the decision is keyed to the physical effect KVM reported (address,
+//! size, data), and that same effect is what the VMM applies — another vCPU
+//! rewriting the instruction bytes meanwhile cannot slip a different write through.
+//! If the bytes found no longer explain the access, the alert says the instruction
+//! is unverified instead of naming a wrong one.
+
+use std::collections::HashSet;
+
+use crate::decode::{self, Decoded, split_pages};
+use crate::engine::Engine;
+use crate::event::{AccessKind, EventInfo};
+use crate::glue::Guest;
+use crate::hooks::{Class, Rights, Target};
+use crate::paging;
+use crate::verdict::{Outcome, Verdict};
+
+/// One trapped access, as the VMM saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemExit {
+    pub gpa: u64,
+    pub len: u64,
+    pub access: AccessKind,
+    pub data: Option<u64>,
+    /// As KVM reports it: at the instruction for reads/fetches, after it for writes.
+    pub rip: u64,
+}
+
+/// What the VMM must do with the access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemAction {
+    /// Let it happen: apply the write / serve the read from RAM / run the fetch.
+    Apply,
+    /// Drop the write.
+    Drop,
+    /// Answer the read with this value.
+    Data(u64),
+    /// Skip the fetched instruction (its length); the engine already moved RIP.
+    Skip,
+}
+
+fn translate(g: &dyn Guest, gla: u64) -> Option<u64> {
+    paging::translate(&decode::phys(g), g.sregs().paging(), gla)
+        .ok()
+        .map(|t| t.gpa)
+}
+
+/// The instruction behind the exit (see the module docs).
+fn find_instruction(g: &dyn Guest, x: &MemExit) -> Option<Decoded> {
+    let covers = |d: &Decoded, exact: bool| {
+        d.accesses.iter().filter(|a| a.write).any(|a| {
+            translate(g, a.gla).is_some_and(|gpa| {
+                if exact {
+                    gpa <= x.gpa && x.gpa + x.len <= gpa + a.size
+                } else {
+                    gpa & !0xfff == x.gpa & !0xfff
+                }
+            })
+        })
+    };
+    if x.access != AccessKind::Write {
+        return decode::decode_at(g, x.rip).ok();
+    }
+    // REP string writes exit with RIP still on the instruction.
+    if let Ok(d) = decode::decode_at(g, x.rip)
+        && d.instr.is_string_instruction()
+        && covers(&d, false)
+    {
+        return Some(d);
+    }
+    for exact in [true, false] {
+        for k in 1..=15u64 {
+            if let Ok(d) = decode::decode_at(g, x.rip.wrapping_sub(k))
+                && d.len() as u64 == k
+                && covers(&d, exact)
+            {
+                return Some(d);
+            }
+        }
+    }
+    None
+}
+
+pub fn handle_ept_violation(
+    engine: &mut Engine,
+    guest: &mut dyn Guest,
+    x: &MemExit,
+) -> (Verdict, MemAction) {
+    engine.handle(guest, Class::Ept, |e, g| {
+        let vcpu = g.vcpu();
+        let instr = find_instruction(g, x);
+        let (start, end) = match &instr {
+            Some(d) => (d.rip, d.rip + d.len() as u64),
+            None => (x.rip, x.rip),
+        };
+        // The second exit of an instruction already analysed: same verdict.
+        let exits = e.vcpu(vcpu).exits;
+        let cached = e
+            .vcpu(vcpu)
+            .insn
+            .filter(|(s, en, n, _)| *s == start && *en == end && n + 1 == exits && instr.is_some());
+        let verdict = match cached {
+            Some((_, _, _, v)) => v,
+            None => dispatch_all(e, g, x, instr.as_ref()),
+        };
+        e.vcpu(vcpu).insn = Some((start, end, exits, verdict));
+        (verdict, action(e, g, x, verdict, instr.as_ref()))
+    })
+}
+
+/// Dispatches every hooked (page, access) the instruction touches.
+fn dispatch_all(
+    e: &mut Engine,
+    g: &mut dyn Guest,
+    x: &MemExit,
+    instr: Option<&Decoded>,
+) -> Verdict {
+    // (gpa, len, kind, gla) pieces, the reported access first.
+    let mut pieces: Vec<(u64, u64, AccessKind, u64)> = Vec::new();
+    let reported_gla = instr
+        .and_then(|d| {
+            d.accesses.iter().find_map(|a| {
+                let gpa = translate(g, a.gla)?;
+                (gpa & !0xfff == x.gpa & !0xfff).then(|| a.gla + (x.gpa - gpa))
+            })
+        })
+        .unwrap_or(if x.access == AccessKind::Exec {
+            x.rip
+        } else {
+            x.gpa
+        });
+    pieces.push((x.gpa, x.len, x.access, reported_gla));
+    if let Some(d) = instr {
+        if x.access == AccessKind::Exec {
+            // A fetch touches only the instruction bytes; its data accesses fault
+            // on their own when the instruction runs.
+        } else {
+            for a in &d.accesses {
+                let kinds = [(a.read, AccessKind::Read), (a.write, AccessKind::Write)];
+                for (gla, len) in split_pages(a.gla, a.size) {
+                    let Some(gpa) = translate(g, gla) else {
+                        continue;
+                    };
+                    for (on, k) in kinds {
+                        if on {
+                            pieces.push((gpa, len, k, gla));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut seen = HashSet::new();
+    let mut fired_all: Vec<(u64, Outcome)> = Vec::new();
+    let mut blocking_info = None;
+    let mut first_info = None;
+    for (gpa, len, kind, gla) in pieces {
+        if !seen.insert((gpa, len, kind)) {
+            continue;
+        }
+        let data = if (gpa, kind) == (x.gpa, x.access) {
+            x.data
+        } else {
+            None
+        };
+        let info = EventInfo::Mem {
+            gla,
+            gpa,
+            size: len,
+            access: kind,
+            data,
+        };
+        let (off, page) = (gpa & 0xfff, gpa & !0xfff);
+        let want = match kind {
+            AccessKind::Read => Rights::R,
+            AccessKind::Write => Rights::W,
+            AccessKind::Exec => Rights::X,
+        };
+        let fired = e.dispatch(g, Some(page), &info, &|t| {
+            t.page() == Some(page)
+                && t.range()
+                    .is_some_and(|(o, l, r)| r.any(want) && o < off + len && off < o + l)
+                && !matches!(t, Target::Breakpoint { .. })
+        });
+        if fired.iter().any(|(_, o)| o.verdict == Verdict::NotAllowed) && blocking_info.is_none() {
+            blocking_info = Some(info.clone());
+        }
+        first_info.get_or_insert(info);
+        fired_all.extend(fired);
+    }
+    let info = blocking_info
+        .or(first_info)
+        .expect("the reported access is always a piece");
+    let text = instr
+        .map(|d| d.text.clone())
+        .unwrap_or_else(|| "(instruction unverified)".into());
+    e.conclude(g, Class::Ept, &info, Some(&text), &fired_all)
+}
+
+fn action(
+    e: &Engine,
+    g: &mut dyn Guest,
+    x: &MemExit,
+    v: Verdict,
+    instr: Option<&Decoded>,
+) -> MemAction {
+    match (x.access, v) {
+        (AccessKind::Read, Verdict::NotAllowed) => MemAction::Data(0),
+        (AccessKind::Read, _) => {
+            // AllowedPatched: our hidden INT3s read as the original bytes.
+            let mut buf = [0u8; 8];
+            let n = x.len.min(8) as usize;
+            if g.read_phys(x.gpa, &mut buf[..n]).is_err() {
+                return MemAction::Data(0);
+            }
+            let mut patched = false;
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                if let Some(orig) = e.hidden.get(&(x.gpa + i as u64)) {
+                    *b = *orig;
+                    patched = true;
+                }
+            }
+            if patched {
+                MemAction::Data(u64::from_le_bytes(buf))
+            } else {
+                MemAction::Apply
+            }
+        }
+        (AccessKind::Write, Verdict::NotAllowed) => MemAction::Drop,
+        (AccessKind::Write, _) => MemAction::Apply,
+        (AccessKind::Exec, Verdict::NotAllowed) => match instr {
+            Some(d) => {
+                let mut r = g.regs();
+                r.rip += d.len() as u64;
+                g.set_regs(&r);
+                MemAction::Skip
+            }
+            None => MemAction::Apply,
+        },
+        (AccessKind::Exec, _) => MemAction::Apply,
+    }
+}
