@@ -140,7 +140,6 @@ fn dispatch_all(
         } else {
             x.gpa
         });
-    pieces.push((x.gpa, x.len, x.access, reported_gla));
     if let Some(d) = instr {
         if x.access == AccessKind::Exec {
             // A fetch touches only the instruction bytes; its data accesses fault
@@ -160,6 +159,13 @@ fn dispatch_all(
                 }
             }
         }
+    }
+    // The reported access goes first, unless a piece of the instruction covers it.
+    let covered = pieces
+        .iter()
+        .any(|&(gpa, len, k, _)| k == x.access && gpa <= x.gpa && x.gpa + x.len <= gpa + len);
+    if !covered {
+        pieces.insert(0, (x.gpa, x.len, x.access, reported_gla));
     }
     let mut seen = HashSet::new();
     let mut fired_all: Vec<(u64, Outcome)> = Vec::new();

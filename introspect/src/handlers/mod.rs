@@ -19,3 +19,6 @@ pub use introcall::handle_introcall;
 pub use msr::handle_msr_violation;
 pub use timer::{handle_timer, poll_registers};
 pub use xcr::handle_xcr_write;
+
+#[cfg(test)]
+mod tests;

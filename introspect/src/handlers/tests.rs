@@ -1,0 +1,668 @@
+//! Handler unit tests against the recording mock: no hypervisor involved.
+
+use std::sync::{Arc, Mutex};
+
+use crate::arch::{Cr, Dtr, DtrKind};
+use crate::engine::Engine;
+use crate::event::{AccessKind, Detection, EventInfo};
+use crate::glue::PageRights;
+use crate::handlers::*;
+use crate::hooks::{Class, Rights, Target};
+use crate::mock::{Call, MockGuest};
+use crate::verdict::{Outcome, Verdict};
+
+fn gpa_hook(gpa: u64, len: u64, rights: Rights) -> Target {
+    Target::Gpa { gpa, len, rights }
+}
+
+fn answer(v: Verdict) -> crate::hooks::Callback {
+    Box::new(move |_| Outcome::verdict(v))
+}
+
+/// A callback that logs its name into `log` and answers `v`.
+fn logged(log: &Arc<Mutex<Vec<String>>>, name: &str, v: Verdict) -> crate::hooks::Callback {
+    let (log, name) = (log.clone(), name.to_string());
+    Box::new(move |_| {
+        log.lock().unwrap().push(name.clone());
+        Outcome::verdict(v)
+    })
+}
+
+fn write_exit(gpa: u64, len: u64, data: u64, rip: u64) -> MemExit {
+    MemExit {
+        gpa,
+        len,
+        access: AccessKind::Write,
+        data: Some(data),
+        rip,
+    }
+}
+
+#[test]
+fn verdicts_combine_by_maximum_in_every_handler() {
+    let (mut e, mut g) = (Engine::new(), MockGuest::new());
+    for v in [
+        Verdict::Allowed,
+        Verdict::NotAllowed,
+        Verdict::AllowedVirtual,
+    ] {
+        e.add_hook(&mut g, gpa_hook(0x10000, 8, Rights::W), "w", answer(v))
+            .unwrap();
+        e.add_hook(
+            &mut g,
+            Target::Msr {
+                index: 0xc000_0082,
+                read: false,
+                write: true,
+            },
+            "m",
+            answer(v),
+        )
+        .unwrap();
+        e.add_hook(
+            &mut g,
+            Target::Cr {
+                cr: Cr::Cr4,
+                mask: 1 << 20,
+            },
+            "c",
+            answer(v),
+        )
+        .unwrap();
+    }
+    // mov [rax], ecx at 0x20000 (2 bytes: 89 08) writing 0x10000.
+    g.put(0x20000, &[0x89, 0x08]);
+    g.regs.rax = 0x10000;
+    let (v, a) = handle_ept_violation(&mut e, &mut g, &write_exit(0x10000, 4, 7, 0x20002));
+    assert_eq!((v, a), (Verdict::NotAllowed, MemAction::Drop));
+    // The last MSR callback says AllowedVirtual; HVMI would let it win. We do not.
+    assert_eq!(
+        handle_msr_violation(&mut e, &mut g, 0xc000_0082, Some(1)),
+        Verdict::NotAllowed
+    );
+    g.sregs.cr4 = 0x620;
+    assert_eq!(
+        handle_cr_write(
+            &mut e,
+            &mut g,
+            Cr::Cr4,
+            0x620 | 1 << 20,
+            0x620,
+            Detection::Polled
+        ),
+        Verdict::NotAllowed
+    );
+    assert_eq!(
+        g.sregs.cr4,
+        0x620 | 1 << 20,
+        "NotAllowed restores the old CR4"
+    );
+    assert_eq!(e.alerts.len(), 3, "one alert per event");
+    assert_eq!(e.alerts[0].instruction.as_deref(), Some("mov [rax],ecx"));
+}
+
+#[test]
+fn a_callback_may_remove_its_own_hook_and_skip_the_rest() {
+    let (mut e, mut g) = (Engine::new(), MockGuest::new());
+    let log = Arc::new(Mutex::new(vec![]));
+    let l = log.clone();
+    let first = e
+        .add_hook(
+            &mut g,
+            Target::Msr {
+                index: 0x176,
+                read: false,
+                write: true,
+            },
+            "once",
+            Box::new(move |_| {
+                l.lock().unwrap().push("once".into());
+                Outcome::allow().and_remove()
+            }),
+        )
+        .unwrap();
+    e.add_hook(
+        &mut g,
+        Target::Msr {
+            index: 0x176,
+            read: false,
+            write: true,
+        },
+        "always",
+        logged(&log, "always", Verdict::Allowed),
+    )
+    .unwrap();
+    handle_msr_violation(&mut e, &mut g, 0x176, Some(1));
+    handle_msr_violation(&mut e, &mut g, 0x176, Some(2));
+    assert_eq!(*log.lock().unwrap(), ["once", "always", "always"]);
+    assert!(
+        e.hooks.get(first).is_none(),
+        "committed at the end of the handler"
+    );
+    assert_eq!(
+        g.msrs.get(&0x176),
+        Some(&(false, true)),
+        "the other hook keeps the MSR intercepted"
+    );
+    // Skip others.
+    e.add_hook(
+        &mut g,
+        Target::Msr {
+            index: 0x10,
+            read: false,
+            write: true,
+        },
+        "skip",
+        Box::new(|_| Outcome::allow().and_skip_others()),
+    )
+    .unwrap();
+    e.add_hook(
+        &mut g,
+        Target::Msr {
+            index: 0x10,
+            read: false,
+            write: true,
+        },
+        "never",
+        logged(&log, "never", Verdict::Allowed),
+    )
+    .unwrap();
+    handle_msr_violation(&mut e, &mut g, 0x10, Some(0));
+    assert!(!log.lock().unwrap().contains(&"never".to_string()));
+}
+
+#[test]
+fn hooks_added_during_a_dispatch_are_called_by_it() {
+    let (mut e, mut g) = (Engine::new(), MockGuest::new());
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let l = log.clone();
+    e.add_hook(
+        &mut g,
+        Target::Introcall { op: Some(7) },
+        "adder",
+        Box::new(move |ctx| {
+            let l2 = l.clone();
+            ctx.engine
+                .add_hook(
+                    ctx.guest,
+                    Target::Introcall { op: Some(7) },
+                    "added",
+                    Box::new(move |_| {
+                        l2.lock().unwrap().push("added".into());
+                        Outcome::allow()
+                    }),
+                )
+                .unwrap();
+            Outcome::allow().and_remove()
+        }),
+    )
+    .unwrap();
+    // Introcalls stop at the first claimant, so use a class that calls everyone: CR.
+    let l = log.clone();
+    e.add_hook(
+        &mut g,
+        Target::Cr {
+            cr: Cr::Cr0,
+            mask: !0,
+        },
+        "adder",
+        Box::new(move |ctx| {
+            let l2 = l.clone();
+            ctx.engine
+                .add_hook(
+                    ctx.guest,
+                    Target::Cr {
+                        cr: Cr::Cr0,
+                        mask: !0,
+                    },
+                    "added",
+                    Box::new(move |_| {
+                        l2.lock().unwrap().push("added-cr".into());
+                        Outcome::allow()
+                    }),
+                )
+                .unwrap();
+            Outcome::allow().and_remove()
+        }),
+    )
+    .unwrap();
+    handle_cr_write(&mut e, &mut g, Cr::Cr0, 1, 3, Detection::Polled);
+    assert_eq!(*log.lock().unwrap(), ["added-cr"]);
+    assert_eq!(e.hooks.iter().filter(|h| h.name == "added").count(), 1);
+}
+
+#[test]
+fn each_class_is_switched_on_by_its_first_hook_and_off_by_its_last() {
+    let (mut e, mut g) = (Engine::new(), MockGuest::new());
+    // EPT: page rights change on 0 <-> 1 only, committed in one batch.
+    let a = e
+        .add_hook(
+            &mut g,
+            gpa_hook(0x10000, 8, Rights::W),
+            "a",
+            answer(Verdict::Allowed),
+        )
+        .unwrap();
+    let b = e
+        .add_hook(
+            &mut g,
+            gpa_hook(0x10100, 8, Rights::W),
+            "b",
+            answer(Verdict::Allowed),
+        )
+        .unwrap();
+    assert_eq!(
+        g.take_calls(),
+        [Call::SetRights(0x10000, PageRights::WriteTrapped)]
+    );
+    let r = e
+        .add_hook(
+            &mut g,
+            gpa_hook(0x10200, 8, Rights::R),
+            "r",
+            answer(Verdict::Allowed),
+        )
+        .unwrap();
+    assert_eq!(
+        g.take_calls(),
+        [Call::SetRights(0x10000, PageRights::AllTrapped)]
+    );
+    assert!(e.class_enabled(Class::Ept));
+    for id in [a, b, r] {
+        e.remove_hook(id).unwrap();
+    }
+    assert!(g.take_calls().is_empty(), "removal only flags");
+    e.commit(&mut g).unwrap();
+    let calls = g.take_calls();
+    assert_eq!(calls.last(), Some(&Call::CommitRights));
+    assert!(calls.contains(&Call::SetRights(0x10000, PageRights::Full)));
+    assert!(!e.class_enabled(Class::Ept));
+    // MSR: intercepted with the first hook of an index, released with the last.
+    let m1 = e
+        .add_hook(
+            &mut g,
+            Target::Msr {
+                index: 0x176,
+                read: false,
+                write: true,
+            },
+            "m1",
+            answer(Verdict::Allowed),
+        )
+        .unwrap();
+    let m2 = e
+        .add_hook(
+            &mut g,
+            Target::Msr {
+                index: 0x176,
+                read: true,
+                write: false,
+            },
+            "m2",
+            answer(Verdict::Allowed),
+        )
+        .unwrap();
+    assert_eq!(
+        g.take_calls(),
+        [
+            Call::InterceptMsr(0x176, false, true),
+            Call::InterceptMsr(0x176, true, true)
+        ]
+    );
+    e.remove_hook(m1).unwrap();
+    e.remove_hook(m2).unwrap();
+    e.commit(&mut g).unwrap();
+    assert_eq!(
+        g.take_calls(),
+        [
+            Call::InterceptMsr(0x176, true, false),
+            Call::InterceptMsr(0x176, false, false)
+        ]
+    );
+    // CR/DTR: polling runs only while a hook exists.
+    assert!(!e.class_enabled(Class::Cr));
+    let c = e
+        .add_hook(
+            &mut g,
+            Target::Cr {
+                cr: Cr::Cr4,
+                mask: !0,
+            },
+            "c",
+            answer(Verdict::Allowed),
+        )
+        .unwrap();
+    assert!(e.class_enabled(Class::Cr));
+    e.remove_hook(c).unwrap();
+    e.commit(&mut g).unwrap();
+    assert!(!e.class_enabled(Class::Cr));
+    // Breakpoints: planted with the hook, removed with it.
+    g.put(0x30000, &[0x55]);
+    let bp = e
+        .add_hook(
+            &mut g,
+            Target::Breakpoint {
+                gva: 0x30000,
+                gpa: 0,
+            },
+            "bp",
+            answer(Verdict::Allowed),
+        )
+        .unwrap();
+    assert!(g.breakpoints.contains(&0x30000));
+    e.remove_hook(bp).unwrap();
+    e.commit(&mut g).unwrap();
+    assert!(g.breakpoints.is_empty());
+}
+
+#[test]
+fn push_mem_dispatches_the_read_and_the_stack_write_once() {
+    let (mut e, mut g) = (Engine::new(), MockGuest::new());
+    let log = Arc::new(Mutex::new(vec![]));
+    e.add_hook(
+        &mut g,
+        gpa_hook(0x10000, 8, Rights::R),
+        "operand",
+        logged(&log, "read", Verdict::Allowed),
+    )
+    .unwrap();
+    e.add_hook(
+        &mut g,
+        gpa_hook(0x11ff8, 8, Rights::W),
+        "stack",
+        logged(&log, "write", Verdict::NotAllowed),
+    )
+    .unwrap();
+    g.put(0x20000, &[0xff, 0x30]); // push qword [rax]
+    g.regs.rax = 0x10000;
+    g.regs.rsp = 0x12000;
+    g.regs.rip = 0x20000;
+    g.put_u64(0x10000, 0xabcd);
+    e.note_exit(0);
+    // First exit: the read of [rax] (RIP at the instruction). Both hooks run.
+    let (v, a) = handle_ept_violation(
+        &mut e,
+        &mut g,
+        &MemExit {
+            gpa: 0x10000,
+            len: 8,
+            access: AccessKind::Read,
+            data: None,
+            rip: 0x20000,
+        },
+    );
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["read", "write"],
+        "the implicit stack write is analysed with the read"
+    );
+    assert_eq!((v, a), (Verdict::NotAllowed, MemAction::Data(0)));
+    // Second exit of the same instruction: the stack write, RIP after it. Cached.
+    e.note_exit(0);
+    g.regs.rsp = 0x11ff8;
+    let (v, a) = handle_ept_violation(&mut e, &mut g, &write_exit(0x11ff8, 8, 0xabcd, 0x20002));
+    assert_eq!((v, a), (Verdict::NotAllowed, MemAction::Drop));
+    assert_eq!(log.lock().unwrap().len(), 2, "not asked twice");
+    assert_eq!(e.alerts.len(), 1);
+}
+
+#[test]
+fn rep_movs_and_page_crossing_reach_every_hooked_page() {
+    let (mut e, mut g) = (Engine::new(), MockGuest::new());
+    let log = Arc::new(Mutex::new(vec![]));
+    // Destination spans 0x12ffc..0x13004: hooks on both pages.
+    e.add_hook(
+        &mut g,
+        gpa_hook(0x12ff0, 0x10, Rights::W),
+        "low",
+        logged(&log, "low", Verdict::Allowed),
+    )
+    .unwrap();
+    e.add_hook(
+        &mut g,
+        gpa_hook(0x13000, 0x10, Rights::W),
+        "high",
+        logged(&log, "high", Verdict::Allowed),
+    )
+    .unwrap();
+    g.put(0x20000, &[0xf3, 0xa4]); // rep movsb
+    (g.regs.rsi, g.regs.rdi, g.regs.rcx, g.regs.rip) = (0x15000, 0x12ffc, 8, 0x20000);
+    e.note_exit(0);
+    let (v, a) = handle_ept_violation(&mut e, &mut g, &write_exit(0x12ffc, 1, 0x41, 0x20000));
+    assert_eq!((v, a), (Verdict::Allowed, MemAction::Apply));
+    assert_eq!(*log.lock().unwrap(), ["low", "high"]);
+}
+
+#[test]
+fn reads_of_a_hidden_breakpoint_return_the_original_byte() {
+    let (mut e, mut g) = (Engine::new(), MockGuest::new());
+    g.put(0x30010, &[0x55, 0x48, 0x89, 0xe5]);
+    e.add_hook(
+        &mut g,
+        Target::Breakpoint {
+            gva: 0x30010,
+            gpa: 0,
+        },
+        "bp",
+        answer(Verdict::Allowed),
+    )
+    .unwrap();
+    g.put(0x30010, &[0xcc]); // what the VMM planted
+    assert_eq!(
+        g.rights.get(&0x30000),
+        Some(&PageRights::AllTrapped),
+        "reads of the page trap"
+    );
+    g.put(0x20000, &[0x8b, 0x00]); // mov eax, [rax]
+    (g.regs.rax, g.regs.rip) = (0x30010, 0x20000);
+    let (v, a) = handle_ept_violation(
+        &mut e,
+        &mut g,
+        &MemExit {
+            gpa: 0x30010,
+            len: 4,
+            access: AccessKind::Read,
+            data: None,
+            rip: 0x20000,
+        },
+    );
+    assert_eq!(v, Verdict::Allowed);
+    assert_eq!(
+        a,
+        MemAction::Data(u32::from_le_bytes([0x55, 0x48, 0x89, 0xe5]) as u64)
+    );
+    assert_eq!(
+        handle_breakpoint(&mut e, &mut g, 0x30010, 0x30010),
+        BreakpointAction::StepOver
+    );
+    assert_eq!(
+        handle_breakpoint(&mut e, &mut g, 0x40000, 0x40000),
+        BreakpointAction::Reinject
+    );
+}
+
+#[test]
+fn toctou_the_decision_follows_the_reported_effect_not_rewritten_bytes() {
+    let (mut e, mut g) = (Engine::new(), MockGuest::new());
+    e.add_hook(
+        &mut g,
+        gpa_hook(0x10000, 8, Rights::W),
+        "guard",
+        Box::new(|ctx| match ctx.event {
+            EventInfo::Mem {
+                data: Some(0xbad), ..
+            } => Outcome::block("bad value"),
+            _ => Outcome::allow(),
+        }),
+    )
+    .unwrap();
+    // KVM executed `mov [rax], ecx` writing 0xbad, but another vCPU has already
+    // replaced the bytes with NOPs by the time the engine looks.
+    g.put(0x20000, &[0x90, 0x90]);
+    g.regs.rax = 0x10000;
+    let (v, a) = handle_ept_violation(&mut e, &mut g, &write_exit(0x10000, 4, 0xbad, 0x20002));
+    assert_eq!(
+        (v, a),
+        (Verdict::NotAllowed, MemAction::Drop),
+        "the bad write does not slip through"
+    );
+    assert_eq!(
+        e.alerts[0].instruction.as_deref(),
+        Some("(instruction unverified)")
+    );
+    let (v, _) = handle_ept_violation(&mut e, &mut g, &write_exit(0x10000, 4, 0x600d, 0x20002));
+    assert_eq!(v, Verdict::Allowed);
+}
+
+#[test]
+fn dtr_xcr_introcall_and_timer() {
+    let (mut e, mut g) = (Engine::new(), MockGuest::new());
+    e.add_hook(
+        &mut g,
+        Target::Dtr { dtr: DtrKind::Idtr },
+        "idtr",
+        Box::new(|_| Outcome::block("IDTR moved")),
+    )
+    .unwrap();
+    let (old, new) = (
+        Dtr {
+            base: 0x5000,
+            limit: 0xfff,
+        },
+        Dtr {
+            base: 0x6000,
+            limit: 0xfff,
+        },
+    );
+    g.sregs.idtr = new;
+    assert_eq!(
+        handle_dtr_violation(&mut e, &mut g, DtrKind::Idtr, old, new, Detection::Polled),
+        Verdict::NotAllowed
+    );
+    assert_eq!(g.sregs.idtr, old);
+    // The first load (base 0) is allowed without asking.
+    assert_eq!(
+        handle_dtr_violation(
+            &mut e,
+            &mut g,
+            DtrKind::Idtr,
+            Dtr::default(),
+            new,
+            Detection::Polled
+        ),
+        Verdict::Allowed
+    );
+    // Polling finds a CR4 change at the next exit and restores it.
+    e.add_hook(
+        &mut g,
+        Target::Cr {
+            cr: Cr::Cr4,
+            mask: 1 << 20,
+        },
+        "smep",
+        Box::new(|_| Outcome::block("SMEP off")),
+    )
+    .unwrap();
+    g.sregs.cr4 = 0x620 | 1 << 20;
+    poll_registers(&mut e, &mut g);
+    g.sregs.cr4 = 0x620;
+    poll_registers(&mut e, &mut g);
+    assert_eq!(g.sregs.cr4, 0x620 | 1 << 20);
+    let a = e.alerts.last().unwrap();
+    assert!(matches!(
+        a.event,
+        EventInfo::Cr {
+            detection: Detection::Polled,
+            ..
+        }
+    ));
+    assert!(
+        a.instruction.is_none(),
+        "a polled change has no known writer"
+    );
+    // XCR0 on the timer.
+    e.add_hook(
+        &mut g,
+        Target::Xcr { index: 0 },
+        "xcr",
+        Box::new(|_| Outcome::block("no AVX")),
+    )
+    .unwrap();
+    handle_timer(&mut e, &mut g);
+    g.xcr0 = 7;
+    handle_timer(&mut e, &mut g);
+    assert_eq!(g.xcr0, 1);
+    // Introcall: the first claimant answers.
+    e.add_hook(
+        &mut g,
+        Target::Introcall { op: Some(5) },
+        "ic",
+        Box::new(|ctx| {
+            ctx.engine.introcall_result = Some(0x1234);
+            Outcome::allow()
+        }),
+    )
+    .unwrap();
+    assert_eq!(handle_introcall(&mut e, &mut g, 5, [0; 3]), Some(0x1234));
+    assert_eq!(handle_introcall(&mut e, &mut g, 6, [0; 3]), None);
+}
+
+#[test]
+fn bad_hooks_are_refused() {
+    let (mut e, mut g) = (Engine::new(), MockGuest::new());
+    let err = |t| e_add(&mut Engine::new(), &mut MockGuest::new(), t);
+    assert_eq!(
+        err(gpa_hook(0x1000_0000, 8, Rights::W)),
+        Err(crate::HookError::OutsideRam(0x1000_0000))
+    );
+    assert_eq!(
+        err(gpa_hook(0x10ff8, 16, Rights::W)),
+        Err(crate::HookError::CrossesPage(0x10ff8, 16))
+    );
+    assert_eq!(
+        err(gpa_hook(0x10000, 0, Rights::W)),
+        Err(crate::HookError::Empty)
+    );
+    assert_eq!(
+        err(Target::Gva {
+            gva: 0x7000_0000,
+            len: 8,
+            rights: Rights::W,
+            cr3: 0,
+            gpa: None
+        }),
+        Err(crate::HookError::Unmapped(0x7000_0000))
+    );
+    assert!(e.remove_hook(99).is_err());
+    // A GVA hook follows its page when the guest remaps it (checked on the timer).
+    let id = e
+        .add_hook(
+            &mut g,
+            Target::Gva {
+                gva: 0x50000,
+                len: 8,
+                rights: Rights::W,
+                cr3: 0,
+                gpa: None,
+            },
+            "gva",
+            answer(Verdict::Allowed),
+        )
+        .unwrap();
+    assert_eq!(g.rights.get(&0x50000), Some(&PageRights::WriteTrapped));
+    g.map(0x50000, 0x60000);
+    handle_timer(&mut e, &mut g);
+    assert_eq!(g.rights.get(&0x60000), Some(&PageRights::WriteTrapped));
+    assert_eq!(g.rights.get(&0x50000), None);
+    assert!(matches!(
+        e.hooks.get(id).unwrap().target,
+        Target::Gva {
+            gpa: Some(0x60000),
+            ..
+        }
+    ));
+}
+
+fn e_add(e: &mut Engine, g: &mut MockGuest, t: Target) -> Result<u64, crate::HookError> {
+    e.add_hook(g, t, "x", answer(Verdict::Allowed))
+}
