@@ -14,6 +14,7 @@ pub mod integrity;
 #[cfg(test)]
 pub mod mock;
 pub mod paging;
+pub mod policy;
 pub mod verdict;
 
 pub use alert::{Alert, Journal};

@@ -32,8 +32,6 @@ pub struct MockGuest {
     pub msrs: BTreeMap<u32, (bool, bool)>,
     pub breakpoints: BTreeSet<u64>,
     pub calls: Vec<Call>,
-    /// Runs before every `cmpxchg_phys`: models another vCPU writing meanwhile.
-    pub race: Option<Box<dyn FnMut(&mut Vec<u8>)>>,
 }
 
 /// Page tables of the mock: PML4 at 0x1000, PDPT 0x2000, PD 0x3000, PT 0x4000
@@ -60,7 +58,6 @@ impl MockGuest {
             msrs: BTreeMap::new(),
             breakpoints: BTreeSet::new(),
             calls: vec![],
-            race: None,
         };
         g.put_u64(0x1000, 0x2000 | 7);
         g.put_u64(0x2000, 0x3000 | 7);
@@ -149,9 +146,6 @@ impl Guest for MockGuest {
         Ok(())
     }
     fn cmpxchg_phys(&mut self, gpa: u64, expected: &[u8], new: &[u8]) -> Result<bool, GlueError> {
-        if let Some(r) = self.race.as_mut() {
-            r(&mut self.ram);
-        }
         let mut cur = vec![0; expected.len()];
         self.read_phys(gpa, &mut cur)?;
         let ok = cur == expected;

@@ -6,6 +6,7 @@ pub mod devices;
 pub mod error;
 pub mod event;
 pub mod exit;
+pub mod glue;
 pub mod host;
 pub mod kick;
 pub mod loader;

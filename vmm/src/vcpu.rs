@@ -164,6 +164,17 @@ impl VcpuCtl<'_> {
             .map(|e| e.value)
     }
 
+    /// Writes an extended control register (KVM_SET_XCRS).
+    pub fn set_xcr(&mut self, index: u32, value: u64) -> Result<(), VmError> {
+        let mut x = self.fd.get_xcrs().map_err(VmError::ioctl("KVM_GET_XCRS"))?;
+        let n = x.nr_xcrs as usize;
+        match x.xcrs[..n].iter_mut().find(|e| e.xcr == index) {
+            Some(e) => e.value = value,
+            None => return Err(VmError::Config(format!("no XCR{index}"))),
+        }
+        self.fd.set_xcrs(&x).map_err(VmError::ioctl("KVM_SET_XCRS"))
+    }
+
     /// Single-steps this vCPU from now on (each step is a `SingleStep` event).
     pub fn set_single_step(&mut self, on: bool) {
         self.debug.user_step = on;

@@ -1,0 +1,191 @@
+//! The engine's `Guest` interface, implemented by the vCPU being handled.
+
+use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
+
+use vmiscope_introspect::arch::{Dtr, Regs, SRegs};
+use vmiscope_introspect::glue::{GlueError, Guest, PageRights};
+
+use crate::slots::Access;
+use crate::vcpu::VcpuCtl;
+
+fn failed(e: impl std::fmt::Display) -> GlueError {
+    GlueError::Failed(e.to_string())
+}
+
+impl Guest for VcpuCtl<'_> {
+    fn vcpu(&self) -> u32 {
+        self.id()
+    }
+
+    fn vcpu_count(&self) -> u32 {
+        self.vm().vcpu_count()
+    }
+
+    fn regs(&self) -> Regs {
+        let r = VcpuCtl::regs(self);
+        Regs {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: r.rflags,
+        }
+    }
+
+    fn set_regs(&mut self, g: &Regs) {
+        let mut r = VcpuCtl::regs(self);
+        (r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp) =
+            (g.rax, g.rbx, g.rcx, g.rdx, g.rsi, g.rdi, g.rsp, g.rbp);
+        (r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) =
+            (g.r8, g.r9, g.r10, g.r11, g.r12, g.r13, g.r14, g.r15);
+        (r.rip, r.rflags) = (g.rip, g.rflags);
+        VcpuCtl::set_regs(self, &r);
+    }
+
+    fn sregs(&self) -> SRegs {
+        let s = VcpuCtl::sregs(self);
+        SRegs {
+            cr0: s.cr0,
+            cr2: s.cr2,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            cr8: s.cr8,
+            efer: s.efer,
+            idtr: Dtr {
+                base: s.idt.base,
+                limit: s.idt.limit,
+            },
+            gdtr: Dtr {
+                base: s.gdt.base,
+                limit: s.gdt.limit,
+            },
+            cs_selector: s.cs.selector,
+            cs_base: s.cs.base,
+            fs_base: s.fs.base,
+            gs_base: s.gs.base,
+        }
+    }
+
+    fn set_sregs(&mut self, g: &SRegs) {
+        let mut s = VcpuCtl::sregs(self);
+        (s.cr0, s.cr3, s.cr4) = (g.cr0, g.cr3, g.cr4);
+        (s.idt.base, s.idt.limit, s.gdt.base, s.gdt.limit) =
+            (g.idtr.base, g.idtr.limit, g.gdtr.base, g.gdtr.limit);
+        VcpuCtl::set_sregs(self, &s);
+    }
+
+    fn xcr0(&self) -> Option<u64> {
+        self.xcr(0)
+    }
+
+    fn set_xcr0(&mut self, value: u64) -> Result<(), GlueError> {
+        self.set_xcr(0, value).map_err(failed)
+    }
+
+    fn ram_size(&self) -> u64 {
+        self.vm().ram.size()
+    }
+
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GlueError> {
+        self.vm()
+            .ram
+            .read(gpa, buf)
+            .map_err(|_| GlueError::OutsideRam(gpa))
+    }
+
+    fn write_phys(&mut self, gpa: u64, data: &[u8]) -> Result<(), GlueError> {
+        self.vm()
+            .ram
+            .write(gpa, data)
+            .map_err(|_| GlueError::OutsideRam(gpa))
+    }
+
+    fn cmpxchg_phys(&mut self, gpa: u64, expected: &[u8], new: &[u8]) -> Result<bool, GlueError> {
+        let n = expected.len();
+        if n != new.len()
+            || !matches!(n, 1 | 2 | 4 | 8)
+            || gpa % n as u64 != 0
+            || !self.vm().ram.contains(gpa, n as u64)
+        {
+            return Err(GlueError::Failed(format!(
+                "cmpxchg of {n} bytes at {gpa:#x}"
+            )));
+        }
+        let p = self.vm().ram.host_base() + gpa;
+        let le = |b: &[u8]| {
+            let mut a = [0u8; 8];
+            a[..b.len()].copy_from_slice(b);
+            u64::from_le_bytes(a)
+        };
+        let (old, new) = (le(expected), le(new));
+        // SAFETY: `p` is inside the guest RAM mapping (checked above), naturally
+        // aligned for the width, and the mapping outlives this call. Guest vCPUs
+        // access the same memory with their own atomic instructions, so an atomic
+        // host access is the correct way to share it.
+        let ok = unsafe {
+            match n {
+                1 => (*(p as *const AtomicU8))
+                    .compare_exchange(old as u8, new as u8, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok(),
+                2 => (*(p as *const AtomicU16))
+                    .compare_exchange(old as u16, new as u16, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok(),
+                4 => (*(p as *const AtomicU32))
+                    .compare_exchange(old as u32, new as u32, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok(),
+                _ => (*(p as *const AtomicU64))
+                    .compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok(),
+            }
+        };
+        Ok(ok)
+    }
+
+    fn set_page_rights(&mut self, gpa: u64, rights: PageRights) -> Result<(), GlueError> {
+        let a = match rights {
+            PageRights::Full => Access::Full,
+            PageRights::WriteTrapped => Access::WriteTrap,
+            PageRights::AllTrapped => Access::AllTrap,
+        };
+        self.vm()
+            .set_page_access(gpa, a)
+            .map(|_| ())
+            .map_err(|_| GlueError::OutsideRam(gpa))
+    }
+
+    fn commit_rights(&mut self) -> Result<(), GlueError> {
+        self.vm().commit_access().map(|_| ()).map_err(failed)
+    }
+
+    fn intercept_msr(&mut self, index: u32, read: bool, write: bool) -> Result<(), GlueError> {
+        self.vm().intercept_msr(index, read, write).map_err(failed)
+    }
+
+    fn set_breakpoint(&mut self, gpa: u64, on: bool) -> Result<(), GlueError> {
+        if on {
+            self.vm().insert_sw_breakpoint(gpa).map_err(failed)
+        } else {
+            self.vm()
+                .remove_sw_breakpoint(gpa)
+                .map(|_| ())
+                .map_err(failed)
+        }
+    }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), GlueError> {
+        VcpuCtl::inject_exception(self, vector, error_code).map_err(failed)
+    }
+}
