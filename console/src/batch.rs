@@ -5,7 +5,11 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
+use vmiscope_introspect::policy;
+use vmiscope_introspect::{Engine, Exceptions};
 use vmiscope_vmm::{Event, ExitHandler, Module, Reply, VcpuCtl, Vm, VmConfig};
+
+use crate::introspection::{FileJournal, Introspection, policy_env};
 
 use crate::cli::RunArgs;
 
@@ -51,9 +55,10 @@ pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, String> {
     })
 }
 
-/// Logs every event (with `--events`) and lets it happen.
+/// The engine, with `--events` printing every event first.
 struct BatchHandler {
     events: bool,
+    engine: Arc<Introspection>,
 }
 
 impl ExitHandler for BatchHandler {
@@ -66,8 +71,33 @@ impl ExitHandler for BatchHandler {
                 event
             );
         }
-        Reply::Continue
+        self.engine.on_event(cpu, event)
     }
+
+    fn on_exit(&self, cpu: &mut VcpuCtl<'_>) {
+        self.engine.on_exit(cpu)
+    }
+}
+
+/// The engine as the options ask for it.
+pub fn engine(a: &RunArgs, symbols: &vmiscope_vmm::Symbols) -> Result<Introspection, String> {
+    let mut e = Engine::new();
+    e.log_only = a.log_only;
+    if let Some(p) = &a.exceptions {
+        let text = std::fs::read_to_string(p)
+            .map_err(|err| format!("cannot read {}: {err}", p.display()))?;
+        e.exceptions = Exceptions::parse(&text).map_err(|err| format!("{}: {err}", p.display()))?;
+    }
+    if let Some(p) = &a.journal {
+        let j = FileJournal::create(p)
+            .map_err(|err| format!("cannot create {}: {err}", p.display()))?;
+        e.set_journal(Box::new(j));
+    }
+    let policies = match &a.protect {
+        Some(list) => policy::parse_list(list).map_err(|err| err.to_string())?,
+        None => vec![],
+    };
+    Ok(Introspection::new(e, policies, policy_env(symbols)))
 }
 
 pub fn run(a: &RunArgs) -> i32 {
@@ -95,6 +125,15 @@ pub fn run(a: &RunArgs) -> i32 {
             return 2;
         }
     };
+    let mut intro = match engine(a, &vm.shared().symbols) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("vmiscope: {e}");
+            return 2;
+        }
+    };
+    intro.print_alerts = true;
+    let intro = Arc::new(intro);
     vmiscope_vmm::install_interrupt_handler();
     vm.shared().serial.set_live(Box::new(|b| {
         let mut out = std::io::stdout().lock();
@@ -109,12 +148,25 @@ pub fn run(a: &RunArgs) -> i32 {
         cfg.vcpus,
         cfg.mem_mib
     );
-    let out = vm.run(Arc::new(BatchHandler { events: a.events }), &cfg);
+    let out = vm.run(
+        Arc::new(BatchHandler {
+            events: a.events,
+            engine: intro.clone(),
+        }),
+        &cfg,
+    );
     let summary: Vec<String> = out.exits.iter().map(|(c, n)| format!("{c}={n}")).collect();
     eprintln!(
         "[vmiscope] exits: {} (per vCPU: {:?})",
         summary.join(" "),
         out.exits_per_vcpu
+    );
+    let alerts = intro.alerts();
+    let enforced = alerts.iter().filter(|a| a.enforced).count();
+    eprintln!(
+        "[vmiscope] alerts: {} ({} enforced)",
+        alerts.len(),
+        enforced
     );
     eprintln!(
         "[vmiscope] stop: {} after {:.3} s",
@@ -135,6 +187,10 @@ pub fn run_default() -> i32 {
         cmdline: String::new(),
         modules: vec![],
         events: false,
+        protect: Some("all".into()),
+        log_only: false,
+        exceptions: None,
+        journal: None,
         no_irqchip: false,
         hypercall_quirk: false,
     };

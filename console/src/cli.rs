@@ -61,6 +61,18 @@ pub struct RunArgs {
     /// Print one line per handled event.
     #[arg(long)]
     pub events: bool,
+    /// Switch on protection policies: NAME[,NAME...] or `all` (see README).
+    #[arg(long, value_name = "NAMES")]
+    pub protect: Option<String>,
+    /// Report what would be denied, enforce nothing.
+    #[arg(long)]
+    pub log_only: bool,
+    /// Allow-list rules (JSON).
+    #[arg(long, value_name = "FILE")]
+    pub exceptions: Option<PathBuf>,
+    /// Every handled event and alert as JSON lines.
+    #[arg(long, value_name = "FILE")]
+    pub journal: Option<PathBuf>,
     /// Run without the in-kernel irqchip/PIT (HLT then exits to the VMM).
     #[arg(long)]
     pub no_irqchip: bool,

@@ -4,6 +4,7 @@ mod batch;
 mod bench;
 mod caps;
 mod cli;
+mod introspection;
 
 use std::process::ExitCode;
 

@@ -81,6 +81,8 @@ pub struct Engine {
     pub fatal: Option<String>,
     /// What an introcall hook answers (RBX for the guest).
     pub introcall_result: Option<u64>,
+    /// The start of the instruction being analysed, when the exit's RIP is not it.
+    pub(crate) insn_rip: Option<u64>,
     next_alert: u64,
 }
 
@@ -111,6 +113,7 @@ impl Engine {
             integrity: vec![],
             fatal: None,
             introcall_result: None,
+            insn_rip: None,
             next_alert: 0,
         }
     }
@@ -398,7 +401,11 @@ impl Engine {
             .map(|(_, o)| o.verdict)
             .max()
             .unwrap_or_default();
-        let (regs, s) = (guest.regs(), guest.sregs());
+        let (mut regs, s) = (guest.regs(), guest.sregs());
+        // KVM reports writes with RIP after the instruction; records name its start.
+        if let Some(rip) = self.insn_rip.take() {
+            regs.rip = rip;
+        }
         if verdict == Verdict::NotAllowed
             && let Some((hook, out)) = fired.iter().find(|(_, o)| o.verdict == Verdict::NotAllowed)
         {

@@ -30,6 +30,14 @@ impl Symbols {
         Symbols { by_addr }
     }
 
+    /// The symbol's size in bytes (0 when the ELF file does not say).
+    pub fn size(&self, name: &str) -> Option<u64> {
+        self.by_addr
+            .iter()
+            .find(|(_, _, n)| n == name)
+            .map(|(_, s, _)| *s)
+    }
+
     pub fn get(&self, name: &str) -> Option<u64> {
         self.by_addr
             .iter()
