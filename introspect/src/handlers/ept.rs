@@ -62,7 +62,7 @@ fn find_instruction(g: &dyn Guest, x: &MemExit) -> Option<Decoded> {
         d.accesses.iter().filter(|a| a.write).any(|a| {
             translate(g, a.gla).is_some_and(|gpa| {
                 if exact {
-                    gpa <= x.gpa && x.gpa + x.len <= gpa + a.size
+                    gpa == x.gpa && a.size == x.len
                 } else {
                     gpa & !0xfff == x.gpa & !0xfff
                 }
@@ -211,6 +211,7 @@ fn dispatch_all(
     let text = instr
         .map(|d| d.text.clone())
         .unwrap_or_else(|| "(instruction unverified)".into());
+    e.insn_rip = instr.map(|d| d.rip);
     e.conclude(g, Class::Ept, &info, Some(&text), &fired_all)
 }
 
