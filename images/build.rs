@@ -145,6 +145,13 @@ const IMAGES: &[(&str, &[&str], u32, &str, &str)] = &[
         "test",
         "writes garbage to every I/O port",
     ),
+    (
+        "toctou",
+        &["toctou.c"],
+        2,
+        "test",
+        "vCPU 1 rewrites the store vCPU 0 executes (TOCTOU)",
+    ),
 ];
 
 const CFLAGS: &[&str] = &[

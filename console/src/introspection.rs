@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use vmiscope_introspect::handlers::{self, BreakpointAction, MemAction, MemExit};
 use vmiscope_introspect::policy::{self, PolicyEnv};
-use vmiscope_introspect::{AccessKind, Alert, Engine, Journal, Verdict};
+use vmiscope_introspect::{AccessKind, Alert, Engine, Guest, Journal, Verdict};
 use vmiscope_vmm::{Event, ExitHandler, Reply, Symbols, VcpuCtl};
 
 /// A journal file: one JSON object per line, written as it happens (nothing
@@ -45,24 +45,44 @@ pub fn policy_env(sym: &Symbols) -> PolicyEnv {
     env
 }
 
+/// Setup run once the guest is up (policies, a test's hooks).
+pub type OnReady = Box<dyn FnOnce(&mut Engine, &mut dyn Guest) + Send>;
+
 pub struct Introspection {
     pub engine: Mutex<Engine>,
-    pending: Mutex<Vec<&'static str>>,
-    env: PolicyEnv,
+    pending: Mutex<Vec<OnReady>>,
     last_tick: Mutex<Instant>,
+    /// How often `handle_timer` runs (HVMI: once a second).
+    pub timer_period: Duration,
     /// Print each alert as it happens (batch mode).
     pub print_alerts: bool,
 }
 
 impl Introspection {
     pub fn new(engine: Engine, policies: Vec<&'static str>, env: PolicyEnv) -> Self {
+        let pending: Vec<OnReady> = policies
+            .into_iter()
+            .map(|name| {
+                let env = env.clone();
+                Box::new(move |e: &mut Engine, g: &mut dyn Guest| {
+                    if let Err(err) = policy::enable(e, g, name, &env) {
+                        eprintln!("[vmiscope] {err}");
+                    }
+                }) as OnReady
+            })
+            .collect();
         Introspection {
             engine: Mutex::new(engine),
-            pending: Mutex::new(policies),
-            env,
+            pending: Mutex::new(pending),
             last_tick: Mutex::new(Instant::now()),
+            timer_period: Duration::from_secs(1),
             print_alerts: false,
         }
+    }
+
+    /// Runs `f` once the guest runs on its own descriptor tables.
+    pub fn on_ready(&self, f: OnReady) {
+        self.pending.lock().unwrap().push(f);
     }
 
     pub fn alerts(&self) -> Vec<Alert> {
@@ -76,10 +96,8 @@ impl Introspection {
         if pending.is_empty() || VcpuCtl::sregs(cpu).idt.base == 0 {
             return;
         }
-        for name in pending.drain(..) {
-            if let Err(err) = policy::enable(e, cpu, name, &self.env) {
-                eprintln!("[vmiscope] {err}");
-            }
+        for f in pending.drain(..) {
+            f(e, cpu);
         }
         if let Err(err) = e.commit(cpu) {
             eprintln!("[vmiscope] {err}");
@@ -120,7 +138,7 @@ impl ExitHandler for Introspection {
         self.arm(&mut e, cpu);
         let tick = {
             let mut t = self.last_tick.lock().unwrap();
-            let due = t.elapsed() >= Duration::from_secs(1);
+            let due = t.elapsed() >= self.timer_period;
             if due {
                 *t = Instant::now();
             }

@@ -1,10 +1,6 @@
 //! `vmiscope`: an interactive, debugger-style VM introspection console on KVM.
 
-mod batch;
-mod bench;
-mod caps;
-mod cli;
-mod introspection;
+use vmiscope::{batch, bench, caps, cli};
 
 use std::process::ExitCode;
 

@@ -7,6 +7,8 @@ int main(void) {
     kprintf("cr: cr0 %lx cr3 %lx cr4 %lx\n", cr0, cr3, cr4);
     u64 e = write_cr0_safe(cr0 & ~(1UL << 16));
     kprintf("cr: cleared CR0.WP (%s), cr0 now %lx\n", e ? "fault" : "ok", read_cr0());
+    /* The print above made exits: a VMM that polls CRs has seen the change by now. */
+    kprintf("cr: cr0 after an exit %lx\n", read_cr0());
     e = write_cr0_safe(cr0);
     kprintf("cr: restored CR0 (%s), cr0 now %lx\n", e ? "fault" : "ok", read_cr0());
     e = write_cr4_safe(cr4 ^ (1UL << 7));

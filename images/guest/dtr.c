@@ -19,6 +19,8 @@ int main(void) {
     u64 e = lidt_safe(&n);
     sidt(&now);
     kprintf("dtr: lidt %lx (%s), idtr now %lx\n", n.base, e ? "fault" : "ok", now.base);
+    sidt(&now);
+    kprintf("dtr: idtr after an exit %lx\n", now.base);
     copy(gdt_copy, (const u8 *)gdt.base, gdt.limit + 1);
     n.base = (u64)gdt_copy;
     n.limit = gdt.limit;

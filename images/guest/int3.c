@@ -13,9 +13,12 @@ static USER u64 user_int3(u64 arg) {
 }
 
 int main(void) {
+    kprintf("int3: bp_target at %p\n", (u64)bp_target);
     u64 sum = 0;
     for (u64 i = 0; i < 3; i++) sum += bp_target(i);
     kprintf("int3: bp_target sum %d\n", sum);
+    /* A debugger's hidden breakpoint must read as the original byte. */
+    kprintf("int3: first byte of bp_target %x\n", *(volatile u8 *)bp_target);
     __asm__ volatile(".globl int3_cpl0\nint3_cpl0: int3" ::: "memory");
     run_user(user_int3, 0);
     kprintf("int3: guest handled %d #BP\n", rt_bp_count);

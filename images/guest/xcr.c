@@ -2,6 +2,16 @@
  * invalid value), printing what XGETBV reads back. */
 #include "rt/rt.h"
 
+/* Iterations of a CPL3 loop after the XSETBV, so a 1 Hz timer can look at XCR0
+ * (no exit exists for XSETBV); patched by tests, 0 by default. */
+volatile u64 xcr_spin = 0;
+
+static USER u64 user_spin(u64 n) {
+    volatile u64 x = 0;
+    for (u64 i = 0; i < n; i++) x += i;
+    return x;
+}
+
 int main(void) {
     u32 a, b, c, d;
     cpuid(1, 0, &a, &b, &c, &d);
@@ -12,6 +22,10 @@ int main(void) {
     kprintf("xcr: xcr0 %lx\n", xgetbv(0));
     e = xsetbv_safe(0, 3);
     kprintf("xcr: xsetbv xcr0 <- 3 (%s), xcr0 now %lx\n", e ? "fault" : "ok", xgetbv(0));
+    if (xcr_spin) {
+        run_user(user_spin, xcr_spin);
+        kprintf("xcr: xcr0 after a timer tick %lx\n", xgetbv(0));
+    }
     e = xsetbv_safe(0, 0);
     kprintf("xcr: xsetbv xcr0 <- 0 (%s), xcr0 now %lx\n", e ? "fault" : "ok", xgetbv(0));
     kputs("xcr: done\n");

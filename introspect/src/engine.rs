@@ -209,7 +209,18 @@ impl Engine {
     ) -> Result<(), GlueError> {
         let class = target.class();
         let c = self.class_counts.entry(class).or_default();
+        let was_on = *c > 0;
         *c = c.checked_add_signed(delta).unwrap_or(0);
+        if !was_on && *c > 0 {
+            // A polled class starts from the registers as they are now, so a change
+            // made before the first poll is still seen as a change.
+            let v = guest.vcpu();
+            match class {
+                Class::Cr | Class::Dtr => self.vcpu(v).last = Some(guest.sregs()),
+                Class::Xcr => self.vcpu(v).last_xcr0 = guest.xcr0(),
+                _ => {}
+            }
+        }
         match *target {
             Target::Gpa { gpa, rights, .. }
             | Target::Gva {

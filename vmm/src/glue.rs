@@ -117,7 +117,7 @@ impl Guest for VcpuCtl<'_> {
         let n = expected.len();
         if n != new.len()
             || !matches!(n, 1 | 2 | 4 | 8)
-            || gpa % n as u64 != 0
+            || !gpa.is_multiple_of(n as u64)
             || !self.vm().ram.contains(gpa, n as u64)
         {
             return Err(GlueError::Failed(format!(

@@ -318,6 +318,8 @@ impl VcpuThread {
             };
             if raw == RawExit::Intr {
                 self.fd.set_kvm_immediate_exit(0);
+            } else {
+                self.info().entered.store(true, Ordering::SeqCst);
             }
             let s = self.fd.sync_regs();
             let info = self.info();
@@ -813,17 +815,16 @@ impl VcpuThread {
     }
 
     fn exec_fault(&mut self, gva: u64, gpa: u64, cpl: u8) -> Flow {
+        // A fetch at one of our breakpoints is that breakpoint.
+        if self.vm.sw_breakpoint_at(gpa).is_some() {
+            return self.breakpoint(gva);
+        }
         match self.ask(&Event::ExecFault { gva, gpa, cpl }) {
             Reply::Stop(m) => self.stop(StopReason::Handler(m)),
             Reply::Retry => Flow::Continue,
             _ => {
-                let page = gpa & !(PAGE_SIZE - 1);
-                let access = self.vm.page_access(page);
-                if access == Access::AllTrap {
-                    if let Err(e) = self.vm.protect_page(page, Access::Full) {
-                        return self.stop(StopReason::Error(e.to_string()));
-                    }
-                    self.begin_step_over(vec![Restore::Page { gpa: page, access }]);
+                if let Err(e) = self.step_over_at(gpa) {
+                    return self.stop(StopReason::Error(e.to_string()));
                 }
                 Flow::Continue
             }
@@ -845,14 +846,10 @@ impl VcpuThread {
         }) {
             Reply::Stop(m) => self.stop(StopReason::Handler(m)),
             Reply::Retry => Flow::Continue,
-            _ if ours => {
-                let gpa = gpa.expect("ours implies a translation");
-                if let Some(orig) = self.vm.sw_breakpoint_at(gpa) {
-                    let _ = self.vm.ram.write(gpa, &[orig]);
-                }
-                self.begin_step_over(vec![Restore::SwBp { gpa }]);
-                Flow::Continue
-            }
+            _ if ours => match self.step_over_at(gpa.expect("ours implies a translation")) {
+                Ok(()) => Flow::Continue,
+                Err(e) => self.stop(StopReason::Error(e.to_string())),
+            },
             _ => {
                 // The guest's own INT3: deliver #BP with RIP after the INT3, as the CPU would.
                 self.set_regs(|r| r.rip = rip + 1);
@@ -862,6 +859,35 @@ impl VcpuThread {
                 }
             }
         }
+    }
+
+    /// Steps over the instruction at `gpa`: opens its page if it is execute-trapped,
+    /// and puts the original bytes under our INT3s on that page back for the step
+    /// (so the instruction neither traps again nor reads an INT3); all of it is
+    /// undone after the step.
+    fn step_over_at(&mut self, gpa: u64) -> Result<(), VmError> {
+        let page = gpa & !(PAGE_SIZE - 1);
+        let access = self.vm.page_access(page);
+        let mut restores = Vec::new();
+        if access == Access::AllTrap {
+            self.vm.protect_page(page, Access::Full)?;
+            restores.push(Restore::Page { gpa: page, access });
+        }
+        let bps: Vec<(u64, u8)> = self
+            .vm
+            .sw_bps
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(g, _)| *g & !(PAGE_SIZE - 1) == page)
+            .map(|(g, b)| (*g, *b))
+            .collect();
+        for (g, orig) in bps {
+            self.vm.ram.write(g, &[orig])?;
+            restores.push(Restore::SwBp { gpa: g });
+        }
+        self.begin_step_over(restores);
+        Ok(())
     }
 
     /// Runs one instruction with `restores` pending: single-step where this host

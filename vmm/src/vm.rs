@@ -73,6 +73,8 @@ pub(crate) struct VcpuInfo {
     /// RIP and CPL at the last exit (for timeout reports).
     pub(crate) last_rip: AtomicU64,
     pub(crate) last_cpl: AtomicU8,
+    /// Set at the vCPU's first real exit: it has executed guest code.
+    pub(crate) entered: AtomicBool,
 }
 
 /// vCPU run states.
@@ -100,6 +102,15 @@ pub struct VmShared {
     stop: Mutex<Option<StopReason>>,
     stopping: AtomicBool,
     pub(crate) started: Instant,
+    /// Held for reading by every vCPU while it is inside KVM_RUN; a memslot commit
+    /// takes it for writing, so no vCPU runs while a slot is briefly missing.
+    pub(crate) run_gate: std::sync::RwLock<()>,
+    /// A commit is waiting for the gate: vCPUs must not re-enter the guest.
+    pub(crate) gate_pending: AtomicBool,
+    /// The first multi-vCPU commit has waited for every vCPU to enter the guest.
+    warmed_up: AtomicBool,
+    /// `run` has started the vCPU threads.
+    running: AtomicBool,
 }
 
 struct Memslots<'a> {
@@ -160,14 +171,42 @@ impl VmShared {
     }
 
     /// Applies the recorded page-access changes as memslot changes, in one batch.
+    /// A split or merge deletes a slot before creating its replacement (KVM has no
+    /// atomic replace), so with several vCPUs the others are kicked out of the guest
+    /// and held at the run gate until the slots are whole again.
     pub fn commit_access(&self) -> Result<CommitStats, VmError> {
+        let mut slots = self.slots.lock().unwrap();
+        if !slots.is_dirty() {
+            return Ok(CommitStats::default());
+        }
+        // Before `run` no vCPU executes, so there is nothing to hold off.
+        let _quiet = if self.vcpus.len() > 1 && self.running.load(Ordering::SeqCst) {
+            // Measured on PVM: a vCPU whose first guest entry comes after a memslot
+            // change triple-faults on its first instruction. Let every vCPU enter
+            // once first (bounded: an AP waiting for INIT/SIPI never does).
+            if !self.warmed_up.swap(true, Ordering::SeqCst) {
+                let t = Instant::now();
+                while self.vcpus.iter().any(|v| !v.entered.load(Ordering::SeqCst))
+                    && t.elapsed() < Duration::from_millis(200)
+                {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+            self.gate_pending.store(true, Ordering::SeqCst);
+            for c in 0..self.vcpu_count() {
+                self.kick(c);
+            }
+            let g = self.run_gate.write().unwrap();
+            self.gate_pending.store(false, Ordering::SeqCst);
+            Some(g)
+        } else {
+            None
+        };
         let mut sink = Memslots {
             vm: &self.vm_fd,
             host: self.ram.host_base(),
         };
-        self.slots
-            .lock()
-            .unwrap()
+        slots
             .commit(&mut sink)
             .map_err(|e| VmError::Kvm(format!("KVM_SET_USER_MEMORY_REGION: {e}")))
     }
@@ -414,6 +453,7 @@ impl Vm {
                 state: AtomicU8::new(STATE_RUNNING),
                 last_rip: AtomicU64::new(0),
                 last_cpl: AtomicU8::new(0),
+                entered: AtomicBool::new(false),
             })
             .collect();
         let shared = Arc::new(VmShared {
@@ -432,6 +472,10 @@ impl Vm {
             stop: Mutex::new(None),
             stopping: AtomicBool::new(false),
             started: Instant::now(),
+            run_gate: std::sync::RwLock::new(()),
+            gate_pending: AtomicBool::new(false),
+            warmed_up: AtomicBool::new(false),
+            running: AtomicBool::new(false),
         });
         shared.commit_access()?;
         Ok(Vm {
@@ -461,6 +505,7 @@ impl Vm {
         kick::install();
         let shared = self.shared;
         let start = Instant::now();
+        shared.running.store(true, Ordering::SeqCst);
         let mut threads = Vec::new();
         for (id, fd) in self.fds.into_iter().enumerate() {
             let (tx, rx) = channel();

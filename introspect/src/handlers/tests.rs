@@ -552,7 +552,9 @@ fn dtr_xcr_introcall_and_timer() {
         ),
         Verdict::Allowed
     );
-    // Polling finds a CR4 change at the next exit and restores it.
+    // Polling finds a CR4 change at the next exit and restores it; the baseline is
+    // taken when the first CR hook is added.
+    g.sregs.cr4 = 0x620 | 1 << 20;
     e.add_hook(
         &mut g,
         Target::Cr {
@@ -563,8 +565,6 @@ fn dtr_xcr_introcall_and_timer() {
         Box::new(|_| Outcome::block("SMEP off")),
     )
     .unwrap();
-    g.sregs.cr4 = 0x620 | 1 << 20;
-    poll_registers(&mut e, &mut g);
     g.sregs.cr4 = 0x620;
     poll_registers(&mut e, &mut g);
     assert_eq!(g.sregs.cr4, 0x620 | 1 << 20);

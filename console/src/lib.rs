@@ -1,0 +1,7 @@
+//! The vmiscope console: command line, batch runs, the engine adapter, caps and bench.
+
+pub mod batch;
+pub mod bench;
+pub mod caps;
+pub mod cli;
+pub mod introspection;

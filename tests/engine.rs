@@ -1,0 +1,499 @@
+//! The introspection engine on real KVM: every HVMI handler with its alert and the
+//! guest-visible outcome; the demo end to end; exceptions; TOCTOU across vCPUs.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use common::kvm_available;
+use vmiscope::introspection::Introspection;
+use vmiscope_introspect::policy::PolicyEnv;
+use vmiscope_introspect::{Alert, Class, Cr, Engine, EventInfo, Guest, Outcome, Rights, Target};
+use vmiscope_vmm::{StopReason, Vm, VmConfig};
+
+fn cfg(vcpus: u32) -> VmConfig {
+    VmConfig {
+        vcpus,
+        timeout: Some(Duration::from_secs(60)),
+        tick: Duration::from_millis(50),
+        ..VmConfig::default()
+    }
+}
+
+/// Runs `image` with an engine whose setup `ready` runs once the guest is up.
+fn run(
+    image: &str,
+    patch: &[(&str, u64)],
+    ready: impl FnOnce(&mut Engine, &mut dyn Guest) + Send + 'static,
+) -> (String, Vec<Alert>, StopReason) {
+    let img = vmiscope_images::find(image).unwrap();
+    let c = cfg(img.vcpus);
+    let vm = Vm::new(&c, img.elf).unwrap();
+    for (sym, v) in patch {
+        vm.shared()
+            .ram
+            .write(vm.symbol(sym).unwrap(), &v.to_le_bytes())
+            .unwrap();
+    }
+    let mut intro = Introspection::new(Engine::new(), vec![], PolicyEnv::default());
+    intro.timer_period = Duration::from_millis(50);
+    intro.on_ready(Box::new(ready));
+    let intro = Arc::new(intro);
+    let out = vm.run(intro.clone(), &c);
+    eprintln!("--- serial ---\n{}--- {} ---", out.serial, out.reason);
+    (out.serial, intro.alerts(), out.reason)
+}
+
+fn block(why: &'static str) -> vmiscope_introspect::Callback {
+    Box::new(move |_| Outcome::block(why))
+}
+
+fn sym(image: &str, name: &str) -> u64 {
+    vmiscope_vmm::Symbols::parse(vmiscope_images::find(image).unwrap().elf)
+        .get(name)
+        .unwrap()
+}
+
+#[test]
+fn ept_violation_blocks_one_write_and_allows_another() {
+    if !kvm_available() {
+        return;
+    }
+    let target = sym("ept-write", "ept_target");
+    let (serial, alerts, reason) = run("ept-write", &[], move |e, g| {
+        let cb = Box::new(|ctx: &mut vmiscope_introspect::Ctx<'_>| match ctx.event {
+            EventInfo::Mem {
+                data: Some(0xc0ffee00),
+                ..
+            } => Outcome::block("magic value"),
+            _ => Outcome::allow(),
+        });
+        e.add_hook(
+            g,
+            Target::Gpa {
+                gpa: target,
+                len: 16,
+                rights: Rights::W,
+            },
+            "guard",
+            cb,
+        )
+        .unwrap();
+    });
+    assert_eq!(reason, StopReason::GuestExit(0));
+    assert!(
+        serial.contains("reads back 11111111\n"),
+        "blocked u32 write"
+    );
+    assert!(
+        serial.contains("reads back 1122334455667788"),
+        "allowed u64 write"
+    );
+    assert_eq!(alerts.len(), 1);
+    let a = &alerts[0];
+    assert_eq!((a.class, a.cpl), (Class::Ept, 0));
+    assert!(matches!(a.event, EventInfo::Mem { gpa, size: 4, .. } if gpa == target));
+    assert!(
+        a.instruction
+            .as_deref()
+            .unwrap()
+            .starts_with("mov dword ptr"),
+        "{:?}",
+        a.instruction
+    );
+}
+
+#[test]
+fn msr_violation_drops_a_write_and_alerts() {
+    if !kvm_available() {
+        return;
+    }
+    let (serial, alerts, _) = run("msr", &[], |e, g| {
+        e.add_hook(
+            g,
+            Target::Msr {
+                index: 0x176,
+                read: false,
+                write: true,
+            },
+            "sysenter",
+            block("SYSENTER_EIP"),
+        )
+        .unwrap();
+    });
+    assert!(
+        serial.contains("wrmsr ffffffff81c00100: ok, reads back 0"),
+        "dropped"
+    );
+    assert!(
+        serial.contains("reads back ffffffff81c00000"),
+        "LSTAR untouched by the hook"
+    );
+    assert_eq!(alerts.len(), 1);
+    assert!(matches!(
+        alerts[0].event,
+        EventInfo::Msr {
+            index: 0x176,
+            write: Some(0xffff_ffff_81c0_0100)
+        }
+    ));
+    assert_eq!(alerts[0].instruction.as_deref(), Some("wrmsr"));
+}
+
+#[test]
+fn cr_write_is_polled_and_restored() {
+    if !kvm_available() {
+        return;
+    }
+    let (serial, alerts, _) = run("cr", &[], |e, g| {
+        vmiscope_introspect::policy::enable(e, g, "cr0-wp", &PolicyEnv::default()).unwrap();
+    });
+    assert!(serial.contains("cr0 after an exit 80050033"), "WP put back");
+    assert_eq!(alerts.len(), 1, "{alerts:#?}");
+    assert!(matches!(
+        alerts[0].event,
+        EventInfo::Cr {
+            cr: Cr::Cr0,
+            detection: vmiscope_introspect::Detection::Polled,
+            ..
+        }
+    ));
+    assert!(
+        alerts[0].instruction.is_none(),
+        "polled: the writer is unknown"
+    );
+}
+
+#[test]
+fn dtr_load_is_polled_and_restored() {
+    if !kvm_available() {
+        return;
+    }
+    let (serial, alerts, _) = run("dtr", &[], |e, g| {
+        e.add_hook(
+            g,
+            Target::Dtr {
+                dtr: vmiscope_introspect::DtrKind::Idtr,
+            },
+            "idtr",
+            block("IDTR"),
+        )
+        .unwrap();
+    });
+    let line = serial
+        .lines()
+        .find(|l| l.contains("idtr after an exit"))
+        .unwrap();
+    assert!(
+        !line.ends_with("207000"),
+        "the rogue IDTR was undone: {line}"
+    );
+    assert_eq!(
+        alerts.iter().filter(|a| a.class == Class::Dtr).count(),
+        1,
+        "{alerts:#?}"
+    );
+}
+
+#[test]
+fn xcr_write_is_caught_on_the_timer() {
+    if !kvm_available() {
+        return;
+    }
+    let (serial, alerts, _) = run("xcr", &[("xcr_spin", 1_500_000_000)], |e, g| {
+        e.add_hook(g, Target::Xcr { index: 0 }, "xcr0", block("XCR0 changed"))
+            .unwrap();
+    });
+    assert!(
+        serial.contains("xcr0 after a timer tick 1\n"),
+        "XCR0 put back by the timer"
+    );
+    assert!(
+        alerts
+            .iter()
+            .any(|a| matches!(a.event, EventInfo::Xcr { old: 1, new: 3, .. })),
+        "{alerts:#?}"
+    );
+}
+
+#[test]
+fn introcall_is_answered_by_its_hook() {
+    if !kvm_available() {
+        return;
+    }
+    let (serial, alerts, _) = run("introcall", &[], |e, g| {
+        e.add_hook(
+            g,
+            Target::Introcall { op: Some(1) },
+            "op1",
+            Box::new(|ctx| {
+                if let EventInfo::Introcall { args, .. } = ctx.event {
+                    ctx.engine.introcall_result = Some(args[0] + args[1]);
+                }
+                Outcome::allow()
+            }),
+        )
+        .unwrap();
+        e.add_hook(
+            g,
+            Target::Introcall { op: Some(2) },
+            "op2",
+            block("op 2 refused"),
+        )
+        .unwrap();
+    });
+    assert!(
+        serial.contains(&format!(
+            "cpl0 op 1 -> status 0 result {:x}",
+            0x1234 + 0x5678
+        )),
+        "{serial}"
+    );
+    assert!(serial.contains("cpl3 op 2 -> status 0 result 0"));
+    assert_eq!(alerts.len(), 1);
+    assert_eq!(alerts[0].cpl, 3);
+}
+
+#[test]
+fn breakpoint_hook_fires_and_hides_its_int3() {
+    if !kvm_available() {
+        return;
+    }
+    let hits = Arc::new(AtomicU32::new(0));
+    let h = hits.clone();
+    let target = sym("int3", "bp_target");
+    let (serial, _, reason) = run("int3", &[], move |e, g| {
+        e.add_hook(
+            g,
+            Target::Breakpoint {
+                gva: target,
+                gpa: 0,
+            },
+            "bp",
+            Box::new(move |_| {
+                h.fetch_add(1, Ordering::SeqCst);
+                Outcome::allow()
+            }),
+        )
+        .unwrap();
+    });
+    assert_eq!(reason, StopReason::GuestExit(0));
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
+    assert!(serial.contains("bp_target sum 6"));
+    assert!(
+        serial.contains("first byte of bp_target 48"),
+        "the guest reads the original byte, not 0xcc"
+    );
+    assert!(
+        serial.contains("guest handled 2 #BP"),
+        "the guest's own INT3s still reach it"
+    );
+}
+
+#[test]
+fn timer_finds_an_integrity_violation_and_restores_it() {
+    if !kvm_available() {
+        return;
+    }
+    let img = vmiscope_images::find("hang").unwrap();
+    let c = cfg(1);
+    let vm = Vm::new(&c, img.elf).unwrap();
+    let gdt = vm.symbol("rt_gdt").unwrap();
+    let shared = vm.shared().clone();
+    let mut intro = Introspection::new(Engine::new(), vec![], PolicyEnv::default());
+    intro.timer_period = Duration::from_millis(50);
+    intro.on_ready(Box::new(move |e, g| {
+        e.add_integrity_region(g, "gdt", gdt, 40, true, block("GDT modified"))
+            .unwrap();
+    }));
+    let intro = Arc::new(intro);
+    let i2 = intro.clone();
+    let t = std::thread::spawn(move || vm.run(i2, &c));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut orig = [0u8; 8];
+    shared.ram.read(gdt + 8, &mut orig).unwrap();
+    shared.ram.write(gdt + 8, &[0xee; 8]).unwrap(); // a "rootkit" patches the GDT
+    let mut found = false;
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(20));
+        if !intro.alerts().is_empty() {
+            found = true;
+            break;
+        }
+    }
+    let mut now = [0u8; 8];
+    shared.ram.read(gdt + 8, &mut now).unwrap();
+    shared.stop(StopReason::User);
+    t.join().unwrap();
+    assert!(found, "no integrity alert");
+    assert!(matches!(intro.alerts()[0].event, EventInfo::Integrity { gva, .. } if gva == gdt));
+    assert_eq!(now, orig, "restored");
+}
+
+#[test]
+fn a_store_rewritten_by_another_vcpu_never_reaches_the_guarded_page() {
+    if !kvm_available() {
+        return;
+    }
+    let guarded = sym("toctou", "guarded");
+    let (serial, alerts, reason) = run("toctou", &[], move |e, g| {
+        e.add_hook(
+            g,
+            Target::Gpa {
+                gpa: guarded,
+                len: 4,
+                rights: Rights::W,
+            },
+            "guard",
+            block("guarded page"),
+        )
+        .unwrap();
+    });
+    assert_eq!(reason, StopReason::GuestExit(0));
+    assert!(
+        serial.contains("guarded 600d after"),
+        "a write slipped through: {serial}"
+    );
+    assert!(
+        !alerts.is_empty(),
+        "the race never hit the guarded page (vCPU 1 flips too slowly?)"
+    );
+    assert!(
+        alerts
+            .iter()
+            .all(|a| matches!(a.event, EventInfo::Mem { gpa, .. } if gpa == guarded))
+    );
+    // Each alert names an instruction that really writes there, or says it cannot.
+    for a in &alerts {
+        let i = a.instruction.as_deref().unwrap();
+        assert!(
+            i == "mov [rdi],edx" || i == "(instruction unverified)",
+            "{i}"
+        );
+    }
+}
+
+fn vmiscope(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmiscope"))
+        .args(args)
+        .output()
+        .unwrap();
+    let r = (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    eprintln!("{}{}", r.1, r.2);
+    r
+}
+
+fn journal_alerts(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("every journal line is JSON"))
+        .filter(|v| v["type"] == "alert")
+        .collect()
+}
+
+const ACTS: [(&str, &str); 6] = [
+    ("idt-entry", "ept"),
+    ("syscall-table", "ept"),
+    ("lstar", "msr"),
+    ("cr4-smep", "cr"),
+    ("idtr", "dtr"),
+    ("user-page", "ept"),
+];
+
+#[test]
+fn demo_every_act_blocked_with_one_alert_or_allowed_in_log_only_mode() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("vmiscope-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for log_only in [false, true] {
+        let j = dir.join(format!("j{log_only}.jsonl"));
+        let mut args = vec![
+            "run",
+            "demo",
+            "--batch",
+            "--protect",
+            "all",
+            "--journal",
+            j.to_str().unwrap(),
+        ];
+        if log_only {
+            args.push("--log-only");
+        }
+        let (code, out, _) = vmiscope(&args);
+        assert_eq!(code, Some(0));
+        let alerts = journal_alerts(&j);
+        let classes: Vec<&str> = alerts
+            .iter()
+            .map(|a| a["class"].as_str().unwrap())
+            .collect();
+        assert_eq!(classes, ACTS.map(|a| a.1), "one alert per act, in order");
+        for (act, _) in ACTS {
+            let want = if log_only { "succeeded" } else { "blocked" };
+            assert!(
+                out.contains(&format!("demo: act {act}: {want}")),
+                "{act} {want}"
+            );
+        }
+        assert!(alerts.iter().all(|a| a["enforced"] == !log_only));
+    }
+    // An exception for the LSTAR write lets that act through, silently.
+    let ex = dir.join("ex.json");
+    std::fs::write(
+        &ex,
+        r#"{"rules": [{"class": "msr", "msr": 3221225602, "comment": "allow LSTAR"}]}"#,
+    )
+    .unwrap();
+    let j = dir.join("jex.jsonl");
+    let (code, out, _) = vmiscope(&[
+        "run",
+        "demo",
+        "--batch",
+        "--protect",
+        "all",
+        "--exceptions",
+        ex.to_str().unwrap(),
+        "--journal",
+        j.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("demo: act lstar: succeeded"));
+    assert!(out.contains("summary: 1 succeeded, 5 blocked"));
+    let classes: Vec<String> = journal_alerts(&j)
+        .iter()
+        .map(|a| a["class"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(classes, ["ept", "ept", "cr", "dtr", "ept"]);
+    // Malformed exception files are refused before the guest starts.
+    for (text, want) in [
+        ("{\"rules\": [", "line 1"),
+        (
+            "{\"rules\": [{\"class\": \"msr\", \"msrr\": 1}]}",
+            "unknown field",
+        ),
+    ] {
+        std::fs::write(&ex, text).unwrap();
+        let (code, _, err) = vmiscope(&[
+            "run",
+            "demo",
+            "--batch",
+            "--exceptions",
+            ex.to_str().unwrap(),
+        ]);
+        assert_eq!(code, Some(2));
+        assert!(err.contains(want), "{err}");
+    }
+    let (code, _, err) = vmiscope(&["run", "demo", "--batch", "--protect", "idt,bogus"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("unknown policy `bogus`"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
