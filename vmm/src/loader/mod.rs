@@ -37,20 +37,8 @@ pub fn load(
     if image.is_empty() {
         return Err(LoadError::Empty);
     }
-    // The ELF parser reads headers in place and needs 8-byte alignment, which an
-    // `include_bytes!` or a sub-slice does not promise.
-    let words: Vec<u64> = image
-        .chunks(8)
-        .map(|c| {
-            let mut b = [0u8; 8];
-            b[..c.len()].copy_from_slice(c);
-            u64::from_ne_bytes(b)
-        })
-        .collect();
-    // SAFETY: `words` holds image.len() initialised bytes (plus padding), u8 has
-    // no alignment requirement, and the slice does not outlive `words`.
-    let image: &[u8] =
-        unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, image.len()) };
+    let words = aligned(image);
+    let image = as_bytes(&words, image.len());
     let symbols = Symbols::parse(image);
     if let Some(header) = multiboot::find_header(image)? {
         let entry = multiboot::load(ram, image, &header, cmdline, modules)?;
@@ -72,6 +60,26 @@ pub fn load(
         symbols,
         format: "ELF64",
     })
+}
+
+/// The ELF parser reads headers in place and needs 8-byte alignment, which an
+/// `include_bytes!` or a sub-slice does not promise: copy into u64 words.
+pub(crate) fn aligned(image: &[u8]) -> Vec<u64> {
+    image
+        .chunks(8)
+        .map(|c| {
+            let mut b = [0u8; 8];
+            b[..c.len()].copy_from_slice(c);
+            u64::from_ne_bytes(b)
+        })
+        .collect()
+}
+
+pub(crate) fn as_bytes(words: &[u64], len: usize) -> &[u8] {
+    assert!(len <= words.len() * 8);
+    // SAFETY: `words` holds at least `len` initialised bytes, u8 has no alignment
+    // requirement, and the returned slice borrows `words`.
+    unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, len) }
 }
 
 /// Checks that `[gpa, gpa+len)` fits in RAM above the boot area.
