@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuExit;
 use serde::Serialize;
+use vmiscope_introspect::policy::PolicyEnv;
+use vmiscope_introspect::{Engine, Outcome, Rights, Target};
 use vmiscope_vmm::{Access, Event, ExitHandler, HostKind, Reply, VcpuCtl, Vm, VmConfig};
+
+use crate::introspection::{Introspection, OnReady};
 
 #[derive(Debug, Serialize)]
 pub struct Figure {
@@ -61,21 +65,35 @@ impl Workload {
 }
 
 fn build(w: Workload, n: u64) -> Result<Vm, String> {
-    let img = vmiscope_images::find("spin").ok_or("missing image")?;
-    let vm = Vm::new(&VmConfig::default(), img.elf).map_err(|e| e.to_string())?;
+    let vm = spin_vm(w.mode(), n, 1)?;
     let sh = vm.shared();
-    for (sym, v) in [("spin_mode", w.mode()), ("spin_count", n)] {
-        let at = vm.symbol(sym).ok_or("spin image lacks its symbols")?;
-        sh.ram
-            .write(at, &v.to_le_bytes())
-            .map_err(|e| e.to_string())?;
-    }
     if let Workload::Mmio { .. } = w {
         sh.protect_page(
             vm.symbol("spin_page").ok_or("no spin_page")?,
             Access::WriteTrap,
         )
         .map_err(|e| e.to_string())?;
+    }
+    Ok(vm)
+}
+
+/// The `spin` image with its mode and count patched in.
+fn spin_vm(mode: u64, n: u64, vcpus: u32) -> Result<Vm, String> {
+    let img = vmiscope_images::find("spin").ok_or("missing image")?;
+    let vm = Vm::new(
+        &VmConfig {
+            vcpus,
+            ..VmConfig::default()
+        },
+        img.elf,
+    )
+    .map_err(|e| e.to_string())?;
+    for (sym, v) in [("spin_mode", mode), ("spin_count", n)] {
+        let at = vm.symbol(sym).ok_or("spin image lacks its symbols")?;
+        vm.shared()
+            .ram
+            .write(at, &v.to_le_bytes())
+            .map_err(|e| e.to_string())?;
     }
     Ok(vm)
 }
@@ -150,6 +168,243 @@ fn vmiscope(w: Workload, n: u64) -> Result<f64, String> {
     }
     let s = stamp.0.lock().unwrap();
     per_exit(s.0, s.1, s.2)
+}
+
+/// The engine behind a timestamping wrapper.
+struct Timed {
+    intro: Arc<Introspection>,
+    stamp: Stamp,
+}
+
+impl ExitHandler for Timed {
+    fn on_event(&self, cpu: &mut VcpuCtl<'_>, e: &Event) -> Reply {
+        let r = self.intro.on_event(cpu, e);
+        if matches!(e, Event::Mem(_) | Event::Breakpoint { .. }) {
+            let now = Instant::now();
+            let mut s = self.stamp.0.lock().unwrap();
+            s.0.get_or_insert(now);
+            s.1 = Some(now);
+            s.2 += 1;
+        }
+        r
+    }
+    fn on_exit(&self, cpu: &mut VcpuCtl<'_>) {
+        self.intro.on_exit(cpu)
+    }
+}
+
+/// One run of `spin` under the engine.
+struct EngineRun {
+    /// Microseconds per event, first to last.
+    per_event_us: f64,
+    events: u64,
+    /// The engine's own time per handled event (decode, walk, dispatch, verdict).
+    engine_us: f64,
+    /// Non-KVM_RUN ioctls during the run, per event.
+    ioctls_per_event: f64,
+}
+
+fn engine_run(mode: u64, n: u64, vcpus: u32, setup: OnReady) -> Result<EngineRun, String> {
+    let vm = spin_vm(mode, n, vcpus)?;
+    let shared = vm.shared().clone();
+    let intro = Arc::new(Introspection::new(
+        Engine::new(),
+        vec![],
+        PolicyEnv::default(),
+    ));
+    intro.on_ready(setup);
+    let h = Arc::new(Timed {
+        intro: intro.clone(),
+        stamp: Stamp::default(),
+    });
+    let cfg = VmConfig {
+        vcpus,
+        timeout: Some(Duration::from_secs(300)),
+        ..VmConfig::default()
+    };
+    let ioctls_before = Arc::new(Mutex::new(None::<u64>));
+    let out = vm.run(h.clone(), &cfg);
+    drop(ioctls_before);
+    if out.reason.exit_status() != 0 {
+        return Err(format!("spin did not finish: {}", out.reason));
+    }
+    let s = h.stamp.0.lock().unwrap();
+    let e = intro.engine.lock().unwrap();
+    // A run that only times hook bookkeeping has no events: NaN, not an error.
+    let per = per_exit(s.0, s.1, s.2)
+        .map(|ns| ns / 1e3)
+        .unwrap_or(f64::NAN);
+    Ok(EngineRun {
+        per_event_us: per,
+        events: s.2,
+        engine_us: e.latency.total_ns as f64 / e.latency.count.max(1) as f64 / 1e3,
+        ioctls_per_event: shared.ioctl_count() as f64 / s.2.max(1) as f64,
+    })
+}
+
+fn spin_sym(name: &str) -> Result<u64, String> {
+    let img = vmiscope_images::find("spin").ok_or("missing image")?;
+    vmiscope_vmm::Symbols::parse(img.elf)
+        .get(name)
+        .ok_or_else(|| format!("spin lacks {name}"))
+}
+
+/// A write hook over `[off, off+len)` of spin_page that allows everything.
+fn write_hook(off: u64, len: u64) -> Result<OnReady, String> {
+    let page = spin_sym("spin_page")?;
+    Ok(Box::new(move |e, g| {
+        let t = Target::Gpa {
+            gpa: page + off,
+            len,
+            rights: Rights::W,
+        };
+        e.add_hook(g, t, "bench", Box::new(|_| Outcome::allow()))
+            .expect("bench hook");
+    }))
+}
+
+fn engine_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<(), String> {
+    let med = |v: &Vec<EngineRun>, f: fn(&EngineRun) -> f64| median(v.iter().map(f).collect());
+    for (cpl3, mode) in [(false, 3u64), (true, 0u64)] {
+        let (mut hooked, mut base) = (vec![], vec![]);
+        for _ in 0..repeat {
+            base.push(raw(Workload::Mmio { cpl3 }, n)? / 1e3);
+            hooked.push(engine_run(mode, n, 1, write_hook(0, 64)?)?);
+        }
+        let (v, b) = (med(&hooked, |r| r.per_event_us), median(base));
+        let cpl = if cpl3 { 3 } else { 0 };
+        figures.push(Figure {
+            name: format!("hooked, allowed, emulated write, CPL{cpl}"),
+            unit: "us/event",
+            value: v,
+            baseline: Some(b),
+            ratio: Some(v / b),
+            note: "engine dispatch + emulated write vs the raw MMIO exit".into(),
+        });
+        figures.push(Figure {
+            name: format!("engine CPU time per event, CPL{cpl}"),
+            unit: "us",
+            value: med(&hooked, |r| r.engine_us),
+            baseline: None,
+            ratio: None,
+            note: "decode + page walk + dispatch + verdict, measured inside the handler".into(),
+        });
+    }
+    let outside: Vec<EngineRun> = (0..repeat)
+        .map(|_| engine_run(0, n, 1, write_hook(0x800, 8)?))
+        .collect::<Result<_, _>>()?;
+    figures.push(Figure {
+        name: "write on a hooked page, outside every hook".into(),
+        unit: "ioctls/event",
+        value: med(&outside, |r| r.ioctls_per_event),
+        baseline: None,
+        ratio: None,
+        note: format!(
+            "{:.2} us/event; emulated from the VMM's mapping, no ioctl but KVM_RUN",
+            med(&outside, |r| r.per_event_us)
+        ),
+    });
+    for vcpus in [1u32, 2] {
+        let runs: Vec<EngineRun> = (0..repeat)
+            .map(|_| engine_run(0, n, vcpus, write_hook(0, 64)?))
+            .collect::<Result<_, _>>()?;
+        let rate = median(
+            runs.iter()
+                .map(|r| r.events as f64 / (r.per_event_us * (r.events - 1) as f64 / 1e6))
+                .collect(),
+        );
+        figures.push(Figure {
+            name: format!("hooked-write events per second, {vcpus} vCPU"),
+            unit: "events/s",
+            value: rate,
+            baseline: None,
+            ratio: None,
+            note: "CPL3 write loop on a hooked page, every vCPU".into(),
+        });
+    }
+    let bp = spin_sym("spin_bp")?;
+    let mut bps = vec![];
+    let mut io0 = vec![];
+    for _ in 0..repeat {
+        io0.push(raw(Workload::Io { cpl3: false }, n)? / 1e3);
+        bps.push(engine_run(
+            6,
+            n.min(5000),
+            1,
+            Box::new(move |e, g| {
+                // (the hook's page is read-trapped to hide the INT3, so each call also
+                // costs an execute fault for the RET on that page)
+                e.add_hook(
+                    g,
+                    Target::Breakpoint { gva: bp, gpa: 0 },
+                    "bench",
+                    Box::new(|_| Outcome::allow()),
+                )
+                .expect("bp");
+            }),
+        )?);
+    }
+    let (v, b) = (med(&bps, |r| r.per_event_us), median(io0));
+    figures.push(Figure {
+        name: "breakpoint hit round trip (hidden INT3, CPL0)".into(),
+        unit: "us/hit",
+        value: v,
+        baseline: Some(b),
+        ratio: Some(v / b),
+        note: "INT3 exit + engine + step-over vs one raw I/O exit at CPL0".into(),
+    });
+    let times = Arc::new(Mutex::new((0f64, 0f64)));
+    let t2 = times.clone();
+    let page = spin_sym("spin_page")?;
+    engine_run(
+        1,
+        10,
+        1,
+        Box::new(move |e, g| {
+            const K: u32 = 50;
+            let (mut add, mut del) = (0f64, 0f64);
+            for _ in 0..K {
+                let t = Instant::now();
+                let id = e
+                    .add_hook(
+                        g,
+                        Target::Gpa {
+                            gpa: page,
+                            len: 8,
+                            rights: Rights::W,
+                        },
+                        "b",
+                        Box::new(|_| Outcome::allow()),
+                    )
+                    .expect("hook");
+                e.commit(g).expect("commit");
+                add += t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                e.remove_hook(id).expect("remove");
+                e.commit(g).expect("commit");
+                del += t.elapsed().as_secs_f64();
+            }
+            *t2.lock().unwrap() = (add / K as f64 * 1e6, del / K as f64 * 1e6);
+        }),
+    )?;
+    let (add, del) = *times.lock().unwrap();
+    figures.push(Figure {
+        name: "add one write hook (protect + commit)".into(),
+        unit: "us",
+        value: add,
+        baseline: None,
+        ratio: None,
+        note: "engine bookkeeping + memslot split".into(),
+    });
+    figures.push(Figure {
+        name: "remove one write hook (flag + commit)".into(),
+        unit: "us",
+        value: del,
+        baseline: None,
+        ratio: None,
+        note: "engine bookkeeping + memslot merge".into(),
+    });
+    Ok(())
 }
 
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -237,6 +492,7 @@ pub fn measure(iterations: u64, repeat: usize) -> Result<Report, String> {
         ratio: None,
         note: format!("{ioctls} memslot ioctls per operation (merge back)"),
     });
+    engine_figures(iterations, repeat, &mut figures)?;
     figures.push(Figure {
         name: "hello: process start to guest exit".into(),
         unit: "ms",

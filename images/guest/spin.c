@@ -1,11 +1,16 @@
 /* spin: benchmark workloads. The VMM may patch `spin_mode` and `spin_count` before
  * the run (by symbol). Modes: 0 CPL3 writes to spin_page, 1 CPL3 `out`, 2 CPL0 `out`,
- * 3 CPL0 writes to spin_page, 4 CPL3 compute loop, 5 CPL3 loop that never exits. */
+ * 3 CPL0 writes to spin_page, 4 CPL3 compute loop, 5 CPL3 loop that never exits,
+ * 6 CPL0 calls of `spin_bp` (alone on its page, for breakpoints). In mode 0 every
+ * other vCPU runs the same write loop, and vCPU 0 waits for them. */
 #include "rt/rt.h"
 
 volatile u64 spin_mode = 0;
 volatile u64 spin_count = 100000;
 PAGE(spin_page) volatile u64 spin_page[512];
+static volatile int aps_done;
+
+__attribute__((section(".page.spin_bp"), aligned(4096), noinline, used)) u64 spin_bp(u64 x) { return x + 1; }
 
 static USER u64 user_spin(u64 mode) {
     u64 n = spin_count;
@@ -18,15 +23,26 @@ static USER u64 user_spin(u64 mode) {
     return n;
 }
 
+void ap_main(int cpu) {
+    (void)cpu;
+    if (spin_mode == 0) run_user(user_spin, 0);
+    __sync_fetch_and_add(&aps_done, 1);
+}
+
 int main(void) {
     u64 mode = spin_mode, n = spin_count;
     kprintf("spin: mode %d count %d\n", mode, n);
-    if (mode == 2)
+    if (mode == 6) {
+        u64 s = 0;
+        for (u64 i = 0; i < n; i++) s = spin_bp(s);
+        kprintf("spin: spin_bp called %d times\n", s);
+    } else if (mode == 2)
         for (u64 i = 0; i < n; i++) outb(0x80, (u8)i);
     else if (mode == 3)
         for (u64 i = 0; i < n; i++) spin_page[i & 7] = i;
     else
         run_user(user_spin, mode);
+    while (aps_done < rt_ncpus - 1) cpu_relax();
     kputs("spin: done\n");
     return 0;
 }

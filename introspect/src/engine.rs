@@ -83,6 +83,10 @@ pub struct Engine {
     pub introcall_result: Option<u64>,
     /// The start of the instruction being analysed, when the exit's RIP is not it.
     pub(crate) insn_rip: Option<u64>,
+    /// Instructions found for (CR3, reported RIP, write?): where they start and their
+    /// bytes. Reused only after re-reading the bytes from guest memory and finding
+    /// them unchanged (HVMI's instruction cache, keyed the same way).
+    pub(crate) insn_cache: HashMap<(u64, u64, bool), (u64, Vec<u8>)>,
     next_alert: u64,
 }
 
@@ -114,6 +118,7 @@ impl Engine {
             fatal: None,
             introcall_result: None,
             insn_rip: None,
+            insn_cache: HashMap::new(),
             next_alert: 0,
         }
     }

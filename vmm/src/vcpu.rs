@@ -157,6 +157,7 @@ impl VcpuCtl<'_> {
     /// An extended control register (XCR0 …); one KVM_GET_XCRS ioctl, so poll it
     /// on timer ticks rather than on every exit.
     pub fn xcr(&self, index: u32) -> Option<u64> {
+        self.vm.count_ioctls(1);
         let x = self.fd.get_xcrs().ok()?;
         x.xcrs[..x.nr_xcrs as usize]
             .iter()
@@ -166,6 +167,7 @@ impl VcpuCtl<'_> {
 
     /// Writes an extended control register (KVM_SET_XCRS).
     pub fn set_xcr(&mut self, index: u32, value: u64) -> Result<(), VmError> {
+        self.vm.count_ioctls(2);
         let mut x = self.fd.get_xcrs().map_err(VmError::ioctl("KVM_GET_XCRS"))?;
         let n = x.nr_xcrs as usize;
         match x.xcrs[..n].iter_mut().find(|e| e.xcr == index) {
@@ -188,6 +190,7 @@ impl VcpuCtl<'_> {
 
     /// Injects an exception into the guest on the next entry.
     pub fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), VmError> {
+        self.vm.count_ioctls(2);
         inject(self.fd, vector, error_code)
     }
 }
@@ -370,6 +373,7 @@ impl VcpuThread {
         if self.debug.applied == Some((control, regs)) && self.debug.generation == generation {
             return Ok(());
         }
+        self.vm.count_ioctls(1);
         let mut dbg = kvm_guest_debug {
             control,
             ..Default::default()
@@ -671,6 +675,7 @@ impl VcpuThread {
     }
 
     fn get_msr(&self, index: u32) -> Option<u64> {
+        self.vm.count_ioctls(1);
         let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
             index,
             ..Default::default()
@@ -681,6 +686,7 @@ impl VcpuThread {
 
     /// KVM does not apply a write it handed to user space: the VMM must.
     fn set_msr(&self, index: u32, data: u64) -> bool {
+        self.vm.count_ioctls(1);
         kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
             index,
             data,
@@ -793,6 +799,7 @@ impl VcpuThread {
         // XGETBV: read the XCR through KVM_GET_XCRS.
         if bytes.starts_with(&[0x0f, 0x01, 0xd0]) {
             let index = self.regs().rcx as u32;
+            self.vm.count_ioctls(1);
             let Ok(xcrs) = self.fd.get_xcrs() else {
                 return false;
             };
@@ -853,6 +860,7 @@ impl VcpuThread {
             _ => {
                 // The guest's own INT3: deliver #BP with RIP after the INT3, as the CPU would.
                 self.set_regs(|r| r.rip = rip + 1);
+                self.vm.count_ioctls(2);
                 match inject(&self.fd, 3, None) {
                     Ok(()) => Flow::Continue,
                     Err(e) => self.stop(StopReason::Error(e.to_string())),

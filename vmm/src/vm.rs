@@ -111,6 +111,8 @@ pub struct VmShared {
     warmed_up: AtomicBool,
     /// `run` has started the vCPU threads.
     running: AtomicBool,
+    /// KVM ioctls issued while running, other than KVM_RUN (for `bench`).
+    ioctls: AtomicU64,
 }
 
 struct Memslots<'a> {
@@ -144,6 +146,15 @@ impl Memslots<'_> {
 }
 
 impl VmShared {
+    /// KVM ioctls issued while running, other than KVM_RUN.
+    pub fn ioctl_count(&self) -> u64 {
+        self.ioctls.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_ioctls(&self, n: u64) {
+        self.ioctls.fetch_add(n, Ordering::Relaxed);
+    }
+
     pub fn vcpu_count(&self) -> u32 {
         self.vcpus.len() as u32
     }
@@ -206,9 +217,11 @@ impl VmShared {
             vm: &self.vm_fd,
             host: self.ram.host_base(),
         };
-        slots
+        let st = slots
             .commit(&mut sink)
-            .map_err(|e| VmError::Kvm(format!("KVM_SET_USER_MEMORY_REGION: {e}")))
+            .map_err(|e| VmError::Kvm(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
+        self.count_ioctls(st.ioctls() as u64);
+        Ok(st)
     }
 
     /// Sets and commits the access of one page.
@@ -222,6 +235,7 @@ impl VmShared {
         let mut m = self.msrs.lock().unwrap();
         let old = m.get(index);
         m.set(index, read, write);
+        self.count_ioctls(1);
         m.apply(&self.vm_fd).map_err(|e| {
             m.set(index, old.0, old.1);
             VmError::Config(e)
@@ -476,6 +490,7 @@ impl Vm {
             gate_pending: AtomicBool::new(false),
             warmed_up: AtomicBool::new(false),
             running: AtomicBool::new(false),
+            ioctls: AtomicU64::new(0),
         });
         shared.commit_access()?;
         Ok(Vm {

@@ -56,6 +56,30 @@ fn translate(g: &dyn Guest, gla: u64) -> Option<u64> {
         .map(|t| t.gpa)
 }
 
+/// The instruction behind the exit, from the cache when its bytes are unchanged.
+fn instruction(e: &mut Engine, g: &dyn Guest, x: &MemExit) -> Option<Decoded> {
+    let key = (g.sregs().cr3, x.rip, x.access == AccessKind::Write);
+    if let Some((start, bytes)) = e.insn_cache.get(&key) {
+        let mut now = vec![0u8; bytes.len()];
+        let same = translate(g, *start).is_some_and(|gpa| {
+            // Bytes crossing into the next page are re-read through the walk.
+            (gpa & 0xfff) + bytes.len() as u64 <= 0x1000
+                && g.read_phys(gpa, &mut now).is_ok()
+                && now == *bytes
+        });
+        if same && let Ok(d) = decode::decode_bytes(bytes, *start, &g.regs(), &g.sregs()) {
+            return Some(d);
+        }
+        e.insn_cache.remove(&key);
+    }
+    let d = find_instruction(g, x)?;
+    if e.insn_cache.len() > 4096 {
+        e.insn_cache.clear();
+    }
+    e.insn_cache.insert(key, (d.rip, d.bytes.clone()));
+    Some(d)
+}
+
 /// The instruction behind the exit (see the module docs).
 fn find_instruction(g: &dyn Guest, x: &MemExit) -> Option<Decoded> {
     let covers = |d: &Decoded, exact: bool| {
@@ -99,7 +123,7 @@ pub fn handle_ept_violation(
 ) -> (Verdict, MemAction) {
     engine.handle(guest, Class::Ept, |e, g| {
         let vcpu = g.vcpu();
-        let instr = find_instruction(g, x);
+        let instr = instruction(e, g, x);
         let (start, end) = match &instr {
             Some(d) => (d.rip, d.rip + d.len() as u64),
             None => (x.rip, x.rip),
