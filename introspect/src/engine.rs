@@ -191,7 +191,7 @@ impl Engine {
                 }
                 *gpa = Some(t.gpa);
             }
-            Target::Breakpoint { gva, gpa } => {
+            Target::Breakpoint { gva, gpa, .. } => {
                 let s = guest.sregs();
                 let t = crate::paging::translate(&crate::decode::phys(guest), s.paging(), *gva)
                     .map_err(|_| HookError::Unmapped(*gva))?;
@@ -235,10 +235,12 @@ impl Engine {
             } => {
                 self.page_rights(guest, gpa, rights, delta)?;
             }
-            Target::Breakpoint { gpa, .. } => {
-                // The page is read-trapped so guest reads of the INT3 return the
-                // original byte (AllowedPatched).
-                self.page_rights(guest, gpa, Rights::R, delta)?;
+            Target::Breakpoint { gpa, hidden, .. } => {
+                // A hidden breakpoint's page is read-trapped so guest reads of the
+                // INT3 return the original byte (AllowedPatched).
+                if hidden {
+                    self.page_rights(guest, gpa, Rights::R, delta)?;
+                }
                 guest.set_breakpoint(gpa, delta > 0)?;
                 if delta < 0 {
                     self.hidden.remove(&gpa);

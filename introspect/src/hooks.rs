@@ -111,10 +111,13 @@ pub enum Target {
     Xcr {
         index: u32,
     },
-    /// A hidden INT3 at `gva` (mapped at `gpa`).
+    /// An INT3 at `gva` (mapped at `gpa`). `hidden`: guest reads of the byte return
+    /// the original (the page is read-trapped for that, so every instruction
+    /// fetched from it also exits: expensive on code pages, see `vmiscope bench`).
     Breakpoint {
         gva: u64,
         gpa: u64,
+        hidden: bool,
     },
     /// Introcall sub-op (None: every one).
     Introcall {
@@ -157,7 +160,7 @@ impl Target {
                 ..
             } => Some((gva & 0xfff, len, rights)),
             // A hidden breakpoint hides its byte from reads.
-            Target::Breakpoint { gpa, .. } => Some((gpa & 0xfff, 1, Rights::R)),
+            Target::Breakpoint { gpa, hidden: true, .. } => Some((gpa & 0xfff, 1, Rights::R)),
             _ => None,
         }
     }
