@@ -268,7 +268,11 @@ fn breakpoint_hook_fires_and_hides_its_int3() {
     let (serial, _, reason) = run("int3", &[], move |e, g| {
         e.add_hook(
             g,
-            Target::Breakpoint { gva: target, gpa: 0, hidden: true },
+            Target::Breakpoint {
+                gva: target,
+                gpa: 0,
+                hidden: true,
+            },
             "bp",
             Box::new(move |_| {
                 h.fetch_add(1, Ordering::SeqCst);

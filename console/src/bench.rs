@@ -328,14 +328,22 @@ fn engine_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<()
         for _ in 0..repeat {
             io0.push(raw(Workload::Io { cpl3: false }, n)? / 1e3);
             let hook: OnReady = Box::new(move |e, g| {
-                let t = Target::Breakpoint { gva: bp, gpa: 0, hidden };
-                e.add_hook(g, t, "bench", Box::new(|_| Outcome::allow())).expect("bp");
+                let t = Target::Breakpoint {
+                    gva: bp,
+                    gpa: 0,
+                    hidden,
+                };
+                e.add_hook(g, t, "bench", Box::new(|_| Outcome::allow()))
+                    .expect("bp");
             });
             bps.push(engine_run(6, n.min(5000), 1, hook)?);
         }
         let (v, b) = (med(&bps, |r| r.per_event_us), median(io0));
         figures.push(Figure {
-            name: format!("breakpoint hit round trip, {}, CPL0", if hidden { "hidden" } else { "visible" }),
+            name: format!(
+                "breakpoint hit round trip, {}, CPL0",
+                if hidden { "hidden" } else { "visible" }
+            ),
             unit: "us/hit",
             value: v,
             baseline: Some(b),
@@ -345,7 +353,8 @@ fn engine_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<()
                  opens and closes it (memslot ioctls) and its other instructions fault too"
                     .into()
             } else {
-                "INT3 exit + engine + single-step over the original byte, vs one raw I/O exit".into()
+                "INT3 exit + engine + single-step over the original byte, vs one raw I/O exit"
+                    .into()
             },
         });
     }

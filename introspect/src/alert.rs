@@ -12,6 +12,9 @@ pub struct Alert {
     pub id: u64,
     /// The event (handler invocation) that raised it.
     pub event_id: u64,
+    /// Milliseconds since the engine started (for a polled change: when it was
+    /// noticed, not when the guest made it).
+    pub at_ms: u64,
     pub class: Class,
     pub vcpu: u32,
     pub rip: u64,

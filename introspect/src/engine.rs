@@ -81,6 +81,7 @@ pub struct Engine {
     pub fatal: Option<String>,
     /// What an introcall hook answers (RBX for the guest).
     pub introcall_result: Option<u64>,
+    started: Instant,
     /// The start of the instruction being analysed, when the exit's RIP is not it.
     pub(crate) insn_rip: Option<u64>,
     /// Instructions found for (CR3, reported RIP, write?): where they start and their
@@ -117,6 +118,7 @@ impl Engine {
             integrity: vec![],
             fatal: None,
             introcall_result: None,
+            started: Instant::now(),
             insn_rip: None,
             insn_cache: HashMap::new(),
             next_alert: 0,
@@ -489,6 +491,7 @@ impl Engine {
         Alert {
             id: self.next_alert,
             event_id: self.event_id,
+            at_ms: self.started.elapsed().as_millis() as u64,
             class,
             vcpu,
             rip: regs.rip,

@@ -38,6 +38,8 @@ pub enum EventInfo {
         access: AccessKind,
         /// The bytes being written (little-endian), for the access KVM reported.
         data: Option<u64>,
+        /// What memory held before the write (a trapped write has not landed yet).
+        old: Option<u64>,
     },
     Msr {
         index: u32,

@@ -180,4 +180,46 @@ mod tests {
                 .is_empty()
         );
     }
+
+    #[test]
+    fn an_alert_turned_into_a_rule_matches_it_and_only_it() {
+        use crate::verdict::Verdict;
+        let mem = |gla: u64| EventInfo::Mem {
+            gla,
+            gpa: gla,
+            size: 2,
+            access: crate::AccessKind::Write,
+            data: Some(1),
+            old: Some(0),
+        };
+        let mut a = Alert {
+            id: 1,
+            event_id: 1,
+            at_ms: 0,
+            class: Class::Ept,
+            vcpu: 0,
+            rip: 0x100ae1,
+            cr3: 0x1000,
+            cpl: 0,
+            instruction: Some("mov [rbx+140h],ax".into()),
+            event: mem(0x239200),
+            hook: 3,
+            hook_name: "policy:idt".into(),
+            verdict: Verdict::NotAllowed,
+            enforced: true,
+            reason: "IDT entry modified".into(),
+        };
+        let rule = Rule::from_alert(&a);
+        let ex = Exceptions::parse(&Exceptions { rules: vec![rule] }.to_json()).unwrap();
+        assert_eq!(
+            ex.matching(&a),
+            Some(0),
+            "round-trips through JSON and matches"
+        );
+        a.rip = 0x200000;
+        assert_eq!(ex.matching(&a), None, "another originator is not covered");
+        a.rip = 0x100ae1;
+        a.event = mem(0x239300);
+        assert_eq!(ex.matching(&a), None, "another victim is not covered");
+    }
 }

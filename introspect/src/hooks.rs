@@ -160,7 +160,9 @@ impl Target {
                 ..
             } => Some((gva & 0xfff, len, rights)),
             // A hidden breakpoint hides its byte from reads.
-            Target::Breakpoint { gpa, hidden: true, .. } => Some((gpa & 0xfff, 1, Rights::R)),
+            Target::Breakpoint {
+                gpa, hidden: true, ..
+            } => Some((gpa & 0xfff, 1, Rights::R)),
             _ => None,
         }
     }

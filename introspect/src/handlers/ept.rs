@@ -199,17 +199,24 @@ fn dispatch_all(
         if !seen.insert((gpa, len, kind)) {
             continue;
         }
-        let data = if (gpa, kind) == (x.gpa, x.access) {
+        // The reported data belongs to the piece that contains the reported access.
+        let data = if kind == x.access && gpa <= x.gpa && x.gpa < gpa + len {
             x.data
         } else {
             None
         };
+        let old = (kind == AccessKind::Write && len <= 8).then(|| {
+            let mut b = [0u8; 8];
+            let _ = g.read_phys(gpa, &mut b[..len as usize]);
+            u64::from_le_bytes(b)
+        });
         let info = EventInfo::Mem {
             gla,
             gpa,
             size: len,
             access: kind,
             data,
+            old,
         };
         let (off, page) = (gpa & 0xfff, gpa & !0xfff);
         let want = match kind {

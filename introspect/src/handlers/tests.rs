@@ -341,7 +341,11 @@ fn each_class_is_switched_on_by_its_first_hook_and_off_by_its_last() {
     let bp = e
         .add_hook(
             &mut g,
-            Target::Breakpoint { gva: 0x30000, gpa: 0, hidden: true },
+            Target::Breakpoint {
+                gva: 0x30000,
+                gpa: 0,
+                hidden: true,
+            },
             "bp",
             answer(Verdict::Allowed),
         )
@@ -436,7 +440,11 @@ fn reads_of_a_hidden_breakpoint_return_the_original_byte() {
     g.put(0x30010, &[0x55, 0x48, 0x89, 0xe5]);
     e.add_hook(
         &mut g,
-        Target::Breakpoint { gva: 0x30010, gpa: 0, hidden: true },
+        Target::Breakpoint {
+            gva: 0x30010,
+            gpa: 0,
+            hidden: true,
+        },
         "bp",
         answer(Verdict::Allowed),
     )
