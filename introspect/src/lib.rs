@@ -3,6 +3,7 @@
 
 pub mod alert;
 pub mod arch;
+mod atomic;
 pub mod decode;
 pub mod engine;
 pub mod event;

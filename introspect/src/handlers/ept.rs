@@ -103,8 +103,10 @@ fn find_instruction(g: &dyn Guest, x: &MemExit) -> Option<Decoded> {
     {
         return Some(d);
     }
+    // Longest first: prefixes (LOCK, operand size, segment) belong to the
+    // instruction, and a stray prefix byte changes the access and fails the match.
     for exact in [true, false] {
-        for k in 1..=15u64 {
+        for k in (1..=15u64).rev() {
             if let Ok(d) = decode::decode_at(g, x.rip.wrapping_sub(k))
                 && d.len() as u64 == k
                 && covers(&d, exact)
@@ -276,7 +278,15 @@ fn action(
             }
         }
         (AccessKind::Write, Verdict::NotAllowed) => MemAction::Drop,
-        (AccessKind::Write, _) => MemAction::Apply,
+        // A LOCKed RMW is applied by the engine, atomically (AllowedVirtual).
+        (AccessKind::Write, _) => match (instr, x.data) {
+            (Some(d), Some(data))
+                if d.is_locked() && crate::atomic::apply(g, d, x.gpa, x.len, data) =>
+            {
+                MemAction::Drop
+            }
+            _ => MemAction::Apply,
+        },
         (AccessKind::Exec, Verdict::NotAllowed) => match instr {
             Some(d) => {
                 let mut r = g.regs();

@@ -668,3 +668,55 @@ fn bad_hooks_are_refused() {
 fn e_add(e: &mut Engine, g: &mut MockGuest, t: Target) -> Result<u64, crate::HookError> {
     e.add_hook(g, t, "x", answer(Verdict::Allowed))
 }
+
+#[test]
+fn locked_rmw_is_applied_atomically_against_a_concurrent_write() {
+    // KVM read 5 and computed its result; meanwhile another vCPU stored 10.
+    let cases: [(&[u8], u64, u64, u64, u64); 3] = [
+        // lock add dword [rax], 1: KVM wrote 6 -> must become 11.
+        (&[0xf0, 0x83, 0x00, 0x01], 6, 11, 0, 0),
+        // lock xadd [rax], ecx with ecx = 3: KVM wrote 8 and set ecx = 5 -> 13, ecx = 10.
+        (&[0xf0, 0x0f, 0xc1, 0x08], 8, 13, 5, 10),
+        // lock cmpxchg [rax], ecx with eax = 5 (matched 5), ecx = 7: KVM wrote 7 ->
+        // against 10 the compare fails: memory stays 10, eax = 10.
+        (&[0xf0, 0x0f, 0xb1, 0x08], 7, 10, 7, 7),
+    ];
+    for (bytes, data, want_mem, rcx_before, want_rcx) in cases {
+        let (mut e, mut g) = (Engine::new(), MockGuest::new());
+        e.add_hook(
+            &mut g,
+            gpa_hook(0x10000, 4, Rights::W),
+            "w",
+            answer(Verdict::Allowed),
+        )
+        .unwrap();
+        g.put(0x20000, bytes);
+        (g.regs.rax, g.regs.rcx) = (0x10000, rcx_before);
+        if bytes[2] == 0xb1 {
+            g.regs.rax = 0x10000; // address in rax would clash with cmpxchg's eax
+        }
+        g.put(0x10000, &10u32.to_le_bytes());
+        let x = write_exit(0x10000, 4, data, 0x20000 + bytes.len() as u64);
+        if bytes[2] == 0xb1 {
+            // cmpxchg uses rax as the comparand: address the memory through rbx instead.
+            g.put(0x20000, &[0xf0, 0x0f, 0xb1, 0x0b]); // lock cmpxchg [rbx], ecx
+            (g.regs.rbx, g.regs.rax, g.regs.rflags) = (0x10000, 5, 1 << 6);
+        }
+        let (_, a) = handle_ept_violation(&mut e, &mut g, &x);
+        assert_eq!(a, MemAction::Drop, "the engine applied it itself");
+        assert_eq!(
+            u32::from_le_bytes(g.ram[0x10000..0x10004].try_into().unwrap()) as u64,
+            want_mem,
+            "{bytes:x?}"
+        );
+        assert_eq!(g.regs.rcx & 0xffff_ffff, want_rcx, "{bytes:x?}");
+        if bytes[2] == 0xb1 {
+            assert_eq!(g.regs.rax, 10, "cmpxchg reports the value it found");
+            assert_eq!(
+                g.regs.rflags & (1 << 6),
+                0,
+                "ZF cleared: the compare failed"
+            );
+        }
+    }
+}
