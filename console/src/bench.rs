@@ -319,7 +319,10 @@ fn engine_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<()
             value: rate,
             baseline: None,
             ratio: None,
-            note: "CPL3 write loop on a hooked page, every vCPU".into(),
+            note: format!(
+                "CPL3 write loop on a hooked page, every vCPU ({} events per run)",
+                median(runs.iter().map(|r| r.events as f64).collect())
+            ),
         });
     }
     let bp = spin_sym("spin_bp")?;

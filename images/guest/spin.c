@@ -8,7 +8,7 @@
 volatile u64 spin_mode = 0;
 volatile u64 spin_count = 100000;
 PAGE(spin_page) volatile u64 spin_page[512];
-static volatile int aps_done;
+static volatile int aps_done, go;
 
 __attribute__((section(".page.spin_bp"), aligned(4096), noinline, used)) u64 spin_bp(u64 x) { return x + 1; }
 
@@ -25,6 +25,8 @@ static USER u64 user_spin(u64 mode) {
 
 void ap_main(int cpu) {
     (void)cpu;
+    /* Start together with vCPU 0, after its first print (when a VMM arms its hooks). */
+    while (!go) cpu_relax();
     if (spin_mode == 0) run_user(user_spin, 0);
     __sync_fetch_and_add(&aps_done, 1);
 }
@@ -32,6 +34,7 @@ void ap_main(int cpu) {
 int main(void) {
     u64 mode = spin_mode, n = spin_count;
     kprintf("spin: mode %d count %d\n", mode, n);
+    go = 1;
     if (mode == 6) {
         u64 s = 0;
         for (u64 i = 0; i < n; i++) s = spin_bp(s);
