@@ -3,22 +3,10 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::kvm_available;
 
 fn vmiscope(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vmiscope"))
-        .args(args)
-        .output()
-        .unwrap();
-    let r = (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    eprintln!("{}{}", r.1, r.2);
-    r
+    common::vmiscope_cli(env!("CARGO_BIN_EXE_vmiscope"), args)
 }
 
 #[test]

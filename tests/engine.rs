@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -378,17 +377,7 @@ fn a_store_rewritten_by_another_vcpu_never_reaches_the_guarded_page() {
 }
 
 fn vmiscope(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vmiscope"))
-        .args(args)
-        .output()
-        .unwrap();
-    let r = (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    eprintln!("{}{}", r.1, r.2);
-    r
+    common::vmiscope_cli(env!("CARGO_BIN_EXE_vmiscope"), args)
 }
 
 fn journal_alerts(path: &std::path::Path) -> Vec<serde_json::Value> {

@@ -25,6 +25,38 @@ pub struct Regs {
     pub rflags: u64,
 }
 
+impl Regs {
+    /// The 64-bit general register holding `r` (RAX for EAX/AX/AL …), if any.
+    pub fn gpr_mut(&mut self, r: iced_x86::Register) -> Option<&mut u64> {
+        use iced_x86::Register::*;
+        Some(match r.full_register() {
+            RAX => &mut self.rax,
+            RBX => &mut self.rbx,
+            RCX => &mut self.rcx,
+            RDX => &mut self.rdx,
+            RSI => &mut self.rsi,
+            RDI => &mut self.rdi,
+            RSP => &mut self.rsp,
+            RBP => &mut self.rbp,
+            R8 => &mut self.r8,
+            R9 => &mut self.r9,
+            R10 => &mut self.r10,
+            R11 => &mut self.r11,
+            R12 => &mut self.r12,
+            R13 => &mut self.r13,
+            R14 => &mut self.r14,
+            R15 => &mut self.r15,
+            _ => return Option::None,
+        })
+    }
+
+    /// The 64-bit value of the general register holding `r`.
+    pub fn gpr(&self, r: iced_x86::Register) -> Option<u64> {
+        let mut copy = *self;
+        copy.gpr_mut(r).map(|v| *v)
+    }
+}
+
 /// A descriptor-table register.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Dtr {

@@ -35,51 +35,11 @@ enum Op {
 }
 
 fn reg(regs: &Regs, r: iced_x86::Register) -> Option<u64> {
-    use iced_x86::Register::*;
-    let v = match r.full_register() {
-        RAX => regs.rax,
-        RBX => regs.rbx,
-        RCX => regs.rcx,
-        RDX => regs.rdx,
-        RSI => regs.rsi,
-        RDI => regs.rdi,
-        RBP => regs.rbp,
-        RSP => regs.rsp,
-        R8 => regs.r8,
-        R9 => regs.r9,
-        R10 => regs.r10,
-        R11 => regs.r11,
-        R12 => regs.r12,
-        R13 => regs.r13,
-        R14 => regs.r14,
-        R15 => regs.r15,
-        _ => return Option::None,
-    };
-    // 8-bit high registers (AH…) are not used by locked RMW forms we handle.
-    Some(v)
+    regs.gpr(r)
 }
 
 fn set_reg(regs: &mut Regs, r: iced_x86::Register, v: u64, size: u64) {
-    use iced_x86::Register::*;
-    let slot = match r.full_register() {
-        RAX => &mut regs.rax,
-        RBX => &mut regs.rbx,
-        RCX => &mut regs.rcx,
-        RDX => &mut regs.rdx,
-        RSI => &mut regs.rsi,
-        RDI => &mut regs.rdi,
-        RBP => &mut regs.rbp,
-        RSP => &mut regs.rsp,
-        R8 => &mut regs.r8,
-        R9 => &mut regs.r9,
-        R10 => &mut regs.r10,
-        R11 => &mut regs.r11,
-        R12 => &mut regs.r12,
-        R13 => &mut regs.r13,
-        R14 => &mut regs.r14,
-        R15 => &mut regs.r15,
-        _ => return,
-    };
+    let Some(slot) = regs.gpr_mut(r) else { return };
     *slot = match size {
         8 => v,
         4 => v & 0xffff_ffff, // a 32-bit write zero-extends

@@ -102,30 +102,12 @@ pub fn decode_bytes(
 }
 
 fn reg_value(r: Register, regs: &Regs, sregs: &SRegs, next_ip: u64) -> Option<u64> {
-    use Register::*;
-    let full = r.full_register();
-    let v = match full {
-        RAX => regs.rax,
-        RBX => regs.rbx,
-        RCX => regs.rcx,
-        RDX => regs.rdx,
-        RSI => regs.rsi,
-        RDI => regs.rdi,
-        RSP => regs.rsp,
-        RBP => regs.rbp,
-        R8 => regs.r8,
-        R9 => regs.r9,
-        R10 => regs.r10,
-        R11 => regs.r11,
-        R12 => regs.r12,
-        R13 => regs.r13,
-        R14 => regs.r14,
-        R15 => regs.r15,
-        RIP => next_ip,
-        ES | CS | SS | DS => 0,
-        FS => sregs.fs_base,
-        GS => sregs.gs_base,
-        _ => return Option::None,
+    let v = match r {
+        Register::RIP => next_ip,
+        Register::ES | Register::CS | Register::SS | Register::DS => 0,
+        Register::FS => sregs.fs_base,
+        Register::GS => sregs.gs_base,
+        _ => regs.gpr(r)?,
     };
     Some(match r.size() {
         4 if r.is_gpr() => v & 0xffff_ffff,

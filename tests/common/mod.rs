@@ -70,3 +70,15 @@ pub fn run(vm: Vm, handler: Arc<dyn ExitHandler>, cfg: &VmConfig) -> RunOutcome 
     eprintln!("--- serial ---\n{}--- stop: {} ---", out.serial, out.reason);
     out
 }
+
+/// Runs the `vmiscope` binary: (status, stdout, stderr), echoed for failures.
+pub fn vmiscope_cli(exe: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(exe).args(args).output().unwrap();
+    let r = (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    eprintln!("{}{}", r.1, r.2);
+    r
+}
