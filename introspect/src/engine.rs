@@ -405,6 +405,23 @@ impl Engine {
         fired
     }
 
+    /// Dispatches a register-class event and concludes it; `Allowed` without any
+    /// record when no hook matched (the common case for polled registers).
+    pub(crate) fn decide(
+        &mut self,
+        guest: &mut dyn Guest,
+        class: Class,
+        info: &EventInfo,
+        instruction: Option<&str>,
+        matches: &dyn Fn(&Target) -> bool,
+    ) -> Verdict {
+        let fired = self.dispatch(guest, None, info, matches);
+        if fired.is_empty() {
+            return Verdict::Allowed;
+        }
+        self.conclude(guest, class, info, instruction, &fired)
+    }
+
     /// Combines the hooks' answers by maximum, raises at most one alert per event
     /// (for the first hook that blocked), applies exceptions and log-only mode,
     /// and journals the event.

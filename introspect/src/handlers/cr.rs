@@ -27,22 +27,16 @@ pub fn handle_cr_write(
             detection,
         };
         let changed = old ^ new;
-        let fired = e.dispatch(
-            g,
-            None,
-            &info,
-            &|t| matches!(*t, Target::Cr { cr: c, mask } if c == cr && mask & changed != 0),
-        );
-        if fired.is_empty() {
-            return Verdict::Allowed;
-        }
+        // Only an exiting host knows the writer; a polled change has none.
         let instr = match detection {
             Detection::Exit => crate::decode::decode_at(g, g.regs().rip)
                 .ok()
                 .map(|d| d.text),
             Detection::Polled => None,
         };
-        let v = e.conclude(g, Class::Cr, &info, instr.as_deref(), &fired);
+        let matches =
+            |t: &Target| matches!(*t, Target::Cr { cr: c, mask } if c == cr && mask & changed != 0);
+        let v = e.decide(g, Class::Cr, &info, instr.as_deref(), &matches);
         if v == Verdict::NotAllowed {
             let mut s = g.sregs();
             cr.set(&mut s, old);

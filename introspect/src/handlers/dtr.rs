@@ -27,16 +27,13 @@ pub fn handle_dtr_violation(
             new,
             detection,
         };
-        let fired = e.dispatch(
+        let v = e.decide(
             g,
-            None,
+            Class::Dtr,
             &info,
+            None,
             &|t| matches!(*t, Target::Dtr { dtr: d } if d == dtr),
         );
-        if fired.is_empty() {
-            return Verdict::Allowed;
-        }
-        let v = e.conclude(g, Class::Dtr, &info, None, &fired);
         if v == Verdict::NotAllowed {
             let mut s = g.sregs();
             dtr.set(&mut s, old);

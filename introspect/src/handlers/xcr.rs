@@ -22,16 +22,13 @@ pub fn handle_xcr_write(
             new,
             detection,
         };
-        let fired = e.dispatch(
+        let v = e.decide(
             g,
-            None,
+            Class::Xcr,
             &info,
+            None,
             &|t| matches!(*t, Target::Xcr { index: i } if i == index),
         );
-        if fired.is_empty() {
-            return Verdict::Allowed;
-        }
-        let v = e.conclude(g, Class::Xcr, &info, None, &fired);
         if v == Verdict::NotAllowed && g.set_xcr0(old).is_err() {
             e.fatal.get_or_insert("cannot restore XCR0".into());
         }
