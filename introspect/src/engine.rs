@@ -46,6 +46,23 @@ impl Latency {
     }
 }
 
+/// How many handled events `Engine::recent` keeps (the journal keeps all).
+pub const RECENT: usize = 10_000;
+
+/// A handled event, as the console lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EventRecord {
+    pub event_id: u64,
+    pub class: Class,
+    pub vcpu: u32,
+    pub rip: u64,
+    pub cpl: u8,
+    pub instruction: Option<String>,
+    pub event: EventInfo,
+    pub hooks: Vec<HookId>,
+    pub verdict: Verdict,
+}
+
 /// Per-vCPU engine state (passed explicitly: no global "current vCPU").
 #[derive(Debug, Clone, Default)]
 pub(crate) struct VcpuState {
@@ -66,6 +83,8 @@ pub struct Engine {
     class_counts: HashMap<Class, u32>,
     pub(crate) rights_dirty: bool,
     pub alerts: Vec<Alert>,
+    /// The last `RECENT` handled events.
+    pub recent: std::collections::VecDeque<EventRecord>,
     pub exceptions: Exceptions,
     /// Report NotAllowed but enforce nothing.
     pub log_only: bool,
@@ -107,6 +126,7 @@ impl Engine {
             class_counts: HashMap::new(),
             rights_dirty: false,
             alerts: vec![],
+            recent: std::collections::VecDeque::new(),
             exceptions: Exceptions::default(),
             log_only: false,
             journal: None,
@@ -485,6 +505,20 @@ impl Engine {
             verdict,
         };
         self.journal(&rec);
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(EventRecord {
+            event_id: self.event_id,
+            class,
+            vcpu: guest.vcpu(),
+            rip: regs.rip,
+            cpl: s.cpl(),
+            instruction: instruction.map(str::to_string),
+            event: info.clone(),
+            hooks,
+            verdict,
+        });
         verdict
     }
 

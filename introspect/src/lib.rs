@@ -20,7 +20,7 @@ pub mod verdict;
 
 pub use alert::{Alert, Journal};
 pub use arch::{Cr, Dtr, DtrKind, Regs, SRegs};
-pub use engine::{Engine, HookError};
+pub use engine::{Engine, EventRecord, HookError};
 pub use event::{AccessKind, Ctx, Detection, EventInfo};
 pub use exceptions::{Exceptions, Rule};
 pub use glue::{GlueError, Guest, PageRights};

@@ -24,7 +24,7 @@ pub use host::HostKind;
 pub use loader::{Module, Symbols};
 pub use slots::Access;
 pub use stop::StopReason;
-pub use vcpu::VcpuCtl;
+pub use vcpu::{VcpuCtl, VcpuTask};
 pub use vm::{RunOutcome, Vm, VmConfig, VmShared};
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -24,12 +24,17 @@ use crate::slots::Access;
 use crate::stop::StopReason;
 use crate::vm::{STATE_PAUSED, STATE_RUNNING, STATE_STOPPED, VmConfig, VmShared};
 
+/// Work run on a vCPU's own thread with its `VcpuCtl` (register and memory access
+/// for the console while the vCPU is paused).
+pub type VcpuTask = Box<dyn FnOnce(&mut VcpuCtl<'_>) + Send>;
+
 /// Messages that drive a vCPU's state machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VcpuMsg {
     Pause,
     Resume,
     Stop,
+    /// Run this on the vCPU thread at its next stop point (now, if paused).
+    With(VcpuTask),
 }
 
 /// Creates and initialises vCPU `id` for `entry`.
@@ -284,6 +289,7 @@ impl VcpuThread {
                 match self.rx.try_recv() {
                     Ok(VcpuMsg::Pause) => paused = true,
                     Ok(VcpuMsg::Resume) => paused = false,
+                    Ok(VcpuMsg::With(task)) => self.run_task(task),
                     Ok(VcpuMsg::Stop) | Err(TryRecvError::Disconnected) => {
                         self.vm.stop(StopReason::User);
                         break;
@@ -302,6 +308,7 @@ impl VcpuThread {
                         self.info().state.store(STATE_RUNNING, Ordering::SeqCst);
                     }
                     Ok(VcpuMsg::Pause) => {}
+                    Ok(VcpuMsg::With(task)) => self.run_task(task),
                     Ok(VcpuMsg::Stop) | Err(_) => break,
                 }
                 continue;
@@ -329,6 +336,9 @@ impl VcpuThread {
             info.last_exit_ns.store(self.vm.now_ns(), Ordering::Relaxed);
             info.last_rip.store(s.regs.rip, Ordering::Relaxed);
             info.last_cpl.store(cpl_of(&s.sregs), Ordering::Relaxed);
+            for (slot, v) in info.paging.iter().zip([s.sregs.cr0, s.sregs.cr3, s.sregs.cr4, s.sregs.efer]) {
+                slot.store(v, Ordering::Relaxed);
+            }
             {
                 let mut ctl = VcpuCtl {
                     id: self.id,
@@ -344,6 +354,11 @@ impl VcpuThread {
         }
         self.info().state.store(STATE_STOPPED, Ordering::SeqCst);
         kick::unregister_thread();
+    }
+
+    fn run_task(&mut self, task: VcpuTask) {
+        let mut ctl = VcpuCtl { id: self.id, fd: &mut self.fd, vm: &self.vm, debug: &mut self.debug };
+        task(&mut ctl);
     }
 
     /// Applies the guest-debug controls if they changed (one ioctl, only then).

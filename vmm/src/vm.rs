@@ -75,6 +75,9 @@ pub(crate) struct VcpuInfo {
     pub(crate) last_cpl: AtomicU8,
     /// Set at the vCPU's first real exit: it has executed guest code.
     pub(crate) entered: AtomicBool,
+    /// CR0, CR3, CR4, EFER at the last exit: the paging mode for reading guest
+    /// memory from another thread.
+    pub(crate) paging: [AtomicU64; 4],
 }
 
 /// vCPU run states.
@@ -313,6 +316,15 @@ impl VmShared {
         self.kick(cpu);
     }
 
+    /// Runs `task` on vCPU `cpu`'s thread at its next stop point: at once when it
+    /// is paused, else after its next exit (a kick forces one).
+    pub fn with_vcpu(&self, cpu: u32, task: crate::vcpu::VcpuTask) -> bool {
+        let Some(v) = self.vcpus.get(cpu as usize) else { return false };
+        let sent = v.tx.lock().unwrap().as_ref().is_some_and(|tx| tx.send(VcpuMsg::With(task)).is_ok());
+        self.kick(cpu);
+        sent
+    }
+
     /// Asks every vCPU to pause (it stops at its next exit; a kick forces one).
     pub fn pause_all(&self) {
         (0..self.vcpu_count()).for_each(|c| self.send(c, VcpuMsg::Pause));
@@ -340,6 +352,18 @@ impl VmShared {
 
     pub fn vcpu_state(&self, cpu: u32) -> u8 {
         self.vcpus[cpu as usize].state.load(Ordering::SeqCst)
+    }
+
+    /// The paging mode of `cpu` at its last exit.
+    pub fn last_paging(&self, cpu: u32) -> vmiscope_introspect::paging::PagingMode {
+        let p = &self.vcpus[cpu as usize].paging;
+        let r = |i: usize| p[i].load(Ordering::Relaxed);
+        vmiscope_introspect::paging::PagingMode::from_regs(r(0), r(1), r(2), r(3))
+    }
+
+    /// Reads guest-virtual memory as `cpu` saw it at its last exit.
+    pub fn read_virt(&self, cpu: u32, gva: u64, buf: &mut [u8]) -> Result<(), VmError> {
+        crate::vcpu::read_virt(self, self.last_paging(cpu), gva, buf)
     }
 
     /// RIP and CPL of `cpu` at its last exit.
@@ -468,6 +492,7 @@ impl Vm {
                 last_rip: AtomicU64::new(0),
                 last_cpl: AtomicU8::new(0),
                 entered: AtomicBool::new(false),
+                paging: Default::default(),
             })
             .collect();
         let shared = Arc::new(VmShared {
