@@ -4,4 +4,5 @@ pub mod batch;
 pub mod bench;
 pub mod caps;
 pub mod cli;
+pub mod commands;
 pub mod introspection;

@@ -336,7 +336,11 @@ impl VcpuThread {
             info.last_exit_ns.store(self.vm.now_ns(), Ordering::Relaxed);
             info.last_rip.store(s.regs.rip, Ordering::Relaxed);
             info.last_cpl.store(cpl_of(&s.sregs), Ordering::Relaxed);
-            for (slot, v) in info.paging.iter().zip([s.sregs.cr0, s.sregs.cr3, s.sregs.cr4, s.sregs.efer]) {
+            for (slot, v) in
+                info.paging
+                    .iter()
+                    .zip([s.sregs.cr0, s.sregs.cr3, s.sregs.cr4, s.sregs.efer])
+            {
                 slot.store(v, Ordering::Relaxed);
             }
             {
@@ -357,7 +361,12 @@ impl VcpuThread {
     }
 
     fn run_task(&mut self, task: VcpuTask) {
-        let mut ctl = VcpuCtl { id: self.id, fd: &mut self.fd, vm: &self.vm, debug: &mut self.debug };
+        let mut ctl = VcpuCtl {
+            id: self.id,
+            fd: &mut self.fd,
+            vm: &self.vm,
+            debug: &mut self.debug,
+        };
         task(&mut ctl);
     }
 

@@ -319,8 +319,14 @@ impl VmShared {
     /// Runs `task` on vCPU `cpu`'s thread at its next stop point: at once when it
     /// is paused, else after its next exit (a kick forces one).
     pub fn with_vcpu(&self, cpu: u32, task: crate::vcpu::VcpuTask) -> bool {
-        let Some(v) = self.vcpus.get(cpu as usize) else { return false };
-        let sent = v.tx.lock().unwrap().as_ref().is_some_and(|tx| tx.send(VcpuMsg::With(task)).is_ok());
+        let Some(v) = self.vcpus.get(cpu as usize) else {
+            return false;
+        };
+        let sent =
+            v.tx.lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|tx| tx.send(VcpuMsg::With(task)).is_ok());
         self.kick(cpu);
         sent
     }
