@@ -101,6 +101,9 @@ pub fn engine(a: &RunArgs, symbols: &vmiscope_vmm::Symbols) -> Result<Introspect
 }
 
 pub fn run(a: &RunArgs) -> i32 {
+    if let Some(script) = &a.script {
+        return crate::script::run(a, script);
+    }
     if !a.batch {
         eprintln!("vmiscope: the interactive console is not built yet; running in --batch mode");
     }
@@ -191,6 +194,9 @@ pub fn run_default() -> i32 {
         log_only: false,
         exceptions: None,
         journal: None,
+        script: None,
+        repl: false,
+        tui: false,
         no_irqchip: false,
         hypercall_quirk: false,
     };

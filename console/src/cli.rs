@@ -73,6 +73,15 @@ pub struct RunArgs {
     /// Every handled event and alert as JSON lines.
     #[arg(long, value_name = "FILE")]
     pub journal: Option<PathBuf>,
+    /// Run console commands from FILE without a UI; `expect` lines assert.
+    #[arg(long, value_name = "FILE")]
+    pub script: Option<PathBuf>,
+    /// The line-oriented console (default on a terminal: the TUI).
+    #[arg(long, conflicts_with_all = ["batch", "script"])]
+    pub repl: bool,
+    /// The full-screen console.
+    #[arg(long, conflicts_with_all = ["batch", "script", "repl"])]
+    pub tui: bool,
     /// Run without the in-kernel irqchip/PIT (HLT then exits to the VMM).
     #[arg(long)]
     pub no_irqchip: bool,

@@ -5,4 +5,7 @@ pub mod bench;
 pub mod caps;
 pub mod cli;
 pub mod commands;
+pub mod control;
 pub mod introspection;
+pub mod script;
+pub mod session;

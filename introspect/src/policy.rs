@@ -110,17 +110,26 @@ fn mem(
     Ok(ids)
 }
 
-/// Switches a policy on for the current guest state.
+/// Switches policies on (a name, a comma list, or `all`) for the current guest state.
 pub fn enable(
     e: &mut Engine,
     g: &mut dyn Guest,
-    name: &str,
+    names: &str,
     env: &PolicyEnv,
 ) -> Result<Vec<HookId>, PolicyError> {
-    let name = parse_list(name)?
-        .into_iter()
-        .next()
-        .ok_or_else(|| PolicyError::Unknown(name.into(), String::new()))?;
+    let mut ids = Vec::new();
+    for name in parse_list(names)? {
+        ids.extend(enable_one(e, g, name, env)?);
+    }
+    Ok(ids)
+}
+
+fn enable_one(
+    e: &mut Engine,
+    g: &mut dyn Guest,
+    name: &'static str,
+    env: &PolicyEnv,
+) -> Result<Vec<HookId>, PolicyError> {
     let tag = format!("policy:{name}");
     let hook = |e: &mut Engine, g: &mut dyn Guest, t: Target, why: &'static str| {
         e.add_hook(g, t, tag.clone(), deny(why))

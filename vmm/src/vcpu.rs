@@ -182,6 +182,17 @@ impl VcpuCtl<'_> {
         self.fd.set_xcrs(&x).map_err(VmError::ioctl("KVM_SET_XCRS"))
     }
 
+    /// Reads an MSR (one KVM_GET_MSRS).
+    pub fn msr(&self, index: u32) -> Option<u64> {
+        self.vm.count_ioctls(1);
+        let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .ok()?;
+        (self.fd.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)
+    }
+
     /// Single-steps this vCPU from now on (each step is a `SingleStep` event).
     pub fn set_single_step(&mut self, on: bool) {
         self.debug.user_step = on;
@@ -248,6 +259,7 @@ pub(crate) struct VcpuThread {
     /// RIP at the last kick that found no exit since the one before.
     kick_rip: Option<u64>,
     exits_since_kick: u64,
+    start_paused: bool,
 }
 
 /// What the loop does after an exit.
@@ -263,8 +275,10 @@ impl VcpuThread {
         vm: Arc<VmShared>,
         handler: Arc<dyn ExitHandler>,
         rx: Receiver<VcpuMsg>,
+        start_paused: bool,
     ) -> Self {
         VcpuThread {
+            start_paused,
             id,
             fd,
             vm,
@@ -283,7 +297,7 @@ impl VcpuThread {
 
     pub(crate) fn run(mut self) {
         kick::register_thread(self.fd.get_kvm_run());
-        let mut paused = false;
+        let mut paused = self.start_paused;
         loop {
             loop {
                 match self.rx.try_recv() {

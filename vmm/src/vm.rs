@@ -42,6 +42,8 @@ pub struct VmConfig {
     pub tick: Duration,
     pub cmdline: String,
     pub modules: Vec<Module>,
+    /// vCPUs wait, paused, before their first instruction (until `resume_all`).
+    pub start_paused: bool,
 }
 
 impl Default for VmConfig {
@@ -55,6 +57,7 @@ impl Default for VmConfig {
             tick: Duration::from_secs(1),
             cmdline: String::new(),
             modules: vec![],
+            start_paused: false,
         }
     }
 }
@@ -556,7 +559,17 @@ impl Vm {
         for (id, fd) in self.fds.into_iter().enumerate() {
             let (tx, rx) = channel();
             *shared.vcpus[id].tx.lock().unwrap() = Some(tx);
-            let t = VcpuThread::new(id as u32, fd, shared.clone(), handler.clone(), rx);
+            if cfg.start_paused {
+                shared.vcpus[id].state.store(STATE_PAUSED, Ordering::SeqCst);
+            }
+            let t = VcpuThread::new(
+                id as u32,
+                fd,
+                shared.clone(),
+                handler.clone(),
+                rx,
+                cfg.start_paused,
+            );
             match std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || t.run())

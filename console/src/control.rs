@@ -1,0 +1,302 @@
+//! Stopping at events. The console's `ExitHandler` wraps the engine: after the
+//! engine has decided an event, and before the VMM applies the decision, it checks
+//! the event breakpoints (`next-event`, `break event`, `break hook`, `step`); on a
+//! match the vCPU thread publishes the stop and waits, running the console's
+//! requests with its own `VcpuCtl` until it is told to resume, maybe with an
+//! overridden verdict.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use vmiscope_introspect::{Class, EventRecord, HookId};
+use vmiscope_vmm::{Event, ExitHandler, Reply, VcpuCtl, VcpuTask};
+
+use crate::introspection::Introspection;
+
+/// An event breakpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventBreak {
+    pub id: u32,
+    pub class: Option<Class>,
+    pub hook: Option<HookId>,
+    pub vcpu: Option<u32>,
+}
+
+impl EventBreak {
+    fn matches(&self, r: &EventRecord) -> bool {
+        self.class.is_none_or(|c| c == r.class)
+            && self.hook.is_none_or(|h| r.hooks.contains(&h))
+            && self.vcpu.is_none_or(|v| v == r.vcpu)
+    }
+}
+
+/// What the console may do with a stopped event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Override {
+    Allow,
+    Deny,
+}
+
+/// A vCPU stopped for the analyst.
+#[derive(Debug, Clone)]
+pub struct Stop {
+    pub vcpu: u32,
+    /// Why: "event", "breakpoint 2", "step".
+    pub why: String,
+    /// The handled event, when the stop is at one.
+    pub event: Option<EventRecord>,
+    /// The VMM event (class and raw data), for `event`.
+    pub raw: Option<String>,
+    /// What will happen unless overridden.
+    pub proposed: String,
+    /// The verdict has been applied already (polled register changes).
+    pub applied: bool,
+}
+
+#[derive(Default)]
+struct State {
+    breaks: Vec<EventBreak>,
+    next_id: u32,
+    next_event: bool,
+    /// vCPU being single-stepped by `step`.
+    stepping: Option<u32>,
+    stop: Option<Stop>,
+    /// Requests for the stopped vCPU, and the resume order.
+    tasks: VecDeque<VcpuTask>,
+    resume: Option<Option<Override>>,
+    /// Bumped at every stop, so waiters can tell a new stop from an old one.
+    stops: u64,
+}
+
+/// Shared between the console thread and the vCPU threads.
+#[derive(Default)]
+pub struct Control {
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+impl Control {
+    pub fn add_break(&self, class: Option<Class>, hook: Option<HookId>, vcpu: Option<u32>) -> u32 {
+        let mut s = self.state.lock().unwrap();
+        s.next_id += 1;
+        let id = s.next_id;
+        s.breaks.push(EventBreak {
+            id,
+            class,
+            hook,
+            vcpu,
+        });
+        id
+    }
+
+    pub fn breaks(&self) -> Vec<EventBreak> {
+        self.state.lock().unwrap().breaks.clone()
+    }
+
+    pub fn delete_break(&self, id: u32) -> bool {
+        let mut s = self.state.lock().unwrap();
+        let n = s.breaks.len();
+        s.breaks.retain(|b| b.id != id);
+        s.breaks.len() != n
+    }
+
+    /// Stop at the next handled event on any vCPU.
+    pub fn arm_next_event(&self) {
+        self.state.lock().unwrap().next_event = true;
+    }
+
+    pub fn arm_step(&self, vcpu: u32) {
+        self.state.lock().unwrap().stepping = Some(vcpu);
+    }
+
+    pub fn stop(&self) -> Option<Stop> {
+        self.state.lock().unwrap().stop.clone()
+    }
+
+    pub fn stop_count(&self) -> u64 {
+        self.state.lock().unwrap().stops
+    }
+
+    /// Waits for a stop newer than `after`, up to `timeout`.
+    pub fn wait_stop(&self, after: u64, timeout: Duration) -> Option<Stop> {
+        let s = self.state.lock().unwrap();
+        let (s, _) = self
+            .cv
+            .wait_timeout_while(s, timeout, |s| s.stops <= after)
+            .unwrap();
+        if s.stops > after {
+            s.stop.clone()
+        } else {
+            None
+        }
+    }
+
+    /// Runs `f` on the stopped vCPU's thread and returns its result.
+    pub fn on_stopped<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut VcpuCtl<'_>) -> R + Send + 'static,
+    ) -> Option<R> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let mut s = self.state.lock().unwrap();
+            s.stop.as_ref()?;
+            s.tasks.push_back(Box::new(move |cpu| {
+                let _ = tx.send(f(cpu));
+            }));
+        }
+        self.cv.notify_all();
+        rx.recv_timeout(Duration::from_secs(5)).ok()
+    }
+
+    /// Lets the stopped vCPU go on, with `over` replacing the verdict.
+    pub fn resume(&self, over: Option<Override>) -> bool {
+        let mut s = self.state.lock().unwrap();
+        if s.stop.is_none() {
+            return false;
+        }
+        s.resume = Some(over);
+        drop(s);
+        self.cv.notify_all();
+        true
+    }
+
+    /// Called by a vCPU thread: publish the stop and serve requests until resumed.
+    fn hold(&self, cpu: &mut VcpuCtl<'_>, stop: Stop) -> Option<Override> {
+        let mut s = self.state.lock().unwrap();
+        s.stop = Some(stop);
+        s.stops += 1;
+        s.resume = None;
+        self.cv.notify_all();
+        loop {
+            if let Some(task) = s.tasks.pop_front() {
+                drop(s);
+                task(cpu);
+                s = self.state.lock().unwrap();
+                continue;
+            }
+            if let Some(over) = s.resume.take() {
+                s.stop = None;
+                return over;
+            }
+            if cpu.vm().is_stopping() {
+                s.stop = None;
+                return None;
+            }
+            s = self
+                .cv
+                .wait_timeout(s, Duration::from_millis(100))
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Whether this handled event must stop, and why.
+    fn should_stop(&self, r: &EventRecord) -> Option<String> {
+        let mut s = self.state.lock().unwrap();
+        if s.next_event {
+            s.next_event = false;
+            return Some("next-event".into());
+        }
+        s.breaks
+            .iter()
+            .find(|b| b.matches(r))
+            .map(|b| format!("breakpoint {}", b.id))
+    }
+}
+
+/// The engine plus event breakpoints: what the VMM calls in a console session.
+pub struct ConsoleHandler {
+    pub intro: Arc<Introspection>,
+    pub control: Arc<Control>,
+}
+
+/// What a reply means, for `event`.
+fn describe(reply: &Reply) -> String {
+    match reply {
+        Reply::Continue => "allow".into(),
+        Reply::Drop => "deny (dropped)".into(),
+        Reply::Deny => "deny (#GP)".into(),
+        Reply::Data(v) => format!("allow, the read returns {v:#x}"),
+        Reply::Retry => "retry".into(),
+        Reply::Stop(m) => format!("stop: {m}"),
+    }
+}
+
+impl ConsoleHandler {
+    fn newest(&self) -> Option<EventRecord> {
+        self.intro.engine.lock().unwrap().recent.back().cloned()
+    }
+}
+
+impl ExitHandler for ConsoleHandler {
+    fn on_event(&self, cpu: &mut VcpuCtl<'_>, event: &Event) -> Reply {
+        // A requested single-step completed on this vCPU.
+        if let Event::SingleStep { rip } = event {
+            let stepping = self.control.state.lock().unwrap().stepping;
+            if stepping == Some(cpu.id()) {
+                self.control.state.lock().unwrap().stepping = None;
+                cpu.set_single_step(false);
+                let stop = Stop {
+                    vcpu: cpu.id(),
+                    why: "step".into(),
+                    event: None,
+                    raw: Some(format!("single-step to {rip:#x}")),
+                    proposed: "-".into(),
+                    applied: true,
+                };
+                self.control.hold(cpu, stop);
+                return Reply::Continue;
+            }
+        }
+        let before = self.intro.engine.lock().unwrap().event_id;
+        let reply = self.intro.on_event(cpu, event);
+        let Some(rec) = self.newest().filter(|r| r.event_id > before) else {
+            return reply;
+        };
+        let Some(why) = self.control.should_stop(&rec) else {
+            return reply;
+        };
+        let stop = Stop {
+            vcpu: cpu.id(),
+            why,
+            event: Some(rec),
+            raw: Some(format!("{event:x?}")),
+            proposed: describe(&reply),
+            applied: false,
+        };
+        match self.control.hold(cpu, stop) {
+            None => reply,
+            Some(Override::Allow) => match (event, &reply) {
+                // An allowed read returns what memory holds.
+                (Event::Mem(m), _) if !m.write => Reply::Continue,
+                _ => Reply::Continue,
+            },
+            Some(Override::Deny) => match event {
+                Event::Mem(m) if !m.write => Reply::Data(0),
+                _ => Reply::Drop,
+            },
+        }
+    }
+
+    fn on_exit(&self, cpu: &mut VcpuCtl<'_>) {
+        let before = self.intro.engine.lock().unwrap().event_id;
+        self.intro.on_exit(cpu);
+        // Polled register changes are decided (and undone) inside the poll: the
+        // stop comes after the verdict, and says so.
+        let Some(rec) = self.newest().filter(|r| r.event_id > before) else {
+            return;
+        };
+        if let Some(why) = self.control.should_stop(&rec) {
+            let stop = Stop {
+                vcpu: cpu.id(),
+                why,
+                proposed: format!("{:?} (already applied: the change was polled)", rec.verdict),
+                event: Some(rec),
+                raw: None,
+                applied: true,
+            };
+            self.control.hold(cpu, stop);
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! `vmiscope run IMAGE --script FILE`: console commands without a UI. `expect`
+//! lines assert; the exit status is 0 iff every expectation held.
+
+use std::path::Path;
+
+use crate::cli::RunArgs;
+use crate::commands::{self, Command};
+use crate::session::Session;
+
+pub fn run(a: &RunArgs, path: &Path) -> i32 {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("vmiscope: cannot read script {}: {e}", path.display());
+            return 2;
+        }
+    };
+    // Symbols for parsing come from the image; parse everything before running.
+    let syms = match crate::batch::load_image(&a.image) {
+        Ok((img, _)) => vmiscope_vmm::Symbols::parse(&img),
+        Err(e) => {
+            eprintln!("vmiscope: {e}");
+            return 2;
+        }
+    };
+    let mut cmds = Vec::new();
+    let mut bad = false;
+    for (i, line) in text.lines().enumerate() {
+        match commands::parse(line, &|n| syms.get(n)) {
+            Ok(Some(c)) => cmds.push((i + 1, line.trim().to_string(), c)),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("{}:{}: {e}", path.display(), i + 1);
+                bad = true;
+            }
+        }
+    }
+    if bad {
+        return 2;
+    }
+    let mut s = match Session::start(a) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmiscope: {e}");
+            return 2;
+        }
+    };
+    let (mut held, mut failed) = (0, 0);
+    let mut printed = 0;
+    for (line_no, line, cmd) in cmds {
+        let is_expect = matches!(cmd, Command::Expect(..));
+        let quit = matches!(cmd, Command::Quit);
+        let r = s.run(cmd);
+        flush_serial(&s, &mut printed);
+        match (is_expect, r) {
+            (true, Ok(_)) => {
+                held += 1;
+                println!("ok     {}:{line_no}: {line}", path.display());
+            }
+            (true, Err(report)) => {
+                failed += 1;
+                println!(
+                    "FAILED {}:{line_no}: {line}\n       {report}",
+                    path.display()
+                );
+            }
+            (false, Ok(out)) => {
+                for l in out.text.lines() {
+                    println!("       {l}");
+                }
+            }
+            (false, Err(e)) => {
+                failed += 1;
+                println!("ERROR  {}:{line_no}: {line}: {e}", path.display());
+            }
+        }
+        if quit {
+            break;
+        }
+    }
+    let outcome = s.finish().map(|o| o.reason.to_string()).unwrap_or_default();
+    flush_serial(&s, &mut printed);
+    println!(
+        "script {}: {held} held, {failed} failed ({outcome})",
+        path.display()
+    );
+    if failed == 0 { 0 } else { 1 }
+}
+
+fn flush_serial(s: &Session, printed: &mut usize) {
+    let lines = s.serial.lock().unwrap();
+    // The last line may still be growing: print complete lines only.
+    let complete = lines.len().saturating_sub(1);
+    for l in &lines[(*printed).min(complete)..complete] {
+        println!("guest| {l}");
+    }
+    *printed = complete.max(*printed);
+}

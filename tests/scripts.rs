@@ -1,0 +1,69 @@
+//! Every example script in scripts/ passes on real KVM; a failing `expect` makes the
+//! run fail with a report of what was seen instead; a malformed script is refused.
+
+mod common;
+
+use common::{kvm_available, vmiscope_cli};
+
+fn vmiscope(args: &[&str]) -> (Option<i32>, String, String) {
+    vmiscope_cli(env!("CARGO_BIN_EXE_vmiscope"), args)
+}
+
+#[test]
+fn every_script_in_scripts_passes() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "vms") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let image = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# image: "))
+            .expect("first line names the image");
+        let (code, out, _) = vmiscope(&["run", image, "--script", path.to_str().unwrap()]);
+        assert_eq!(code, Some(0), "{}: {out}", path.display());
+        assert!(out.contains(" 0 failed"), "{out}");
+        n += 1;
+    }
+    assert!(
+        n >= 12,
+        "one script per event class and the demo ({n} found)"
+    );
+}
+
+#[test]
+fn a_failing_expectation_fails_the_run_with_a_report() {
+    if !kvm_available() {
+        return;
+    }
+    let p = std::env::temp_dir().join(format!("vmiscope-fail-{}.vms", std::process::id()));
+    std::fs::write(
+        &p,
+        "hook msr 0xc0000082 w log\nexpect alert msr timeout 2\nexpect exit 3\n",
+    )
+    .unwrap();
+    let (code, out, _) = vmiscope(&["run", "msr", "--script", p.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(
+        out.contains("FAILED") && out.contains("no msr alert within 2 s"),
+        "{out}"
+    );
+    assert!(
+        out.contains("exit status 0 (guest exited with status 0), expected 3"),
+        "{out}"
+    );
+    assert!(out.contains("0 held, 2 failed"), "{out}");
+    std::fs::write(&p, "hooks\nhook msr\nfrobnicate\n").unwrap();
+    let (code, _, err) = vmiscope(&["run", "msr", "--script", p.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "a malformed script runs nothing");
+    assert!(err.contains(":2: `hook msr` expects an MSR index"), "{err}");
+    assert!(err.contains(":3: unknown command `frobnicate`"), "{err}");
+    let _ = std::fs::remove_file(&p);
+}
