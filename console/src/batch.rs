@@ -105,7 +105,14 @@ pub fn run(a: &RunArgs) -> i32 {
         return crate::script::run(a, script);
     }
     if !a.batch {
-        eprintln!("vmiscope: the interactive console is not built yet; running in --batch mode");
+        use std::io::IsTerminal;
+        let tty = std::io::stdout().is_terminal() && std::io::stdin().is_terminal();
+        let mode = if a.repl || (!a.tui && !tty) {
+            crate::ui::Mode::Repl
+        } else {
+            crate::ui::Mode::Tui
+        };
+        return crate::ui::interactive(a, mode);
     }
     let (image, vcpus) = match load_image(&a.image) {
         Ok(x) => x,
@@ -185,7 +192,7 @@ pub fn run_default() -> i32 {
         image: "demo".into(),
         vcpus: None,
         mem: 128,
-        batch: true,
+        batch: false,
         timeout: None,
         cmdline: String::new(),
         modules: vec![],

@@ -7,5 +7,8 @@ pub mod cli;
 pub mod commands;
 pub mod control;
 pub mod introspection;
+pub mod repl;
 pub mod script;
 pub mod session;
+pub mod tui;
+pub mod ui;

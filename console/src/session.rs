@@ -142,7 +142,7 @@ impl Session {
         }
     }
 
-    fn go(&mut self) {
+    pub fn go(&mut self) {
         self.at_entry = false;
         if !self.control.resume(None) {
             self.shared.resume_all();
@@ -664,7 +664,7 @@ impl Session {
         }
     }
 
-    fn disasm(&self, addr: Option<u64>, count: usize) -> Result<String, String> {
+    pub fn disasm(&self, addr: Option<u64>, count: usize) -> Result<String, String> {
         let rip = self.shared.last_position(self.vcpu).0;
         let start = addr.unwrap_or(rip);
         let mut bytes = vec![0u8; count * 15];
@@ -711,15 +711,16 @@ impl Session {
             let mark = if bps.contains(&ip) { "*" } else { " " };
             let cur = if ip == rip { "=>" } else { "  " };
             let label = match self.shared.symbols.lookup(ip) {
-                Some((s, o)) if o < 0x1000 => format!("<{s}+{o:#x}>"),
+                Some((s, 0)) => format!("  <{s}>"),
+                Some((s, o)) if o < 0x1000 => format!("  <{s}+{o:#x}>"),
                 _ => String::new(),
             };
-            let _ = writeln!(out, "{cur}{mark} {ip:#x} {label:<24} {text}");
+            let _ = writeln!(out, "{cur}{mark}{ip:x} {text:<28}{label}");
         }
         Ok(out)
     }
 
-    fn hooks_text(&self) -> String {
+    pub fn hooks_text(&self) -> String {
         let e = self.intro.engine.lock().unwrap();
         let mut t = String::new();
         for h in e.hooks.iter() {

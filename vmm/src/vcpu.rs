@@ -74,6 +74,15 @@ pub(crate) fn create(
     // Registers come back in kvm_run on every exit: no GET_REGS/GET_SREGS per exit.
     fd.set_sync_valid_reg(SyncReg::Register);
     fd.set_sync_valid_reg(SyncReg::SystemRegister);
+    // Until the first exit fills it, the sync area shows the entry state (so a vCPU
+    // paused before its first instruction can be inspected). Not marked dirty: KVM
+    // already has these values.
+    let (r, sr) = (
+        fd.get_regs().map_err(VmError::ioctl("KVM_GET_REGS"))?,
+        fd.get_sregs().map_err(VmError::ioctl("KVM_GET_SREGS"))?,
+    );
+    fd.sync_regs_mut().regs = r;
+    fd.sync_regs_mut().sregs = sr;
     Ok(fd)
 }
 

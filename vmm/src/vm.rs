@@ -487,6 +487,7 @@ impl Vm {
             return Err(VmError::Config("a multiboot kernel with several vCPUs needs the irqchip (its APs wait for INIT/SIPI)".into()));
         }
         let mut fds = Vec::new();
+        let entry = loaded.entry;
         let cpuid = guest_cpuid(&kvm)?;
         for id in 0..cfg.vcpus {
             fds.push(crate::vcpu::create(&vm, id, cfg, &loaded.entry, &cpuid)?);
@@ -526,6 +527,15 @@ impl Vm {
             running: AtomicBool::new(false),
             ioctls: AtomicU64::new(0),
         });
+        // Before the first exit, "last position" is the entry.
+        for (c, v) in shared.vcpus.iter().enumerate() {
+            let r = loader::regs_for(&entry, c as u32, cfg.vcpus);
+            v.last_rip.store(r.rip, Ordering::Relaxed);
+            let s = loader::sregs_for(&entry, kvm_bindings::kvm_sregs::default());
+            for (slot, x) in v.paging.iter().zip([s.cr0, s.cr3, s.cr4, s.efer]) {
+                slot.store(x, Ordering::Relaxed);
+            }
+        }
         shared.commit_access()?;
         Ok(Vm {
             shared,

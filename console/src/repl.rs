@@ -1,0 +1,225 @@
+//! The line console (rustyline): history, completion of commands, hook ids and
+//! symbols; guest output, alerts and stops printed above the prompt as they come.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustyline::completion::Completer;
+use rustyline::error::ReadlineError;
+use rustyline::{Context, Editor, Helper, Highlighter, Hinter, Validator};
+
+use crate::commands::HELP;
+use crate::session::{Session, alert_line};
+use crate::ui::Mode;
+
+#[derive(Helper, Hinter, Highlighter, Validator)]
+struct Words {
+    /// Completion words after the first: sub-commands, classes, symbols, hook ids.
+    words: Arc<Mutex<Vec<String>>>,
+}
+
+const SUBWORDS: &[&str] = &[
+    "event",
+    "hook",
+    "allow",
+    "deny",
+    "policy",
+    "ept",
+    "gva",
+    "msr",
+    "cr",
+    "dtr",
+    "xcr",
+    "bp",
+    "introcall",
+    "enable",
+    "disable",
+    "delete",
+    "read",
+    "write",
+    "phys",
+    "add-from-alert",
+    "save",
+    "on",
+    "off",
+    "log",
+    "visible",
+    "idtr",
+    "gdtr",
+    "breakpoint",
+    "timer",
+    "vcpu",
+    "list",
+    "all",
+];
+
+impl Completer for Words {
+    type Candidate = String;
+    fn complete(
+        &self,
+        line: &str,
+        pos: usize,
+        _: &Context<'_>,
+    ) -> rustyline::Result<(usize, Vec<String>)> {
+        let start = line[..pos].rfind(' ').map(|i| i + 1).unwrap_or(0);
+        let part = &line[start..pos];
+        let mut out: Vec<String> = if start == 0 {
+            let mut v: Vec<String> = HELP
+                .iter()
+                .filter_map(|(u, _)| u.split_whitespace().next().map(str::to_string))
+                .collect();
+            v.push("tui".into());
+            v.dedup();
+            v
+        } else {
+            self.words.lock().unwrap().clone()
+        };
+        out.retain(|w| w.starts_with(part));
+        out.sort();
+        out.dedup();
+        Ok((start, out))
+    }
+}
+
+fn history_path() -> Option<std::path::PathBuf> {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(Into::into)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".local/state"))
+        })?;
+    let dir = base.join("vmiscope");
+    std::fs::create_dir_all(&dir).ok()?;
+    Some(dir.join("history"))
+}
+
+/// Runs the REPL until `quit` (Mode::Quit) or `tui` (Mode::Tui).
+pub fn run(s: &mut Session) -> Mode {
+    let words = Arc::new(Mutex::new(Vec::new()));
+    let mut rl: Editor<Words, rustyline::history::DefaultHistory> = match Editor::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmiscope: cannot start the line editor: {e}");
+            return Mode::Quit;
+        }
+    };
+    rl.set_helper(Some(Words {
+        words: words.clone(),
+    }));
+    let hist = history_path();
+    if let Some(h) = &hist {
+        let _ = rl.load_history(h);
+    }
+    // Guest output, alerts and stops, printed above the prompt.
+    let done = Arc::new(AtomicBool::new(false));
+    let printer = rl.create_external_printer().ok();
+    let watcher = printer.map(|mut p| {
+        let (serial, intro, control, done) = (
+            s.serial.clone(),
+            s.intro.clone(),
+            s.control.clone(),
+            done.clone(),
+        );
+        let (mut lines, mut alerts, mut stops) = (
+            serial.lock().unwrap().len().saturating_sub(1),
+            intro.engine.lock().unwrap().alerts.len(),
+            control.stop_count(),
+        );
+        std::thread::spawn(move || {
+            use rustyline::ExternalPrinter;
+            while !done.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50));
+                let mut msg = String::new();
+                {
+                    let l = serial.lock().unwrap();
+                    let complete = l.len().saturating_sub(1);
+                    for line in &l[lines.min(complete)..complete] {
+                        msg.push_str(&format!("guest| {line}\n"));
+                    }
+                    lines = complete.max(lines);
+                }
+                {
+                    let e = intro.engine.lock().unwrap();
+                    for a in &e.alerts[alerts.min(e.alerts.len())..] {
+                        msg.push_str(&format!("ALERT {}\n", alert_line(a)));
+                    }
+                    alerts = e.alerts.len();
+                }
+                let n = control.stop_count();
+                if n > stops {
+                    stops = n;
+                    if let Some(st) = control.stop() {
+                        msg.push_str(&format!("stopped: vCPU {} ({})\n", st.vcpu, st.why));
+                    }
+                }
+                if !msg.is_empty() {
+                    let _ = p.print(msg.trim_end().to_string());
+                }
+            }
+        })
+    });
+    let status = s.status();
+    println!(
+        "vmiscope console on `{}` ({status}). `help` lists commands, `tui` switches view.",
+        s.image
+    );
+    let mode = loop {
+        {
+            let mut w: Vec<String> = SUBWORDS.iter().map(|x| x.to_string()).collect();
+            w.extend(s.shared.symbols.iter().map(|(n, _)| n.to_string()));
+            w.extend(
+                s.intro
+                    .engine
+                    .lock()
+                    .unwrap()
+                    .hooks
+                    .iter()
+                    .map(|h| h.id.to_string()),
+            );
+            *words.lock().unwrap() = w;
+        }
+        match rl.readline("vmiscope> ") {
+            Ok(line) => {
+                let line = line.trim().to_string();
+                if !line.is_empty() {
+                    let _ = rl.add_history_entry(line.as_str());
+                }
+                if line == "tui" {
+                    break Mode::Tui;
+                }
+                match s.exec(&line) {
+                    Ok(out) => {
+                        if !out.text.is_empty() {
+                            println!("{}", out.text.trim_end());
+                        }
+                        if out.quit {
+                            break Mode::Quit;
+                        }
+                    }
+                    Err(e) => println!("error: {e}"),
+                }
+            }
+            // Ctrl-C stops the guest, as in gdb; Ctrl-D ends the session.
+            Err(ReadlineError::Interrupted) => match s.exec("pause") {
+                Ok(o) => println!("{}", o.text),
+                Err(e) => println!("error: {e}"),
+            },
+            Err(ReadlineError::Eof) => {
+                let _ = s.exec("quit");
+                break Mode::Quit;
+            }
+            Err(e) => {
+                eprintln!("vmiscope: {e}");
+                break Mode::Quit;
+            }
+        }
+    };
+    done.store(true, Ordering::SeqCst);
+    if let Some(w) = watcher {
+        let _ = w.join();
+    }
+    if let Some(h) = &hist {
+        let _ = rl.save_history(h);
+    }
+    mode
+}

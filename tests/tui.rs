@@ -1,0 +1,266 @@
+//! The TUI in a real terminal (tmux), and the REPL over pipes: stopping at an event,
+//! overriding its verdict, and turning an alert into an exception, from both.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::kvm_available;
+
+fn tmux_available() -> bool {
+    if Command::new("tmux")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true but tmux is missing: the TUI tests need it (.ci/run installs it)");
+    }
+    eprintln!("SKIPPED: no tmux on this machine");
+    false
+}
+
+struct Term {
+    name: String,
+}
+
+impl Term {
+    fn start(cols: u16, rows: u16, args: &str) -> Term {
+        let name = format!("vmiscope-{}-{cols}", std::process::id());
+        let exe = env!("CARGO_BIN_EXE_vmiscope");
+        let st = Command::new("tmux")
+            .args([
+                "new-session",
+                "-d",
+                "-s",
+                &name,
+                "-x",
+                &cols.to_string(),
+                "-y",
+                &rows.to_string(),
+            ])
+            .arg(format!("{exe} {args}; sleep 60"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        Term { name }
+    }
+
+    fn screen(&self) -> String {
+        let o = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &self.name])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        for k in keys {
+            Command::new("tmux")
+                .args(["send-keys", "-t", &self.name, k])
+                .status()
+                .unwrap();
+        }
+    }
+
+    fn type_line(&self, text: &str) {
+        self.keys(&[":"]);
+        Command::new("tmux")
+            .args(["send-keys", "-t", &self.name, "-l", text])
+            .status()
+            .unwrap();
+        self.keys(&["Enter"]);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    /// Waits until the screen contains `what`.
+    fn wait_for(&self, what: &str) -> String {
+        let t = Instant::now();
+        loop {
+            let s = self.screen();
+            if s.contains(what) {
+                return s;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "`{what}` never appeared; screen:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Term {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn every_pane_is_visible_at_80x24_and_grows_with_the_terminal() {
+    if !kvm_available() || !tmux_available() {
+        return;
+    }
+    for (cols, rows) in [(80u16, 24u16), (120, 40)] {
+        let t = Term::start(cols, rows, "run demo --protect all");
+        let s = t.wait_for("paused at entry");
+        for pane in [
+            "Registers vCPU 0",
+            "Disassembly",
+            "Events",
+            "Alerts",
+            "Hooks",
+            "Serial",
+            ": to type a command",
+        ] {
+            assert!(s.contains(pane), "{pane} missing at {cols}x{rows}:\n{s}");
+        }
+        assert!(
+            s.contains("rip 0000000000100000"),
+            "the entry RIP is shown:\n{s}"
+        );
+        let widest = s.lines().map(|l| l.chars().count()).max().unwrap();
+        assert_eq!(widest, cols as usize, "the layout fills the terminal");
+        t.keys(&["F5"]);
+        let s = t.wait_for("ended: guest exited with status 0");
+        assert!(s.contains("alerts 6"), "{s}");
+        assert!(
+            s.contains("summary: 0 succeeded, 6 blocked"),
+            "the serial pane shows the guest:\n{s}"
+        );
+        t.keys(&["q"]);
+    }
+}
+
+#[test]
+fn tui_stop_at_an_event_and_deny_it() {
+    if !kvm_available() || !tmux_available() {
+        return;
+    }
+    let j = std::env::temp_dir().join(format!("vmiscope-tui-{}.jsonl", std::process::id()));
+    // Wide enough for the guest's longest line in the half-width serial pane.
+    let t = Term::start(200, 30, &format!("run msr --journal {}", j.display()));
+    t.wait_for("paused at entry");
+    t.type_line("hook msr 0x176 w log");
+    t.type_line("break event msr");
+    t.keys(&["F5"]);
+    let s = t.wait_for("stopped: vCPU 0 at msr");
+    assert!(
+        s.contains("wrmsr"),
+        "the disassembly shows the stopped instruction:\n{s}"
+    );
+    // The hook only logs; deny it here anyway.
+    t.keys(&["d"]);
+    let s = t.wait_for("ended: guest exited with status 0");
+    assert!(
+        s.contains("SYSENTER_EIP (176) before 0, wrmsr ffffffff81c00100: ok, reads back 0"),
+        "denied from the TUI:\n{s}"
+    );
+    let text = std::fs::read_to_string(&j).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("\"class\":\"msr\"") && l.contains("\"type\":\"event\"")),
+        "journal: {text}"
+    );
+    t.keys(&["q"]);
+    let _ = std::fs::remove_file(&j);
+}
+
+#[test]
+fn tui_alert_to_exception_with_the_e_key() {
+    if !kvm_available() || !tmux_available() {
+        return;
+    }
+    let t = Term::start(100, 30, "run demo --protect syscall-msrs");
+    t.wait_for("paused at entry");
+    t.keys(&["F5"]);
+    t.wait_for("alerts 1");
+    t.keys(&["Tab", "Down", "e"]);
+    let s = t.wait_for("exception 0 added");
+    assert!(s.contains("\"msr\":3221225602"), "{s}");
+    t.type_line("exceptions");
+    let s = t.wait_for("3221225602");
+    assert!(s.contains("from alert 1"), "{s}");
+    t.keys(&["Escape", "q"]);
+}
+
+fn repl(image: &str, script: &[(&str, u64)]) -> String {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmiscope"))
+        .args(["run", image, "--repl"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for (line, wait_ms) in script {
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(*wait_ms));
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let s =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("{s}");
+    s
+}
+
+#[test]
+fn repl_stop_override_and_exception() {
+    if !kvm_available() {
+        return;
+    }
+    let out = repl(
+        "msr",
+        &[
+            ("hook msr 0xc0000082 w deny", 100),
+            ("break event msr", 100),
+            ("next-event", 500),
+            ("event", 100),
+            ("verdict allow", 500),
+            ("alerts", 100),
+            ("exception add-from-alert 1", 100),
+            ("exceptions", 100),
+            ("quit", 100),
+        ],
+    );
+    assert!(
+        out.contains("vCPU 0 stopped (next-event)")
+            || out.contains("vCPU 0 stopped (breakpoint 1)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("verdict: deny (dropped)  (`verdict allow|deny|policy`)"),
+        "the proposed verdict: {out}"
+    );
+    assert!(out.contains("verdict allow; continuing"), "{out}");
+    assert!(out.contains("alert 1 msr"), "{out}");
+    assert!(out.contains("exception 0 added"), "{out}");
+    assert!(out.contains("\"msr\": 3221225602"), "{out}");
+    // Bad input: a one-line error, the session goes on.
+    let out = repl(
+        "hello",
+        &[
+            ("frobnicate", 100),
+            ("mem read", 100),
+            ("hooks", 100),
+            ("quit", 100),
+        ],
+    );
+    assert!(
+        out.contains("error: unknown command `frobnicate` (try `help`)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("error: expected `mem read ADDR [LEN] [phys]`"),
+        "{out}"
+    );
+    assert!(out.contains("no hooks"), "{out}");
+}
