@@ -189,23 +189,8 @@ pub fn run(a: &RunArgs) -> i32 {
 /// `vmiscope` with no arguments: the demo guest.
 pub fn run_default() -> i32 {
     let a = RunArgs {
-        image: "demo".into(),
-        vcpus: None,
-        mem: 128,
-        batch: false,
-        timeout: None,
-        cmdline: String::new(),
-        modules: vec![],
-        events: false,
         protect: Some("all".into()),
-        log_only: false,
-        exceptions: None,
-        journal: None,
-        script: None,
-        repl: false,
-        tui: false,
-        no_irqchip: false,
-        hypercall_quirk: false,
+        ..RunArgs::for_image("demo")
     };
     run(&a)
 }

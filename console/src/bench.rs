@@ -415,6 +415,91 @@ fn engine_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<()
     Ok(())
 }
 
+/// One console run of `spin` (hooked CPL3 writes, logged) with or without the TUI
+/// rendering (off screen, the real drawing code, at its frame rate). Returns events
+/// per second and, with the TUI, every event's delay until a frame showed it (ms).
+fn console_run(n: u64, with_tui: bool) -> Result<(f64, Vec<f64>), String> {
+    use crate::session::Session;
+    let mut s = Session::start(&crate::cli::RunArgs::for_image("spin"))?;
+    let le = |v: u64| {
+        v.to_le_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    for cmd in [
+        format!("mem write spin_mode {}", le(0)),
+        format!("mem write spin_count {}", le(n)),
+        "hook ept spin_page 64 w log".into(),
+    ] {
+        s.exec(&cmd)?;
+    }
+    let mut term = ratatui::Terminal::new(ratatui::backend::TestBackend::new(120, 40))
+        .map_err(|e| e.to_string())?;
+    let mut tui = crate::tui::Tui::new();
+    let before = s.intro.engine.lock().unwrap().event_id;
+    let start = Instant::now();
+    s.exec("continue")?;
+    let (mut shown, mut lat) = (before, Vec::new());
+    while s.running() {
+        if with_tui {
+            tui.refresh(&mut s);
+            term.draw(|f| tui.draw(f, &s)).map_err(|e| e.to_string())?;
+            // Every event newer than the last frame's newest appears in this frame.
+            let e = s.intro.engine.lock().unwrap();
+            let now = e.now_us();
+            for r in e.recent.iter().rev().take_while(|r| r.event_id > shown) {
+                lat.push((now - r.at_us) as f64 / 1e3);
+            }
+            shown = e.recent.back().map(|r| r.event_id).unwrap_or(shown);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let events = s.intro.engine.lock().unwrap().event_id - before;
+    Ok((events as f64 / start.elapsed().as_secs_f64(), lat))
+}
+
+fn console_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<(), String> {
+    let n = n.max(20_000);
+    let (mut bare, mut tui, mut lat) = (vec![], vec![], vec![]);
+    for _ in 0..repeat {
+        bare.push(console_run(n, false)?.0);
+        let (rate, l) = console_run(n, true)?;
+        tui.push(rate);
+        lat.extend(l);
+    }
+    let (b, t) = (median(bare), median(tui));
+    figures.push(Figure {
+        name: "events/s with the TUI attached".into(),
+        unit: "events/s",
+        value: t,
+        baseline: Some(b),
+        ratio: Some(t / b),
+        note: "hooked CPL3 writes; baseline: the same session without a UI (TUI redraws 20x/s off screen)".into(),
+    });
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let p = |q: f64| {
+        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    figures.push(Figure {
+        name: "event to its line on screen".into(),
+        unit: "ms",
+        value: p(0.5),
+        baseline: None,
+        ratio: None,
+        note: format!(
+            "median over {} events; p90 {:.1} ms, max {:.1} ms (one 50 ms frame bounds it)",
+            lat.len(),
+            p(0.9),
+            lat.last().copied().unwrap_or(f64::NAN)
+        ),
+    });
+    Ok(())
+}
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -501,6 +586,7 @@ pub fn measure(iterations: u64, repeat: usize) -> Result<Report, String> {
         note: format!("{ioctls} memslot ioctls per operation (merge back)"),
     });
     engine_figures(iterations, repeat, &mut figures)?;
+    console_figures(iterations, repeat, &mut figures)?;
     figures.push(Figure {
         name: "hello: process start to guest exit".into(),
         unit: "ms",

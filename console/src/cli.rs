@@ -111,6 +111,31 @@ pub struct BenchArgs {
     pub repeat: usize,
 }
 
+impl RunArgs {
+    /// `vmiscope run NAME` with every option at its default.
+    pub fn for_image(name: &str) -> RunArgs {
+        RunArgs {
+            image: name.into(),
+            vcpus: None,
+            mem: 128,
+            batch: false,
+            timeout: None,
+            cmdline: String::new(),
+            modules: vec![],
+            events: false,
+            protect: None,
+            log_only: false,
+            exceptions: None,
+            journal: None,
+            script: None,
+            repl: false,
+            tui: false,
+            no_irqchip: false,
+            hypercall_quirk: false,
+        }
+    }
+}
+
 pub fn images(a: &ImagesArgs) -> i32 {
     if let Some(dir) = &a.export {
         if let Err(e) = std::fs::create_dir_all(dir) {

@@ -42,7 +42,8 @@ struct View {
     regs_key: (u64, String),
 }
 
-struct Tui {
+/// The TUI's state (pub for `vmiscope bench`, which renders it off screen).
+pub struct Tui {
     focus: Pane,
     sel: [ListState; 4],
     input: Option<String>,
@@ -65,7 +66,7 @@ fn key_help() -> String {
 }
 
 impl Tui {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Tui {
             focus: Pane::Events,
             sel: Default::default(),
@@ -88,7 +89,7 @@ impl Tui {
     }
 
     /// Copies what the panes show out of the session (cheap, bounded).
-    fn refresh(&mut self, s: &mut Session) {
+    pub fn refresh(&mut self, s: &mut Session) {
         let v = &mut self.view;
         v.status = s.status();
         {
@@ -287,7 +288,7 @@ impl Tui {
         None
     }
 
-    fn draw(&mut self, f: &mut Frame<'_>, s: &Session) {
+    pub fn draw(&mut self, f: &mut Frame<'_>, s: &Session) {
         let area = f.area();
         let rows = Layout::default()
             .direction(Direction::Vertical)
@@ -464,6 +465,12 @@ impl Tui {
             lines.push(Line::from(spans));
         }
         f.render_widget(Paragraph::new(lines).block(block), area);
+    }
+}
+
+impl Default for Tui {
+    fn default() -> Self {
+        Tui::new()
     }
 }
 

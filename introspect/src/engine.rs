@@ -53,6 +53,8 @@ pub const RECENT: usize = 10_000;
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EventRecord {
     pub event_id: u64,
+    /// Microseconds since the engine started.
+    pub at_us: u64,
     pub class: Class,
     pub vcpu: u32,
     pub rip: u64,
@@ -71,8 +73,22 @@ pub(crate) struct VcpuState {
     pub(crate) last_xcr0: Option<u64>,
     /// Exits seen on this vCPU (to know that two exits belong to one instruction).
     pub(crate) exits: u64,
-    /// The instruction last analysed: (start rip, end rip, exit number, verdict).
-    pub(crate) insn: Option<(u64, u64, u64, Verdict)>,
+    /// The instruction execution last analysed.
+    pub(crate) insn: Option<Analysed>,
+}
+
+/// One analysed instruction execution: its verdict covers its other accesses.
+#[derive(Debug, Clone)]
+pub(crate) struct Analysed {
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    /// The vCPU's exit number at the analysis.
+    pub(crate) exit: u64,
+    pub(crate) verdict: Verdict,
+    /// The access whose exit triggered the analysis.
+    pub(crate) trigger: (u64, crate::event::AccessKind),
+    /// Every (gpa, len, kind) piece the analysis covered.
+    pub(crate) pieces: Vec<(u64, u64, crate::event::AccessKind)>,
 }
 
 /// The introspection engine.
@@ -161,6 +177,11 @@ impl Engine {
     /// Whether the exit for `class` is switched on (some hook of it exists).
     pub fn class_enabled(&self, class: Class) -> bool {
         self.class_counts.get(&class).copied().unwrap_or(0) > 0
+    }
+
+    /// Microseconds since the engine started (the clock of `EventRecord::at_us`).
+    pub fn now_us(&self) -> u64 {
+        self.started.elapsed().as_micros() as u64
     }
 
     pub(crate) fn vcpu(&mut self, id: u32) -> &mut VcpuState {
@@ -510,6 +531,7 @@ impl Engine {
         }
         self.recent.push_back(EventRecord {
             event_id: self.event_id,
+            at_us: self.started.elapsed().as_micros() as u64,
             class,
             vcpu: guest.vcpu(),
             rip: regs.rip,

@@ -19,7 +19,7 @@
 use std::collections::HashSet;
 
 use crate::decode::{self, Decoded, split_pages};
-use crate::engine::Engine;
+use crate::engine::{Analysed, Engine};
 use crate::event::{AccessKind, EventInfo};
 use crate::glue::Guest;
 use crate::hooks::{Class, Rights, Target};
@@ -130,17 +130,38 @@ pub fn handle_ept_violation(
             Some(d) => (d.rip, d.rip + d.len() as u64),
             None => (x.rip, x.rip),
         };
-        // The second exit of an instruction already analysed: same verdict.
+        // Another access of the execution just analysed (the stack write of
+        // `PUSH [mem]` after its read, the next element of a REP string): the
+        // analysis already covered it. The same instruction running again (a loop
+        // repeating the access that triggered the analysis) is a new execution.
         let exits = e.vcpu(vcpu).exits;
-        let cached = e
-            .vcpu(vcpu)
-            .insn
-            .filter(|(s, en, n, _)| *s == start && *en == end && n + 1 == exits && instr.is_some());
-        let verdict = match cached {
-            Some((_, _, _, v)) => v,
-            None => dispatch_all(e, g, x, instr.as_ref()),
+        let covered = e.vcpu(vcpu).insn.as_ref().is_some_and(|a| {
+            instr.is_some()
+                && a.start == start
+                && a.end == end
+                && a.exit + 1 == exits
+                && a.trigger != (x.gpa, x.access)
+                && a.pieces.iter().any(|&(gpa, len, k)| {
+                    k == x.access && gpa <= x.gpa && x.gpa + x.len <= gpa + len
+                })
+        });
+        let verdict = if covered {
+            let a = e.vcpu(vcpu).insn.as_mut().expect("covered");
+            a.exit = exits;
+            a.verdict
+        } else {
+            let (verdict, pieces) = dispatch_all(e, g, x, instr.as_ref());
+            let trigger = (x.gpa, x.access);
+            e.vcpu(vcpu).insn = Some(Analysed {
+                start,
+                end,
+                exit: exits,
+                verdict,
+                trigger,
+                pieces,
+            });
+            verdict
         };
-        e.vcpu(vcpu).insn = Some((start, end, exits, verdict));
         (verdict, action(e, g, x, verdict, instr.as_ref()))
     })
 }
@@ -151,7 +172,7 @@ fn dispatch_all(
     g: &mut dyn Guest,
     x: &MemExit,
     instr: Option<&Decoded>,
-) -> Verdict {
+) -> (Verdict, Vec<(u64, u64, AccessKind)>) {
     // (gpa, len, kind, gla) pieces, the reported access first.
     let mut pieces: Vec<(u64, u64, AccessKind, u64)> = Vec::new();
     let reported_gla = instr
@@ -245,7 +266,11 @@ fn dispatch_all(
         .map(|d| d.text.clone())
         .unwrap_or_else(|| "(instruction unverified)".into());
     e.insn_rip = instr.map(|d| d.rip);
-    e.conclude(g, Class::Ept, &info, Some(&text), &fired_all)
+    let covered: Vec<(u64, u64, AccessKind)> = seen.into_iter().collect();
+    (
+        e.conclude(g, Class::Ept, &info, Some(&text), &fired_all),
+        covered,
+    )
 }
 
 fn action(

@@ -720,3 +720,24 @@ fn locked_rmw_is_applied_atomically_against_a_concurrent_write() {
         }
     }
 }
+
+#[test]
+fn a_store_executed_again_is_a_new_event_for_its_hooks() {
+    let (mut e, mut g) = (Engine::new(), MockGuest::new());
+    let log = Arc::new(Mutex::new(vec![]));
+    e.add_hook(
+        &mut g,
+        gpa_hook(0x10000, 8, Rights::W),
+        "w",
+        logged(&log, "w", Verdict::Allowed),
+    )
+    .unwrap();
+    g.put(0x20000, &[0x89, 0x08]); // mov [rax], ecx, run three times in a loop
+    g.regs.rax = 0x10000;
+    for i in 0..3 {
+        e.note_exit(0);
+        handle_ept_violation(&mut e, &mut g, &write_exit(0x10000, 4, i, 0x20002));
+    }
+    assert_eq!(log.lock().unwrap().len(), 3, "each execution asks the hook");
+    assert_eq!(e.recent.len(), 3);
+}
