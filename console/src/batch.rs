@@ -104,14 +104,19 @@ pub fn run(a: &RunArgs) -> i32 {
     if let Some(script) = &a.script {
         return crate::script::run(a, script);
     }
-    if !a.batch {
+    let ui = (!a.batch).then(|| {
         use std::io::IsTerminal;
         let tty = std::io::stdout().is_terminal() && std::io::stdin().is_terminal();
-        let mode = if a.repl || (!a.tui && !tty) {
+        if a.repl || (!a.tui && !tty) {
             crate::ui::Mode::Repl
         } else {
             crate::ui::Mode::Tui
-        };
+        }
+    });
+    if let Some(addr) = &a.gdb {
+        return crate::gdb::run(a, addr, ui);
+    }
+    if let Some(mode) = ui {
         return crate::ui::interactive(a, mode);
     }
     let (image, vcpus) = match load_image(&a.image) {

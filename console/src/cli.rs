@@ -82,6 +82,9 @@ pub struct RunArgs {
     /// The full-screen console.
     #[arg(long, conflicts_with_all = ["batch", "script", "repl"])]
     pub tui: bool,
+    /// gdb remote stub on ADDR (`PORT` binds 127.0.0.1); the guest waits for gdb.
+    #[arg(long, value_name = "ADDR")]
+    pub gdb: Option<String>,
     /// Run without the in-kernel irqchip/PIT (HLT then exits to the VMM).
     #[arg(long)]
     pub no_irqchip: bool,
@@ -130,6 +133,7 @@ impl RunArgs {
             script: None,
             repl: false,
             tui: false,
+            gdb: None,
             no_irqchip: false,
             hypercall_quirk: false,
         }

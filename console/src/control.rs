@@ -231,6 +231,19 @@ impl ConsoleHandler {
 
 impl ExitHandler for ConsoleHandler {
     fn on_event(&self, cpu: &mut VcpuCtl<'_>, event: &Event) -> Reply {
+        // A hardware execute breakpoint (gdb's `hbreak`): stop there.
+        if let Event::HwBreakpoint { rip, slot } = event {
+            let stop = Stop {
+                vcpu: cpu.id(),
+                why: "hw-breakpoint".into(),
+                event: None,
+                raw: Some(format!("hardware breakpoint {slot} at {rip:#x}")),
+                proposed: "-".into(),
+                applied: true,
+            };
+            self.control.hold(cpu, stop);
+            return Reply::Continue;
+        }
         // A requested single-step completed on this vCPU.
         if let Event::SingleStep { rip } = event {
             let stepping = self.control.state.lock().unwrap().stepping;

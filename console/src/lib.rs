@@ -6,6 +6,7 @@ pub mod caps;
 pub mod cli;
 pub mod commands;
 pub mod control;
+pub mod gdb;
 pub mod introspection;
 pub mod repl;
 pub mod script;

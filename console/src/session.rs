@@ -104,6 +104,28 @@ impl Session {
         })
     }
 
+    /// A second command executor on the same VM, engine and stops (gdb's
+    /// `monitor`, next to a console). It does not own the VM thread.
+    pub fn attach(&self) -> Session {
+        Session {
+            shared: self.shared.clone(),
+            intro: self.intro.clone(),
+            control: self.control.clone(),
+            runner: None,
+            outcome: None,
+            vcpu: 0,
+            env: self.env.clone(),
+            at_entry: self.at_entry,
+            image: self.image.clone(),
+            serial: self.serial.clone(),
+        }
+    }
+
+    /// Whether the guest has ended (also for an attached executor).
+    pub fn ended(&mut self) -> bool {
+        self.outcome().is_some() || (self.runner.is_none() && self.shared.is_stopping())
+    }
+
     fn sym(&self) -> impl Fn(&str) -> Option<u64> + '_ {
         move |n| self.shared.symbols.get(n)
     }
@@ -142,10 +164,22 @@ impl Session {
         }
     }
 
+    /// Lets every vCPU run: the one held at a stop, and the paused ones.
     pub fn go(&mut self) {
         self.at_entry = false;
-        if !self.control.resume(None) {
-            self.shared.resume_all();
+        self.control.resume(None);
+        self.shared.resume_all();
+    }
+
+    /// Lets only `cpus` run (gdb's scheduler locking).
+    pub fn go_only(&mut self, cpus: &[u32]) {
+        self.at_entry = false;
+        for &c in cpus {
+            if self.control.stop().is_some_and(|s| s.vcpu == c) {
+                self.control.resume(None);
+            }
+            // Also cancels a pause queued for it by an all-stop.
+            self.shared.resume_vcpu(c);
         }
     }
 
@@ -189,7 +223,7 @@ impl Session {
 
     pub fn run(&mut self, cmd: Command) -> Result<Output, String> {
         use Command as C;
-        let ended = self.outcome().is_some();
+        let ended = self.ended();
         let needs_guest = !matches!(
             cmd,
             C::Help(_)

@@ -11,14 +11,18 @@ pub enum Mode {
 }
 
 /// Opens the console on `a.image` (paused at entry) and runs until `quit`.
-pub fn interactive(a: &RunArgs, mut mode: Mode) -> i32 {
-    let mut s = match Session::start(a) {
-        Ok(s) => s,
+pub fn interactive(a: &RunArgs, mode: Mode) -> i32 {
+    match Session::start(a) {
+        Ok(s) => run_session(s, mode),
         Err(e) => {
             eprintln!("vmiscope: {e}");
-            return 2;
+            2
         }
-    };
+    }
+}
+
+/// Runs the console on a session until `quit`.
+pub fn run_session(mut s: Session, mut mode: Mode) -> i32 {
     while mode != Mode::Quit {
         mode = match mode {
             Mode::Tui => crate::tui::run(&mut s),

@@ -286,6 +286,16 @@ impl VmShared {
         }
     }
 
+    /// Every software breakpoint: (guest-physical address, original byte).
+    pub fn sw_breakpoints(&self) -> Vec<(u64, u8)> {
+        self.sw_bps
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(a, b)| (*a, *b))
+            .collect()
+    }
+
     /// The original byte under our breakpoint at `gpa`, if there is one.
     pub fn sw_breakpoint_at(&self, gpa: u64) -> Option<u8> {
         self.sw_bps.lock().unwrap().get(&gpa).copied()
@@ -337,6 +347,11 @@ impl VmShared {
     /// Asks every vCPU to pause (it stops at its next exit; a kick forces one).
     pub fn pause_all(&self) {
         (0..self.vcpu_count()).for_each(|c| self.send(c, VcpuMsg::Pause));
+    }
+
+    /// Resumes one paused vCPU.
+    pub fn resume_vcpu(&self, cpu: u32) {
+        self.send(cpu, VcpuMsg::Resume);
     }
 
     pub fn resume_all(&self) {

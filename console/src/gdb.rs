@@ -1,0 +1,827 @@
+//! The gdb remote stub (gdbstub): vCPUs are gdb threads; breakpoints, watchpoints and
+//! steps are the engine's hooks and the console's event stops, so gdb and the
+//! console see the same stops. All-stop: when one vCPU stops, the others pause.
+//!
+//! On a PVM host single-step and INT3 work for CPL0 code only (see `caps`): a step
+//! requested at CPL3 is refused with an error gdb shows; watchpoints are page hooks
+//! and work at every CPL.
+
+use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use gdbstub::arch::{Arch, Registers};
+use gdbstub::common::{Signal, Tid};
+use gdbstub::conn::ConnectionExt;
+use gdbstub::outputln;
+use gdbstub::stub::run_blocking::{BlockingEventLoop, Event as GdbEvent, WaitForStopReasonError};
+use gdbstub::stub::{DisconnectReason, GdbStub, MultiThreadStopReason};
+use gdbstub::target::ext::base::BaseOps;
+use gdbstub::target::ext::base::multithread::{
+    MultiThreadBase, MultiThreadResume, MultiThreadResumeOps, MultiThreadSchedulerLocking,
+    MultiThreadSchedulerLockingOps, MultiThreadSingleStep, MultiThreadSingleStepOps,
+};
+use gdbstub::target::ext::breakpoints::{
+    Breakpoints, BreakpointsOps, HwBreakpoint, HwBreakpointOps, HwWatchpoint, HwWatchpointOps,
+    SwBreakpoint, SwBreakpointOps, WatchKind,
+};
+use gdbstub::target::ext::exec_file::{ExecFile, ExecFileOps};
+use gdbstub::target::ext::monitor_cmd::{ConsoleOutput, MonitorCmd, MonitorCmdOps};
+use gdbstub::target::{Target, TargetError, TargetResult};
+use gdbstub_arch::x86::reg::X86_64CoreRegs;
+use vmiscope_introspect::{Outcome, Rights, Target as HookTarget};
+use vmiscope_vmm::{StopReason, VcpuCtl};
+
+use crate::session::Session;
+
+/// x86-64 with the system registers a kernel debugger needs.
+pub enum Vmi64 {}
+
+/// Core + SSE (gdb's amd64 layout), then fs_base/gs_base, then CR0/2/3/4/8, EFER.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct VmiRegs {
+    pub core: X86_64CoreRegs,
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub sys: [u64; 6],
+}
+
+/// Bytes of the core + SSE block in gdb's amd64 order.
+const CORE_BYTES: usize = 16 * 8 + 8 + 4 + 6 * 4 + 8 * 10 + 8 * 4 + 16 * 16 + 4;
+
+impl Registers for VmiRegs {
+    type ProgramCounter = u64;
+    fn pc(&self) -> u64 {
+        self.core.rip
+    }
+    fn gdb_serialize(&self, mut write_byte: impl FnMut(Option<u8>)) {
+        self.core.gdb_serialize(&mut write_byte);
+        for v in [self.fs_base, self.gs_base].iter().chain(self.sys.iter()) {
+            v.to_le_bytes().iter().for_each(|b| write_byte(Some(*b)));
+        }
+    }
+    fn gdb_deserialize(&mut self, bytes: &[u8]) -> Result<(), ()> {
+        if bytes.len() < CORE_BYTES + 8 * 8 {
+            return Err(());
+        }
+        self.core.gdb_deserialize(&bytes[..CORE_BYTES])?;
+        let word = |i: usize| {
+            u64::from_le_bytes(
+                bytes[CORE_BYTES + 8 * i..CORE_BYTES + 8 * i + 8]
+                    .try_into()
+                    .unwrap(),
+            )
+        };
+        self.fs_base = word(0);
+        self.gs_base = word(1);
+        for (i, r) in self.sys.iter_mut().enumerate() {
+            *r = word(2 + i);
+        }
+        Ok(())
+    }
+}
+
+/// The target description, written for this stub: gdb's amd64 core and SSE
+/// features, the segment bases, and a system feature of our own.
+const TARGET_XML: &str = r#"<?xml version="1.0"?>
+<!DOCTYPE target SYSTEM "gdb-target.dtd">
+<target version="1.0">
+<architecture>i386:x86-64</architecture>
+<feature name="org.gnu.gdb.i386.core">
+<reg name="rax" bitsize="64" type="int64" regnum="0"/>
+<reg name="rbx" bitsize="64" type="int64"/>
+<reg name="rcx" bitsize="64" type="int64"/>
+<reg name="rdx" bitsize="64" type="int64"/>
+<reg name="rsi" bitsize="64" type="int64"/>
+<reg name="rdi" bitsize="64" type="int64"/>
+<reg name="rbp" bitsize="64" type="data_ptr"/>
+<reg name="rsp" bitsize="64" type="data_ptr"/>
+<reg name="r8" bitsize="64" type="int64"/>
+<reg name="r9" bitsize="64" type="int64"/>
+<reg name="r10" bitsize="64" type="int64"/>
+<reg name="r11" bitsize="64" type="int64"/>
+<reg name="r12" bitsize="64" type="int64"/>
+<reg name="r13" bitsize="64" type="int64"/>
+<reg name="r14" bitsize="64" type="int64"/>
+<reg name="r15" bitsize="64" type="int64"/>
+<reg name="rip" bitsize="64" type="code_ptr"/>
+<reg name="eflags" bitsize="32" type="int32"/>
+<reg name="cs" bitsize="32" type="int32"/>
+<reg name="ss" bitsize="32" type="int32"/>
+<reg name="ds" bitsize="32" type="int32"/>
+<reg name="es" bitsize="32" type="int32"/>
+<reg name="fs" bitsize="32" type="int32"/>
+<reg name="gs" bitsize="32" type="int32"/>
+<reg name="st0" bitsize="80" type="i387_ext"/>
+<reg name="st1" bitsize="80" type="i387_ext"/>
+<reg name="st2" bitsize="80" type="i387_ext"/>
+<reg name="st3" bitsize="80" type="i387_ext"/>
+<reg name="st4" bitsize="80" type="i387_ext"/>
+<reg name="st5" bitsize="80" type="i387_ext"/>
+<reg name="st6" bitsize="80" type="i387_ext"/>
+<reg name="st7" bitsize="80" type="i387_ext"/>
+<reg name="fctrl" bitsize="32" type="int" group="float"/>
+<reg name="fstat" bitsize="32" type="int" group="float"/>
+<reg name="ftag" bitsize="32" type="int" group="float"/>
+<reg name="fiseg" bitsize="32" type="int" group="float"/>
+<reg name="fioff" bitsize="32" type="int" group="float"/>
+<reg name="foseg" bitsize="32" type="int" group="float"/>
+<reg name="fooff" bitsize="32" type="int" group="float"/>
+<reg name="fop" bitsize="32" type="int" group="float"/>
+</feature>
+<feature name="org.gnu.gdb.i386.sse">
+<vector id="v2d" type="ieee_double" count="2"/>
+<vector id="v2u64" type="uint64" count="2"/>
+<vector id="v4i32" type="int32" count="4"/>
+<vector id="v16i8" type="int8" count="16"/>
+<union id="vec128"><field name="v2_double" type="v2d"/><field name="v2_int64" type="v2u64"/><field name="v4_int32" type="v4i32"/><field name="v16_int8" type="v16i8"/><field name="uint128" type="uint128"/></union>
+<reg name="xmm0" bitsize="128" type="vec128" regnum="40"/>
+<reg name="xmm1" bitsize="128" type="vec128"/>
+<reg name="xmm2" bitsize="128" type="vec128"/>
+<reg name="xmm3" bitsize="128" type="vec128"/>
+<reg name="xmm4" bitsize="128" type="vec128"/>
+<reg name="xmm5" bitsize="128" type="vec128"/>
+<reg name="xmm6" bitsize="128" type="vec128"/>
+<reg name="xmm7" bitsize="128" type="vec128"/>
+<reg name="xmm8" bitsize="128" type="vec128"/>
+<reg name="xmm9" bitsize="128" type="vec128"/>
+<reg name="xmm10" bitsize="128" type="vec128"/>
+<reg name="xmm11" bitsize="128" type="vec128"/>
+<reg name="xmm12" bitsize="128" type="vec128"/>
+<reg name="xmm13" bitsize="128" type="vec128"/>
+<reg name="xmm14" bitsize="128" type="vec128"/>
+<reg name="xmm15" bitsize="128" type="vec128"/>
+<reg name="mxcsr" bitsize="32" type="int" group="vector"/>
+</feature>
+<feature name="org.gnu.gdb.i386.segments">
+<reg name="fs_base" bitsize="64" type="int64" regnum="57"/>
+<reg name="gs_base" bitsize="64" type="int64"/>
+</feature>
+<feature name="org.vmiscope.x86.system">
+<reg name="cr0" bitsize="64" type="int64" regnum="59" group="system"/>
+<reg name="cr2" bitsize="64" type="int64" group="system"/>
+<reg name="cr3" bitsize="64" type="int64" group="system"/>
+<reg name="cr4" bitsize="64" type="int64" group="system"/>
+<reg name="cr8" bitsize="64" type="int64" group="system"/>
+<reg name="efer" bitsize="64" type="int64" group="system"/>
+</feature>
+</target>
+"#;
+
+impl Arch for Vmi64 {
+    type Usize = u64;
+    type Registers = VmiRegs;
+    type RegId = gdbstub_arch::x86::reg::id::X86_64CoreRegId;
+    type BreakpointKind = usize;
+    fn target_description_xml() -> Option<&'static str> {
+        Some(TARGET_XML)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resume {
+    Continue,
+    Step,
+}
+
+/// Why a gdb-requested stop happens, by console breakpoint id.
+#[derive(Debug, Clone, Copy)]
+enum GdbStop {
+    Sw,
+    Watch(WatchKind, u64),
+}
+
+pub struct GdbTarget {
+    s: Session,
+    exec_file: Option<String>,
+    /// address -> (engine hook, console breakpoint)
+    sw: HashMap<u64, (u64, u32)>,
+    hw: [Option<u64>; 4],
+    /// (address, length, kind) -> (engine hook, console breakpoint)
+    watches: HashMap<(u64, u64, u8), (u64, u32)>,
+    stops: HashMap<u32, GdbStop>,
+    resume: HashMap<u32, Resume>,
+    /// Resume only the threads with an action (gdb's scheduler locking).
+    locked: bool,
+    /// The console's stop count when gdb last resumed.
+    seen: u64,
+}
+
+fn err<T>(_: impl std::fmt::Display) -> TargetResult<T, GdbTarget> {
+    Err(TargetError::NonFatal)
+}
+
+fn tid(cpu: u32) -> Tid {
+    NonZeroUsize::new(cpu as usize + 1).expect("non-zero")
+}
+
+fn kind_code(k: WatchKind) -> u8 {
+    match k {
+        WatchKind::Write => 0,
+        WatchKind::Read => 1,
+        WatchKind::ReadWrite => 2,
+    }
+}
+
+impl GdbTarget {
+    pub fn new(s: Session, exec_file: Option<String>) -> Self {
+        let seen = s.control.stop_count();
+        GdbTarget {
+            s,
+            exec_file,
+            sw: HashMap::new(),
+            hw: [None; 4],
+            watches: HashMap::new(),
+            stops: HashMap::new(),
+            resume: HashMap::new(),
+            locked: false,
+            seen,
+        }
+    }
+
+    /// Runs `f` on vCPU `cpu`'s thread: it is held at a stop or paused (all-stop).
+    fn on_cpu<R: Send + 'static>(
+        &self,
+        cpu: u32,
+        f: impl FnOnce(&mut VcpuCtl<'_>) -> R + Send + 'static,
+    ) -> Option<R> {
+        let c = &self.s.control;
+        if c.stop().is_some_and(|st| st.vcpu == cpu) {
+            return c.on_stopped(f);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.s.shared.with_vcpu(
+            cpu,
+            Box::new(move |v| {
+                let _ = tx.send(f(v));
+            }),
+        );
+        rx.recv_timeout(Duration::from_secs(5)).ok()
+    }
+
+    /// Any held vCPU, for engine work (hooks are VM-wide).
+    fn any_cpu<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut VcpuCtl<'_>) -> R + Send + 'static,
+    ) -> Option<R> {
+        let cpu = self.s.control.stop().map(|s| s.vcpu).unwrap_or(0);
+        self.on_cpu(cpu, f)
+    }
+
+    fn add_engine_hook(&mut self, target: HookTarget) -> Option<(u64, u32)> {
+        let intro = self.s.intro.clone();
+        let id = self.any_cpu(move |cpu| {
+            let mut e = intro.engine.lock().unwrap();
+            let r = e.add_hook(cpu, target, "gdb", Box::new(|_| Outcome::allow()));
+            let _ = e.commit(cpu);
+            r.ok()
+        })??;
+        let brk = self.s.control.add_break(None, Some(id), None);
+        Some((id, brk))
+    }
+
+    fn remove_engine_hook(&mut self, hook: u64, brk: u32) {
+        self.s.control.delete_break(brk);
+        self.stops.remove(&brk);
+        let intro = self.s.intro.clone();
+        let _ = intro.engine.lock().unwrap().remove_hook(hook);
+        self.any_cpu(move |cpu| {
+            let _ = intro.engine.lock().unwrap().commit(cpu);
+        });
+    }
+
+    /// Pauses every vCPU (the one at a stop is held by the console already).
+    fn all_stop(&self) {
+        self.s.shared.pause_all();
+        self.s.shared.wait_paused(Duration::from_secs(2));
+    }
+
+    fn stop_reason(&mut self) -> MultiThreadStopReason<u64> {
+        let Some(st) = self.s.control.stop() else {
+            return MultiThreadStopReason::SignalWithThread {
+                tid: tid(0),
+                signal: Signal::SIGINT,
+            };
+        };
+        let t = tid(st.vcpu);
+        let brk = st
+            .why
+            .strip_prefix("breakpoint ")
+            .and_then(|n| n.parse::<u32>().ok());
+        match (st.why.as_str(), brk.and_then(|b| self.stops.get(&b))) {
+            ("hw-breakpoint", _) => MultiThreadStopReason::HwBreak(t),
+            (_, Some(GdbStop::Sw)) => MultiThreadStopReason::SwBreak(t),
+            (_, Some(GdbStop::Watch(kind, addr))) => MultiThreadStopReason::Watch {
+                tid: t,
+                kind: *kind,
+                addr: *addr,
+            },
+            // Steps and every introspection stop (`break event`, next-event) are SIGTRAP.
+            _ => MultiThreadStopReason::SignalWithThread {
+                tid: t,
+                signal: Signal::SIGTRAP,
+            },
+        }
+    }
+
+    fn translate(&self, cpu: u32, gva: u64) -> Option<u64> {
+        vmiscope_introspect::paging::translate(
+            &self.s.shared.ram,
+            self.s.shared.last_paging(cpu),
+            gva,
+        )
+        .ok()
+        .map(|t| t.gpa)
+    }
+}
+
+impl Target for GdbTarget {
+    type Arch = Vmi64;
+    type Error = String;
+
+    fn base_ops(&mut self) -> BaseOps<'_, Self::Arch, Self::Error> {
+        BaseOps::MultiThread(self)
+    }
+    fn support_breakpoints(&mut self) -> Option<BreakpointsOps<'_, Self>> {
+        Some(self)
+    }
+    fn support_monitor_cmd(&mut self) -> Option<MonitorCmdOps<'_, Self>> {
+        Some(self)
+    }
+    fn support_exec_file(&mut self) -> Option<ExecFileOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl MultiThreadBase for GdbTarget {
+    fn read_registers(&mut self, regs: &mut VmiRegs, t: Tid) -> TargetResult<(), Self> {
+        let cpu = t.get() as u32 - 1;
+        let Some((r, s)) = self.on_cpu(cpu, |c| (VcpuCtl::regs(c), VcpuCtl::sregs(c))) else {
+            return err("vCPU busy");
+        };
+        regs.core.regs = [
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15,
+        ];
+        regs.core.rip = r.rip;
+        regs.core.eflags = r.rflags as u32;
+        regs.core.segments.cs = s.cs.selector as u32;
+        regs.core.segments.ss = s.ss.selector as u32;
+        regs.core.segments.ds = s.ds.selector as u32;
+        regs.core.segments.es = s.es.selector as u32;
+        regs.core.segments.fs = s.fs.selector as u32;
+        regs.core.segments.gs = s.gs.selector as u32;
+        regs.fs_base = s.fs.base;
+        regs.gs_base = s.gs.base;
+        regs.sys = [s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer];
+        Ok(())
+    }
+
+    fn write_registers(&mut self, regs: &VmiRegs, t: Tid) -> TargetResult<(), Self> {
+        let cpu = t.get() as u32 - 1;
+        let g = regs.clone();
+        let done = self.on_cpu(cpu, move |c| {
+            let mut r = VcpuCtl::regs(c);
+            let v = g.core.regs;
+            (r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp) =
+                (v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]);
+            (r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) =
+                (v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]);
+            r.rip = g.core.rip;
+            r.rflags = g.core.eflags as u64;
+            c.set_regs(&r);
+            let mut s = VcpuCtl::sregs(c);
+            (s.fs.base, s.gs.base) = (g.fs_base, g.gs_base);
+            (s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer) =
+                (g.sys[0], g.sys[1], g.sys[2], g.sys[3], g.sys[4], g.sys[5]);
+            c.set_sregs(&s);
+        });
+        done.ok_or(TargetError::NonFatal)
+    }
+
+    fn read_addrs(&mut self, start: u64, data: &mut [u8], t: Tid) -> TargetResult<usize, Self> {
+        let cpu = t.get() as u32 - 1;
+        let bps = self.s.shared.sw_breakpoints();
+        let mut done = 0;
+        // Page by page through the vCPU's tables; stop at the first unmapped page.
+        for (va, n) in vmiscope_introspect::decode::split_pages(start, data.len() as u64) {
+            let Some(gpa) = self.translate(cpu, va) else {
+                break;
+            };
+            let chunk = &mut data[done..done + n as usize];
+            if self.s.shared.ram.read(gpa, chunk).is_err() {
+                break;
+            }
+            // Our INT3s read as the original bytes.
+            for (bp, orig) in &bps {
+                if (gpa..gpa + n).contains(bp) {
+                    chunk[(bp - gpa) as usize] = *orig;
+                }
+            }
+            done += n as usize;
+        }
+        if done == 0 { err("unmapped") } else { Ok(done) }
+    }
+
+    fn write_addrs(&mut self, start: u64, data: &[u8], t: Tid) -> TargetResult<(), Self> {
+        let cpu = t.get() as u32 - 1;
+        let mut done = 0;
+        for (va, n) in vmiscope_introspect::decode::split_pages(start, data.len() as u64) {
+            let Some(gpa) = self.translate(cpu, va) else {
+                return err("unmapped");
+            };
+            if self
+                .s
+                .shared
+                .ram
+                .write(gpa, &data[done..done + n as usize])
+                .is_err()
+            {
+                return err("outside RAM");
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    fn list_active_threads(&mut self, f: &mut dyn FnMut(Tid)) -> Result<(), String> {
+        (0..self.s.shared.vcpu_count()).for_each(|c| f(tid(c)));
+        Ok(())
+    }
+
+    fn support_resume(&mut self) -> Option<MultiThreadResumeOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl MultiThreadResume for GdbTarget {
+    fn resume(&mut self) -> Result<(), String> {
+        let actions = std::mem::take(&mut self.resume);
+        let cpus: Vec<u32> = actions.keys().copied().collect();
+        for (cpu, action) in actions {
+            if action == Resume::Step {
+                let (_, cpl) = self.s.shared.last_position(cpu);
+                if !self.s.shared.host.single_step_at(cpl) {
+                    return Err(format!(
+                        "single-step is unavailable at CPL{cpl} on this host (vmiscope caps)"
+                    ));
+                }
+                self.on_cpu(cpu, |c| c.set_single_step(true))
+                    .ok_or("vCPU did not answer")?;
+                self.s.control.arm_step(cpu);
+            }
+        }
+        self.seen = self.s.control.stop_count();
+        if std::mem::take(&mut self.locked) {
+            self.s.go_only(&cpus);
+        } else {
+            self.s.go();
+        }
+        Ok(())
+    }
+
+    fn clear_resume_actions(&mut self) -> Result<(), String> {
+        self.resume.clear();
+        Ok(())
+    }
+
+    fn set_resume_action_continue(&mut self, t: Tid, _: Option<Signal>) -> Result<(), String> {
+        self.resume.insert(t.get() as u32 - 1, Resume::Continue);
+        Ok(())
+    }
+
+    fn support_single_step(&mut self) -> Option<MultiThreadSingleStepOps<'_, Self>> {
+        Some(self)
+    }
+
+    fn support_scheduler_locking(&mut self) -> Option<MultiThreadSchedulerLockingOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl MultiThreadSchedulerLocking for GdbTarget {
+    fn set_resume_action_scheduler_lock(&mut self) -> Result<(), String> {
+        self.locked = true;
+        Ok(())
+    }
+}
+
+impl MultiThreadSingleStep for GdbTarget {
+    fn set_resume_action_step(&mut self, t: Tid, _: Option<Signal>) -> Result<(), String> {
+        self.resume.insert(t.get() as u32 - 1, Resume::Step);
+        Ok(())
+    }
+}
+
+impl Breakpoints for GdbTarget {
+    fn support_sw_breakpoint(&mut self) -> Option<SwBreakpointOps<'_, Self>> {
+        Some(self)
+    }
+    fn support_hw_breakpoint(&mut self) -> Option<HwBreakpointOps<'_, Self>> {
+        Some(self)
+    }
+    fn support_hw_watchpoint(&mut self) -> Option<HwWatchpointOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl SwBreakpoint for GdbTarget {
+    /// A hidden INT3 (guest reads see the original byte).
+    fn add_sw_breakpoint(&mut self, addr: u64, _: usize) -> TargetResult<bool, Self> {
+        if self.sw.contains_key(&addr) {
+            return Ok(true);
+        }
+        let Some((hook, brk)) = self.add_engine_hook(HookTarget::Breakpoint {
+            gva: addr,
+            gpa: 0,
+            hidden: true,
+        }) else {
+            return Ok(false);
+        };
+        self.stops.insert(brk, GdbStop::Sw);
+        self.sw.insert(addr, (hook, brk));
+        Ok(true)
+    }
+
+    fn remove_sw_breakpoint(&mut self, addr: u64, _: usize) -> TargetResult<bool, Self> {
+        let Some((hook, brk)) = self.sw.remove(&addr) else {
+            return Ok(false);
+        };
+        self.remove_engine_hook(hook, brk);
+        Ok(true)
+    }
+}
+
+impl HwBreakpoint for GdbTarget {
+    fn add_hw_breakpoint(&mut self, addr: u64, _: usize) -> TargetResult<bool, Self> {
+        let Some(slot) = self.hw.iter().position(Option::is_none) else {
+            return Ok(false);
+        };
+        self.hw[slot] = Some(addr);
+        self.s.shared.set_hw_breakpoint(slot, Some(addr));
+        Ok(true)
+    }
+
+    fn remove_hw_breakpoint(&mut self, addr: u64, _: usize) -> TargetResult<bool, Self> {
+        let Some(slot) = self.hw.iter().position(|a| *a == Some(addr)) else {
+            return Ok(false);
+        };
+        self.hw[slot] = None;
+        self.s.shared.set_hw_breakpoint(slot, None);
+        Ok(true)
+    }
+}
+
+impl HwWatchpoint for GdbTarget {
+    /// A page hook on the range: any number, invisible, at any CPL.
+    fn add_hw_watchpoint(
+        &mut self,
+        addr: u64,
+        len: u64,
+        kind: WatchKind,
+    ) -> TargetResult<bool, Self> {
+        let rights = match kind {
+            WatchKind::Write => Rights::W,
+            WatchKind::Read => Rights::R,
+            WatchKind::ReadWrite => Rights {
+                read: true,
+                write: true,
+                exec: false,
+            },
+        };
+        let mut pieces = Vec::new();
+        for (va, n) in vmiscope_introspect::decode::split_pages(addr, len) {
+            let Some(p) = self.add_engine_hook(HookTarget::Gva {
+                gva: va,
+                len: n,
+                rights,
+                cr3: 0,
+                gpa: None,
+            }) else {
+                return Ok(false);
+            };
+            self.stops.insert(p.1, GdbStop::Watch(kind, addr));
+            pieces.push(p);
+        }
+        // Ranges that cross a page get one hook per page; the first one is the key.
+        if let Some(first) = pieces.first() {
+            self.watches.insert((addr, len, kind_code(kind)), *first);
+        }
+        Ok(true)
+    }
+
+    fn remove_hw_watchpoint(
+        &mut self,
+        addr: u64,
+        len: u64,
+        kind: WatchKind,
+    ) -> TargetResult<bool, Self> {
+        let Some((hook, brk)) = self.watches.remove(&(addr, len, kind_code(kind))) else {
+            return Ok(false);
+        };
+        self.remove_engine_hook(hook, brk);
+        Ok(true)
+    }
+}
+
+impl MonitorCmd for GdbTarget {
+    /// Any console command; `phys ADDR LEN` reads guest-physical memory.
+    fn handle_monitor_cmd(&mut self, cmd: &[u8], mut out: ConsoleOutput<'_>) -> Result<(), String> {
+        let line = String::from_utf8_lossy(cmd).to_string();
+        let line = match line.strip_prefix("phys ") {
+            Some(rest) => format!("mem read {rest} phys"),
+            None => line,
+        };
+        match self.s.exec(&line) {
+            Ok(o) => outputln!(out, "{}", o.text.trim_end()),
+            Err(e) => outputln!(out, "error: {e}"),
+        }
+        Ok(())
+    }
+}
+
+impl ExecFile for GdbTarget {
+    fn get_exec_file(
+        &self,
+        _: Option<gdbstub::common::Pid>,
+        offset: u64,
+        length: usize,
+        buf: &mut [u8],
+    ) -> TargetResult<usize, Self> {
+        let Some(p) = &self.exec_file else {
+            return err("no file");
+        };
+        let b = p.as_bytes();
+        let start = (offset as usize).min(b.len());
+        let n = length.min(b.len() - start).min(buf.len());
+        buf[..n].copy_from_slice(&b[start..start + n]);
+        Ok(n)
+    }
+}
+
+enum EventLoop {}
+
+impl BlockingEventLoop for EventLoop {
+    type Target = GdbTarget;
+    type Connection = TcpStream;
+    type StopReason = MultiThreadStopReason<u64>;
+
+    fn wait_for_stop_reason(
+        t: &mut GdbTarget,
+        conn: &mut TcpStream,
+    ) -> Result<GdbEvent<Self::StopReason>, WaitForStopReasonError<String, std::io::Error>> {
+        loop {
+            if conn
+                .peek()
+                .map_err(WaitForStopReasonError::Connection)?
+                .is_some()
+            {
+                let b = ConnectionExt::read(conn).map_err(WaitForStopReasonError::Connection)?;
+                return Ok(GdbEvent::IncomingData(b));
+            }
+            if t.s.ended() {
+                let code = t.s.outcome().map(|o| o.reason.exit_status()).unwrap_or(0);
+                return Ok(GdbEvent::TargetStopped(MultiThreadStopReason::Exited(
+                    code.clamp(0, 255) as u8,
+                )));
+            }
+            if t.s.control.stop_count() > t.seen {
+                t.seen = t.s.control.stop_count();
+                t.all_stop();
+                return Ok(GdbEvent::TargetStopped(t.stop_reason()));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Ctrl-C: stop every vCPU.
+    fn on_interrupt(t: &mut GdbTarget) -> Result<Option<Self::StopReason>, String> {
+        t.all_stop();
+        Ok(Some(MultiThreadStopReason::SignalWithThread {
+            tid: tid(0),
+            signal: Signal::SIGINT,
+        }))
+    }
+}
+
+/// `HOST:PORT`, or a bare port on 127.0.0.1.
+pub fn bind_addr(a: &str) -> String {
+    if a.contains(':') {
+        a.to_string()
+    } else {
+        format!("127.0.0.1:{a}")
+    }
+}
+
+/// Serves gdb connections one after another until the guest ends or gdb kills it.
+/// A detach leaves the guest running.
+pub fn serve(listener: TcpListener, s: Session, exec_file: Option<String>) {
+    let mut target = GdbTarget::new(s, exec_file);
+    while !target.s.ended() {
+        let conn = match listener.accept() {
+            Ok((c, peer)) => {
+                eprintln!("[vmiscope] gdb connected from {peer}");
+                c
+            }
+            Err(e) => {
+                eprintln!("[vmiscope] gdb: {e}");
+                return;
+            }
+        };
+        let _ = conn.set_nodelay(true);
+        // gdb expects the target stopped when it attaches.
+        if !target.s.status().starts_with("paused") && !target.s.status().starts_with("stopped") {
+            target.all_stop();
+        }
+        target.seen = target.s.control.stop_count();
+        match GdbStub::new(conn).run_blocking::<EventLoop>(&mut target) {
+            Ok(DisconnectReason::Kill) => {
+                target.s.shared.stop(StopReason::User);
+                let _ = target.s.control.resume(None);
+                return;
+            }
+            Ok(DisconnectReason::Disconnect) => {
+                eprintln!("[vmiscope] gdb detached; the guest runs on");
+                target.s.go();
+            }
+            Ok(_) => return,
+            // A broken connection or a malformed conversation ends this session only.
+            Err(e) => {
+                eprintln!("[vmiscope] gdb session ended: {e}");
+                target.s.go();
+            }
+        }
+    }
+}
+
+/// Where gdb finds the image: the file the user gave, or the built-in image
+/// written to a temporary file.
+pub fn exec_file_for(image: &str, bytes: &[u8]) -> Option<String> {
+    if vmiscope_images::find(image).is_none() {
+        return std::fs::canonicalize(image)
+            .ok()
+            .map(|p| p.display().to_string());
+    }
+    let p = std::env::temp_dir().join(format!("vmiscope-{}-{image}.elf", std::process::id()));
+    std::fs::write(&p, bytes).ok()?;
+    Some(p.display().to_string())
+}
+
+/// `run --gdb`: the stub on its own thread (next to a console, or alone in batch
+/// mode, where the run ends with the guest).
+pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::ui::Mode>) -> i32 {
+    let mut s = match Session::start(a) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmiscope: {e}");
+            return 2;
+        }
+    };
+    let addr = bind_addr(addr);
+    let listener = match TcpListener::bind(&addr) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("vmiscope: cannot listen on {addr}: {e}");
+            s.finish();
+            return 2;
+        }
+    };
+    let exec = crate::batch::load_image(&a.image)
+        .ok()
+        .and_then(|(img, _)| exec_file_for(&a.image, &img));
+    eprintln!(
+        "[vmiscope] gdb: the guest waits at its entry; connect with `gdb -ex 'target remote {addr}'`"
+    );
+    let g = s.attach();
+    let server = std::thread::spawn(move || serve(listener, g, exec));
+    let code = match ui {
+        Some(mode) => crate::ui::run_session(s, mode),
+        None => {
+            let mut printed = 0;
+            while !s.ended() {
+                std::thread::sleep(Duration::from_millis(20));
+                print_new_serial(&s, &mut printed);
+            }
+            print_new_serial(&s, &mut printed);
+            let o = s.finish();
+            let code = o.map(|o| o.reason.exit_status()).unwrap_or(0);
+            if let Some(o) = o {
+                eprintln!("[vmiscope] stop: {}", o.reason);
+            }
+            code
+        }
+    };
+    // The listener thread ends with the guest (or is left blocked in accept).
+    drop(server);
+    code
+}
+
+fn print_new_serial(s: &Session, printed: &mut usize) {
+    let lines = s.serial.lock().unwrap();
+    let complete = lines.len().saturating_sub(1);
+    for l in &lines[(*printed).min(complete)..complete] {
+        println!("{l}");
+    }
+    *printed = complete.max(*printed);
+}
