@@ -21,6 +21,9 @@ pub struct EventBreak {
     pub class: Option<Class>,
     pub hook: Option<HookId>,
     pub vcpu: Option<u32>,
+    /// Stop after an allowed write has landed (gdb's watchpoints, which compare
+    /// old and new values), not before the verdict.
+    pub after_write: bool,
 }
 
 impl EventBreak {
@@ -78,6 +81,16 @@ pub struct Control {
 
 impl Control {
     pub fn add_break(&self, class: Option<Class>, hook: Option<HookId>, vcpu: Option<u32>) -> u32 {
+        self.add_break_ext(class, hook, vcpu, false)
+    }
+
+    pub fn add_break_ext(
+        &self,
+        class: Option<Class>,
+        hook: Option<HookId>,
+        vcpu: Option<u32>,
+        after_write: bool,
+    ) -> u32 {
         let mut s = self.state.lock().unwrap();
         s.next_id += 1;
         let id = s.next_id;
@@ -86,6 +99,7 @@ impl Control {
             class,
             hook,
             vcpu,
+            after_write,
         });
         id
     }
@@ -192,16 +206,16 @@ impl Control {
     }
 
     /// Whether this handled event must stop, and why.
-    fn should_stop(&self, r: &EventRecord) -> Option<String> {
+    fn should_stop(&self, r: &EventRecord) -> Option<(String, bool)> {
         let mut s = self.state.lock().unwrap();
         if s.next_event {
             s.next_event = false;
-            return Some("next-event".into());
+            return Some(("next-event".into(), false));
         }
         s.breaks
             .iter()
             .find(|b| b.matches(r))
-            .map(|b| format!("breakpoint {}", b.id))
+            .map(|b| (format!("breakpoint {}", b.id), b.after_write))
     }
 }
 
@@ -267,9 +281,30 @@ impl ExitHandler for ConsoleHandler {
         let Some(rec) = self.newest().filter(|r| r.event_id > before) else {
             return reply;
         };
-        let Some(why) = self.control.should_stop(&rec) else {
+        let Some((why, after_write)) = self.control.should_stop(&rec) else {
             return reply;
         };
+        // A watchpoint-style stop: let the allowed write land first, like a data
+        // breakpoint (a trap), so the debugger sees the new value.
+        if after_write
+            && let (Event::Mem(m), Reply::Continue) = (event, &reply)
+            && m.write
+        {
+            let _ = cpu
+                .vm()
+                .ram
+                .write(m.gpa, &m.data.to_le_bytes()[..m.len.min(8) as usize]);
+            let stop = Stop {
+                vcpu: cpu.id(),
+                why,
+                event: Some(rec),
+                raw: Some(format!("{event:x?}")),
+                proposed: "allow (applied)".into(),
+                applied: true,
+            };
+            self.control.hold(cpu, stop);
+            return Reply::Drop;
+        }
         let stop = Stop {
             vcpu: cpu.id(),
             why,
@@ -280,11 +315,8 @@ impl ExitHandler for ConsoleHandler {
         };
         match self.control.hold(cpu, stop) {
             None => reply,
-            Some(Override::Allow) => match (event, &reply) {
-                // An allowed read returns what memory holds.
-                (Event::Mem(m), _) if !m.write => Reply::Continue,
-                _ => Reply::Continue,
-            },
+            // An allowed read returns what memory holds.
+            Some(Override::Allow) => Reply::Continue,
             Some(Override::Deny) => match event {
                 Event::Mem(m) if !m.write => Reply::Data(0),
                 _ => Reply::Drop,
@@ -300,7 +332,7 @@ impl ExitHandler for ConsoleHandler {
         let Some(rec) = self.newest().filter(|r| r.event_id > before) else {
             return;
         };
-        if let Some(why) = self.control.should_stop(&rec) {
+        if let Some((why, _)) = self.control.should_stop(&rec) {
             let stop = Stop {
                 vcpu: cpu.id(),
                 why,

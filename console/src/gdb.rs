@@ -270,6 +270,7 @@ impl GdbTarget {
     }
 
     fn add_engine_hook(&mut self, target: HookTarget) -> Option<(u64, u32)> {
+        let after_write = matches!(target, HookTarget::Gva { .. });
         let intro = self.s.intro.clone();
         let id = self.any_cpu(move |cpu| {
             let mut e = intro.engine.lock().unwrap();
@@ -277,7 +278,10 @@ impl GdbTarget {
             let _ = e.commit(cpu);
             r.ok()
         })??;
-        let brk = self.s.control.add_break(None, Some(id), None);
+        let brk = self
+            .s
+            .control
+            .add_break_ext(None, Some(id), None, after_write);
         Some((id, brk))
     }
 
