@@ -750,11 +750,9 @@ pub fn serve(listener: TcpListener, s: Session, exec_file: Option<String>) {
                 target.s.go();
             }
             Ok(_) => return,
-            // A broken connection or a malformed conversation ends this session only.
-            Err(e) => {
-                eprintln!("[vmiscope] gdb session ended: {e}");
-                target.s.go();
-            }
+            // A broken connection or a malformed conversation ends this session
+            // only: the guest stays stopped for the next gdb (as with QEMU).
+            Err(e) => eprintln!("[vmiscope] gdb session ended: {e}; waiting for gdb again"),
         }
     }
 }

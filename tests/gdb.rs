@@ -1,0 +1,353 @@
+//! The gdb stub against Debian's gdb (batch mode) on real KVM guests.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use common::kvm_available;
+
+fn gdb_available() -> bool {
+    if Command::new("gdb")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true but gdb is missing: the gdb tests need it (.ci/run installs it)");
+    }
+    eprintln!("SKIPPED: no gdb on this machine");
+    false
+}
+
+static PORT: AtomicU16 = AtomicU16::new(0);
+
+fn port() -> u16 {
+    PORT.compare_exchange(
+        0,
+        20000 + (std::process::id() % 20000) as u16,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    )
+    .ok();
+    PORT.fetch_add(1, Ordering::SeqCst)
+}
+
+/// `vmiscope run IMAGE --batch --gdb 127.0.0.1:PORT`, waiting until it listens.
+fn vm(image: &str, port: u16) -> Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_vmiscope"))
+        .args(["run", image, "--batch", "--gdb", &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the stub never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // That probe connection was a gdb session that ended at once; the stub serves on.
+    std::thread::sleep(Duration::from_millis(100));
+    child
+}
+
+fn gdb(port: u16, cmds: &[&str]) -> String {
+    let mut args = vec![
+        "-batch".to_string(),
+        "-nx".into(),
+        "-ex".into(),
+        "set pagination off".into(),
+    ];
+    args.push("-ex".into());
+    args.push(format!("target remote 127.0.0.1:{port}"));
+    for c in cmds {
+        args.push("-ex".into());
+        args.push(c.to_string());
+    }
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg("gdb")
+        .args(&args)
+        .output()
+        .unwrap();
+    let s =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("--- gdb ---\n{s}");
+    s
+}
+
+/// Like `gdb`, with Ctrl-C (SIGINT to gdb, which interrupts the remote) after `after`.
+fn gdb_interrupted(port: u16, cmds: &[&str], after: Duration) -> String {
+    let mut args = vec![
+        "-batch".to_string(),
+        "-nx".into(),
+        "-ex".into(),
+        "set pagination off".into(),
+    ];
+    args.push("-ex".into());
+    args.push(format!("target remote 127.0.0.1:{port}"));
+    for c in cmds {
+        args.push("-ex".into());
+        args.push(c.to_string());
+    }
+    let child = Command::new("gdb")
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(after);
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let s =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("--- gdb ---\n{s}");
+    s
+}
+
+fn finish(mut child: Child) -> (Option<i32>, String) {
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    eprintln!("--- vmiscope ---\n{out}{err}");
+    (status.code(), out + &err)
+}
+
+#[test]
+fn registers_breakpoint_stepi_memory_threads_monitor() {
+    if !kvm_available() || !gdb_available() {
+        return;
+    }
+    let p = port();
+    let child = vm("int3", p);
+    let out = gdb(
+        p,
+        &[
+            "info registers rip cs fs_base gs_base cr0 cr3 cr4 efer",
+            "break bp_target",
+            "continue",
+            "print $pc == bp_target",
+            "x/8gx $rsp",
+            "x/4xb bp_target",
+            "stepi",
+            "print/x $pc",
+            "stepi",
+            "print/x $pc",
+            "info threads",
+            "monitor hook msr 0x176 w log",
+            "monitor hooks",
+            "monitor phys 0x100a00 4",
+            "delete",
+            "continue",
+        ],
+    );
+    // gdb found the symbols by itself (exec-file) and reads the system registers.
+    assert!(out.contains("_start () at"), "{out}");
+    for r in [
+        "rip            0x100000",
+        "cr0            0x80050033",
+        "efer           0xd01",
+        "fs_base",
+        "gs_base",
+        "cr3",
+        "cr4",
+    ] {
+        assert!(out.contains(r), "{r}: {out}");
+    }
+    assert!(out.contains("Breakpoint 1, bp_target"), "{out}");
+    assert!(out.contains("$1 = 1"), "stopped at bp_target: {out}");
+    assert!(
+        out.contains("0x100a00 <bp_target>:\t0x48\t0x8d\t0x47\t0x01"),
+        "gdb reads the original bytes: {out}"
+    );
+    // Two steps: lea (4 bytes) then ret back into main.
+    assert!(out.contains("$2 = 0x100a04"), "{out}");
+    assert!(out.contains("$3 = 0x100a29"), "{out}");
+    assert!(out.contains("Thread 1.1"), "{out}");
+    assert!(
+        out.contains("added") && out.contains("console:0") && out.contains("hits"),
+        "monitor runs console commands: {out}"
+    );
+    assert!(
+        out.contains("48 8d 47 01"),
+        "monitor phys reads physical memory: {out}"
+    );
+    assert!(out.contains("exited normally"), "{out}");
+    let (code, vout) = finish(child);
+    assert_eq!(code, Some(0));
+    assert!(
+        vout.contains("first byte of bp_target 48"),
+        "the guest did not see the INT3: {vout}"
+    );
+}
+
+#[test]
+fn watch_rwatch_awatch_at_cpl0_and_cpl3_and_memory_write() {
+    if !kvm_available() || !gdb_available() {
+        return;
+    }
+    let p = port();
+    let child = vm("ept-write", p);
+    let out = gdb(
+        p,
+        &[
+            "watch ept_target[0]",
+            "awatch ept_target[1]",
+            "continue",
+            "print/x $cs",
+            "continue",
+            "print/x $cs",
+            "delete",
+            "set var ept_target[1] = 0x5555",
+            "continue",
+        ],
+    );
+    assert!(out.contains("Hardware watchpoint 1: ept_target[0]\n\nOld value = 1229782938247303441\nNew value = 1229782941198970368"), "CPL0 write: {out}");
+    assert!(out.contains("$1 = 0x8"), "stopped at CPL0: {out}");
+    assert!(
+        out.contains("New value = 1234605616436508552"),
+        "CPL3 write: {out}"
+    );
+    assert!(out.contains("$2 = 0x23"), "stopped at CPL3: {out}");
+    let (code, vout) = finish(child);
+    assert_eq!(code, Some(0));
+    assert!(
+        vout.contains("reads back 5555"),
+        "the guest reads what gdb wrote: {vout}"
+    );
+
+    let p = port();
+    let child = vm("ept-read", p);
+    let out = gdb(
+        p,
+        &[
+            "rwatch ept_secret[0]",
+            "rwatch ept_secret[1]",
+            "continue",
+            "print/x $cs",
+            "continue",
+            "print/x $cs",
+            "delete",
+            "continue",
+        ],
+    );
+    assert!(
+        out.matches("Hardware read watchpoint").count() >= 4,
+        "{out}"
+    );
+    assert!(
+        out.contains("$1 = 0x8") && out.contains("$2 = 0x23"),
+        "reads at CPL0 and CPL3: {out}"
+    );
+    assert_eq!(finish(child).0, Some(0));
+}
+
+#[test]
+fn threads_interrupt_detach_and_kill() {
+    if !kvm_available() || !gdb_available() {
+        return;
+    }
+    let p = port();
+    let child = vm("smp", p);
+    let out = gdb(
+        p,
+        &[
+            "info threads",
+            "thread 2",
+            "print/x $rdi",
+            "thread 1",
+            "print/x $rdi",
+            "continue",
+        ],
+    );
+    assert!(out.contains("Thread 1.2"), "{out}");
+    assert!(out.contains("Switching to thread 2"), "{out}");
+    assert!(
+        out.contains("$1 = 0x1") && out.contains("$2 = 0x0"),
+        "each vCPU's own RDI: {out}"
+    );
+    assert_eq!(finish(child).0, Some(0));
+
+    // Interrupt a guest spinning at CPL3, then kill it.
+    let p = port();
+    let child = vm("hang", p);
+    let out = gdb_interrupted(
+        p,
+        &["continue", "print/x $cs", "info symbol $pc", "kill"],
+        Duration::from_millis(1500),
+    );
+    assert!(out.contains("SIGINT"), "{out}");
+    assert!(out.contains("$1 = 0x23"), "stopped in the CPL3 loop: {out}");
+    assert!(out.contains("user_hang"), "{out}");
+    let (code, vout) = finish(child);
+    assert_eq!(code, Some(130), "kill ends the guest: {vout}");
+
+    // Detach leaves the guest running: it finishes on its own.
+    let p = port();
+    let child = vm("hello", p);
+    let out = gdb(p, &["detach"]);
+    assert!(out.contains("detached"), "{out}");
+    let (code, vout) = finish(child);
+    assert_eq!(code, Some(0));
+    assert!(vout.contains("hello: PASS"), "{vout}");
+}
+
+#[test]
+fn malformed_packets_and_a_vanishing_gdb_do_not_hurt_the_vmm() {
+    if !kvm_available() || !gdb_available() {
+        return;
+    }
+    let p = port();
+    let child = vm("msr", p);
+    for junk in [
+        &b"$garbage#00"[..],
+        b"$qSupported:xxx#zz",
+        b"\x03\x03$m0,#00",
+        b"$",
+        b"$X1000,4:\xff#00",
+        b"$Z9,0,0#00",
+    ] {
+        let mut c = TcpStream::connect(("127.0.0.1", p)).unwrap();
+        let _ = c.write_all(junk);
+        std::thread::sleep(Duration::from_millis(100));
+        drop(c); // gone mid-packet
+    }
+    // Still serving, and the guest is intact: a real gdb session works.
+    let out = gdb(p, &["info registers rip", "continue"]);
+    assert!(out.contains("rip            0x100000"), "{out}");
+    assert!(out.contains("exited normally"), "{out}");
+    let (code, vout) = finish(child);
+    assert_eq!(code, Some(0));
+    assert!(vout.contains("msr: done"), "{vout}");
+}
