@@ -158,7 +158,7 @@ pub fn measure() -> Result<Caps, String> {
     let rearm = if host.single_step_at(3) {
         "re-armed after a single-step"
     } else {
-        "at CPL3 re-armed at the vCPU's next exit (no CPL3 single-step here)"
+        "re-armed after a single-step (at CPL3: a TF step caught at the guest's #DB entry)"
     };
     rows.push(Row {
         mechanism: "EPT execute",
@@ -276,7 +276,7 @@ pub fn measure() -> Result<Caps, String> {
         )
     });
     let how = if host == HostKind::Pvm {
-        "INT3 at CPL0 fails emulation on the INT3 (taken as the breakpoint); at CPL3 the guest receives #BP with no exit"
+        "INT3 at CPL0 fails emulation on the INT3 (taken as the breakpoint); at CPL3 caught at the guest's #BP entry by a CPL0 hardware breakpoint, frame popped by the VMM"
     } else {
         "KVM_GUESTDBG_USE_SW_BP -> debug exit"
     };
@@ -353,7 +353,12 @@ pub fn measure() -> Result<Caps, String> {
         handler: "(stepping)",
         cpl0: ex(step0),
         cpl3: ex(step3),
-        how: "KVM_GUESTDBG_SINGLESTEP".into(),
+        how: if host == HostKind::Pvm {
+            "KVM_GUESTDBG_SINGLESTEP at CPL0; at CPL3 RFLAGS.TF, caught at the guest's #DB entry by a CPL0 hardware breakpoint, frame popped by the VMM (guest sees DR6.BS)"
+        } else {
+            "KVM_GUESTDBG_SINGLESTEP"
+        }
+        .into(),
     });
     rows.push(Row {
         mechanism: "HW execute breakpoint",

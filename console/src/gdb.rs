@@ -2,9 +2,11 @@
 //! steps are the engine's hooks and the console's event stops, so gdb and the
 //! console see the same stops. All-stop: when one vCPU stops, the others pause.
 //!
-//! On a PVM host single-step and INT3 work for CPL0 code only (see `caps`): a step
-//! requested at CPL3 is refused with an error gdb shows; watchpoints are page hooks
-//! and work at every CPL.
+//! On a PVM host KVM's single-step and INT3 interception work for CPL0 code only;
+//! the VMM catches CPL3 steps and INT3s at the guest's own #DB/#BP entry instead
+//! (vmm's `usertrap`), so gdb's breakpoints and `stepi` work at both CPLs.
+//! Watchpoints are page hooks and work at every CPL. Hardware breakpoints (DR
+//! registers) fire for CPL0 code only on PVM.
 
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
@@ -206,6 +208,8 @@ pub struct GdbTarget {
     locked: bool,
     /// The console's stop count when gdb last resumed.
     seen: u64,
+    /// A step was refused: report a stop at once, without running.
+    refused: bool,
 }
 
 fn err<T>(_: impl std::fmt::Display) -> TargetResult<T, GdbTarget> {
@@ -237,6 +241,7 @@ impl GdbTarget {
             resume: HashMap::new(),
             locked: false,
             seen,
+            refused: false,
         }
     }
 
@@ -465,14 +470,21 @@ impl MultiThreadResume for GdbTarget {
         let cpus: Vec<u32> = actions.keys().copied().collect();
         for (cpu, action) in actions {
             if action == Resume::Step {
-                let (_, cpl) = self.s.shared.last_position(cpu);
-                if !self.s.shared.host.single_step_at(cpl) {
-                    return Err(format!(
-                        "single-step is unavailable at CPL{cpl} on this host (vmiscope caps)"
-                    ));
-                }
-                self.on_cpu(cpu, |c| c.set_single_step(true))
+                let stepping = self
+                    .on_cpu(cpu, |c| {
+                        let ok = c.can_step();
+                        c.set_single_step(ok);
+                        ok
+                    })
                     .ok_or("vCPU did not answer")?;
+                if !stepping {
+                    // Not fatal: the thread stops where it is and gdb sees no progress.
+                    eprintln!(
+                        "[vmiscope] gdb: vCPU {cpu} cannot single-step here (no #DB gate in the guest's IDT; see `vmiscope caps`)"
+                    );
+                    self.refused = true;
+                    return Ok(());
+                }
                 self.s.control.arm_step(cpu);
             }
         }
@@ -683,6 +695,9 @@ impl BlockingEventLoop for EventLoop {
             {
                 let b = ConnectionExt::read(conn).map_err(WaitForStopReasonError::Connection)?;
                 return Ok(GdbEvent::IncomingData(b));
+            }
+            if std::mem::take(&mut t.refused) {
+                return Ok(GdbEvent::TargetStopped(t.stop_reason()));
             }
             if t.s.ended() {
                 let code = t.s.outcome().map(|o| o.reason.exit_status()).unwrap_or(0);

@@ -663,14 +663,18 @@ impl Session {
     }
 
     fn step(&mut self) -> Result<Output, String> {
-        let (_, cpl) = self.shared.last_position(self.vcpu);
-        if !self.shared.host.single_step_at(cpl) && !self.at_entry {
-            return Err(format!(
-                "single-step is unavailable at CPL{cpl} on this host (see `caps`)"
-            ));
-        }
         let n = self.control.stop_count();
-        self.with_guest(|cpu| cpu.set_single_step(true))?;
+        let ok = self.with_guest(|cpu| {
+            let ok = cpu.can_step();
+            cpu.set_single_step(ok);
+            ok
+        })?;
+        if !ok {
+            return Err(
+                "cannot single-step here: CPL3 on this host and no #DB gate in the guest's IDT (see `caps`)"
+                    .into(),
+            );
+        }
         self.control.arm_step(self.vcpu);
         self.go();
         match self.control.wait_stop(n, Duration::from_secs(5)) {

@@ -15,6 +15,7 @@ pub mod msr;
 pub mod slots;
 pub mod stats;
 pub mod stop;
+mod usertrap;
 pub mod vcpu;
 pub mod vm;
 

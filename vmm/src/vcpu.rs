@@ -22,6 +22,7 @@ use crate::loader::{self, EntryState};
 use crate::memory::PAGE_SIZE;
 use crate::slots::Access;
 use crate::stop::StopReason;
+use crate::usertrap::{self, Catch, Frame, RFLAGS_TF};
 use crate::vm::{STATE_PAUSED, STATE_RUNNING, STATE_STOPPED, VmConfig, VmShared};
 
 /// Work run on a vCPU's own thread with its `VcpuCtl` (register and memory access
@@ -92,6 +93,10 @@ struct DebugState {
     user_step: bool,
     applied: Option<(u32, [u64; 8])>,
     generation: u64,
+    /// Which hardware breakpoint slots watch a guest exception entry (see `usertrap`).
+    catches: [Option<Catch>; 4],
+    /// We set RFLAGS.TF for a CPL3 step and wait for the #DB catch.
+    tf_step: bool,
 }
 
 /// What a step-over must put back once the stepped instruction has run.
@@ -200,6 +205,22 @@ impl VcpuCtl<'_> {
         }])
         .ok()?;
         (self.fd.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)
+    }
+
+    /// Whether a single-step from here can work: KVM's where the host steps at this
+    /// CPL, else (CPL3 on PVM) RFLAGS.TF caught at the guest's #DB entry, which needs
+    /// a present #DB gate in the guest's IDT.
+    pub fn can_step(&self) -> bool {
+        let s = self.sregs();
+        self.vm.host.single_step_at(cpl_of(&s))
+            || usertrap::handler(
+                self.vm,
+                Self::mode_of(&s),
+                s.idt.base,
+                s.idt.limit,
+                Catch::Db,
+            )
+            .is_some()
     }
 
     /// Single-steps this vCPU from now on (each step is a `SingleStep` event).
@@ -398,14 +419,33 @@ impl VcpuThread {
         let generation = self.vm.debug_gen.load(Ordering::SeqCst);
         let mut control = 0u32;
         let mut regs = [0u64; 8];
-        if self.debug.user_step || !self.step.stepping.is_empty() {
+        let step = self.debug.user_step || !self.step.stepping.is_empty();
+        // KVM's single-step where it works; at CPL3 on PVM, TF and the #DB catch.
+        if step && !self.vm.host.single_step_at(self.cpl()) {
+            if !self.debug.tf_step {
+                self.set_regs(|r| r.rflags |= RFLAGS_TF);
+                self.debug.tf_step = true;
+            }
+        } else if step {
             control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
         }
-        let hw = *self.vm.hw_bps.lock().unwrap();
-        if !self.step.hw_suspended && hw.iter().any(Option::is_some) {
+        let mut slots = *self.vm.hw_bps.lock().unwrap();
+        let mut catches = [None; 4];
+        let sw_bps = !self.vm.sw_bps.lock().unwrap().is_empty();
+        if !self.step.hw_suspended && !self.vm.host.single_step_at(3) {
+            for (catch, wanted) in [(Catch::Db, self.debug.tf_step), (Catch::Bp, sw_bps)] {
+                let free = slots.iter().rposition(Option::is_none);
+                if let (true, Some(i), Some(a)) = (wanted, free, self.catch_address(catch)) {
+                    slots[i] = Some(a);
+                    catches[i] = Some(catch);
+                }
+            }
+        }
+        self.debug.catches = catches;
+        if !self.step.hw_suspended && slots.iter().any(Option::is_some) {
             control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
             regs[7] = 0x600; // GE and the always-one bit 10
-            for (i, a) in hw.iter().enumerate() {
+            for (i, a) in slots.iter().enumerate() {
                 if let Some(a) = a {
                     regs[i] = *a;
                     regs[7] |= 1 << (2 * i); // local enable, execute, length 1
@@ -414,7 +454,7 @@ impl VcpuThread {
         }
         // With KVM_GUESTDBG_USE_SW_BP a hardware-virtualised host reports every INT3
         // as a debug exit; on PVM INT3 at CPL0 is an emulation failure anyway.
-        if !self.vm.sw_bps.lock().unwrap().is_empty() {
+        if sw_bps {
             control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP;
         }
         if self.debug.applied == Some((control, regs)) && self.debug.generation == generation {
@@ -747,29 +787,20 @@ impl VcpuThread {
     fn debug_exit(&mut self, exception: u32, pc: u64, dr6: u64) -> Flow {
         const DR6_BS: u64 = 1 << 14;
         match exception {
-            1 if dr6 & DR6_BS != 0 || dr6 & 0xf == 0 => {
-                let ours = !self.step.stepping.is_empty();
-                if ours {
-                    let r = std::mem::take(&mut self.step.stepping);
-                    self.finish_restores(&r);
-                }
-                if (self.debug.user_step || !ours)
-                    && let Reply::Stop(m) = self.ask(&Event::SingleStep { rip: pc })
-                {
-                    return self.stop(StopReason::Handler(m));
-                }
-                Flow::Continue
-            }
+            1 if dr6 & DR6_BS != 0 || dr6 & 0xf == 0 => self.stepped(pc),
             1 => {
-                let slot = (dr6 & 0xf).trailing_zeros() as u8;
-                match self.ask(&Event::HwBreakpoint { rip: pc, slot }) {
+                let slot = (dr6 & 0xf).trailing_zeros() as usize;
+                if let Some(catch) = self.debug.catches.get(slot).copied().flatten() {
+                    return self.caught(catch);
+                }
+                match self.ask(&Event::HwBreakpoint {
+                    rip: pc,
+                    slot: slot as u8,
+                }) {
                     Reply::Stop(m) => self.stop(StopReason::Handler(m)),
                     Reply::Retry => Flow::Continue,
                     _ => {
-                        // Resuming on an execute breakpoint would fire it again: step
-                        // over the instruction with the breakpoints off.
-                        self.step.hw_suspended = true;
-                        self.begin_step_over(vec![Restore::HwBps]);
+                        self.let_guest_handler_run();
                         Flow::Continue
                     }
                 }
@@ -780,6 +811,94 @@ impl VcpuThread {
                 self.id
             ))),
         }
+    }
+
+    /// One instruction ran under a step (KVM's, or a TF step caught at #DB).
+    fn stepped(&mut self, pc: u64) -> Flow {
+        let ours = !self.step.stepping.is_empty();
+        if ours {
+            let r = std::mem::take(&mut self.step.stepping);
+            self.finish_restores(&r);
+        }
+        if (self.debug.user_step || !ours)
+            && let Reply::Stop(m) = self.ask(&Event::SingleStep { rip: pc })
+        {
+            return self.stop(StopReason::Handler(m));
+        }
+        Flow::Continue
+    }
+
+    /// Resuming on an execute breakpoint would fire it again: step over the
+    /// instruction with the hardware breakpoints (and catches) off.
+    fn let_guest_handler_run(&mut self) {
+        self.step.hw_suspended = true;
+        self.begin_step_over(vec![Restore::HwBps]);
+    }
+
+    /// A guest exception entry we watch was reached (see `usertrap`). If the
+    /// exception is ours (a TF step, or an INT3 at CPL3), pop its frame and go back
+    /// to user mode; otherwise it is the guest's own and its handler runs.
+    fn caught(&mut self, catch: Catch) -> Flow {
+        let s = self.fd.sync_regs().sregs;
+        let mode = VcpuCtl::mode_of(&s);
+        let frame = Frame::read(&self.vm, mode, self.regs().rsp).filter(Frame::from_user);
+        match (catch, frame) {
+            (Catch::Db, Some(f)) if self.debug.tf_step => {
+                self.debug.tf_step = false;
+                if !self.undo_frame(&f, f.rip, f.rflags & !RFLAGS_TF) {
+                    return self.stop(StopReason::Error("cannot return from #DB to CPL3".into()));
+                }
+                self.stepped(f.rip)
+            }
+            (Catch::Bp, Some(f)) => {
+                let rip = f.rip.wrapping_sub(1);
+                let ours = paging::translate(&self.vm.ram, mode, rip)
+                    .ok()
+                    .is_some_and(|t| self.vm.sw_breakpoint_at(t.gpa).is_some());
+                if ours {
+                    if !self.undo_frame(&f, rip, f.rflags) {
+                        return self
+                            .stop(StopReason::Error("cannot return from #BP to CPL3".into()));
+                    }
+                    return self.breakpoint(rip);
+                }
+                // The guest's own INT3: seen, then delivered as it already is.
+                let ev = Event::Breakpoint {
+                    rip,
+                    gpa: None,
+                    ours: false,
+                    cpl: 3,
+                };
+                if let Reply::Stop(m) = self.ask(&ev) {
+                    return self.stop(StopReason::Handler(m));
+                }
+                self.let_guest_handler_run();
+                Flow::Continue
+            }
+            _ => {
+                self.let_guest_handler_run();
+                Flow::Continue
+            }
+        }
+    }
+
+    /// Returns from an exception to CPL3 as IRETQ would, without running guest code.
+    fn undo_frame(&mut self, f: &Frame, rip: u64, rflags: u64) -> bool {
+        let mut s = self.fd.sync_regs().sregs;
+        let mode = VcpuCtl::mode_of(&s);
+        let seg = |sel: u64| usertrap::segment(&self.vm, mode, s.gdt.base, s.gdt.limit, sel as u16);
+        let (Some(cs), Some(ss)) = (seg(f.cs), seg(f.ss)) else {
+            return false;
+        };
+        (s.cs, s.ss) = (cs, ss);
+        self.fd.sync_regs_mut().sregs = s;
+        self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+        self.set_regs(|r| {
+            r.rip = rip;
+            r.rsp = f.rsp;
+            r.rflags = rflags;
+        });
+        true
     }
 
     fn internal_error(&mut self) -> Flow {
@@ -948,11 +1067,29 @@ impl VcpuThread {
     /// Runs one instruction with `restores` pending: single-step where this host
     /// can, else put things back at the next exit.
     fn begin_step_over(&mut self, restores: Vec<Restore>) {
-        if self.vm.host.single_step_at(self.cpl()) {
+        if self.can_step_here() {
             self.step.stepping.extend(restores);
         } else {
             self.step.deferred.extend(restores);
         }
+    }
+
+    /// Whether a step from the current instruction can end in a debug exit: KVM's
+    /// single-step, or at CPL3 on PVM a TF step caught at the guest's #DB entry.
+    fn can_step_here(&self) -> bool {
+        self.vm.host.single_step_at(self.cpl()) || self.catch_address(Catch::Db).is_some()
+    }
+
+    /// The guest's entry point for `catch`, read from its IDT now.
+    fn catch_address(&self, catch: Catch) -> Option<u64> {
+        let s = self.fd.sync_regs().sregs;
+        usertrap::handler(
+            &self.vm,
+            VcpuCtl::mode_of(&s),
+            s.idt.base,
+            s.idt.limit,
+            catch,
+        )
     }
 
     fn finish_restores(&mut self, restores: &[Restore]) {
