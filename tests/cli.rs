@@ -134,7 +134,12 @@ fn caps_reports_each_mechanism_consistently_with_the_host() {
         assert_eq!(row("HW execute breakpoint")["cpl3"], "unavailable");
         assert_eq!(row("single-step")["cpl3"], "exact");
         assert_eq!(row("INT3 breakpoint")["cpl3"], "exact");
-        assert!(row("single-step")["how"].as_str().unwrap().contains("#DB entry"));
+        assert!(
+            row("single-step")["how"]
+                .as_str()
+                .unwrap()
+                .contains("#DB entry")
+        );
     }
 }
 

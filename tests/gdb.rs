@@ -40,8 +40,16 @@ fn port() -> u16 {
 
 /// `vmiscope run IMAGE --batch --gdb 127.0.0.1:PORT`, waiting until it listens.
 fn vm(image: &str, port: u16) -> Child {
+    vm_with(image, port, &["--batch"])
+}
+
+/// `vmiscope run IMAGE ARGS… --gdb PORT` (stdin piped), waiting until it listens.
+fn vm_with(image: &str, port: u16, args: &[&str]) -> Child {
     let child = Command::new(env!("CARGO_BIN_EXE_vmiscope"))
-        .args(["run", image, "--batch", "--gdb", &port.to_string()])
+        .args(["run", image])
+        .args(args)
+        .args(["--gdb", &port.to_string()])
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -329,7 +337,19 @@ fn malformed_packets_and_a_vanishing_gdb_do_not_hurt_the_vmm() {
         return;
     }
     let p = port();
-    let child = vm("msr", p);
+    let journal = std::env::temp_dir().join(format!("vmiscope-gdb-j-{}.jsonl", std::process::id()));
+    let child = vm_with(
+        "msr",
+        p,
+        &[
+            "--batch",
+            "--protect",
+            "syscall-msrs",
+            "--log-only",
+            "--journal",
+            journal.to_str().unwrap(),
+        ],
+    );
     for junk in [
         &b"$garbage#00"[..],
         b"$qSupported:xxx#zz",
@@ -350,4 +370,114 @@ fn malformed_packets_and_a_vanishing_gdb_do_not_hurt_the_vmm() {
     let (code, vout) = finish(child);
     assert_eq!(code, Some(0));
     assert!(vout.contains("msr: done"), "{vout}");
+    // Nothing was lost from the journal: the LSTAR and SYSENTER_EIP writes are there.
+    let j = std::fs::read_to_string(&journal).unwrap();
+    let _ = std::fs::remove_file(&journal);
+    let alerts: Vec<serde_json::Value> = j
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON lines"))
+        .filter(|v| v["type"] == "alert")
+        .collect();
+    assert!(
+        alerts.iter().any(|a| a["class"] == "msr"),
+        "the journal kept the guest's MSR alerts: {j}"
+    );
+}
+
+#[test]
+fn user_code_break_and_stepi_at_cpl3() {
+    if !kvm_available() || !gdb_available() {
+        return;
+    }
+    let p = port();
+    let child = vm("hello", p);
+    let out = gdb(
+        p,
+        &[
+            "break user_hello",
+            "continue",
+            "print/x $cs",
+            "print $pc == user_hello",
+            "x/1xb user_hello",
+            "stepi",
+            "print/x $pc - user_hello",
+            "stepi",
+            "print/x $pc - user_hello",
+            "print/x $cs",
+            "print/x $eflags & 0x100",
+            "delete",
+            "continue",
+        ],
+    );
+    assert!(out.contains("Breakpoint 1, user_hello"), "{out}");
+    assert!(
+        out.contains("$1 = 0x23") && out.contains("$2 = 1"),
+        "stopped in user code: {out}"
+    );
+    assert!(
+        !out.contains("<user_hello>:\t0xcc"),
+        "the INT3 is hidden from gdb: {out}"
+    );
+    // push rbp (1 byte) is not there with -O2: the first two instructions are 2 and 3 bytes.
+    let steps: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("$3 = ") || l.starts_with("$4 = "))
+        .collect();
+    assert_eq!(steps.len(), 2, "{out}");
+    assert_ne!(steps[0], "$3 = 0x0", "the first stepi moved: {out}");
+    assert!(
+        out.contains("$5 = 0x23"),
+        "still at CPL3 after the steps: {out}"
+    );
+    assert!(out.contains("$6 = 0x0"), "TF is not left set: {out}");
+    assert!(out.contains("exited normally"), "{out}");
+    let (code, vout) = finish(child);
+    assert_eq!(code, Some(0));
+    assert!(
+        vout.contains("hello from CPL3 (arg 41)") && vout.contains("hello: PASS"),
+        "{vout}"
+    );
+}
+
+#[test]
+fn an_introspection_stop_reaches_gdb_and_the_console_at_once() {
+    if !kvm_available() || !gdb_available() {
+        return;
+    }
+    let p = port();
+    let mut child = vm_with("msr", p, &["--repl"]);
+    let mut stdin = child.stdin.take().unwrap();
+    for line in ["hook msr 0xc0000082 w log", "break event msr"] {
+        writeln!(stdin, "{line}").unwrap();
+    }
+    stdin.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = gdb(
+        p,
+        &[
+            "continue",
+            "monitor event",
+            "print/x $rcx",
+            "monitor delete 1",
+            "continue",
+        ],
+    );
+    assert!(out.contains("received signal SIGTRAP"), "{out}");
+    assert!(
+        out.contains("msr") && out.contains("0xc0000082"),
+        "monitor event: {out}"
+    );
+    assert!(
+        out.contains("$1 = 0xc0000082"),
+        "stopped at the WRMSR: {out}"
+    );
+    assert!(out.contains("exited normally"), "{out}");
+    writeln!(stdin, "quit").unwrap();
+    drop(stdin);
+    let (code, vout) = finish(child);
+    assert_eq!(code, Some(0), "{vout}");
+    assert!(
+        vout.contains("stopped: vCPU 0 (breakpoint 1)"),
+        "the console saw the same stop: {vout}"
+    );
 }

@@ -21,7 +21,7 @@ pub enum Command {
     /// List the built-in guest images (and write their ELF files to DIR).
     Images(ImagesArgs),
     /// Run an image: a built-in name or a path to an ELF64 / multiboot v1 file.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// What this host's KVM can trap, measured on scratch VMs.
     Caps(CapsArgs),
     /// Performance figures, each beside a raw-KVM baseline from the same run.

@@ -112,8 +112,16 @@ pub fn run(s: &mut Session) -> Mode {
     }
     // Guest output, alerts and stops, printed above the prompt.
     let done = Arc::new(AtomicBool::new(false));
-    let printer = rl.create_external_printer().ok();
-    let watcher = printer.map(|mut p| {
+    // Above the prompt on a terminal; plain lines when stdin is a pipe (scripts
+    // feeding the REPL still see stops that gdb or another vCPU caused).
+    let mut print: Box<dyn FnMut(String) + Send> = match rl.create_external_printer() {
+        Ok(mut p) => Box::new(move |m| {
+            use rustyline::ExternalPrinter;
+            let _ = p.print(m);
+        }),
+        Err(_) => Box::new(|m| println!("{m}")),
+    };
+    let watcher = {
         let (serial, intro, control, done) = (
             s.serial.clone(),
             s.intro.clone(),
@@ -126,7 +134,6 @@ pub fn run(s: &mut Session) -> Mode {
             control.stop_count(),
         );
         std::thread::spawn(move || {
-            use rustyline::ExternalPrinter;
             while !done.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(50));
                 let mut msg = String::new();
@@ -153,11 +160,11 @@ pub fn run(s: &mut Session) -> Mode {
                     }
                 }
                 if !msg.is_empty() {
-                    let _ = p.print(msg.trim_end().to_string());
+                    print(msg.trim_end().to_string());
                 }
             }
         })
-    });
+    };
     let status = s.status();
     println!(
         "vmiscope console on `{}` ({status}). `help` lists commands, `tui` switches view.",
@@ -215,9 +222,7 @@ pub fn run(s: &mut Session) -> Mode {
         }
     };
     done.store(true, Ordering::SeqCst);
-    if let Some(w) = watcher {
-        let _ = w.join();
-    }
+    let _ = watcher.join();
     if let Some(h) = &hist {
         let _ = rl.save_history(h);
     }

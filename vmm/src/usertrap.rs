@@ -90,7 +90,7 @@ impl Frame {
         })
     }
 
-    pub(crate) fn from_user(&self) -> bool {
+    pub(crate) fn came_from_user(&self) -> bool {
         self.cs & 3 == 3
     }
 }

@@ -841,7 +841,7 @@ impl VcpuThread {
     fn caught(&mut self, catch: Catch) -> Flow {
         let s = self.fd.sync_regs().sregs;
         let mode = VcpuCtl::mode_of(&s);
-        let frame = Frame::read(&self.vm, mode, self.regs().rsp).filter(Frame::from_user);
+        let frame = Frame::read(&self.vm, mode, self.regs().rsp).filter(Frame::came_from_user);
         match (catch, frame) {
             (Catch::Db, Some(f)) if self.debug.tf_step => {
                 self.debug.tf_step = false;
