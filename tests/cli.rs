@@ -157,6 +157,9 @@ fn bench_json_has_every_figure_with_its_baseline() {
         "I/O exit round trip, CPL3",
         "MMIO write exit round trip, CPL0",
         "MMIO write exit round trip, CPL3",
+        "hooked, allowed, emulated write, CPL0",
+        "events/s with the TUI attached",
+        "gdb stepi round trip, CPL0",
     ] {
         let f = figs
             .iter()
@@ -175,8 +178,16 @@ fn bench_json_has_every_figure_with_its_baseline() {
             .any(|f| f["name"] == "protect one page (write-trap)"
                 && f["note"].as_str().unwrap().contains("ioctls"))
     );
-    assert!(
-        figs.iter()
-            .any(|f| f["name"] == "hello: process start to guest exit")
-    );
+    for name in [
+        "hello: process start to guest exit",
+        "gdb memory read (large x/)",
+        "engine CPU time per event, CPL0",
+        "breakpoint hit round trip, hidden, CPL0",
+    ] {
+        assert!(
+            figs.iter()
+                .any(|f| f["name"] == name && f["value"].as_f64().is_some_and(|v| v > 0.0)),
+            "{name}"
+        );
+    }
 }

@@ -78,7 +78,7 @@ fn build(w: Workload, n: u64) -> Result<Vm, String> {
 }
 
 /// The `spin` image with its mode and count patched in.
-fn spin_vm(mode: u64, n: u64, vcpus: u32) -> Result<Vm, String> {
+pub(crate) fn spin_vm(mode: u64, n: u64, vcpus: u32) -> Result<Vm, String> {
     let img = vmiscope_images::find("spin").ok_or("missing image")?;
     let vm = Vm::new(
         &VmConfig {
@@ -587,6 +587,7 @@ pub fn measure(iterations: u64, repeat: usize) -> Result<Report, String> {
     });
     engine_figures(iterations, repeat, &mut figures)?;
     console_figures(iterations, repeat, &mut figures)?;
+    crate::bench_gdb::figures(repeat, &mut figures)?;
     figures.push(Figure {
         name: "hello: process start to guest exit".into(),
         unit: "ms",

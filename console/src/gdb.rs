@@ -9,7 +9,7 @@
 //! registers) fire for CPL0 code only on PVM.
 
 use std::collections::HashMap;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use gdbstub::common::{Signal, Tid};
 use gdbstub::conn::ConnectionExt;
 use gdbstub::outputln;
 use gdbstub::stub::run_blocking::{BlockingEventLoop, Event as GdbEvent, WaitForStopReasonError};
-use gdbstub::stub::{DisconnectReason, GdbStub, MultiThreadStopReason};
+use gdbstub::stub::{DisconnectReason, MultiThreadStopReason};
 use gdbstub::target::ext::base::BaseOps;
 use gdbstub::target::ext::base::multithread::{
     MultiThreadBase, MultiThreadResume, MultiThreadResumeOps, MultiThreadSchedulerLocking,
@@ -35,6 +35,7 @@ use gdbstub_arch::x86::reg::X86_64CoreRegs;
 use vmiscope_introspect::{Outcome, Rights, Target as HookTarget};
 use vmiscope_vmm::{StopReason, VcpuCtl};
 
+use crate::gdb_conn::GdbConn;
 use crate::session::Session;
 
 /// x86-64 with the system registers a kernel debugger needs.
@@ -303,7 +304,10 @@ impl GdbTarget {
     /// Pauses every vCPU (the one at a stop is held by the console already).
     fn all_stop(&self) {
         self.s.shared.pause_all();
-        self.s.shared.wait_paused(Duration::from_secs(2));
+        let held = self.s.control.stop().map(|st| st.vcpu);
+        self.s
+            .shared
+            .wait_paused_except(held, Duration::from_secs(2));
     }
 
     fn stop_reason(&mut self) -> MultiThreadStopReason<u64> {
@@ -680,12 +684,12 @@ enum EventLoop {}
 
 impl BlockingEventLoop for EventLoop {
     type Target = GdbTarget;
-    type Connection = TcpStream;
+    type Connection = GdbConn;
     type StopReason = MultiThreadStopReason<u64>;
 
     fn wait_for_stop_reason(
         t: &mut GdbTarget,
-        conn: &mut TcpStream,
+        conn: &mut GdbConn,
     ) -> Result<GdbEvent<Self::StopReason>, WaitForStopReasonError<String, std::io::Error>> {
         loop {
             if conn
@@ -705,12 +709,14 @@ impl BlockingEventLoop for EventLoop {
                     code.clamp(0, 255) as u8,
                 )));
             }
+            // Wakes as soon as a stop is recorded; the timeout bounds how late gdb's
+            // Ctrl-C (incoming data) or the guest's end are noticed.
+            let _ = t.s.control.wait_stop(t.seen, Duration::from_millis(1));
             if t.s.control.stop_count() > t.seen {
                 t.seen = t.s.control.stop_count();
                 t.all_stop();
                 return Ok(GdbEvent::TargetStopped(t.stop_reason()));
             }
-            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
@@ -723,6 +729,10 @@ impl BlockingEventLoop for EventLoop {
         }))
     }
 }
+
+/// The stub's packet size (gdb's PacketSize): 64 KiB of hex is 32 KiB of memory
+/// per `m`/`M` packet.
+const PACKET_SIZE: usize = 64 * 1024;
 
 /// `HOST:PORT`, or a bare port on 127.0.0.1.
 pub fn bind_addr(a: &str) -> String {
@@ -754,7 +764,19 @@ pub fn serve(listener: TcpListener, s: Session, exec_file: Option<String>) {
             target.all_stop();
         }
         target.seen = target.s.control.stop_count();
-        match GdbStub::new(conn).run_blocking::<EventLoop>(&mut target) {
+        // A large packet buffer: gdb reads and writes memory in PacketSize chunks,
+        // and each chunk is a round trip.
+        let stub = match gdbstub::stub::GdbStubBuilder::new(GdbConn::new(conn))
+            .packet_buffer_size(PACKET_SIZE)
+            .build()
+        {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("[vmiscope] gdb: {e}");
+                return;
+            }
+        };
+        match stub.run_blocking::<EventLoop>(&mut target) {
             Ok(DisconnectReason::Kill) => {
                 target.s.shared.stop(StopReason::User);
                 let _ = target.s.control.resume(None);

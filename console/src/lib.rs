@@ -2,11 +2,13 @@
 
 pub mod batch;
 pub mod bench;
+pub mod bench_gdb;
 pub mod caps;
 pub mod cli;
 pub mod commands;
 pub mod control;
 pub mod gdb;
+pub mod gdb_conn;
 pub mod introspection;
 pub mod repl;
 pub mod script;

@@ -360,13 +360,17 @@ impl VmShared {
 
     /// Waits until every running vCPU has paused (or stopped).
     pub fn wait_paused(&self, timeout: Duration) -> bool {
+        self.wait_paused_except(None, timeout)
+    }
+
+    /// Like `wait_paused`, but vCPU `held` (kept inside an exit handler, which
+    /// only looks like running) is not waited for.
+    pub fn wait_paused_except(&self, held: Option<u32>, timeout: Duration) -> bool {
         let t = Instant::now();
         while t.elapsed() < timeout {
-            if self
-                .vcpus
-                .iter()
-                .all(|v| v.state.load(Ordering::SeqCst) != STATE_RUNNING)
-            {
+            if self.vcpus.iter().enumerate().all(|(i, v)| {
+                held == Some(i as u32) || v.state.load(Ordering::SeqCst) != STATE_RUNNING
+            }) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(1));

@@ -1,0 +1,221 @@
+//! `vmiscope bench`'s gdb figures: a `stepi` round trip through the stub (the
+//! remote protocol over loopback TCP, as gdb speaks it) beside KVM's raw
+//! single-step exit on the same instruction stream, and memory read throughput
+//! for a large `x/`.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, kvm_guest_debug};
+use kvm_ioctls::VcpuExit;
+
+use crate::bench::{Figure, median};
+use crate::session::Session;
+
+/// The `spin` image in its CPL0 `out` loop: the same stream for both step loops.
+const SPIN_CPL0_OUT: u64 = 2;
+
+/// Microseconds per KVM single-step exit in a bare KVM_RUN loop, over `n` steps
+/// from the image's entry.
+fn raw_steps(n: u64) -> Result<f64, String> {
+    // The VM's memory lives as long as its shared half: keep it.
+    let (_shared, mut fds) = crate::bench::spin_vm(SPIN_CPL0_OUT, 1 << 30, 1)?.into_raw();
+    let fd = &mut fds[0];
+    let dbg = kvm_guest_debug {
+        control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP,
+        ..Default::default()
+    };
+    fd.set_guest_debug(&dbg).map_err(|e| e.to_string())?;
+    let (mut steps, start) = (0u64, Instant::now());
+    while steps < n {
+        match fd.run().map_err(|e| format!("KVM_RUN: {e}"))? {
+            VcpuExit::Debug(_) => steps += 1,
+            VcpuExit::IoIn(_, data) => data.fill(0),
+            VcpuExit::IoOut(..) => {}
+            e => return Err(format!("unexpected exit after {steps} steps: {e:?}")),
+        }
+    }
+    Ok(start.elapsed().as_secs_f64() * 1e6 / n as f64)
+}
+
+/// A minimal remote-protocol client (no-ack mode after the first exchange).
+struct Rsp {
+    conn: std::io::BufReader<TcpStream>,
+    acks: bool,
+}
+
+impl Rsp {
+    fn connect(port: u16) -> Result<Rsp, String> {
+        let conn = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+        conn.set_nodelay(true).map_err(|e| e.to_string())?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        let mut r = Rsp {
+            conn: std::io::BufReader::new(conn),
+            acks: true,
+        };
+        r.ask("QStartNoAckMode")?;
+        r.acks = false;
+        Ok(r)
+    }
+
+    fn send(&mut self, body: &str) -> Result<(), String> {
+        let sum = body.bytes().fold(0u8, |a, b| a.wrapping_add(b));
+        write!(self.conn.get_mut(), "${body}#{sum:02x}").map_err(|e| e.to_string())
+    }
+
+    /// The next packet's body (acks and notifications skipped).
+    fn recv(&mut self) -> Result<String, String> {
+        let mut byte = [0u8];
+        let mut body = Vec::new();
+        loop {
+            self.conn.read_exact(&mut byte).map_err(|e| e.to_string())?;
+            if byte[0] == b'$' {
+                break;
+            }
+        }
+        loop {
+            self.conn.read_exact(&mut byte).map_err(|e| e.to_string())?;
+            match byte[0] {
+                b'#' => break,
+                // Run-length encoding: `X*n` repeats X (n - 29) more times.
+                b'*' => {
+                    self.conn.read_exact(&mut byte).map_err(|e| e.to_string())?;
+                    let last = *body.last().ok_or("RLE with nothing to repeat")?;
+                    let n = byte[0].saturating_sub(29) as usize;
+                    body.extend(std::iter::repeat_n(last, n));
+                }
+                b => body.push(b),
+            }
+        }
+        let mut sum = [0u8; 2];
+        self.conn.read_exact(&mut sum).map_err(|e| e.to_string())?;
+        if self.acks {
+            self.conn
+                .get_mut()
+                .write_all(b"+")
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    fn ask(&mut self, body: &str) -> Result<String, String> {
+        self.send(body)?;
+        self.recv()
+    }
+}
+
+/// The stub on a loopback port over a `spin` session, and a client connected to it.
+fn stub() -> Result<(Rsp, std::thread::JoinHandle<()>, Session), String> {
+    let s = Session::start(&crate::cli::RunArgs::for_image("spin"))?;
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let g = s.attach();
+    let server = std::thread::spawn(move || crate::gdb::serve(listener, g, None));
+    let mut rsp = Rsp::connect(port)?;
+    rsp.ask("?")?;
+    Ok((rsp, server, s))
+}
+
+fn end(mut rsp: Rsp, server: std::thread::JoinHandle<()>, mut s: Session) {
+    let _ = rsp.send("k");
+    let _ = server.join();
+    s.finish();
+}
+
+/// Microseconds per `stepi` as gdb does it: a step (vCont;s) to its stop reply,
+/// then the register read (g).
+fn gdb_steps(n: u64) -> Result<f64, String> {
+    let (mut rsp, server, mut s) = stub()?;
+    for cmd in [
+        format!("mem write spin_mode {SPIN_CPL0_OUT:02x} 00 00 00 00 00 00 00"),
+        "mem write spin_count 00 00 00 40 00 00 00 00".into(),
+    ] {
+        s.exec(&cmd)?;
+    }
+    let start = Instant::now();
+    for _ in 0..n {
+        let stop = rsp.ask("vCont;s:1")?;
+        if !stop.starts_with('T') {
+            return Err(format!("stepi answered {stop}"));
+        }
+        let regs = rsp.ask("g")?;
+        if regs.starts_with('E') {
+            return Err(format!("register read answered {regs}"));
+        }
+    }
+    let us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+    end(rsp, server, s);
+    Ok(us)
+}
+
+/// MB/s for reading `total` bytes of guest memory with `m` packets of the size
+/// the stub offers (what gdb does for a large `x/`).
+fn gdb_read(total: usize) -> Result<(f64, usize), String> {
+    let (mut rsp, server, s) = stub()?;
+    let features = rsp.ask("qSupported:multiprocess-;swbreak+")?;
+    let packet = features
+        .split(';')
+        .find_map(|f| f.strip_prefix("PacketSize="))
+        .and_then(|v| usize::from_str_radix(v, 16).ok())
+        .unwrap_or(4096);
+    // Hex doubles the data; leave room for the framing.
+    let chunk = ((packet - 16) / 2).min(total);
+    let base = 0x10_0000u64;
+    let start = Instant::now();
+    let mut done = 0;
+    while done < total {
+        let n = chunk.min(total - done);
+        let reply = rsp.ask(&format!("m{:x},{n:x}", base + done as u64))?;
+        if reply.len() != 2 * n {
+            return Err(format!(
+                "read at {:#x}: {} hex digits",
+                base + done as u64,
+                reply.len()
+            ));
+        }
+        done += n;
+    }
+    let mbs = total as f64 / start.elapsed().as_secs_f64() / 1e6;
+    end(rsp, server, s);
+    Ok((mbs, chunk))
+}
+
+pub fn figures(repeat: usize, figures: &mut Vec<Figure>) -> Result<(), String> {
+    const STEPS: u64 = 500;
+    let (mut raw, mut stub) = (vec![], vec![]);
+    for _ in 0..repeat {
+        raw.push(raw_steps(STEPS)?);
+        stub.push(gdb_steps(STEPS)?);
+    }
+    let (r, g) = (median(raw), median(stub));
+    figures.push(Figure {
+        name: "gdb stepi round trip, CPL0".into(),
+        unit: "us/step",
+        value: g,
+        baseline: Some(r),
+        ratio: Some(g / r),
+        note: format!(
+            "vCont;s + stop reply + g over loopback TCP, {STEPS} steps from the entry; baseline: KVM_GUESTDBG_SINGLESTEP exits in a bare KVM_RUN loop, same steps"
+        ),
+    });
+    let mut mbs = vec![];
+    let mut chunk = 0;
+    for _ in 0..repeat {
+        let (m, c) = gdb_read(8 << 20)?;
+        mbs.push(m);
+        chunk = c;
+    }
+    figures.push(Figure {
+        name: "gdb memory read (large x/)".into(),
+        unit: "MB/s",
+        value: median(mbs),
+        baseline: None,
+        ratio: None,
+        note: format!(
+            "8 MiB of guest memory in `m` packets of {chunk} bytes through the guest's page tables"
+        ),
+    });
+    Ok(())
+}
