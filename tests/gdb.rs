@@ -481,3 +481,55 @@ fn an_introspection_stop_reaches_gdb_and_the_console_at_once() {
         "the console saw the same stop: {vout}"
     );
 }
+
+/// The README's session, as written: an introspection stop, then a CPL3
+/// breakpoint whose own instruction trips a watchpoint (the step over the
+/// breakpoint ends there and must not stop again later).
+#[test]
+fn the_readme_session_works_as_written() {
+    if !kvm_available() || !gdb_available() {
+        return;
+    }
+    let p = port();
+    let child = vm("demo", p);
+    let out = gdb(
+        p,
+        &[
+            "info registers rip cs cr0 efer",
+            "monitor protect syscall-msrs",
+            "monitor break event msr",
+            "continue",
+            "monitor event",
+            "monitor delete 1",
+            "break user_scribble",
+            "watch user_secret[0]",
+            "continue",
+            "print/x $cs",
+            "continue",
+            "continue",
+        ],
+    );
+    let readme = include_str!("../README.md");
+    for line in [
+        "rip            0x100000            0x100000 <_start>",
+        "breakpoint 1: events of class msr",
+        "Program received signal SIGTRAP, Trace/breakpoint trap.",
+        "  verdict: deny (dropped)  (`verdict allow|deny|policy`)",
+        "23\t    user_secret[0] = v;",
+        "$1 = 0x23",
+        "Old value = 6556778155992832766",
+        "New value = 2989",
+        "[Inferior 1 (process 1) exited normally]",
+    ] {
+        assert!(readme.contains(line), "README shows {line:?}");
+        assert!(out.contains(line), "gdb printed {line:?}: {out}");
+    }
+    assert_eq!(
+        out.matches("SIGTRAP").count(),
+        1,
+        "only the introspection stop is a SIGTRAP: {out}"
+    );
+    let (code, vout) = finish(child);
+    assert_eq!(code, Some(0));
+    assert!(vout.contains("demo: act lstar: blocked"), "{vout}");
+}

@@ -70,6 +70,8 @@ struct State {
     resume: Option<Option<Override>>,
     /// Bumped at every stop, so waiters can tell a new stop from an old one.
     stops: u64,
+    /// The newest stop, kept after the vCPU resumed (for watchers that poll).
+    last: Option<Stop>,
 }
 
 /// Shared between the console thread and the vCPU threads.
@@ -128,6 +130,11 @@ impl Control {
         self.state.lock().unwrap().stop.clone()
     }
 
+    /// The newest stop, even if the vCPU has been resumed since.
+    pub fn last_stop(&self) -> Option<Stop> {
+        self.state.lock().unwrap().last.clone()
+    }
+
     pub fn stop_count(&self) -> u64 {
         self.state.lock().unwrap().stops
     }
@@ -178,6 +185,13 @@ impl Control {
     /// Called by a vCPU thread: publish the stop and serve requests until resumed.
     fn hold(&self, cpu: &mut VcpuCtl<'_>, stop: Stop) -> Option<Override> {
         let mut s = self.state.lock().unwrap();
+        // A step that ends in another stop (its instruction hit a watchpoint, say)
+        // is over, as in gdb: it must not fire later, after a `continue`.
+        if s.stepping == Some(cpu.id()) {
+            s.stepping = None;
+            cpu.set_single_step(false);
+        }
+        s.last = Some(stop.clone());
         s.stop = Some(stop);
         s.stops += 1;
         s.resume = None;

@@ -155,7 +155,7 @@ pub fn run(s: &mut Session) -> Mode {
                 let n = control.stop_count();
                 if n > stops {
                     stops = n;
-                    if let Some(st) = control.stop() {
+                    if let Some(st) = control.last_stop() {
                         msg.push_str(&format!("stopped: vCPU {} ({})\n", st.vcpu, st.why));
                     }
                 }

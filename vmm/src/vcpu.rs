@@ -426,6 +426,10 @@ impl VcpuThread {
                 self.set_regs(|r| r.rflags |= RFLAGS_TF);
                 self.debug.tf_step = true;
             }
+        } else if !step && self.debug.tf_step {
+            // The step was called off before its #DB (another stop ended it).
+            self.set_regs(|r| r.rflags &= !RFLAGS_TF);
+            self.debug.tf_step = false;
         } else if step {
             control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
         }
