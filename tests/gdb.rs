@@ -533,3 +533,60 @@ fn the_readme_session_works_as_written() {
     assert_eq!(code, Some(0));
     assert!(vout.contains("demo: act lstar: blocked"), "{vout}");
 }
+
+/// `hbreak`: a DR execute breakpoint on kernel code stops there, and the guest's
+/// memory is untouched (no INT3); on PVM one on user code is refused, not silent.
+#[test]
+fn hbreak_on_kernel_code_and_refused_on_user_code_on_pvm() {
+    if !kvm_available() || !gdb_available() {
+        return;
+    }
+    let p = port();
+    let child = vm("int3", p);
+    let out = gdb(
+        p,
+        &[
+            "hbreak bp_target",
+            "continue",
+            "print $pc == bp_target",
+            "monitor phys bp_target 1",
+            "delete",
+            "continue",
+        ],
+    );
+    assert!(out.contains("Hardware assisted breakpoint 1 at"), "{out}");
+    assert!(out.contains("$1 = 1"), "stopped at bp_target: {out}");
+    assert!(
+        out.contains("0x00100a00  48 "),
+        "no INT3 in guest memory: {out}"
+    );
+    assert!(out.contains("exited normally"), "{out}");
+    assert_eq!(finish(child).0, Some(0));
+
+    let p = port();
+    let child = vm("hello", p);
+    let out = gdb(
+        p,
+        &[
+            "break run_user",
+            "continue",
+            "hbreak user_hello",
+            "continue",
+            "delete",
+            "continue",
+        ],
+    );
+    if vmiscope_vmm::HostKind::detect() == vmiscope_vmm::HostKind::Pvm {
+        assert!(
+            out.contains("Cannot insert hardware breakpoint 2"),
+            "gdb is told: {out}"
+        );
+    } else {
+        assert!(out.contains("user_hello"), "{out}");
+    }
+    let (code, vout) = finish(child);
+    assert_eq!(code, Some(0));
+    if vmiscope_vmm::HostKind::detect() == vmiscope_vmm::HostKind::Pvm {
+        assert!(vout.contains("DR breakpoints fire at CPL0 only"), "{vout}");
+    }
+}

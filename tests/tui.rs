@@ -168,6 +168,12 @@ fn tui_stop_at_an_event_and_deny_it() {
             .any(|l| l.contains("\"class\":\"msr\"") && l.contains("\"type\":\"event\"")),
         "journal: {text}"
     );
+    assert!(
+        text.lines().any(|l| l.contains("\"type\":\"override\"")
+            && l.contains("\"proposed\":\"allowed\"")
+            && l.contains("\"verdict\":\"deny\"")),
+        "the journal records the analyst's deny: {text}"
+    );
     t.keys(&["q"]);
     let _ = std::fs::remove_file(&j);
 }

@@ -574,7 +574,23 @@ impl SwBreakpoint for GdbTarget {
 }
 
 impl HwBreakpoint for GdbTarget {
+    /// A DR execute breakpoint. On a host whose DR breakpoints do not fire at CPL3
+    /// (PVM), one on a user-mapped address is refused, so gdb says it could not
+    /// insert it instead of never stopping (`break` works there).
     fn add_hw_breakpoint(&mut self, addr: u64, _: usize) -> TargetResult<bool, Self> {
+        let cpu = self.s.control.stop().map(|s| s.vcpu).unwrap_or(0);
+        let user = vmiscope_introspect::paging::translate(
+            &self.s.shared.ram,
+            self.s.shared.last_paging(cpu),
+            addr,
+        )
+        .is_ok_and(|t| t.user);
+        if user && !self.s.shared.host.single_step_at(3) {
+            eprintln!(
+                "[vmiscope] gdb: hbreak {addr:#x} refused: user code, and this host's DR breakpoints fire at CPL0 only (use break)"
+            );
+            return Ok(false);
+        }
         let Some(slot) = self.hw.iter().position(Option::is_none) else {
             return Ok(false);
         };

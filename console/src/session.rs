@@ -349,6 +349,13 @@ impl Session {
                     VerdictChoice::Deny => Some(Override::Deny),
                     VerdictChoice::Policy => None,
                 };
+                if let (Some(o), Some(ev)) = (over, &stop.event) {
+                    self.intro.engine.lock().unwrap().journal_override(
+                        ev.event_id,
+                        ev.verdict,
+                        o == Override::Allow,
+                    );
+                }
                 self.control.resume(over);
                 Output::text(format!(
                     "verdict {}; continuing",

@@ -52,6 +52,14 @@ pub enum Record<'a> {
         alert: u64,
         rule: usize,
     },
+    /// An analyst replaced a stopped event's verdict (the console's `verdict`).
+    Override {
+        event_id: u64,
+        /// What the hooks had decided.
+        proposed: Verdict,
+        /// `allow` or `deny`.
+        verdict: &'a str,
+    },
 }
 
 /// Where records go (a JSON-lines file in the console).

@@ -583,6 +583,15 @@ impl Engine {
         }
     }
 
+    /// Journals an analyst's override of event `event_id`'s verdict.
+    pub fn journal_override(&mut self, event_id: u64, proposed: Verdict, allow: bool) {
+        self.journal(&Record::Override {
+            event_id,
+            proposed,
+            verdict: if allow { "allow" } else { "deny" },
+        });
+    }
+
     fn journal(&mut self, r: &Record<'_>) {
         if let Some(j) = self.journal.as_mut() {
             j.record(&serde_json::to_string(r).expect("records serialise"));
