@@ -720,7 +720,13 @@ impl BlockingEventLoop for EventLoop {
                 return Ok(GdbEvent::TargetStopped(t.stop_reason()));
             }
             if t.s.ended() {
-                let code = t.s.outcome().map(|o| o.reason.exit_status()).unwrap_or(0);
+                // The stub's session is attached (it does not own the run): the
+                // reason comes from the VM itself.
+                let code =
+                    t.s.shared
+                        .stop_reason()
+                        .map(|r| r.exit_status())
+                        .unwrap_or(0);
                 return Ok(GdbEvent::TargetStopped(MultiThreadStopReason::Exited(
                     code.clamp(0, 255) as u8,
                 )));

@@ -301,6 +301,11 @@ impl VmShared {
         self.sw_bps.lock().unwrap().get(&gpa).copied()
     }
 
+    /// Why the run ended (or is ending), once it is.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.stop.lock().unwrap().clone()
+    }
+
     /// Ends the run (the first reason wins) and kicks every vCPU out of the guest.
     pub fn stop(&self, reason: StopReason) {
         {
