@@ -125,8 +125,9 @@ fn end(mut rsp: Rsp, server: std::thread::JoinHandle<()>, mut s: Session) {
 }
 
 /// Microseconds per `stepi` as gdb does it: a step (vCont;s) to its stop reply,
-/// then the register read (g).
-fn gdb_steps(n: u64) -> Result<f64, String> {
+/// then the register read (g); and per packet that touches no vCPU (qC: which
+/// thread is current), the floor that TCP and the stub's loop set.
+fn gdb_steps(n: u64) -> Result<(f64, f64), String> {
     let (mut rsp, server, mut s) = stub()?;
     for cmd in [
         format!("mem write spin_mode {SPIN_CPL0_OUT:02x} 00 00 00 00 00 00 00"),
@@ -146,8 +147,13 @@ fn gdb_steps(n: u64) -> Result<f64, String> {
         }
     }
     let us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+    let start = Instant::now();
+    for _ in 0..n {
+        rsp.ask("qC")?;
+    }
+    let floor = start.elapsed().as_secs_f64() * 1e6 / n as f64;
     end(rsp, server, s);
-    Ok(us)
+    Ok((us, floor))
 }
 
 /// MB/s for reading `total` bytes of guest memory with `m` packets of the size
@@ -184,12 +190,14 @@ fn gdb_read(total: usize) -> Result<(f64, usize), String> {
 
 pub fn figures(repeat: usize, figures: &mut Vec<Figure>) -> Result<(), String> {
     const STEPS: u64 = 500;
-    let (mut raw, mut stub) = (vec![], vec![]);
+    let (mut raw, mut stub, mut floor) = (vec![], vec![], vec![]);
     for _ in 0..repeat {
         raw.push(raw_steps(STEPS)?);
-        stub.push(gdb_steps(STEPS)?);
+        let (g, f) = gdb_steps(STEPS)?;
+        stub.push(g);
+        floor.push(f);
     }
-    let (r, g) = (median(raw), median(stub));
+    let (r, g, f) = (median(raw), median(stub), median(floor));
     figures.push(Figure {
         name: "gdb stepi round trip, CPL0".into(),
         unit: "us/step",
@@ -199,6 +207,14 @@ pub fn figures(repeat: usize, figures: &mut Vec<Figure>) -> Result<(), String> {
         note: format!(
             "vCont;s + stop reply + g over loopback TCP, {STEPS} steps from the entry; baseline: KVM_GUESTDBG_SINGLESTEP exits in a bare KVM_RUN loop, same steps"
         ),
+    });
+    figures.push(Figure {
+        name: "gdb packet round trip (no vCPU work)".into(),
+        unit: "us/packet",
+        value: f,
+        baseline: None,
+        ratio: None,
+        note: "qC over loopback TCP: the floor under every gdb command here (a stepi is two such exchanges)".into(),
     });
     let mut mbs = vec![];
     let mut chunk = 0;

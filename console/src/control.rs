@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use kvm_bindings::{kvm_regs, kvm_sregs};
 use vmiscope_introspect::{Class, EventRecord, HookId};
 use vmiscope_vmm::{Event, ExitHandler, Reply, VcpuCtl, VcpuTask};
 
@@ -57,6 +58,28 @@ pub struct Stop {
     pub applied: bool,
 }
 
+/// The held vCPU's registers, taken when it stopped and again after every request
+/// it ran (a request may change them): reads while it is held need no round trip.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot {
+    pub vcpu: u32,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    /// Whether a single-step from here can work (`VcpuCtl::can_step`).
+    pub can_step: bool,
+}
+
+impl Snapshot {
+    fn take(cpu: &VcpuCtl<'_>) -> Self {
+        Snapshot {
+            vcpu: cpu.id(),
+            regs: cpu.regs(),
+            sregs: cpu.sregs(),
+            can_step: cpu.can_step(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     breaks: Vec<EventBreak>,
@@ -72,6 +95,10 @@ struct State {
     stops: u64,
     /// The newest stop, kept after the vCPU resumed (for watchers that poll).
     last: Option<Stop>,
+    /// The held vCPU's registers (see `Snapshot`).
+    snapshot: Option<Snapshot>,
+    /// Single-step the held vCPU when it resumes (gdb's `stepi`).
+    step_on_resume: bool,
 }
 
 /// Shared between the console thread and the vCPU threads.
@@ -128,6 +155,24 @@ impl Control {
 
     pub fn stop(&self) -> Option<Stop> {
         self.state.lock().unwrap().stop.clone()
+    }
+
+    /// The registers of `vcpu` if it is the one held at a stop.
+    pub fn snapshot(&self, vcpu: u32) -> Option<Snapshot> {
+        self.state
+            .lock()
+            .unwrap()
+            .snapshot
+            .filter(|sn| sn.vcpu == vcpu)
+    }
+
+    /// Single-steps the held vCPU `vcpu` when it next resumes, if it can step
+    /// from where it is. Returns None when `vcpu` is not the held one.
+    pub fn step_on_resume(&self, vcpu: u32) -> Option<bool> {
+        let mut s = self.state.lock().unwrap();
+        let sn = s.snapshot.filter(|sn| sn.vcpu == vcpu)?;
+        s.step_on_resume = sn.can_step;
+        Some(sn.can_step)
     }
 
     /// The newest stop, even if the vCPU has been resumed since.
@@ -193,22 +238,31 @@ impl Control {
         }
         s.last = Some(stop.clone());
         s.stop = Some(stop);
+        s.snapshot = Some(Snapshot::take(cpu));
+        s.step_on_resume = false;
         s.stops += 1;
         s.resume = None;
         self.cv.notify_all();
         loop {
             if let Some(task) = s.tasks.pop_front() {
+                s.snapshot = None;
                 drop(s);
                 task(cpu);
                 s = self.state.lock().unwrap();
+                s.snapshot = Some(Snapshot::take(cpu));
                 continue;
             }
             if let Some(over) = s.resume.take() {
+                if std::mem::take(&mut s.step_on_resume) {
+                    cpu.set_single_step(true);
+                }
                 s.stop = None;
+                s.snapshot = None;
                 return over;
             }
             if cpu.vm().is_stopping() {
                 s.stop = None;
+                s.snapshot = None;
                 return None;
             }
             s = self

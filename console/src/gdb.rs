@@ -370,7 +370,11 @@ impl Target for GdbTarget {
 impl MultiThreadBase for GdbTarget {
     fn read_registers(&mut self, regs: &mut VmiRegs, t: Tid) -> TargetResult<(), Self> {
         let cpu = t.get() as u32 - 1;
-        let Some((r, s)) = self.on_cpu(cpu, |c| (VcpuCtl::regs(c), VcpuCtl::sregs(c))) else {
+        // The held vCPU's registers were taken when it stopped: no round trip.
+        let held = self.s.control.snapshot(cpu).map(|sn| (sn.regs, sn.sregs));
+        let Some((r, s)) =
+            held.or_else(|| self.on_cpu(cpu, |c| (VcpuCtl::regs(c), VcpuCtl::sregs(c))))
+        else {
             return err("vCPU busy");
         };
         regs.core.regs = [
@@ -474,13 +478,18 @@ impl MultiThreadResume for GdbTarget {
         let cpus: Vec<u32> = actions.keys().copied().collect();
         for (cpu, action) in actions {
             if action == Resume::Step {
-                let stepping = self
-                    .on_cpu(cpu, |c| {
-                        let ok = c.can_step();
-                        c.set_single_step(ok);
-                        ok
-                    })
-                    .ok_or("vCPU did not answer")?;
+                // The held vCPU arms the step itself as it resumes; another one is
+                // asked on its thread.
+                let stepping = match self.s.control.step_on_resume(cpu) {
+                    Some(ok) => ok,
+                    None => self
+                        .on_cpu(cpu, |c| {
+                            let ok = c.can_step();
+                            c.set_single_step(ok);
+                            ok
+                        })
+                        .ok_or("vCPU did not answer")?,
+                };
                 if !stepping {
                     // Not fatal: the thread stops where it is and gdb sees no progress.
                     eprintln!(
