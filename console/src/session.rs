@@ -1049,7 +1049,9 @@ impl Session {
                     self.shared.pause_all();
                     self.shared.wait_paused(Duration::from_secs(3));
                 }
-                let got = self.with_guest(move |cpu| reg_by_name(&VcpuCtl::regs(cpu), &n));
+                let got = self.with_guest(move |cpu| {
+                    reg_by_name(&VcpuCtl::regs(cpu), &VcpuCtl::sregs(cpu), &n)
+                });
                 if pause {
                     self.shared.resume_all();
                 }
@@ -1245,8 +1247,28 @@ pub fn fmt_sregs(s: &kvm_bindings::kvm_sregs) -> String {
     )
 }
 
-pub fn reg_by_name(r: &kvm_bindings::kvm_regs, n: &str) -> Option<u64> {
+/// A general, segment or system register by name (`cpl` is CS's low bits).
+pub fn reg_by_name(
+    r: &kvm_bindings::kvm_regs,
+    s: &kvm_bindings::kvm_sregs,
+    n: &str,
+) -> Option<u64> {
     Some(match n {
+        "cs" => s.cs.selector as u64,
+        "ss" => s.ss.selector as u64,
+        "ds" => s.ds.selector as u64,
+        "es" => s.es.selector as u64,
+        "fs" => s.fs.selector as u64,
+        "gs" => s.gs.selector as u64,
+        "fs_base" => s.fs.base,
+        "gs_base" => s.gs.base,
+        "cr0" => s.cr0,
+        "cr2" => s.cr2,
+        "cr3" => s.cr3,
+        "cr4" => s.cr4,
+        "cr8" => s.cr8,
+        "efer" => s.efer,
+        "cpl" => (s.cs.selector & 3) as u64,
         "rax" => r.rax,
         "rbx" => r.rbx,
         "rcx" => r.rcx,
