@@ -163,6 +163,11 @@ fn registers_breakpoint_stepi_memory_threads_monitor() {
         p,
         &[
             "info registers rip cs fs_base gs_base cr0 cr3 cr4 efer",
+            // x87/SSE state comes from KVM (FXSAVE layout, full tag word) and back.
+            "print/x $fctrl",
+            "print/x $ftag",
+            "set $xmm3.v2_int64[0] = 0x1122334455667788",
+            "print/x $xmm3.v2_int64[0]",
             "break bp_target",
             "continue",
             "print $pc == bp_target",
@@ -193,15 +198,27 @@ fn registers_breakpoint_stepi_memory_threads_monitor() {
     ] {
         assert!(out.contains(r), "{r}: {out}");
     }
+    assert!(
+        out.contains("$1 = 0x37f"),
+        "x87 control word after reset: {out}"
+    );
+    assert!(
+        out.contains("$2 = 0xffff"),
+        "every x87 register empty: {out}"
+    );
+    assert!(
+        out.contains("$3 = 0x1122334455667788"),
+        "xmm3 written and read back: {out}"
+    );
     assert!(out.contains("Breakpoint 1, bp_target"), "{out}");
-    assert!(out.contains("$1 = 1"), "stopped at bp_target: {out}");
+    assert!(out.contains("$4 = 1"), "stopped at bp_target: {out}");
     assert!(
         out.contains("0x100a00 <bp_target>:\t0x48\t0x8d\t0x47\t0x01"),
         "gdb reads the original bytes: {out}"
     );
     // Two steps: lea (4 bytes) then ret back into main.
-    assert!(out.contains("$2 = 0x100a04"), "{out}");
-    assert!(out.contains("$3 = 0x100a29"), "{out}");
+    assert!(out.contains("$5 = 0x100a04"), "{out}");
+    assert!(out.contains("$6 = 0x100a29"), "{out}");
     assert!(out.contains("Thread 1.1"), "{out}");
     assert!(
         out.contains("added") && out.contains("console:0") && out.contains("hits"),
@@ -308,7 +325,7 @@ fn threads_interrupt_detach_and_kill() {
             "continue",
         ],
     );
-    assert!(out.contains("Thread 1.2"), "{out}");
+    assert!(out.contains("Thread 1.2 (vCPU 1, CPL0, paused)"), "{out}");
     assert!(out.contains("Switching to thread 2"), "{out}");
     assert!(
         out.contains("$1 = 0x1") && out.contains("$2 = 0x0"),

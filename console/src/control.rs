@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use vmiscope_introspect::{Class, EventRecord, HookId};
 use vmiscope_vmm::{Event, ExitHandler, Reply, VcpuCtl, VcpuTask};
 
@@ -65,6 +65,7 @@ pub struct Snapshot {
     pub vcpu: u32,
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
+    pub fpu: Option<kvm_fpu>,
     /// Whether a single-step from here can work (`VcpuCtl::can_step`).
     pub can_step: bool,
 }
@@ -75,6 +76,7 @@ impl Snapshot {
             vcpu: cpu.id(),
             regs: cpu.regs(),
             sregs: cpu.sregs(),
+            fpu: cpu.fpu(),
             can_step: cpu.can_step(),
         }
     }

@@ -371,12 +371,19 @@ impl MultiThreadBase for GdbTarget {
     fn read_registers(&mut self, regs: &mut VmiRegs, t: Tid) -> TargetResult<(), Self> {
         let cpu = t.get() as u32 - 1;
         // The held vCPU's registers were taken when it stopped: no round trip.
-        let held = self.s.control.snapshot(cpu).map(|sn| (sn.regs, sn.sregs));
-        let Some((r, s)) =
-            held.or_else(|| self.on_cpu(cpu, |c| (VcpuCtl::regs(c), VcpuCtl::sregs(c))))
+        let held = self
+            .s
+            .control
+            .snapshot(cpu)
+            .map(|sn| (sn.regs, sn.sregs, sn.fpu));
+        let Some((r, s, fpu)) =
+            held.or_else(|| self.on_cpu(cpu, |c| (VcpuCtl::regs(c), VcpuCtl::sregs(c), c.fpu())))
         else {
             return err("vCPU busy");
         };
+        if let Some(f) = fpu {
+            crate::gdb_fpu::to_gdb(&f, &mut regs.core);
+        }
         regs.core.regs = [
             r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11,
             r.r12, r.r13, r.r14, r.r15,
@@ -413,6 +420,13 @@ impl MultiThreadBase for GdbTarget {
             (s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer) =
                 (g.sys[0], g.sys[1], g.sys[2], g.sys[3], g.sys[4], g.sys[5]);
             c.set_sregs(&s);
+            // x87/SSE only when gdb changed them (one ioctl pair otherwise saved).
+            if let Some(old) = c.fpu() {
+                let new = crate::gdb_fpu::from_gdb(&g.core, old);
+                if new != old {
+                    let _ = c.set_fpu(&new);
+                }
+            }
         });
         done.ok_or(TargetError::NonFatal)
     }
@@ -469,6 +483,29 @@ impl MultiThreadBase for GdbTarget {
 
     fn support_resume(&mut self) -> Option<MultiThreadResumeOps<'_, Self>> {
         Some(self)
+    }
+
+    fn support_thread_extra_info(
+        &mut self,
+    ) -> Option<gdbstub::target::ext::thread_extra_info::ThreadExtraInfoOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl gdbstub::target::ext::thread_extra_info::ThreadExtraInfo for GdbTarget {
+    /// What `info threads` shows beside each thread: the vCPU, its privilege level
+    /// and why it is stopped.
+    fn thread_extra_info(&self, t: Tid, buf: &mut [u8]) -> Result<usize, String> {
+        let cpu = t.get() as u32 - 1;
+        let (_, cpl) = self.s.shared.last_position(cpu);
+        let why = match self.s.control.stop() {
+            Some(st) if st.vcpu == cpu => st.why,
+            _ => "paused".into(),
+        };
+        let text = format!("vCPU {cpu}, CPL{cpl}, {why}");
+        let n = text.len().min(buf.len());
+        buf[..n].copy_from_slice(&text.as_bytes()[..n]);
+        Ok(n)
     }
 }
 

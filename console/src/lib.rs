@@ -9,6 +9,7 @@ pub mod commands;
 pub mod control;
 pub mod gdb;
 pub mod gdb_conn;
+pub mod gdb_fpu;
 pub mod introspection;
 pub mod repl;
 pub mod script;

@@ -196,6 +196,18 @@ impl VcpuCtl<'_> {
         self.fd.set_xcrs(&x).map_err(VmError::ioctl("KVM_SET_XCRS"))
     }
 
+    /// x87, SSE and MXCSR state (one KVM_GET_FPU).
+    pub fn fpu(&self) -> Option<kvm_bindings::kvm_fpu> {
+        self.vm.count_ioctls(1);
+        self.fd.get_fpu().ok()
+    }
+
+    /// Replaces the x87/SSE state (one KVM_SET_FPU).
+    pub fn set_fpu(&mut self, fpu: &kvm_bindings::kvm_fpu) -> Result<(), VmError> {
+        self.vm.count_ioctls(1);
+        self.fd.set_fpu(fpu).map_err(VmError::ioctl("KVM_SET_FPU"))
+    }
+
     /// Reads an MSR (one KVM_GET_MSRS).
     pub fn msr(&self, index: u32) -> Option<u64> {
         self.vm.count_ioctls(1);
