@@ -619,3 +619,38 @@ fn hbreak_on_kernel_code_and_refused_on_user_code_on_pvm() {
         assert!(vout.contains("DR breakpoints fire at CPL0 only"), "{vout}");
     }
 }
+
+/// `monitor breakpoints visible`: plain INT3s (fast) that the guest can read; a
+/// bad argument is a one-line error and changes nothing.
+#[test]
+fn visible_breakpoints_on_request() {
+    if !kvm_available() || !gdb_available() {
+        return;
+    }
+    let p = port();
+    let child = vm("int3", p);
+    let out = gdb(
+        p,
+        &[
+            "monitor breakpoints sideways",
+            "monitor breakpoints visible",
+            "break bp_target",
+            "continue",
+            "continue",
+            "continue",
+            "continue",
+        ],
+    );
+    assert!(
+        out.contains("error: expected `breakpoints [visible|hidden]`"),
+        "{out}"
+    );
+    assert!(out.contains("inserted from now on: visible"), "{out}");
+    assert_eq!(out.matches("Breakpoint 1, bp_target").count(), 3, "{out}");
+    let (code, vout) = finish(child);
+    assert_eq!(code, Some(0));
+    assert!(
+        vout.contains("first byte of bp_target cc"),
+        "the guest sees the INT3 it was not hidden from: {vout}"
+    );
+}

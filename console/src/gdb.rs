@@ -211,6 +211,10 @@ pub struct GdbTarget {
     seen: u64,
     /// A step was refused: report a stop at once, without running.
     refused: bool,
+    /// `monitor breakpoints visible`: plain INT3s the guest can read, trading
+    /// stealth for speed (a hidden one read-traps its page, so every other
+    /// instruction on that page exits too).
+    visible_breakpoints: bool,
 }
 
 fn err<T>(_: impl std::fmt::Display) -> TargetResult<T, GdbTarget> {
@@ -243,6 +247,7 @@ impl GdbTarget {
             locked: false,
             seen,
             refused: false,
+            visible_breakpoints: false,
         }
     }
 
@@ -601,7 +606,7 @@ impl SwBreakpoint for GdbTarget {
         let Some((hook, brk)) = self.add_engine_hook(HookTarget::Breakpoint {
             gva: addr,
             gpa: 0,
-            hidden: true,
+            hidden: !self.visible_breakpoints,
         }) else {
             return Ok(false);
         };
@@ -708,9 +713,28 @@ impl HwWatchpoint for GdbTarget {
 }
 
 impl MonitorCmd for GdbTarget {
-    /// Any console command; `phys ADDR LEN` reads guest-physical memory.
+    /// Any console command; `phys ADDR LEN` reads guest-physical memory;
+    /// `breakpoints visible|hidden` chooses how `break` patches the guest.
     fn handle_monitor_cmd(&mut self, cmd: &[u8], mut out: ConsoleOutput<'_>) -> Result<(), String> {
         let line = String::from_utf8_lossy(cmd).to_string();
+        if let Some(how) = line.strip_prefix("breakpoints") {
+            match how.trim() {
+                "visible" => self.visible_breakpoints = true,
+                "hidden" => self.visible_breakpoints = false,
+                "" => {}
+                _ => {
+                    outputln!(out, "error: expected `breakpoints [visible|hidden]`");
+                    return Ok(());
+                }
+            }
+            let how = if self.visible_breakpoints {
+                "visible (plain INT3s the guest can read; fast)"
+            } else {
+                "hidden (the guest reads the original byte; other code on the page exits too)"
+            };
+            outputln!(out, "gdb breakpoints inserted from now on: {how}");
+            return Ok(());
+        }
         let line = match line.strip_prefix("phys ") {
             Some(rest) => format!("mem read {rest} phys"),
             None => line,
