@@ -277,7 +277,7 @@ fn software_breakpoints_hit_and_the_guests_own_int3_is_reinjected() {
         "int3",
         |vm| {
             vm.shared()
-                .insert_sw_breakpoint(vm.symbol("bp_target").unwrap())
+                .insert_sw_breakpoint(vm.symbol("bp_target").unwrap(), None)
                 .unwrap()
         },
         rec.clone(),

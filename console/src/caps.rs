@@ -250,7 +250,7 @@ pub fn measure() -> Result<Caps, String> {
         "int3",
         |vm| {
             vm.shared()
-                .insert_sw_breakpoint(vm.symbol("bp_target").unwrap())
+                .insert_sw_breakpoint(vm.symbol("bp_target").unwrap(), None)
                 .unwrap()
         },
         cont,

@@ -278,13 +278,13 @@ impl Engine {
             } => {
                 self.page_rights(guest, gpa, rights, delta)?;
             }
-            Target::Breakpoint { gpa, hidden, .. } => {
+            Target::Breakpoint { gpa, gva, hidden } => {
                 // A hidden breakpoint's page is read-trapped so guest reads of the
                 // INT3 return the original byte (AllowedPatched).
                 if hidden {
                     self.page_rights(guest, gpa, Rights::R, delta)?;
                 }
-                guest.set_breakpoint(gpa, delta > 0)?;
+                guest.set_breakpoint(gpa, gva, delta > 0)?;
                 if delta < 0 {
                     self.hidden.remove(&gpa);
                 }

@@ -53,6 +53,8 @@ pub trait Guest {
     /// Makes RDMSR and/or WRMSR of `index` exit (both false: stop).
     fn intercept_msr(&mut self, index: u32, read: bool, write: bool) -> Result<(), GlueError>;
     /// Plants / removes a breakpoint the VMM steps over (the engine hides it).
-    fn set_breakpoint(&mut self, gpa: u64, on: bool) -> Result<(), GlueError>;
+    /// `gva` is where the guest executes it (the VMM decides from it whether user
+    /// code can reach it, which costs more to catch on some hosts).
+    fn set_breakpoint(&mut self, gpa: u64, gva: u64, on: bool) -> Result<(), GlueError>;
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), GlueError>;
 }

@@ -181,7 +181,7 @@ impl Guest for MockGuest {
         self.calls.push(Call::InterceptMsr(index, read, write));
         Ok(())
     }
-    fn set_breakpoint(&mut self, gpa: u64, on: bool) -> Result<(), GlueError> {
+    fn set_breakpoint(&mut self, gpa: u64, _gva: u64, on: bool) -> Result<(), GlueError> {
         if on {
             self.breakpoints.insert(gpa);
         } else {

@@ -174,9 +174,11 @@ impl Guest for VcpuCtl<'_> {
         self.vm().intercept_msr(index, read, write).map_err(failed)
     }
 
-    fn set_breakpoint(&mut self, gpa: u64, on: bool) -> Result<(), GlueError> {
+    fn set_breakpoint(&mut self, gpa: u64, gva: u64, on: bool) -> Result<(), GlueError> {
         if on {
-            self.vm().insert_sw_breakpoint(gpa).map_err(failed)
+            self.vm()
+                .insert_sw_breakpoint(gpa, Some(gva))
+                .map_err(failed)
         } else {
             self.vm()
                 .remove_sw_breakpoint(gpa)

@@ -97,6 +97,9 @@ struct DebugState {
     catches: [Option<Catch>; 4],
     /// We set RFLAGS.TF for a CPL3 step and wait for the #DB catch.
     tf_step: bool,
+    /// Whether the #BP catch is needed, for (debug generation, CR3); cleared on
+    /// timer kicks so page-table edits without a CR3 load are seen too.
+    user_bps: Option<(u64, u64, bool)>,
 }
 
 /// What a step-over must put back once the stepped instruction has run.
@@ -449,7 +452,10 @@ impl VcpuThread {
         let mut catches = [None; 4];
         let sw_bps = !self.vm.sw_bps.lock().unwrap().is_empty();
         if !self.step.hw_suspended && !self.vm.host.single_step_at(3) {
-            for (catch, wanted) in [(Catch::Db, self.debug.tf_step), (Catch::Bp, sw_bps)] {
+            // A DR breakpoint costs every VM entry here (~5 us): catch #BP only
+            // while user code can reach one of our INT3s.
+            let bp_catch = sw_bps && self.user_breakpoints(generation);
+            for (catch, wanted) in [(Catch::Db, self.debug.tf_step), (Catch::Bp, bp_catch)] {
                 let free = slots.iter().rposition(Option::is_none);
                 if let (true, Some(i), Some(a)) = (wanted, free, self.catch_address(catch)) {
                     slots[i] = Some(a);
@@ -575,6 +581,7 @@ impl VcpuThread {
     }
 
     fn kicked(&mut self) -> Flow {
+        self.debug.user_bps = None;
         let rip = self.regs().rip;
         let quiet = self.exits_since_kick == 0;
         self.exits_since_kick = 0;
@@ -1088,6 +1095,20 @@ impl VcpuThread {
         } else {
             self.step.deferred.extend(restores);
         }
+    }
+
+    /// Whether CPL3 code can reach one of our breakpoints now (cached; see
+    /// `DebugState::user_bps`).
+    fn user_breakpoints(&mut self, generation: u64) -> bool {
+        let s = self.fd.sync_regs().sregs;
+        if let Some((g, cr3, v)) = self.debug.user_bps
+            && (g, cr3) == (generation, s.cr3)
+        {
+            return v;
+        }
+        let v = self.vm.user_breakpoints(VcpuCtl::mode_of(&s));
+        self.debug.user_bps = Some((generation, s.cr3, v));
+        v
     }
 
     /// Whether a step from the current instruction can end in a debug exit: KVM's

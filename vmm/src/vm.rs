@@ -100,6 +100,8 @@ pub struct VmShared {
     msrs: Mutex<MsrIntercepts>,
     /// Our software breakpoints: guest-physical address -> original byte.
     pub(crate) sw_bps: Mutex<HashMap<u64, u8>>,
+    /// Where each breakpoint is executed (guest-virtual), if the planter said.
+    pub(crate) sw_bp_gvas: Mutex<HashMap<u64, Option<u64>>>,
     /// Bumped when VM-wide debug state changes, so each vCPU re-applies it.
     pub(crate) debug_gen: AtomicU64,
     /// Hardware execute breakpoints (guest-virtual), the same on every vCPU.
@@ -252,12 +254,14 @@ impl VmShared {
         self.msrs.lock().unwrap().get(index)
     }
 
-    /// Plants a software breakpoint (INT3) at guest-physical `gpa`.
-    pub fn insert_sw_breakpoint(&self, gpa: u64) -> Result<(), VmError> {
+    /// Plants a software breakpoint (INT3) at guest-physical `gpa`, executed at
+    /// guest-virtual `gva` (None: unknown, so assumed reachable from user code).
+    pub fn insert_sw_breakpoint(&self, gpa: u64, gva: Option<u64>) -> Result<(), VmError> {
         let mut bps = self.sw_bps.lock().unwrap();
         if bps.contains_key(&gpa) {
             return Ok(());
         }
+        self.sw_bp_gvas.lock().unwrap().insert(gpa, gva);
         let mut b = [0u8];
         self.ram.read(gpa, &mut b)?;
         self.ram.write(gpa, &[0xcc])?;
@@ -271,6 +275,7 @@ impl VmShared {
         let Some(orig) = bps.remove(&gpa) else {
             return Ok(false);
         };
+        self.sw_bp_gvas.lock().unwrap().remove(&gpa);
         self.ram.write(gpa, &[orig])?;
         self.debug_gen.fetch_add(1, Ordering::SeqCst);
         Ok(true)
@@ -294,6 +299,20 @@ impl VmShared {
             .iter()
             .map(|(a, b)| (*a, *b))
             .collect()
+    }
+
+    /// Whether user code (CPL3) can reach one of our breakpoints under `mode`'s
+    /// page tables: one is on a user page, or was planted without its address.
+    pub(crate) fn user_breakpoints(&self, mode: vmiscope_introspect::paging::PagingMode) -> bool {
+        self.sw_bp_gvas
+            .lock()
+            .unwrap()
+            .values()
+            .any(|gva| match gva {
+                None => true,
+                Some(v) => vmiscope_introspect::paging::translate(&self.ram, mode, *v)
+                    .is_ok_and(|t| t.user),
+            })
     }
 
     /// The original byte under our breakpoint at `gpa`, if there is one.
@@ -539,6 +558,7 @@ impl Vm {
             devices: Mutex::new(devices),
             msrs: Mutex::new(MsrIntercepts::default()),
             sw_bps: Mutex::new(HashMap::new()),
+            sw_bp_gvas: Mutex::new(HashMap::new()),
             debug_gen: AtomicU64::new(0),
             hw_bps: Mutex::new([None; 4]),
             vcpus,
