@@ -8,6 +8,7 @@ pub mod cli;
 pub mod commands;
 pub mod control;
 pub mod gdb;
+pub mod gdb_arch;
 pub mod gdb_conn;
 pub mod gdb_fpu;
 pub mod introspection;

@@ -1,0 +1,375 @@
+//! The vCPU's debug machinery: KVM's guest-debug controls, software and hardware
+//! breakpoints, single-steps and step-overs, and (on PVM) the catches that make
+//! steps and INT3s work in user code (see `usertrap`).
+
+use kvm_bindings::{
+    KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
+    kvm_guest_debug,
+};
+use kvm_ioctls::SyncReg;
+use vmiscope_introspect::paging;
+
+use std::sync::atomic::Ordering;
+
+use super::{Flow, VcpuCtl, VcpuThread, inject};
+use crate::error::VmError;
+use crate::event::{Event, Reply};
+use crate::memory::PAGE_SIZE;
+use crate::slots::Access;
+use crate::stop::StopReason;
+use crate::usertrap::{self, Catch, Frame, RFLAGS_TF};
+
+/// Debug controls of one vCPU (KVM_SET_GUEST_DEBUG is issued only on change).
+#[derive(Debug, Default)]
+pub(super) struct DebugState {
+    pub(super) user_step: bool,
+    pub(super) applied: Option<(u32, [u64; 8])>,
+    pub(super) generation: u64,
+    /// Which hardware breakpoint slots watch a guest exception entry (see `usertrap`).
+    pub(super) catches: [Option<Catch>; 4],
+    /// We set RFLAGS.TF for a CPL3 step and wait for the #DB catch.
+    pub(super) tf_step: bool,
+    /// Whether the #BP catch is needed, for (debug generation, CR3); cleared on
+    /// timer kicks so page-table edits without a CR3 load are seen too.
+    pub(super) user_bps: Option<(u64, u64, bool)>,
+}
+
+/// What a step-over must put back once the stepped instruction has run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Restore {
+    Page { gpa: u64, access: Access },
+    SwBp { gpa: u64 },
+    HwBps,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct StepOver {
+    /// Restores waiting for the single-step exit.
+    pub(super) stepping: Vec<Restore>,
+    /// Restores for hosts that cannot step here (PVM at CPL3): applied at the next exit.
+    pub(super) deferred: Vec<Restore>,
+    pub(super) hw_suspended: bool,
+}
+
+impl VcpuThread {
+    /// Applies the guest-debug controls if they changed (one ioctl, only then).
+    pub(super) fn apply_debug(&mut self) -> Result<(), VmError> {
+        let generation = self.vm.debug_gen.load(Ordering::SeqCst);
+        let mut control = 0u32;
+        let mut regs = [0u64; 8];
+        let step = self.debug.user_step || !self.step.stepping.is_empty();
+        // KVM's single-step where it works; at CPL3 on PVM, TF and the #DB catch.
+        if step && !self.vm.host.single_step_at(self.cpl()) {
+            if !self.debug.tf_step {
+                self.set_regs(|r| r.rflags |= RFLAGS_TF);
+                self.debug.tf_step = true;
+            }
+        } else if !step && self.debug.tf_step {
+            // The step was called off before its #DB (another stop ended it).
+            self.set_regs(|r| r.rflags &= !RFLAGS_TF);
+            self.debug.tf_step = false;
+        } else if step {
+            control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+        }
+        let mut slots = *self.vm.hw_bps.lock().unwrap();
+        let mut catches = [None; 4];
+        let sw_bps = !self.vm.sw_bps.lock().unwrap().is_empty();
+        if !self.step.hw_suspended && !self.vm.host.single_step_at(3) {
+            // A DR breakpoint costs every VM entry here (~5 us): catch #BP only
+            // while user code can reach one of our INT3s.
+            let bp_catch = sw_bps && self.user_breakpoints(generation);
+            for (catch, wanted) in [(Catch::Db, self.debug.tf_step), (Catch::Bp, bp_catch)] {
+                let free = slots.iter().rposition(Option::is_none);
+                if let (true, Some(i), Some(a)) = (wanted, free, self.catch_address(catch)) {
+                    slots[i] = Some(a);
+                    catches[i] = Some(catch);
+                }
+            }
+        }
+        self.debug.catches = catches;
+        if !self.step.hw_suspended && slots.iter().any(Option::is_some) {
+            control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
+            regs[7] = 0x600; // GE and the always-one bit 10
+            for (i, a) in slots.iter().enumerate() {
+                if let Some(a) = a {
+                    regs[i] = *a;
+                    regs[7] |= 1 << (2 * i); // local enable, execute, length 1
+                }
+            }
+        }
+        // With KVM_GUESTDBG_USE_SW_BP a hardware-virtualised host reports every INT3
+        // as a debug exit; on PVM INT3 at CPL0 is an emulation failure anyway.
+        if sw_bps {
+            control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP;
+        }
+        if self.debug.applied == Some((control, regs)) && self.debug.generation == generation {
+            return Ok(());
+        }
+        self.vm.count_ioctls(1);
+        let mut dbg = kvm_guest_debug {
+            control,
+            ..Default::default()
+        };
+        dbg.arch.debugreg = regs;
+        self.fd
+            .set_guest_debug(&dbg)
+            .map_err(VmError::ioctl("KVM_SET_GUEST_DEBUG"))?;
+        self.debug.applied = Some((control, regs));
+        self.debug.generation = generation;
+        Ok(())
+    }
+
+    pub(super) fn debug_exit(&mut self, exception: u32, pc: u64, dr6: u64) -> Flow {
+        const DR6_BS: u64 = 1 << 14;
+        match exception {
+            1 if dr6 & DR6_BS != 0 || dr6 & 0xf == 0 => self.stepped(pc),
+            1 => {
+                let slot = (dr6 & 0xf).trailing_zeros() as usize;
+                if let Some(catch) = self.debug.catches.get(slot).copied().flatten() {
+                    return self.caught(catch);
+                }
+                match self.ask(&Event::HwBreakpoint {
+                    rip: pc,
+                    slot: slot as u8,
+                }) {
+                    Reply::Stop(m) => self.stop(StopReason::Handler(m)),
+                    Reply::Retry => Flow::Continue,
+                    _ => {
+                        self.let_guest_handler_run();
+                        Flow::Continue
+                    }
+                }
+            }
+            3 => self.breakpoint(pc),
+            _ => self.stop(StopReason::Error(format!(
+                "vCPU {}: debug exit for exception {exception}",
+                self.id
+            ))),
+        }
+    }
+
+    /// One instruction ran under a step (KVM's, or a TF step caught at #DB).
+    fn stepped(&mut self, pc: u64) -> Flow {
+        let ours = !self.step.stepping.is_empty();
+        if ours {
+            let r = std::mem::take(&mut self.step.stepping);
+            self.finish_restores(&r);
+        }
+        if (self.debug.user_step || !ours)
+            && let Reply::Stop(m) = self.ask(&Event::SingleStep { rip: pc })
+        {
+            return self.stop(StopReason::Handler(m));
+        }
+        Flow::Continue
+    }
+
+    /// Resuming on an execute breakpoint would fire it again: step over the
+    /// instruction with the hardware breakpoints (and catches) off.
+    fn let_guest_handler_run(&mut self) {
+        self.step.hw_suspended = true;
+        self.begin_step_over(vec![Restore::HwBps]);
+    }
+
+    /// A guest exception entry we watch was reached (see `usertrap`). If the
+    /// exception is ours (a TF step, or an INT3 at CPL3), pop its frame and go back
+    /// to user mode; otherwise it is the guest's own and its handler runs.
+    fn caught(&mut self, catch: Catch) -> Flow {
+        let s = self.fd.sync_regs().sregs;
+        let mode = VcpuCtl::mode_of(&s);
+        let frame = Frame::read(&self.vm, mode, self.regs().rsp).filter(Frame::came_from_user);
+        match (catch, frame) {
+            (Catch::Db, Some(f)) if self.debug.tf_step => {
+                self.debug.tf_step = false;
+                if !self.undo_frame(&f, f.rip, f.rflags & !RFLAGS_TF) {
+                    return self.stop(StopReason::Error("cannot return from #DB to CPL3".into()));
+                }
+                self.stepped(f.rip)
+            }
+            (Catch::Bp, Some(f)) => {
+                let rip = f.rip.wrapping_sub(1);
+                let ours = paging::translate(&self.vm.ram, mode, rip)
+                    .ok()
+                    .is_some_and(|t| self.vm.sw_breakpoint_at(t.gpa).is_some());
+                if ours {
+                    if !self.undo_frame(&f, rip, f.rflags) {
+                        return self
+                            .stop(StopReason::Error("cannot return from #BP to CPL3".into()));
+                    }
+                    return self.breakpoint(rip);
+                }
+                // The guest's own INT3: seen, then delivered as it already is.
+                let ev = Event::Breakpoint {
+                    rip,
+                    gpa: None,
+                    ours: false,
+                    cpl: 3,
+                };
+                if let Reply::Stop(m) = self.ask(&ev) {
+                    return self.stop(StopReason::Handler(m));
+                }
+                self.let_guest_handler_run();
+                Flow::Continue
+            }
+            _ => {
+                self.let_guest_handler_run();
+                Flow::Continue
+            }
+        }
+    }
+
+    /// Returns from an exception to CPL3 as IRETQ would, without running guest code.
+    fn undo_frame(&mut self, f: &Frame, rip: u64, rflags: u64) -> bool {
+        let mut s = self.fd.sync_regs().sregs;
+        let mode = VcpuCtl::mode_of(&s);
+        let seg = |sel: u64| usertrap::segment(&self.vm, mode, s.gdt.base, s.gdt.limit, sel as u16);
+        let (Some(cs), Some(ss)) = (seg(f.cs), seg(f.ss)) else {
+            return false;
+        };
+        (s.cs, s.ss) = (cs, ss);
+        self.fd.sync_regs_mut().sregs = s;
+        self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+        self.set_regs(|r| {
+            r.rip = rip;
+            r.rsp = f.rsp;
+            r.rflags = rflags;
+        });
+        true
+    }
+
+    pub(super) fn exec_fault(&mut self, gva: u64, gpa: u64, cpl: u8) -> Flow {
+        // A fetch at one of our breakpoints is that breakpoint.
+        if self.vm.sw_breakpoint_at(gpa).is_some() {
+            return self.breakpoint(gva);
+        }
+        match self.ask(&Event::ExecFault { gva, gpa, cpl }) {
+            Reply::Stop(m) => self.stop(StopReason::Handler(m)),
+            Reply::Retry => Flow::Continue,
+            _ => {
+                if let Err(e) = self.step_over_at(gpa) {
+                    return self.stop(StopReason::Error(e.to_string()));
+                }
+                Flow::Continue
+            }
+        }
+    }
+
+    pub(super) fn breakpoint(&mut self, rip: u64) -> Flow {
+        let mode = VcpuCtl::mode_of(&self.fd.sync_regs().sregs);
+        let gpa = paging::translate(&self.vm.ram, mode, rip)
+            .ok()
+            .map(|t| t.gpa);
+        let ours = gpa.and_then(|g| self.vm.sw_breakpoint_at(g)).is_some();
+        let cpl = self.cpl();
+        match self.ask(&Event::Breakpoint {
+            rip,
+            gpa,
+            ours,
+            cpl,
+        }) {
+            Reply::Stop(m) => self.stop(StopReason::Handler(m)),
+            Reply::Retry => Flow::Continue,
+            _ if ours => match self.step_over_at(gpa.expect("ours implies a translation")) {
+                Ok(()) => Flow::Continue,
+                Err(e) => self.stop(StopReason::Error(e.to_string())),
+            },
+            _ => {
+                // The guest's own INT3: deliver #BP with RIP after the INT3, as the CPU would.
+                self.set_regs(|r| r.rip = rip + 1);
+                self.vm.count_ioctls(2);
+                match inject(&self.fd, 3, None) {
+                    Ok(()) => Flow::Continue,
+                    Err(e) => self.stop(StopReason::Error(e.to_string())),
+                }
+            }
+        }
+    }
+
+    /// Steps over the instruction at `gpa`: opens its page if it is execute-trapped,
+    /// and puts the original bytes under our INT3s on that page back for the step
+    /// (so the instruction neither traps again nor reads an INT3); all of it is
+    /// undone after the step.
+    fn step_over_at(&mut self, gpa: u64) -> Result<(), VmError> {
+        let page = gpa & !(PAGE_SIZE - 1);
+        let access = self.vm.page_access(page);
+        let mut restores = Vec::new();
+        if access == Access::AllTrap {
+            self.vm.protect_page(page, Access::Full)?;
+            restores.push(Restore::Page { gpa: page, access });
+        }
+        let bps: Vec<(u64, u8)> = self
+            .vm
+            .sw_bps
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(g, _)| *g & !(PAGE_SIZE - 1) == page)
+            .map(|(g, b)| (*g, *b))
+            .collect();
+        for (g, orig) in bps {
+            self.vm.ram.write(g, &[orig])?;
+            restores.push(Restore::SwBp { gpa: g });
+        }
+        self.begin_step_over(restores);
+        Ok(())
+    }
+
+    /// Runs one instruction with `restores` pending: single-step where this host
+    /// can, else put things back at the next exit.
+    fn begin_step_over(&mut self, restores: Vec<Restore>) {
+        if self.can_step_here() {
+            self.step.stepping.extend(restores);
+        } else {
+            self.step.deferred.extend(restores);
+        }
+    }
+
+    /// Whether CPL3 code can reach one of our breakpoints now (cached; see
+    /// `DebugState::user_bps`).
+    fn user_breakpoints(&mut self, generation: u64) -> bool {
+        let s = self.fd.sync_regs().sregs;
+        if let Some((g, cr3, v)) = self.debug.user_bps
+            && (g, cr3) == (generation, s.cr3)
+        {
+            return v;
+        }
+        let v = self.vm.user_breakpoints(VcpuCtl::mode_of(&s));
+        self.debug.user_bps = Some((generation, s.cr3, v));
+        v
+    }
+
+    /// Whether a step from the current instruction can end in a debug exit: KVM's
+    /// single-step, or at CPL3 on PVM a TF step caught at the guest's #DB entry.
+    fn can_step_here(&self) -> bool {
+        self.vm.host.single_step_at(self.cpl()) || self.catch_address(Catch::Db).is_some()
+    }
+
+    /// The guest's entry point for `catch`, read from its IDT now.
+    fn catch_address(&self, catch: Catch) -> Option<u64> {
+        let s = self.fd.sync_regs().sregs;
+        usertrap::handler(
+            &self.vm,
+            VcpuCtl::mode_of(&s),
+            s.idt.base,
+            s.idt.limit,
+            catch,
+        )
+    }
+
+    pub(super) fn finish_restores(&mut self, restores: &[Restore]) {
+        for r in restores {
+            match *r {
+                Restore::Page { gpa, access } => {
+                    if let Err(e) = self.vm.protect_page(gpa, access) {
+                        self.vm.stop(StopReason::Error(e.to_string()));
+                    }
+                }
+                Restore::SwBp { gpa } => {
+                    if self.vm.sw_breakpoint_at(gpa).is_some() {
+                        let _ = self.vm.ram.write(gpa, &[0xcc]);
+                    }
+                }
+                Restore::HwBps => self.step.hw_suspended = false,
+            }
+        }
+    }
+}
