@@ -183,13 +183,7 @@ impl VcpuCtl<'_> {
 
     /// Reads an MSR (one KVM_GET_MSRS).
     pub fn msr(&self, index: u32) -> Option<u64> {
-        self.vm.count_ioctls(1);
-        let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-            index,
-            ..Default::default()
-        }])
-        .ok()?;
-        (self.fd.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)
+        get_msr(self.vm, self.fd, index)
     }
 
     /// Whether a single-step from here can work: KVM's where the host steps at this
@@ -249,6 +243,17 @@ pub(crate) fn read_virt(
         done += n;
     }
     Ok(())
+}
+
+/// One MSR through KVM_GET_MSRS.
+fn get_msr(vm: &VmShared, fd: &VcpuFd, index: u32) -> Option<u64> {
+    vm.count_ioctls(1);
+    let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index,
+        ..Default::default()
+    }])
+    .ok()?;
+    (fd.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)
 }
 
 fn inject(fd: &VcpuFd, vector: u8, error_code: Option<u32>) -> Result<(), VmError> {
@@ -688,13 +693,7 @@ impl VcpuThread {
     }
 
     fn get_msr(&self, index: u32) -> Option<u64> {
-        self.vm.count_ioctls(1);
-        let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-            index,
-            ..Default::default()
-        }])
-        .ok()?;
-        (self.fd.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)
+        get_msr(&self.vm, &self.fd, index)
     }
 
     /// KVM does not apply a write it handed to user space: the VMM must.
