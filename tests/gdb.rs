@@ -654,3 +654,31 @@ fn visible_breakpoints_on_request() {
         "the guest sees the INT3 it was not hidden from: {vout}"
     );
 }
+
+/// A stepped PUSHF at CPL3 must not leak the debugger's TF into the flags it pushes
+/// (on PVM the step is RFLAGS.TF caught at the guest's #DB entry).
+#[test]
+fn stepping_pushf_in_user_code_does_not_leak_tf() {
+    if !kvm_available() || !gdb_available() {
+        return;
+    }
+    let p = port();
+    let child = vm("step", p);
+    let out = gdb(
+        p,
+        &[
+            "break user_step_pushf",
+            "continue",
+            "x/1i $pc",
+            "stepi",
+            "stepi",
+            "delete",
+            "continue",
+        ],
+    );
+    assert!(out.contains("pushf"), "stopped at the PUSHF: {out}");
+    assert!(out.contains("exited normally"), "{out}");
+    let (code, vout) = finish(child);
+    assert_eq!(code, Some(0));
+    assert!(vout.contains("step: user pushf TF 0"), "{vout}");
+}

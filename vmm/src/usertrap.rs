@@ -65,6 +65,13 @@ pub(crate) fn handler(
     Some(lo | mid << 16 | hi << 32)
 }
 
+/// Whether `b` starts with PUSHF/PUSHFQ (operand-size and REX prefixes allowed).
+pub(crate) fn is_pushf(b: &[u8]) -> bool {
+    b.iter()
+        .find(|&&x| x != 0x66 && !(0x40..=0x4f).contains(&x))
+        .is_some_and(|&x| x == 0x9c)
+}
+
 /// The frame a 64-bit exception without an error code pushes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Frame {
@@ -143,6 +150,15 @@ fn decode_descriptor(d: [u8; 8], selector: u16) -> kvm_segment {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pushf_with_and_without_prefixes() {
+        assert!(is_pushf(&[0x9c, 0x58, 0, 0]));
+        assert!(is_pushf(&[0x66, 0x9c, 0, 0]));
+        assert!(is_pushf(&[0x48, 0x9c, 0, 0]));
+        assert!(!is_pushf(&[0x9d, 0, 0, 0]), "popf");
+        assert!(!is_pushf(&[0x50, 0x9c, 0, 0]), "push rax first");
+    }
 
     #[test]
     fn user_code_and_data_descriptors_decode_as_a_load_would() {

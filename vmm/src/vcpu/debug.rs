@@ -29,6 +29,8 @@ pub(super) struct DebugState {
     pub(super) catches: [Option<Catch>; 4],
     /// We set RFLAGS.TF for a CPL3 step and wait for the #DB catch.
     pub(super) tf_step: bool,
+    /// The stepped instruction is PUSHF: it will push our TF.
+    pub(super) tf_pushf: bool,
     /// Whether the #BP catch is needed, for (debug generation, CR3); cleared on
     /// timer kicks so page-table edits without a CR3 load are seen too.
     pub(super) user_bps: Option<(u64, u64, bool)>,
@@ -61,6 +63,7 @@ impl VcpuThread {
         // KVM's single-step where it works; at CPL3 on PVM, TF and the #DB catch.
         if step && !self.vm.host.single_step_at(self.cpl()) {
             if !self.debug.tf_step {
+                self.debug.tf_pushf = self.pushf_here();
                 self.set_regs(|r| r.rflags |= RFLAGS_TF);
                 self.debug.tf_step = true;
             }
@@ -183,6 +186,11 @@ impl VcpuThread {
                 if !self.undo_frame(&f, f.rip, f.rflags & !RFLAGS_TF) {
                     return self.stop(StopReason::Error("cannot return from #DB to CPL3".into()));
                 }
+                // A stepped PUSHF pushed our TF: take it out of the guest's copy,
+                // as the CPU would not have had it set.
+                if std::mem::take(&mut self.debug.tf_pushf) {
+                    self.clear_pushed_tf(f.rsp);
+                }
                 self.stepped(f.rip)
             }
             (Catch::Bp, Some(f)) => {
@@ -213,6 +221,25 @@ impl VcpuThread {
             _ => {
                 self.let_guest_handler_run();
                 Flow::Continue
+            }
+        }
+    }
+
+    /// Whether the instruction at RIP is PUSHF (prefixes allowed).
+    fn pushf_here(&self) -> bool {
+        let s = self.fd.sync_regs();
+        let mut b = [0u8; 4];
+        let mode = VcpuCtl::mode_of(&s.sregs);
+        super::read_virt(&self.vm, mode, s.regs.rip, &mut b).is_ok() && usertrap::is_pushf(&b)
+    }
+
+    /// Clears TF (bit 8: bit 0 of the second byte) in the flags image at `rsp`.
+    fn clear_pushed_tf(&mut self, rsp: u64) {
+        let mode = VcpuCtl::mode_of(&self.fd.sync_regs().sregs);
+        if let Ok(t) = paging::translate(&self.vm.ram, mode, rsp + 1) {
+            let mut b = [0u8];
+            if self.vm.ram.read(t.gpa, &mut b).is_ok() {
+                let _ = self.vm.ram.write(t.gpa, &[b[0] & !1]);
             }
         }
     }
