@@ -67,3 +67,29 @@ fn a_failing_expectation_fails_the_run_with_a_report() {
     assert!(err.contains(":3: unknown command `frobnicate`"), "{err}");
     let _ = std::fs::remove_file(&p);
 }
+
+/// `mem write` over one of our INT3s changes the byte the breakpoint will put
+/// back, and the INT3 stays; deleting the hook then leaves the written byte.
+#[test]
+fn a_memory_write_under_a_breakpoint_keeps_it_and_updates_the_original() {
+    if !kvm_available() {
+        return;
+    }
+    let p = std::env::temp_dir().join(format!("vmiscope-bpw-{}.vms", std::process::id()));
+    std::fs::write(
+        &p,
+        "hook bp rt_ncpus visible\n\
+         expect mem rt_ncpus = cc\n\
+         mem write rt_ncpus 05\n\
+         expect mem rt_ncpus = cc\n\
+         hook delete 1\n\
+         expect mem rt_ncpus = 05\n\
+         continue\n\
+         expect exit 0\n",
+    )
+    .unwrap();
+    let (code, out, _) = vmiscope(&["run", "hello", "--script", p.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&p);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("4 held, 0 failed"), "{out}");
+}

@@ -325,8 +325,7 @@ impl MultiThreadBase for GdbTarget {
             if self
                 .s
                 .shared
-                .ram
-                .write(gpa, &data[done..done + n as usize])
+                .write_around_breakpoints(gpa, &data[done..done + n as usize])
                 .is_err()
             {
                 return err("outside RAM");

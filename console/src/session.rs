@@ -466,11 +466,23 @@ impl Session {
                 Output::text(hexdump(addr, &buf))
             }
             C::MemWrite { addr, bytes, phys } => {
-                let gpa = if phys { addr } else { self.translate(addr)? };
-                self.shared
-                    .ram
-                    .write(gpa, &bytes)
-                    .map_err(|e| e.to_string())?;
+                // Page by page: consecutive virtual pages need not be consecutive
+                // in guest-physical memory. Checked before any byte is written.
+                let pieces: Vec<(u64, u64)> = if phys {
+                    vec![(addr, bytes.len() as u64)]
+                } else {
+                    vmiscope_introspect::decode::split_pages(addr, bytes.len() as u64)
+                        .into_iter()
+                        .map(|(va, n)| self.translate(va).map(|gpa| (gpa, n)))
+                        .collect::<Result<_, _>>()?
+                };
+                let mut done = 0;
+                for (gpa, n) in pieces {
+                    self.shared
+                        .write_around_breakpoints(gpa, &bytes[done..done + n as usize])
+                        .map_err(|e| e.to_string())?;
+                    done += n as usize;
+                }
                 Output::text(format!("wrote {} bytes at {addr:#x}", bytes.len()))
             }
             C::Disasm { addr, count } => Output::text(self.disasm(addr, count)?),

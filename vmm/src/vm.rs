@@ -281,6 +281,21 @@ impl VmShared {
         Ok(true)
     }
 
+    /// Writes guest-physical memory for a debugger or the console. Bytes under our
+    /// INT3s become those breakpoints' original bytes (restored when they go) and
+    /// the INT3s stay, so an edit neither loses a breakpoint nor leaves a stale
+    /// byte to be put back later.
+    pub fn write_around_breakpoints(&self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
+        let mut bps = self.sw_bps.lock().unwrap();
+        self.ram.write(gpa, data)?;
+        let end = gpa + data.len() as u64;
+        for (bp, orig) in bps.iter_mut().filter(|(bp, _)| (gpa..end).contains(*bp)) {
+            *orig = data[(*bp - gpa) as usize];
+            self.ram.write(*bp, &[0xcc])?;
+        }
+        Ok(())
+    }
+
     /// Sets hardware execute breakpoint `slot` (0..4) at a guest-virtual address on
     /// every vCPU. On a PVM host these fire for CPL0 code only.
     pub fn set_hw_breakpoint(&self, slot: usize, addr: Option<u64>) {
