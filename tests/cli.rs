@@ -160,6 +160,7 @@ fn bench_json_has_every_figure_with_its_baseline() {
         "hooked, allowed, emulated write, CPL0",
         "events/s with the TUI attached",
         "gdb stepi round trip, CPL0",
+        "gdb stepi round trip, CPL3",
     ] {
         let f = figs
             .iter()

@@ -242,7 +242,7 @@ fn engine_run(mode: u64, n: u64, vcpus: u32, setup: OnReady) -> Result<EngineRun
     })
 }
 
-fn spin_sym(name: &str) -> Result<u64, String> {
+pub(crate) fn spin_sym(name: &str) -> Result<u64, String> {
     let img = vmiscope_images::find("spin").ok_or("missing image")?;
     vmiscope_vmm::Symbols::parse(img.elf)
         .get(name)

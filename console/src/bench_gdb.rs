@@ -15,6 +15,8 @@ use crate::session::Session;
 
 /// The `spin` image in its CPL0 `out` loop: the same stream for both step loops.
 const SPIN_CPL0_OUT: u64 = 2;
+/// The `spin` image's CPL3 compute loop.
+const SPIN_CPL3_LOOP: u64 = 4;
 
 /// Microseconds per KVM single-step exit in a bare KVM_RUN loop, over `n` steps
 /// from the image's entry.
@@ -156,6 +158,47 @@ fn gdb_steps(n: u64) -> Result<(f64, f64), String> {
     Ok((us, floor))
 }
 
+/// Microseconds per `stepi` (vCont;s + g) in the CPL3 compute loop: on PVM each
+/// step is RFLAGS.TF caught at the guest's #DB entry (see vmm's usertrap).
+fn gdb_user_steps(n: u64) -> Result<f64, String> {
+    let (mut rsp, server, mut s) = stub()?;
+    for cmd in [
+        format!("mem write spin_mode {SPIN_CPL3_LOOP:02x} 00 00 00 00 00 00 00"),
+        "mem write spin_count 00 00 00 40 00 00 00 00".into(),
+    ] {
+        s.exec(&cmd)?;
+    }
+    let at = crate::bench::spin_sym("user_spin")?;
+    for cmd in [
+        format!("Z0,{at:x},1"),
+        "vCont;c:1".into(),
+        format!("z0,{at:x},1"),
+    ] {
+        let r = rsp.ask(&cmd)?;
+        if r.starts_with('E') {
+            return Err(format!("{cmd} answered {r}"));
+        }
+    }
+    let start = Instant::now();
+    for _ in 0..n {
+        let stop = rsp.ask("vCont;s:1")?;
+        let regs = rsp.ask("g")?;
+        if !stop.starts_with('T') || regs.starts_with('E') {
+            return Err(format!("user stepi answered {stop} / {regs:.8}"));
+        }
+        // CS follows 16 GPRs, RIP and EFLAGS (140 bytes, 280 hex digits).
+        if regs.get(280..282) != Some("23") {
+            return Err(format!(
+                "a user stepi left CPL3: cs {:?}",
+                regs.get(280..288)
+            ));
+        }
+    }
+    let us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+    end(rsp, server, s);
+    Ok(us)
+}
+
 /// MB/s for reading `total` bytes of guest memory with `m` packets of the size
 /// the stub offers (what gdb does for a large `x/`).
 fn gdb_read(total: usize) -> Result<(f64, usize), String> {
@@ -206,6 +249,20 @@ pub fn figures(repeat: usize, figures: &mut Vec<Figure>) -> Result<(), String> {
         ratio: Some(g / r),
         note: format!(
             "vCont;s + stop reply + g over loopback TCP, {STEPS} steps from the entry; baseline: KVM_GUESTDBG_SINGLESTEP exits in a bare KVM_RUN loop, same steps"
+        ),
+    });
+    let user: Vec<f64> = (0..repeat)
+        .map(|_| gdb_user_steps(STEPS))
+        .collect::<Result<_, _>>()?;
+    let u = median(user);
+    figures.push(Figure {
+        name: "gdb stepi round trip, CPL3".into(),
+        unit: "us/step",
+        value: u,
+        baseline: Some(r),
+        ratio: Some(u / r),
+        note: format!(
+            "{STEPS} steps in a user-mode loop; on PVM RFLAGS.TF caught at the guest's #DB entry (KVM cannot step CPL3 here); baseline: the CPL0 KVM single-step exit above"
         ),
     });
     figures.push(Figure {
