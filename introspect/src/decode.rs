@@ -77,6 +77,12 @@ pub fn decode_at(guest: &dyn Guest, rip: u64) -> Result<Decoded, DecodeError> {
     decode_bytes(&bytes, rip, &guest.regs(), &s)
 }
 
+/// Builds iced-x86's formatter tables (lazily made on first use, about a
+/// millisecond) so the first handled event is not that much slower than the rest.
+pub fn warm_up() {
+    let _ = decode_bytes(&[0x90], 0, &Regs::default(), &SRegs::default());
+}
+
 /// Decodes `bytes` as the instruction at `rip` and computes its accesses with `regs`.
 pub fn decode_bytes(
     bytes: &[u8],

@@ -135,6 +135,7 @@ impl Default for Engine {
 impl Engine {
     /// `init`: an engine with no hooks; every event class starts off.
     pub fn new() -> Self {
+        crate::decode::warm_up();
         Engine {
             hooks: Hooks::default(),
             page_counts: HashMap::new(),
