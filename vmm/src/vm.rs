@@ -306,6 +306,12 @@ impl VmShared {
         }
     }
 
+    /// Whether a debug-register slot is left for the #DB catch of a CPL3 step
+    /// (`hbreak`s may have taken all four).
+    pub(crate) fn dr_slot_free(&self) -> bool {
+        self.hw_bps.lock().unwrap().iter().any(Option::is_none)
+    }
+
     /// Every software breakpoint: (guest-physical address, original byte).
     pub fn sw_breakpoints(&self) -> Vec<(u64, u8)> {
         self.sw_bps

@@ -367,7 +367,8 @@ impl VcpuThread {
     /// Whether a step from the current instruction can end in a debug exit: KVM's
     /// single-step, or at CPL3 on PVM a TF step caught at the guest's #DB entry.
     fn can_step_here(&self) -> bool {
-        self.vm.host.single_step_at(self.cpl()) || self.catch_address(Catch::Db).is_some()
+        self.vm.host.single_step_at(self.cpl())
+            || (self.vm.dr_slot_free() && self.catch_address(Catch::Db).is_some())
     }
 
     /// The guest's entry point for `catch`, read from its IDT now.

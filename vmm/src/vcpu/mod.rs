@@ -188,18 +188,14 @@ impl VcpuCtl<'_> {
 
     /// Whether a single-step from here can work: KVM's where the host steps at this
     /// CPL, else (CPL3 on PVM) RFLAGS.TF caught at the guest's #DB entry, which needs
-    /// a present #DB gate in the guest's IDT.
+    /// a present #DB gate in the guest's IDT and a free debug-register slot.
     pub fn can_step(&self) -> bool {
         let s = self.sregs();
-        self.vm.host.single_step_at(cpl_of(&s))
-            || usertrap::handler(
-                self.vm,
-                Self::mode_of(&s),
-                s.idt.base,
-                s.idt.limit,
-                Catch::Db,
-            )
-            .is_some()
+        let db_entry = || {
+            let mode = Self::mode_of(&s);
+            usertrap::handler(self.vm, mode, s.idt.base, s.idt.limit, Catch::Db).is_some()
+        };
+        self.vm.host.single_step_at(cpl_of(&s)) || (self.vm.dr_slot_free() && db_entry())
     }
 
     /// Single-steps this vCPU from now on (each step is a `SingleStep` event).
