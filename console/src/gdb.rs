@@ -389,7 +389,7 @@ impl MultiThreadResume for GdbTarget {
                 if !stepping {
                     // Not fatal: the thread stops where it is and gdb sees no progress.
                     eprintln!(
-                        "[vmiscope] gdb: vCPU {cpu} cannot single-step here (no #DB gate in the guest's IDT; see `vmiscope caps`)"
+                        "[vmiscope] gdb: vCPU {cpu} cannot single-step here (CPL3 needs a #DB gate in the guest's IDT and a free DR slot; see `vmiscope caps`)"
                     );
                     self.refused = true;
                     return Ok(());

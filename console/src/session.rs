@@ -690,7 +690,7 @@ impl Session {
         })?;
         if !ok {
             return Err(
-                "cannot single-step here: CPL3 on this host and no #DB gate in the guest's IDT (see `caps`)"
+                "cannot single-step here: at CPL3 this host needs a #DB gate in the guest's IDT and a free DR slot (see `caps`)"
                     .into(),
             );
         }
