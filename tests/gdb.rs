@@ -617,6 +617,25 @@ fn hbreak_on_kernel_code_and_refused_on_user_code_on_pvm() {
     assert_eq!(code, Some(0));
     if vmiscope_vmm::HostKind::detect() == vmiscope_vmm::HostKind::Pvm {
         assert!(vout.contains("DR breakpoints fire at CPL0 only"), "{vout}");
+        // Two DR slots stay free for the user-mode catches: a third hbreak is refused.
+        let p = port();
+        let child = vm("int3", p);
+        let out = gdb(
+            p,
+            &[
+                "hbreak bp_target",
+                "hbreak main",
+                "hbreak kprintf",
+                "continue",
+                "delete",
+                "continue",
+            ],
+        );
+        assert!(out.contains("Cannot insert hardware breakpoint"), "{out}");
+        assert!(out.contains("exited normally"), "{out}");
+        let (code, vout) = finish(child);
+        assert_eq!(code, Some(0));
+        assert!(vout.contains("all 2 DR slots in use"), "{vout}");
     }
 }
 

@@ -496,7 +496,15 @@ impl HwBreakpoint for GdbTarget {
             );
             return Ok(false);
         }
-        let Some(slot) = self.hw.iter().position(Option::is_none) else {
+        // On PVM two of the four DR slots stay free for the #DB/#BP catches that
+        // make steps and breakpoints work in user code.
+        let usable = if self.s.shared.host.single_step_at(3) {
+            4
+        } else {
+            2
+        };
+        let Some(slot) = self.hw[..usable].iter().position(Option::is_none) else {
+            eprintln!("[vmiscope] gdb: hbreak {addr:#x} refused: all {usable} DR slots in use");
             return Ok(false);
         };
         self.hw[slot] = Some(addr);
