@@ -27,10 +27,12 @@ fn gdb_available() -> bool {
 
 static PORT: AtomicU16 = AtomicU16::new(0);
 
+/// A port per stub, below Linux's ephemeral range (32768+), where a client socket
+/// (gdb's own, say) could already hold the number.
 fn port() -> u16 {
     PORT.compare_exchange(
         0,
-        20000 + (std::process::id() % 20000) as u16,
+        20000 + (std::process::id() % 10000) as u16,
         Ordering::SeqCst,
         Ordering::SeqCst,
     )

@@ -784,7 +784,8 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::ui::Mode>) -> 
         .ok()
         .and_then(|(img, _)| exec_file_for(&a.image, &img));
     eprintln!(
-        "[vmiscope] gdb: the guest waits at its entry; connect with `gdb -ex 'target remote {addr}'`"
+        "[vmiscope] gdb: the guest waits at its entry; connect with `gdb -ex 'target remote {}'`",
+        listener.local_addr().map(|a| a.to_string()).unwrap_or(addr)
     );
     let g = s.attach();
     let server = std::thread::spawn(move || serve(listener, g, exec));
