@@ -47,7 +47,7 @@ fn vm(image: &str, port: u16) -> Child {
 
 /// `vmiscope run IMAGE ARGS… --gdb PORT` (stdin piped), waiting until it listens.
 fn vm_with(image: &str, port: u16, args: &[&str]) -> Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_vmiscope"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmiscope"))
         .args(["run", image])
         .args(args)
         .args(["--gdb", &port.to_string()])
@@ -58,9 +58,13 @@ fn vm_with(image: &str, port: u16, args: &[&str]) -> Child {
         .unwrap();
     let t = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if child.try_wait().unwrap().is_some() {
+            let (code, out) = finish(child);
+            panic!("vmiscope ended ({code:?}) before listening on {port}: {out}");
+        }
         assert!(
             t.elapsed() < Duration::from_secs(10),
-            "the stub never listened"
+            "the stub never listened on {port}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
