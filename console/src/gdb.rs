@@ -379,11 +379,7 @@ impl MultiThreadResume for GdbTarget {
                 let stepping = match self.s.control.step_on_resume(cpu) {
                     Some(ok) => ok,
                     None => self
-                        .on_cpu(cpu, |c| {
-                            let ok = c.can_step();
-                            c.set_single_step(ok);
-                            ok
-                        })
+                        .on_cpu(cpu, |c| c.start_step())
                         .ok_or("vCPU did not answer")?,
                 };
                 if !stepping {

@@ -683,11 +683,7 @@ impl Session {
 
     fn step(&mut self) -> Result<Output, String> {
         let n = self.control.stop_count();
-        let ok = self.with_guest(|cpu| {
-            let ok = cpu.can_step();
-            cpu.set_single_step(ok);
-            ok
-        })?;
+        let ok = self.with_guest(|cpu| cpu.start_step())?;
         if !ok {
             return Err(
                 "cannot single-step here: at CPL3 this host needs a #DB gate in the guest's IDT and a free DR slot (see `caps`)"

@@ -12,7 +12,7 @@
 //! What the guest could notice: the frame bytes written below its kernel stack
 //! (or IST stack), and DR6.BS after a step. Nothing else of its state changes.
 
-use kvm_bindings::kvm_segment;
+use kvm_bindings::{kvm_segment, kvm_sregs};
 use vmiscope_introspect::paging::PagingMode;
 
 use crate::vcpu::read_virt;
@@ -39,21 +39,19 @@ impl Catch {
     }
 }
 
-/// The entry point of the guest's handler for `catch`, if its IDT gate is a
-/// present 64-bit interrupt or trap gate that we can read.
-pub(crate) fn handler(
-    vm: &VmShared,
-    mode: PagingMode,
-    idt_base: u64,
-    idt_limit: u16,
-    catch: Catch,
-) -> Option<u64> {
+fn mode(s: &kvm_sregs) -> PagingMode {
+    PagingMode::from_regs(s.cr0, s.cr3, s.cr4, s.efer)
+}
+
+/// The entry point of the guest's handler for `catch` under the vCPU's `s`, if its
+/// IDT gate is a present 64-bit interrupt or trap gate that we can read.
+pub(crate) fn entry(vm: &VmShared, s: &kvm_sregs, catch: Catch) -> Option<u64> {
     let off = catch.vector() * 16;
-    if off + 15 > idt_limit as u64 {
+    if off + 15 > s.idt.limit as u64 {
         return None;
     }
     let mut g = [0u8; 16];
-    read_virt(vm, mode, idt_base.wrapping_add(off), &mut g).ok()?;
+    read_virt(vm, mode(s), s.idt.base.wrapping_add(off), &mut g).ok()?;
     let present = g[5] & 0x80 != 0;
     let gate = g[5] & 0xf;
     if !present || !(gate == 0xe || gate == 0xf) {
@@ -63,6 +61,49 @@ pub(crate) fn handler(
     let mid = u16::from_le_bytes([g[6], g[7]]) as u64;
     let hi = u32::from_le_bytes([g[8], g[9], g[10], g[11]]) as u64;
     Some(lo | mid << 16 | hi << 32)
+}
+
+/// Whether a single-step from the state `s` can end in a debug exit: KVM's where
+/// the host steps at this CPL, else (CPL3 on PVM) RFLAGS.TF caught at the guest's
+/// #DB entry, which needs a present #DB gate and a free debug-register slot.
+pub(crate) fn can_step(vm: &VmShared, s: &kvm_sregs) -> bool {
+    vm.host.single_step_at(crate::vcpu::cpl_of(s))
+        || (vm.dr_slot_free() && entry(vm, s, Catch::Db).is_some())
+}
+
+/// What the catches need, worked out once per (debug generation, CR3, IDT) and
+/// after each timer kick, not on every VM entry: reading the gates walks the
+/// guest's page tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Plan {
+    key: (u64, u64, u64, u16),
+    /// One of our breakpoints is reachable from user code (see
+    /// `VmShared::user_breakpoints`): the #BP catch is worth its cost.
+    pub user_bps: bool,
+    pub db: Option<u64>,
+    pub bp: Option<u64>,
+}
+
+impl Plan {
+    /// The plan for `s` at debug generation `generation`, reusing `old` if it
+    /// still holds.
+    pub(crate) fn for_state(
+        vm: &VmShared,
+        s: &kvm_sregs,
+        generation: u64,
+        old: Option<Plan>,
+    ) -> Plan {
+        let key = (generation, s.cr3, s.idt.base, s.idt.limit);
+        if let Some(p) = old.filter(|p| p.key == key) {
+            return p;
+        }
+        Plan {
+            key,
+            user_bps: vm.user_breakpoints(mode(s)),
+            db: entry(vm, s, Catch::Db),
+            bp: entry(vm, s, Catch::Bp),
+        }
+    }
 }
 
 /// Whether `b` starts with PUSHF/PUSHFQ (operand-size and REX prefixes allowed).
@@ -102,20 +143,14 @@ impl Frame {
     }
 }
 
-/// The segment register a load of `selector` gives, from the guest's GDT.
-pub(crate) fn segment(
-    vm: &VmShared,
-    mode: PagingMode,
-    gdt_base: u64,
-    gdt_limit: u16,
-    selector: u16,
-) -> Option<kvm_segment> {
+/// The segment register a load of `selector` gives, from the guest's GDT in `s`.
+pub(crate) fn segment(vm: &VmShared, s: &kvm_sregs, selector: u16) -> Option<kvm_segment> {
     let off = (selector as u64 & !7) as u16;
-    if selector & 4 != 0 || off == 0 || off as u64 + 7 > gdt_limit as u64 {
+    if selector & 4 != 0 || off == 0 || off as u64 + 7 > s.gdt.limit as u64 {
         return None; // LDT selectors and null selectors are not for CS/SS in user mode
     }
     let mut d = [0u8; 8];
-    read_virt(vm, mode, gdt_base.wrapping_add(off as u64), &mut d).ok()?;
+    read_virt(vm, mode(s), s.gdt.base.wrapping_add(off as u64), &mut d).ok()?;
     Some(decode_descriptor(d, selector))
 }
 

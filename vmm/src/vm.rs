@@ -89,6 +89,16 @@ pub const STATE_PAUSED: u8 = 1;
 pub const STATE_STOPPED: u8 = 2;
 
 /// What all vCPU threads share; handlers reach it through `VcpuCtl::vm()`.
+/// One of our software breakpoints.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SwBp {
+    /// The guest's byte under the INT3.
+    pub(crate) orig: u8,
+    /// Where the guest executes it, if the planter said (None: assume user code
+    /// can reach it).
+    pub(crate) gva: Option<u64>,
+}
+
 pub struct VmShared {
     pub ram: GuestRam,
     pub(crate) vm_fd: VmFd,
@@ -98,10 +108,8 @@ pub struct VmShared {
     pub(crate) devices: Mutex<Devices>,
     slots: Mutex<SlotMap>,
     msrs: Mutex<MsrIntercepts>,
-    /// Our software breakpoints: guest-physical address -> original byte.
-    pub(crate) sw_bps: Mutex<HashMap<u64, u8>>,
-    /// Where each breakpoint is executed (guest-virtual), if the planter said.
-    pub(crate) sw_bp_gvas: Mutex<HashMap<u64, Option<u64>>>,
+    /// Our software breakpoints, by guest-physical address.
+    pub(crate) sw_bps: Mutex<HashMap<u64, SwBp>>,
     /// Bumped when VM-wide debug state changes, so each vCPU re-applies it.
     pub(crate) debug_gen: AtomicU64,
     /// Hardware execute breakpoints (guest-virtual), the same on every vCPU.
@@ -261,22 +269,20 @@ impl VmShared {
         if bps.contains_key(&gpa) {
             return Ok(());
         }
-        self.sw_bp_gvas.lock().unwrap().insert(gpa, gva);
         let mut b = [0u8];
         self.ram.read(gpa, &mut b)?;
         self.ram.write(gpa, &[0xcc])?;
-        bps.insert(gpa, b[0]);
+        bps.insert(gpa, SwBp { orig: b[0], gva });
         self.debug_gen.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
     pub fn remove_sw_breakpoint(&self, gpa: u64) -> Result<bool, VmError> {
         let mut bps = self.sw_bps.lock().unwrap();
-        let Some(orig) = bps.remove(&gpa) else {
+        let Some(bp) = bps.remove(&gpa) else {
             return Ok(false);
         };
-        self.sw_bp_gvas.lock().unwrap().remove(&gpa);
-        self.ram.write(gpa, &[orig])?;
+        self.ram.write(gpa, &[bp.orig])?;
         self.debug_gen.fetch_add(1, Ordering::SeqCst);
         Ok(true)
     }
@@ -289,9 +295,9 @@ impl VmShared {
         let mut bps = self.sw_bps.lock().unwrap();
         self.ram.write(gpa, data)?;
         let end = gpa + data.len() as u64;
-        for (bp, orig) in bps.iter_mut().filter(|(bp, _)| (gpa..end).contains(*bp)) {
-            *orig = data[(*bp - gpa) as usize];
-            self.ram.write(*bp, &[0xcc])?;
+        for (at, bp) in bps.iter_mut().filter(|(at, _)| (gpa..end).contains(*at)) {
+            bp.orig = data[(*at - gpa) as usize];
+            self.ram.write(*at, &[0xcc])?;
         }
         Ok(())
     }
@@ -318,27 +324,24 @@ impl VmShared {
             .lock()
             .unwrap()
             .iter()
-            .map(|(a, b)| (*a, *b))
+            .map(|(at, bp)| (*at, bp.orig))
             .collect()
     }
 
     /// Whether user code (CPL3) can reach one of our breakpoints under `mode`'s
     /// page tables: one is on a user page, or was planted without its address.
     pub(crate) fn user_breakpoints(&self, mode: vmiscope_introspect::paging::PagingMode) -> bool {
-        self.sw_bp_gvas
-            .lock()
-            .unwrap()
-            .values()
-            .any(|gva| match gva {
-                None => true,
-                Some(v) => vmiscope_introspect::paging::translate(&self.ram, mode, *v)
-                    .is_ok_and(|t| t.user),
-            })
+        self.sw_bps.lock().unwrap().values().any(|bp| match bp.gva {
+            None => true,
+            Some(v) => {
+                vmiscope_introspect::paging::translate(&self.ram, mode, v).is_ok_and(|t| t.user)
+            }
+        })
     }
 
     /// The original byte under our breakpoint at `gpa`, if there is one.
     pub fn sw_breakpoint_at(&self, gpa: u64) -> Option<u8> {
-        self.sw_bps.lock().unwrap().get(&gpa).copied()
+        self.sw_bps.lock().unwrap().get(&gpa).map(|bp| bp.orig)
     }
 
     /// Why the run ended (or is ending), once it is.
@@ -579,7 +582,6 @@ impl Vm {
             devices: Mutex::new(devices),
             msrs: Mutex::new(MsrIntercepts::default()),
             sw_bps: Mutex::new(HashMap::new()),
-            sw_bp_gvas: Mutex::new(HashMap::new()),
             debug_gen: AtomicU64::new(0),
             hw_bps: Mutex::new([None; 4]),
             vcpus,

@@ -17,7 +17,7 @@ use crate::event::{Event, Reply};
 use crate::memory::PAGE_SIZE;
 use crate::slots::Access;
 use crate::stop::StopReason;
-use crate::usertrap::{self, Catch, Frame, RFLAGS_TF};
+use crate::usertrap::{self, Catch, Frame, Plan, RFLAGS_TF};
 
 /// Debug controls of one vCPU (KVM_SET_GUEST_DEBUG is issued only on change).
 #[derive(Debug, Default)]
@@ -31,9 +31,9 @@ pub(super) struct DebugState {
     pub(super) tf_step: bool,
     /// The stepped instruction is PUSHF: it will push our TF.
     pub(super) tf_pushf: bool,
-    /// Whether the #BP catch is needed, for (debug generation, CR3); cleared on
-    /// timer kicks so page-table edits without a CR3 load are seen too.
-    pub(super) user_bps: Option<(u64, u64, bool)>,
+    /// What the catches need (cleared on timer kicks, so edits of the page tables
+    /// or the IDT without a CR3 or IDTR load are seen too).
+    pub(super) plan: Option<Plan>,
 }
 
 /// What a step-over must put back once the stepped instruction has run.
@@ -78,12 +78,18 @@ impl VcpuThread {
         let mut catches = [None; 4];
         let sw_bps = !self.vm.sw_bps.lock().unwrap().is_empty();
         if !self.step.hw_suspended && !self.vm.host.single_step_at(3) {
+            let s = self.fd.sync_regs().sregs;
+            let plan = Plan::for_state(&self.vm, &s, generation, self.debug.plan);
+            self.debug.plan = Some(plan);
             // A DR breakpoint costs every VM entry here (~5 us): catch #BP only
             // while user code can reach one of our INT3s.
-            let bp_catch = sw_bps && self.user_breakpoints(generation);
-            for (catch, wanted) in [(Catch::Db, self.debug.tf_step), (Catch::Bp, bp_catch)] {
+            let wanted = [
+                (Catch::Db, self.debug.tf_step, plan.db),
+                (Catch::Bp, sw_bps && plan.user_bps, plan.bp),
+            ];
+            for (catch, _, at) in wanted.into_iter().filter(|w| w.1) {
                 let free = slots.iter().rposition(Option::is_none);
-                if let (true, Some(i), Some(a)) = (wanted, free, self.catch_address(catch)) {
+                if let (Some(i), Some(a)) = (free, at) {
                     slots[i] = Some(a);
                     catches[i] = Some(catch);
                 }
@@ -247,8 +253,7 @@ impl VcpuThread {
     /// Returns from an exception to CPL3 as IRETQ would, without running guest code.
     fn undo_frame(&mut self, f: &Frame, rip: u64, rflags: u64) -> bool {
         let mut s = self.fd.sync_regs().sregs;
-        let mode = VcpuCtl::mode_of(&s);
-        let seg = |sel: u64| usertrap::segment(&self.vm, mode, s.gdt.base, s.gdt.limit, sel as u16);
+        let seg = |sel: u64| usertrap::segment(&self.vm, &s, sel as u16);
         let (Some(cs), Some(ss)) = (seg(f.cs), seg(f.ss)) else {
             return false;
         };
@@ -323,16 +328,8 @@ impl VcpuThread {
             self.vm.protect_page(page, Access::Full)?;
             restores.push(Restore::Page { gpa: page, access });
         }
-        let bps: Vec<(u64, u8)> = self
-            .vm
-            .sw_bps
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(g, _)| *g & !(PAGE_SIZE - 1) == page)
-            .map(|(g, b)| (*g, *b))
-            .collect();
-        for (g, orig) in bps {
+        let on_page = self.vm.sw_breakpoints().into_iter();
+        for (g, orig) in on_page.filter(|(g, _)| *g & !(PAGE_SIZE - 1) == page) {
             self.vm.ram.write(g, &[orig])?;
             restores.push(Restore::SwBp { gpa: g });
         }
@@ -350,37 +347,9 @@ impl VcpuThread {
         }
     }
 
-    /// Whether CPL3 code can reach one of our breakpoints now (cached; see
-    /// `DebugState::user_bps`).
-    fn user_breakpoints(&mut self, generation: u64) -> bool {
-        let s = self.fd.sync_regs().sregs;
-        if let Some((g, cr3, v)) = self.debug.user_bps
-            && (g, cr3) == (generation, s.cr3)
-        {
-            return v;
-        }
-        let v = self.vm.user_breakpoints(VcpuCtl::mode_of(&s));
-        self.debug.user_bps = Some((generation, s.cr3, v));
-        v
-    }
-
-    /// Whether a step from the current instruction can end in a debug exit: KVM's
-    /// single-step, or at CPL3 on PVM a TF step caught at the guest's #DB entry.
+    /// Whether a step from the current instruction can end in a debug exit.
     fn can_step_here(&self) -> bool {
-        self.vm.host.single_step_at(self.cpl())
-            || (self.vm.dr_slot_free() && self.catch_address(Catch::Db).is_some())
-    }
-
-    /// The guest's entry point for `catch`, read from its IDT now.
-    fn catch_address(&self, catch: Catch) -> Option<u64> {
-        let s = self.fd.sync_regs().sregs;
-        usertrap::handler(
-            &self.vm,
-            VcpuCtl::mode_of(&s),
-            s.idt.base,
-            s.idt.limit,
-            catch,
-        )
+        usertrap::can_step(&self.vm, &self.fd.sync_regs().sregs)
     }
 
     pub(super) fn finish_restores(&mut self, restores: &[Restore]) {

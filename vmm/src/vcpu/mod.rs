@@ -21,10 +21,10 @@ use crate::loader::{self, EntryState};
 use crate::memory::PAGE_SIZE;
 use crate::slots::Access;
 use crate::stop::StopReason;
-use crate::usertrap::{self, Catch};
+use crate::usertrap;
+use crate::vm::{STATE_PAUSED, STATE_RUNNING, STATE_STOPPED, VmConfig, VmShared};
 
 mod debug;
-use crate::vm::{STATE_PAUSED, STATE_RUNNING, STATE_STOPPED, VmConfig, VmShared};
 use debug::{DebugState, StepOver};
 
 /// Work run on a vCPU's own thread with its `VcpuCtl` (register and memory access
@@ -190,12 +190,15 @@ impl VcpuCtl<'_> {
     /// CPL, else (CPL3 on PVM) RFLAGS.TF caught at the guest's #DB entry, which needs
     /// a present #DB gate in the guest's IDT and a free debug-register slot.
     pub fn can_step(&self) -> bool {
-        let s = self.sregs();
-        let db_entry = || {
-            let mode = Self::mode_of(&s);
-            usertrap::handler(self.vm, mode, s.idt.base, s.idt.limit, Catch::Db).is_some()
-        };
-        self.vm.host.single_step_at(cpl_of(&s)) || (self.vm.dr_slot_free() && db_entry())
+        usertrap::can_step(self.vm, &self.sregs())
+    }
+
+    /// Single-steps this vCPU from here if that can work (`can_step`); returns
+    /// whether it will.
+    pub fn start_step(&mut self) -> bool {
+        let ok = self.can_step();
+        self.set_single_step(ok);
+        ok
     }
 
     /// Single-steps this vCPU from now on (each step is a `SingleStep` event).
@@ -216,7 +219,7 @@ impl VcpuCtl<'_> {
     }
 }
 
-fn cpl_of(s: &kvm_sregs) -> u8 {
+pub(crate) fn cpl_of(s: &kvm_sregs) -> u8 {
     if s.cr0 & 1 == 0 {
         0
     } else {
@@ -485,7 +488,7 @@ impl VcpuThread {
     }
 
     fn kicked(&mut self) -> Flow {
-        self.debug.user_bps = None;
+        self.debug.plan = None;
         let rip = self.regs().rip;
         let quiet = self.exits_since_kick == 0;
         self.exits_since_kick = 0;
