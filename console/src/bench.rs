@@ -419,9 +419,10 @@ fn engine_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<()
 /// One console run of `spin` (hooked CPL3 writes, logged) with or without the TUI
 /// rendering (off screen, the real drawing code, at its frame rate). Returns events
 /// per second and, with the TUI, every event's delay until a frame showed it (ms).
-fn console_run(n: u64, with_tui: bool) -> Result<(f64, Vec<f64>), String> {
-    use crate::session::Session;
-    let mut s = Session::start(&crate::cli::RunArgs::for_image("spin"))?;
+/// A console session on `spin`, paused at its entry, with its mode and count
+/// patched in through the console's own `mem write`.
+pub(crate) fn spin_session(mode: u64, n: u64) -> Result<crate::session::Session, String> {
+    let mut s = crate::session::Session::start(&crate::cli::RunArgs::for_image("spin"))?;
     let le = |v: u64| {
         v.to_le_bytes()
             .iter()
@@ -429,13 +430,14 @@ fn console_run(n: u64, with_tui: bool) -> Result<(f64, Vec<f64>), String> {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    for cmd in [
-        format!("mem write spin_mode {}", le(0)),
-        format!("mem write spin_count {}", le(n)),
-        "hook ept spin_page 64 w log".into(),
-    ] {
-        s.exec(&cmd)?;
-    }
+    s.exec(&format!("mem write spin_mode {}", le(mode)))?;
+    s.exec(&format!("mem write spin_count {}", le(n)))?;
+    Ok(s)
+}
+
+fn console_run(n: u64, with_tui: bool) -> Result<(f64, Vec<f64>), String> {
+    let mut s = spin_session(0, n)?;
+    s.exec("hook ept spin_page 64 w log")?;
     let mut term = ratatui::Terminal::new(ratatui::backend::TestBackend::new(120, 40))
         .map_err(|e| e.to_string())?;
     let mut tui = crate::tui::Tui::new();

@@ -108,9 +108,10 @@ impl Rsp {
     }
 }
 
-/// The stub on a loopback port over a `spin` session, and a client connected to it.
-fn stub() -> Result<(Rsp, std::thread::JoinHandle<()>, Session), String> {
-    let s = Session::start(&crate::cli::RunArgs::for_image("spin"))?;
+/// The stub on a loopback port over a `spin` session in `mode`, and a client
+/// connected to it.
+fn stub(mode: u64) -> Result<(Rsp, std::thread::JoinHandle<()>, Session), String> {
+    let s = crate::bench::spin_session(mode, 1 << 30)?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     let g = s.attach();
@@ -127,28 +128,26 @@ fn end(mut rsp: Rsp, server: std::thread::JoinHandle<()>, mut s: Session) {
 }
 
 /// Microseconds per `stepi` as gdb does it: a step (vCont;s) to its stop reply,
-/// then the register read (g); and per packet that touches no vCPU (qC: which
-/// thread is current), the floor that TCP and the stub's loop set.
-fn gdb_steps(n: u64) -> Result<(f64, f64), String> {
-    let (mut rsp, server, mut s) = stub()?;
-    for cmd in [
-        format!("mem write spin_mode {SPIN_CPL0_OUT:02x} 00 00 00 00 00 00 00"),
-        "mem write spin_count 00 00 00 40 00 00 00 00".into(),
-    ] {
-        s.exec(&cmd)?;
-    }
+/// then the register read (g), whose reply `check` inspects.
+fn steps(rsp: &mut Rsp, n: u64, check: impl Fn(&str) -> Result<(), String>) -> Result<f64, String> {
     let start = Instant::now();
     for _ in 0..n {
         let stop = rsp.ask("vCont;s:1")?;
-        if !stop.starts_with('T') {
-            return Err(format!("stepi answered {stop}"));
-        }
         let regs = rsp.ask("g")?;
-        if regs.starts_with('E') {
-            return Err(format!("register read answered {regs}"));
+        if !stop.starts_with('T') || regs.starts_with('E') {
+            return Err(format!("stepi answered {stop} / {regs:.8}"));
         }
+        check(&regs)?;
     }
-    let us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+    Ok(start.elapsed().as_secs_f64() * 1e6 / n as f64)
+}
+
+/// `stepi` from the entry through the CPL0 `out` loop, and per packet that
+/// touches no vCPU (qC: which thread is current), the floor that TCP and the
+/// stub's loop set.
+fn gdb_steps(n: u64) -> Result<(f64, f64), String> {
+    let (mut rsp, server, s) = stub(SPIN_CPL0_OUT)?;
+    let us = steps(&mut rsp, n, |_| Ok(()))?;
     let start = Instant::now();
     for _ in 0..n {
         rsp.ask("qC")?;
@@ -158,16 +157,10 @@ fn gdb_steps(n: u64) -> Result<(f64, f64), String> {
     Ok((us, floor))
 }
 
-/// Microseconds per `stepi` (vCont;s + g) in the CPL3 compute loop: on PVM each
-/// step is RFLAGS.TF caught at the guest's #DB entry (see vmm's usertrap).
+/// `stepi` in the CPL3 compute loop: on PVM each step is RFLAGS.TF caught at the
+/// guest's #DB entry (see vmm's usertrap).
 fn gdb_user_steps(n: u64) -> Result<f64, String> {
-    let (mut rsp, server, mut s) = stub()?;
-    for cmd in [
-        format!("mem write spin_mode {SPIN_CPL3_LOOP:02x} 00 00 00 00 00 00 00"),
-        "mem write spin_count 00 00 00 40 00 00 00 00".into(),
-    ] {
-        s.exec(&cmd)?;
-    }
+    let (mut rsp, server, s) = stub(SPIN_CPL3_LOOP)?;
     let at = crate::bench::spin_sym("user_spin")?;
     for cmd in [
         format!("Z0,{at:x},1"),
@@ -179,22 +172,14 @@ fn gdb_user_steps(n: u64) -> Result<f64, String> {
             return Err(format!("{cmd} answered {r}"));
         }
     }
-    let start = Instant::now();
-    for _ in 0..n {
-        let stop = rsp.ask("vCont;s:1")?;
-        let regs = rsp.ask("g")?;
-        if !stop.starts_with('T') || regs.starts_with('E') {
-            return Err(format!("user stepi answered {stop} / {regs:.8}"));
-        }
-        // CS follows 16 GPRs, RIP and EFLAGS (140 bytes, 280 hex digits).
-        if regs.get(280..282) != Some("23") {
-            return Err(format!(
-                "a user stepi left CPL3: cs {:?}",
-                regs.get(280..288)
-            ));
-        }
-    }
-    let us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+    // CS follows 16 GPRs, RIP and EFLAGS (140 bytes, 280 hex digits).
+    let us = steps(&mut rsp, n, |regs| match regs.get(280..282) {
+        Some("23") => Ok(()),
+        _ => Err(format!(
+            "a user stepi left CPL3: cs {:?}",
+            regs.get(280..288)
+        )),
+    })?;
     end(rsp, server, s);
     Ok(us)
 }
@@ -202,7 +187,7 @@ fn gdb_user_steps(n: u64) -> Result<f64, String> {
 /// MB/s for reading `total` bytes of guest memory with `m` packets of the size
 /// the stub offers (what gdb does for a large `x/`).
 fn gdb_read(total: usize) -> Result<(f64, usize), String> {
-    let (mut rsp, server, s) = stub()?;
+    let (mut rsp, server, s) = stub(SPIN_CPL0_OUT)?;
     let features = rsp.ask("qSupported:multiprocess-;swbreak+")?;
     let packet = features
         .split(';')

@@ -479,6 +479,10 @@ impl HwBreakpoint for GdbTarget {
     /// (PVM), one on a user-mapped address is refused, so gdb says it could not
     /// insert it instead of never stopping (`break` works there).
     fn add_hw_breakpoint(&mut self, addr: u64, _: usize) -> TargetResult<bool, Self> {
+        // Where guest debugging reaches CPL3 DR breakpoints do too; on PVM they do
+        // not, and two of the four slots stay free for the #DB/#BP catches that
+        // make steps and breakpoints work in user code.
+        let cpl3_debug = self.s.shared.host.single_step_at(3);
         let cpu = self.s.control.stop().map(|s| s.vcpu).unwrap_or(0);
         let user = vmiscope_introspect::paging::translate(
             &self.s.shared.ram,
@@ -486,19 +490,13 @@ impl HwBreakpoint for GdbTarget {
             addr,
         )
         .is_ok_and(|t| t.user);
-        if user && !self.s.shared.host.single_step_at(3) {
+        if user && !cpl3_debug {
             eprintln!(
                 "[vmiscope] gdb: hbreak {addr:#x} refused: user code, and this host's DR breakpoints fire at CPL0 only (use break)"
             );
             return Ok(false);
         }
-        // On PVM two of the four DR slots stay free for the #DB/#BP catches that
-        // make steps and breakpoints work in user code.
-        let usable = if self.s.shared.host.single_step_at(3) {
-            4
-        } else {
-            2
-        };
+        let usable = if cpl3_debug { 4 } else { 2 };
         let Some(slot) = self.hw[..usable].iter().position(Option::is_none) else {
             eprintln!("[vmiscope] gdb: hbreak {addr:#x} refused: all {usable} DR slots in use");
             return Ok(false);
