@@ -73,6 +73,16 @@ fn vm_with(image: &str, port: u16, args: &[&str]) -> Child {
     child
 }
 
+/// `vmiscope run IMAGE --batch --gdb` driven by one batch gdb to the end: gdb's
+/// output, then vmiscope's exit status and output.
+fn gdb_session(image: &str, cmds: &[&str]) -> (String, Option<i32>, String) {
+    let p = port();
+    let child = vm(image, p);
+    let out = gdb(p, cmds);
+    let (code, vout) = finish(child);
+    (out, code, vout)
+}
+
 fn gdb(port: u16, cmds: &[&str]) -> String {
     let mut args = vec![
         "-batch".to_string(),
@@ -163,10 +173,8 @@ fn registers_breakpoint_stepi_memory_threads_monitor() {
     if !kvm_available() || !gdb_available() {
         return;
     }
-    let p = port();
-    let child = vm("int3", p);
-    let out = gdb(
-        p,
+    let (out, code, vout) = gdb_session(
+        "int3",
         &[
             "info registers rip cs fs_base gs_base cr0 cr3 cr4 efer",
             // x87/SSE state comes from KVM (FXSAVE layout, full tag word) and back.
@@ -235,7 +243,6 @@ fn registers_breakpoint_stepi_memory_threads_monitor() {
         "monitor phys reads physical memory: {out}"
     );
     assert!(out.contains("exited normally"), "{out}");
-    let (code, vout) = finish(child);
     assert_eq!(code, Some(0));
     assert!(
         vout.contains("first byte of bp_target 48"),
@@ -248,10 +255,8 @@ fn watch_rwatch_awatch_at_cpl0_and_cpl3_and_memory_write() {
     if !kvm_available() || !gdb_available() {
         return;
     }
-    let p = port();
-    let child = vm("ept-write", p);
-    let out = gdb(
-        p,
+    let (out, code, vout) = gdb_session(
+        "ept-write",
         &[
             "watch ept_target[0]",
             "awatch ept_target[1]",
@@ -280,17 +285,14 @@ fn watch_rwatch_awatch_at_cpl0_and_cpl3_and_memory_write() {
         "CPL3 write: {out}"
     );
     assert!(out.contains("$2 = 0x23"), "stopped at CPL3: {out}");
-    let (code, vout) = finish(child);
     assert_eq!(code, Some(0));
     assert!(
         vout.contains("reads back 5555"),
         "the guest reads what gdb wrote: {vout}"
     );
 
-    let p = port();
-    let child = vm("ept-read", p);
-    let out = gdb(
-        p,
+    let (out, code, _) = gdb_session(
+        "ept-read",
         &[
             "rwatch ept_secret[0]",
             "rwatch ept_secret[1]",
@@ -310,7 +312,7 @@ fn watch_rwatch_awatch_at_cpl0_and_cpl3_and_memory_write() {
         out.contains("$1 = 0x8") && out.contains("$2 = 0x23"),
         "reads at CPL0 and CPL3: {out}"
     );
-    assert_eq!(finish(child).0, Some(0));
+    assert_eq!(code, Some(0));
 }
 
 #[test]
@@ -318,10 +320,8 @@ fn threads_interrupt_detach_and_kill() {
     if !kvm_available() || !gdb_available() {
         return;
     }
-    let p = port();
-    let child = vm("smp", p);
-    let out = gdb(
-        p,
+    let (out, code, _) = gdb_session(
+        "smp",
         &[
             "info threads",
             "thread 2",
@@ -337,7 +337,7 @@ fn threads_interrupt_detach_and_kill() {
         out.contains("$1 = 0x1") && out.contains("$2 = 0x0"),
         "each vCPU's own RDI: {out}"
     );
-    assert_eq!(finish(child).0, Some(0));
+    assert_eq!(code, Some(0));
 
     // Interrupt a guest spinning at CPL3, then kill it.
     let p = port();
@@ -421,10 +421,8 @@ fn user_code_break_and_stepi_at_cpl3() {
     if !kvm_available() || !gdb_available() {
         return;
     }
-    let p = port();
-    let child = vm("hello", p);
-    let out = gdb(
-        p,
+    let (out, code, vout) = gdb_session(
+        "hello",
         &[
             "break user_hello",
             "continue",
@@ -466,7 +464,6 @@ fn user_code_break_and_stepi_at_cpl3() {
     // The register write reached the guest: it greets with 99, returns 100 and
     // so fails its own check (status 1 through isa-debug-exit: (1 << 1) | 1).
     assert!(out.contains("exited with code 03"), "{out}");
-    let (code, vout) = finish(child);
     assert_eq!(code, Some(3));
     assert!(
         vout.contains("hello from CPL3 (arg 99)") && vout.contains("user code returned 100"),
@@ -525,10 +522,8 @@ fn the_readme_session_works_as_written() {
     if !kvm_available() || !gdb_available() {
         return;
     }
-    let p = port();
-    let child = vm("demo", p);
-    let out = gdb(
-        p,
+    let (out, code, vout) = gdb_session(
+        "demo",
         &[
             "info registers rip cs cr0 efer",
             "monitor protect syscall-msrs",
@@ -564,7 +559,6 @@ fn the_readme_session_works_as_written() {
         1,
         "only the introspection stop is a SIGTRAP: {out}"
     );
-    let (code, vout) = finish(child);
     assert_eq!(code, Some(0));
     assert!(vout.contains("demo: act lstar: blocked"), "{vout}");
 }
@@ -576,10 +570,8 @@ fn hbreak_on_kernel_code_and_refused_on_user_code_on_pvm() {
     if !kvm_available() || !gdb_available() {
         return;
     }
-    let p = port();
-    let child = vm("int3", p);
-    let out = gdb(
-        p,
+    let (out, code, _) = gdb_session(
+        "int3",
         &[
             "hbreak bp_target",
             "continue",
@@ -596,12 +588,10 @@ fn hbreak_on_kernel_code_and_refused_on_user_code_on_pvm() {
         "no INT3 in guest memory: {out}"
     );
     assert!(out.contains("exited normally"), "{out}");
-    assert_eq!(finish(child).0, Some(0));
+    assert_eq!(code, Some(0));
 
-    let p = port();
-    let child = vm("hello", p);
-    let out = gdb(
-        p,
+    let (out, code, vout) = gdb_session(
+        "hello",
         &[
             "break run_user",
             "continue",
@@ -619,15 +609,12 @@ fn hbreak_on_kernel_code_and_refused_on_user_code_on_pvm() {
     } else {
         assert!(out.contains("user_hello"), "{out}");
     }
-    let (code, vout) = finish(child);
     assert_eq!(code, Some(0));
     if vmiscope_vmm::HostKind::detect() == vmiscope_vmm::HostKind::Pvm {
         assert!(vout.contains("DR breakpoints fire at CPL0 only"), "{vout}");
         // Two DR slots stay free for the user-mode catches: a third hbreak is refused.
-        let p = port();
-        let child = vm("int3", p);
-        let out = gdb(
-            p,
+        let (out, code, vout) = gdb_session(
+            "int3",
             &[
                 "hbreak bp_target",
                 "hbreak main",
@@ -639,7 +626,6 @@ fn hbreak_on_kernel_code_and_refused_on_user_code_on_pvm() {
         );
         assert!(out.contains("Cannot insert hardware breakpoint"), "{out}");
         assert!(out.contains("exited normally"), "{out}");
-        let (code, vout) = finish(child);
         assert_eq!(code, Some(0));
         assert!(vout.contains("all 2 DR slots in use"), "{vout}");
     }
@@ -652,10 +638,8 @@ fn visible_breakpoints_on_request() {
     if !kvm_available() || !gdb_available() {
         return;
     }
-    let p = port();
-    let child = vm("int3", p);
-    let out = gdb(
-        p,
+    let (out, code, vout) = gdb_session(
+        "int3",
         &[
             "monitor breakpoints sideways",
             "monitor breakpoints visible",
@@ -672,7 +656,6 @@ fn visible_breakpoints_on_request() {
     );
     assert!(out.contains("inserted from now on: visible"), "{out}");
     assert_eq!(out.matches("Breakpoint 1, bp_target").count(), 3, "{out}");
-    let (code, vout) = finish(child);
     assert_eq!(code, Some(0));
     assert!(
         vout.contains("first byte of bp_target cc"),
@@ -687,10 +670,8 @@ fn stepping_pushf_in_user_code_does_not_leak_tf() {
     if !kvm_available() || !gdb_available() {
         return;
     }
-    let p = port();
-    let child = vm("step", p);
-    let out = gdb(
-        p,
+    let (out, code, vout) = gdb_session(
+        "step",
         &[
             "break user_step_pushf",
             "continue",
@@ -703,7 +684,6 @@ fn stepping_pushf_in_user_code_does_not_leak_tf() {
     );
     assert!(out.contains("pushf"), "stopped at the PUSHF: {out}");
     assert!(out.contains("exited normally"), "{out}");
-    let (code, vout) = finish(child);
     assert_eq!(code, Some(0));
     assert!(vout.contains("step: user pushf TF 0"), "{vout}");
 }
