@@ -38,18 +38,25 @@ fn every_script_in_scripts_passes() {
     );
 }
 
+/// Runs `text` as a script on `image` (from a temporary file): status, stdout, stderr.
+fn run_script(image: &str, name: &str, text: &str) -> (Option<i32>, String, String) {
+    let p = std::env::temp_dir().join(format!("vmiscope-{name}-{}.vms", std::process::id()));
+    std::fs::write(&p, text).unwrap();
+    let r = vmiscope(&["run", image, "--script", p.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&p);
+    r
+}
+
 #[test]
 fn a_failing_expectation_fails_the_run_with_a_report() {
     if !kvm_available() {
         return;
     }
-    let p = std::env::temp_dir().join(format!("vmiscope-fail-{}.vms", std::process::id()));
-    std::fs::write(
-        &p,
+    let (code, out, _) = run_script(
+        "msr",
+        "fail",
         "hook msr 0xc0000082 w log\nexpect alert msr timeout 2\nexpect exit 3\n",
-    )
-    .unwrap();
-    let (code, out, _) = vmiscope(&["run", "msr", "--script", p.to_str().unwrap()]);
+    );
     assert_eq!(code, Some(1));
     assert!(
         out.contains("FAILED") && out.contains("no msr alert within 2 s"),
@@ -60,12 +67,10 @@ fn a_failing_expectation_fails_the_run_with_a_report() {
         "{out}"
     );
     assert!(out.contains("0 held, 2 failed"), "{out}");
-    std::fs::write(&p, "hooks\nhook msr\nfrobnicate\n").unwrap();
-    let (code, _, err) = vmiscope(&["run", "msr", "--script", p.to_str().unwrap()]);
+    let (code, _, err) = run_script("msr", "bad", "hooks\nhook msr\nfrobnicate\n");
     assert_eq!(code, Some(2), "a malformed script runs nothing");
     assert!(err.contains(":2: `hook msr` expects an MSR index"), "{err}");
     assert!(err.contains(":3: unknown command `frobnicate`"), "{err}");
-    let _ = std::fs::remove_file(&p);
 }
 
 /// `mem write` over one of our INT3s changes the byte the breakpoint will put
@@ -75,9 +80,9 @@ fn a_memory_write_under_a_breakpoint_keeps_it_and_updates_the_original() {
     if !kvm_available() {
         return;
     }
-    let p = std::env::temp_dir().join(format!("vmiscope-bpw-{}.vms", std::process::id()));
-    std::fs::write(
-        &p,
+    let (code, out, _) = run_script(
+        "hello",
+        "bpw",
         "hook bp rt_ncpus visible\n\
          expect mem rt_ncpus = cc\n\
          mem write rt_ncpus 05\n\
@@ -86,10 +91,7 @@ fn a_memory_write_under_a_breakpoint_keeps_it_and_updates_the_original() {
          expect mem rt_ncpus = 05\n\
          continue\n\
          expect exit 0\n",
-    )
-    .unwrap();
-    let (code, out, _) = vmiscope(&["run", "hello", "--script", p.to_str().unwrap()]);
-    let _ = std::fs::remove_file(&p);
+    );
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("4 held, 0 failed"), "{out}");
 }
