@@ -161,6 +161,7 @@ fn bench_json_has_every_figure_with_its_baseline() {
         "events/s with the TUI attached",
         "gdb stepi round trip, CPL0",
         "gdb stepi round trip, CPL3",
+        "I/O exit, CPL0, breakpoint on a user page",
     ] {
         let f = figs
             .iter()

@@ -156,7 +156,17 @@ impl ExitHandler for Stamp {
 }
 
 fn vmiscope(w: Workload, n: u64) -> Result<f64, String> {
+    vmiscope_with(w, n, |_| Ok(()))
+}
+
+/// `vmiscope` with `setup` applied to the VM first.
+fn vmiscope_with(
+    w: Workload,
+    n: u64,
+    setup: impl FnOnce(&Vm) -> Result<(), String>,
+) -> Result<f64, String> {
     let vm = build(w, n)?;
+    setup(&vm)?;
     let stamp = Arc::new(Stamp::default());
     let cfg = VmConfig {
         timeout: Some(Duration::from_secs(300)),
@@ -571,6 +581,30 @@ pub fn measure(iterations: u64, repeat: usize) -> Result<Report, String> {
             note: "vmiscope's vCPU loop + handler vs a bare KVM_RUN loop, same guest".into(),
         });
     }
+    // An INT3 on a user page (never hit here) arms the #BP catch on PVM: a DR
+    // breakpoint, which KVM loads on every entry.
+    let w = Workload::Io { cpl3: false };
+    let (mut r, mut v) = (vec![], vec![]);
+    for _ in 0..repeat {
+        r.push(raw(w, iterations)? / 1e3);
+        v.push(
+            vmiscope_with(w, iterations, |vm| {
+                let at = vm.symbol("spin_bp").ok_or("no spin_bp")?;
+                vm.shared()
+                    .insert_sw_breakpoint(at, Some(at))
+                    .map_err(|e| e.to_string())
+            })? / 1e3,
+        );
+    }
+    let (r, v) = (median(r), median(v));
+    figures.push(Figure {
+        name: "I/O exit, CPL0, breakpoint on a user page".into(),
+        unit: "us/exit",
+        value: v,
+        baseline: Some(r),
+        ratio: Some(v / r),
+        note: "an unhit INT3 at spin_bp (user-accessible page): on PVM the #BP catch's DR breakpoint is armed; baseline: the bare KVM_RUN loop".into(),
+    });
     let (p, u, ioctls) = protect_cost(repeat)?;
     figures.push(Figure {
         name: "protect one page (write-trap)".into(),
