@@ -81,8 +81,9 @@ impl VcpuThread {
             let s = self.fd.sync_regs().sregs;
             let plan = Plan::for_state(&self.vm, &s, generation, self.debug.plan);
             self.debug.plan = Some(plan);
-            // A DR breakpoint costs every VM entry here (see the bench figure "I/O exit, CPL0, breakpoint on a user page"): catch #BP only
-            // while user code can reach one of our INT3s.
+            // A DR breakpoint makes every VM entry dearer here (bench: "I/O exit,
+            // CPL0, breakpoint on a user page"): catch #BP only while user code
+            // can reach one of our INT3s.
             let wanted = [
                 (Catch::Db, self.debug.tf_step, plan.db),
                 (Catch::Bp, sw_bps && plan.user_bps, plan.bp),
