@@ -28,12 +28,15 @@ pub use stop::StopReason;
 pub use vcpu::{VcpuCtl, VcpuTask};
 pub use vm::{RunOutcome, Vm, VmConfig, VmShared};
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// SIGINTs received by the process. A count, not a flag: each run compares it with
+/// the count at its start, so one Ctrl-C ends the runs it interrupted and not the
+/// VMs a process (`caps`, `bench`) builds after it.
+static INTERRUPTS: AtomicU64 = AtomicU64::new(0);
 
 extern "C" fn on_sigint(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
+    INTERRUPTS.fetch_add(1, Ordering::SeqCst);
 }
 
 /// Makes SIGINT (Ctrl-C) stop a running VM cleanly instead of killing the process.
@@ -41,7 +44,8 @@ pub fn install_interrupt_handler() {
     let _ = vmm_sys_util::signal::register_signal_handler(libc::SIGINT, on_sigint);
 }
 
-/// Whether the user pressed Ctrl-C; the watchdog turns it into `StopReason::User`.
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
+/// How many times the user pressed Ctrl-C so far. A run's watchdog turns a count
+/// above the one at the run's start into `StopReason::User`.
+pub fn interrupts() -> u64 {
+    INTERRUPTS.load(Ordering::SeqCst)
 }

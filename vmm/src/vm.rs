@@ -629,6 +629,8 @@ impl Vm {
     /// `cfg.tick` drive the watchdog.
     pub fn run(self, handler: Arc<dyn ExitHandler>, cfg: &VmConfig) -> RunOutcome {
         kick::install();
+        // Ctrl-Cs from before this run belong to earlier runs.
+        let interrupts = crate::interrupts();
         let shared = self.shared;
         let start = Instant::now();
         shared.running.store(true, Ordering::SeqCst);
@@ -668,7 +670,7 @@ impl Vm {
         let watchdog = {
             let shared = shared.clone();
             let (timeout, tick) = (cfg.timeout, cfg.tick);
-            std::thread::spawn(move || watchdog(&shared, timeout, tick))
+            std::thread::spawn(move || watchdog(&shared, timeout, tick, interrupts))
         };
         for t in threads {
             let _ = t.join();
@@ -698,12 +700,12 @@ impl Vm {
 
 /// Kicks vCPUs that have not exited for a tick (so periodic checks run and
 /// livelocks are noticed) and enforces the timeout.
-fn watchdog(shared: &VmShared, timeout: Option<Duration>, tick: Duration) {
+fn watchdog(shared: &VmShared, timeout: Option<Duration>, tick: Duration, interrupts: u64) {
     let start = Instant::now();
     let mut last_tick = Instant::now();
     while !shared.is_stopping() {
         std::thread::sleep(Duration::from_millis(20));
-        if crate::interrupted() {
+        if crate::interrupts() > interrupts {
             shared.stop(StopReason::User);
             break;
         }
