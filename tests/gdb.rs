@@ -687,3 +687,81 @@ fn stepping_pushf_in_user_code_does_not_leak_tf() {
     assert_eq!(code, Some(0));
     assert!(vout.contains("step: user pushf TF 0"), "{vout}");
 }
+
+/// A bare remote-protocol client, for packets gdb itself would never send.
+struct Rsp(TcpStream);
+
+impl Rsp {
+    fn connect(port: u16) -> Rsp {
+        let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        // A stub that died or hangs fails the test instead of hanging it.
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Rsp(c)
+    }
+
+    /// Sends `$body#xx` and returns the body of the reply.
+    fn ask(&mut self, body: &str) -> String {
+        let sum = body.bytes().fold(0u8, |a, b| a.wrapping_add(b));
+        write!(self.0, "${body}#{sum:02x}").unwrap();
+        let mut reply = Vec::new();
+        let mut b = [0u8];
+        loop {
+            match self.0.read(&mut b) {
+                Ok(1) => {}
+                other => panic!("no reply to `{body}` (stub gone or hung): {other:?}"),
+            }
+            match b[0] {
+                b'+' if reply.is_empty() => {}
+                b'$' => reply.clear(),
+                b'#' => break,
+                c => reply.push(c),
+            }
+        }
+        let mut sum = [0u8; 2];
+        self.0.read_exact(&mut sum).unwrap();
+        self.0.write_all(b"+").unwrap();
+        String::from_utf8_lossy(&reply).into_owned()
+    }
+}
+
+#[test]
+fn thread_ids_of_vcpus_that_do_not_exist_are_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let p = port();
+    let child = vm("hello", p);
+    let mut rsp = Rsp::connect(p);
+    // Thread 2 is vCPU 1: this guest has one vCPU.
+    let extra = rsp.ask("qThreadExtraInfo,2");
+    let text: Vec<u8> = (0..extra.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&extra[2 * i..2 * i + 2], 16).ok())
+        .collect();
+    assert_eq!(text, b"no such vCPU", "extra info of no vCPU: {extra}");
+    rsp.ask("Hg2");
+    let mem = rsp.ask("m100000,4");
+    assert!(mem.starts_with('E'), "memory through no vCPU: {mem}");
+    let regs = rsp.ask("g");
+    assert!(regs.starts_with('E'), "registers of no vCPU: {regs}");
+    // Resuming no vCPU runs nothing: the stop comes back at once.
+    rsp.ask("Hc2");
+    let c = rsp.ask("c");
+    assert!(
+        c.starts_with('T') || c.starts_with('S'),
+        "continue of no vCPU: {c}"
+    );
+    let c = rsp.ask("vCont;c:2");
+    assert!(
+        c.starts_with('T') || c.starts_with('S'),
+        "vCont of no vCPU: {c}"
+    );
+    // The stub still serves the real thread, and the guest is intact.
+    rsp.ask("Hg1");
+    let mem = rsp.ask("m100000,4");
+    assert!(!mem.starts_with('E'), "memory through vCPU 0: {mem}");
+    let end = rsp.ask("vCont;c");
+    assert!(end.starts_with('W'), "the guest ran to its end: {end}");
+    let (code, out) = finish(child);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("hello: PASS"), "{out}");
+}

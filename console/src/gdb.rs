@@ -64,7 +64,8 @@ pub struct GdbTarget {
     locked: bool,
     /// The console's stop count when gdb last resumed.
     seen: u64,
-    /// A step was refused: report a stop at once, without running.
+    /// A step was refused, or a resume named a thread that does not exist: report
+    /// a stop at once, without running.
     refused: bool,
     /// `monitor breakpoints visible`: plain INT3s the guest can read, trading
     /// stealth for speed (a hidden one read-traps its page, so every other
@@ -78,6 +79,14 @@ fn err<T>(_: impl std::fmt::Display) -> TargetResult<T, GdbTarget> {
 
 fn tid(cpu: u32) -> Tid {
     NonZeroUsize::new(cpu as usize + 1).expect("non-zero")
+}
+
+/// The vCPU behind gdb thread `t` (threads are vCPUs + 1), if the guest has it.
+/// gdbstub passes thread ids from packets through unchecked (`Hg5`, `vCont;c:5`,
+/// `qThreadExtraInfo,5`): every use goes through here.
+pub(crate) fn cpu_of(t: Tid, vcpus: u32) -> Option<u32> {
+    let cpu = u32::try_from(t.get() - 1).ok()?;
+    (cpu < vcpus).then_some(cpu)
 }
 
 fn kind_code(k: WatchKind) -> u8 {
@@ -198,6 +207,28 @@ impl GdbTarget {
         }
     }
 
+    /// The vCPU behind thread `t`, checked (see `cpu_of`).
+    fn cpu(&self, t: Tid) -> Option<u32> {
+        cpu_of(t, self.s.shared.vcpu_count())
+    }
+
+    /// Records a resume action for thread `t`; one for a thread that does not exist
+    /// makes the whole resume a stop in place.
+    fn set_action(&mut self, t: Tid, action: Resume) {
+        match self.cpu(t) {
+            Some(cpu) => {
+                self.resume.insert(cpu, action);
+            }
+            None => {
+                eprintln!(
+                    "[vmiscope] gdb: no thread {t} (this guest has {} vCPUs); nothing resumed",
+                    self.s.shared.vcpu_count()
+                );
+                self.refused = true;
+            }
+        }
+    }
+
     fn translate(&self, cpu: u32, gva: u64) -> Option<u64> {
         vmiscope_introspect::paging::translate(
             &self.s.shared.ram,
@@ -229,7 +260,9 @@ impl Target for GdbTarget {
 
 impl MultiThreadBase for GdbTarget {
     fn read_registers(&mut self, regs: &mut VmiRegs, t: Tid) -> TargetResult<(), Self> {
-        let cpu = t.get() as u32 - 1;
+        let Some(cpu) = self.cpu(t) else {
+            return err("no such thread");
+        };
         // The held vCPU's registers were taken when it stopped: no round trip.
         let held = self
             .s
@@ -263,7 +296,9 @@ impl MultiThreadBase for GdbTarget {
     }
 
     fn write_registers(&mut self, regs: &VmiRegs, t: Tid) -> TargetResult<(), Self> {
-        let cpu = t.get() as u32 - 1;
+        let Some(cpu) = self.cpu(t) else {
+            return err("no such thread");
+        };
         let g = regs.clone();
         let done = self.on_cpu(cpu, move |c| {
             let mut r = VcpuCtl::regs(c);
@@ -292,7 +327,9 @@ impl MultiThreadBase for GdbTarget {
     }
 
     fn read_addrs(&mut self, start: u64, data: &mut [u8], t: Tid) -> TargetResult<usize, Self> {
-        let cpu = t.get() as u32 - 1;
+        let Some(cpu) = self.cpu(t) else {
+            return err("no such thread");
+        };
         let bps = self.s.shared.sw_breakpoints();
         let mut done = 0;
         // Page by page through the vCPU's tables; stop at the first unmapped page.
@@ -316,7 +353,9 @@ impl MultiThreadBase for GdbTarget {
     }
 
     fn write_addrs(&mut self, start: u64, data: &[u8], t: Tid) -> TargetResult<(), Self> {
-        let cpu = t.get() as u32 - 1;
+        let Some(cpu) = self.cpu(t) else {
+            return err("no such thread");
+        };
         let mut done = 0;
         for (va, n) in vmiscope_introspect::decode::split_pages(start, data.len() as u64) {
             let Some(gpa) = self.translate(cpu, va) else {
@@ -355,13 +394,18 @@ impl gdbstub::target::ext::thread_extra_info::ThreadExtraInfo for GdbTarget {
     /// What `info threads` shows beside each thread: the vCPU, its privilege level
     /// and why it is stopped.
     fn thread_extra_info(&self, t: Tid, buf: &mut [u8]) -> Result<usize, String> {
-        let cpu = t.get() as u32 - 1;
-        let (_, cpl) = self.s.shared.last_position(cpu);
-        let why = match self.s.control.stop() {
-            Some(st) if st.vcpu == cpu => st.why,
-            _ => "paused".into(),
+        // An error here would end the session: a thread that does not exist says so.
+        let text = match self.cpu(t) {
+            None => "no such vCPU".to_string(),
+            Some(cpu) => {
+                let (_, cpl) = self.s.shared.last_position(cpu);
+                let why = match self.s.control.stop() {
+                    Some(st) if st.vcpu == cpu => st.why,
+                    _ => "paused".into(),
+                };
+                format!("vCPU {cpu}, CPL{cpl}, {why}")
+            }
         };
-        let text = format!("vCPU {cpu}, CPL{cpl}, {why}");
         let n = text.len().min(buf.len());
         buf[..n].copy_from_slice(&text.as_bytes()[..n]);
         Ok(n)
@@ -371,6 +415,10 @@ impl gdbstub::target::ext::thread_extra_info::ThreadExtraInfo for GdbTarget {
 impl MultiThreadResume for GdbTarget {
     fn resume(&mut self) -> Result<(), String> {
         let actions = std::mem::take(&mut self.resume);
+        let locked = std::mem::take(&mut self.locked);
+        if self.refused {
+            return Ok(()); // a thread that does not exist: stop where we are
+        }
         let cpus: Vec<u32> = actions.keys().copied().collect();
         for (cpu, action) in actions {
             if action == Resume::Step {
@@ -394,7 +442,7 @@ impl MultiThreadResume for GdbTarget {
             }
         }
         self.seen = self.s.control.stop_count();
-        if std::mem::take(&mut self.locked) {
+        if locked {
             self.s.go_only(&cpus);
         } else {
             self.s.go();
@@ -408,7 +456,7 @@ impl MultiThreadResume for GdbTarget {
     }
 
     fn set_resume_action_continue(&mut self, t: Tid, _: Option<Signal>) -> Result<(), String> {
-        self.resume.insert(t.get() as u32 - 1, Resume::Continue);
+        self.set_action(t, Resume::Continue);
         Ok(())
     }
 
@@ -430,7 +478,7 @@ impl MultiThreadSchedulerLocking for GdbTarget {
 
 impl MultiThreadSingleStep for GdbTarget {
     fn set_resume_action_step(&mut self, t: Tid, _: Option<Signal>) -> Result<(), String> {
-        self.resume.insert(t.get() as u32 - 1, Resume::Step);
+        self.set_action(t, Resume::Step);
         Ok(())
     }
 }
@@ -812,4 +860,28 @@ fn print_new_serial(s: &Session, printed: &mut usize) {
         println!("{l}");
     }
     *printed = complete.max(*printed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_ids_map_to_existing_vcpus_only() {
+        let t = |n: usize| Tid::new(n).unwrap();
+        assert_eq!(cpu_of(t(1), 1), Some(0));
+        assert_eq!(cpu_of(t(2), 1), None, "thread 2 on a 1-vCPU guest");
+        assert_eq!(cpu_of(t(2), 2), Some(1));
+        assert_eq!(cpu_of(t(5), 4), None);
+        assert_eq!(
+            cpu_of(t(usize::MAX), 4),
+            None,
+            "no overflow into a valid index"
+        );
+        assert_eq!(
+            cpu_of(t(1 << 33), 4),
+            None,
+            "no truncation into a valid index"
+        );
+    }
 }
