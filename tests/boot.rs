@@ -386,7 +386,7 @@ fn pause_and_resume_a_vcpu_spinning_at_cpl3() {
             shared.wait_paused(std::time::Duration::from_secs(5)),
             "a CPL3 loop must not stop a pause"
         );
-        let (rip, cpl) = shared.last_position(0);
+        let (rip, cpl) = shared.last_position(0).unwrap();
         assert_eq!(cpl, 3, "paused in the user loop at {rip:#x}");
         shared.resume_all();
         std::thread::sleep(std::time::Duration::from_millis(50));

@@ -33,7 +33,7 @@ fn run(
     let vm = Vm::new(&c, img.elf).unwrap();
     for (sym, v) in patch {
         vm.shared()
-            .ram
+            .ram()
             .write(vm.symbol(sym).unwrap(), &v.to_le_bytes())
             .unwrap();
     }
@@ -314,8 +314,8 @@ fn timer_finds_an_integrity_violation_and_restores_it() {
     let t = std::thread::spawn(move || vm.run(i2, &c));
     std::thread::sleep(Duration::from_millis(300));
     let mut orig = [0u8; 8];
-    shared.ram.read(gdt + 8, &mut orig).unwrap();
-    shared.ram.write(gdt + 8, &[0xee; 8]).unwrap(); // a "rootkit" patches the GDT
+    shared.ram().read(gdt + 8, &mut orig).unwrap();
+    shared.ram().write(gdt + 8, &[0xee; 8]).unwrap(); // a "rootkit" patches the GDT
     let mut found = false;
     for _ in 0..100 {
         std::thread::sleep(Duration::from_millis(20));
@@ -325,7 +325,7 @@ fn timer_finds_an_integrity_violation_and_restores_it() {
         }
     }
     let mut now = [0u8; 8];
-    shared.ram.read(gdt + 8, &mut now).unwrap();
+    shared.ram().read(gdt + 8, &mut now).unwrap();
     shared.stop(StopReason::User);
     t.join().unwrap();
     assert!(found, "no integrity alert");

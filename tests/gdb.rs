@@ -765,3 +765,28 @@ fn thread_ids_of_vcpus_that_do_not_exist_are_refused() {
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("hello: PASS"), "{out}");
 }
+
+#[test]
+fn a_breakpoint_in_code_both_vcpus_run_stops_instead_of_triple_faulting() {
+    if !kvm_available() || !gdb_available() {
+        return;
+    }
+    // ap_main is on the entry page: while one vCPU steps over the hidden INT3 (its
+    // page is opened and closed again, a memslot merge and split), the other runs
+    // code and walks page tables on the same slots.
+    let (out, code, vout) = gdb_session(
+        "smp",
+        &[
+            "break ap_main",
+            "continue",
+            "print $pc == ap_main",
+            "delete",
+            "continue",
+        ],
+    );
+    assert!(out.contains("hit Breakpoint 1.2, ap_main"), "{out}");
+    assert!(out.contains("$1 = 1"), "{out}");
+    assert!(out.contains("exited normally"), "{out}");
+    assert_eq!(code, Some(0), "{vout}");
+    assert!(vout.contains("smp: done"), "{vout}");
+}

@@ -22,7 +22,7 @@ fn a_ctrl_c_ends_the_running_vm_and_not_the_next_one() {
     let shared = vm.shared().clone();
     let runner = std::thread::spawn(move || vm.run(Arc::new(PassThrough), &cfg));
     // Wait until it runs its endless loop (its serial line), not a fixed time.
-    while !shared.serial.text().contains("endless") && !runner.is_finished() {
+    while !shared.serial().text().contains("endless") && !runner.is_finished() {
         std::thread::sleep(Duration::from_millis(5));
     }
     // SAFETY: raising a signal whose handler is installed (it only sets a flag).

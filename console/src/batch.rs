@@ -140,7 +140,7 @@ pub fn run(a: &RunArgs) -> i32 {
             return 2;
         }
     };
-    let mut intro = match engine(a, &vm.shared().symbols) {
+    let mut intro = match engine(a, &vm.shared().symbols()) {
         Ok(i) => i,
         Err(e) => {
             eprintln!("vmiscope: {e}");
@@ -150,7 +150,7 @@ pub fn run(a: &RunArgs) -> i32 {
     intro.print_alerts = true;
     let intro = Arc::new(intro);
     vmiscope_vmm::install_interrupt_handler();
-    vm.shared().serial.set_live(Box::new(|b| {
+    vm.shared().serial().set_live(Box::new(|b| {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(b);
         let _ = out.flush();
@@ -159,7 +159,7 @@ pub fn run(a: &RunArgs) -> i32 {
         "[vmiscope] {} ({}) on {}: {} vCPU(s), {} MiB",
         a.image,
         vm.format,
-        vm.shared().host.name(),
+        vm.shared().host().name(),
         cfg.vcpus,
         cfg.mem_mib
     );

@@ -91,7 +91,7 @@ pub(crate) fn spin_vm(mode: u64, n: u64, vcpus: u32) -> Result<Vm, String> {
     for (sym, v) in [("spin_mode", mode), ("spin_count", n)] {
         let at = vm.symbol(sym).ok_or("spin image lacks its symbols")?;
         vm.shared()
-            .ram
+            .ram()
             .write(at, &v.to_le_bytes())
             .map_err(|e| e.to_string())?;
     }
@@ -110,7 +110,7 @@ fn per_exit(first: Option<Instant>, last: Option<Instant>, count: u64) -> Result
 fn raw(w: Workload, n: u64) -> Result<f64, String> {
     let (shared, mut fds) = build(w, n)?.into_raw();
     let fd = &mut fds[0];
-    let spin_page = shared.symbols.get("spin_page").unwrap_or(0);
+    let spin_page = shared.symbols().get("spin_page").unwrap_or(0);
     let (mut first, mut last, mut count) = (None, None, 0u64);
     loop {
         match fd.run().map_err(|e| format!("KVM_RUN: {e}"))? {

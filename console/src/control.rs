@@ -5,13 +5,12 @@
 //! requests with its own `VcpuCtl` until it is told to resume, maybe with an
 //! overridden verdict.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use vmiscope_introspect::{Class, EventRecord, HookId};
-use vmiscope_vmm::{Event, ExitHandler, Reply, VcpuCtl, VcpuTask};
+use vmiscope_vmm::{Event, ExitHandler, Reply, VcpuCtl, VmShared};
 
 use crate::introspection::Introspection;
 
@@ -90,8 +89,7 @@ struct State {
     /// vCPU being single-stepped by `step`.
     stepping: Option<u32>,
     stop: Option<Stop>,
-    /// Requests for the stopped vCPU, and the resume order.
-    tasks: VecDeque<VcpuTask>,
+    /// The resume order for the held vCPU.
     resume: Option<Option<Override>>,
     /// Bumped at every stop, so waiters can tell a new stop from an old one.
     stops: u64,
@@ -104,13 +102,22 @@ struct State {
 }
 
 /// Shared between the console thread and the vCPU threads.
-#[derive(Default)]
 pub struct Control {
     state: Mutex<State>,
     cv: Condvar,
+    /// To wake the held vCPU when its resume order is given.
+    vm: Arc<VmShared>,
 }
 
 impl Control {
+    pub fn new(vm: Arc<VmShared>) -> Self {
+        Control {
+            state: Mutex::default(),
+            cv: Condvar::new(),
+            vm,
+        }
+    }
+
     pub fn add_break(&self, class: Option<Class>, hook: Option<HookId>, vcpu: Option<u32>) -> u32 {
         self.add_break_ext(class, hook, vcpu, false)
     }
@@ -200,79 +207,56 @@ impl Control {
         }
     }
 
-    /// Runs `f` on the stopped vCPU's thread and returns its result.
-    pub fn on_stopped<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut VcpuCtl<'_>) -> R + Send + 'static,
-    ) -> Option<R> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        {
-            let mut s = self.state.lock().unwrap();
-            s.stop.as_ref()?;
-            s.tasks.push_back(Box::new(move |cpu| {
-                let _ = tx.send(f(cpu));
-            }));
-        }
-        self.cv.notify_all();
-        rx.recv_timeout(Duration::from_secs(5)).ok()
-    }
-
     /// Lets the stopped vCPU go on, with `over` replacing the verdict.
     pub fn resume(&self, over: Option<Override>) -> bool {
         let mut s = self.state.lock().unwrap();
-        if s.stop.is_none() {
+        let Some(cpu) = s.stop.as_ref().map(|st| st.vcpu) else {
             return false;
-        }
+        };
         s.resume = Some(over);
         drop(s);
-        self.cv.notify_all();
+        self.vm.wake_vcpu(cpu);
         true
     }
 
-    /// Called by a vCPU thread: publish the stop and serve requests until resumed.
+    /// Called by a vCPU thread: publish the stop, then hold the vCPU (the VMM's
+    /// `VcpuCtl::hold`, which serves `with_vcpu` tasks meanwhile) until resumed.
     fn hold(&self, cpu: &mut VcpuCtl<'_>, stop: Stop) -> Option<Override> {
-        let mut s = self.state.lock().unwrap();
-        // A step that ends in another stop (its instruction hit a watchpoint, say)
-        // is over, as in gdb: it must not fire later, after a `continue`.
-        if s.stepping == Some(cpu.id()) {
-            s.stepping = None;
-            cpu.set_single_step(false);
-        }
-        s.last = Some(stop.clone());
-        s.stop = Some(stop);
-        s.snapshot = Some(Snapshot::take(cpu));
-        s.step_on_resume = false;
-        s.stops += 1;
-        s.resume = None;
-        self.cv.notify_all();
-        loop {
-            if let Some(task) = s.tasks.pop_front() {
-                s.snapshot = None;
-                drop(s);
-                task(cpu);
-                s = self.state.lock().unwrap();
-                s.snapshot = Some(Snapshot::take(cpu));
-                continue;
+        {
+            let mut s = self.state.lock().unwrap();
+            // A step that ends in another stop (its instruction hit a watchpoint,
+            // say) is over, as in gdb: it must not fire later, after a `continue`.
+            if s.stepping == Some(cpu.id()) {
+                s.stepping = None;
+                cpu.set_single_step(false);
             }
-            if let Some(over) = s.resume.take() {
-                if std::mem::take(&mut s.step_on_resume) {
-                    cpu.set_single_step(true);
+            s.last = Some(stop.clone());
+            s.stop = Some(stop);
+            s.step_on_resume = false;
+            s.stops += 1;
+            s.resume = None;
+        }
+        let over = cpu.hold(|cpu| {
+            // Called again after every task: a task may have changed the registers.
+            let snapshot = Snapshot::take(cpu);
+            let mut s = self.state.lock().unwrap();
+            let Some(over) = s.resume.take() else {
+                let first = s.snapshot.is_none();
+                s.snapshot = Some(snapshot);
+                if first {
+                    self.cv.notify_all();
                 }
-                s.stop = None;
-                s.snapshot = None;
-                return over;
-            }
-            if cpu.vm().is_stopping() {
-                s.stop = None;
-                s.snapshot = None;
                 return None;
+            };
+            if std::mem::take(&mut s.step_on_resume) {
+                cpu.set_single_step(true);
             }
-            s = self
-                .cv
-                .wait_timeout(s, Duration::from_millis(100))
-                .unwrap()
-                .0;
-        }
+            Some(over)
+        });
+        let mut s = self.state.lock().unwrap();
+        s.stop = None;
+        s.snapshot = None;
+        over.flatten()
     }
 
     /// Whether this handled event must stop, and why.
@@ -303,7 +287,8 @@ fn describe(reply: &Reply) -> String {
         Reply::Deny => "deny (#GP)".into(),
         Reply::Data(v) => format!("allow, the read returns {v:#x}"),
         Reply::Retry => "retry".into(),
-        Reply::Stop(m) => format!("stop: {m}"),
+        Reply::Skip(n) => format!("skip the {n}-byte instruction"),
+        Reply::Stop(cause) => format!("stop: {cause}"),
     }
 }
 
@@ -362,7 +347,7 @@ impl ExitHandler for ConsoleHandler {
         {
             let _ = cpu
                 .vm()
-                .ram
+                .ram()
                 .write(m.gpa, &m.data.to_le_bytes()[..m.len.min(8) as usize]);
             let stop = Stop {
                 vcpu: cpu.id(),

@@ -121,18 +121,7 @@ impl GdbTarget {
         cpu: u32,
         f: impl FnOnce(&mut VcpuCtl<'_>) -> R + Send + 'static,
     ) -> Option<R> {
-        let c = &self.s.control;
-        if c.stop().is_some_and(|st| st.vcpu == cpu) {
-            return c.on_stopped(f);
-        }
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.s.shared.with_vcpu(
-            cpu,
-            Box::new(move |v| {
-                let _ = tx.send(f(v));
-            }),
-        );
-        rx.recv_timeout(Duration::from_secs(5)).ok()
+        self.s.on_vcpu(cpu, f).ok()
     }
 
     /// Any held vCPU, for engine work (hooks are VM-wide).
@@ -170,13 +159,11 @@ impl GdbTarget {
         });
     }
 
-    /// Pauses every vCPU (the one at a stop is held by the console already).
+    /// Pauses every vCPU (the one at a stop is held already) and waits for each
+    /// to acknowledge.
     fn all_stop(&self) {
         self.s.shared.pause_all();
-        let held = self.s.control.stop().map(|st| st.vcpu);
-        self.s
-            .shared
-            .wait_paused_except(held, Duration::from_secs(2));
+        self.s.shared.wait_paused(Duration::from_secs(2));
     }
 
     fn stop_reason(&mut self) -> MultiThreadStopReason<u64> {
@@ -230,13 +217,10 @@ impl GdbTarget {
     }
 
     fn translate(&self, cpu: u32, gva: u64) -> Option<u64> {
-        vmiscope_introspect::paging::translate(
-            &self.s.shared.ram,
-            self.s.shared.last_paging(cpu),
-            gva,
-        )
-        .ok()
-        .map(|t| t.gpa)
+        let mode = self.s.shared.last_paging(cpu)?;
+        vmiscope_introspect::paging::translate(self.s.shared.ram(), mode, gva)
+            .ok()
+            .map(|t| t.gpa)
     }
 }
 
@@ -338,7 +322,7 @@ impl MultiThreadBase for GdbTarget {
                 break;
             };
             let chunk = &mut data[done..done + n as usize];
-            if self.s.shared.ram.read(gpa, chunk).is_err() {
+            if self.s.shared.ram().read(gpa, chunk).is_err() {
                 break;
             }
             // Our INT3s read as the original bytes.
@@ -398,7 +382,7 @@ impl gdbstub::target::ext::thread_extra_info::ThreadExtraInfo for GdbTarget {
         let text = match self.cpu(t) {
             None => "no such vCPU".to_string(),
             Some(cpu) => {
-                let (_, cpl) = self.s.shared.last_position(cpu);
+                let (_, cpl) = self.s.shared.last_position(cpu).unwrap_or_default();
                 let why = match self.s.control.stop() {
                     Some(st) if st.vcpu == cpu => st.why,
                     _ => "paused".into(),
@@ -530,14 +514,12 @@ impl HwBreakpoint for GdbTarget {
         // Where guest debugging reaches CPL3 DR breakpoints do too; on PVM they do
         // not, and two of the four slots stay free for the #DB/#BP catches that
         // make steps and breakpoints work in user code.
-        let cpl3_debug = self.s.shared.host.single_step_at(3);
+        let cpl3_debug = self.s.shared.host().single_step_at(3);
         let cpu = self.s.control.stop().map(|s| s.vcpu).unwrap_or(0);
-        let user = vmiscope_introspect::paging::translate(
-            &self.s.shared.ram,
-            self.s.shared.last_paging(cpu),
-            addr,
-        )
-        .is_ok_and(|t| t.user);
+        let user = self.s.shared.last_paging(cpu).is_some_and(|mode| {
+            vmiscope_introspect::paging::translate(self.s.shared.ram(), mode, addr)
+                .is_ok_and(|t| t.user)
+        });
         if user && !cpl3_debug {
             eprintln!(
                 "[vmiscope] gdb: hbreak {addr:#x} refused: user code, and this host's DR breakpoints fire at CPL0 only (use break)"

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use vmiscope_introspect::handlers::{self, BreakpointAction, MemAction, MemExit};
 use vmiscope_introspect::policy::{self, PolicyEnv};
 use vmiscope_introspect::{AccessKind, Alert, Engine, Guest, Journal, Verdict};
-use vmiscope_vmm::{Event, ExitHandler, Reply, Symbols, VcpuCtl};
+use vmiscope_vmm::{Event, ExitHandler, HandlerStop, Reply, Symbols, VcpuCtl};
 
 /// A journal file: one JSON object per line, written as it happens (nothing
 /// buffered away if the process dies).
@@ -203,7 +203,7 @@ impl ExitHandler for Introspection {
         };
         self.report(&e, before);
         if let Some(f) = e.fatal.take() {
-            return Reply::Stop(format!("introspection disabled: {f}"));
+            return Reply::Stop(HandlerStop::EngineFailed(f));
         }
         reply
     }

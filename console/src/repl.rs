@@ -173,7 +173,7 @@ pub fn run(s: &mut Session) -> Mode {
     let mode = loop {
         {
             let mut w: Vec<String> = SUBWORDS.iter().map(|x| x.to_string()).collect();
-            w.extend(s.shared.symbols.iter().map(|(n, _)| n.to_string()));
+            w.extend(s.shared.symbols().iter().map(|(n, _)| n.to_string()));
             w.extend(
                 s.intro
                     .engine

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
 use vmiscope_introspect::policy::{self, POLICIES, PolicyEnv};
 use vmiscope_introspect::{Cr, DtrKind, Engine, Outcome, Rule, Target};
-use vmiscope_vmm::{RunOutcome, StopReason, VcpuCtl, Vm, VmShared};
+use vmiscope_vmm::{RunOutcome, StopReason, VcpuCtl, VcpuState, Vm, VmShared};
 
 use crate::cli::RunArgs;
 use crate::commands::{self, Action, Command, Expect, HookSpec, VerdictChoice};
@@ -56,13 +56,13 @@ impl Session {
         let mut cfg = crate::batch::config(a, vcpus)?;
         cfg.start_paused = true;
         let vm = Vm::new(&cfg, &image).map_err(|e| e.to_string())?;
-        let intro = Arc::new(crate::batch::engine(a, &vm.shared().symbols)?);
-        let control = Arc::new(Control::default());
+        let intro = Arc::new(crate::batch::engine(a, &vm.shared().symbols())?);
         let shared = vm.shared().clone();
-        let env = policy_env(&shared.symbols);
+        let control = Arc::new(Control::new(shared.clone()));
+        let env = policy_env(&shared.symbols());
         let serial = Arc::new(Mutex::new(vec![String::new()]));
         let s2 = serial.clone();
-        shared.serial.set_live(Box::new(move |b| {
+        shared.serial().set_live(Box::new(move |b| {
             let mut lines = s2.lock().unwrap();
             for ch in String::from_utf8_lossy(b).chars() {
                 if ch == '\n' {
@@ -80,15 +80,13 @@ impl Session {
             .name("vm".into())
             .spawn(move || vm.run(handler, &cfg))
             .map_err(|e| e.to_string())?;
-        // Commands need the vCPU threads: wait for each to sit in its initial pause.
-        let t = Instant::now();
-        while (0..shared.vcpu_count())
-            .any(|c| shared.vcpu_state(c) != vmiscope_vmm::vm::STATE_PAUSED)
+        // Commands need the vCPU threads: wait for each to sit in its initial pause
+        // (each acknowledges it).
+        let paused = |_, st| st == VcpuState::Paused || st == VcpuState::Stopped;
+        if !shared.wait_states(Duration::from_secs(5), paused)
+            || (0..shared.vcpu_count()).any(|c| shared.vcpu_state(c) == Some(VcpuState::Stopped))
         {
-            if t.elapsed() > Duration::from_secs(5) || runner.is_finished() {
-                return Err("the vCPUs did not start".into());
-            }
-            std::thread::sleep(Duration::from_millis(1));
+            return Err("the vCPUs did not start".into());
         }
         Ok(Session {
             shared,
@@ -127,7 +125,7 @@ impl Session {
     }
 
     fn sym(&self) -> impl Fn(&str) -> Option<u64> + '_ {
-        move |n| self.shared.symbols.get(n)
+        move |n| self.shared.symbols().get(n)
     }
 
     /// The run's outcome once the guest has ended.
@@ -154,10 +152,9 @@ impl Session {
         if self.at_entry {
             return "paused at entry".into();
         }
-        let states: Vec<u8> = (0..self.shared.vcpu_count())
-            .map(|c| self.shared.vcpu_state(c))
-            .collect();
-        if states.iter().all(|s| *s != vmiscope_vmm::vm::STATE_RUNNING) {
+        if (0..self.shared.vcpu_count())
+            .all(|c| self.shared.vcpu_state(c).is_none_or(VcpuState::is_quiet))
+        {
             "paused".into()
         } else {
             "running".into()
@@ -183,33 +180,30 @@ impl Session {
         }
     }
 
-    /// Runs `f` with the selected vCPU: on the stopped vCPU's thread, or as a task
-    /// at its next exit (now, when paused).
+    /// Runs `f` with the selected vCPU (see `on_vcpu`).
     fn with_guest<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut VcpuCtl<'_>) -> R + Send + 'static,
     ) -> Result<R, String> {
-        if let Some(stop) = self.control.stop()
-            && stop.vcpu == self.vcpu
-        {
-            return self
-                .control
-                .on_stopped(f)
-                .ok_or_else(|| "the stopped vCPU did not answer".to_string());
-        }
+        self.on_vcpu(self.vcpu, f)
+    }
+
+    /// Runs `f` on vCPU `cpu`'s thread: at once when it is paused or held at a
+    /// stop, at its next exit when it runs. The one path for every front end.
+    pub fn on_vcpu<R: Send + 'static>(
+        &self,
+        cpu: u32,
+        f: impl FnOnce(&mut VcpuCtl<'_>) -> R + Send + 'static,
+    ) -> Result<R, String> {
         let (tx, rx) = mpsc::channel();
-        let task: vmiscope_vmm::VcpuTask = Box::new(move |cpu| {
-            let _ = tx.send(f(cpu));
+        let task: vmiscope_vmm::VcpuTask = Box::new(move |c| {
+            let _ = tx.send(f(c));
         });
-        if !self.shared.with_vcpu(self.vcpu, task) {
+        if !self.shared.with_vcpu(cpu, task) {
             return Err("the guest has ended".into());
         }
-        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| {
-            format!(
-                "vCPU {} did not answer (stopped at another vCPU's event? `vcpu N`, or `pause`)",
-                self.vcpu
-            )
-        })
+        rx.recv_timeout(Duration::from_secs(5))
+            .map_err(|_| format!("vCPU {cpu} did not answer"))
     }
 
     /// Runs one line; errors are one line.
@@ -488,8 +482,8 @@ impl Session {
             C::Disasm { addr, count } => Output::text(self.disasm(addr, count)?),
             C::Translate(gva) => Output::text(format!("{gva:#x} -> {:#x}", self.translate(gva)?)),
             C::Pagewalk(gva) => {
-                let mode = self.shared.last_paging(self.vcpu);
-                let t = vmiscope_introspect::paging::translate(&self.shared.ram, mode, gva)
+                let mode = self.paging()?;
+                let t = vmiscope_introspect::paging::translate(self.shared.ram(), mode, gva)
                     .map_err(|e| e.to_string())?;
                 let mut out = String::new();
                 for s in &t.steps {
@@ -634,7 +628,7 @@ impl Session {
     fn where_all(&self) -> String {
         (0..self.shared.vcpu_count())
             .map(|c| {
-                let (rip, cpl) = self.shared.last_position(c);
+                let (rip, cpl) = self.shared.last_position(c).unwrap_or_default();
                 format!("vCPU {c} at {} CPL{cpl}", self.addr_name(rip))
             })
             .collect::<Vec<_>>()
@@ -643,7 +637,7 @@ impl Session {
 
     /// `0x1234 <symbol+0x10>`
     pub fn addr_name(&self, a: u64) -> String {
-        match self.shared.symbols.lookup(a) {
+        match self.shared.symbols().lookup(a) {
             Some((n, 0)) => format!("{a:#x} <{n}>"),
             Some((n, off)) if off < 0x1000 => format!("{a:#x} <{n}+{off:#x}>"),
             _ => format!("{a:#x}"),
@@ -700,16 +694,23 @@ impl Session {
         }
     }
 
+    /// The selected vCPU's paging mode at its last exit.
+    fn paging(&self) -> Result<vmiscope_introspect::paging::PagingMode, String> {
+        self.shared
+            .last_paging(self.vcpu)
+            .ok_or_else(|| format!("no vCPU {}", self.vcpu))
+    }
+
     fn translate(&self, gva: u64) -> Result<u64, String> {
-        let mode = self.shared.last_paging(self.vcpu);
-        vmiscope_introspect::paging::translate(&self.shared.ram, mode, gva)
+        let mode = self.paging()?;
+        vmiscope_introspect::paging::translate(self.shared.ram(), mode, gva)
             .map(|t| t.gpa)
             .map_err(|e| e.to_string())
     }
 
     fn read(&self, addr: u64, buf: &mut [u8], phys: bool) -> Result<(), String> {
         if phys {
-            self.shared.ram.read(addr, buf).map_err(|e| e.to_string())
+            self.shared.ram().read(addr, buf).map_err(|e| e.to_string())
         } else {
             self.shared
                 .read_virt(self.vcpu, addr, buf)
@@ -718,7 +719,7 @@ impl Session {
     }
 
     pub fn disasm(&self, addr: Option<u64>, count: usize) -> Result<String, String> {
-        let rip = self.shared.last_position(self.vcpu).0;
+        let rip = self.shared.last_position(self.vcpu).unwrap_or_default().0;
         let start = addr.unwrap_or(rip);
         let mut bytes = vec![0u8; count * 15];
         // Read what is mapped: stop at the first unreadable page.
@@ -763,7 +764,7 @@ impl Session {
             let ip = instr.ip();
             let mark = if bps.contains(&ip) { "*" } else { " " };
             let cur = if ip == rip { "=>" } else { "  " };
-            let label = match self.shared.symbols.lookup(ip) {
+            let label = match self.shared.symbols().lookup(ip) {
                 Some((s, 0)) => format!("  <{s}>"),
                 Some((s, o)) if o < 0x1000 => format!("  <{s}+{o:#x}>"),
                 _ => String::new(),

@@ -122,18 +122,7 @@ impl Tui {
             let r = if s.control.stop().is_some_and(|st| st.vcpu == cpu)
                 || !v.status.starts_with("stopped")
             {
-                s.control
-                    .on_stopped(|c| vmiscope_vmm::VcpuCtl::regs(c))
-                    .or_else(|| {
-                        let (tx, rx) = std::sync::mpsc::channel();
-                        s.shared.with_vcpu(
-                            cpu,
-                            Box::new(move |c| {
-                                let _ = tx.send(vmiscope_vmm::VcpuCtl::regs(c));
-                            }),
-                        );
-                        rx.recv_timeout(Duration::from_millis(500)).ok()
-                    })
+                s.on_vcpu(cpu, |c| vmiscope_vmm::VcpuCtl::regs(c)).ok()
             } else {
                 None
             };

@@ -16,6 +16,8 @@ pub enum VmError {
     Memory(String),
     #[error("guest-physical {0:#x} is outside RAM")]
     OutsideRam(u64),
+    #[error("no vCPU {0}")]
+    NoVcpu(u32),
     #[error("bad image: {0}")]
     Image(#[from] LoadError),
     #[error("{0}")]

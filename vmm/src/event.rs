@@ -1,5 +1,6 @@
 //! What the VMM asks its exit handler about, and the handler's reply.
 
+use crate::stats::ExitClass;
 use crate::vcpu::VcpuCtl;
 
 /// A trapped guest-physical access.
@@ -75,26 +76,38 @@ pub enum Event {
 }
 
 impl Event {
-    /// The class name used in statistics and listings.
-    pub fn class(&self) -> &'static str {
+    /// The class this event is counted under in statistics.
+    pub fn class(&self) -> ExitClass {
         match self {
-            Event::Mem(m) if m.write => "mem-write",
-            Event::Mem(_) => "mem-read",
-            Event::Mmio(_) => "mmio",
-            Event::Msr { write: Some(_), .. } => "msr-write",
-            Event::Msr { .. } => "msr-read",
-            Event::Port { .. } => "port",
-            Event::Introcall(_) => "introcall",
-            Event::Breakpoint { .. } => "breakpoint",
-            Event::SingleStep { .. } => "single-step",
-            Event::HwBreakpoint { .. } => "hw-breakpoint",
-            Event::ExecFault { .. } => "exec-fault",
-            Event::EmulationFailure { .. } => "emulation-failure",
-            Event::Halt => "halt",
-            Event::Shutdown => "shutdown",
-            Event::Kicked => "kick",
+            Event::Mem(m) if m.write => ExitClass::MemWrite,
+            Event::Mem(_) => ExitClass::MemRead,
+            Event::Mmio(_) => ExitClass::Mmio,
+            Event::Msr { write: Some(_), .. } => ExitClass::MsrWrite,
+            Event::Msr { .. } => ExitClass::MsrRead,
+            Event::Port { .. } => ExitClass::Port,
+            Event::Introcall(_) => ExitClass::Introcall,
+            Event::Breakpoint { .. } => ExitClass::Breakpoint,
+            Event::SingleStep { .. } => ExitClass::SingleStep,
+            Event::HwBreakpoint { .. } => ExitClass::HwBreakpoint,
+            Event::ExecFault { .. } => ExitClass::ExecFault,
+            Event::EmulationFailure { .. } => ExitClass::EmulationFailure,
+            Event::Halt => ExitClass::Halt,
+            Event::Shutdown => ExitClass::Shutdown,
+            Event::Kicked => ExitClass::Kick,
         }
     }
+}
+
+/// Why an exit handler ends the run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandlerStop {
+    /// The engine can no longer keep its hooks' hypervisor controls in place
+    /// (HVMI's "disable on return"): going on would run the guest unprotected.
+    #[error("introspection disabled: {0}")]
+    EngineFailed(String),
+    /// The engine panicked while handling an event.
+    #[error("the introspection engine crashed: {0}")]
+    EngineCrashed(String),
 }
 
 /// The handler's decision. The VMM applies it before the vCPU re-enters the guest.
@@ -116,8 +129,11 @@ pub enum Reply {
     /// Re-enter the guest without doing anything (the handler changed the state,
     /// e.g. lifted the trap, and the instruction must run again).
     Retry,
+    /// For one of our breakpoints: do not run the instruction under it; RIP moves
+    /// past its `len` bytes (a blocked breakpointed instruction).
+    Skip(u8),
     /// End the run with this reason.
-    Stop(String),
+    Stop(HandlerStop),
 }
 
 /// Receives every event of every vCPU (possibly from several threads at once).

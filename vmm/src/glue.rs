@@ -96,19 +96,19 @@ impl Guest for VcpuCtl<'_> {
     }
 
     fn ram_size(&self) -> u64 {
-        self.vm().ram.size()
+        self.vm().ram().size()
     }
 
     fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GlueError> {
         self.vm()
-            .ram
+            .ram()
             .read(gpa, buf)
             .map_err(|_| GlueError::OutsideRam(gpa))
     }
 
     fn write_phys(&mut self, gpa: u64, data: &[u8]) -> Result<(), GlueError> {
         self.vm()
-            .ram
+            .ram()
             .write(gpa, data)
             .map_err(|_| GlueError::OutsideRam(gpa))
     }
@@ -118,13 +118,13 @@ impl Guest for VcpuCtl<'_> {
         if n != new.len()
             || !matches!(n, 1 | 2 | 4 | 8)
             || !gpa.is_multiple_of(n as u64)
-            || !self.vm().ram.contains(gpa, n as u64)
+            || !self.vm().ram().contains(gpa, n as u64)
         {
             return Err(GlueError::Failed(format!(
                 "cmpxchg of {n} bytes at {gpa:#x}"
             )));
         }
-        let p = self.vm().ram.host_base() + gpa;
+        let p = self.vm().ram().host_base() + gpa;
         let le = |b: &[u8]| {
             let mut a = [0u8; 8];
             a[..b.len()].copy_from_slice(b);

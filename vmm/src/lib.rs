@@ -7,6 +7,7 @@ pub mod error;
 pub mod event;
 pub mod exit;
 pub mod glue;
+mod guest;
 pub mod host;
 pub mod kick;
 pub mod loader;
@@ -20,13 +21,14 @@ pub mod vcpu;
 pub mod vm;
 
 pub use error::{LoadError, VmError};
-pub use event::{Event, ExitHandler, Introcall, MemAccess, PassThrough, Reply};
+pub use event::{Event, ExitHandler, HandlerStop, Introcall, MemAccess, PassThrough, Reply};
 pub use host::HostKind;
 pub use loader::{Module, Symbols};
 pub use slots::Access;
 pub use stop::StopReason;
 pub use vcpu::{VcpuCtl, VcpuTask};
-pub use vm::{RunOutcome, Vm, VmConfig, VmShared};
+pub use stats::ExitClass;
+pub use vm::{RunOutcome, VcpuState, Vm, VmConfig, VmShared};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

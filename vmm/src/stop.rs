@@ -29,7 +29,7 @@ pub enum StopReason {
     /// The user interrupted the run (Ctrl-C, `quit`).
     User,
     /// The exit handler ended the run.
-    Handler(String),
+    Handler(crate::event::HandlerStop),
     /// The VMM itself failed.
     Error(String),
 }
@@ -93,7 +93,7 @@ impl fmt::Display for StopReason {
                 Ok(())
             }
             StopReason::User => write!(f, "stopped by the user"),
-            StopReason::Handler(m) => write!(f, "stopped by the introspection handler: {m}"),
+            StopReason::Handler(cause) => write!(f, "stopped by the introspection handler: {cause}"),
             StopReason::Error(m) => write!(f, "VMM error: {m}"),
         }
     }

@@ -15,7 +15,7 @@
 use kvm_bindings::{kvm_segment, kvm_sregs};
 use vmiscope_introspect::paging::PagingMode;
 
-use crate::vcpu::read_virt;
+use crate::guest::{cpl_of, paging_mode as mode, read_virt};
 use crate::vm::VmShared;
 
 /// RFLAGS.TF: trap after the next instruction.
@@ -37,10 +37,6 @@ impl Catch {
             Catch::Bp => 3,
         }
     }
-}
-
-fn mode(s: &kvm_sregs) -> PagingMode {
-    PagingMode::from_regs(s.cr0, s.cr3, s.cr4, s.efer)
 }
 
 /// The entry point of the guest's handler for `catch` under the vCPU's `s`, if its
@@ -67,7 +63,7 @@ pub(crate) fn entry(vm: &VmShared, s: &kvm_sregs, catch: Catch) -> Option<u64> {
 /// the host steps at this CPL, else (CPL3 on PVM) RFLAGS.TF caught at the guest's
 /// #DB entry, which needs a present #DB gate and a free debug-register slot.
 pub(crate) fn can_step(vm: &VmShared, s: &kvm_sregs) -> bool {
-    vm.host.single_step_at(crate::vcpu::cpl_of(s))
+    vm.host().single_step_at(cpl_of(s))
         || (vm.dr_slot_free() && entry(vm, s, Catch::Db).is_some())
 }
 

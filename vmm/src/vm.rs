@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::mpsc::{Sender, channel};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
@@ -23,7 +23,7 @@ use crate::loader::{self, Module, Symbols};
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::msr::MsrIntercepts;
 use crate::slots::{Access, CommitStats, Slot, SlotMap, SlotSink};
-use crate::stats::ExitCounters;
+use crate::stats::{ExitClass, ExitCounters};
 use crate::stop::StopReason;
 use crate::vcpu::{VcpuMsg, VcpuThread};
 
@@ -72,7 +72,7 @@ pub(crate) struct VcpuInfo {
     pub(crate) stats: ExitCounters,
     /// Nanoseconds since the VM started, at this vCPU's last exit.
     pub(crate) last_exit_ns: AtomicU64,
-    pub(crate) state: AtomicU8,
+    state: AtomicU8,
     /// RIP and CPL at the last exit (for timeout reports).
     pub(crate) last_rip: AtomicU64,
     pub(crate) last_cpl: AtomicU8,
@@ -83,12 +83,38 @@ pub(crate) struct VcpuInfo {
     pub(crate) paging: [AtomicU64; 4],
 }
 
-/// vCPU run states.
-pub const STATE_RUNNING: u8 = 0;
-pub const STATE_PAUSED: u8 = 1;
-pub const STATE_STOPPED: u8 = 2;
+/// Where a vCPU thread is. Transitions are made by the thread itself and
+/// announced on `VmShared`'s state condvar, so waiters block instead of polling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum VcpuState {
+    /// In the guest, or handling an exit on the way back into it.
+    Running = 0,
+    /// Waiting for messages, out of the guest (`pause`, or at entry).
+    Paused = 1,
+    /// Kept inside its exit handler at a stop (`VcpuCtl::hold`): out of the guest,
+    /// serving tasks like a paused vCPU.
+    Held = 2,
+    /// Its thread has ended (or it halted for good).
+    Stopped = 3,
+}
 
-/// What all vCPU threads share; handlers reach it through `VcpuCtl::vm()`.
+impl VcpuState {
+    fn from_u8(v: u8) -> VcpuState {
+        match v {
+            0 => VcpuState::Running,
+            1 => VcpuState::Paused,
+            2 => VcpuState::Held,
+            _ => VcpuState::Stopped,
+        }
+    }
+
+    /// Out of the guest and not about to enter it on its own.
+    pub fn is_quiet(self) -> bool {
+        self != VcpuState::Running
+    }
+}
+
 /// One of our software breakpoints.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SwBp {
@@ -99,32 +125,38 @@ pub(crate) struct SwBp {
     pub(crate) gva: Option<u64>,
 }
 
+/// What all vCPU threads share; handlers reach it through `VcpuCtl::vm()`.
 pub struct VmShared {
-    pub ram: GuestRam,
-    pub(crate) vm_fd: VmFd,
-    pub host: HostKind,
-    pub symbols: Symbols,
-    pub serial: Arc<SerialLog>,
-    pub(crate) devices: Mutex<Devices>,
+    ram: GuestRam,
+    vm_fd: VmFd,
+    host: HostKind,
+    symbols: Symbols,
+    serial: Arc<SerialLog>,
+    devices: Mutex<Devices>,
     slots: Mutex<SlotMap>,
     msrs: Mutex<MsrIntercepts>,
     /// Our software breakpoints, by guest-physical address.
-    pub(crate) sw_bps: Mutex<HashMap<u64, SwBp>>,
+    sw_bps: Mutex<HashMap<u64, SwBp>>,
     /// Bumped when VM-wide debug state changes, so each vCPU re-applies it.
-    pub(crate) debug_gen: AtomicU64,
+    debug_gen: AtomicU64,
     /// Hardware execute breakpoints (guest-virtual), the same on every vCPU.
-    pub(crate) hw_bps: Mutex<[Option<u64>; 4]>,
-    pub(crate) vcpus: Vec<VcpuInfo>,
+    hw_bps: Mutex<[Option<u64>; 4]>,
+    vcpus: Vec<VcpuInfo>,
+    /// Announces vCPU state changes (with `state_lock`): pause and resume are
+    /// acknowledged, not polled.
+    state_lock: Mutex<()>,
+    state_cv: Condvar,
     stop: Mutex<Option<StopReason>>,
     stopping: AtomicBool,
-    pub(crate) started: Instant,
+    started: Instant,
     /// Held for reading by every vCPU while it is inside KVM_RUN; a memslot commit
     /// takes it for writing, so no vCPU runs while a slot is briefly missing.
-    pub(crate) run_gate: std::sync::RwLock<()>,
+    run_gate: RwLock<()>,
     /// A commit is waiting for the gate: vCPUs must not re-enter the guest.
-    pub(crate) gate_pending: AtomicBool,
-    /// The first multi-vCPU commit has waited for every vCPU to enter the guest.
-    warmed_up: AtomicBool,
+    gate_pending: AtomicBool,
+    /// Bumped by every page-rights change and every memslot commit, so a vCPU can
+    /// tell that the slots changed between its entry and its handling of the exit.
+    slot_gen: AtomicU64,
     /// `run` has started the vCPU threads.
     running: AtomicBool,
     /// KVM ioctls issued while running, other than KVM_RUN (for `bench`).
@@ -162,6 +194,100 @@ impl Memslots<'_> {
 }
 
 impl VmShared {
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// What kind of KVM this is (PVM or hardware-virtualised).
+    pub fn host(&self) -> HostKind {
+        self.host
+    }
+
+    /// The loaded image's symbols.
+    pub fn symbols(&self) -> &Symbols {
+        &self.symbols
+    }
+
+    /// The guest's serial output.
+    pub fn serial(&self) -> &Arc<SerialLog> {
+        &self.serial
+    }
+
+    pub(crate) fn vcpu_info(&self, cpu: u32) -> &VcpuInfo {
+        &self.vcpus[cpu as usize]
+    }
+
+    pub(crate) fn debug_generation(&self) -> u64 {
+        self.debug_gen.load(Ordering::SeqCst)
+    }
+
+    /// The hardware execute breakpoints, per slot.
+    pub(crate) fn hw_breakpoints(&self) -> [Option<u64>; 4] {
+        *self.hw_bps.lock().unwrap()
+    }
+
+    pub(crate) fn has_sw_breakpoints(&self) -> bool {
+        !self.sw_bps.lock().unwrap().is_empty()
+    }
+
+    pub(crate) fn port_write(&self, port: u16, size: u8, value: u32) -> crate::devices::PortEffect {
+        self.devices.lock().unwrap().write(port, size, value)
+    }
+
+    pub(crate) fn port_read(&self, port: u16, size: u8) -> Option<u32> {
+        self.devices.lock().unwrap().read(port, size)
+    }
+
+    /// Records vCPU `cpu`'s new state and wakes whoever waits for one.
+    pub(crate) fn set_state(&self, cpu: u32, state: VcpuState) {
+        let v = &self.vcpus[cpu as usize];
+        if v.state.swap(state as u8, Ordering::SeqCst) != state as u8 {
+            let _g = self.state_lock.lock().unwrap();
+            self.state_cv.notify_all();
+        }
+    }
+
+    /// Whether every vCPU has stopped (halted for good, or its thread ended).
+    pub(crate) fn all_stopped(&self) -> bool {
+        (0..self.vcpu_count()).all(|c| self.vcpu_state(c) == Some(VcpuState::Stopped))
+    }
+
+    /// Waits (blocking on the state condvar) until `done` holds for every vCPU's
+    /// state, up to `timeout`; returns whether it did.
+    pub fn wait_states(&self, timeout: Duration, done: impl Fn(u32, VcpuState) -> bool) -> bool {
+        let t = Instant::now();
+        let mut g = self.state_lock.lock().unwrap();
+        loop {
+            if (0..self.vcpu_count()).all(|c| self.vcpu_state(c).is_some_and(|s| done(c, s))) {
+                return true;
+            }
+            let Some(left) = timeout.checked_sub(t.elapsed()) else {
+                return false;
+            };
+            g = self.state_cv.wait_timeout(g, left).unwrap().0;
+        }
+    }
+
+    /// The memslot generation (see `slot_gen`).
+    pub(crate) fn slot_generation(&self) -> u64 {
+        self.slot_gen.load(Ordering::SeqCst)
+    }
+
+    /// Takes the run gate for one KVM_RUN: waits while a memslot commit is pending
+    /// or in progress (see `commit_access`).
+    pub(crate) fn enter_gate(&self) -> RwLockReadGuard<'_, ()> {
+        loop {
+            let g = self.run_gate.read().unwrap();
+            if !self.gate_pending.load(Ordering::SeqCst) {
+                return g;
+            }
+            // A commit waits for the gate: let it have it first.
+            drop(g);
+            std::thread::yield_now();
+        }
+    }
+
     /// KVM ioctls issued while running, other than KVM_RUN.
     pub fn ioctl_count(&self) -> u64 {
         self.ioctls.load(Ordering::Relaxed)
@@ -180,7 +306,11 @@ impl VmShared {
         if !self.ram.contains(gpa, 1) {
             return Err(VmError::OutsideRam(gpa));
         }
-        Ok(self.slots.lock().unwrap().set(gpa / PAGE_SIZE, access))
+        let changed = self.slots.lock().unwrap().set(gpa / PAGE_SIZE, access);
+        if changed {
+            self.slot_gen.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(changed)
     }
 
     pub fn page_access(&self, gpa: u64) -> Access {
@@ -199,26 +329,18 @@ impl VmShared {
 
     /// Applies the recorded page-access changes as memslot changes, in one batch.
     /// A split or merge deletes a slot before creating its replacement (KVM has no
-    /// atomic replace), so with several vCPUs the others are kicked out of the guest
-    /// and held at the run gate until the slots are whole again.
+    /// atomic replace), so while the VM runs every vCPU is kicked out of the guest
+    /// and kept at the run gate (`enter_gate`) until the slots are whole again: a
+    /// vCPU in the guest during that window would find its code or page tables
+    /// gone (a triple fault on PVM). The committing thread is never inside
+    /// KVM_RUN itself (vCPU threads commit while handling an exit).
     pub fn commit_access(&self) -> Result<CommitStats, VmError> {
         let mut slots = self.slots.lock().unwrap();
         if !slots.is_dirty() {
             return Ok(CommitStats::default());
         }
         // Before `run` no vCPU executes, so there is nothing to hold off.
-        let _quiet = if self.vcpus.len() > 1 && self.running.load(Ordering::SeqCst) {
-            // Measured on PVM: a vCPU whose first guest entry comes after a memslot
-            // change triple-faults on its first instruction. Let every vCPU enter
-            // once first (bounded: an AP waiting for INIT/SIPI never does).
-            if !self.warmed_up.swap(true, Ordering::SeqCst) {
-                let t = Instant::now();
-                while self.vcpus.iter().any(|v| !v.entered.load(Ordering::SeqCst))
-                    && t.elapsed() < Duration::from_millis(200)
-                {
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-            }
+        let _quiet = if self.running.load(Ordering::SeqCst) {
             self.gate_pending.store(true, Ordering::SeqCst);
             for c in 0..self.vcpu_count() {
                 self.kick(c);
@@ -233,6 +355,7 @@ impl VmShared {
             vm: &self.vm_fd,
             host: self.ram.host_base(),
         };
+        self.slot_gen.fetch_add(1, Ordering::SeqCst);
         let st = slots
             .commit(&mut sink)
             .map_err(|e| VmError::Kvm(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
@@ -371,14 +494,15 @@ impl VmShared {
     }
 
     fn send(&self, cpu: u32, msg: VcpuMsg) {
-        if let Some(tx) = self.vcpus[cpu as usize].tx.lock().unwrap().as_ref() {
+        if let Some(tx) = self.vcpus.get(cpu as usize).and_then(|v| v.tx.lock().unwrap().clone()) {
             let _ = tx.send(msg);
         }
         self.kick(cpu);
     }
 
     /// Runs `task` on vCPU `cpu`'s thread at its next stop point: at once when it
-    /// is paused, else after its next exit (a kick forces one).
+    /// is paused or held at a stop, else after its next exit (a kick forces one).
+    /// The one path for running something on a vCPU.
     pub fn with_vcpu(&self, cpu: u32, task: crate::vcpu::VcpuTask) -> bool {
         let Some(v) = self.vcpus.get(cpu as usize) else {
             return false;
@@ -406,49 +530,50 @@ impl VmShared {
         (0..self.vcpu_count()).for_each(|c| self.send(c, VcpuMsg::Resume));
     }
 
-    /// Waits until every running vCPU has paused (or stopped).
+    /// Waits until no vCPU is in the guest (each paused, held at a stop, or
+    /// stopped), blocking on the vCPUs' acknowledgements.
     pub fn wait_paused(&self, timeout: Duration) -> bool {
-        self.wait_paused_except(None, timeout)
+        self.wait_states(timeout, |_, s| s.is_quiet())
     }
 
-    /// Like `wait_paused`, but vCPU `held` (kept inside an exit handler, which
-    /// only looks like running) is not waited for.
-    pub fn wait_paused_except(&self, held: Option<u32>, timeout: Duration) -> bool {
-        let t = Instant::now();
-        while t.elapsed() < timeout {
-            if self.vcpus.iter().enumerate().all(|(i, v)| {
-                held == Some(i as u32) || v.state.load(Ordering::SeqCst) != STATE_RUNNING
-            }) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(1));
+    /// Wakes a held vCPU so that its hold condition is looked at again.
+    pub fn wake_vcpu(&self, cpu: u32) {
+        if let Some(tx) = self.vcpus.get(cpu as usize).and_then(|v| v.tx.lock().unwrap().clone()) {
+            let _ = tx.send(VcpuMsg::Wake);
         }
-        false
     }
 
-    pub fn vcpu_state(&self, cpu: u32) -> u8 {
-        self.vcpus[cpu as usize].state.load(Ordering::SeqCst)
+    /// vCPU `cpu`'s state (None: no such vCPU).
+    pub fn vcpu_state(&self, cpu: u32) -> Option<VcpuState> {
+        let v = self.vcpus.get(cpu as usize)?;
+        Some(VcpuState::from_u8(v.state.load(Ordering::SeqCst)))
     }
 
-    /// The paging mode of `cpu` at its last exit.
-    pub fn last_paging(&self, cpu: u32) -> vmiscope_introspect::paging::PagingMode {
-        let p = &self.vcpus[cpu as usize].paging;
+    /// The paging mode of `cpu` at its last exit (None: no such vCPU).
+    pub fn last_paging(&self, cpu: u32) -> Option<vmiscope_introspect::paging::PagingMode> {
+        let p = &self.vcpus.get(cpu as usize)?.paging;
         let r = |i: usize| p[i].load(Ordering::Relaxed);
-        vmiscope_introspect::paging::PagingMode::from_regs(r(0), r(1), r(2), r(3))
+        Some(vmiscope_introspect::paging::PagingMode::from_regs(
+            r(0),
+            r(1),
+            r(2),
+            r(3),
+        ))
     }
 
     /// Reads guest-virtual memory as `cpu` saw it at its last exit.
     pub fn read_virt(&self, cpu: u32, gva: u64, buf: &mut [u8]) -> Result<(), VmError> {
-        crate::vcpu::read_virt(self, self.last_paging(cpu), gva, buf)
+        let mode = self.last_paging(cpu).ok_or(VmError::NoVcpu(cpu))?;
+        crate::guest::read_virt(self, mode, gva, buf)
     }
 
-    /// RIP and CPL of `cpu` at its last exit.
-    pub fn last_position(&self, cpu: u32) -> (u64, u8) {
-        let v = &self.vcpus[cpu as usize];
-        (
+    /// RIP and CPL of `cpu` at its last exit (None: no such vCPU).
+    pub fn last_position(&self, cpu: u32) -> Option<(u64, u8)> {
+        let v = self.vcpus.get(cpu as usize)?;
+        Some((
             v.last_rip.load(Ordering::Relaxed),
             v.last_cpl.load(Ordering::Relaxed),
-        )
+        ))
     }
 
     /// Kicks `cpu` out of the guest once (it reports `Event::Kicked` and goes on).
@@ -457,7 +582,7 @@ impl VmShared {
     }
 
     pub(crate) fn kick(&self, cpu: u32) {
-        if let Some(t) = self.vcpus[cpu as usize].thread.get() {
+        if let Some(t) = self.vcpus.get(cpu as usize).and_then(|v| v.thread.get()) {
             kick::kick(*t);
         }
     }
@@ -467,17 +592,14 @@ impl VmShared {
     }
 
     /// Per-class exit counts, summed over vCPUs, and per vCPU.
-    pub fn exit_counts(&self) -> (Vec<(&'static str, u64)>, Vec<u64>) {
-        let mut total: Vec<(&'static str, u64)> = vec![];
+    pub fn exit_counts(&self) -> (Vec<(ExitClass, u64)>, Vec<u64>) {
+        let mut total: Vec<(ExitClass, u64)> = ExitClass::ALL.iter().map(|c| (*c, 0)).collect();
         let mut per = vec![];
         for v in &self.vcpus {
             let snap = v.stats.snapshot();
             per.push(snap.iter().map(|(_, n)| n).sum());
             for (class, n) in snap {
-                match total.iter_mut().find(|(c, _)| *c == class) {
-                    Some((_, t)) => *t += n,
-                    None => total.push((class, n)),
-                }
+                total[class as usize].1 += n;
             }
         }
         total.retain(|(_, n)| *n > 0);
@@ -491,7 +613,7 @@ pub struct RunOutcome {
     pub reason: StopReason,
     pub elapsed: Duration,
     /// Exits per class, summed over vCPUs.
-    pub exits: Vec<(&'static str, u64)>,
+    pub exits: Vec<(ExitClass, u64)>,
     /// Exits per vCPU.
     pub exits_per_vcpu: Vec<u64>,
     pub serial: String,
@@ -565,7 +687,7 @@ impl Vm {
                 tx: Mutex::new(None),
                 stats: ExitCounters::default(),
                 last_exit_ns: AtomicU64::new(0),
-                state: AtomicU8::new(STATE_RUNNING),
+                state: AtomicU8::new(VcpuState::Running as u8),
                 last_rip: AtomicU64::new(0),
                 last_cpl: AtomicU8::new(0),
                 entered: AtomicBool::new(false),
@@ -588,9 +710,11 @@ impl Vm {
             stop: Mutex::new(None),
             stopping: AtomicBool::new(false),
             started: Instant::now(),
-            run_gate: std::sync::RwLock::new(()),
+            state_lock: Mutex::new(()),
+            state_cv: Condvar::new(),
+            run_gate: RwLock::new(()),
             gate_pending: AtomicBool::new(false),
-            warmed_up: AtomicBool::new(false),
+            slot_gen: AtomicU64::new(0),
             running: AtomicBool::new(false),
             ioctls: AtomicU64::new(0),
         });
@@ -639,7 +763,7 @@ impl Vm {
             let (tx, rx) = channel();
             *shared.vcpus[id].tx.lock().unwrap() = Some(tx);
             if cfg.start_paused {
-                shared.vcpus[id].state.store(STATE_PAUSED, Ordering::SeqCst);
+                shared.set_state(id as u32, VcpuState::Paused);
             }
             let t = VcpuThread::new(
                 id as u32,
@@ -714,7 +838,7 @@ fn watchdog(shared: &VmShared, timeout: Option<Duration>, tick: Duration, interr
         {
             let where_ = (0..shared.vcpu_count())
                 .map(|c| {
-                    let (rip, cpl) = shared.last_position(c);
+                    let (rip, cpl) = shared.last_position(c).unwrap_or_default();
                     (c, rip, cpl)
                 })
                 .collect();
@@ -730,7 +854,7 @@ fn watchdog(shared: &VmShared, timeout: Option<Duration>, tick: Duration, interr
             for (c, v) in shared.vcpus.iter().enumerate() {
                 let quiet = now.saturating_sub(v.last_exit_ns.load(Ordering::Relaxed))
                     >= tick.as_nanos() as u64;
-                if quiet && v.state.load(Ordering::SeqCst) == STATE_RUNNING {
+                if quiet && v.state.load(Ordering::SeqCst) == VcpuState::Running as u8 {
                     shared.kick(c as u32);
                 }
             }

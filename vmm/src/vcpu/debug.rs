@@ -9,11 +9,11 @@ use kvm_bindings::{
 use kvm_ioctls::SyncReg;
 use vmiscope_introspect::paging;
 
-use std::sync::atomic::Ordering;
-
-use super::{Flow, VcpuCtl, VcpuThread, inject};
+use super::handle::{self, Flow};
+use super::{VcpuThread, guest};
 use crate::error::VmError;
 use crate::event::{Event, Reply};
+use crate::vm::VmShared;
 use crate::memory::PAGE_SIZE;
 use crate::slots::Access;
 use crate::stop::StopReason;
@@ -56,28 +56,28 @@ pub(super) struct StepOver {
 impl VcpuThread {
     /// Applies the guest-debug controls if they changed (one ioctl, only then).
     pub(super) fn apply_debug(&mut self) -> Result<(), VmError> {
-        let generation = self.vm.debug_gen.load(Ordering::SeqCst);
+        let generation = self.vm.debug_generation();
         let mut control = 0u32;
         let mut regs = [0u64; 8];
         let step = self.debug.user_step || !self.step.stepping.is_empty();
         // KVM's single-step where it works; at CPL3 on PVM, TF and the #DB catch.
-        if step && !self.vm.host.single_step_at(self.cpl()) {
+        if step && !self.vm.host().single_step_at(self.cpl()) {
             if !self.debug.tf_step {
                 self.debug.tf_pushf = self.pushf_here();
-                self.set_regs(|r| r.rflags |= RFLAGS_TF);
+                self.edit_regs(|r| r.rflags |= RFLAGS_TF);
                 self.debug.tf_step = true;
             }
         } else if !step && self.debug.tf_step {
             // The step was called off before its #DB (another stop ended it).
-            self.set_regs(|r| r.rflags &= !RFLAGS_TF);
+            self.edit_regs(|r| r.rflags &= !RFLAGS_TF);
             self.debug.tf_step = false;
         } else if step {
             control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
         }
-        let mut slots = *self.vm.hw_bps.lock().unwrap();
+        let mut slots = self.vm.hw_breakpoints();
         let mut catches = [None; 4];
-        let sw_bps = !self.vm.sw_bps.lock().unwrap().is_empty();
-        if !self.step.hw_suspended && !self.vm.host.single_step_at(3) {
+        let sw_bps = self.vm.has_sw_breakpoints();
+        if !self.step.hw_suspended && !self.vm.host().single_step_at(3) {
             let s = self.fd.sync_regs().sregs;
             let plan = Plan::for_state(&self.vm, &s, generation, self.debug.plan);
             self.debug.plan = Some(plan);
@@ -138,11 +138,12 @@ impl VcpuThread {
                 if let Some(catch) = self.debug.catches.get(slot).copied().flatten() {
                     return self.caught(catch);
                 }
-                match self.ask(&Event::HwBreakpoint {
+                let ev = Event::HwBreakpoint {
                     rip: pc,
                     slot: slot as u8,
-                }) {
-                    Reply::Stop(m) => self.stop(StopReason::Handler(m)),
+                };
+                match handle::ask(self, &ev) {
+                    Reply::Stop(cause) => handle::stop(self, StopReason::Handler(cause)),
                     Reply::Retry => Flow::Continue,
                     _ => {
                         self.let_guest_handler_run();
@@ -151,10 +152,10 @@ impl VcpuThread {
                 }
             }
             3 => self.breakpoint(pc),
-            _ => self.stop(StopReason::Error(format!(
-                "vCPU {}: debug exit for exception {exception}",
-                self.id
-            ))),
+            _ => {
+                let why = format!("vCPU {}: debug exit for exception {exception}", self.id);
+                handle::stop(self, StopReason::Error(why))
+            }
         }
     }
 
@@ -165,10 +166,9 @@ impl VcpuThread {
             let r = std::mem::take(&mut self.step.stepping);
             self.finish_restores(&r);
         }
-        if (self.debug.user_step || !ours)
-            && let Reply::Stop(m) = self.ask(&Event::SingleStep { rip: pc })
-        {
-            return self.stop(StopReason::Handler(m));
+        if self.debug.user_step || !ours {
+            let reply = handle::ask(self, &Event::SingleStep { rip: pc });
+            return handle::stop_or_continue(self, reply);
         }
         Flow::Continue
     }
@@ -185,13 +185,14 @@ impl VcpuThread {
     /// to user mode; otherwise it is the guest's own and its handler runs.
     fn caught(&mut self, catch: Catch) -> Flow {
         let s = self.fd.sync_regs().sregs;
-        let mode = VcpuCtl::mode_of(&s);
+        let mode = guest::paging_mode(&s);
         let frame = Frame::read(&self.vm, mode, self.regs().rsp).filter(Frame::came_from_user);
         match (catch, frame) {
             (Catch::Db, Some(f)) if self.debug.tf_step => {
                 self.debug.tf_step = false;
                 if !self.undo_frame(&f, f.rip, f.rflags & !RFLAGS_TF) {
-                    return self.stop(StopReason::Error("cannot return from #DB to CPL3".into()));
+                    let why = "cannot return from #DB to CPL3".into();
+                    return handle::stop(self, StopReason::Error(why));
                 }
                 // A stepped PUSHF pushed our TF: take it out of the guest's copy,
                 // as the CPU would not have had it set.
@@ -202,13 +203,13 @@ impl VcpuThread {
             }
             (Catch::Bp, Some(f)) => {
                 let rip = f.rip.wrapping_sub(1);
-                let ours = paging::translate(&self.vm.ram, mode, rip)
+                let ours = paging::translate(self.vm.ram(), mode, rip)
                     .ok()
                     .is_some_and(|t| self.vm.sw_breakpoint_at(t.gpa).is_some());
                 if ours {
                     if !self.undo_frame(&f, rip, f.rflags) {
-                        return self
-                            .stop(StopReason::Error("cannot return from #BP to CPL3".into()));
+                        let why = "cannot return from #BP to CPL3".into();
+                        return handle::stop(self, StopReason::Error(why));
                     }
                     return self.breakpoint(rip);
                 }
@@ -219,8 +220,8 @@ impl VcpuThread {
                     ours: false,
                     cpl: 3,
                 };
-                if let Reply::Stop(m) = self.ask(&ev) {
-                    return self.stop(StopReason::Handler(m));
+                if let Reply::Stop(cause) = handle::ask(self, &ev) {
+                    return handle::stop(self, StopReason::Handler(cause));
                 }
                 self.let_guest_handler_run();
                 Flow::Continue
@@ -236,17 +237,16 @@ impl VcpuThread {
     fn pushf_here(&self) -> bool {
         let s = self.fd.sync_regs();
         let mut b = [0u8; 4];
-        let mode = VcpuCtl::mode_of(&s.sregs);
-        super::read_virt(&self.vm, mode, s.regs.rip, &mut b).is_ok() && usertrap::is_pushf(&b)
+        let mode = guest::paging_mode(&s.sregs);
+        guest::read_virt(&self.vm, mode, s.regs.rip, &mut b).is_ok() && usertrap::is_pushf(&b)
     }
 
     /// Clears TF (bit 8: bit 0 of the second byte) in the flags image at `rsp`.
     fn clear_pushed_tf(&mut self, rsp: u64) {
-        let mode = VcpuCtl::mode_of(&self.fd.sync_regs().sregs);
-        if let Ok(t) = paging::translate(&self.vm.ram, mode, rsp + 1) {
+        if let Ok(t) = paging::translate(self.vm.ram(), self.mode(), rsp + 1) {
             let mut b = [0u8];
-            if self.vm.ram.read(t.gpa, &mut b).is_ok() {
-                let _ = self.vm.ram.write(t.gpa, &[b[0] & !1]);
+            if self.vm.ram().read(t.gpa, &mut b).is_ok() {
+                let _ = self.vm.ram().write(t.gpa, &[b[0] & !1]);
             }
         }
     }
@@ -254,14 +254,15 @@ impl VcpuThread {
     /// Returns from an exception to CPL3 as IRETQ would, without running guest code.
     fn undo_frame(&mut self, f: &Frame, rip: u64, rflags: u64) -> bool {
         let mut s = self.fd.sync_regs().sregs;
-        let seg = |sel: u64| usertrap::segment(&self.vm, &s, sel as u16);
+        let vm: &VmShared = &self.vm;
+        let seg = |sel: u64| usertrap::segment(vm, &s, sel as u16);
         let (Some(cs), Some(ss)) = (seg(f.cs), seg(f.ss)) else {
             return false;
         };
         (s.cs, s.ss) = (cs, ss);
         self.fd.sync_regs_mut().sregs = s;
         self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
-        self.set_regs(|r| {
+        self.edit_regs(|r| {
             r.rip = rip;
             r.rsp = f.rsp;
             r.rflags = rflags;
@@ -274,54 +275,30 @@ impl VcpuThread {
         if self.vm.sw_breakpoint_at(gpa).is_some() {
             return self.breakpoint(gva);
         }
-        match self.ask(&Event::ExecFault { gva, gpa, cpl }) {
-            Reply::Stop(m) => self.stop(StopReason::Handler(m)),
+        match handle::ask(self, &Event::ExecFault { gva, gpa, cpl }) {
+            Reply::Stop(cause) => handle::stop(self, StopReason::Handler(cause)),
             Reply::Retry => Flow::Continue,
-            _ => {
-                if let Err(e) = self.step_over_at(gpa) {
-                    return self.stop(StopReason::Error(e.to_string()));
-                }
-                Flow::Continue
-            }
+            _ => match self.step_over_at(gpa) {
+                Ok(()) => Flow::Continue,
+                Err(e) => handle::stop(self, StopReason::Error(e.to_string())),
+            },
         }
     }
 
     pub(super) fn breakpoint(&mut self, rip: u64) -> Flow {
-        let mode = VcpuCtl::mode_of(&self.fd.sync_regs().sregs);
-        let gpa = paging::translate(&self.vm.ram, mode, rip)
+        let gpa = paging::translate(self.vm.ram(), self.mode(), rip)
             .ok()
             .map(|t| t.gpa);
         let ours = gpa.and_then(|g| self.vm.sw_breakpoint_at(g)).is_some();
         let cpl = self.cpl();
-        match self.ask(&Event::Breakpoint {
-            rip,
-            gpa,
-            ours,
-            cpl,
-        }) {
-            Reply::Stop(m) => self.stop(StopReason::Handler(m)),
-            Reply::Retry => Flow::Continue,
-            _ if ours => match self.step_over_at(gpa.expect("ours implies a translation")) {
-                Ok(()) => Flow::Continue,
-                Err(e) => self.stop(StopReason::Error(e.to_string())),
-            },
-            _ => {
-                // The guest's own INT3: deliver #BP with RIP after the INT3, as the CPU would.
-                self.set_regs(|r| r.rip = rip + 1);
-                self.vm.count_ioctls(2);
-                match inject(&self.fd, 3, None) {
-                    Ok(()) => Flow::Continue,
-                    Err(e) => self.stop(StopReason::Error(e.to_string())),
-                }
-            }
-        }
+        handle::breakpoint(self, rip, gpa, ours, cpl)
     }
 
     /// Steps over the instruction at `gpa`: opens its page if it is execute-trapped,
     /// and puts the original bytes under our INT3s on that page back for the step
     /// (so the instruction neither traps again nor reads an INT3); all of it is
     /// undone after the step.
-    fn step_over_at(&mut self, gpa: u64) -> Result<(), VmError> {
+    pub(super) fn step_over_at(&mut self, gpa: u64) -> Result<(), VmError> {
         let page = gpa & !(PAGE_SIZE - 1);
         let access = self.vm.page_access(page);
         let mut restores = Vec::new();
@@ -331,7 +308,7 @@ impl VcpuThread {
         }
         let on_page = self.vm.sw_breakpoints().into_iter();
         for (g, orig) in on_page.filter(|(g, _)| *g & !(PAGE_SIZE - 1) == page) {
-            self.vm.ram.write(g, &[orig])?;
+            self.vm.ram().write(g, &[orig])?;
             restores.push(Restore::SwBp { gpa: g });
         }
         self.begin_step_over(restores);
@@ -363,7 +340,7 @@ impl VcpuThread {
                 }
                 Restore::SwBp { gpa } => {
                     if self.vm.sw_breakpoint_at(gpa).is_some() {
-                        let _ = self.vm.ram.write(gpa, &[0xcc]);
+                        let _ = self.vm.ram().write(gpa, &[0xcc]);
                     }
                 }
                 Restore::HwBps => self.step.hw_suspended = false,

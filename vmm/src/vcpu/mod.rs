@@ -1,9 +1,10 @@
-//! One vCPU thread: a small state machine (running / paused / stopped) driven by
-//! messages, around KVM_RUN and `handle_exit`.
+//! One vCPU thread: a small state machine (running / paused / held / stopped)
+//! driven by messages, around KVM_RUN and `handle::handle_exit`.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::Duration;
 
 use kvm_bindings::{
     KVM_INTERNAL_ERROR_EMULATION, KVM_MP_STATE_RUNNABLE, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
@@ -12,23 +13,26 @@ use kvm_bindings::{
 use kvm_ioctls::{SyncReg, VcpuFd, VmFd};
 use vmiscope_introspect::paging::{self, PagingMode, Translation, WalkError};
 
-use crate::devices::{INTROCALL_MAGIC, PortEffect};
 use crate::error::VmError;
-use crate::event::{Event, ExitHandler, Introcall, MemAccess, Reply};
+use crate::event::{Event, ExitHandler, Reply};
 use crate::exit::{RawExit, decode};
+use crate::guest;
 use crate::kick;
 use crate::loader::{self, EntryState};
-use crate::memory::PAGE_SIZE;
 use crate::slots::Access;
+use crate::stats::ExitClass;
 use crate::stop::StopReason;
 use crate::usertrap;
-use crate::vm::{STATE_PAUSED, STATE_RUNNING, STATE_STOPPED, VmConfig, VmShared};
+use crate::vm::{VcpuState, VmConfig, VmShared};
 
+mod backend;
 mod debug;
+pub(crate) mod handle;
 use debug::{DebugState, StepOver};
+use handle::Flow;
 
 /// Work run on a vCPU's own thread with its `VcpuCtl` (register and memory access
-/// for the console while the vCPU is paused).
+/// for the console while the vCPU is paused or held at a stop).
 pub type VcpuTask = Box<dyn FnOnce(&mut VcpuCtl<'_>) + Send>;
 
 /// Messages that drive a vCPU's state machine.
@@ -36,8 +40,11 @@ pub enum VcpuMsg {
     Pause,
     Resume,
     Stop,
-    /// Run this on the vCPU thread at its next stop point (now, if paused).
+    /// Run this on the vCPU thread at its next stop point: now, if it is paused or
+    /// held; after its next exit (a kick forces one) if it runs.
     With(VcpuTask),
+    /// Wakes a held vCPU so that it looks at its hold condition again.
+    Wake,
 }
 
 /// Creates and initialises vCPU `id` for `entry`.
@@ -95,6 +102,8 @@ pub struct VcpuCtl<'a> {
     fd: &'a mut VcpuFd,
     vm: &'a VmShared,
     debug: &'a mut DebugState,
+    rx: &'a Receiver<VcpuMsg>,
+    paused: &'a mut bool,
 }
 
 impl VcpuCtl<'_> {
@@ -128,22 +137,21 @@ impl VcpuCtl<'_> {
     }
 
     pub fn cpl(&self) -> u8 {
-        cpl_of(&self.sregs())
+        guest::cpl_of(&self.sregs())
     }
 
     pub fn paging_mode(&self) -> PagingMode {
-        let s = self.sregs();
-        PagingMode::from_regs(s.cr0, s.cr3, s.cr4, s.efer)
+        guest::paging_mode(&self.sregs())
     }
 
     /// Translates a guest-virtual address with the vCPU's current page tables.
     pub fn translate(&self, gva: u64) -> Result<Translation, WalkError> {
-        paging::translate(&self.vm.ram, self.paging_mode(), gva)
+        paging::translate(self.vm.ram(), self.paging_mode(), gva)
     }
 
     /// Reads guest-virtual memory (page by page through the guest's tables).
     pub fn read_virt(&self, gva: u64, buf: &mut [u8]) -> Result<(), VmError> {
-        read_virt(self.vm, self.paging_mode(), gva, buf)
+        guest::read_virt(self.vm, self.paging_mode(), gva, buf)
     }
 
     /// An extended control register (XCR0 …); one KVM_GET_XCRS ioctl, so poll it
@@ -183,7 +191,7 @@ impl VcpuCtl<'_> {
 
     /// Reads an MSR (one KVM_GET_MSRS).
     pub fn msr(&self, index: u32) -> Option<u64> {
-        get_msr(self.vm, self.fd, index)
+        guest::get_msr(self.vm, self.fd, index)
     }
 
     /// Whether a single-step from here can work: KVM's where the host steps at this
@@ -215,56 +223,49 @@ impl VcpuCtl<'_> {
     /// Injects an exception into the guest on the next entry.
     pub fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), VmError> {
         self.vm.count_ioctls(2);
-        inject(self.fd, vector, error_code)
+        guest::inject(self.fd, vector, error_code)
     }
-}
 
-pub(crate) fn cpl_of(s: &kvm_sregs) -> u8 {
-    if s.cr0 & 1 == 0 {
-        0
-    } else {
-        (s.cs.selector & 3) as u8
+    /// Keeps this vCPU inside its exit handler (state `Held`) while `until`
+    /// returns None, serving tasks sent with `VmShared::with_vcpu` meanwhile: the
+    /// same path as for a paused vCPU. Wake it with `VmShared::wake_vcpu` when the
+    /// condition may have changed. Returns `until`'s answer, or None when the run
+    /// ends.
+    pub fn hold<R>(&mut self, mut until: impl FnMut(&mut VcpuCtl<'_>) -> Option<R>) -> Option<R> {
+        self.vm.set_state(self.id, VcpuState::Held);
+        let r = loop {
+            if let Some(r) = until(self) {
+                break Some(r);
+            }
+            if self.vm.is_stopping() {
+                break None;
+            }
+            // Bounded, so a stop of the whole run is noticed even without a message.
+            match self.rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(msg) => {
+                    if !self.take_message(msg) {
+                        self.vm.stop(StopReason::User);
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break None,
+            }
+        };
+        self.vm.set_state(self.id, VcpuState::Running);
+        r
     }
-}
 
-pub(crate) fn read_virt(
-    vm: &VmShared,
-    mode: PagingMode,
-    gva: u64,
-    buf: &mut [u8],
-) -> Result<(), VmError> {
-    let mut done = 0usize;
-    while done < buf.len() {
-        let va = gva + done as u64;
-        let t = paging::translate(&vm.ram, mode, va).map_err(|e| VmError::Memory(e.to_string()))?;
-        let n = ((PAGE_SIZE - (va & (PAGE_SIZE - 1))) as usize).min(buf.len() - done);
-        vm.ram.read(t.gpa, &mut buf[done..done + n])?;
-        done += n;
+    /// Acts on one message; false for `Stop`.
+    fn take_message(&mut self, msg: VcpuMsg) -> bool {
+        match msg {
+            VcpuMsg::Pause => *self.paused = true,
+            VcpuMsg::Resume => *self.paused = false,
+            VcpuMsg::With(task) => task(self),
+            VcpuMsg::Wake => {}
+            VcpuMsg::Stop => return false,
+        }
+        true
     }
-    Ok(())
-}
-
-/// One MSR through KVM_GET_MSRS.
-fn get_msr(vm: &VmShared, fd: &VcpuFd, index: u32) -> Option<u64> {
-    vm.count_ioctls(1);
-    let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-        index,
-        ..Default::default()
-    }])
-    .ok()?;
-    (fd.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)
-}
-
-fn inject(fd: &VcpuFd, vector: u8, error_code: Option<u32>) -> Result<(), VmError> {
-    let mut ev = fd
-        .get_vcpu_events()
-        .map_err(VmError::ioctl("KVM_GET_VCPU_EVENTS"))?;
-    ev.exception.injected = 1;
-    ev.exception.nr = vector;
-    ev.exception.has_error_code = error_code.is_some() as u8;
-    ev.exception.error_code = error_code.unwrap_or(0);
-    fd.set_vcpu_events(&ev)
-        .map_err(VmError::ioctl("KVM_SET_VCPU_EVENTS"))
 }
 
 pub(crate) struct VcpuThread {
@@ -278,13 +279,11 @@ pub(crate) struct VcpuThread {
     /// RIP at the last kick that found no exit since the one before.
     kick_rip: Option<u64>,
     exits_since_kick: u64,
-    start_paused: bool,
-}
-
-/// What the loop does after an exit.
-enum Flow {
-    Continue,
-    Stop,
+    /// The memslot generation when the vCPU last entered the guest.
+    entered_slots: u64,
+    /// Paused: the loop waits for messages instead of entering the guest (also
+    /// set by a pause that arrives while the vCPU is held at a stop).
+    paused: bool,
 }
 
 impl VcpuThread {
@@ -297,7 +296,7 @@ impl VcpuThread {
         start_paused: bool,
     ) -> Self {
         VcpuThread {
-            start_paused,
+            paused: start_paused,
             id,
             fd,
             vm,
@@ -307,111 +306,116 @@ impl VcpuThread {
             step: StepOver::default(),
             kick_rip: None,
             exits_since_kick: 0,
+            entered_slots: 0,
         }
     }
 
     fn info(&self) -> &crate::vm::VcpuInfo {
-        &self.vm.vcpus[self.id as usize]
+        self.vm.vcpu_info(self.id)
+    }
+
+    fn ctl(&mut self) -> VcpuCtl<'_> {
+        VcpuCtl {
+            id: self.id,
+            fd: &mut self.fd,
+            vm: &self.vm,
+            debug: &mut self.debug,
+            rx: &self.rx,
+            paused: &mut self.paused,
+        }
     }
 
     pub(crate) fn run(mut self) {
         kick::register_thread(self.fd.get_kvm_run());
-        let mut paused = self.start_paused;
-        loop {
-            loop {
-                match self.rx.try_recv() {
-                    Ok(VcpuMsg::Pause) => paused = true,
-                    Ok(VcpuMsg::Resume) => paused = false,
-                    Ok(VcpuMsg::With(task)) => self.run_task(task),
-                    Ok(VcpuMsg::Stop) | Err(TryRecvError::Disconnected) => {
-                        self.vm.stop(StopReason::User);
-                        break;
-                    }
-                    Err(TryRecvError::Empty) => break,
-                }
-            }
-            if self.vm.is_stopping() {
-                break;
-            }
-            if paused {
-                self.info().state.store(STATE_PAUSED, Ordering::SeqCst);
-                match self.rx.recv() {
-                    Ok(VcpuMsg::Resume) => {
-                        paused = false;
-                        self.info().state.store(STATE_RUNNING, Ordering::SeqCst);
-                    }
-                    Ok(VcpuMsg::Pause) => {}
-                    Ok(VcpuMsg::With(task)) => self.run_task(task),
-                    Ok(VcpuMsg::Stop) | Err(_) => break,
-                }
+        while self.serve_messages() {
+            if self.paused {
                 continue;
             }
             if let Err(e) = self.apply_debug() {
                 self.vm.stop(StopReason::Error(e.to_string()));
                 break;
             }
-            let raw = match self.fd.run() {
+            let raw = self.enter_guest();
+            let Some(raw) = raw else { break };
+            self.note_exit(raw);
+            let handler = self.handler.clone();
+            handler.on_exit(&mut self.ctl());
+            if let Flow::Stop = handle::handle_exit(&mut self, raw) {
+                break;
+            }
+        }
+        self.vm.set_state(self.id, VcpuState::Stopped);
+        kick::unregister_thread();
+    }
+
+    /// Drains the message queue (blocking while paused); false once the run ends.
+    fn serve_messages(&mut self) -> bool {
+        loop {
+            if self.vm.is_stopping() {
+                return false;
+            }
+            let msg = if self.paused {
+                self.vm.set_state(self.id, VcpuState::Paused);
+                match self.rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => return false,
+                }
+            } else {
+                match self.rx.try_recv() {
+                    Ok(m) => m,
+                    Err(TryRecvError::Empty) => {
+                        self.vm.set_state(self.id, VcpuState::Running);
+                        return true;
+                    }
+                    Err(TryRecvError::Disconnected) => return false,
+                }
+            };
+            if !self.ctl().take_message(msg) {
+                self.vm.stop(StopReason::User);
+                return false;
+            }
+        }
+    }
+
+    /// One KVM_RUN, inside the memslot run gate (see `VmShared::commit_access`):
+    /// a slot split or merge never happens while this vCPU is in the guest.
+    fn enter_guest(&mut self) -> Option<RawExit> {
+        let raw = {
+            let _gate = self.vm.enter_gate();
+            self.entered_slots = self.vm.slot_generation();
+            match self.fd.run() {
                 Ok(exit) => decode(&exit),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => RawExit::Intr,
                 Err(e) => {
                     self.vm
                         .stop(StopReason::Error(format!("vCPU {}: KVM_RUN: {e}", self.id)));
-                    break;
+                    return None;
                 }
-            };
-            if raw == RawExit::Intr {
-                self.fd.set_kvm_immediate_exit(0);
-            } else {
-                self.info().entered.store(true, Ordering::SeqCst);
             }
-            let s = self.fd.sync_regs();
-            let info = self.info();
-            info.last_exit_ns.store(self.vm.now_ns(), Ordering::Relaxed);
-            info.last_rip.store(s.regs.rip, Ordering::Relaxed);
-            info.last_cpl.store(cpl_of(&s.sregs), Ordering::Relaxed);
-            for (slot, v) in
-                info.paging
-                    .iter()
-                    .zip([s.sregs.cr0, s.sregs.cr3, s.sregs.cr4, s.sregs.efer])
-            {
-                slot.store(v, Ordering::Relaxed);
-            }
-            {
-                let mut ctl = VcpuCtl {
-                    id: self.id,
-                    fd: &mut self.fd,
-                    vm: &self.vm,
-                    debug: &mut self.debug,
-                };
-                self.handler.on_exit(&mut ctl);
-            }
-            if let Flow::Stop = self.handle(raw) {
-                break;
-            }
+        };
+        if raw == RawExit::Intr {
+            self.fd.set_kvm_immediate_exit(0);
+        } else {
+            self.info().entered.store(true, Ordering::SeqCst);
+            self.exits_since_kick += 1;
         }
-        self.info().state.store(STATE_STOPPED, Ordering::SeqCst);
-        kick::unregister_thread();
+        Some(raw)
     }
 
-    fn run_task(&mut self, task: VcpuTask) {
-        let mut ctl = VcpuCtl {
-            id: self.id,
-            fd: &mut self.fd,
-            vm: &self.vm,
-            debug: &mut self.debug,
-        };
-        task(&mut ctl);
-    }
-
-    fn ask(&mut self, event: &Event) -> Reply {
-        self.info().stats.bump(event.class());
-        let mut ctl = VcpuCtl {
-            id: self.id,
-            fd: &mut self.fd,
-            vm: &self.vm,
-            debug: &mut self.debug,
-        };
-        self.handler.on_event(&mut ctl, event)
+    /// Publishes where the vCPU is, for other threads (timeouts, the console).
+    fn note_exit(&self, _raw: RawExit) {
+        let s = self.fd.sync_regs();
+        let info = self.info();
+        info.last_exit_ns.store(self.vm.now_ns(), Ordering::Relaxed);
+        info.last_rip.store(s.regs.rip, Ordering::Relaxed);
+        info.last_cpl.store(guest::cpl_of(&s.sregs), Ordering::Relaxed);
+        for (slot, v) in info
+            .paging
+            .iter()
+            .zip([s.sregs.cr0, s.sregs.cr3, s.sregs.cr4, s.sregs.efer])
+        {
+            slot.store(v, Ordering::Relaxed);
+        }
     }
 
     fn regs(&self) -> kvm_regs {
@@ -419,325 +423,72 @@ impl VcpuThread {
     }
 
     fn cpl(&self) -> u8 {
-        cpl_of(&self.fd.sync_regs().sregs)
+        guest::cpl_of(&self.fd.sync_regs().sregs)
     }
 
-    fn set_regs(&mut self, f: impl FnOnce(&mut kvm_regs)) {
+    fn mode(&self) -> PagingMode {
+        guest::paging_mode(&self.fd.sync_regs().sregs)
+    }
+
+    fn edit_regs(&mut self, f: impl FnOnce(&mut kvm_regs)) {
         f(&mut self.fd.sync_regs_mut().regs);
         self.fd.set_sync_dirty_reg(SyncReg::Register);
     }
 
-    fn stop(&self, reason: StopReason) -> Flow {
-        self.vm.stop(reason);
-        Flow::Stop
-    }
-
-    fn handle(&mut self, raw: RawExit) -> Flow {
-        if raw != RawExit::Intr {
-            self.exits_since_kick += 1;
-        }
-        // A step-over that could not single-step finishes at the next exit.
-        if !self.step.deferred.is_empty() && !matches!(raw, RawExit::Debug { .. }) {
-            let d = std::mem::take(&mut self.step.deferred);
-            self.finish_restores(&d);
-        }
-        match raw {
-            RawExit::IoOut { port, size, value } => self.io_out(port, size, value),
-            RawExit::IoIn { port, size } => self.io_in(port, size),
-            RawExit::MmioRead { gpa, len } => self.mmio_read(gpa, len),
-            RawExit::MmioWrite { gpa, len, data } => self.mmio_write(gpa, len, data),
-            RawExit::RdMsr { index } => self.msr(index, None),
-            RawExit::WrMsr { index, value } => self.msr(index, Some(value)),
-            RawExit::Debug { exception, pc, dr6 } => self.debug_exit(exception, pc, dr6),
-            RawExit::InternalError => self.internal_error(),
-            RawExit::Hlt => match self.ask(&Event::Halt) {
-                Reply::Stop(m) => self.stop(StopReason::Handler(m)),
-                _ => {
-                    self.info().state.store(STATE_STOPPED, Ordering::SeqCst);
-                    if self
-                        .vm
-                        .vcpus
-                        .iter()
-                        .all(|v| v.state.load(Ordering::SeqCst) == STATE_STOPPED)
-                    {
-                        self.vm.stop(StopReason::AllHalted);
-                    }
-                    Flow::Stop
-                }
-            },
-            RawExit::Shutdown => {
-                let _ = self.ask(&Event::Shutdown);
-                self.stop(StopReason::TripleFault {
-                    cpu: self.id,
-                    rip: self.regs().rip,
-                })
-            }
-            RawExit::Intr => self.kicked(),
-            RawExit::FailEntry { reason } => self.stop(StopReason::Error(format!(
-                "vCPU {}: VM entry failed (reason {reason:#x})",
-                self.id
-            ))),
-            RawExit::SystemEvent { kind } => self.stop(match kind {
-                kvm_bindings::KVM_SYSTEM_EVENT_RESET => StopReason::Reset,
-                _ => StopReason::GuestExit(0),
-            }),
-            RawExit::Other(what) => {
-                self.stop(StopReason::Error(format!("vCPU {}: {what}", self.id)))
-            }
-        }
-    }
-
-    fn kicked(&mut self) -> Flow {
+    fn kick_exit(&mut self) -> Flow {
         self.debug.plan = None;
         let rip = self.regs().rip;
         let quiet = self.exits_since_kick == 0;
         self.exits_since_kick = 0;
         if quiet && self.cpl() == 0 && self.is_hypercall_at(rip) {
             if self.kick_rip == Some(rip) {
-                return self.stop(StopReason::Livelock { cpu: self.id, rip });
+                let cpu = self.id;
+                return handle::stop(self, StopReason::Livelock { cpu, rip });
             }
             self.kick_rip = Some(rip);
         } else {
             self.kick_rip = None;
         }
-        match self.ask(&Event::Kicked) {
-            Reply::Stop(m) => self.stop(StopReason::Handler(m)),
-            _ => Flow::Continue,
-        }
+        let reply = handle::ask(self, &Event::Kicked);
+        handle::stop_or_continue(self, reply)
     }
 
     fn is_hypercall_at(&self, rip: u64) -> bool {
         let mut b = [0u8; 3];
-        let mode = VcpuCtl::mode_of(&self.fd.sync_regs().sregs);
-        read_virt(&self.vm, mode, rip, &mut b).is_ok()
+        guest::read_virt(&self.vm, self.mode(), rip, &mut b).is_ok()
             && (b == [0x0f, 0x01, 0xc1] || b == [0x0f, 0x01, 0xd9])
     }
 
-    fn io_out(&mut self, port: u16, size: u8, value: u32) -> Flow {
-        self.info().stats.bump("io");
-        let effect = self.vm.devices.lock().unwrap().write(port, size, value);
-        match effect {
-            PortEffect::None => Flow::Continue,
-            PortEffect::Exit(status) => self.stop(StopReason::GuestExit(status)),
-            PortEffect::Reset => self.stop(StopReason::Reset),
-            PortEffect::Doorbell if self.regs().rax == INTROCALL_MAGIC => {
-                let r = self.regs();
-                let call = Introcall {
-                    op: r.rdi,
-                    args: [r.rsi, r.rdx, r.rbx],
-                    rip: r.rip,
-                    cpl: self.cpl(),
-                };
-                match self.ask(&Event::Introcall(call)) {
-                    Reply::Data(v) => self.set_regs(|r| {
-                        r.rax = 0;
-                        r.rbx = v;
-                    }),
-                    Reply::Stop(m) => return self.stop(StopReason::Handler(m)),
-                    _ => self.set_regs(|r| r.rax = u64::MAX),
-                }
-                Flow::Continue
-            }
-            PortEffect::Doorbell | PortEffect::Unclaimed => {
-                match self.ask(&Event::Port {
-                    port,
-                    size,
-                    write: Some(value),
-                }) {
-                    Reply::Stop(m) => self.stop(StopReason::Handler(m)),
-                    _ => Flow::Continue,
-                }
-            }
-        }
-    }
-
-    fn io_in(&mut self, port: u16, size: u8) -> Flow {
-        self.info().stats.bump("io");
-        let claimed = self.vm.devices.lock().unwrap().read(port, size);
-        let value = match claimed {
-            Some(v) => v,
-            None => match self.ask(&Event::Port {
-                port,
-                size,
-                write: None,
-            }) {
-                Reply::Data(v) => v as u32,
-                Reply::Stop(m) => return self.stop(StopReason::Handler(m)),
-                _ => u32::MAX,
-            },
-        };
-        self.complete_io_in(value);
-        Flow::Continue
-    }
-
-    fn complete_io_in(&mut self, value: u32) {
-        let run = self.fd.get_kvm_run();
-        // SAFETY: the last exit was KVM_EXIT_IO (direction in), so `io` is the live
-        // union member and data_offset points inside the mapped kvm_run area, with
-        // room for size * count bytes.
-        unsafe {
-            let io = run.__bindgen_anon_1.io;
-            let p = (run as *mut kvm_bindings::kvm_run as *mut u8).add(io.data_offset as usize);
-            for (i, b) in value
-                .to_le_bytes()
-                .iter()
-                .take((io.size as usize).min(4))
-                .enumerate()
-            {
-                *p.add(i) = *b;
-            }
-        }
-    }
-
-    fn complete_mmio_read(&mut self, value: u64) {
-        let run = self.fd.get_kvm_run();
-        // SAFETY: the last exit was KVM_EXIT_MMIO (read), so `mmio` is the live union member.
-        unsafe {
-            let mmio = &mut run.__bindgen_anon_1.mmio;
-            let n = (mmio.len as usize).min(8);
-            mmio.data[..n].copy_from_slice(&value.to_le_bytes()[..n]);
-        }
-    }
-
-    fn mem_access(&self, gpa: u64, len: u8, write: bool, data: u64) -> MemAccess {
-        MemAccess {
-            gpa,
-            len,
-            write,
-            data,
-            rip: self.regs().rip,
-            cpl: self.cpl(),
-        }
-    }
-
-    fn mmio_read(&mut self, gpa: u64, len: u8) -> Flow {
-        let in_ram = self.vm.ram.contains(gpa, len as u64);
-        let acc = self.mem_access(gpa, len, false, 0);
-        let vm = self.vm.clone();
-        let ram_value = move || {
-            let mut b = [0u8; 8];
-            let _ = vm.ram.read(gpa, &mut b[..len.min(8) as usize]);
-            u64::from_le_bytes(b)
-        };
-        // A read of a page that is no longer trapped (a commit raced with this exit)
-        // is served silently.
-        let value = if in_ram && self.vm.page_access(gpa) != Access::AllTrap {
-            ram_value()
-        } else {
-            let ev = if in_ram {
-                Event::Mem(acc)
-            } else {
-                Event::Mmio(acc)
-            };
-            match self.ask(&ev) {
-                Reply::Data(v) => v,
-                Reply::Stop(m) => return self.stop(StopReason::Handler(m)),
-                _ if in_ram => ram_value(),
-                _ => u64::MAX,
-            }
-        };
-        self.complete_mmio_read(value);
-        Flow::Continue
-    }
-
-    fn mmio_write(&mut self, gpa: u64, len: u8, data: u64) -> Flow {
-        let in_ram = self.vm.ram.contains(gpa, len as u64);
-        let apply = |vm: &VmShared| {
-            let _ = vm
-                .ram
-                .write(gpa, &data.to_le_bytes()[..len.min(8) as usize]);
-        };
-        if in_ram && self.vm.page_access(gpa) == Access::Full {
-            apply(&self.vm);
-            return Flow::Continue;
-        }
-        let acc = self.mem_access(gpa, len, true, data);
-        let ev = if in_ram {
-            Event::Mem(acc)
-        } else {
-            Event::Mmio(acc)
-        };
-        match self.ask(&ev) {
-            Reply::Continue if in_ram => apply(&self.vm),
-            Reply::Stop(m) => return self.stop(StopReason::Handler(m)),
-            _ => {}
-        }
-        Flow::Continue
-    }
-
-    fn msr(&mut self, index: u32, write: Option<u64>) -> Flow {
-        let rip = self.regs().rip;
-        let reply = self.ask(&Event::Msr { index, write, rip });
-        let (error, data) = match (reply, write) {
-            (Reply::Stop(m), _) => return self.stop(StopReason::Handler(m)),
-            (Reply::Deny, _) => (1u8, 0u64),
-            (Reply::Data(v), None) => (0, v),
-            (_, None) => match self.get_msr(index) {
-                Some(v) => (0, v),
-                None => (1, 0),
-            },
-            (Reply::Continue, Some(v)) => (!self.set_msr(index, v) as u8, 0),
-            (_, Some(_)) => (0, 0),
-        };
-        let run = self.fd.get_kvm_run();
-        // SAFETY: the last exit was KVM_EXIT_X86_RDMSR/WRMSR, so `msr` is the live union member.
-        unsafe {
-            let m = &mut run.__bindgen_anon_1.msr;
-            m.error = error;
-            if write.is_none() {
-                m.data = data;
-            }
-        }
-        Flow::Continue
-    }
-
-    fn get_msr(&self, index: u32) -> Option<u64> {
-        get_msr(&self.vm, &self.fd, index)
-    }
-
-    /// KVM does not apply a write it handed to user space: the VMM must.
-    fn set_msr(&self, index: u32, data: u64) -> bool {
-        self.vm.count_ioctls(1);
-        kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-            index,
-            data,
-            ..Default::default()
-        }])
-        .ok()
-        .and_then(|m| self.fd.set_msrs(&m).ok())
-            == Some(1)
-    }
-
-    fn internal_error(&mut self) -> Flow {
-        let run = self.fd.get_kvm_run();
-        // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the live union member.
-        let (suberror, data) = unsafe {
-            (
-                run.__bindgen_anon_1.internal.suberror,
-                run.__bindgen_anon_1.internal.data,
-            )
-        };
+    fn emulation_failure(&mut self) -> Flow {
+        let data = self.internal_error_data();
+        let (suberror, data) = data;
         let rip = self.regs().rip;
         let cpl = self.cpl();
-        let mode = VcpuCtl::mode_of(&self.fd.sync_regs().sregs);
-        let gpa = paging::translate(&self.vm.ram, mode, rip)
+        let mode = self.mode();
+        let gpa = paging::translate(self.vm.ram(), mode, rip)
             .ok()
             .map(|t| t.gpa);
         if suberror == KVM_INTERNAL_ERROR_EMULATION {
+            let access = gpa.map(|g| self.vm.page_access(g));
+            // The page rights changed since this vCPU entered (another vCPU opened
+            // an execute-trapped page to step over it, say): the fetch may have
+            // failed on a page that is there now. Run the instruction again. Read
+            // after `access`: a change that `access` missed shows here.
+            if self.vm.slot_generation() != self.entered_slots {
+                return Flow::Continue;
+            }
             // An instruction fetch from a page with no memslot: our execute trap.
-            if let Some(gpa) = gpa
-                && self.vm.page_access(gpa) == Access::AllTrap
-            {
+            if let (Some(gpa), Some(Access::AllTrap)) = (gpa, access) {
                 return self.exec_fault(rip, gpa, cpl);
             }
             // INT3 at CPL0 on a PVM host: KVM's emulator cannot run it.
             let mut b = [0u8];
-            if read_virt(&self.vm, mode, rip, &mut b).is_ok() && b[0] == 0xcc {
+            if guest::read_virt(&self.vm, mode, rip, &mut b).is_ok() && b[0] == 0xcc {
                 return self.breakpoint(rip);
             }
         }
         let mut bytes = [0u8; 15];
-        let len = match read_virt(&self.vm, mode, rip, &mut bytes) {
+        let len = match guest::read_virt(&self.vm, mode, rip, &mut bytes) {
             Ok(()) => 15,
             // The kernel's copy: data[1] = insn_size | bytes…
             Err(_) => {
@@ -749,20 +500,24 @@ impl VcpuThread {
         if self.fixup(&bytes[..len as usize]) {
             return Flow::Continue;
         }
-        match self.ask(&Event::EmulationFailure {
+        let ev = Event::EmulationFailure {
             rip,
             bytes,
             len,
             cpl,
-        }) {
+        };
+        match handle::ask(self, &ev) {
             Reply::Retry => Flow::Continue,
-            Reply::Stop(m) => self.stop(StopReason::Handler(m)),
-            _ => self.stop(StopReason::EmulationFailure {
-                cpu: self.id,
-                rip,
-                cpl,
-                bytes: bytes[..len as usize].to_vec(),
-            }),
+            Reply::Stop(cause) => handle::stop(self, StopReason::Handler(cause)),
+            _ => {
+                let reason = StopReason::EmulationFailure {
+                    cpu: self.id,
+                    rip,
+                    cpl,
+                    bytes: bytes[..len as usize].to_vec(),
+                };
+                handle::stop(self, reason)
+            }
         }
     }
 
@@ -772,39 +527,22 @@ impl VcpuThread {
         // XGETBV: read the XCR through KVM_GET_XCRS.
         if bytes.starts_with(&[0x0f, 0x01, 0xd0]) {
             let index = self.regs().rcx as u32;
-            self.vm.count_ioctls(1);
-            let Ok(xcrs) = self.fd.get_xcrs() else {
+            let Some(v) = self.ctl().xcr(index) else {
                 return false;
             };
-            let Some(x) = xcrs.xcrs[..xcrs.nr_xcrs as usize]
-                .iter()
-                .find(|x| x.xcr == index)
-            else {
-                return false;
-            };
-            let v = x.value;
-            self.set_regs(|r| {
+            self.edit_regs(|r| {
                 r.rax = v & 0xffff_ffff;
                 r.rdx = v >> 32;
                 r.rip += 3;
             });
-            self.info().stats.bump("fixup");
+            self.info().stats.bump(ExitClass::Fixup);
             return true;
         }
         false
     }
 }
 
-impl VcpuCtl<'_> {
-    fn mode_of(s: &kvm_sregs) -> PagingMode {
-        PagingMode::from_regs(s.cr0, s.cr3, s.cr4, s.efer)
-    }
-}
 
 /// Marks for the compiler that the sync-register flags are the ones KVM uses.
 const _: () = assert!(KVM_SYNC_X86_REGS == 1 && KVM_SYNC_X86_SREGS == 2);
 
-#[allow(dead_code)]
-fn _running_state_is_zero() -> bool {
-    STATE_RUNNING == 0
-}

@@ -1,0 +1,79 @@
+//! Reading guest state the way the guest sees it: its privilege level, its paging
+//! mode, its virtual memory, an MSR, an injected exception. Shared by the vCPU
+//! loop, the debug machinery and the user-mode catches (`usertrap`).
+
+use kvm_bindings::kvm_sregs;
+use kvm_ioctls::VcpuFd;
+use vmiscope_introspect::paging::{self, PagingMode};
+
+use crate::error::VmError;
+use crate::memory::PAGE_SIZE;
+use crate::vm::VmShared;
+
+/// The CPL of a vCPU in state `s` (0 before protected mode).
+pub(crate) fn cpl_of(s: &kvm_sregs) -> u8 {
+    if s.cr0 & 1 == 0 {
+        0
+    } else {
+        (s.cs.selector & 3) as u8
+    }
+}
+
+pub(crate) fn paging_mode(s: &kvm_sregs) -> PagingMode {
+    PagingMode::from_regs(s.cr0, s.cr3, s.cr4, s.efer)
+}
+
+/// Reads guest-virtual memory page by page through the guest's tables.
+pub(crate) fn read_virt(
+    vm: &VmShared,
+    mode: PagingMode,
+    gva: u64,
+    buf: &mut [u8],
+) -> Result<(), VmError> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let va = gva.wrapping_add(done as u64);
+        let t = paging::translate(vm.ram(), mode, va).map_err(|e| VmError::Memory(e.to_string()))?;
+        let n = ((PAGE_SIZE - (va & (PAGE_SIZE - 1))) as usize).min(buf.len() - done);
+        vm.ram().read(t.gpa, &mut buf[done..done + n])?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// One MSR through KVM_GET_MSRS.
+pub(crate) fn get_msr(vm: &VmShared, fd: &VcpuFd, index: u32) -> Option<u64> {
+    vm.count_ioctls(1);
+    let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index,
+        ..Default::default()
+    }])
+    .ok()?;
+    (fd.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)
+}
+
+/// One MSR through KVM_SET_MSRS; whether KVM took it.
+pub(crate) fn set_msr(vm: &VmShared, fd: &VcpuFd, index: u32, data: u64) -> bool {
+    vm.count_ioctls(1);
+    kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    }])
+    .ok()
+    .and_then(|m| fd.set_msrs(&m).ok())
+        == Some(1)
+}
+
+/// Injects exception `vector` on the next entry.
+pub(crate) fn inject(fd: &VcpuFd, vector: u8, error_code: Option<u32>) -> Result<(), VmError> {
+    let mut ev = fd
+        .get_vcpu_events()
+        .map_err(VmError::ioctl("KVM_GET_VCPU_EVENTS"))?;
+    ev.exception.injected = 1;
+    ev.exception.nr = vector;
+    ev.exception.has_error_code = error_code.is_some() as u8;
+    ev.exception.error_code = error_code.unwrap_or(0);
+    fd.set_vcpu_events(&ev)
+        .map_err(VmError::ioctl("KVM_SET_VCPU_EVENTS"))
+}

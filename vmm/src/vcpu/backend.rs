@@ -1,0 +1,170 @@
+//! The vCPU thread as the exit handler's backend over KVM. Every write into the
+//! `kvm_run` area's exit union lives here, each under the exit that makes its
+//! member the live one.
+
+use kvm_bindings::kvm_regs;
+
+use super::handle::{ExitBackend, Flow};
+use super::{VcpuThread, guest};
+use crate::devices::PortEffect;
+use crate::event::{Event, Reply};
+use crate::slots::Access;
+use crate::stats::ExitClass;
+use crate::stop::StopReason;
+
+impl ExitBackend for VcpuThread {
+    fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn regs(&self) -> kvm_regs {
+        VcpuThread::regs(self)
+    }
+
+    fn set_regs(&mut self, regs: &kvm_regs) {
+        self.edit_regs(|r| *r = *regs);
+    }
+
+    fn cpl(&self) -> u8 {
+        VcpuThread::cpl(self)
+    }
+
+    fn count(&self, class: ExitClass) {
+        self.info().stats.bump(class);
+    }
+
+    fn ask(&mut self, event: &Event) -> Reply {
+        let handler = self.handler.clone();
+        handler.on_event(&mut self.ctl(), event)
+    }
+
+    fn stop(&mut self, reason: StopReason) {
+        self.vm.stop(reason);
+    }
+
+    fn halt(&mut self) -> bool {
+        self.vm.set_state(self.id, crate::vm::VcpuState::Stopped);
+        self.vm.all_stopped()
+    }
+
+    fn port_write(&mut self, port: u16, size: u8, value: u32) -> PortEffect {
+        self.vm.port_write(port, size, value)
+    }
+
+    fn port_read(&mut self, port: u16, size: u8) -> Option<u32> {
+        self.vm.port_read(port, size)
+    }
+
+    fn complete_io_in(&mut self, value: u32) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_IO (direction in), so `io` is the live
+        // union member and data_offset points inside the mapped kvm_run area, with
+        // room for size * count bytes; one element of at most 4 bytes is written.
+        unsafe {
+            let io = run.__bindgen_anon_1.io;
+            let p = (run as *mut kvm_bindings::kvm_run as *mut u8).add(io.data_offset as usize);
+            for (i, b) in value
+                .to_le_bytes()
+                .iter()
+                .take((io.size as usize).min(4))
+                .enumerate()
+            {
+                *p.add(i) = *b;
+            }
+        }
+    }
+
+    fn complete_mmio_read(&mut self, value: u64) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_MMIO (read), so `mmio` is the live union member.
+        unsafe {
+            let mmio = &mut run.__bindgen_anon_1.mmio;
+            let n = (mmio.len as usize).min(8);
+            mmio.data[..n].copy_from_slice(&value.to_le_bytes()[..n]);
+        }
+    }
+
+    fn complete_msr(&mut self, error: bool, data: Option<u64>) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_X86_RDMSR/WRMSR, so `msr` is the live union member.
+        unsafe {
+            let m = &mut run.__bindgen_anon_1.msr;
+            m.error = error as u8;
+            if let Some(d) = data {
+                m.data = d;
+            }
+        }
+    }
+
+    fn get_msr(&mut self, index: u32) -> Option<u64> {
+        guest::get_msr(&self.vm, &self.fd, index)
+    }
+
+    fn set_msr(&mut self, index: u32, value: u64) -> bool {
+        guest::set_msr(&self.vm, &self.fd, index, value)
+    }
+
+    fn ram_contains(&self, gpa: u64, len: u64) -> bool {
+        self.vm.ram().contains(gpa, len)
+    }
+
+    fn page_access(&self, gpa: u64) -> Access {
+        self.vm.page_access(gpa)
+    }
+
+    fn ram_read(&self, gpa: u64, buf: &mut [u8]) {
+        let _ = self.vm.ram().read(gpa, buf);
+    }
+
+    fn ram_write(&mut self, gpa: u64, data: &[u8]) {
+        let _ = self.vm.ram().write(gpa, data);
+    }
+
+    fn debug_exit(&mut self, exception: u32, pc: u64, dr6: u64) -> Flow {
+        VcpuThread::debug_exit(self, exception, pc, dr6)
+    }
+
+    fn internal_error(&mut self) -> Flow {
+        self.emulation_failure()
+    }
+
+    fn kicked(&mut self) -> Flow {
+        self.kick_exit()
+    }
+
+    fn finish_deferred(&mut self) {
+        if !self.step.deferred.is_empty() {
+            let d = std::mem::take(&mut self.step.deferred);
+            self.finish_restores(&d);
+        }
+    }
+
+    fn skip(&mut self, len: u8) {
+        self.edit_regs(|r| r.rip = r.rip.wrapping_add(len as u64));
+    }
+
+    fn step_over_at(&mut self, gpa: u64) -> Result<(), crate::VmError> {
+        VcpuThread::step_over_at(self, gpa)
+    }
+
+    fn reinject_breakpoint(&mut self, rip: u64) -> Result<(), crate::VmError> {
+        // The guest's own INT3: deliver #BP with RIP after the INT3, as the CPU would.
+        self.edit_regs(|r| r.rip = rip + 1);
+        self.vm.count_ioctls(2);
+        guest::inject(&self.fd, 3, None)
+    }
+}
+
+impl VcpuThread {
+    /// `KVM_EXIT_INTERNAL_ERROR`'s suberror and data words.
+    pub(super) fn internal_error_data(&mut self) -> (u32, [u64; 16]) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the live union member.
+        unsafe {
+            (
+                run.__bindgen_anon_1.internal.suberror,
+                run.__bindgen_anon_1.internal.data,
+            )
+        }
+    }
+}
