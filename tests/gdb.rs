@@ -775,10 +775,8 @@ fn a_breakpoint_in_code_both_vcpus_run_stops_instead_of_triple_faulting() {
     // vCPUs' code there is stepped over (the page opened and closed again, memslot
     // merges and splits) while the other vCPU runs code and walks page tables on
     // the same slots. That used to triple-fault the guest (5 of 5 runs).
-    let (out, code, vout) = gdb_session(
-        "smp",
-        &["break ap_main", "continue", "delete", "continue"],
-    );
+    let (out, code, vout) =
+        gdb_session("smp", &["break ap_main", "continue", "delete", "continue"]);
     assert!(!vout.contains("triple-fault"), "{vout}");
     assert!(out.contains("exited normally"), "{out}");
     assert_eq!(code, Some(0), "{vout}");

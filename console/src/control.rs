@@ -292,12 +292,6 @@ fn describe(reply: &Reply) -> String {
     }
 }
 
-impl ConsoleHandler {
-    fn newest(&self) -> Option<EventRecord> {
-        self.intro.engine.lock().unwrap().recent.back().cloned()
-    }
-}
-
 impl ExitHandler for ConsoleHandler {
     fn on_event(&self, cpu: &mut VcpuCtl<'_>, event: &Event) -> Reply {
         // A hardware execute breakpoint (gdb's `hbreak`): stop there.
@@ -331,9 +325,8 @@ impl ExitHandler for ConsoleHandler {
                 return Reply::Continue;
             }
         }
-        let before = self.intro.engine.lock().unwrap().event_id;
-        let reply = self.intro.on_event(cpu, event);
-        let Some(rec) = self.newest().filter(|r| r.event_id > before) else {
+        let (reply, rec) = self.intro.decide(cpu, event);
+        let Some(rec) = rec else {
             return reply;
         };
         let Some((why, after_write)) = self.control.should_stop(&rec) else {
@@ -380,11 +373,9 @@ impl ExitHandler for ConsoleHandler {
     }
 
     fn on_exit(&self, cpu: &mut VcpuCtl<'_>) {
-        let before = self.intro.engine.lock().unwrap().event_id;
-        self.intro.on_exit(cpu);
         // Polled register changes are decided (and undone) inside the poll: the
         // stop comes after the verdict, and says so.
-        let Some(rec) = self.newest().filter(|r| r.event_id > before) else {
+        let Some(rec) = self.intro.poll(cpu) else {
             return;
         };
         if let Some((why, _)) = self.control.should_stop(&rec) {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use vmiscope_introspect::handlers::{self, BreakpointAction, MemAction, MemExit};
 use vmiscope_introspect::policy::{self, PolicyEnv};
-use vmiscope_introspect::{AccessKind, Alert, Engine, Guest, Journal, Verdict};
+use vmiscope_introspect::{AccessKind, Alert, Engine, EventRecord, Guest, Journal, Verdict};
 use vmiscope_vmm::{Event, ExitHandler, HandlerStop, Reply, Symbols, VcpuCtl};
 
 /// A journal file: one JSON object per line, written as it happens (nothing
@@ -130,12 +130,30 @@ impl Introspection {
     }
 }
 
-impl ExitHandler for Introspection {
-    fn on_exit(&self, cpu: &mut VcpuCtl<'_>) {
+impl Introspection {
+    /// The engine's answer to `event` together with the record of that event (if
+    /// a hook fired), both from one hold of the engine lock: with several vCPUs
+    /// the newest record may be another vCPU's a moment later.
+    pub fn decide(&self, cpu: &mut VcpuCtl<'_>, event: &Event) -> (Reply, Option<EventRecord>) {
         let mut e = self.engine.lock().unwrap();
+        e.take_handled();
+        let reply = self.reply(&mut e, cpu, event);
+        (reply, e.take_handled())
+    }
+
+    /// The per-exit work (policies, timer, register polls) and the record of the
+    /// newest polled change it concluded, from one hold of the engine lock.
+    pub fn poll(&self, cpu: &mut VcpuCtl<'_>) -> Option<EventRecord> {
+        let mut e = self.engine.lock().unwrap();
+        e.take_handled();
+        self.exit_work(&mut e, cpu);
+        e.take_handled()
+    }
+
+    fn exit_work(&self, e: &mut Engine, cpu: &mut VcpuCtl<'_>) {
         let before = e.alerts.len();
         e.note_exit(cpu.id());
-        self.arm(&mut e, cpu);
+        self.arm(e, cpu);
         let tick = {
             let mut t = self.last_tick.lock().unwrap();
             let due = t.elapsed() >= self.timer_period;
@@ -145,15 +163,14 @@ impl ExitHandler for Introspection {
             due
         };
         if tick {
-            handlers::handle_timer(&mut e, cpu);
+            handlers::handle_timer(e, cpu);
         } else {
-            handlers::poll_registers(&mut e, cpu);
+            handlers::poll_registers(e, cpu);
         }
-        self.report(&e, before);
+        self.report(e, before);
     }
 
-    fn on_event(&self, cpu: &mut VcpuCtl<'_>, event: &Event) -> Reply {
-        let mut e = self.engine.lock().unwrap();
+    fn reply(&self, e: &mut Engine, cpu: &mut VcpuCtl<'_>, event: &Event) -> Reply {
         let before = e.alerts.len();
         let reply = match *event {
             Event::Mem(m) => {
@@ -169,7 +186,7 @@ impl ExitHandler for Introspection {
                     data: m.write.then_some(m.data),
                     rip: m.rip,
                 };
-                mem_reply(handlers::handle_ept_violation(&mut e, cpu, &x).1)
+                mem_reply(handlers::handle_ept_violation(e, cpu, &x).1)
             }
             Event::ExecFault { gva, gpa, .. } => {
                 let x = MemExit {
@@ -179,15 +196,15 @@ impl ExitHandler for Introspection {
                     data: None,
                     rip: gva,
                 };
-                mem_reply(handlers::handle_ept_violation(&mut e, cpu, &x).1)
+                mem_reply(handlers::handle_ept_violation(e, cpu, &x).1)
             }
             Event::Msr { index, write, .. } => {
-                match handlers::handle_msr_violation(&mut e, cpu, index, write) {
+                match handlers::handle_msr_violation(e, cpu, index, write) {
                     Verdict::NotAllowed => Reply::Drop,
                     _ => Reply::Continue,
                 }
             }
-            Event::Introcall(c) => match handlers::handle_introcall(&mut e, cpu, c.op, c.args) {
+            Event::Introcall(c) => match handlers::handle_introcall(e, cpu, c.op, c.args) {
                 Some(v) => Reply::Data(v),
                 None => Reply::Continue,
             },
@@ -195,17 +212,27 @@ impl ExitHandler for Introspection {
                 rip,
                 gpa: Some(gpa),
                 ..
-            } => match handlers::handle_breakpoint(&mut e, cpu, rip, gpa) {
+            } => match handlers::handle_breakpoint(e, cpu, rip, gpa) {
                 BreakpointAction::StepOver | BreakpointAction::Reinject => Reply::Continue,
-                BreakpointAction::Skip => Reply::Continue,
+                BreakpointAction::Skip(len) => Reply::Skip(len),
             },
             _ => Reply::Continue,
         };
-        self.report(&e, before);
+        self.report(e, before);
         if let Some(f) = e.fatal.take() {
             return Reply::Stop(HandlerStop::EngineFailed(f));
         }
         reply
+    }
+}
+
+impl ExitHandler for Introspection {
+    fn on_exit(&self, cpu: &mut VcpuCtl<'_>) {
+        self.poll(cpu);
+    }
+
+    fn on_event(&self, cpu: &mut VcpuCtl<'_>, event: &Event) -> Reply {
+        self.decide(cpu, event).0
     }
 }
 

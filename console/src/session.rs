@@ -56,10 +56,10 @@ impl Session {
         let mut cfg = crate::batch::config(a, vcpus)?;
         cfg.start_paused = true;
         let vm = Vm::new(&cfg, &image).map_err(|e| e.to_string())?;
-        let intro = Arc::new(crate::batch::engine(a, &vm.shared().symbols())?);
+        let intro = Arc::new(crate::batch::engine(a, vm.shared().symbols())?);
         let shared = vm.shared().clone();
         let control = Arc::new(Control::new(shared.clone()));
-        let env = policy_env(&shared.symbols());
+        let env = policy_env(shared.symbols());
         let serial = Arc::new(Mutex::new(vec![String::new()]));
         let s2 = serial.clone();
         shared.serial().set_live(Box::new(move |b| {

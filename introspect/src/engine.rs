@@ -124,6 +124,9 @@ pub struct Engine {
     /// them unchanged (HVMI's instruction cache, keyed the same way).
     pub(crate) insn_cache: HashMap<(u64, u64, bool), (u64, Vec<u8>)>,
     next_alert: u64,
+    /// The record of the event the running handler call concluded (taken by
+    /// `take_handled`), so a caller never has to guess which record is its own.
+    handled: Option<EventRecord>,
 }
 
 impl Default for Engine {
@@ -159,6 +162,7 @@ impl Engine {
             insn_rip: None,
             insn_cache: HashMap::new(),
             next_alert: 0,
+            handled: None,
         }
     }
 
@@ -530,7 +534,7 @@ impl Engine {
         if self.recent.len() == RECENT {
             self.recent.pop_front();
         }
-        self.recent.push_back(EventRecord {
+        let record = EventRecord {
             event_id: self.event_id,
             at_us: self.started.elapsed().as_micros() as u64,
             class,
@@ -541,8 +545,18 @@ impl Engine {
             event: info.clone(),
             hooks,
             verdict,
-        });
+        };
+        self.handled = Some(record.clone());
+        self.recent.push_back(record);
         verdict
+    }
+
+    /// The record of the event the last handler call concluded on this engine,
+    /// if it concluded one (None when no hook fired). Take it under the same lock
+    /// as the call: with several vCPUs, `recent`'s newest entry may be another
+    /// vCPU's by the time the lock is taken again.
+    pub fn take_handled(&mut self) -> Option<EventRecord> {
+        self.handled.take()
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -19,17 +19,11 @@ pub enum Verdict {
     AllowedPatched,
     /// Blocked: the guest state stays unchanged and the instruction is skipped.
     NotAllowed,
-    /// Ignore and allow.
-    Ignore,
-    /// Re-execute the instruction without emulating it.
-    Retry,
 }
-
-impl Verdict {
-    pub fn is_block(self) -> bool {
-        self == Verdict::NotAllowed
-    }
-}
+// HVMI's Ignore and Retry are not here: no hook needs them and no host action
+// implements them (a trapped write on KVM arrives after its instruction ran, so
+// "retry" cannot re-run it). A hook that wants a write retried lifts its trap and
+// answers Allowed.
 
 /// A hook callback's answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -81,14 +75,7 @@ mod tests {
     #[test]
     fn precedence_is_hvmis() {
         use Verdict::*;
-        let order = [
-            Allowed,
-            AllowedVirtual,
-            AllowedPatched,
-            NotAllowed,
-            Ignore,
-            Retry,
-        ];
+        let order = [Allowed, AllowedVirtual, AllowedPatched, NotAllowed];
         assert!(order.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(
             [Allowed, NotAllowed, AllowedPatched].into_iter().max(),

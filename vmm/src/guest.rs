@@ -33,7 +33,8 @@ pub(crate) fn read_virt(
     let mut done = 0usize;
     while done < buf.len() {
         let va = gva.wrapping_add(done as u64);
-        let t = paging::translate(vm.ram(), mode, va).map_err(|e| VmError::Memory(e.to_string()))?;
+        let t =
+            paging::translate(vm.ram(), mode, va).map_err(|e| VmError::Memory(e.to_string()))?;
         let n = ((PAGE_SIZE - (va & (PAGE_SIZE - 1))) as usize).min(buf.len() - done);
         vm.ram().read(t.gpa, &mut buf[done..done + n])?;
         done += n;

@@ -25,9 +25,9 @@ pub use event::{Event, ExitHandler, HandlerStop, Introcall, MemAccess, PassThrou
 pub use host::HostKind;
 pub use loader::{Module, Symbols};
 pub use slots::Access;
+pub use stats::ExitClass;
 pub use stop::StopReason;
 pub use vcpu::{VcpuCtl, VcpuTask};
-pub use stats::ExitClass;
 pub use vm::{RunOutcome, VcpuState, Vm, VmConfig, VmShared};
 
 use std::sync::atomic::{AtomicU64, Ordering};

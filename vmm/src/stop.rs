@@ -93,7 +93,9 @@ impl fmt::Display for StopReason {
                 Ok(())
             }
             StopReason::User => write!(f, "stopped by the user"),
-            StopReason::Handler(cause) => write!(f, "stopped by the introspection handler: {cause}"),
+            StopReason::Handler(cause) => {
+                write!(f, "stopped by the introspection handler: {cause}")
+            }
             StopReason::Error(m) => write!(f, "VMM error: {m}"),
         }
     }

@@ -63,8 +63,7 @@ pub(crate) fn entry(vm: &VmShared, s: &kvm_sregs, catch: Catch) -> Option<u64> {
 /// the host steps at this CPL, else (CPL3 on PVM) RFLAGS.TF caught at the guest's
 /// #DB entry, which needs a present #DB gate and a free debug-register slot.
 pub(crate) fn can_step(vm: &VmShared, s: &kvm_sregs) -> bool {
-    vm.host().single_step_at(cpl_of(s))
-        || (vm.dr_slot_free() && entry(vm, s, Catch::Db).is_some())
+    vm.host().single_step_at(cpl_of(s)) || (vm.dr_slot_free() && entry(vm, s, Catch::Db).is_some())
 }
 
 /// What the catches need, worked out once per (debug generation, CR3, IDT) and

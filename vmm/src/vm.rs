@@ -494,7 +494,11 @@ impl VmShared {
     }
 
     fn send(&self, cpu: u32, msg: VcpuMsg) {
-        if let Some(tx) = self.vcpus.get(cpu as usize).and_then(|v| v.tx.lock().unwrap().clone()) {
+        if let Some(tx) = self
+            .vcpus
+            .get(cpu as usize)
+            .and_then(|v| v.tx.lock().unwrap().clone())
+        {
             let _ = tx.send(msg);
         }
         self.kick(cpu);
@@ -538,7 +542,11 @@ impl VmShared {
 
     /// Wakes a held vCPU so that its hold condition is looked at again.
     pub fn wake_vcpu(&self, cpu: u32) {
-        if let Some(tx) = self.vcpus.get(cpu as usize).and_then(|v| v.tx.lock().unwrap().clone()) {
+        if let Some(tx) = self
+            .vcpus
+            .get(cpu as usize)
+            .and_then(|v| v.tx.lock().unwrap().clone())
+        {
             let _ = tx.send(VcpuMsg::Wake);
         }
     }

@@ -741,3 +741,61 @@ fn a_store_executed_again_is_a_new_event_for_its_hooks() {
     assert_eq!(log.lock().unwrap().len(), 3, "each execution asks the hook");
     assert_eq!(e.recent.len(), 3);
 }
+
+#[test]
+fn a_blocked_breakpoint_skips_the_original_instruction() {
+    let (mut e, mut g) = (Engine::new(), MockGuest::new());
+    // mov eax, [rax] (2 bytes) under the breakpoint, then push rbp.
+    g.put(0x30010, &[0x8b, 0x00, 0x55]);
+    e.add_hook(
+        &mut g,
+        Target::Breakpoint {
+            gva: 0x30010,
+            gpa: 0,
+            hidden: false,
+        },
+        "bp",
+        answer(Verdict::NotAllowed),
+    )
+    .unwrap();
+    g.put(0x30010, &[0xcc]); // what the VMM planted
+    g.regs.rip = 0x30010;
+    assert_eq!(
+        handle_breakpoint(&mut e, &mut g, 0x30010, 0x30010),
+        BreakpointAction::Skip(2),
+        "the length of the original instruction, not of the INT3"
+    );
+}
+
+#[test]
+fn each_handler_call_yields_its_own_record_with_two_vcpus() {
+    let (mut e, mut g) = (Engine::new(), MockGuest::new());
+    e.add_hook(
+        &mut g,
+        Target::Msr {
+            index: 0x10,
+            read: false,
+            write: true,
+        },
+        "m",
+        answer(Verdict::NotAllowed),
+    )
+    .unwrap();
+    // vCPU 1's event is concluded between vCPU 0's call and the moment vCPU 0's
+    // stop handler looks: `recent`'s newest record is vCPU 1's by then.
+    g.vcpu = 0;
+    handle_msr_violation(&mut e, &mut g, 0x10, Some(1));
+    let mine = e.take_handled().expect("a hook fired");
+    g.vcpu = 1;
+    handle_msr_violation(&mut e, &mut g, 0x10, Some(2));
+    assert_eq!(mine.vcpu, 0);
+    assert_eq!(e.recent.back().unwrap().vcpu, 1, "what the old re-read saw");
+    assert_eq!(e.take_handled().unwrap().vcpu, 1);
+    // A call that concludes nothing (the guest's own INT3) yields nothing, not an
+    // older record.
+    handle_msr_violation(&mut e, &mut g, 0x10, Some(3));
+    handle_breakpoint(&mut e, &mut g, 0x40000, 0x40000);
+    e.take_handled();
+    handle_breakpoint(&mut e, &mut g, 0x40000, 0x40000);
+    assert!(e.take_handled().is_none());
+}

@@ -13,11 +13,11 @@ use super::handle::{self, Flow};
 use super::{VcpuThread, guest};
 use crate::error::VmError;
 use crate::event::{Event, Reply};
-use crate::vm::VmShared;
 use crate::memory::PAGE_SIZE;
 use crate::slots::Access;
 use crate::stop::StopReason;
 use crate::usertrap::{self, Catch, Frame, Plan, RFLAGS_TF};
+use crate::vm::VmShared;
 
 /// Debug controls of one vCPU (KVM_SET_GUEST_DEBUG is issued only on change).
 #[derive(Debug, Default)]

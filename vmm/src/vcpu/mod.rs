@@ -408,11 +408,12 @@ impl VcpuThread {
         let info = self.info();
         info.last_exit_ns.store(self.vm.now_ns(), Ordering::Relaxed);
         info.last_rip.store(s.regs.rip, Ordering::Relaxed);
-        info.last_cpl.store(guest::cpl_of(&s.sregs), Ordering::Relaxed);
-        for (slot, v) in info
-            .paging
-            .iter()
-            .zip([s.sregs.cr0, s.sregs.cr3, s.sregs.cr4, s.sregs.efer])
+        info.last_cpl
+            .store(guest::cpl_of(&s.sregs), Ordering::Relaxed);
+        for (slot, v) in
+            info.paging
+                .iter()
+                .zip([s.sregs.cr0, s.sregs.cr3, s.sregs.cr4, s.sregs.efer])
         {
             slot.store(v, Ordering::Relaxed);
         }
@@ -542,7 +543,5 @@ impl VcpuThread {
     }
 }
 
-
 /// Marks for the compiler that the sync-register flags are the ones KVM uses.
 const _: () = assert!(KVM_SYNC_X86_REGS == 1 && KVM_SYNC_X86_SREGS == 2);
-

@@ -267,7 +267,10 @@ fn msr_reads_and_writes_per_reply() {
 
 #[test]
 fn unclaimed_ports_read_all_ones_unless_the_handler_answers() {
-    let inp = RawExit::IoIn { port: 0x80, size: 1 };
+    let inp = RawExit::IoIn {
+        port: 0x80,
+        size: 1,
+    };
     let mut f = Fake::answering(Reply::Continue);
     handle_exit(&mut f, inp);
     assert_eq!(f.effects(), [Did::IoIn(u32::MAX)]);
@@ -324,7 +327,10 @@ fn breakpoints_step_over_skip_or_reinject() {
 fn halt_shutdown_and_guest_exits_end_the_run() {
     let mut f = Fake::answering(Reply::Continue);
     assert_eq!(handle_exit(&mut f, RawExit::Hlt), Flow::Stop);
-    assert_eq!(f.effects(), [Did::Halted, Did::Stopped(StopReason::AllHalted)]);
+    assert_eq!(
+        f.effects(),
+        [Did::Halted, Did::Stopped(StopReason::AllHalted)]
+    );
     // Continue cannot save a triple fault.
     let mut f = Fake::answering(Reply::Continue);
     assert_eq!(handle_exit(&mut f, RawExit::Shutdown), Flow::Stop);
