@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use common::kvm_available;
-use vmiscope::introspection::Introspection;
 use vmiscope_introspect::policy::PolicyEnv;
 use vmiscope_introspect::{Alert, Class, Cr, Engine, EventInfo, Guest, Outcome, Rights, Target};
+use vmiscope_vmm::engine_glue::Introspection;
 use vmiscope_vmm::{StopReason, Vm, VmConfig};
 
 fn cfg(vcpus: u32) -> VmConfig {
@@ -230,7 +230,7 @@ fn introcall_is_answered_by_its_hook() {
             "op1",
             Box::new(|ctx| {
                 if let EventInfo::Introcall { args, .. } = ctx.event {
-                    ctx.engine.introcall_result = Some(args[0] + args[1]);
+                    ctx.answer_introcall(args[0] + args[1]);
                 }
                 Outcome::allow()
             }),

@@ -9,7 +9,7 @@ use vmiscope_introspect::policy;
 use vmiscope_introspect::{Engine, Exceptions};
 use vmiscope_vmm::{Event, ExitHandler, Module, Reply, VcpuCtl, Vm, VmConfig};
 
-use crate::introspection::{FileJournal, Introspection, policy_env};
+use vmiscope_vmm::engine_glue::{FileJournal, Introspection, policy_env};
 
 use crate::cli::RunArgs;
 
@@ -82,11 +82,12 @@ impl ExitHandler for BatchHandler {
 /// The engine as the options ask for it.
 pub fn engine(a: &RunArgs, symbols: &vmiscope_vmm::Symbols) -> Result<Introspection, String> {
     let mut e = Engine::new();
-    e.log_only = a.log_only;
+    e.set_log_only(a.log_only);
     if let Some(p) = &a.exceptions {
         let text = std::fs::read_to_string(p)
             .map_err(|err| format!("cannot read {}: {err}", p.display()))?;
-        e.exceptions = Exceptions::parse(&text).map_err(|err| format!("{}: {err}", p.display()))?;
+        *e.exceptions_mut() =
+            Exceptions::parse(&text).map_err(|err| format!("{}: {err}", p.display()))?;
     }
     if let Some(p) = &a.journal {
         let j = FileJournal::create(p)

@@ -13,7 +13,7 @@ use vmiscope_introspect::policy::PolicyEnv;
 use vmiscope_introspect::{Engine, Outcome, Rights, Target};
 use vmiscope_vmm::{Access, Event, ExitHandler, HostKind, Reply, VcpuCtl, Vm, VmConfig};
 
-use crate::introspection::{Introspection, OnReady};
+use vmiscope_vmm::engine_glue::{Introspection, OnReady};
 
 #[derive(Debug, Serialize)]
 pub struct Figure {
@@ -247,7 +247,7 @@ fn engine_run(mode: u64, n: u64, vcpus: u32, setup: OnReady) -> Result<EngineRun
     Ok(EngineRun {
         per_event_us: per,
         events: s.2,
-        engine_us: e.latency.total_ns as f64 / e.latency.count.max(1) as f64 / 1e3,
+        engine_us: e.latency().total_ns as f64 / e.latency().count.max(1) as f64 / 1e3,
         ioctls_per_event: shared.ioctl_count() as f64 / s.2.max(1) as f64,
     })
 }
@@ -451,7 +451,7 @@ fn console_run(n: u64, with_tui: bool) -> Result<(f64, Vec<f64>), String> {
     let mut term = ratatui::Terminal::new(ratatui::backend::TestBackend::new(120, 40))
         .map_err(|e| e.to_string())?;
     let mut tui = crate::tui::Tui::new();
-    let before = s.intro.engine.lock().unwrap().event_id;
+    let before = s.intro.engine.lock().unwrap().event_count();
     let start = Instant::now();
     s.exec("continue")?;
     let (mut shown, mut lat) = (before, Vec::new());
@@ -462,14 +462,14 @@ fn console_run(n: u64, with_tui: bool) -> Result<(f64, Vec<f64>), String> {
             // Every event newer than the last frame's newest appears in this frame.
             let e = s.intro.engine.lock().unwrap();
             let now = e.now_us();
-            for r in e.recent.iter().rev().take_while(|r| r.event_id > shown) {
+            for r in e.recent().iter().rev().take_while(|r| r.event_id > shown) {
                 lat.push((now - r.at_us) as f64 / 1e3);
             }
-            shown = e.recent.back().map(|r| r.event_id).unwrap_or(shown);
+            shown = e.recent().back().map(|r| r.event_id).unwrap_or(shown);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let events = s.intro.engine.lock().unwrap().event_id - before;
+    let events = s.intro.engine.lock().unwrap().event_count() - before;
     Ok((events as f64 / start.elapsed().as_secs_f64(), lat))
 }
 

@@ -12,7 +12,7 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use vmiscope_introspect::{Class, EventRecord, HookId};
 use vmiscope_vmm::{Event, ExitHandler, Reply, VcpuCtl, VmShared};
 
-use crate::introspection::Introspection;
+use vmiscope_vmm::engine_glue::Introspection;
 
 /// An event breakpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]

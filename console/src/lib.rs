@@ -11,7 +11,6 @@ pub mod gdb;
 pub mod gdb_arch;
 pub mod gdb_conn;
 pub mod gdb_fpu;
-pub mod introspection;
 pub mod repl;
 pub mod script;
 pub mod session;

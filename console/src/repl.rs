@@ -130,7 +130,7 @@ pub fn run(s: &mut Session) -> Mode {
         );
         let (mut lines, mut alerts, mut stops) = (
             serial.lock().unwrap().len().saturating_sub(1),
-            intro.engine.lock().unwrap().alerts.len(),
+            intro.engine.lock().unwrap().alerts().len(),
             control.stop_count(),
         );
         std::thread::spawn(move || {
@@ -147,10 +147,10 @@ pub fn run(s: &mut Session) -> Mode {
                 }
                 {
                     let e = intro.engine.lock().unwrap();
-                    for a in &e.alerts[alerts.min(e.alerts.len())..] {
+                    for a in &e.alerts()[alerts.min(e.alerts().len())..] {
                         msg.push_str(&format!("ALERT {}\n", alert_line(a)));
                     }
-                    alerts = e.alerts.len();
+                    alerts = e.alerts().len();
                 }
                 let n = control.stop_count();
                 if n > stops {
@@ -179,7 +179,7 @@ pub fn run(s: &mut Session) -> Mode {
                     .engine
                     .lock()
                     .unwrap()
-                    .hooks
+                    .hooks()
                     .iter()
                     .map(|h| h.id.to_string()),
             );

@@ -15,7 +15,7 @@ use vmiscope_vmm::{RunOutcome, StopReason, VcpuCtl, VcpuState, Vm, VmShared};
 use crate::cli::RunArgs;
 use crate::commands::{self, Action, Command, Expect, HookSpec, VerdictChoice};
 use crate::control::{ConsoleHandler, Control, Override};
-use crate::introspection::{Introspection, policy_env};
+use vmiscope_vmm::engine_glue::{Introspection, policy_env};
 
 /// What a command printed, and whether the session should end.
 #[derive(Debug, Default)]
@@ -302,7 +302,7 @@ impl Session {
                 ))
             }
             C::BreakHook(h) => {
-                if self.intro.engine.lock().unwrap().hooks.get(h).is_none() {
+                if self.intro.engine.lock().unwrap().hooks().get(h).is_none() {
                     return Err(format!("no hook {h} (see `hooks`)"));
                 }
                 let id = self.control.add_break(None, Some(h), None);
@@ -430,7 +430,7 @@ impl Session {
                     .engine
                     .lock()
                     .unwrap()
-                    .hooks
+                    .hooks()
                     .iter()
                     .filter(|h| h.name == format!("policy:{name}"))
                     .count();
@@ -507,7 +507,7 @@ impl Session {
             C::Events { n, class } => {
                 let e = self.intro.engine.lock().unwrap();
                 let list: Vec<_> = e
-                    .recent
+                    .recent()
                     .iter()
                     .filter(|r| class.is_none_or(|c| c == r.class))
                     .collect();
@@ -524,7 +524,7 @@ impl Session {
             C::Alerts => {
                 let e = self.intro.engine.lock().unwrap();
                 let t: String = e
-                    .alerts
+                    .alerts()
                     .iter()
                     .map(|a| format!("{}\n", alert_line(a)))
                     .collect();
@@ -533,7 +533,7 @@ impl Session {
             C::Alert(id) => {
                 let e = self.intro.engine.lock().unwrap();
                 let a = e
-                    .alerts
+                    .alerts()
                     .iter()
                     .find(|a| a.id == id)
                     .ok_or_else(|| format!("no alert {id} (see `alerts`)"))?;
@@ -542,33 +542,33 @@ impl Session {
             C::ExceptionFromAlert(id) => {
                 let mut e = self.intro.engine.lock().unwrap();
                 let a = e
-                    .alerts
+                    .alerts()
                     .iter()
                     .find(|a| a.id == id)
                     .ok_or_else(|| format!("no alert {id} (see `alerts`)"))?;
                 let rule = Rule::from_alert(a);
                 let text = serde_json::to_string(&rule).unwrap_or_default();
-                e.exceptions.rules.push(rule);
+                e.exceptions_mut().rules.push(rule);
                 Output::text(format!(
                     "exception {} added: {text}",
-                    e.exceptions.rules.len() - 1
+                    e.exceptions().rules.len() - 1
                 ))
             }
             C::Exceptions => {
                 let e = self.intro.engine.lock().unwrap();
-                Output::text(if e.exceptions.rules.is_empty() {
+                Output::text(if e.exceptions().rules.is_empty() {
                     "no exception rules".into()
                 } else {
-                    e.exceptions.to_json()
+                    e.exceptions().to_json()
                 })
             }
             C::ExceptionsSave(f) => {
-                let json = self.intro.engine.lock().unwrap().exceptions.to_json();
+                let json = self.intro.engine.lock().unwrap().exceptions().to_json();
                 std::fs::write(&f, json).map_err(|e| format!("cannot write {f}: {e}"))?;
                 Output::text(format!("saved to {f}"))
             }
             C::LogOnly(on) => {
-                self.intro.engine.lock().unwrap().log_only = on;
+                self.intro.engine.lock().unwrap().set_log_only(on);
                 Output::text(format!("log-only {}", if on { "on" } else { "off" }))
             }
             C::Stats => Output::text(self.stats()),
@@ -591,17 +591,17 @@ impl Session {
             C::JournalSave(f) => {
                 let e = self.intro.engine.lock().unwrap();
                 let mut out = String::new();
-                for r in &e.recent {
+                for r in e.recent() {
                     let _ = writeln!(out, "{}", serde_json::json!({"type": "event", "record": r}));
                 }
-                for a in &e.alerts {
+                for a in e.alerts() {
                     let _ = writeln!(out, "{}", serde_json::json!({"type": "alert", "alert": a}));
                 }
                 std::fs::write(&f, out).map_err(|e| format!("cannot write {f}: {e}"))?;
                 Output::text(format!(
                     "saved {} events and {} alerts to {f}",
-                    e.recent.len(),
-                    e.alerts.len()
+                    e.recent().len(),
+                    e.alerts().len()
                 ))
             }
             C::Help(None) => Output::text(
@@ -739,7 +739,7 @@ impl Session {
             .engine
             .lock()
             .unwrap()
-            .hooks
+            .hooks()
             .iter()
             .filter_map(|h| match h.target {
                 Target::Breakpoint { gva, .. } => Some(gva),
@@ -777,7 +777,7 @@ impl Session {
     pub fn hooks_text(&self) -> String {
         let e = self.intro.engine.lock().unwrap();
         let mut t = String::new();
-        for h in e.hooks.iter() {
+        for h in e.hooks().iter() {
             let _ = writeln!(
                 t,
                 "{:>4} {:<8} {:<22} hits {:<6} {} {}",
@@ -795,7 +795,7 @@ impl Session {
     fn stats(&self) -> String {
         let e = self.intro.engine.lock().unwrap();
         let mut t = String::from("events per class:");
-        let mut classes: Vec<_> = e.events_per_class.iter().collect();
+        let mut classes: Vec<_> = e.events_per_class().iter().collect();
         classes.sort();
         for (c, n) in classes {
             let _ = write!(t, " {}={n}", c.name());
@@ -803,11 +803,11 @@ impl Session {
         let _ = write!(
             t,
             "\nhandler latency: {} events, mean {:.2} us\n",
-            e.latency.count,
-            e.latency.total_ns as f64 / e.latency.count.max(1) as f64 / 1e3
+            e.latency().count,
+            e.latency().total_ns as f64 / e.latency().count.max(1) as f64 / 1e3
         );
         for (i, n) in e
-            .latency
+            .latency()
             .buckets
             .iter()
             .enumerate()
@@ -816,7 +816,7 @@ impl Session {
             let _ = writeln!(t, "  {:>8} ns .. {:>8} ns  {n}", 1u64 << i, 1u64 << (i + 1));
         }
         t.push_str("hook hits:\n");
-        for h in e.hooks.iter() {
+        for h in e.hooks().iter() {
             let _ = writeln!(t, "  hook {:>3} {:<22} {}", h.id, h.name, h.hits);
         }
         let (exits, per) = self.shared.exit_counts();
@@ -833,7 +833,7 @@ impl Session {
     }
 
     fn add_hook(&mut self, spec: HookSpec) -> Result<Output, String> {
-        let n = self.intro.engine.lock().unwrap().hooks.len();
+        let n = self.intro.engine.lock().unwrap().hooks().len();
         let name = format!("console:{n}");
         let deny_cb = |act: Action| -> vmiscope_introspect::Callback {
             match act {
@@ -897,7 +897,7 @@ impl Session {
             HookSpec::Introcall { op, value } => (
                 Target::Introcall { op },
                 Box::new(move |ctx| {
-                    ctx.engine.introcall_result = Some(value);
+                    ctx.answer_introcall(value);
                     Outcome::allow()
                 }),
             ),
@@ -935,7 +935,7 @@ impl Session {
                 .engine
                 .lock()
                 .unwrap()
-                .alerts
+                .alerts()
                 .iter()
                 .map(alert_line)
                 .collect::<Vec<_>>()
@@ -948,7 +948,7 @@ impl Session {
                         .engine
                         .lock()
                         .unwrap()
-                        .alerts
+                        .alerts()
                         .iter()
                         .any(|a| class.is_none_or(|c| c == a.class))
                 });
@@ -968,7 +968,7 @@ impl Session {
                         .engine
                         .lock()
                         .unwrap()
-                        .recent
+                        .recent()
                         .iter()
                         .any(|r| class.is_none_or(|c| c == r.class))
                 });
@@ -980,7 +980,7 @@ impl Session {
                         .engine
                         .lock()
                         .unwrap()
-                        .recent
+                        .recent()
                         .iter()
                         .rev()
                         .take(5)

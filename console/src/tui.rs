@@ -94,14 +94,14 @@ impl Tui {
         v.status = s.status();
         {
             let e = s.intro.engine.lock().unwrap();
-            let n = e.recent.len();
+            let n = e.recent().len();
             v.events = e
-                .recent
+                .recent()
                 .iter()
                 .skip(n.saturating_sub(500))
                 .map(event_line)
                 .collect();
-            v.alerts = e.alerts.iter().map(|a| (a.id, alert_line(a))).collect();
+            v.alerts = e.alerts().iter().map(|a| (a.id, alert_line(a))).collect();
         }
         v.hooks = s.hooks_text().lines().map(str::to_string).collect();
         {
@@ -252,8 +252,8 @@ impl Tui {
                 let detail = match self.focus {
                     Pane::Events => self.selected(Pane::Events).and_then(|i| {
                         let e = s.intro.engine.lock().unwrap();
-                        let skip = e.recent.len().saturating_sub(500);
-                        e.recent
+                        let skip = e.recent().len().saturating_sub(500);
+                        e.recent()
                             .get(skip + i)
                             .map(|r| serde_json::to_string_pretty(r).unwrap_or_default())
                     }),

@@ -1,11 +1,8 @@
-//! Typed event payloads handed to hook callbacks, and the callback context.
+//! Typed event payloads handed to hook callbacks.
 
 use serde::Serialize;
 
 use crate::arch::{Cr, Dtr, DtrKind};
-use crate::engine::Engine;
-use crate::glue::Guest;
-use crate::hooks::HookId;
 
 /// Kind of a memory access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -78,13 +75,4 @@ pub enum EventInfo {
         old_hash: u64,
         new_hash: u64,
     },
-}
-
-/// What a callback may use while it runs.
-pub struct Ctx<'a> {
-    pub engine: &'a mut Engine,
-    pub guest: &'a mut dyn Guest,
-    pub event: &'a EventInfo,
-    /// The hook being called.
-    pub hook: HookId,
 }

@@ -4,6 +4,7 @@
 pub mod alert;
 pub mod arch;
 mod atomic;
+pub mod ctx;
 pub mod decode;
 pub mod engine;
 pub mod event;
@@ -12,17 +13,19 @@ pub mod glue;
 pub mod handlers;
 pub mod hooks;
 pub mod integrity;
-#[cfg(test)]
+#[cfg(any(test, feature = "mock"))]
 pub mod mock;
 pub mod paging;
 pub mod policy;
+pub mod target;
 pub mod verdict;
 
 pub use alert::{Alert, Journal};
 pub use arch::{Cr, Dtr, DtrKind, Regs, SRegs};
+pub use ctx::{Callback, Ctx};
 pub use engine::{Engine, EventRecord, HookError};
-pub use event::{AccessKind, Ctx, Detection, EventInfo};
+pub use event::{AccessKind, Detection, EventInfo};
 pub use exceptions::{Exceptions, Rule};
 pub use glue::{GlueError, Guest, PageRights};
-pub use hooks::{Callback, Class, HookId, Rights, Target};
+pub use target::{Class, HookId, Rights, Target};
 pub use verdict::{Outcome, Verdict};

@@ -1,5 +1,6 @@
-//! An in-memory `Guest` that records every call, so engine logic is tested without
-//! a hypervisor (in the manner of vmi-rs's mock driver).
+//! An in-memory `Guest` that records every call and can fail any one of them, so
+//! engine logic (and the VMM's adapter, with the `mock` feature) is tested without
+//! a hypervisor, in the manner of vmi-rs's mock driver.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -21,7 +22,38 @@ pub enum Call {
     Cmpxchg(u64, bool),
 }
 
+/// The kinds of calls that change hypervisor state (and can be made to fail).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    SetRights,
+    CommitRights,
+    InterceptMsr,
+    SetBreakpoint,
+    Inject,
+    SetXcr0,
+    WritePhys,
+    Cmpxchg,
+}
+
+impl Call {
+    pub fn op(&self) -> Option<Op> {
+        Some(match self {
+            Call::SetRights(..) => Op::SetRights,
+            Call::CommitRights => Op::CommitRights,
+            Call::InterceptMsr(..) => Op::InterceptMsr,
+            Call::SetBreakpoint(..) => Op::SetBreakpoint,
+            Call::Inject(_) => Op::Inject,
+            Call::SetXcr0(_) => Op::SetXcr0,
+            Call::WritePhys(..) => Op::WritePhys,
+            Call::Cmpxchg(..) => Op::Cmpxchg,
+            Call::SetRegs | Call::SetSregs => return None,
+        })
+    }
+}
+
 pub struct MockGuest {
+    /// Fail the n-th (from 1) call of this kind, counted from when it was set.
+    fault: Option<(Op, usize)>,
     pub vcpu: u32,
     pub vcpus: u32,
     pub regs: Regs,
@@ -41,6 +73,7 @@ pub const MOCK_CR3: u64 = 0x1000;
 impl MockGuest {
     pub fn new() -> Self {
         let mut g = MockGuest {
+            fault: None,
             vcpu: 0,
             vcpus: 1,
             regs: Regs::default(),
@@ -88,6 +121,32 @@ impl MockGuest {
     pub fn take_calls(&mut self) -> Vec<Call> {
         std::mem::take(&mut self.calls)
     }
+
+    /// Makes the `nth` (from 1) next call of kind `op` fail with
+    /// `GlueError::Failed`; it is still recorded.
+    pub fn fail_nth(&mut self, op: Op, nth: usize) {
+        self.fault = Some((op, nth));
+    }
+
+    /// Records `call`, then fails it if it is the one `fail_nth` picked.
+    fn record(&mut self, call: Call) -> Result<(), GlueError> {
+        let op = call.op();
+        self.calls.push(call);
+        match &mut self.fault {
+            Some((f, n)) if Some(*f) == op => {
+                *n -= 1;
+                if *n == 0 {
+                    self.fault = None;
+                    return Err(GlueError::Failed(format!(
+                        "injected {:?} failure",
+                        op.unwrap()
+                    )));
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Default for MockGuest {
@@ -121,8 +180,8 @@ impl Guest for MockGuest {
         Some(self.xcr0)
     }
     fn set_xcr0(&mut self, value: u64) -> Result<(), GlueError> {
+        self.record(Call::SetXcr0(value))?;
         self.xcr0 = value;
-        self.calls.push(Call::SetXcr0(value));
         Ok(())
     }
     fn ram_size(&self) -> u64 {
@@ -141,18 +200,18 @@ impl Guest for MockGuest {
             .checked_add(data.len() as u64)
             .filter(|e| *e <= self.ram.len() as u64)
             .ok_or(GlueError::OutsideRam(gpa))?;
+        self.record(Call::WritePhys(gpa, data.len()))?;
         self.ram[gpa as usize..end as usize].copy_from_slice(data);
-        self.calls.push(Call::WritePhys(gpa, data.len()));
         Ok(())
     }
     fn cmpxchg_phys(&mut self, gpa: u64, expected: &[u8], new: &[u8]) -> Result<bool, GlueError> {
         let mut cur = vec![0; expected.len()];
         self.read_phys(gpa, &mut cur)?;
         let ok = cur == expected;
+        self.record(Call::Cmpxchg(gpa, ok))?;
         if ok {
             self.ram[gpa as usize..gpa as usize + new.len()].copy_from_slice(new);
         }
-        self.calls.push(Call::Cmpxchg(gpa, ok));
         Ok(ok)
     }
     fn set_page_rights(&mut self, gpa: u64, rights: PageRights) -> Result<(), GlueError> {
@@ -160,38 +219,36 @@ impl Guest for MockGuest {
             return Err(GlueError::OutsideRam(gpa));
         }
         let page = gpa & !0xfff;
+        self.record(Call::SetRights(page, rights))?;
         if rights == PageRights::Full {
             self.rights.remove(&page);
         } else {
             self.rights.insert(page, rights);
         }
-        self.calls.push(Call::SetRights(page, rights));
         Ok(())
     }
     fn commit_rights(&mut self) -> Result<(), GlueError> {
-        self.calls.push(Call::CommitRights);
-        Ok(())
+        self.record(Call::CommitRights)
     }
     fn intercept_msr(&mut self, index: u32, read: bool, write: bool) -> Result<(), GlueError> {
+        self.record(Call::InterceptMsr(index, read, write))?;
         if read || write {
             self.msrs.insert(index, (read, write));
         } else {
             self.msrs.remove(&index);
         }
-        self.calls.push(Call::InterceptMsr(index, read, write));
         Ok(())
     }
     fn set_breakpoint(&mut self, gpa: u64, _gva: u64, on: bool) -> Result<(), GlueError> {
+        self.record(Call::SetBreakpoint(gpa, on))?;
         if on {
             self.breakpoints.insert(gpa);
         } else {
             self.breakpoints.remove(&gpa);
         }
-        self.calls.push(Call::SetBreakpoint(gpa, on));
         Ok(())
     }
     fn inject_exception(&mut self, vector: u8, _error_code: Option<u32>) -> Result<(), GlueError> {
-        self.calls.push(Call::Inject(vector));
-        Ok(())
+        self.record(Call::Inject(vector))
     }
 }

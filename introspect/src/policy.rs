@@ -289,7 +289,7 @@ fn enable_one(
 pub fn disable(e: &mut Engine, name: &str) -> usize {
     let tag = format!("policy:{name}");
     let ids: Vec<HookId> = e
-        .hooks
+        .hooks()
         .iter()
         .filter(|h| h.name == tag)
         .map(|h| h.id)
@@ -342,10 +342,10 @@ mod tests {
             ),
             Verdict::NotAllowed
         );
-        assert_eq!(e.alerts.len(), 1);
-        assert_eq!(e.alerts[0].reason, "CR4.SMEP/SMAP cleared");
+        assert_eq!(e.alerts().len(), 1);
+        assert_eq!(e.alerts()[0].reason, "CR4.SMEP/SMAP cleared");
         assert_eq!(disable(&mut e, "cr4"), 1);
         e.commit(&mut g).unwrap();
-        assert!(e.hooks.is_empty());
+        assert!(e.hooks().is_empty());
     }
 }

@@ -3,6 +3,7 @@
 //! `Event`, then applies the handler's `Reply`.
 
 pub mod devices;
+pub mod engine_glue;
 pub mod error;
 pub mod event;
 pub mod exit;

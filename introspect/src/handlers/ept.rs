@@ -59,7 +59,7 @@ fn translate(g: &dyn Guest, gla: u64) -> Option<u64> {
 /// The instruction behind the exit, from the cache when its bytes are unchanged.
 fn instruction(e: &mut Engine, g: &dyn Guest, x: &MemExit) -> Option<Decoded> {
     let key = (g.sregs().cr3, x.rip, x.access == AccessKind::Write);
-    if let Some((start, bytes)) = e.insn_cache.get(&key) {
+    if let Some((start, bytes)) = e.insn_cache().get(&key) {
         let mut now = vec![0u8; bytes.len()];
         let same = translate(g, *start).is_some_and(|gpa| {
             // Bytes crossing into the next page are re-read through the walk.
@@ -70,13 +70,13 @@ fn instruction(e: &mut Engine, g: &dyn Guest, x: &MemExit) -> Option<Decoded> {
         if same && let Ok(d) = decode::decode_bytes(bytes, *start, &g.regs(), &g.sregs()) {
             return Some(d);
         }
-        e.insn_cache.remove(&key);
+        e.insn_cache().remove(&key);
     }
     let d = find_instruction(g, x)?;
-    if e.insn_cache.len() > 4096 {
-        e.insn_cache.clear();
+    if e.insn_cache().len() > 4096 {
+        e.insn_cache().clear();
     }
-    e.insn_cache.insert(key, (d.rip, d.bytes.clone()));
+    e.insn_cache().insert(key, (d.rip, d.bytes.clone()));
     Some(d)
 }
 
@@ -265,7 +265,7 @@ fn dispatch_all(
     let text = instr
         .map(|d| d.text.clone())
         .unwrap_or_else(|| "(instruction unverified)".into());
-    e.insn_rip = instr.map(|d| d.rip);
+    e.set_insn_rip(instr.map(|d| d.rip));
     let covered: Vec<(u64, u64, AccessKind)> = seen.into_iter().collect();
     (
         e.conclude(g, Class::Ept, &info, Some(&text), &fired_all),
@@ -291,7 +291,7 @@ fn action(
             }
             let mut patched = false;
             for (i, b) in buf[..n].iter_mut().enumerate() {
-                if let Some(orig) = e.hidden.get(&(x.gpa + i as u64)) {
+                if let Some(orig) = e.hidden_byte(x.gpa + i as u64).as_ref() {
                     *b = *orig;
                     patched = true;
                 }

@@ -6,7 +6,7 @@ use crate::glue::Guest;
 use crate::hooks::{Class, Target};
 
 /// The first hook for `op` claims the call (HVMI's order of claimants); its
-/// `Ctx::engine.introcall_result` is what the guest gets in RBX. `None`: nobody
+/// `Ctx::answer_introcall` is what the guest gets in RBX (0 if it gave none). `None`: nobody
 /// claimed it (the guest sees RAX = -1).
 pub fn handle_introcall(
     engine: &mut Engine,
@@ -16,7 +16,7 @@ pub fn handle_introcall(
 ) -> Option<u64> {
     engine.handle(guest, Class::Introcall, |e, g| {
         let info = EventInfo::Introcall { op, args };
-        e.introcall_result = None;
+        e.take_introcall_answer();
         let fired = e.dispatch(
             g,
             None,
@@ -27,6 +27,6 @@ pub fn handle_introcall(
             return None;
         }
         e.conclude(g, Class::Introcall, &info, None, &fired[..1]);
-        Some(e.introcall_result.take().unwrap_or(0))
+        Some(e.take_introcall_answer().unwrap_or(0))
     })
 }

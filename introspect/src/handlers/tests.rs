@@ -97,8 +97,8 @@ fn verdicts_combine_by_maximum_in_every_handler() {
         0x620 | 1 << 20,
         "NotAllowed restores the old CR4"
     );
-    assert_eq!(e.alerts.len(), 3, "one alert per event");
-    assert_eq!(e.alerts[0].instruction.as_deref(), Some("mov [rax],ecx"));
+    assert_eq!(e.alerts().len(), 3, "one alert per event");
+    assert_eq!(e.alerts()[0].instruction.as_deref(), Some("mov [rax],ecx"));
 }
 
 #[test]
@@ -136,7 +136,7 @@ fn a_callback_may_remove_its_own_hook_and_skip_the_rest() {
     handle_msr_violation(&mut e, &mut g, 0x176, Some(2));
     assert_eq!(*log.lock().unwrap(), ["once", "always", "always"]);
     assert!(
-        e.hooks.get(first).is_none(),
+        e.hooks().get(first).is_none(),
         "committed at the end of the handler"
     );
     assert_eq!(
@@ -182,17 +182,14 @@ fn hooks_added_during_a_dispatch_are_called_by_it() {
         "adder",
         Box::new(move |ctx| {
             let l2 = l.clone();
-            ctx.engine
-                .add_hook(
-                    ctx.guest,
-                    Target::Introcall { op: Some(7) },
-                    "added",
-                    Box::new(move |_| {
-                        l2.lock().unwrap().push("added".into());
-                        Outcome::allow()
-                    }),
-                )
-                .unwrap();
+            ctx.add_hook(
+                Target::Introcall { op: Some(7) },
+                "added",
+                Box::new(move |_| {
+                    l2.lock().unwrap().push("added".into());
+                    Outcome::allow()
+                }),
+            );
             Outcome::allow().and_remove()
         }),
     )
@@ -208,27 +205,24 @@ fn hooks_added_during_a_dispatch_are_called_by_it() {
         "adder",
         Box::new(move |ctx| {
             let l2 = l.clone();
-            ctx.engine
-                .add_hook(
-                    ctx.guest,
-                    Target::Cr {
-                        cr: Cr::Cr0,
-                        mask: !0,
-                    },
-                    "added",
-                    Box::new(move |_| {
-                        l2.lock().unwrap().push("added-cr".into());
-                        Outcome::allow()
-                    }),
-                )
-                .unwrap();
+            ctx.add_hook(
+                Target::Cr {
+                    cr: Cr::Cr0,
+                    mask: !0,
+                },
+                "added",
+                Box::new(move |_| {
+                    l2.lock().unwrap().push("added-cr".into());
+                    Outcome::allow()
+                }),
+            );
             Outcome::allow().and_remove()
         }),
     )
     .unwrap();
     handle_cr_write(&mut e, &mut g, Cr::Cr0, 1, 3, Detection::Polled);
     assert_eq!(*log.lock().unwrap(), ["added-cr"]);
-    assert_eq!(e.hooks.iter().filter(|h| h.name == "added").count(), 1);
+    assert_eq!(e.hooks().iter().filter(|h| h.name == "added").count(), 1);
 }
 
 #[test]
@@ -404,7 +398,7 @@ fn push_mem_dispatches_the_read_and_the_stack_write_once() {
     let (v, a) = handle_ept_violation(&mut e, &mut g, &write_exit(0x11ff8, 8, 0xabcd, 0x20002));
     assert_eq!((v, a), (Verdict::NotAllowed, MemAction::Drop));
     assert_eq!(log.lock().unwrap().len(), 2, "not asked twice");
-    assert_eq!(e.alerts.len(), 1);
+    assert_eq!(e.alerts().len(), 1);
 }
 
 #[test]
@@ -509,7 +503,7 @@ fn toctou_the_decision_follows_the_reported_effect_not_rewritten_bytes() {
         "the bad write does not slip through"
     );
     assert_eq!(
-        e.alerts[0].instruction.as_deref(),
+        e.alerts()[0].instruction.as_deref(),
         Some("(instruction unverified)")
     );
     let (v, _) = handle_ept_violation(&mut e, &mut g, &write_exit(0x10000, 4, 0x600d, 0x20002));
@@ -570,7 +564,7 @@ fn dtr_xcr_introcall_and_timer() {
     g.sregs.cr4 = 0x620;
     poll_registers(&mut e, &mut g);
     assert_eq!(g.sregs.cr4, 0x620 | 1 << 20);
-    let a = e.alerts.last().unwrap();
+    let a = e.alerts().last().unwrap();
     assert!(matches!(
         a.event,
         EventInfo::Cr {
@@ -600,7 +594,7 @@ fn dtr_xcr_introcall_and_timer() {
         Target::Introcall { op: Some(5) },
         "ic",
         Box::new(|ctx| {
-            ctx.engine.introcall_result = Some(0x1234);
+            ctx.answer_introcall(0x1234);
             Outcome::allow()
         }),
     )
@@ -657,7 +651,7 @@ fn bad_hooks_are_refused() {
     assert_eq!(g.rights.get(&0x60000), Some(&PageRights::WriteTrapped));
     assert_eq!(g.rights.get(&0x50000), None);
     assert!(matches!(
-        e.hooks.get(id).unwrap().target,
+        e.hooks().get(id).unwrap().target,
         Target::Gva {
             gpa: Some(0x60000),
             ..
@@ -739,7 +733,7 @@ fn a_store_executed_again_is_a_new_event_for_its_hooks() {
         handle_ept_violation(&mut e, &mut g, &write_exit(0x10000, 4, i, 0x20002));
     }
     assert_eq!(log.lock().unwrap().len(), 3, "each execution asks the hook");
-    assert_eq!(e.recent.len(), 3);
+    assert_eq!(e.recent().len(), 3);
 }
 
 #[test]
@@ -789,7 +783,11 @@ fn each_handler_call_yields_its_own_record_with_two_vcpus() {
     g.vcpu = 1;
     handle_msr_violation(&mut e, &mut g, 0x10, Some(2));
     assert_eq!(mine.vcpu, 0);
-    assert_eq!(e.recent.back().unwrap().vcpu, 1, "what the old re-read saw");
+    assert_eq!(
+        e.recent().back().unwrap().vcpu,
+        1,
+        "what the old re-read saw"
+    );
     assert_eq!(e.take_handled().unwrap().vcpu, 1);
     // A call that concludes nothing (the guest's own INT3) yields nothing, not an
     // older record.

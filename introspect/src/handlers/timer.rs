@@ -69,14 +69,14 @@ pub fn handle_timer(engine: &mut Engine, guest: &mut dyn Guest) {
                 e.vcpu(vcpu).last_xcr0 = Some(old);
             }
         }
-        crate::integrity::check(e, g);
+        e.check_integrity(g);
         follow_remaps(e, g);
     });
 }
 
 fn follow_remaps(e: &mut Engine, g: &mut dyn Guest) {
     let gva_hooks: Vec<(u64, u64, u64, Option<u64>)> = e
-        .hooks
+        .hooks()
         .iter()
         .filter_map(|h| match h.target {
             Target::Gva { gva, cr3, gpa, .. } => Some((h.id, gva, cr3, gpa)),
@@ -90,7 +90,7 @@ fn follow_remaps(e: &mut Engine, g: &mut dyn Guest) {
             .ok()
             .map(|t| t.gpa);
         if now != gpa && e.repage(g, id, now).is_err() {
-            e.fatal.get_or_insert(format!("cannot move hook {id}"));
+            e.set_fatal(format!("cannot move hook {id}"));
         }
     }
 }

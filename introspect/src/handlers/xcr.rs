@@ -30,7 +30,7 @@ pub fn handle_xcr_write(
             &|t| matches!(*t, Target::Xcr { index: i } if i == index),
         );
         if v == Verdict::NotAllowed && g.set_xcr0(old).is_err() {
-            e.fatal.get_or_insert("cannot restore XCR0".into());
+            e.set_fatal("cannot restore XCR0".into());
         }
         v
     })

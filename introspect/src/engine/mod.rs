@@ -3,16 +3,21 @@
 //! match, combining verdicts, alerts, exceptions, the journal, and the common
 //! prologue/epilogue of a handler (written once, unlike HVMI's ten copies).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
-use crate::alert::{Alert, Journal, Record};
-use crate::arch::{Regs, SRegs};
-use crate::event::{Ctx, EventInfo};
+use crate::alert::{Alert, Journal};
+use crate::arch::SRegs;
+use crate::ctx::{Callback, Requests};
+use crate::event::EventInfo;
 use crate::exceptions::Exceptions;
 use crate::glue::{GlueError, Guest, PageRights};
-use crate::hooks::{Callback, Class, HookId, Hooks, Rights, Target};
-use crate::verdict::{Outcome, Verdict};
+use crate::hooks::Hooks;
+use crate::target::{Class, HookId, Rights, Target};
+use crate::verdict::Verdict;
+
+mod dispatch;
+mod integrity;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HookError {
@@ -91,38 +96,42 @@ pub(crate) struct Analysed {
     pub(crate) pieces: Vec<(u64, u64, crate::event::AccessKind)>,
 }
 
+/// Instructions found for (CR3, reported RIP, write?): (start, bytes).
+pub(crate) type InsnCache = HashMap<(u64, u64, bool), (u64, Vec<u8>)>;
+
 /// The introspection engine.
 pub struct Engine {
-    pub hooks: Hooks,
+    hooks: Hooks,
     page_counts: HashMap<u64, [u32; 3]>,
     msr_counts: HashMap<u32, (u32, u32)>,
     class_counts: HashMap<Class, u32>,
-    pub(crate) rights_dirty: bool,
-    pub alerts: Vec<Alert>,
+    rights_dirty: bool,
+    alerts: Vec<Alert>,
     /// The last `RECENT` handled events.
-    pub recent: std::collections::VecDeque<EventRecord>,
-    pub exceptions: Exceptions,
+    recent: VecDeque<EventRecord>,
+    exceptions: Exceptions,
     /// Report NotAllowed but enforce nothing.
-    pub log_only: bool,
+    log_only: bool,
     journal: Option<Box<dyn Journal>>,
-    pub event_id: u64,
-    pub events_per_class: HashMap<Class, u64>,
-    pub latency: Latency,
-    pub(crate) vcpus: Vec<VcpuState>,
+    event_id: u64,
+    events_per_class: HashMap<Class, u64>,
+    latency: Latency,
+    vcpus: Vec<VcpuState>,
     /// Bytes hidden from guest reads (our INT3s): gpa -> original byte.
-    pub(crate) hidden: HashMap<u64, u8>,
-    pub(crate) integrity: Vec<crate::integrity::Region>,
-    /// Set by a callback that finds the engine unable to go on (HVMI's DisableOnReturn).
-    pub fatal: Option<String>,
-    /// What an introcall hook answers (RBX for the guest).
-    pub introcall_result: Option<u64>,
+    hidden: HashMap<u64, u8>,
+    integrity: Vec<crate::integrity::Region>,
+    /// Set when the engine cannot go on (HVMI's DisableOnReturn): a commit of
+    /// hypervisor controls failed.
+    fatal: Option<String>,
+    /// What callbacks asked for during the running dispatch.
+    requests: Requests,
     started: Instant,
     /// The start of the instruction being analysed, when the exit's RIP is not it.
-    pub(crate) insn_rip: Option<u64>,
+    insn_rip: Option<u64>,
     /// Instructions found for (CR3, reported RIP, write?): where they start and their
     /// bytes. Reused only after re-reading the bytes from guest memory and finding
     /// them unchanged (HVMI's instruction cache, keyed the same way).
-    pub(crate) insn_cache: HashMap<(u64, u64, bool), (u64, Vec<u8>)>,
+    insn_cache: InsnCache,
     next_alert: u64,
     /// The record of the event the running handler call concluded (taken by
     /// `take_handled`), so a caller never has to guess which record is its own.
@@ -146,7 +155,7 @@ impl Engine {
             class_counts: HashMap::new(),
             rights_dirty: false,
             alerts: vec![],
-            recent: std::collections::VecDeque::new(),
+            recent: VecDeque::new(),
             exceptions: Exceptions::default(),
             log_only: false,
             journal: None,
@@ -157,7 +166,7 @@ impl Engine {
             hidden: HashMap::new(),
             integrity: vec![],
             fatal: None,
-            introcall_result: None,
+            requests: Requests::default(),
             started: Instant::now(),
             insn_rip: None,
             insn_cache: HashMap::new(),
@@ -187,6 +196,76 @@ impl Engine {
     /// Microseconds since the engine started (the clock of `EventRecord::at_us`).
     pub fn now_us(&self) -> u64 {
         self.started.elapsed().as_micros() as u64
+    }
+
+    // ---- what the console and tests read ----
+
+    pub fn hooks(&self) -> &Hooks {
+        &self.hooks
+    }
+
+    /// Alerts raised so far (enforced or log-only).
+    pub fn alerts(&self) -> &[Alert] {
+        &self.alerts
+    }
+
+    /// The last `RECENT` handled events, oldest first.
+    pub fn recent(&self) -> &VecDeque<EventRecord> {
+        &self.recent
+    }
+
+    pub fn exceptions(&self) -> &Exceptions {
+        &self.exceptions
+    }
+
+    pub fn exceptions_mut(&mut self) -> &mut Exceptions {
+        &mut self.exceptions
+    }
+
+    pub fn log_only(&self) -> bool {
+        self.log_only
+    }
+
+    /// Report what would be denied, enforce nothing.
+    pub fn set_log_only(&mut self, on: bool) {
+        self.log_only = on;
+    }
+
+    /// Events handled so far (the id of the newest).
+    pub fn event_count(&self) -> u64 {
+        self.event_id
+    }
+
+    pub fn events_per_class(&self) -> &HashMap<Class, u64> {
+        &self.events_per_class
+    }
+
+    /// Handler timing.
+    pub fn latency(&self) -> &Latency {
+        &self.latency
+    }
+
+    /// Why the engine cannot go on, once (see `fatal`).
+    pub fn take_fatal(&mut self) -> Option<String> {
+        self.fatal.take()
+    }
+
+    pub(crate) fn set_fatal(&mut self, why: String) {
+        self.fatal.get_or_insert(why);
+    }
+
+    /// The original byte under our breakpoint at `gpa`.
+    pub(crate) fn hidden_byte(&self, gpa: u64) -> Option<u8> {
+        self.hidden.get(&gpa).copied()
+    }
+
+    pub(crate) fn insn_cache(&mut self) -> &mut InsnCache {
+        &mut self.insn_cache
+    }
+
+    /// Where the instruction being analysed starts, when the exit's RIP is past it.
+    pub(crate) fn set_insn_rip(&mut self, rip: Option<u64>) {
+        self.insn_rip = rip;
     }
 
     pub(crate) fn vcpu(&mut self, id: u32) -> &mut VcpuState {
@@ -393,243 +472,6 @@ impl Engine {
             self.control(guest, &t, 1)?;
         }
         Ok(())
-    }
-
-    // ---- dispatch ----
-
-    /// Calls every live, enabled hook that `matches`, in insertion order, walking
-    /// by position so hooks added by a callback are called in this same dispatch.
-    pub(crate) fn dispatch(
-        &mut self,
-        guest: &mut dyn Guest,
-        page: Option<u64>,
-        info: &EventInfo,
-        matches: &dyn Fn(&Target) -> bool,
-    ) -> Vec<(HookId, Outcome)> {
-        let mut fired = Vec::new();
-        let mut pos = 0;
-        loop {
-            let id = match page {
-                Some(p) => self.hooks.on_page_at(p, pos),
-                None => self.hooks.at(pos),
-            };
-            let Some(id) = id else { break };
-            pos += 1;
-            let Some(h) = self.hooks.get_mut(id) else {
-                continue;
-            };
-            if h.removed || !h.enabled || !matches(&h.target) {
-                continue;
-            }
-            // Taking the callback out lets it use the engine (and guards against a
-            // hook re-entering itself).
-            let Some(mut cb) = h.callback.take() else {
-                continue;
-            };
-            h.hits += 1;
-            let out = {
-                let mut ctx = Ctx {
-                    engine: self,
-                    guest: &mut *guest,
-                    event: info,
-                    hook: id,
-                };
-                cb(&mut ctx)
-            };
-            if let Some(h) = self.hooks.get_mut(id) {
-                h.callback = Some(cb);
-            }
-            if out.remove {
-                self.hooks.flag_removed(id);
-            }
-            let skip = out.skip_others;
-            fired.push((id, out));
-            if skip {
-                break;
-            }
-        }
-        fired
-    }
-
-    /// Dispatches a register-class event and concludes it; `Allowed` without any
-    /// record when no hook matched (the common case for polled registers).
-    pub(crate) fn decide(
-        &mut self,
-        guest: &mut dyn Guest,
-        class: Class,
-        info: &EventInfo,
-        instruction: Option<&str>,
-        matches: &dyn Fn(&Target) -> bool,
-    ) -> Verdict {
-        let fired = self.dispatch(guest, None, info, matches);
-        if fired.is_empty() {
-            return Verdict::Allowed;
-        }
-        self.conclude(guest, class, info, instruction, &fired)
-    }
-
-    /// Combines the hooks' answers by maximum, raises at most one alert per event
-    /// (for the first hook that blocked), applies exceptions and log-only mode,
-    /// and journals the event.
-    pub(crate) fn conclude(
-        &mut self,
-        guest: &dyn Guest,
-        class: Class,
-        info: &EventInfo,
-        instruction: Option<&str>,
-        fired: &[(HookId, Outcome)],
-    ) -> Verdict {
-        let mut verdict = fired
-            .iter()
-            .map(|(_, o)| o.verdict)
-            .max()
-            .unwrap_or_default();
-        let (mut regs, s) = (guest.regs(), guest.sregs());
-        // KVM reports writes with RIP after the instruction; records name its start.
-        if let Some(rip) = self.insn_rip.take() {
-            regs.rip = rip;
-        }
-        if verdict == Verdict::NotAllowed
-            && let Some((hook, out)) = fired.iter().find(|(_, o)| o.verdict == Verdict::NotAllowed)
-        {
-            self.next_alert += 1;
-            let mut alert = self.make_alert(
-                guest.vcpu(),
-                class,
-                info,
-                instruction,
-                *hook,
-                out,
-                &regs,
-                &s,
-            );
-            if let Some(rule) = self.exceptions.matching(&alert) {
-                verdict = Verdict::Allowed;
-                self.journal(&Record::Exception {
-                    alert: alert.id,
-                    rule,
-                });
-            } else {
-                alert.enforced = !self.log_only;
-                if self.log_only {
-                    verdict = Verdict::Allowed;
-                }
-                self.journal(&Record::Alert(&alert));
-                self.alerts.push(alert);
-            }
-        }
-        let hooks: Vec<HookId> = fired.iter().map(|(id, _)| *id).collect();
-        let rec = Record::Event {
-            event_id: self.event_id,
-            class,
-            vcpu: guest.vcpu(),
-            rip: regs.rip,
-            cpl: s.cpl(),
-            instruction,
-            event: info,
-            hooks: &hooks,
-            verdict,
-        };
-        self.journal(&rec);
-        if self.recent.len() == RECENT {
-            self.recent.pop_front();
-        }
-        let record = EventRecord {
-            event_id: self.event_id,
-            at_us: self.started.elapsed().as_micros() as u64,
-            class,
-            vcpu: guest.vcpu(),
-            rip: regs.rip,
-            cpl: s.cpl(),
-            instruction: instruction.map(str::to_string),
-            event: info.clone(),
-            hooks,
-            verdict,
-        };
-        self.handled = Some(record.clone());
-        self.recent.push_back(record);
-        verdict
-    }
-
-    /// The record of the event the last handler call concluded on this engine,
-    /// if it concluded one (None when no hook fired). Take it under the same lock
-    /// as the call: with several vCPUs, `recent`'s newest entry may be another
-    /// vCPU's by the time the lock is taken again.
-    pub fn take_handled(&mut self) -> Option<EventRecord> {
-        self.handled.take()
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn make_alert(
-        &self,
-        vcpu: u32,
-        class: Class,
-        info: &EventInfo,
-        instruction: Option<&str>,
-        hook: HookId,
-        out: &Outcome,
-        regs: &Regs,
-        s: &SRegs,
-    ) -> Alert {
-        let hook_name = self
-            .hooks
-            .get(hook)
-            .map(|h| h.name.clone())
-            .unwrap_or_default();
-        Alert {
-            id: self.next_alert,
-            event_id: self.event_id,
-            at_ms: self.started.elapsed().as_millis() as u64,
-            class,
-            vcpu,
-            rip: regs.rip,
-            cr3: s.cr3,
-            cpl: s.cpl(),
-            instruction: instruction.map(str::to_string),
-            event: info.clone(),
-            hook,
-            reason: out
-                .reason
-                .clone()
-                .unwrap_or_else(|| format!("hook {hook} ({hook_name}) denied it")),
-            hook_name,
-            verdict: Verdict::NotAllowed,
-            enforced: true,
-        }
-    }
-
-    /// Journals an analyst's override of event `event_id`'s verdict.
-    pub fn journal_override(&mut self, event_id: u64, proposed: Verdict, allow: bool) {
-        self.journal(&Record::Override {
-            event_id,
-            proposed,
-            verdict: if allow { "allow" } else { "deny" },
-        });
-    }
-
-    fn journal(&mut self, r: &Record<'_>) {
-        if let Some(j) = self.journal.as_mut() {
-            j.record(&serde_json::to_string(r).expect("records serialise"));
-        }
-    }
-
-    /// The common prologue and epilogue of every handler: a new event id,
-    /// statistics and timing, then the commit of removed hooks and page rights.
-    pub(crate) fn handle<R>(
-        &mut self,
-        guest: &mut dyn Guest,
-        class: Class,
-        body: impl FnOnce(&mut Self, &mut dyn Guest) -> R,
-    ) -> R {
-        let start = Instant::now();
-        self.event_id += 1;
-        *self.events_per_class.entry(class).or_default() += 1;
-        let r = body(self, guest);
-        if let Err(e) = self.commit(guest) {
-            self.fatal.get_or_insert(format!("commit failed: {e}"));
-        }
-        self.latency.add(start.elapsed().as_nanos() as u64);
-        r
     }
 
     /// Records that the vCPU exited (for per-instruction bookkeeping).

@@ -1,15 +1,19 @@
-//! The engine as the VMM's exit handler: turns `vmm::Event`s into HVMI handler
-//! calls and their verdicts into `vmm::Reply`s; arms protection policies once the
-//! guest has its own descriptor tables; drives the 1 Hz timer and register polls.
+//! The engine as the VMM's exit handler: the one place that turns `Event`s into
+//! HVMI handler calls and their verdicts into `Reply`s (`respond`); arms
+//! protection policies once the guest has its own descriptor tables; drives the
+//! 1 Hz timer and register polls. Batch mode, the console, caps, bench and the
+//! tests all use it.
 
 use std::io::Write;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::event::{Event, ExitHandler, HandlerStop, Reply};
+use crate::loader::Symbols;
+use crate::vcpu::VcpuCtl;
 use vmiscope_introspect::handlers::{self, BreakpointAction, MemAction, MemExit};
 use vmiscope_introspect::policy::{self, PolicyEnv};
 use vmiscope_introspect::{AccessKind, Alert, Engine, EventRecord, Guest, Journal, Verdict};
-use vmiscope_vmm::{Event, ExitHandler, HandlerStop, Reply, Symbols, VcpuCtl};
 
 /// A journal file: one JSON object per line, written as it happens (nothing
 /// buffered away if the process dies).
@@ -86,7 +90,7 @@ impl Introspection {
     }
 
     pub fn alerts(&self) -> Vec<Alert> {
-        self.engine.lock().unwrap().alerts.clone()
+        self.engine.lock().unwrap().alerts().to_vec()
     }
 
     /// Policies wait until the guest runs on its own descriptor tables (IDTR set),
@@ -106,7 +110,7 @@ impl Introspection {
 
     fn report(&self, e: &Engine, before: usize) {
         if self.print_alerts {
-            for a in &e.alerts[before..] {
+            for a in &e.alerts()[before..] {
                 eprintln!(
                     "[vmiscope] ALERT {} {}: {} (vcpu {} rip {:#x} cpl {}{}{})",
                     a.id,
@@ -151,7 +155,7 @@ impl Introspection {
     }
 
     fn exit_work(&self, e: &mut Engine, cpu: &mut VcpuCtl<'_>) {
-        let before = e.alerts.len();
+        let before = e.alerts().len();
         e.note_exit(cpu.id());
         self.arm(e, cpu);
         let tick = {
@@ -171,58 +175,66 @@ impl Introspection {
     }
 
     fn reply(&self, e: &mut Engine, cpu: &mut VcpuCtl<'_>, event: &Event) -> Reply {
-        let before = e.alerts.len();
-        let reply = match *event {
-            Event::Mem(m) => {
-                let access = if m.write {
-                    AccessKind::Write
-                } else {
-                    AccessKind::Read
-                };
-                let x = MemExit {
-                    gpa: m.gpa,
-                    len: m.len as u64,
-                    access,
-                    data: m.write.then_some(m.data),
-                    rip: m.rip,
-                };
-                mem_reply(handlers::handle_ept_violation(e, cpu, &x).1)
-            }
-            Event::ExecFault { gva, gpa, .. } => {
-                let x = MemExit {
-                    gpa,
-                    len: 1,
-                    access: AccessKind::Exec,
-                    data: None,
-                    rip: gva,
-                };
-                mem_reply(handlers::handle_ept_violation(e, cpu, &x).1)
-            }
-            Event::Msr { index, write, .. } => {
-                match handlers::handle_msr_violation(e, cpu, index, write) {
-                    Verdict::NotAllowed => Reply::Drop,
-                    _ => Reply::Continue,
-                }
-            }
-            Event::Introcall(c) => match handlers::handle_introcall(e, cpu, c.op, c.args) {
-                Some(v) => Reply::Data(v),
-                None => Reply::Continue,
-            },
-            Event::Breakpoint {
-                rip,
-                gpa: Some(gpa),
-                ..
-            } => match handlers::handle_breakpoint(e, cpu, rip, gpa) {
-                BreakpointAction::StepOver | BreakpointAction::Reinject => Reply::Continue,
-                BreakpointAction::Skip(len) => Reply::Skip(len),
-            },
-            _ => Reply::Continue,
-        };
+        let before = e.alerts().len();
+        let reply = respond(e, cpu, event);
         self.report(e, before);
-        if let Some(f) = e.fatal.take() {
-            return Reply::Stop(HandlerStop::EngineFailed(f));
-        }
         reply
+    }
+}
+
+/// The engine's answer to one VMM event, as the VMM's reply: the whole mapping
+/// between the two vocabularies. A commit failure inside the engine (its hooks'
+/// controls could not be applied) ends the run with a clear reason rather than
+/// letting the guest run unprotected.
+pub fn respond(e: &mut Engine, g: &mut dyn Guest, event: &Event) -> Reply {
+    let reply = match *event {
+        Event::Mem(m) => {
+            let access = if m.write {
+                AccessKind::Write
+            } else {
+                AccessKind::Read
+            };
+            let x = MemExit {
+                gpa: m.gpa,
+                len: m.len as u64,
+                access,
+                data: m.write.then_some(m.data),
+                rip: m.rip,
+            };
+            mem_reply(handlers::handle_ept_violation(e, g, &x).1)
+        }
+        Event::ExecFault { gva, gpa, .. } => {
+            let x = MemExit {
+                gpa,
+                len: 1,
+                access: AccessKind::Exec,
+                data: None,
+                rip: gva,
+            };
+            mem_reply(handlers::handle_ept_violation(e, g, &x).1)
+        }
+        Event::Msr { index, write, .. } => match handlers::handle_msr_violation(e, g, index, write)
+        {
+            Verdict::NotAllowed => Reply::Drop,
+            _ => Reply::Continue,
+        },
+        Event::Introcall(c) => match handlers::handle_introcall(e, g, c.op, c.args) {
+            Some(v) => Reply::Data(v),
+            None => Reply::Continue,
+        },
+        Event::Breakpoint {
+            rip,
+            gpa: Some(gpa),
+            ..
+        } => match handlers::handle_breakpoint(e, g, rip, gpa) {
+            BreakpointAction::StepOver | BreakpointAction::Reinject => Reply::Continue,
+            BreakpointAction::Skip(len) => Reply::Skip(len),
+        },
+        _ => Reply::Continue,
+    };
+    match e.take_fatal() {
+        Some(why) => Reply::Stop(HandlerStop::EngineFailed(why)),
+        None => reply,
     }
 }
 
@@ -242,5 +254,55 @@ fn mem_reply(a: MemAction) -> Reply {
         MemAction::Drop => Reply::Drop,
         MemAction::Data(v) => Reply::Data(v),
         MemAction::Skip => Reply::Retry,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::MemAccess;
+    use crate::stop::StopReason;
+    use vmiscope_introspect::mock::{MockGuest, Op};
+    use vmiscope_introspect::{Outcome, Rights, Target};
+
+    #[test]
+    fn a_failed_commit_stops_the_run_with_a_clear_reason() {
+        let (mut e, mut g) = (Engine::new(), MockGuest::new());
+        // A write hook that removes itself when it fires: the commit at the end of
+        // the handler gives the page back, and that commit fails.
+        e.add_hook(
+            &mut g,
+            Target::Gpa {
+                gpa: 0x5000,
+                len: 8,
+                rights: Rights::W,
+            },
+            "once",
+            Box::new(|_| Outcome::allow().and_remove()),
+        )
+        .unwrap();
+        g.fail_nth(Op::CommitRights, 1);
+        g.put(0x20000, &[0x89, 0x08]); // mov [rax], ecx
+        (g.regs.rax, g.regs.rip) = (0x5000, 0x20002);
+        let write = Event::Mem(MemAccess {
+            gpa: 0x5000,
+            len: 4,
+            write: true,
+            data: 7,
+            rip: 0x20002,
+            cpl: 0,
+        });
+        let reply = respond(&mut e, &mut g, &write);
+        let Reply::Stop(cause) = reply else {
+            panic!("the run goes on unprotected: {reply:?}");
+        };
+        let said = StopReason::Handler(cause).to_string();
+        assert!(
+            said.contains("introspection disabled: commit failed")
+                && said.contains("injected CommitRights failure"),
+            "{said}"
+        );
+        // The next event is answered normally: the failure was reported once.
+        assert_eq!(respond(&mut e, &mut g, &Event::Halt), Reply::Continue);
     }
 }
