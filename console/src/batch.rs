@@ -3,57 +3,13 @@
 
 use std::io::Write;
 use std::sync::Arc;
-use std::time::Duration;
 
-use vmiscope_introspect::policy;
-use vmiscope_introspect::{Engine, Exceptions};
-use vmiscope_vmm::{Event, ExitHandler, Module, Reply, VcpuCtl, Vm, VmConfig};
+use vmiscope_vmm::{Event, ExitHandler, Reply, VcpuCtl, Vm};
 
-use vmiscope_vmm::engine_glue::{FileJournal, Introspection, policy_env};
+use vmiscope_vmm::engine_glue::Introspection;
 
 use crate::cli::RunArgs;
-
-/// Resolves a built-in image name or reads a file.
-pub fn load_image(name: &str) -> Result<(Vec<u8>, u32), String> {
-    if let Some(i) = vmiscope_images::find(name) {
-        return Ok((i.elf.to_vec(), i.vcpus));
-    }
-    match std::fs::read(name) {
-        Ok(b) => Ok((b, 1)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!(
-            "no built-in image or file named `{name}` (see `vmiscope images`)"
-        )),
-        Err(e) => Err(format!("cannot read {name}: {e}")),
-    }
-}
-
-pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, String> {
-    let mut modules = Vec::new();
-    for m in &a.modules {
-        let data =
-            std::fs::read(m).map_err(|e| format!("cannot read module {}: {e}", m.display()))?;
-        modules.push(Module {
-            name: m.display().to_string(),
-            data,
-        });
-    }
-    let timeout = match a.timeout {
-        Some(t) if !(t > 0.0 && t.is_finite()) => {
-            return Err("--timeout must be a positive number of seconds".into());
-        }
-        t => t.map(Duration::from_secs_f64),
-    };
-    Ok(VmConfig {
-        vcpus: a.vcpus.unwrap_or(default_vcpus),
-        mem_mib: a.mem,
-        irqchip: !a.no_irqchip,
-        hypercall_quirk: a.hypercall_quirk,
-        timeout,
-        cmdline: a.cmdline.clone(),
-        modules,
-        ..VmConfig::default()
-    })
-}
+use crate::launch::{config, engine, load_image};
 
 /// The engine, with `--events` printing every event first.
 struct BatchHandler {
@@ -77,28 +33,6 @@ impl ExitHandler for BatchHandler {
     fn on_exit(&self, cpu: &mut VcpuCtl<'_>) {
         self.engine.on_exit(cpu)
     }
-}
-
-/// The engine as the options ask for it.
-pub fn engine(a: &RunArgs, symbols: &vmiscope_vmm::Symbols) -> Result<Introspection, String> {
-    let mut e = Engine::new();
-    e.set_log_only(a.log_only);
-    if let Some(p) = &a.exceptions {
-        let text = std::fs::read_to_string(p)
-            .map_err(|err| format!("cannot read {}: {err}", p.display()))?;
-        *e.exceptions_mut() =
-            Exceptions::parse(&text).map_err(|err| format!("{}: {err}", p.display()))?;
-    }
-    if let Some(p) = &a.journal {
-        let j = FileJournal::create(p)
-            .map_err(|err| format!("cannot create {}: {err}", p.display()))?;
-        e.set_journal(Box::new(j));
-    }
-    let policies = match &a.protect {
-        Some(list) => policy::parse_list(list).map_err(|err| err.to_string())?,
-        None => vec![],
-    };
-    Ok(Introspection::new(e, policies, policy_env(symbols)))
 }
 
 pub fn run(a: &RunArgs) -> i32 {

@@ -445,7 +445,7 @@ fn kick_latency() -> Result<f64, String> {
     if v.is_empty() {
         return Err("no kick reached the vCPU".into());
     }
-    Ok(crate::bench::median(v))
+    Ok(crate::stats::median(v))
 }
 
 pub fn run(a: &crate::cli::CapsArgs) -> i32 {

@@ -171,3 +171,11 @@ pub fn images(a: &ImagesArgs) -> i32 {
     }
     0
 }
+
+/// Which interactive front end runs (and `Quit` once the user leaves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Tui,
+    Repl,
+    Quit,
+}

@@ -787,7 +787,7 @@ pub fn exec_file_for(image: &str, bytes: &[u8]) -> Option<String> {
 
 /// `run --gdb`: the stub on its own thread (next to a console, or alone in batch
 /// mode, where the run ends with the guest).
-pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::ui::Mode>) -> i32 {
+pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) -> i32 {
     let mut s = match Session::start(a) {
         Ok(s) => s,
         Err(e) => {
@@ -804,7 +804,7 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::ui::Mode>) -> 
             return 2;
         }
     };
-    let exec = crate::batch::load_image(&a.image)
+    let exec = crate::launch::load_image(&a.image)
         .ok()
         .and_then(|(img, _)| exec_file_for(&a.image, &img));
     eprintln!(

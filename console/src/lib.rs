@@ -2,7 +2,6 @@
 
 pub mod batch;
 pub mod bench;
-pub mod bench_gdb;
 pub mod caps;
 pub mod cli;
 pub mod commands;
@@ -11,8 +10,10 @@ pub mod gdb;
 pub mod gdb_arch;
 pub mod gdb_conn;
 pub mod gdb_fpu;
+pub mod launch;
 pub mod repl;
 pub mod script;
 pub mod session;
+pub mod stats;
 pub mod tui;
 pub mod ui;

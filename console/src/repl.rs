@@ -9,9 +9,9 @@ use rustyline::completion::Completer;
 use rustyline::error::ReadlineError;
 use rustyline::{Context, Editor, Helper, Highlighter, Hinter, Validator};
 
+use crate::cli::Mode;
 use crate::commands::HELP;
 use crate::session::{Session, alert_line};
-use crate::ui::Mode;
 
 #[derive(Helper, Hinter, Highlighter, Validator)]
 struct Words {

@@ -52,11 +52,11 @@ pub struct Session {
 impl Session {
     /// Builds the VM and starts it paused at its entry.
     pub fn start(a: &RunArgs) -> Result<Session, String> {
-        let (image, vcpus) = crate::batch::load_image(&a.image)?;
-        let mut cfg = crate::batch::config(a, vcpus)?;
+        let (image, vcpus) = crate::launch::load_image(&a.image)?;
+        let mut cfg = crate::launch::config(a, vcpus)?;
         cfg.start_paused = true;
         let vm = Vm::new(&cfg, &image).map_err(|e| e.to_string())?;
-        let intro = Arc::new(crate::batch::engine(a, vm.shared().symbols())?);
+        let intro = Arc::new(crate::launch::engine(a, vm.shared().symbols())?);
         let shared = vm.shared().clone();
         let control = Arc::new(Control::new(shared.clone()));
         let env = policy_env(shared.symbols());

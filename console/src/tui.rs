@@ -16,8 +16,8 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Clear, List, ListItem, ListState, Paragraph, Wrap};
 
+use crate::cli::Mode;
 use crate::session::{Session, alert_line, event_line};
-use crate::ui::Mode;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pane {

@@ -3,12 +3,7 @@
 use crate::cli::RunArgs;
 use crate::session::Session;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Tui,
-    Repl,
-    Quit,
-}
+pub use crate::cli::Mode;
 
 /// Opens the console on `a.image` (paused at entry) and runs until `quit`.
 pub fn interactive(a: &RunArgs, mode: Mode) -> i32 {

@@ -15,16 +15,10 @@ use vmiscope_vmm::{Access, Event, ExitHandler, HostKind, Reply, VcpuCtl, Vm, VmC
 
 use vmiscope_vmm::engine_glue::{Introspection, OnReady};
 
-#[derive(Debug, Serialize)]
-pub struct Figure {
-    pub name: String,
-    pub unit: &'static str,
-    pub value: f64,
-    /// The raw-KVM figure for the same thing, where one exists.
-    pub baseline: Option<f64>,
-    pub ratio: Option<f64>,
-    pub note: String,
-}
+mod common;
+mod gdb;
+
+pub use common::{Figure, median, spin_session, spin_sym, spin_vm};
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -73,27 +67,6 @@ fn build(w: Workload, n: u64) -> Result<Vm, String> {
             Access::WriteTrap,
         )
         .map_err(|e| e.to_string())?;
-    }
-    Ok(vm)
-}
-
-/// The `spin` image with its mode and count patched in.
-pub(crate) fn spin_vm(mode: u64, n: u64, vcpus: u32) -> Result<Vm, String> {
-    let img = vmiscope_images::find("spin").ok_or("missing image")?;
-    let vm = Vm::new(
-        &VmConfig {
-            vcpus,
-            ..VmConfig::default()
-        },
-        img.elf,
-    )
-    .map_err(|e| e.to_string())?;
-    for (sym, v) in [("spin_mode", mode), ("spin_count", n)] {
-        let at = vm.symbol(sym).ok_or("spin image lacks its symbols")?;
-        vm.shared()
-            .ram()
-            .write(at, &v.to_le_bytes())
-            .map_err(|e| e.to_string())?;
     }
     Ok(vm)
 }
@@ -250,13 +223,6 @@ fn engine_run(mode: u64, n: u64, vcpus: u32, setup: OnReady) -> Result<EngineRun
         engine_us: e.latency().total_ns as f64 / e.latency().count.max(1) as f64 / 1e3,
         ioctls_per_event: shared.ioctl_count() as f64 / s.2.max(1) as f64,
     })
-}
-
-pub(crate) fn spin_sym(name: &str) -> Result<u64, String> {
-    let img = vmiscope_images::find("spin").ok_or("missing image")?;
-    vmiscope_vmm::Symbols::parse(img.elf)
-        .get(name)
-        .ok_or_else(|| format!("spin lacks {name}"))
 }
 
 /// A write hook over `[off, off+len)` of spin_page that allows everything.
@@ -426,25 +392,6 @@ fn engine_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<()
     Ok(())
 }
 
-/// One console run of `spin` (hooked CPL3 writes, logged) with or without the TUI
-/// rendering (off screen, the real drawing code, at its frame rate). Returns events
-/// per second and, with the TUI, every event's delay until a frame showed it (ms).
-/// A console session on `spin`, paused at its entry, with its mode and count
-/// patched in through the console's own `mem write`.
-pub(crate) fn spin_session(mode: u64, n: u64) -> Result<crate::session::Session, String> {
-    let mut s = crate::session::Session::start(&crate::cli::RunArgs::for_image("spin"))?;
-    let le = |v: u64| {
-        v.to_le_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    s.exec(&format!("mem write spin_mode {}", le(mode)))?;
-    s.exec(&format!("mem write spin_count {}", le(n)))?;
-    Ok(s)
-}
-
 fn console_run(n: u64, with_tui: bool) -> Result<(f64, Vec<f64>), String> {
     let mut s = spin_session(0, n)?;
     s.exec("hook ept spin_page 64 w log")?;
@@ -511,11 +458,6 @@ fn console_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<(
         ),
     });
     Ok(())
-}
-
-pub fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn protect_cost(repeat: usize) -> Result<(f64, f64, f64), String> {
@@ -624,7 +566,7 @@ pub fn measure(iterations: u64, repeat: usize) -> Result<Report, String> {
     });
     engine_figures(iterations, repeat, &mut figures)?;
     console_figures(iterations, repeat, &mut figures)?;
-    crate::bench_gdb::figures(repeat, &mut figures)?;
+    gdb::figures(repeat, &mut figures)?;
     figures.push(Figure {
         name: "hello: process start to guest exit".into(),
         unit: "ms",

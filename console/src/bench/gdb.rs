@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, kvm_guest_debug};
 use kvm_ioctls::VcpuExit;
 
-use crate::bench::{Figure, median};
+use super::common::{Figure, median};
 use crate::session::Session;
 
 /// The `spin` image in its CPL0 `out` loop: the same stream for both step loops.
@@ -22,7 +22,7 @@ const SPIN_CPL3_LOOP: u64 = 4;
 /// from the image's entry.
 fn raw_steps(n: u64) -> Result<f64, String> {
     // The VM's memory lives as long as its shared half: keep it.
-    let (_shared, mut fds) = crate::bench::spin_vm(SPIN_CPL0_OUT, 1 << 30, 1)?.into_raw();
+    let (_shared, mut fds) = super::common::spin_vm(SPIN_CPL0_OUT, 1 << 30, 1)?.into_raw();
     let fd = &mut fds[0];
     let dbg = kvm_guest_debug {
         control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP,
@@ -111,7 +111,7 @@ impl Rsp {
 /// The stub on a loopback port over a `spin` session in `mode`, and a client
 /// connected to it.
 fn stub(mode: u64) -> Result<(Rsp, std::thread::JoinHandle<()>, Session), String> {
-    let s = crate::bench::spin_session(mode, 1 << 30)?;
+    let s = super::common::spin_session(mode, 1 << 30)?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     let g = s.attach();
@@ -161,7 +161,7 @@ fn gdb_steps(n: u64) -> Result<(f64, f64), String> {
 /// guest's #DB entry (see vmm's usertrap).
 fn gdb_user_steps(n: u64) -> Result<f64, String> {
     let (mut rsp, server, s) = stub(SPIN_CPL3_LOOP)?;
-    let at = crate::bench::spin_sym("user_spin")?;
+    let at = super::common::spin_sym("user_spin")?;
     for cmd in [
         format!("Z0,{at:x},1"),
         "vCont;c:1".into(),
