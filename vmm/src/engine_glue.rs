@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::event::{Event, ExitHandler, HandlerStop, Reply};
 use crate::loader::Symbols;
-use crate::vcpu::VcpuCtl;
+use crate::shared::VcpuCtl;
 use vmiscope_introspect::handlers::{self, BreakpointAction, MemAction, MemExit};
 use vmiscope_introspect::policy::{self, PolicyEnv};
 use vmiscope_introspect::{AccessKind, Alert, Engine, EventRecord, Guest, Journal, Verdict};

@@ -1,7 +1,8 @@
 //! What the VMM asks its exit handler about, and the handler's reply.
 
+use crate::shared::VcpuCtl;
 use crate::stats::ExitClass;
-use crate::vcpu::VcpuCtl;
+pub use crate::stop::HandlerStop;
 
 /// A trapped guest-physical access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,18 +97,6 @@ impl Event {
             Event::Kicked => ExitClass::Kick,
         }
     }
-}
-
-/// Why an exit handler ends the run.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HandlerStop {
-    /// The engine can no longer keep its hooks' hypervisor controls in place
-    /// (HVMI's "disable on return"): going on would run the guest unprotected.
-    #[error("introspection disabled: {0}")]
-    EngineFailed(String),
-    /// The engine panicked while handling an event.
-    #[error("the introspection engine crashed: {0}")]
-    EngineCrashed(String),
 }
 
 /// The handler's decision. The VMM applies it before the vCPU re-enters the guest.

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use vmiscope_introspect::arch::{Dtr, Regs, SRegs};
 use vmiscope_introspect::glue::{GlueError, Guest, PageRights};
 
+use crate::shared::VcpuCtl;
 use crate::slots::Access;
-use crate::vcpu::VcpuCtl;
 
 fn failed(e: impl std::fmt::Display) -> GlueError {
     GlueError::Failed(e.to_string())

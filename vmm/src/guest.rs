@@ -1,14 +1,14 @@
 //! Reading guest state the way the guest sees it: its privilege level, its paging
 //! mode, its virtual memory, an MSR, an injected exception. Shared by the vCPU
-//! loop, the debug machinery and the user-mode catches (`usertrap`).
+//! loop, `VcpuCtl`, the debug machinery and the user-mode catches (`usertrap`).
+//! Callers count the ioctls.
 
 use kvm_bindings::kvm_sregs;
 use kvm_ioctls::VcpuFd;
 use vmiscope_introspect::paging::{self, PagingMode};
 
 use crate::error::VmError;
-use crate::memory::PAGE_SIZE;
-use crate::vm::VmShared;
+use crate::memory::{GuestRam, PAGE_SIZE};
 
 /// The CPL of a vCPU in state `s` (0 before protected mode).
 pub(crate) fn cpl_of(s: &kvm_sregs) -> u8 {
@@ -25,7 +25,7 @@ pub(crate) fn paging_mode(s: &kvm_sregs) -> PagingMode {
 
 /// Reads guest-virtual memory page by page through the guest's tables.
 pub(crate) fn read_virt(
-    vm: &VmShared,
+    ram: &GuestRam,
     mode: PagingMode,
     gva: u64,
     buf: &mut [u8],
@@ -33,18 +33,16 @@ pub(crate) fn read_virt(
     let mut done = 0usize;
     while done < buf.len() {
         let va = gva.wrapping_add(done as u64);
-        let t =
-            paging::translate(vm.ram(), mode, va).map_err(|e| VmError::Memory(e.to_string()))?;
+        let t = paging::translate(ram, mode, va).map_err(|e| VmError::Memory(e.to_string()))?;
         let n = ((PAGE_SIZE - (va & (PAGE_SIZE - 1))) as usize).min(buf.len() - done);
-        vm.ram().read(t.gpa, &mut buf[done..done + n])?;
+        ram.read(t.gpa, &mut buf[done..done + n])?;
         done += n;
     }
     Ok(())
 }
 
 /// One MSR through KVM_GET_MSRS.
-pub(crate) fn get_msr(vm: &VmShared, fd: &VcpuFd, index: u32) -> Option<u64> {
-    vm.count_ioctls(1);
+pub(crate) fn get_msr(fd: &VcpuFd, index: u32) -> Option<u64> {
     let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
         index,
         ..Default::default()
@@ -54,8 +52,7 @@ pub(crate) fn get_msr(vm: &VmShared, fd: &VcpuFd, index: u32) -> Option<u64> {
 }
 
 /// One MSR through KVM_SET_MSRS; whether KVM took it.
-pub(crate) fn set_msr(vm: &VmShared, fd: &VcpuFd, index: u32, data: u64) -> bool {
-    vm.count_ioctls(1);
+pub(crate) fn set_msr(fd: &VcpuFd, index: u32, data: u64) -> bool {
     kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
         index,
         data,

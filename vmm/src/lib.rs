@@ -2,6 +2,7 @@
 //! guests and delivers every exit that matters to an exit handler as a typed
 //! `Event`, then applies the handler's `Reply`.
 
+pub mod config;
 pub mod devices;
 pub mod engine_glue;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod kick;
 pub mod loader;
 pub mod memory;
 pub mod msr;
+pub mod shared;
 pub mod slots;
 pub mod stats;
 pub mod stop;
@@ -21,15 +23,16 @@ mod usertrap;
 pub mod vcpu;
 pub mod vm;
 
+pub use config::VmConfig;
 pub use error::{LoadError, VmError};
 pub use event::{Event, ExitHandler, HandlerStop, Introcall, MemAccess, PassThrough, Reply};
 pub use host::HostKind;
 pub use loader::{Module, Symbols};
+pub use shared::{VcpuCtl, VcpuState, VcpuTask, VmShared};
 pub use slots::Access;
 pub use stats::ExitClass;
 pub use stop::StopReason;
-pub use vcpu::{VcpuCtl, VcpuTask};
-pub use vm::{RunOutcome, VcpuState, Vm, VmConfig, VmShared};
+pub use vm::{RunOutcome, Vm};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

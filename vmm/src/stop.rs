@@ -2,6 +2,18 @@
 
 use std::fmt;
 
+/// Why an exit handler ends the run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandlerStop {
+    /// The engine can no longer keep its hooks' hypervisor controls in place
+    /// (HVMI's "disable on return"): going on would run the guest unprotected.
+    #[error("introspection disabled: {0}")]
+    EngineFailed(String),
+    /// The engine panicked while handling an event.
+    #[error("the introspection engine crashed: {0}")]
+    EngineCrashed(String),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopReason {
     /// The guest wrote to an exit port; the status it asked for.
@@ -29,7 +41,7 @@ pub enum StopReason {
     /// The user interrupted the run (Ctrl-C, `quit`).
     User,
     /// The exit handler ended the run.
-    Handler(crate::event::HandlerStop),
+    Handler(HandlerStop),
     /// The VMM itself failed.
     Error(String),
 }

@@ -16,19 +16,11 @@ use kvm_bindings::{kvm_segment, kvm_sregs};
 use vmiscope_introspect::paging::PagingMode;
 
 use crate::guest::{cpl_of, paging_mode as mode, read_virt};
-use crate::vm::VmShared;
+use crate::shared::VmShared;
+use crate::vcpu::state::{Catch, Plan};
 
 /// RFLAGS.TF: trap after the next instruction.
 pub(crate) const RFLAGS_TF: u64 = 1 << 8;
-
-/// Which guest exception entry a hardware breakpoint slot is watching.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Catch {
-    /// Vector 1: the end of a TF step.
-    Db,
-    /// Vector 3: an INT3 executed at CPL3.
-    Bp,
-}
 
 impl Catch {
     fn vector(self) -> u64 {
@@ -47,7 +39,7 @@ pub(crate) fn entry(vm: &VmShared, s: &kvm_sregs, catch: Catch) -> Option<u64> {
         return None;
     }
     let mut g = [0u8; 16];
-    read_virt(vm, mode(s), s.idt.base.wrapping_add(off), &mut g).ok()?;
+    read_virt(vm.ram(), mode(s), s.idt.base.wrapping_add(off), &mut g).ok()?;
     let present = g[5] & 0x80 != 0;
     let gate = g[5] & 0xf;
     if !present || !(gate == 0xe || gate == 0xf) {
@@ -62,21 +54,15 @@ pub(crate) fn entry(vm: &VmShared, s: &kvm_sregs, catch: Catch) -> Option<u64> {
 /// Whether a single-step from the state `s` can end in a debug exit: KVM's where
 /// the host steps at this CPL, else (CPL3 on PVM) RFLAGS.TF caught at the guest's
 /// #DB entry, which needs a present #DB gate and a free debug-register slot.
-pub(crate) fn can_step(vm: &VmShared, s: &kvm_sregs) -> bool {
-    vm.host().single_step_at(cpl_of(s)) || (vm.dr_slot_free() && entry(vm, s, Catch::Db).is_some())
-}
-
-/// What the catches need, worked out once per (debug generation, CR3, IDT) and
-/// after each timer kick, not on every VM entry: reading the gates walks the
-/// guest's page tables.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Plan {
-    key: (u64, u64, u64, u16),
-    /// One of our breakpoints is reachable from user code (see
-    /// `VmShared::user_breakpoints`): the #BP catch is worth its cost.
-    pub user_bps: bool,
-    pub db: Option<u64>,
-    pub bp: Option<u64>,
+impl VmShared {
+    /// Whether a single-step from the state `s` can end in a debug exit: KVM's
+    /// where the host steps at this CPL, else (CPL3 on PVM) RFLAGS.TF caught at
+    /// the guest's #DB entry, which needs a present #DB gate and a free
+    /// debug-register slot.
+    pub(crate) fn can_step(&self, s: &kvm_sregs) -> bool {
+        self.host().single_step_at(cpl_of(s))
+            || (self.dr_slot_free() && entry(self, s, Catch::Db).is_some())
+    }
 }
 
 impl Plan {
@@ -122,7 +108,7 @@ impl Frame {
     /// Reads the frame at the handler's first instruction (RSP points at it).
     pub(crate) fn read(vm: &VmShared, mode: PagingMode, rsp: u64) -> Option<Frame> {
         let mut b = [0u8; 40];
-        read_virt(vm, mode, rsp, &mut b).ok()?;
+        read_virt(vm.ram(), mode, rsp, &mut b).ok()?;
         let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
         Some(Frame {
             rip: w(0),
@@ -145,7 +131,13 @@ pub(crate) fn segment(vm: &VmShared, s: &kvm_sregs, selector: u16) -> Option<kvm
         return None; // LDT selectors and null selectors are not for CS/SS in user mode
     }
     let mut d = [0u8; 8];
-    read_virt(vm, mode(s), s.gdt.base.wrapping_add(off as u64), &mut d).ok()?;
+    read_virt(
+        vm.ram(),
+        mode(s),
+        s.gdt.base.wrapping_add(off as u64),
+        &mut d,
+    )
+    .ok()?;
     Some(decode_descriptor(d, selector))
 }
 

@@ -52,7 +52,7 @@ pub(super) fn load(ram: &GuestRam, image: &[u8]) -> Result<EntryState, LoadError
                 "segment at {addr:#x} extends past the end of the file"
             )));
         }
-        super::check_range(ram, addr, memsz)?;
+        super::image::check_range(ram, addr, memsz)?;
         any = true;
         entry_inside |= entry >= ph.p_vaddr(endian) && entry < ph.p_vaddr(endian) + memsz;
     }

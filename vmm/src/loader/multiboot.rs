@@ -6,7 +6,7 @@ use object::elf::PT_LOAD;
 use object::read::elf::{FileHeader, ProgramHeader};
 
 use super::boot::{EntryState, MBI};
-use super::{Module, check_range};
+use super::image::{Module, check_range};
 use crate::error::LoadError;
 use crate::memory::GuestRam;
 
@@ -162,7 +162,7 @@ pub(super) fn load(
     let (mmap, mods, mut strings) = (MBI + 0x100, MBI + 0x200, MBI + 0x400);
     let mut put_str = |s: &str| -> Result<u32, LoadError> {
         let at = strings;
-        if at + s.len() as u64 + 1 > super::BOOT_AREA_END {
+        if at + s.len() as u64 + 1 > super::boot::BOOT_AREA_END {
             return Err(LoadError::Multiboot(
                 "command line and module names are too long".into(),
             ));

@@ -11,8 +11,8 @@ pub struct Symbols {
 impl Symbols {
     /// Reads the symbol table; an image without one (or not ELF) has no symbols.
     pub fn parse(image: &[u8]) -> Self {
-        let words = super::aligned(image);
-        let image = super::as_bytes(&words, image.len());
+        let words = super::image::aligned(image);
+        let image = super::image::as_bytes(&words, image.len());
         let Ok(file) = object::File::parse(image) else {
             return Symbols::default();
         };

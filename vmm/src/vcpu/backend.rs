@@ -4,10 +4,11 @@
 
 use kvm_bindings::kvm_regs;
 
+use super::VcpuThread;
 use super::handle::{ExitBackend, Flow};
-use super::{VcpuThread, guest};
 use crate::devices::PortEffect;
 use crate::event::{Event, Reply};
+use crate::guest;
 use crate::slots::Access;
 use crate::stats::ExitClass;
 use crate::stop::StopReason;
@@ -43,7 +44,8 @@ impl ExitBackend for VcpuThread {
     }
 
     fn halt(&mut self) -> bool {
-        self.vm.set_state(self.id, crate::vm::VcpuState::Stopped);
+        self.vm
+            .set_state(self.id, crate::shared::VcpuState::Stopped);
         self.vm.all_stopped()
     }
 
@@ -97,11 +99,13 @@ impl ExitBackend for VcpuThread {
     }
 
     fn get_msr(&mut self, index: u32) -> Option<u64> {
-        guest::get_msr(&self.vm, &self.fd, index)
+        self.vm.count_ioctls(1);
+        guest::get_msr(&self.fd, index)
     }
 
     fn set_msr(&mut self, index: u32, value: u64) -> bool {
-        guest::set_msr(&self.vm, &self.fd, index, value)
+        self.vm.count_ioctls(1);
+        guest::set_msr(&self.fd, index, value)
     }
 
     fn ram_contains(&self, gpa: u64, len: u64) -> bool {

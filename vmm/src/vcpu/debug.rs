@@ -9,49 +9,17 @@ use kvm_bindings::{
 use kvm_ioctls::SyncReg;
 use vmiscope_introspect::paging;
 
+use super::VcpuThread;
 use super::handle::{self, Flow};
-use super::{VcpuThread, guest};
+use super::state::{Catch, Plan, Restore};
 use crate::error::VmError;
 use crate::event::{Event, Reply};
+use crate::guest;
 use crate::memory::PAGE_SIZE;
+use crate::shared::VmShared;
 use crate::slots::Access;
 use crate::stop::StopReason;
-use crate::usertrap::{self, Catch, Frame, Plan, RFLAGS_TF};
-use crate::vm::VmShared;
-
-/// Debug controls of one vCPU (KVM_SET_GUEST_DEBUG is issued only on change).
-#[derive(Debug, Default)]
-pub(super) struct DebugState {
-    pub(super) user_step: bool,
-    pub(super) applied: Option<(u32, [u64; 8])>,
-    pub(super) generation: u64,
-    /// Which hardware breakpoint slots watch a guest exception entry (see `usertrap`).
-    pub(super) catches: [Option<Catch>; 4],
-    /// We set RFLAGS.TF for a CPL3 step and wait for the #DB catch.
-    pub(super) tf_step: bool,
-    /// The stepped instruction is PUSHF: it will push our TF.
-    pub(super) tf_pushf: bool,
-    /// What the catches need (cleared on timer kicks, so edits of the page tables
-    /// or the IDT without a CR3 or IDTR load are seen too).
-    pub(super) plan: Option<Plan>,
-}
-
-/// What a step-over must put back once the stepped instruction has run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Restore {
-    Page { gpa: u64, access: Access },
-    SwBp { gpa: u64 },
-    HwBps,
-}
-
-#[derive(Debug, Default)]
-pub(super) struct StepOver {
-    /// Restores waiting for the single-step exit.
-    pub(super) stepping: Vec<Restore>,
-    /// Restores for hosts that cannot step here (PVM at CPL3): applied at the next exit.
-    pub(super) deferred: Vec<Restore>,
-    pub(super) hw_suspended: bool,
-}
+use crate::usertrap::{self, Frame, RFLAGS_TF};
 
 impl VcpuThread {
     /// Applies the guest-debug controls if they changed (one ioctl, only then).
@@ -238,7 +206,7 @@ impl VcpuThread {
         let s = self.fd.sync_regs();
         let mut b = [0u8; 4];
         let mode = guest::paging_mode(&s.sregs);
-        guest::read_virt(&self.vm, mode, s.regs.rip, &mut b).is_ok() && usertrap::is_pushf(&b)
+        guest::read_virt(self.vm.ram(), mode, s.regs.rip, &mut b).is_ok() && usertrap::is_pushf(&b)
     }
 
     /// Clears TF (bit 8: bit 0 of the second byte) in the flags image at `rsp`.
@@ -327,7 +295,7 @@ impl VcpuThread {
 
     /// Whether a step from the current instruction can end in a debug exit.
     fn can_step_here(&self) -> bool {
-        usertrap::can_step(&self.vm, &self.fd.sync_regs().sregs)
+        self.vm.can_step(&self.fd.sync_regs().sregs)
     }
 
     pub(super) fn finish_restores(&mut self, restores: &[Restore]) {

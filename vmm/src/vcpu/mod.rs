@@ -4,48 +4,32 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
-use std::time::Duration;
 
 use kvm_bindings::{
     KVM_INTERNAL_ERROR_EMULATION, KVM_MP_STATE_RUNNABLE, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
-    kvm_mp_state, kvm_regs, kvm_sregs,
+    kvm_mp_state, kvm_regs,
 };
 use kvm_ioctls::{SyncReg, VcpuFd, VmFd};
-use vmiscope_introspect::paging::{self, PagingMode, Translation, WalkError};
+use vmiscope_introspect::paging::{self, PagingMode};
 
+use crate::config::VmConfig;
 use crate::error::VmError;
 use crate::event::{Event, ExitHandler, Reply};
 use crate::exit::{RawExit, decode};
 use crate::guest;
 use crate::kick;
 use crate::loader::{self, EntryState};
+use crate::shared::{VcpuCtl, VcpuMsg, VcpuState, VmShared};
 use crate::slots::Access;
 use crate::stats::ExitClass;
 use crate::stop::StopReason;
-use crate::usertrap;
-use crate::vm::{VcpuState, VmConfig, VmShared};
 
 mod backend;
 mod debug;
 pub(crate) mod handle;
-use debug::{DebugState, StepOver};
+pub(crate) mod state;
 use handle::Flow;
-
-/// Work run on a vCPU's own thread with its `VcpuCtl` (register and memory access
-/// for the console while the vCPU is paused or held at a stop).
-pub type VcpuTask = Box<dyn FnOnce(&mut VcpuCtl<'_>) + Send>;
-
-/// Messages that drive a vCPU's state machine.
-pub enum VcpuMsg {
-    Pause,
-    Resume,
-    Stop,
-    /// Run this on the vCPU thread at its next stop point: now, if it is paused or
-    /// held; after its next exit (a kick forces one) if it runs.
-    With(VcpuTask),
-    /// Wakes a held vCPU so that it looks at its hold condition again.
-    Wake,
-}
+use state::{DebugState, StepOver};
 
 /// Creates and initialises vCPU `id` for `entry`.
 pub(crate) fn create(
@@ -96,178 +80,6 @@ pub(crate) fn create(
     Ok(fd)
 }
 
-/// What an exit handler may do with the vCPU it was called for.
-pub struct VcpuCtl<'a> {
-    id: u32,
-    fd: &'a mut VcpuFd,
-    vm: &'a VmShared,
-    debug: &'a mut DebugState,
-    rx: &'a Receiver<VcpuMsg>,
-    paused: &'a mut bool,
-}
-
-impl VcpuCtl<'_> {
-    pub fn id(&self) -> u32 {
-        self.id
-    }
-
-    pub fn vm(&self) -> &VmShared {
-        self.vm
-    }
-
-    /// General registers at this exit (from kvm_run, no ioctl).
-    pub fn regs(&self) -> kvm_regs {
-        self.fd.sync_regs().regs
-    }
-
-    /// Changes general registers; KVM loads them on the next entry.
-    pub fn set_regs(&mut self, regs: &kvm_regs) {
-        self.fd.sync_regs_mut().regs = *regs;
-        self.fd.set_sync_dirty_reg(SyncReg::Register);
-    }
-
-    pub fn sregs(&self) -> kvm_sregs {
-        self.fd.sync_regs().sregs
-    }
-
-    /// Changes special registers (CR0/CR3/CR4, descriptor tables …) on the next entry.
-    pub fn set_sregs(&mut self, sregs: &kvm_sregs) {
-        self.fd.sync_regs_mut().sregs = *sregs;
-        self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
-    }
-
-    pub fn cpl(&self) -> u8 {
-        guest::cpl_of(&self.sregs())
-    }
-
-    pub fn paging_mode(&self) -> PagingMode {
-        guest::paging_mode(&self.sregs())
-    }
-
-    /// Translates a guest-virtual address with the vCPU's current page tables.
-    pub fn translate(&self, gva: u64) -> Result<Translation, WalkError> {
-        paging::translate(self.vm.ram(), self.paging_mode(), gva)
-    }
-
-    /// Reads guest-virtual memory (page by page through the guest's tables).
-    pub fn read_virt(&self, gva: u64, buf: &mut [u8]) -> Result<(), VmError> {
-        guest::read_virt(self.vm, self.paging_mode(), gva, buf)
-    }
-
-    /// An extended control register (XCR0 …); one KVM_GET_XCRS ioctl, so poll it
-    /// on timer ticks rather than on every exit.
-    pub fn xcr(&self, index: u32) -> Option<u64> {
-        self.vm.count_ioctls(1);
-        let x = self.fd.get_xcrs().ok()?;
-        x.xcrs[..x.nr_xcrs as usize]
-            .iter()
-            .find(|e| e.xcr == index)
-            .map(|e| e.value)
-    }
-
-    /// Writes an extended control register (KVM_SET_XCRS).
-    pub fn set_xcr(&mut self, index: u32, value: u64) -> Result<(), VmError> {
-        self.vm.count_ioctls(2);
-        let mut x = self.fd.get_xcrs().map_err(VmError::ioctl("KVM_GET_XCRS"))?;
-        let n = x.nr_xcrs as usize;
-        match x.xcrs[..n].iter_mut().find(|e| e.xcr == index) {
-            Some(e) => e.value = value,
-            None => return Err(VmError::Config(format!("no XCR{index}"))),
-        }
-        self.fd.set_xcrs(&x).map_err(VmError::ioctl("KVM_SET_XCRS"))
-    }
-
-    /// x87, SSE and MXCSR state (one KVM_GET_FPU).
-    pub fn fpu(&self) -> Option<kvm_bindings::kvm_fpu> {
-        self.vm.count_ioctls(1);
-        self.fd.get_fpu().ok()
-    }
-
-    /// Replaces the x87/SSE state (one KVM_SET_FPU).
-    pub fn set_fpu(&mut self, fpu: &kvm_bindings::kvm_fpu) -> Result<(), VmError> {
-        self.vm.count_ioctls(1);
-        self.fd.set_fpu(fpu).map_err(VmError::ioctl("KVM_SET_FPU"))
-    }
-
-    /// Reads an MSR (one KVM_GET_MSRS).
-    pub fn msr(&self, index: u32) -> Option<u64> {
-        guest::get_msr(self.vm, self.fd, index)
-    }
-
-    /// Whether a single-step from here can work: KVM's where the host steps at this
-    /// CPL, else (CPL3 on PVM) RFLAGS.TF caught at the guest's #DB entry, which needs
-    /// a present #DB gate in the guest's IDT and a free debug-register slot.
-    pub fn can_step(&self) -> bool {
-        usertrap::can_step(self.vm, &self.sregs())
-    }
-
-    /// Single-steps this vCPU from here if that can work (`can_step`); returns
-    /// whether it will.
-    pub fn start_step(&mut self) -> bool {
-        let ok = self.can_step();
-        self.set_single_step(ok);
-        ok
-    }
-
-    /// Single-steps this vCPU from now on (each step is a `SingleStep` event).
-    pub fn set_single_step(&mut self, on: bool) {
-        self.debug.user_step = on;
-    }
-
-    /// Sets hardware execute breakpoint `slot` (0..4) on every vCPU (see
-    /// `VmShared::set_hw_breakpoint`).
-    pub fn set_hw_breakpoint(&mut self, slot: usize, addr: Option<u64>) {
-        self.vm.set_hw_breakpoint(slot, addr);
-    }
-
-    /// Injects an exception into the guest on the next entry.
-    pub fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), VmError> {
-        self.vm.count_ioctls(2);
-        guest::inject(self.fd, vector, error_code)
-    }
-
-    /// Keeps this vCPU inside its exit handler (state `Held`) while `until`
-    /// returns None, serving tasks sent with `VmShared::with_vcpu` meanwhile: the
-    /// same path as for a paused vCPU. Wake it with `VmShared::wake_vcpu` when the
-    /// condition may have changed. Returns `until`'s answer, or None when the run
-    /// ends.
-    pub fn hold<R>(&mut self, mut until: impl FnMut(&mut VcpuCtl<'_>) -> Option<R>) -> Option<R> {
-        self.vm.set_state(self.id, VcpuState::Held);
-        let r = loop {
-            if let Some(r) = until(self) {
-                break Some(r);
-            }
-            if self.vm.is_stopping() {
-                break None;
-            }
-            // Bounded, so a stop of the whole run is noticed even without a message.
-            match self.rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(msg) => {
-                    if !self.take_message(msg) {
-                        self.vm.stop(StopReason::User);
-                    }
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break None,
-            }
-        };
-        self.vm.set_state(self.id, VcpuState::Running);
-        r
-    }
-
-    /// Acts on one message; false for `Stop`.
-    fn take_message(&mut self, msg: VcpuMsg) -> bool {
-        match msg {
-            VcpuMsg::Pause => *self.paused = true,
-            VcpuMsg::Resume => *self.paused = false,
-            VcpuMsg::With(task) => task(self),
-            VcpuMsg::Wake => {}
-            VcpuMsg::Stop => return false,
-        }
-        true
-    }
-}
-
 pub(crate) struct VcpuThread {
     id: u32,
     fd: VcpuFd,
@@ -310,19 +122,19 @@ impl VcpuThread {
         }
     }
 
-    fn info(&self) -> &crate::vm::VcpuInfo {
+    fn info(&self) -> &crate::shared::VcpuInfo {
         self.vm.vcpu_info(self.id)
     }
 
     fn ctl(&mut self) -> VcpuCtl<'_> {
-        VcpuCtl {
-            id: self.id,
-            fd: &mut self.fd,
-            vm: &self.vm,
-            debug: &mut self.debug,
-            rx: &self.rx,
-            paused: &mut self.paused,
-        }
+        VcpuCtl::new(
+            self.id,
+            &mut self.fd,
+            &self.vm,
+            &mut self.debug,
+            &self.rx,
+            &mut self.paused,
+        )
     }
 
     pub(crate) fn run(mut self) {
@@ -456,7 +268,7 @@ impl VcpuThread {
 
     fn is_hypercall_at(&self, rip: u64) -> bool {
         let mut b = [0u8; 3];
-        guest::read_virt(&self.vm, self.mode(), rip, &mut b).is_ok()
+        guest::read_virt(self.vm.ram(), self.mode(), rip, &mut b).is_ok()
             && (b == [0x0f, 0x01, 0xc1] || b == [0x0f, 0x01, 0xd9])
     }
 
@@ -484,12 +296,12 @@ impl VcpuThread {
             }
             // INT3 at CPL0 on a PVM host: KVM's emulator cannot run it.
             let mut b = [0u8];
-            if guest::read_virt(&self.vm, mode, rip, &mut b).is_ok() && b[0] == 0xcc {
+            if guest::read_virt(self.vm.ram(), mode, rip, &mut b).is_ok() && b[0] == 0xcc {
                 return self.breakpoint(rip);
             }
         }
         let mut bytes = [0u8; 15];
-        let len = match guest::read_virt(&self.vm, mode, rip, &mut bytes) {
+        let len = match guest::read_virt(self.vm.ram(), mode, rip, &mut bytes) {
             Ok(()) => 15,
             // The kernel's copy: data[1] = insn_size | bytes…
             Err(_) => {

@@ -1,0 +1,103 @@
+//! Our software breakpoints (INT3s in guest RAM) and hardware execute breakpoints.
+
+use std::sync::atomic::Ordering;
+
+use super::{SwBp, VmShared};
+use crate::error::VmError;
+
+impl VmShared {
+    pub(crate) fn debug_generation(&self) -> u64 {
+        self.debug_gen.load(Ordering::SeqCst)
+    }
+
+    /// The hardware execute breakpoints, per slot.
+    pub(crate) fn hw_breakpoints(&self) -> [Option<u64>; 4] {
+        *self.hw_bps.lock().unwrap()
+    }
+
+    pub(crate) fn has_sw_breakpoints(&self) -> bool {
+        !self.sw_bps.lock().unwrap().is_empty()
+    }
+
+    /// Plants a software breakpoint (INT3) at guest-physical `gpa`, executed at
+    /// guest-virtual `gva` (None: unknown, so assumed reachable from user code).
+    pub fn insert_sw_breakpoint(&self, gpa: u64, gva: Option<u64>) -> Result<(), VmError> {
+        let mut bps = self.sw_bps.lock().unwrap();
+        if bps.contains_key(&gpa) {
+            return Ok(());
+        }
+        let mut b = [0u8];
+        self.ram.read(gpa, &mut b)?;
+        self.ram.write(gpa, &[0xcc])?;
+        bps.insert(gpa, SwBp { orig: b[0], gva });
+        self.debug_gen.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    pub fn remove_sw_breakpoint(&self, gpa: u64) -> Result<bool, VmError> {
+        let mut bps = self.sw_bps.lock().unwrap();
+        let Some(bp) = bps.remove(&gpa) else {
+            return Ok(false);
+        };
+        self.ram.write(gpa, &[bp.orig])?;
+        self.debug_gen.fetch_add(1, Ordering::SeqCst);
+        Ok(true)
+    }
+
+    /// Writes guest-physical memory for a debugger or the console. Bytes under our
+    /// INT3s become those breakpoints' original bytes (restored when they go) and
+    /// the INT3s stay, so an edit neither loses a breakpoint nor leaves a stale
+    /// byte to be put back later.
+    pub fn write_around_breakpoints(&self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
+        let mut bps = self.sw_bps.lock().unwrap();
+        self.ram.write(gpa, data)?;
+        let end = gpa + data.len() as u64;
+        for (at, bp) in bps.iter_mut().filter(|(at, _)| (gpa..end).contains(*at)) {
+            bp.orig = data[(*at - gpa) as usize];
+            self.ram.write(*at, &[0xcc])?;
+        }
+        Ok(())
+    }
+
+    /// Sets hardware execute breakpoint `slot` (0..4) at a guest-virtual address on
+    /// every vCPU. On a PVM host these fire for CPL0 code only.
+    pub fn set_hw_breakpoint(&self, slot: usize, addr: Option<u64>) {
+        self.hw_bps.lock().unwrap()[slot] = addr;
+        self.debug_gen.fetch_add(1, Ordering::SeqCst);
+        for c in 0..self.vcpu_count() {
+            self.kick(c);
+        }
+    }
+
+    /// Whether a debug-register slot is left for the #DB catch of a CPL3 step
+    /// (`hbreak`s may have taken all four).
+    pub(crate) fn dr_slot_free(&self) -> bool {
+        self.hw_bps.lock().unwrap().iter().any(Option::is_none)
+    }
+
+    /// Every software breakpoint: (guest-physical address, original byte).
+    pub fn sw_breakpoints(&self) -> Vec<(u64, u8)> {
+        self.sw_bps
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(at, bp)| (*at, bp.orig))
+            .collect()
+    }
+
+    /// Whether user code (CPL3) can reach one of our breakpoints under `mode`'s
+    /// page tables: one is on a user page, or was planted without its address.
+    pub(crate) fn user_breakpoints(&self, mode: vmiscope_introspect::paging::PagingMode) -> bool {
+        self.sw_bps.lock().unwrap().values().any(|bp| match bp.gva {
+            None => true,
+            Some(v) => {
+                vmiscope_introspect::paging::translate(&self.ram, mode, v).is_ok_and(|t| t.user)
+            }
+        })
+    }
+
+    /// The original byte under our breakpoint at `gpa`, if there is one.
+    pub fn sw_breakpoint_at(&self, gpa: u64) -> Option<u8> {
+        self.sw_bps.lock().unwrap().get(&gpa).map(|bp| bp.orig)
+    }
+}

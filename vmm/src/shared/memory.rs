@@ -1,0 +1,175 @@
+//! RAM, page rights and the memslot run gate, the MSR filter, port devices.
+
+use std::sync::RwLockReadGuard;
+use std::sync::atomic::Ordering;
+
+use kvm_bindings::{KVM_MEM_READONLY, kvm_userspace_memory_region};
+use kvm_ioctls::VmFd;
+
+use super::VmShared;
+use crate::error::VmError;
+use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::slots::{Access, CommitStats, Slot, SlotSink};
+
+impl VmShared {
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The memslot generation (see `slot_gen`).
+    pub(crate) fn slot_generation(&self) -> u64 {
+        self.slot_gen.load(Ordering::SeqCst)
+    }
+
+    /// Takes the run gate for one KVM_RUN: waits while a memslot commit is pending
+    /// or in progress (see `commit_access`).
+    pub(crate) fn enter_gate(&self) -> RwLockReadGuard<'_, ()> {
+        loop {
+            let g = self.run_gate.read().unwrap();
+            if !self.gate_pending.load(Ordering::SeqCst) {
+                return g;
+            }
+            // A commit waits for the gate: let it have it first.
+            drop(g);
+            std::thread::yield_now();
+        }
+    }
+
+    /// Records the wished access of the page holding `gpa` (applied by `commit_access`).
+    pub fn set_page_access(&self, gpa: u64, access: Access) -> Result<bool, VmError> {
+        if !self.ram.contains(gpa, 1) {
+            return Err(VmError::OutsideRam(gpa));
+        }
+        let changed = self.slots.lock().unwrap().set(gpa / PAGE_SIZE, access);
+        if changed {
+            self.slot_gen.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(changed)
+    }
+
+    pub fn page_access(&self, gpa: u64) -> Access {
+        self.slots.lock().unwrap().access(gpa / PAGE_SIZE)
+    }
+
+    /// Pages that are not `Full`.
+    pub fn trapped_pages(&self) -> Vec<(u64, Access)> {
+        self.slots
+            .lock()
+            .unwrap()
+            .trapped()
+            .map(|(p, a)| (p * PAGE_SIZE, a))
+            .collect()
+    }
+
+    /// Applies the recorded page-access changes as memslot changes, in one batch.
+    /// A split or merge deletes a slot before creating its replacement (KVM has no
+    /// atomic replace), so while the VM runs every vCPU is kicked out of the guest
+    /// and kept at the run gate (`enter_gate`) until the slots are whole again: a
+    /// vCPU in the guest during that window would find its code or page tables
+    /// gone (a triple fault on PVM). The committing thread is never inside
+    /// KVM_RUN itself (vCPU threads commit while handling an exit).
+    pub fn commit_access(&self) -> Result<CommitStats, VmError> {
+        let mut slots = self.slots.lock().unwrap();
+        if !slots.is_dirty() {
+            return Ok(CommitStats::default());
+        }
+        // Before `run` no vCPU executes, so there is nothing to hold off.
+        let _quiet = if self.running.load(Ordering::SeqCst) {
+            self.gate_pending.store(true, Ordering::SeqCst);
+            for c in 0..self.vcpu_count() {
+                self.kick(c);
+            }
+            let g = self.run_gate.write().unwrap();
+            self.gate_pending.store(false, Ordering::SeqCst);
+            Some(g)
+        } else {
+            None
+        };
+        let mut sink = Memslots {
+            vm: &self.vm_fd,
+            host: self.ram.host_base(),
+        };
+        self.slot_gen.fetch_add(1, Ordering::SeqCst);
+        let st = slots
+            .commit(&mut sink)
+            .map_err(|e| VmError::Kvm(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
+        self.count_ioctls(st.ioctls() as u64);
+        Ok(st)
+    }
+
+    /// Sets and commits the access of one page.
+    pub fn protect_page(&self, gpa: u64, access: Access) -> Result<CommitStats, VmError> {
+        self.set_page_access(gpa, access)?;
+        self.commit_access()
+    }
+
+    /// Intercepts reads and/or writes of an MSR (both false: stop intercepting).
+    pub fn intercept_msr(&self, index: u32, read: bool, write: bool) -> Result<(), VmError> {
+        let mut m = self.msrs.lock().unwrap();
+        let old = m.get(index);
+        m.set(index, read, write);
+        self.count_ioctls(1);
+        m.apply(&self.vm_fd).map_err(|e| {
+            m.set(index, old.0, old.1);
+            VmError::Config(e)
+        })
+    }
+
+    pub fn msr_intercepted(&self, index: u32) -> (bool, bool) {
+        self.msrs.lock().unwrap().get(index)
+    }
+
+    /// Reads guest-virtual memory as `cpu` saw it at its last exit.
+    pub fn read_virt(&self, cpu: u32, gva: u64, buf: &mut [u8]) -> Result<(), VmError> {
+        let mode = self.last_paging(cpu).ok_or(VmError::NoVcpu(cpu))?;
+        crate::guest::read_virt(&self.ram, mode, gva, buf)
+    }
+
+    pub(crate) fn port_write(&self, port: u16, size: u8, value: u32) -> crate::devices::PortEffect {
+        self.devices.lock().unwrap().write(port, size, value)
+    }
+
+    pub(crate) fn port_read(&self, port: u16, size: u8) -> Option<u32> {
+        self.devices.lock().unwrap().read(port, size)
+    }
+
+    /// KVM ioctls issued while running, other than KVM_RUN.
+    pub fn ioctl_count(&self) -> u64 {
+        self.ioctls.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_ioctls(&self, n: u64) {
+        self.ioctls.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+struct Memslots<'a> {
+    vm: &'a VmFd,
+    host: u64,
+}
+
+impl SlotSink for Memslots<'_> {
+    fn create(&mut self, s: &Slot) -> std::io::Result<()> {
+        self.set(s, s.pages * PAGE_SIZE)
+    }
+    fn delete(&mut self, s: &Slot) -> std::io::Result<()> {
+        self.set(s, 0)
+    }
+}
+
+impl Memslots<'_> {
+    fn set(&self, s: &Slot, size: u64) -> std::io::Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot: s.id,
+            flags: if s.read_only { KVM_MEM_READONLY } else { 0 },
+            guest_phys_addr: s.first_page * PAGE_SIZE,
+            memory_size: size,
+            userspace_addr: self.host + s.first_page * PAGE_SIZE,
+        };
+        // SAFETY: the host range lies inside the guest RAM mapping, which lives as
+        // long as the VM (VmShared owns both).
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
