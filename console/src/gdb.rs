@@ -99,7 +99,7 @@ fn kind_code(k: WatchKind) -> u8 {
 
 impl GdbTarget {
     pub fn new(s: Session, exec_file: Option<String>) -> Self {
-        let seen = s.control.stop_count();
+        let seen = s.control().stop_count();
         GdbTarget {
             s,
             exec_file,
@@ -129,13 +129,13 @@ impl GdbTarget {
         &self,
         f: impl FnOnce(&mut VcpuCtl<'_>) -> R + Send + 'static,
     ) -> Option<R> {
-        let cpu = self.s.control.stop().map(|s| s.vcpu).unwrap_or(0);
+        let cpu = self.s.control().stop().map(|s| s.vcpu).unwrap_or(0);
         self.on_cpu(cpu, f)
     }
 
     fn add_engine_hook(&mut self, target: HookTarget) -> Option<(u64, u32)> {
         let after_write = matches!(target, HookTarget::Gva { .. });
-        let intro = self.s.intro.clone();
+        let intro = self.s.intro().clone();
         let id = self.any_cpu(move |cpu| {
             let mut e = intro.engine.lock().unwrap();
             let r = e.add_hook(cpu, target, "gdb", Box::new(|_| Outcome::allow()));
@@ -144,15 +144,15 @@ impl GdbTarget {
         })??;
         let brk = self
             .s
-            .control
+            .control()
             .add_break_ext(None, Some(id), None, after_write);
         Some((id, brk))
     }
 
     fn remove_engine_hook(&mut self, hook: u64, brk: u32) {
-        self.s.control.delete_break(brk);
+        self.s.control().delete_break(brk);
         self.stops.remove(&brk);
-        let intro = self.s.intro.clone();
+        let intro = self.s.intro().clone();
         let _ = intro.engine.lock().unwrap().remove_hook(hook);
         self.any_cpu(move |cpu| {
             let _ = intro.engine.lock().unwrap().commit(cpu);
@@ -162,12 +162,12 @@ impl GdbTarget {
     /// Pauses every vCPU (the one at a stop is held already) and waits for each
     /// to acknowledge.
     fn all_stop(&self) {
-        self.s.shared.pause_all();
-        self.s.shared.wait_paused(Duration::from_secs(2));
+        self.s.shared().pause_all();
+        self.s.shared().wait_paused(Duration::from_secs(2));
     }
 
     fn stop_reason(&mut self) -> MultiThreadStopReason<u64> {
-        let Some(st) = self.s.control.stop() else {
+        let Some(st) = self.s.control().stop() else {
             return MultiThreadStopReason::SignalWithThread {
                 tid: tid(0),
                 signal: Signal::SIGINT,
@@ -196,7 +196,7 @@ impl GdbTarget {
 
     /// The vCPU behind thread `t`, checked (see `cpu_of`).
     fn cpu(&self, t: Tid) -> Option<u32> {
-        cpu_of(t, self.s.shared.vcpu_count())
+        cpu_of(t, self.s.shared().vcpu_count())
     }
 
     /// Records a resume action for thread `t`; one for a thread that does not exist
@@ -209,7 +209,7 @@ impl GdbTarget {
             None => {
                 eprintln!(
                     "[vmiscope] gdb: no thread {t} (this guest has {} vCPUs); nothing resumed",
-                    self.s.shared.vcpu_count()
+                    self.s.shared().vcpu_count()
                 );
                 self.refused = true;
             }
@@ -217,8 +217,8 @@ impl GdbTarget {
     }
 
     fn translate(&self, cpu: u32, gva: u64) -> Option<u64> {
-        let mode = self.s.shared.last_paging(cpu)?;
-        vmiscope_introspect::paging::translate(self.s.shared.ram(), mode, gva)
+        let mode = self.s.shared().last_paging(cpu)?;
+        vmiscope_introspect::paging::translate(self.s.shared().ram(), mode, gva)
             .ok()
             .map(|t| t.gpa)
     }
@@ -250,7 +250,7 @@ impl MultiThreadBase for GdbTarget {
         // The held vCPU's registers were taken when it stopped: no round trip.
         let held = self
             .s
-            .control
+            .control()
             .snapshot(cpu)
             .map(|sn| (sn.regs, sn.sregs, sn.fpu));
         let Some((r, s, fpu)) =
@@ -314,7 +314,7 @@ impl MultiThreadBase for GdbTarget {
         let Some(cpu) = self.cpu(t) else {
             return err("no such thread");
         };
-        let bps = self.s.shared.sw_breakpoints();
+        let bps = self.s.shared().sw_breakpoints();
         let mut done = 0;
         // Page by page through the vCPU's tables; stop at the first unmapped page.
         for (va, n) in vmiscope_introspect::decode::split_pages(start, data.len() as u64) {
@@ -322,7 +322,7 @@ impl MultiThreadBase for GdbTarget {
                 break;
             };
             let chunk = &mut data[done..done + n as usize];
-            if self.s.shared.ram().read(gpa, chunk).is_err() {
+            if self.s.shared().ram().read(gpa, chunk).is_err() {
                 break;
             }
             // Our INT3s read as the original bytes.
@@ -347,7 +347,7 @@ impl MultiThreadBase for GdbTarget {
             };
             if self
                 .s
-                .shared
+                .shared()
                 .write_around_breakpoints(gpa, &data[done..done + n as usize])
                 .is_err()
             {
@@ -359,7 +359,7 @@ impl MultiThreadBase for GdbTarget {
     }
 
     fn list_active_threads(&mut self, f: &mut dyn FnMut(Tid)) -> Result<(), String> {
-        (0..self.s.shared.vcpu_count()).for_each(|c| f(tid(c)));
+        (0..self.s.shared().vcpu_count()).for_each(|c| f(tid(c)));
         Ok(())
     }
 
@@ -382,8 +382,8 @@ impl gdbstub::target::ext::thread_extra_info::ThreadExtraInfo for GdbTarget {
         let text = match self.cpu(t) {
             None => "no such vCPU".to_string(),
             Some(cpu) => {
-                let (_, cpl) = self.s.shared.last_position(cpu).unwrap_or_default();
-                let why = match self.s.control.stop() {
+                let (_, cpl) = self.s.shared().last_position(cpu).unwrap_or_default();
+                let why = match self.s.control().stop() {
                     Some(st) if st.vcpu == cpu => st.why,
                     _ => "paused".into(),
                 };
@@ -408,7 +408,7 @@ impl MultiThreadResume for GdbTarget {
             if action == Resume::Step {
                 // The held vCPU arms the step itself as it resumes; another one is
                 // asked on its thread.
-                let stepping = match self.s.control.step_on_resume(cpu) {
+                let stepping = match self.s.control().step_on_resume(cpu) {
                     Some(ok) => ok,
                     None => self
                         .on_cpu(cpu, |c| c.start_step())
@@ -422,10 +422,10 @@ impl MultiThreadResume for GdbTarget {
                     self.refused = true;
                     return Ok(());
                 }
-                self.s.control.arm_step(cpu);
+                self.s.control().arm_step(cpu);
             }
         }
-        self.seen = self.s.control.stop_count();
+        self.seen = self.s.control().stop_count();
         if locked {
             self.s.go_only(&cpus);
         } else {
@@ -514,10 +514,10 @@ impl HwBreakpoint for GdbTarget {
         // Where guest debugging reaches CPL3 DR breakpoints do too; on PVM they do
         // not, and two of the four slots stay free for the #DB/#BP catches that
         // make steps and breakpoints work in user code.
-        let cpl3_debug = self.s.shared.host().single_step_at(3);
-        let cpu = self.s.control.stop().map(|s| s.vcpu).unwrap_or(0);
-        let user = self.s.shared.last_paging(cpu).is_some_and(|mode| {
-            vmiscope_introspect::paging::translate(self.s.shared.ram(), mode, addr)
+        let cpl3_debug = self.s.shared().host().single_step_at(3);
+        let cpu = self.s.control().stop().map(|s| s.vcpu).unwrap_or(0);
+        let user = self.s.shared().last_paging(cpu).is_some_and(|mode| {
+            vmiscope_introspect::paging::translate(self.s.shared().ram(), mode, addr)
                 .is_ok_and(|t| t.user)
         });
         if user && !cpl3_debug {
@@ -532,7 +532,7 @@ impl HwBreakpoint for GdbTarget {
             return Ok(false);
         };
         self.hw[slot] = Some(addr);
-        self.s.shared.set_hw_breakpoint(slot, Some(addr));
+        self.s.shared().set_hw_breakpoint(slot, Some(addr));
         Ok(true)
     }
 
@@ -541,7 +541,7 @@ impl HwBreakpoint for GdbTarget {
             return Ok(false);
         };
         self.hw[slot] = None;
-        self.s.shared.set_hw_breakpoint(slot, None);
+        self.s.shared().set_hw_breakpoint(slot, None);
         Ok(true)
     }
 }
@@ -679,7 +679,7 @@ impl BlockingEventLoop for EventLoop {
                 // The stub's session is attached (it does not own the run): the
                 // reason comes from the VM itself.
                 let code =
-                    t.s.shared
+                    t.s.shared()
                         .stop_reason()
                         .map(|r| r.exit_status())
                         .unwrap_or(0);
@@ -689,9 +689,9 @@ impl BlockingEventLoop for EventLoop {
             }
             // Wakes as soon as a stop is recorded; the timeout bounds how late gdb's
             // Ctrl-C (incoming data) or the guest's end are noticed.
-            let _ = t.s.control.wait_stop(t.seen, Duration::from_millis(1));
-            if t.s.control.stop_count() > t.seen {
-                t.seen = t.s.control.stop_count();
+            let _ = t.s.control().wait_stop(t.seen, Duration::from_millis(1));
+            if t.s.control().stop_count() > t.seen {
+                t.seen = t.s.control().stop_count();
                 t.all_stop();
                 return Ok(GdbEvent::TargetStopped(t.stop_reason()));
             }
@@ -741,7 +741,7 @@ pub fn serve(listener: TcpListener, s: Session, exec_file: Option<String>) {
         if !target.s.status().starts_with("paused") && !target.s.status().starts_with("stopped") {
             target.all_stop();
         }
-        target.seen = target.s.control.stop_count();
+        target.seen = target.s.control().stop_count();
         // A large packet buffer: gdb reads and writes memory in PacketSize chunks,
         // and each chunk is a round trip.
         let stub = match gdbstub::stub::GdbStubBuilder::new(GdbConn::new(conn))
@@ -756,8 +756,8 @@ pub fn serve(listener: TcpListener, s: Session, exec_file: Option<String>) {
         };
         match stub.run_blocking::<EventLoop>(&mut target) {
             Ok(DisconnectReason::Kill) => {
-                target.s.shared.stop(StopReason::User);
-                let _ = target.s.control.resume(None);
+                target.s.shared().stop(StopReason::User);
+                let _ = target.s.control().resume(None);
                 return;
             }
             Ok(DisconnectReason::Disconnect) => {
@@ -836,7 +836,7 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) ->
 }
 
 fn print_new_serial(s: &Session, printed: &mut usize) {
-    let lines = s.serial.lock().unwrap();
+    let lines = s.serial_lines();
     let complete = lines.len().saturating_sub(1);
     for l in &lines[(*printed).min(complete)..complete] {
         println!("{l}");

@@ -123,9 +123,9 @@ pub fn run(s: &mut Session) -> Mode {
     };
     let watcher = {
         let (serial, intro, control, done) = (
-            s.serial.clone(),
-            s.intro.clone(),
-            s.control.clone(),
+            s.serial().clone(),
+            s.intro().clone(),
+            s.control().clone(),
             done.clone(),
         );
         let (mut lines, mut alerts, mut stops) = (
@@ -168,14 +168,14 @@ pub fn run(s: &mut Session) -> Mode {
     let status = s.status();
     println!(
         "vmiscope console on `{}` ({status}). `help` lists commands, `tui` switches view.",
-        s.image
+        s.image()
     );
     let mode = loop {
         {
             let mut w: Vec<String> = SUBWORDS.iter().map(|x| x.to_string()).collect();
-            w.extend(s.shared.symbols().iter().map(|(n, _)| n.to_string()));
+            w.extend(s.shared().symbols().iter().map(|(n, _)| n.to_string()));
             w.extend(
-                s.intro
+                s.intro()
                     .engine
                     .lock()
                     .unwrap()

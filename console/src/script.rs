@@ -88,7 +88,7 @@ pub fn run(a: &RunArgs, path: &Path) -> i32 {
 }
 
 fn flush_serial(s: &Session, printed: &mut usize) {
-    let lines = s.serial.lock().unwrap();
+    let lines = s.serial_lines();
     // The last line may still be growing: print complete lines only.
     let complete = lines.len().saturating_sub(1);
     for l in &lines[(*printed).min(complete)..complete] {

@@ -34,19 +34,19 @@ impl Output {
 }
 
 pub struct Session {
-    pub shared: Arc<VmShared>,
-    pub intro: Arc<Introspection>,
-    pub control: Arc<Control>,
+    shared: Arc<VmShared>,
+    intro: Arc<Introspection>,
+    control: Arc<Control>,
     runner: Option<JoinHandle<RunOutcome>>,
     outcome: Option<RunOutcome>,
     /// The selected vCPU.
-    pub vcpu: u32,
+    vcpu: u32,
     env: PolicyEnv,
     /// vCPUs still in their initial pause.
     at_entry: bool,
-    pub image: String,
+    image: String,
     /// Serial output lines, for the TUI.
-    pub serial: Arc<Mutex<Vec<String>>>,
+    serial: Arc<Mutex<Vec<String>>>,
 }
 
 impl Session {
@@ -117,6 +117,41 @@ impl Session {
             image: self.image.clone(),
             serial: self.serial.clone(),
         }
+    }
+
+    /// The VM's shared state (memory, vCPUs, symbols).
+    pub fn shared(&self) -> &Arc<VmShared> {
+        &self.shared
+    }
+
+    /// The engine and its adapter.
+    pub fn intro(&self) -> &Arc<Introspection> {
+        &self.intro
+    }
+
+    /// Event breakpoints and the current stop.
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
+    }
+
+    /// The selected vCPU.
+    pub fn vcpu(&self) -> u32 {
+        self.vcpu
+    }
+
+    /// The image name the session was started with.
+    pub fn image(&self) -> &str {
+        &self.image
+    }
+
+    /// The guest's serial output, as lines (the last one still open).
+    pub fn serial_lines(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.serial.lock().unwrap()
+    }
+
+    /// The serial lines, for a thread that watches them.
+    pub fn serial(&self) -> &Arc<Mutex<Vec<String>>> {
+        &self.serial
     }
 
     /// Whether the guest has ended (also for an attached executor).

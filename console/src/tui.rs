@@ -93,7 +93,7 @@ impl Tui {
         let v = &mut self.view;
         v.status = s.status();
         {
-            let e = s.intro.engine.lock().unwrap();
+            let e = s.intro().engine.lock().unwrap();
             let n = e.recent().len();
             v.events = e
                 .recent()
@@ -105,7 +105,7 @@ impl Tui {
         }
         v.hooks = s.hooks_text().lines().map(str::to_string).collect();
         {
-            let l = s.serial.lock().unwrap();
+            let l = s.serial_lines();
             v.serial = l
                 .iter()
                 .skip(l.len().saturating_sub(500))
@@ -114,12 +114,12 @@ impl Tui {
         }
         // Registers only when the vCPU is held (stopped or paused): then the fetch
         // is immediate; a running vCPU shows its last RIP.
-        let key = (s.control.stop_count(), v.status.clone());
+        let key = (s.control().stop_count(), v.status.clone());
         let held = !v.status.starts_with("running") && !v.status.starts_with("ended");
         if key != v.regs_key && held {
             v.regs_key = key;
-            let cpu = s.vcpu;
-            let r = if s.control.stop().is_some_and(|st| st.vcpu == cpu)
+            let cpu = s.vcpu();
+            let r = if s.control().stop().is_some_and(|st| st.vcpu == cpu)
                 || !v.status.starts_with("stopped")
             {
                 s.on_vcpu(cpu, |c| vmiscope_vmm::VcpuCtl::regs(c)).ok()
@@ -201,7 +201,7 @@ impl Tui {
             }
             KeyCode::F(7) => {
                 // Arm and run; the stop shows up in the status line (no waiting here).
-                s.control.arm_next_event();
+                s.control().arm_next_event();
                 s.go();
                 self.message = "running to the next handled event".into();
             }
@@ -251,7 +251,7 @@ impl Tui {
             KeyCode::Enter => {
                 let detail = match self.focus {
                     Pane::Events => self.selected(Pane::Events).and_then(|i| {
-                        let e = s.intro.engine.lock().unwrap();
+                        let e = s.intro().engine.lock().unwrap();
                         let skip = e.recent().len().saturating_sub(500);
                         e.recent()
                             .get(skip + i)
@@ -291,7 +291,10 @@ impl Tui {
         let alerts = self.view.alerts.len();
         let status = format!(
             " vmiscope | {} | {} | vCPU {} | alerts {} | F5 cont F7 next F8 step : cmd ? help q quit",
-            s.image, self.view.status, s.vcpu, alerts
+            s.image(),
+            self.view.status,
+            s.vcpu(),
+            alerts
         );
         f.render_widget(
             Paragraph::new(status).style(Style::default().bg(Color::Blue).fg(Color::White)),
@@ -305,7 +308,7 @@ impl Tui {
             .direction(Direction::Vertical)
             .constraints([Constraint::Length(7), Constraint::Min(3)])
             .split(cols[0]);
-        self.draw_regs(f, left[0], s.vcpu);
+        self.draw_regs(f, left[0], s.vcpu());
         let dis: Vec<Line<'_>> = self
             .view
             .disasm
