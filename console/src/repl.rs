@@ -11,7 +11,8 @@ use rustyline::{Context, Editor, Helper, Highlighter, Hinter, Validator};
 
 use crate::cli::Mode;
 use crate::commands::HELP;
-use crate::session::{Session, alert_line};
+use crate::format::alert_line;
+use crate::session::Session;
 
 #[derive(Helper, Hinter, Highlighter, Validator)]
 struct Words {

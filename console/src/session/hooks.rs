@@ -1,0 +1,211 @@
+//! Hooks and policies: hook, hooks, hook enable/disable/delete, protect, unprotect.
+
+use std::fmt::Write as _;
+
+use vmiscope_introspect::policy::{self, POLICIES};
+use vmiscope_introspect::{Cr, DtrKind, Engine, Outcome, Target};
+use vmiscope_vmm::VcpuCtl;
+
+use super::{Output, Session};
+use crate::commands::{Action, HookSpec};
+use crate::format::*;
+
+impl Session {
+    /// `protect list`, or a policy on: at once when the guest has its IDT, else
+    /// armed for when it loads one (as `--protect` does).
+    pub(super) fn protect(&mut self, name: String) -> Result<Output, String> {
+        if name == "list" {
+            return Ok(Output::text(
+                POLICIES
+                    .iter()
+                    .map(|(n, d)| format!("{n:<14} {d}\n"))
+                    .collect::<String>(),
+            ));
+        }
+        if self.with_guest(|cpu| VcpuCtl::sregs(cpu).idt.base)? == 0 {
+            // At entry the guest has no IDT yet: arm the policy for when it does,
+            // as `--protect` does.
+            policy::parse_list(&name).map_err(|e| e.to_string())?;
+            let (env, n) = (self.env.clone(), name.clone());
+            self.intro.on_ready(Box::new(move |e, g| {
+                if let Err(err) = policy::enable(e, g, &n, &env) {
+                    eprintln!("[vmiscope] {err}");
+                }
+            }));
+            return Ok(Output::text(format!(
+                "policy {name} armed: it switches on when the guest loads its own IDT"
+            )));
+        }
+        let (intro, env) = (self.intro.clone(), self.env.clone());
+        let n = name.clone();
+        let ids = self.with_guest(move |cpu| {
+            let mut e = intro.engine.lock().unwrap();
+            let r = policy::enable(&mut e, cpu, &n, &env).map_err(|e| e.to_string());
+            let _ = e.commit(cpu);
+            r
+        })??;
+        Ok(Output::text(format!("policy {name} on: hooks {ids:?}")))
+    }
+
+    pub(super) fn hook_enable(&mut self, id: u64, on: bool) -> Result<Output, String> {
+        Ok({
+            self.intro
+                .engine
+                .lock()
+                .unwrap()
+                .set_hook_enabled(id, on)
+                .map_err(|e| e.to_string())?;
+            Output::text(format!(
+                "hook {id} {}",
+                if on { "enabled" } else { "disabled" }
+            ))
+        })
+    }
+
+    pub(super) fn hook_delete(&mut self, id: u64) -> Result<Output, String> {
+        Ok({
+            let intro = self.intro.clone();
+            self.intro
+                .engine
+                .lock()
+                .unwrap()
+                .remove_hook(id)
+                .map_err(|e| e.to_string())?;
+            self.with_guest(move |cpu| {
+                intro
+                    .engine
+                    .lock()
+                    .unwrap()
+                    .commit(cpu)
+                    .map_err(|e| e.to_string())
+            })??;
+            Output::text(format!("hook {id} deleted"))
+        })
+    }
+
+    pub(super) fn unprotect(&mut self, name: String) -> Result<Output, String> {
+        Ok({
+            let intro = self.intro.clone();
+            let n = self
+                .intro
+                .engine
+                .lock()
+                .unwrap()
+                .hooks()
+                .iter()
+                .filter(|h| h.name == format!("policy:{name}"))
+                .count();
+            if n == 0 {
+                return Err(format!("policy {name} is not on"));
+            }
+            policy::disable(&mut self.intro.engine.lock().unwrap(), &name);
+            self.with_guest(move |cpu| {
+                intro
+                    .engine
+                    .lock()
+                    .unwrap()
+                    .commit(cpu)
+                    .map_err(|e| e.to_string())
+            })??;
+            Output::text(format!("policy {name} off ({n} hooks removed)"))
+        })
+    }
+
+    pub(super) fn add_hook(&mut self, spec: HookSpec) -> Result<Output, String> {
+        let n = self.intro.engine.lock().unwrap().hooks().len();
+        let name = format!("console:{n}");
+        let deny_cb = |act: Action| -> vmiscope_introspect::Callback {
+            match act {
+                Action::Log => Box::new(|_| Outcome::allow()),
+                Action::Deny => {
+                    Box::new(|ctx| Outcome::block(format!("console hook {} denied it", ctx.hook)))
+                }
+            }
+        };
+        let (target, cb): (Target, vmiscope_introspect::Callback) = match spec {
+            HookSpec::Ept {
+                gpa,
+                len,
+                rights,
+                action,
+            } => (Target::Gpa { gpa, len, rights }, deny_cb(action)),
+            HookSpec::Gva {
+                gva,
+                len,
+                rights,
+                action,
+            } => (
+                Target::Gva {
+                    gva,
+                    len,
+                    rights,
+                    cr3: 0,
+                    gpa: None,
+                },
+                deny_cb(action),
+            ),
+            HookSpec::Msr {
+                index,
+                read,
+                write,
+                action,
+            } => (Target::Msr { index, read, write }, deny_cb(action)),
+            HookSpec::Cr { cr, mask, action } => {
+                let cr = match cr {
+                    0 => Cr::Cr0,
+                    3 => Cr::Cr3,
+                    _ => Cr::Cr4,
+                };
+                (Target::Cr { cr, mask }, deny_cb(action))
+            }
+            HookSpec::Dtr { idtr, action } => (
+                Target::Dtr {
+                    dtr: if idtr { DtrKind::Idtr } else { DtrKind::Gdtr },
+                },
+                deny_cb(action),
+            ),
+            HookSpec::Xcr { action } => (Target::Xcr { index: 0 }, deny_cb(action)),
+            HookSpec::Bp { addr, hidden } => (
+                Target::Breakpoint {
+                    gva: addr,
+                    gpa: 0,
+                    hidden,
+                },
+                Box::new(|_| Outcome::allow()),
+            ),
+            HookSpec::Introcall { op, value } => (
+                Target::Introcall { op },
+                Box::new(move |ctx| {
+                    ctx.answer_introcall(value);
+                    Outcome::allow()
+                }),
+            ),
+        };
+        let intro = self.intro.clone();
+        let id = self.with_guest(move |cpu| {
+            let mut e: std::sync::MutexGuard<'_, Engine> = intro.engine.lock().unwrap();
+            let r = e.add_hook(cpu, target, name, cb).map_err(|e| e.to_string());
+            let _ = e.commit(cpu);
+            r
+        })??;
+        Ok(Output::text(format!("hook {id} added")))
+    }
+
+    pub fn hooks_text(&self) -> String {
+        let e = self.intro.engine.lock().unwrap();
+        let mut t = String::new();
+        for h in e.hooks().iter() {
+            let _ = writeln!(
+                t,
+                "{:>4} {:<8} {:<22} hits {:<6} {} {}",
+                h.id,
+                h.target.class().name(),
+                h.name,
+                h.hits,
+                if h.enabled { "on " } else { "off" },
+                target_text(&h.target)
+            );
+        }
+        if t.is_empty() { "no hooks".into() } else { t }
+    }
+}

@@ -1,0 +1,147 @@
+//! Guest state: registers, MSRs, memory, disassembly, translation, page walks.
+
+use std::fmt::Write as _;
+
+use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+
+use vmiscope_introspect::Target;
+
+use super::{Output, Session};
+use crate::format::*;
+
+impl Session {
+    pub(super) fn msr(&mut self, i: u32) -> Result<Output, String> {
+        Ok(match self.with_guest(move |cpu| cpu.msr(i))? {
+            Some(v) => Output::text(format!("msr {i:#x} = {v:#018x}")),
+            None => return Err(format!("KVM cannot read MSR {i:#x}")),
+        })
+    }
+
+    pub(super) fn mem_read(&mut self, addr: u64, len: u64, phys: bool) -> Result<Output, String> {
+        Ok({
+            let mut buf = vec![0u8; len as usize];
+            self.read(addr, &mut buf, phys)?;
+            Output::text(hexdump(addr, &buf))
+        })
+    }
+
+    pub(super) fn mem_write(
+        &mut self,
+        addr: u64,
+        bytes: Vec<u8>,
+        phys: bool,
+    ) -> Result<Output, String> {
+        Ok({
+            // Page by page: consecutive virtual pages need not be consecutive
+            // in guest-physical memory. Checked before any byte is written.
+            let pieces: Vec<(u64, u64)> = if phys {
+                vec![(addr, bytes.len() as u64)]
+            } else {
+                vmiscope_introspect::decode::split_pages(addr, bytes.len() as u64)
+                    .into_iter()
+                    .map(|(va, n)| self.translate(va).map(|gpa| (gpa, n)))
+                    .collect::<Result<_, _>>()?
+            };
+            let mut done = 0;
+            for (gpa, n) in pieces {
+                self.shared
+                    .write_around_breakpoints(gpa, &bytes[done..done + n as usize])
+                    .map_err(|e| e.to_string())?;
+                done += n as usize;
+            }
+            Output::text(format!("wrote {} bytes at {addr:#x}", bytes.len()))
+        })
+    }
+
+    pub(super) fn pagewalk(&mut self, gva: u64) -> Result<Output, String> {
+        Ok({
+            let mode = self.paging()?;
+            let t = vmiscope_introspect::paging::translate(self.shared.ram(), mode, gva)
+                .map_err(|e| e.to_string())?;
+            let mut out = String::new();
+            for s in &t.steps {
+                let _ = writeln!(
+                    out,
+                    "PML{} table {:#x} [{:3}] = {:#018x}",
+                    s.level, s.table, s.index, s.entry
+                );
+            }
+            let _ = write!(
+                out,
+                "-> {:#x} ({} page, {}{}{})",
+                t.gpa,
+                size_name(t.page_size),
+                if t.writable { "w" } else { "r" },
+                if t.user { "u" } else { "s" },
+                if t.no_exec { " nx" } else { "" }
+            );
+            Output::text(out)
+        })
+    }
+
+    pub fn disasm(&self, addr: Option<u64>, count: usize) -> Result<String, String> {
+        let rip = self.shared.last_position(self.vcpu).unwrap_or_default().0;
+        let start = addr.unwrap_or(rip);
+        let mut bytes = vec![0u8; count * 15];
+        // Read what is mapped: stop at the first unreadable page.
+        let mut n = 0;
+        while n < bytes.len()
+            && self
+                .read(start + n as u64, &mut bytes[n..n + 1], false)
+                .is_ok()
+        {
+            n += 1;
+        }
+        if n == 0 {
+            return Err(format!("{start:#x} is not mapped"));
+        }
+        let bps: Vec<u64> = self
+            .intro
+            .engine
+            .lock()
+            .unwrap()
+            .hooks()
+            .iter()
+            .filter_map(|h| match h.target {
+                Target::Breakpoint { gva, .. } => Some(gva),
+                _ => None,
+            })
+            .collect();
+        // Show our INT3s as the original instruction, with a marker.
+        for (i, b) in bytes[..n].iter_mut().enumerate() {
+            if let Some(orig) = self
+                .shared
+                .sw_breakpoint_at(self.translate(start + i as u64).unwrap_or(u64::MAX))
+            {
+                *b = orig;
+            }
+        }
+        let mut d = Decoder::with_ip(64, &bytes[..n], start, DecoderOptions::NONE);
+        let mut f = IntelFormatter::new();
+        let mut out = String::new();
+        for instr in d.iter().take(count) {
+            let mut text = String::new();
+            f.format(&instr, &mut text);
+            let ip = instr.ip();
+            let mark = if bps.contains(&ip) { "*" } else { " " };
+            let cur = if ip == rip { "=>" } else { "  " };
+            let label = match self.shared.symbols().lookup(ip) {
+                Some((s, 0)) => format!("  <{s}>"),
+                Some((s, o)) if o < 0x1000 => format!("  <{s}+{o:#x}>"),
+                _ => String::new(),
+            };
+            let _ = writeln!(out, "{cur}{mark}{ip:x} {text:<28}{label}");
+        }
+        Ok(out)
+    }
+
+    pub(super) fn read(&self, addr: u64, buf: &mut [u8], phys: bool) -> Result<(), String> {
+        if phys {
+            self.shared.ram().read(addr, buf).map_err(|e| e.to_string())
+        } else {
+            self.shared
+                .read_virt(self.vcpu, addr, buf)
+                .map_err(|e| e.to_string())
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! A console session: the VM on a background thread, the engine, the event
+//! breakpoints, and the execution of commands (shared by REPL, TUI and scripts).
+
+use std::fmt::Write as _;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vmiscope_introspect::policy::PolicyEnv;
+use vmiscope_vmm::{RunOutcome, StopReason, VcpuCtl, VcpuState, Vm, VmShared};
+
+use crate::cli::RunArgs;
+use crate::commands::{self, Command};
+use crate::control::{ConsoleHandler, Control};
+use vmiscope_vmm::engine_glue::{Introspection, policy_env};
+
+use crate::format::*;
+
+mod expect;
+mod hooks;
+mod inspect;
+mod records;
+mod run;
+
+/// What a command printed, and whether the session should end.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub text: String,
+    pub quit: bool,
+}
+
+impl Output {
+    fn text(t: impl Into<String>) -> Self {
+        Output {
+            text: t.into(),
+            quit: false,
+        }
+    }
+}
+
+pub struct Session {
+    shared: Arc<VmShared>,
+    intro: Arc<Introspection>,
+    control: Arc<Control>,
+    runner: Option<JoinHandle<RunOutcome>>,
+    outcome: Option<RunOutcome>,
+    /// The selected vCPU.
+    vcpu: u32,
+    env: PolicyEnv,
+    /// vCPUs still in their initial pause.
+    at_entry: bool,
+    image: String,
+    /// Serial output lines, for the TUI.
+    serial: Arc<Mutex<Vec<String>>>,
+}
+
+impl Session {
+    /// Builds the VM and starts it paused at its entry.
+    pub fn start(a: &RunArgs) -> Result<Session, String> {
+        let (image, vcpus) = crate::launch::load_image(&a.image)?;
+        let mut cfg = crate::launch::config(a, vcpus)?;
+        cfg.start_paused = true;
+        let vm = Vm::new(&cfg, &image).map_err(|e| e.to_string())?;
+        let intro = Arc::new(crate::launch::engine(a, vm.shared().symbols())?);
+        let shared = vm.shared().clone();
+        let control = Arc::new(Control::new(shared.clone()));
+        let env = policy_env(shared.symbols());
+        let serial = Arc::new(Mutex::new(vec![String::new()]));
+        let s2 = serial.clone();
+        shared.serial().set_live(Box::new(move |b| {
+            let mut lines = s2.lock().unwrap();
+            for ch in String::from_utf8_lossy(b).chars() {
+                if ch == '\n' {
+                    lines.push(String::new());
+                } else if let Some(l) = lines.last_mut() {
+                    l.push(ch);
+                }
+            }
+        }));
+        let handler = Arc::new(ConsoleHandler {
+            intro: intro.clone(),
+            control: control.clone(),
+        });
+        let runner = std::thread::Builder::new()
+            .name("vm".into())
+            .spawn(move || vm.run(handler, &cfg))
+            .map_err(|e| e.to_string())?;
+        // Commands need the vCPU threads: wait for each to sit in its initial pause
+        // (each acknowledges it).
+        let paused = |_, st| st == VcpuState::Paused || st == VcpuState::Stopped;
+        if !shared.wait_states(Duration::from_secs(5), paused)
+            || (0..shared.vcpu_count()).any(|c| shared.vcpu_state(c) == Some(VcpuState::Stopped))
+        {
+            return Err("the vCPUs did not start".into());
+        }
+        Ok(Session {
+            shared,
+            intro,
+            control,
+            runner: Some(runner),
+            outcome: None,
+            vcpu: 0,
+            env,
+            at_entry: true,
+            image: a.image.clone(),
+            serial,
+        })
+    }
+
+    /// A second command executor on the same VM, engine and stops (gdb's
+    /// `monitor`, next to a console). It does not own the VM thread.
+    pub fn attach(&self) -> Session {
+        Session {
+            shared: self.shared.clone(),
+            intro: self.intro.clone(),
+            control: self.control.clone(),
+            runner: None,
+            outcome: None,
+            vcpu: 0,
+            env: self.env.clone(),
+            at_entry: self.at_entry,
+            image: self.image.clone(),
+            serial: self.serial.clone(),
+        }
+    }
+
+    /// The VM's shared state (memory, vCPUs, symbols).
+    pub fn shared(&self) -> &Arc<VmShared> {
+        &self.shared
+    }
+
+    /// The engine and its adapter.
+    pub fn intro(&self) -> &Arc<Introspection> {
+        &self.intro
+    }
+
+    /// Event breakpoints and the current stop.
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
+    }
+
+    /// The selected vCPU.
+    pub fn vcpu(&self) -> u32 {
+        self.vcpu
+    }
+
+    /// The image name the session was started with.
+    pub fn image(&self) -> &str {
+        &self.image
+    }
+
+    /// The guest's serial output, as lines (the last one still open).
+    pub fn serial_lines(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.serial.lock().unwrap()
+    }
+
+    /// The serial lines, for a thread that watches them.
+    pub fn serial(&self) -> &Arc<Mutex<Vec<String>>> {
+        &self.serial
+    }
+
+    /// Whether the guest has ended (also for an attached executor).
+    pub fn ended(&mut self) -> bool {
+        self.outcome().is_some() || (self.runner.is_none() && self.shared.is_stopping())
+    }
+
+    fn sym(&self) -> impl Fn(&str) -> Option<u64> + '_ {
+        move |n| self.shared.symbols().get(n)
+    }
+
+    /// The run's outcome once the guest has ended.
+    pub fn outcome(&mut self) -> Option<&RunOutcome> {
+        if self.outcome.is_none() && self.runner.as_ref().is_some_and(|r| r.is_finished()) {
+            self.outcome = self.runner.take().and_then(|r| r.join().ok());
+        }
+        self.outcome.as_ref()
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.outcome().is_none()
+    }
+
+    /// running / paused / stopped-at-event / ended, for status lines.
+    pub fn status(&mut self) -> String {
+        if let Some(o) = self.outcome() {
+            return format!("ended: {}", o.reason);
+        }
+        if let Some(s) = self.control.stop() {
+            let what = s.event.as_ref().map(|e| e.class.name()).unwrap_or("step");
+            return format!("stopped: vCPU {} at {} ({})", s.vcpu, what, s.why);
+        }
+        if self.at_entry {
+            return "paused at entry".into();
+        }
+        if (0..self.shared.vcpu_count())
+            .all(|c| self.shared.vcpu_state(c).is_none_or(VcpuState::is_quiet))
+        {
+            "paused".into()
+        } else {
+            "running".into()
+        }
+    }
+
+    /// Lets every vCPU run: the one held at a stop, and the paused ones.
+    pub fn go(&mut self) {
+        self.at_entry = false;
+        self.control.resume(None);
+        self.shared.resume_all();
+    }
+
+    /// Lets only `cpus` run (gdb's scheduler locking).
+    pub fn go_only(&mut self, cpus: &[u32]) {
+        self.at_entry = false;
+        for &c in cpus {
+            if self.control.stop().is_some_and(|s| s.vcpu == c) {
+                self.control.resume(None);
+            }
+            // Also cancels a pause queued for it by an all-stop.
+            self.shared.resume_vcpu(c);
+        }
+    }
+
+    /// Runs `f` with the selected vCPU (see `on_vcpu`).
+    fn with_guest<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut VcpuCtl<'_>) -> R + Send + 'static,
+    ) -> Result<R, String> {
+        self.on_vcpu(self.vcpu, f)
+    }
+
+    /// Runs `f` on vCPU `cpu`'s thread: at once when it is paused or held at a
+    /// stop, at its next exit when it runs. The one path for every front end.
+    pub fn on_vcpu<R: Send + 'static>(
+        &self,
+        cpu: u32,
+        f: impl FnOnce(&mut VcpuCtl<'_>) -> R + Send + 'static,
+    ) -> Result<R, String> {
+        let (tx, rx) = mpsc::channel();
+        let task: vmiscope_vmm::VcpuTask = Box::new(move |c| {
+            let _ = tx.send(f(c));
+        });
+        if !self.shared.with_vcpu(cpu, task) {
+            return Err("the guest has ended".into());
+        }
+        rx.recv_timeout(Duration::from_secs(5))
+            .map_err(|_| format!("vCPU {cpu} did not answer"))
+    }
+
+    /// Runs one line; errors are one line.
+    pub fn exec(&mut self, line: &str) -> Result<Output, String> {
+        let cmd = match commands::parse(line, &self.sym())? {
+            Some(c) => c,
+            None => return Ok(Output::default()),
+        };
+        self.run(cmd)
+    }
+
+    pub fn run(&mut self, cmd: Command) -> Result<Output, String> {
+        use Command as C;
+        let ended = self.ended();
+        let needs_guest = !matches!(
+            cmd,
+            C::Help(_)
+                | C::Quit
+                | C::Events { .. }
+                | C::Alerts
+                | C::Alert(_)
+                | C::Exceptions
+                | C::ExceptionsSave(_)
+                | C::Stats
+                | C::Caps
+                | C::JournalSave(_)
+                | C::Breaks
+                | C::Delete(_)
+                | C::Hooks
+                | C::LogOnly(_)
+                | C::ExceptionFromAlert(_)
+                | C::BreakEvent { .. }
+                | C::BreakHook(_)
+                | C::Expect(..)
+                | C::Vcpu(_)
+                | C::MemRead { phys: true, .. }
+        );
+        if ended && needs_guest {
+            return Err(format!(
+                "the guest has ended ({})",
+                self.outcome()
+                    .map(|o| o.reason.to_string())
+                    .unwrap_or_default()
+            ));
+        }
+        match cmd {
+            C::Quit => self.quit(),
+            C::Continue => self.cont(),
+            C::Pause => self.pause(),
+            C::NextEvent => self.next_event(),
+            C::Step => Ok(self.step()?),
+            C::Vcpu(n) => self.select_vcpu(n),
+            C::BreakEvent { class, vcpu } => self.break_event(class, vcpu),
+            C::BreakHook(h) => self.break_hook(h),
+            C::Breaks => self.breaks(),
+            C::Delete(n) => self.delete_break(n),
+            C::Event => Ok(Output::text(self.describe_stop())),
+            C::Verdict(v) => self.verdict(v),
+            C::Hook(spec) => Ok(self.add_hook(spec)?),
+            C::Hooks => Ok(Output::text(self.hooks_text())),
+            C::HookEnable(id, on) => self.hook_enable(id, on),
+            C::HookDelete(id) => self.hook_delete(id),
+            C::Protect(name) => self.protect(name),
+            C::Unprotect(name) => self.unprotect(name),
+            C::Regs => Ok(Output::text(
+                self.with_guest(|cpu| fmt_regs(&VcpuCtl::regs(cpu)))?,
+            )),
+            C::Sregs => Ok(Output::text(
+                self.with_guest(|cpu| fmt_sregs(&VcpuCtl::sregs(cpu)))?,
+            )),
+            C::Msr(i) => self.msr(i),
+            C::MemRead { addr, len, phys } => self.mem_read(addr, len, phys),
+            C::MemWrite { addr, bytes, phys } => self.mem_write(addr, bytes, phys),
+            C::Disasm { addr, count } => Ok(Output::text(self.disasm(addr, count)?)),
+            C::Translate(gva) => Ok(Output::text(format!(
+                "{gva:#x} -> {:#x}",
+                self.translate(gva)?
+            ))),
+            C::Pagewalk(gva) => self.pagewalk(gva),
+            C::Events { n, class } => self.events(n, class),
+            C::Alerts => self.alerts(),
+            C::Alert(id) => self.alert(id),
+            C::ExceptionFromAlert(id) => self.exception_from_alert(id),
+            C::Exceptions => self.exceptions(),
+            C::ExceptionsSave(f) => self.save_exceptions(f),
+            C::LogOnly(on) => self.log_only(on),
+            C::Stats => Ok(Output::text(self.stats())),
+            C::Caps => self.caps(),
+            C::JournalSave(f) => self.save_journal(f),
+            C::Help(c) => self.help(c),
+            C::Expect(e, t) => Ok(Output::text(self.expect(&e, t)?)),
+        }
+    }
+
+    /// `0x1234 <symbol+0x10>`
+    pub fn addr_name(&self, a: u64) -> String {
+        match self.shared.symbols().lookup(a) {
+            Some((n, 0)) => format!("{a:#x} <{n}>"),
+            Some((n, off)) if off < 0x1000 => format!("{a:#x} <{n}+{off:#x}>"),
+            _ => format!("{a:#x}"),
+        }
+    }
+
+    pub fn describe_stop(&self) -> String {
+        let Some(s) = self.control.stop() else {
+            return "not stopped at an event".into();
+        };
+        let mut t = format!("vCPU {} stopped ({})", s.vcpu, s.why);
+        if let Some(e) = &s.event {
+            let _ = write!(t, "\n  {}", event_line(e));
+            let _ = write!(
+                t,
+                "\n  instruction: {} at {}",
+                e.instruction.as_deref().unwrap_or("(unknown: polled)"),
+                self.addr_name(e.rip)
+            );
+            let _ = write!(t, "\n  hooks: {:?}", e.hooks);
+        }
+        if let Some(r) = &s.raw {
+            let _ = write!(t, "\n  exit: {r}");
+        }
+        let _ = write!(
+            t,
+            "\n  verdict: {}{}",
+            s.proposed,
+            if s.applied {
+                ""
+            } else {
+                "  (`verdict allow|deny|policy`)"
+            }
+        );
+        t
+    }
+
+    /// The selected vCPU's paging mode at its last exit.
+    fn paging(&self) -> Result<vmiscope_introspect::paging::PagingMode, String> {
+        self.shared
+            .last_paging(self.vcpu)
+            .ok_or_else(|| format!("no vCPU {}", self.vcpu))
+    }
+
+    fn translate(&self, gva: u64) -> Result<u64, String> {
+        let mode = self.paging()?;
+        vmiscope_introspect::paging::translate(self.shared.ram(), mode, gva)
+            .map(|t| t.gpa)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Ends the guest (if running) and returns the outcome.
+    pub fn finish(&mut self) -> Option<&RunOutcome> {
+        if self.running() {
+            self.shared.stop(StopReason::User);
+            let _ = self.control.resume(None);
+        }
+        if let Some(r) = self.runner.take() {
+            self.outcome = r.join().ok();
+        }
+        self.outcome.as_ref()
+    }
+}

@@ -1,0 +1,197 @@
+//! History and insight: events, alerts, exceptions, log-only, the journal, stats,
+//! caps, help.
+
+use std::fmt::Write as _;
+
+use vmiscope_introspect::{Class, Rule};
+
+use super::{Output, Session};
+use crate::commands::{self};
+use crate::format::*;
+
+impl Session {
+    pub(super) fn events(&mut self, n: usize, class: Option<Class>) -> Result<Output, String> {
+        Ok({
+            let e = self.intro.engine.lock().unwrap();
+            let list: Vec<_> = e
+                .recent()
+                .iter()
+                .filter(|r| class.is_none_or(|c| c == r.class))
+                .collect();
+            let mut t = String::new();
+            for r in &list[list.len().saturating_sub(n)..] {
+                let _ = writeln!(t, "{}", event_line(r));
+            }
+            Output::text(if t.is_empty() {
+                "no handled events yet".into()
+            } else {
+                t
+            })
+        })
+    }
+
+    pub(super) fn alerts(&mut self) -> Result<Output, String> {
+        Ok({
+            let e = self.intro.engine.lock().unwrap();
+            let t: String = e
+                .alerts()
+                .iter()
+                .map(|a| format!("{}\n", alert_line(a)))
+                .collect();
+            Output::text(if t.is_empty() { "no alerts".into() } else { t })
+        })
+    }
+
+    pub(super) fn alert(&mut self, id: u64) -> Result<Output, String> {
+        Ok({
+            let e = self.intro.engine.lock().unwrap();
+            let a = e
+                .alerts()
+                .iter()
+                .find(|a| a.id == id)
+                .ok_or_else(|| format!("no alert {id} (see `alerts`)"))?;
+            Output::text(serde_json::to_string_pretty(a).unwrap_or_default())
+        })
+    }
+
+    pub(super) fn exception_from_alert(&mut self, id: u64) -> Result<Output, String> {
+        Ok({
+            let mut e = self.intro.engine.lock().unwrap();
+            let a = e
+                .alerts()
+                .iter()
+                .find(|a| a.id == id)
+                .ok_or_else(|| format!("no alert {id} (see `alerts`)"))?;
+            let rule = Rule::from_alert(a);
+            let text = serde_json::to_string(&rule).unwrap_or_default();
+            e.exceptions_mut().rules.push(rule);
+            Output::text(format!(
+                "exception {} added: {text}",
+                e.exceptions().rules.len() - 1
+            ))
+        })
+    }
+
+    pub(super) fn exceptions(&mut self) -> Result<Output, String> {
+        Ok({
+            let e = self.intro.engine.lock().unwrap();
+            Output::text(if e.exceptions().rules.is_empty() {
+                "no exception rules".into()
+            } else {
+                e.exceptions().to_json()
+            })
+        })
+    }
+
+    pub(super) fn save_exceptions(&mut self, f: String) -> Result<Output, String> {
+        Ok({
+            let json = self.intro.engine.lock().unwrap().exceptions().to_json();
+            std::fs::write(&f, json).map_err(|e| format!("cannot write {f}: {e}"))?;
+            Output::text(format!("saved to {f}"))
+        })
+    }
+
+    pub(super) fn log_only(&mut self, on: bool) -> Result<Output, String> {
+        Ok({
+            self.intro.engine.lock().unwrap().set_log_only(on);
+            Output::text(format!("log-only {}", if on { "on" } else { "off" }))
+        })
+    }
+
+    pub(super) fn caps(&mut self) -> Result<Output, String> {
+        Ok({
+            let c = crate::caps::measure()?;
+            Output::text(
+                c.rows
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{:<22} CPL0 {:<12} CPL3 {:<12}\n",
+                            r.mechanism,
+                            format!("{:?}", r.cpl0).to_lowercase(),
+                            format!("{:?}", r.cpl3).to_lowercase()
+                        )
+                    })
+                    .collect::<String>(),
+            )
+        })
+    }
+
+    pub(super) fn save_journal(&mut self, f: String) -> Result<Output, String> {
+        Ok({
+            let e = self.intro.engine.lock().unwrap();
+            let mut out = String::new();
+            for r in e.recent() {
+                let _ = writeln!(out, "{}", serde_json::json!({"type": "event", "record": r}));
+            }
+            for a in e.alerts() {
+                let _ = writeln!(out, "{}", serde_json::json!({"type": "alert", "alert": a}));
+            }
+            std::fs::write(&f, out).map_err(|e| format!("cannot write {f}: {e}"))?;
+            Output::text(format!(
+                "saved {} events and {} alerts to {f}",
+                e.recent().len(),
+                e.alerts().len()
+            ))
+        })
+    }
+
+    pub(super) fn stats(&self) -> String {
+        let e = self.intro.engine.lock().unwrap();
+        let mut t = String::from("events per class:");
+        let mut classes: Vec<_> = e.events_per_class().iter().collect();
+        classes.sort();
+        for (c, n) in classes {
+            let _ = write!(t, " {}={n}", c.name());
+        }
+        let _ = write!(
+            t,
+            "\nhandler latency: {} events, mean {:.2} us\n",
+            e.latency().count,
+            e.latency().total_ns as f64 / e.latency().count.max(1) as f64 / 1e3
+        );
+        for (i, n) in e
+            .latency()
+            .buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+        {
+            let _ = writeln!(t, "  {:>8} ns .. {:>8} ns  {n}", 1u64 << i, 1u64 << (i + 1));
+        }
+        t.push_str("hook hits:\n");
+        for h in e.hooks().iter() {
+            let _ = writeln!(t, "  hook {:>3} {:<22} {}", h.id, h.name, h.hits);
+        }
+        let (exits, per) = self.shared.exit_counts();
+        let _ = write!(
+            t,
+            "exits: {} (per vCPU {per:?})",
+            exits
+                .iter()
+                .map(|(c, n)| format!("{c}={n}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        t
+    }
+
+    /// `help` (every command) or `help CMD`.
+    pub(super) fn help(&mut self, c: Option<String>) -> Result<Output, String> {
+        let lines = commands::HELP
+            .iter()
+            .filter(|(u, _)| {
+                c.as_deref()
+                    .is_none_or(|c| u.split_whitespace().next() == Some(c))
+            })
+            .map(|(u, d)| format!("{u:<38} {d}\n"))
+            .collect::<String>();
+        if lines.is_empty() {
+            return Err(format!(
+                "no command `{}` (try `help`)",
+                c.unwrap_or_default()
+            ));
+        }
+        Ok(Output::text(lines))
+    }
+}
