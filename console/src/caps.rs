@@ -76,7 +76,7 @@ impl ExitHandler for Recorder {
 /// Runs `image` on a scratch VM after `setup`, answering events with `f`.
 fn probe(
     image: &str,
-    setup: impl FnOnce(&Vm),
+    setup: impl FnOnce(&Vm) -> Result<(), String>,
     f: impl Fn(&mut VcpuCtl<'_>, &Event) -> Reply + Send + Sync + 'static,
 ) -> Result<Seen, String> {
     let img = vmiscope_images::find(image).ok_or("missing image")?;
@@ -85,7 +85,7 @@ fn probe(
         ..VmConfig::default()
     };
     let vm = Vm::new(&cfg, img.elf).map_err(|e| e.to_string())?;
-    setup(&vm);
+    setup(&vm)?;
     let rec = Arc::new(Recorder {
         events: Mutex::new(vec![]),
         seen: Mutex::new(vec![]),
@@ -107,8 +107,11 @@ fn page_probe(
     let (ev, _) = probe(
         image,
         |vm| {
-            let gpa = vm.symbol(symbol).expect("image symbol");
-            vm.shared().protect_page(gpa, access).expect("protect");
+            let gpa = vm.symbol(symbol).ok_or(format!("{image} lacks {symbol}"))?;
+            vm.shared()
+                .protect_page(gpa, access)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         },
         |_, _| Reply::Continue,
     )?;
@@ -123,11 +126,38 @@ fn at(events: &[Event], cpl: u8, pred: impl Fn(&Event) -> Option<u8>) -> Support
     }
 }
 
+/// Measures, on scratch VMs of the built-in images, which mechanism catches
+/// which HVMI event at which CPL on this host.
 pub fn measure() -> Result<Caps, String> {
     let host = HostKind::detect();
     let mut rows = Vec::new();
-    let cont = |_: &mut VcpuCtl<'_>, _: &Event| Reply::Continue;
+    rows.extend(memory_rows(host)?);
+    rows.extend(msr_rows(host)?);
+    rows.extend(register_rows(host)?);
+    rows.extend(introcall_rows(host)?);
+    rows.extend(int3_rows(host)?);
+    rows.extend(step_rows(host)?);
+    let kick = kick_latency()?;
+    rows.push(Row {
+        mechanism: "timer",
+        handler: "handle_timer",
+        cpl0: Support::Exact,
+        cpl3: Support::Exact,
+        how: format!(
+            "host timer thread kicks quiet vCPUs (signal + immediate_exit), latency {kick:.0} us"
+        ),
+    });
+    Ok(Caps {
+        host: host.name(),
+        pvm: host == HostKind::Pvm,
+        rows,
+        kick_latency_us: Some(kick),
+    })
+}
 
+/// EPT write, read and execute: memslot traps on the event images.
+fn memory_rows(host: HostKind) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
     let mem = |write: bool| {
         move |e: &Event| match e {
             Event::Mem(m) if m.write == write => Some(m.cpl),
@@ -170,9 +200,20 @@ pub fn measure() -> Result<Caps, String> {
         ),
     });
 
+    Ok(rows)
+}
+
+/// MSR accesses through the MSR filter.
+fn msr_rows(_: HostKind) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    let cont = |_: &mut VcpuCtl<'_>, _: &Event| Reply::Continue;
     let (ev, _) = probe(
         "msr",
-        |vm| vm.shared().intercept_msr(0xc000_0082, true, true).unwrap(),
+        |vm| {
+            vm.shared()
+                .intercept_msr(0xc000_0082, true, true)
+                .map_err(|e| e.to_string())
+        },
         cont,
     )?;
     let m = |e: &Event| matches!(e, Event::Msr { .. }).then_some(0);
@@ -184,7 +225,14 @@ pub fn measure() -> Result<Caps, String> {
         how: "KVM_X86_SET_MSR_FILTER + user-space MSR exits; the VMM applies allowed writes".into(),
     });
 
-    let (ev, seen) = probe("cr", |_| {}, cont)?;
+    Ok(rows)
+}
+
+/// CR, DTR and XCR changes: no exits, so polled if seen at all.
+fn register_rows(_: HostKind) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    let cont = |_: &mut VcpuCtl<'_>, _: &Event| Reply::Continue;
+    let (ev, seen) = probe("cr", |_| Ok(()), cont)?;
     let cr_exit = ev
         .iter()
         .any(|e| !matches!(e, Event::Kicked | Event::Port { .. }));
@@ -198,7 +246,7 @@ pub fn measure() -> Result<Caps, String> {
     };
     rows.push(Row { mechanism: "CR write", handler: "handle_cr_write", cpl0: cr, cpl3: Support::NotApplicable, how: format!("no KVM exit for MOV CR; the change {} in the registers of the next exit (KVM_CAP_SYNC_REGS) and timer kicks; writer unknown", if cr_seen { "was seen" } else { "was NOT seen" }) });
 
-    let (_, seen) = probe("dtr", |_| {}, cont)?;
+    let (_, seen) = probe("dtr", |_| Ok(()), cont)?;
     let dtr_seen = seen.iter().any(|s| s.1 == 0x207000 || s.1 == 0x206000);
     rows.push(Row {
         mechanism: "DTR load (LIDT/LGDT)",
@@ -225,7 +273,13 @@ pub fn measure() -> Result<Caps, String> {
         how: "no KVM exit for XSETBV; XCR0 read with KVM_GET_XCRS on timer ticks".into(),
     });
 
-    let (ev, _) = probe("introcall", |_| {}, |_, _| Reply::Data(0))?;
+    Ok(rows)
+}
+
+/// The introcall doorbell at CPL0 and CPL3.
+fn introcall_rows(host: HostKind) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    let (ev, _) = probe("introcall", |_| Ok(()), |_, _| Reply::Data(0))?;
     let ic = |e: &Event| {
         if let Event::Introcall(c) = e {
             Some(c.cpl)
@@ -246,12 +300,20 @@ pub fn measure() -> Result<Caps, String> {
         how: format!("I/O-port doorbell 0x9a with RAX=0x22; {vmcall}"),
     });
 
+    Ok(rows)
+}
+
+/// Our INT3s at CPL0 and the guest's own at CPL3.
+fn int3_rows(host: HostKind) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    let cont = |_: &mut VcpuCtl<'_>, _: &Event| Reply::Continue;
     let (ev, _) = probe(
         "int3",
         |vm| {
+            let at = vm.symbol("bp_target").ok_or("int3 lacks bp_target")?;
             vm.shared()
-                .insert_sw_breakpoint(vm.symbol("bp_target").unwrap(), None)
-                .unwrap()
+                .insert_sw_breakpoint(at, None)
+                .map_err(|e| e.to_string())
         },
         cont,
     )?;
@@ -292,13 +354,22 @@ pub fn measure() -> Result<Caps, String> {
         how: how.into(),
     });
 
+    Ok(rows)
+}
+
+/// Single-steps and hardware execute breakpoints at CPL0 and CPL3.
+fn step_rows(host: HostKind) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
     // Single-step and hardware breakpoints: arm an execute breakpoint on CPL0 code
     // (step_start) and on CPL3 code (user_hello), then step from each.
     let steps = Arc::new(Mutex::new(Vec::<(u64, u8)>::new()));
     let s2 = steps.clone();
     let (ev, _) = probe(
         "step",
-        |vm| vm.shared().set_hw_breakpoint(0, vm.symbol("step_start")),
+        |vm| {
+            vm.shared().set_hw_breakpoint(0, vm.symbol("step_start"));
+            Ok(())
+        },
         move |cpu, e| {
             match e {
                 Event::HwBreakpoint { .. } => {
@@ -322,9 +393,13 @@ pub fn measure() -> Result<Caps, String> {
         "ept-write",
         |vm| {
             vm.shared().set_hw_breakpoint(0, vm.symbol("user_write"));
+            let at = vm
+                .symbol("ept_target")
+                .ok_or("ept-write lacks ept_target")?;
             vm.shared()
-                .protect_page(vm.symbol("ept_target").unwrap(), Access::WriteTrap)
-                .unwrap();
+                .protect_page(at, Access::WriteTrap)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         },
         move |cpu, e| {
             match e {
@@ -368,22 +443,7 @@ pub fn measure() -> Result<Caps, String> {
         how: "KVM_GUESTDBG_USE_HW_BP (4 slots)".into(),
     });
 
-    let kick = kick_latency()?;
-    rows.push(Row {
-        mechanism: "timer",
-        handler: "handle_timer",
-        cpl0: Support::Exact,
-        cpl3: Support::Exact,
-        how: format!(
-            "host timer thread kicks quiet vCPUs (signal + immediate_exit), latency {kick:.0} us"
-        ),
-    });
-    Ok(Caps {
-        host: host.name(),
-        pvm: host == HostKind::Pvm,
-        rows,
-        kick_latency_us: Some(kick),
-    })
+    Ok(rows)
 }
 
 /// Whether XCR0 changes are visible to the VMM (KVM_GET_XCRS at exits).
