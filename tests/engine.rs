@@ -148,7 +148,13 @@ fn cr_write_is_polled_and_restored() {
         return;
     }
     let (serial, alerts, _) = run("cr", &[], |e, g| {
-        vmiscope_introspect::policy::enable(e, g, "cr0-wp", &PolicyEnv::default()).unwrap();
+        vmiscope_introspect::policy::enable(
+            e,
+            g,
+            &[vmiscope_introspect::Policy::Cr0Wp],
+            &PolicyEnv::default(),
+        )
+        .unwrap();
     });
     assert!(serial.contains("cr0 after an exit 80050033"), "WP put back");
     assert_eq!(alerts.len(), 1, "{alerts:#?}");

@@ -2,6 +2,7 @@
 //! gdb's `monitor`. `parse` turns a line into a `Command` or a one-line error that
 //! says what was expected; nothing here touches the VM.
 
+use vmiscope_introspect::policy::{self, Policy};
 use vmiscope_introspect::{Class, Rights};
 
 /// Usage and summary of every command, for `help` and completion.
@@ -179,6 +180,14 @@ pub enum Expect {
     },
 }
 
+/// What `protect` was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProtectArg {
+    /// `protect list`: the policies and what they protect.
+    List,
+    Policies(Vec<Policy>),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     Continue,
@@ -200,8 +209,8 @@ pub enum Command {
     Hooks,
     HookEnable(u64, bool),
     HookDelete(u64),
-    Protect(String),
-    Unprotect(String),
+    Protect(ProtectArg),
+    Unprotect(Policy),
     Regs,
     Sregs,
     Msr(u32),
@@ -334,12 +343,19 @@ pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Com
         }),
         "hooks" => C::Hooks,
         "hook" => parse_hook(&w, sym)?,
-        "protect" => C::Protect(
+        "protect" => match w.get(1) {
+            Some(&"list") => C::Protect(ProtectArg::List),
+            Some(names) => C::Protect(ProtectArg::Policies(
+                policy::parse_list(names).map_err(|e| e.to_string())?,
+            )),
+            None => return Err("expected `protect NAME[,NAME…]|all` (or `protect list`)".into()),
+        },
+        "unprotect" => C::Unprotect(
             w.get(1)
-                .ok_or("expected `protect NAME` (or `protect list`)")?
-                .to_string(),
+                .ok_or("expected `unprotect NAME`")?
+                .parse()
+                .map_err(|e: policy::PolicyError| e.to_string())?,
         ),
-        "unprotect" => C::Unprotect(w.get(1).ok_or("expected `unprotect NAME`")?.to_string()),
         "regs" => C::Regs,
         "sregs" => C::Sregs,
         "msr" => C::Msr(num(1, "an MSR index")? as u32),

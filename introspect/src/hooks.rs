@@ -8,12 +8,13 @@
 use std::collections::HashMap;
 
 pub use crate::ctx::Callback;
-pub use crate::target::{Class, HookId, Rights, Target};
+pub use crate::target::{Class, HookId, Owner, Rights, Target};
 
 pub struct Hook {
     pub id: HookId,
     pub target: Target,
     pub name: String,
+    pub owner: Owner,
     pub enabled: bool,
     /// Flagged for removal; deleted at the next commit.
     pub removed: bool,
@@ -41,7 +42,13 @@ pub struct Hooks {
 }
 
 impl Hooks {
-    pub(crate) fn insert(&mut self, target: Target, name: String, callback: Callback) -> HookId {
+    pub(crate) fn insert(
+        &mut self,
+        target: Target,
+        owner: Owner,
+        name: String,
+        callback: Callback,
+    ) -> HookId {
         self.next_id += 1;
         let id = self.next_id;
         if let Some(p) = target.page() {
@@ -51,6 +58,7 @@ impl Hooks {
             id,
             target,
             name,
+            owner,
             enabled: true,
             removed: false,
             hits: 0,

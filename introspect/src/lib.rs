@@ -27,5 +27,6 @@ pub use engine::{Engine, EventRecord, HookError};
 pub use event::{AccessKind, Detection, EventInfo};
 pub use exceptions::{Exceptions, Rule};
 pub use glue::{GlueError, Guest, PageRights};
-pub use target::{Class, HookId, Rights, Target};
+pub use policy::Policy;
+pub use target::{Class, HookId, Owner, Rights, Target};
 pub use verdict::{Outcome, Verdict};

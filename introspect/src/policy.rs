@@ -1,11 +1,13 @@
 //! Protection policies an analyst switches on by name, modelled on HVMI's: each
-//! installs hooks named `policy:NAME` whose callbacks deny the act and say why.
+//! installs hooks owned by it (`Owner::Policy`) whose callbacks deny the act and
+//! say why. One function per policy.
 
 use crate::arch::{Cr, DtrKind};
 use crate::engine::{Engine, HookError};
 use crate::event::{AccessKind, EventInfo};
 use crate::glue::Guest;
-use crate::hooks::{HookId, Rights, Target};
+use crate::hooks::{HookId, Owner, Rights, Target};
+pub use crate::target::Policy;
 use crate::verdict::Outcome;
 
 /// Addresses a policy needs that only the image knows (from its symbols).
@@ -21,53 +23,41 @@ pub struct PolicyEnv {
     pub integrity: Vec<(u64, u64)>,
 }
 
-pub const POLICIES: &[(&str, &str)] = &[
-    ("idt", "IDT memory against writes, and IDTR against reloads"),
-    ("gdtr", "GDTR against reloads"),
-    (
-        "syscall-msrs",
-        "LSTAR, STAR, CSTAR, SYSENTER_CS/ESP/EIP against writes",
-    ),
-    ("cr4", "CR4.SMEP and CR4.SMAP against clearing"),
-    ("cr0-wp", "CR0.WP against clearing"),
-    ("kernel-code", "kernel code pages against writes"),
-    ("syscall-table", "the system-call table against writes"),
-    (
-        "user-page",
-        "protected user pages against writes and execution (reads are logged)",
-    ),
-    (
-        "integrity",
-        "hash of registered regions, checked every second, restored on change",
-    ),
-];
+impl std::str::FromStr for Policy {
+    type Err = PolicyError;
+
+    fn from_str(name: &str) -> Result<Policy, PolicyError> {
+        Policy::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Policy::ALL.iter().map(|p| p.name()).collect();
+                PolicyError::Unknown(name.to_string(), known.join(", "))
+            })
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     #[error("unknown policy `{0}` (known: {1})")]
     Unknown(String, String),
     #[error("policy {0}: {1}")]
-    Hook(&'static str, HookError),
+    Hook(Policy, HookError),
     #[error("policy {0}: the image gives no address for it")]
-    NoTarget(&'static str),
+    NoTarget(Policy),
 }
 
-/// Expands `all` and comma lists into policy names, checking each.
-pub fn parse_list(list: &str) -> Result<Vec<&'static str>, PolicyError> {
+/// Expands `all` and comma lists into policies, checking each.
+pub fn parse_list(list: &str) -> Result<Vec<Policy>, PolicyError> {
     let mut out = Vec::new();
     for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         if name == "all" {
-            out.extend(POLICIES.iter().map(|p| p.0));
-            continue;
+            out.extend(Policy::ALL);
+        } else {
+            out.push(name.parse()?);
         }
-        let p = POLICIES.iter().find(|p| p.0 == name).ok_or_else(|| {
-            PolicyError::Unknown(
-                name.to_string(),
-                POLICIES.iter().map(|p| p.0).collect::<Vec<_>>().join(", "),
-            )
-        })?;
-        out.push(p.0);
     }
+    out.sort();
     out.dedup();
     Ok(out)
 }
@@ -76,50 +66,137 @@ fn deny(reason: &'static str) -> crate::hooks::Callback {
     Box::new(move |_| Outcome::block(reason))
 }
 
-/// Memory hooks over `[gva, gva+len)`, one per page.
-fn mem(
-    e: &mut Engine,
-    g: &mut dyn Guest,
-    name: &'static str,
-    gva: u64,
-    len: u64,
-    rights: Rights,
-    reason: &'static str,
-) -> Result<Vec<HookId>, PolicyError> {
-    let mut ids = Vec::new();
-    for (va, n) in crate::decode::split_pages(gva, len) {
-        let t = Target::Gva {
-            gva: va,
-            len: n,
-            rights,
-            cr3: 0,
-            gpa: None,
-        };
-        let cb: crate::hooks::Callback = Box::new(move |ctx| match ctx.event {
-            EventInfo::Mem {
-                access: AccessKind::Read,
-                ..
-            } => Outcome::allow(),
-            _ => Outcome::block(reason),
-        });
-        ids.push(
-            e.add_hook(g, t, format!("policy:{name}"), cb)
-                .map_err(|err| PolicyError::Hook(name, err))?,
-        );
-    }
-    Ok(ids)
+/// One policy's hooks being installed.
+struct Installer<'a> {
+    e: &'a mut Engine,
+    g: &'a mut dyn Guest,
+    policy: Policy,
+    ids: Vec<HookId>,
 }
 
-/// Switches policies on (a name, a comma list, or `all`) for the current guest state.
+impl Installer<'_> {
+    fn hook(&mut self, target: Target, cb: crate::hooks::Callback) -> Result<(), PolicyError> {
+        let owner = Owner::Policy(self.policy);
+        let id = self
+            .e
+            .add_owned_hook(self.g, target, owner, cb)
+            .map_err(|err| PolicyError::Hook(self.policy, err))?;
+        self.ids.push(id);
+        Ok(())
+    }
+
+    /// Memory hooks over `[gva, gva+len)`, one per page; reads are allowed.
+    fn mem(
+        &mut self,
+        gva: u64,
+        len: u64,
+        rights: Rights,
+        reason: &'static str,
+    ) -> Result<(), PolicyError> {
+        for (va, n) in crate::decode::split_pages(gva, len) {
+            let t = Target::Gva {
+                gva: va,
+                len: n,
+                rights,
+                cr3: 0,
+                gpa: None,
+            };
+            self.hook(
+                t,
+                Box::new(move |ctx| match ctx.event {
+                    EventInfo::Mem {
+                        access: AccessKind::Read,
+                        ..
+                    } => Outcome::allow(),
+                    _ => Outcome::block(reason),
+                }),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A hook on `bits` of `cr` that denies clearing them (setting them hardens).
+    fn cr_bits(&mut self, cr: Cr, bits: u64, reason: &'static str) -> Result<(), PolicyError> {
+        let cb: crate::hooks::Callback = Box::new(move |ctx| match *ctx.event {
+            EventInfo::Cr { old, new, .. } if old & !new & bits != 0 => Outcome::block(reason),
+            _ => Outcome::allow(),
+        });
+        self.hook(Target::Cr { cr, mask: bits }, cb)
+    }
+
+    fn idt(&mut self) -> Result<(), PolicyError> {
+        let idtr = self.g.sregs().idtr;
+        self.mem(
+            idtr.base,
+            idtr.limit as u64 + 1,
+            Rights::W,
+            "IDT entry modified",
+        )?;
+        self.hook(Target::Dtr { dtr: DtrKind::Idtr }, deny("IDTR reloaded"))
+    }
+
+    fn syscall_msrs(&mut self) -> Result<(), PolicyError> {
+        for (index, why) in [
+            (0xc000_0082, "LSTAR (64-bit syscall entry) rewritten"),
+            (0xc000_0081, "STAR rewritten"),
+            (0xc000_0083, "CSTAR rewritten"),
+            (0x174, "SYSENTER_CS rewritten"),
+            (0x175, "SYSENTER_ESP rewritten"),
+            (0x176, "SYSENTER_EIP rewritten"),
+        ] {
+            let t = Target::Msr {
+                index,
+                read: false,
+                write: true,
+            };
+            self.hook(t, deny(why))?;
+        }
+        Ok(())
+    }
+
+    fn regions(
+        &mut self,
+        list: &[(u64, u64)],
+        rights: Rights,
+        why: &'static str,
+    ) -> Result<(), PolicyError> {
+        if list.is_empty() {
+            return Err(PolicyError::NoTarget(self.policy));
+        }
+        for &(gva, len) in list {
+            self.mem(gva, len, rights, why)?;
+        }
+        Ok(())
+    }
+
+    fn integrity(&mut self, env: &PolicyEnv) -> Result<(), PolicyError> {
+        for &(gva, len) in &env.integrity {
+            let why = deny("integrity region modified");
+            self.e
+                .add_integrity_region(
+                    self.g,
+                    Owner::Policy(self.policy).to_string(),
+                    gva,
+                    len,
+                    true,
+                    why,
+                )
+                .map_err(|err| PolicyError::Hook(self.policy, err))?;
+        }
+        Ok(())
+    }
+}
+
+/// Switches policies on for the current guest state.
 pub fn enable(
     e: &mut Engine,
     g: &mut dyn Guest,
-    names: &str,
+    policies: &[Policy],
     env: &PolicyEnv,
 ) -> Result<Vec<HookId>, PolicyError> {
     let mut ids = Vec::new();
-    for name in parse_list(names)? {
-        ids.extend(enable_one(e, g, name, env)?);
+    for &p in policies {
+        ids.extend(enable_one(e, g, p, env)?);
     }
     Ok(ids)
 }
@@ -127,171 +204,46 @@ pub fn enable(
 fn enable_one(
     e: &mut Engine,
     g: &mut dyn Guest,
-    name: &'static str,
+    policy: Policy,
     env: &PolicyEnv,
 ) -> Result<Vec<HookId>, PolicyError> {
-    let tag = format!("policy:{name}");
-    let hook = |e: &mut Engine, g: &mut dyn Guest, t: Target, why: &'static str| {
-        e.add_hook(g, t, tag.clone(), deny(why))
-            .map_err(|err| PolicyError::Hook(name, err))
+    let mut i = Installer {
+        e,
+        g,
+        policy,
+        ids: Vec::new(),
     };
-    let mut ids = Vec::new();
-    match name {
-        "idt" => {
-            let idtr = g.sregs().idtr;
-            ids.extend(mem(
-                e,
-                g,
-                "idt",
-                idtr.base,
-                idtr.limit as u64 + 1,
-                Rights::W,
-                "IDT entry modified",
-            )?);
-            ids.push(hook(
-                e,
-                g,
-                Target::Dtr { dtr: DtrKind::Idtr },
-                "IDTR reloaded",
-            )?);
+    match policy {
+        Policy::Idt => i.idt()?,
+        Policy::Gdtr => i.hook(Target::Dtr { dtr: DtrKind::Gdtr }, deny("GDTR reloaded"))?,
+        Policy::SyscallMsrs => i.syscall_msrs()?,
+        // Only clearing SMEP/SMAP is an attack; setting them is hardening.
+        Policy::Cr4 => i.cr_bits(Cr::Cr4, 3 << 20, "CR4.SMEP/SMAP cleared")?,
+        Policy::Cr0Wp => i.cr_bits(Cr::Cr0, 1 << 16, "CR0.WP cleared")?,
+        Policy::KernelCode => i.regions(&env.kernel_code, Rights::W, "kernel code modified")?,
+        Policy::SyscallTable => {
+            let table: Vec<(u64, u64)> = env.syscall_table.into_iter().collect();
+            i.regions(&table, Rights::W, "system-call table entry modified")?
         }
-        "gdtr" => ids.push(hook(
-            e,
-            g,
-            Target::Dtr { dtr: DtrKind::Gdtr },
-            "GDTR reloaded",
-        )?),
-        "syscall-msrs" => {
-            for (index, why) in [
-                (0xc000_0082, "LSTAR (64-bit syscall entry) rewritten"),
-                (0xc000_0081, "STAR rewritten"),
-                (0xc000_0083, "CSTAR rewritten"),
-                (0x174, "SYSENTER_CS rewritten"),
-                (0x175, "SYSENTER_ESP rewritten"),
-                (0x176, "SYSENTER_EIP rewritten"),
-            ] {
-                ids.push(hook(
-                    e,
-                    g,
-                    Target::Msr {
-                        index,
-                        read: false,
-                        write: true,
-                    },
-                    why,
-                )?);
-            }
+        Policy::UserPage => {
+            let pages: Vec<(u64, u64)> = env
+                .user_pages
+                .iter()
+                .map(|p| (p & !0xfff, 0x1000))
+                .collect();
+            i.regions(&pages, Rights::RWX, "protected user page accessed")?
         }
-        "cr4" => {
-            let cb: crate::hooks::Callback = Box::new(|ctx| match *ctx.event {
-                // Only clearing SMEP/SMAP is an attack; setting them is hardening.
-                EventInfo::Cr { old, new, .. } if old & !new & (3 << 20) != 0 => {
-                    Outcome::block("CR4.SMEP/SMAP cleared")
-                }
-                _ => Outcome::allow(),
-            });
-            ids.push(
-                e.add_hook(
-                    g,
-                    Target::Cr {
-                        cr: Cr::Cr4,
-                        mask: 3 << 20,
-                    },
-                    tag.clone(),
-                    cb,
-                )
-                .map_err(|err| PolicyError::Hook(name, err))?,
-            );
-        }
-        "cr0-wp" => {
-            let cb: crate::hooks::Callback = Box::new(|ctx| match *ctx.event {
-                EventInfo::Cr { old, new, .. } if old & !new & (1 << 16) != 0 => {
-                    Outcome::block("CR0.WP cleared")
-                }
-                _ => Outcome::allow(),
-            });
-            ids.push(
-                e.add_hook(
-                    g,
-                    Target::Cr {
-                        cr: Cr::Cr0,
-                        mask: 1 << 16,
-                    },
-                    tag.clone(),
-                    cb,
-                )
-                .map_err(|err| PolicyError::Hook(name, err))?,
-            );
-        }
-        "kernel-code" => {
-            if env.kernel_code.is_empty() {
-                return Err(PolicyError::NoTarget(name));
-            }
-            for &(gva, len) in &env.kernel_code {
-                ids.extend(mem(
-                    e,
-                    g,
-                    "kernel-code",
-                    gva,
-                    len,
-                    Rights::W,
-                    "kernel code modified",
-                )?);
-            }
-        }
-        "syscall-table" => {
-            let (gva, len) = env.syscall_table.ok_or(PolicyError::NoTarget(name))?;
-            ids.extend(mem(
-                e,
-                g,
-                "syscall-table",
-                gva,
-                len,
-                Rights::W,
-                "system-call table entry modified",
-            )?);
-        }
-        "user-page" => {
-            if env.user_pages.is_empty() {
-                return Err(PolicyError::NoTarget(name));
-            }
-            for &p in &env.user_pages {
-                ids.extend(mem(
-                    e,
-                    g,
-                    "user-page",
-                    p & !0xfff,
-                    0x1000,
-                    Rights::RWX,
-                    "protected user page accessed",
-                )?);
-            }
-        }
-        "integrity" => {
-            for &(gva, len) in &env.integrity {
-                e.add_integrity_region(
-                    g,
-                    "policy:integrity",
-                    gva,
-                    len,
-                    true,
-                    deny("integrity region modified"),
-                )
-                .map_err(|err| PolicyError::Hook(name, err))?;
-            }
-        }
-        _ => unreachable!("parse_list checked the name"),
+        Policy::Integrity => i.integrity(env)?,
     }
-    Ok(ids)
+    Ok(i.ids)
 }
 
-/// Switches a policy off: flags its hooks for removal.
-pub fn disable(e: &mut Engine, name: &str) -> usize {
-    let tag = format!("policy:{name}");
+/// Switches a policy off: flags its hooks for removal; returns how many.
+pub fn disable(e: &mut Engine, policy: Policy) -> usize {
     let ids: Vec<HookId> = e
         .hooks()
         .iter()
-        .filter(|h| h.name == tag)
+        .filter(|h| h.owner == Owner::Policy(policy) && !h.removed)
         .map(|h| h.id)
         .collect();
     for id in &ids {
@@ -309,8 +261,11 @@ mod tests {
 
     #[test]
     fn parse_all_and_unknown() {
-        assert_eq!(parse_list("all").unwrap().len(), POLICIES.len());
-        assert_eq!(parse_list("idt, cr4").unwrap(), ["idt", "cr4"]);
+        assert_eq!(parse_list("all").unwrap(), Policy::ALL);
+        assert_eq!(parse_list("idt, cr4").unwrap(), [Policy::Idt, Policy::Cr4]);
+        for p in Policy::ALL {
+            assert_eq!(p.name().parse::<Policy>().unwrap(), p, "names round-trip");
+        }
         let e = parse_list("idt,nope").unwrap_err();
         assert!(e.to_string().contains("unknown policy `nope`"));
     }
@@ -318,7 +273,12 @@ mod tests {
     #[test]
     fn cr4_policy_blocks_clearing_smep_not_setting_it() {
         let (mut e, mut g) = (Engine::new(), MockGuest::new());
-        enable(&mut e, &mut g, "cr4", &PolicyEnv::default()).unwrap();
+        enable(&mut e, &mut g, &[Policy::Cr4], &PolicyEnv::default()).unwrap();
+        assert!(
+            e.hooks()
+                .iter()
+                .all(|h| h.owner == Owner::Policy(Policy::Cr4))
+        );
         let smep = 1u64 << 20;
         assert_eq!(
             handle_cr_write(
@@ -344,7 +304,12 @@ mod tests {
         );
         assert_eq!(e.alerts().len(), 1);
         assert_eq!(e.alerts()[0].reason, "CR4.SMEP/SMAP cleared");
-        assert_eq!(disable(&mut e, "cr4"), 1);
+        assert_eq!(
+            disable(&mut e, Policy::Idt),
+            0,
+            "another policy's hooks stay"
+        );
+        assert_eq!(disable(&mut e, Policy::Cr4), 1);
         e.commit(&mut g).unwrap();
         assert!(e.hooks().is_empty());
     }

@@ -203,3 +203,90 @@ impl Class {
         })
     }
 }
+
+/// Who placed a hook: the analyst (console, scripts), gdb, or a policy. Policies
+/// are switched off by owner, not by matching names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Owner {
+    Analyst,
+    Gdb,
+    Policy(Policy),
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Analyst => f.write_str("analyst"),
+            Owner::Gdb => f.write_str("gdb"),
+            Owner::Policy(p) => write!(f, "policy:{p}"),
+        }
+    }
+}
+
+/// A protection policy, by name on the command line (`--protect idt,cr4`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    Idt,
+    Gdtr,
+    SyscallMsrs,
+    Cr4,
+    Cr0Wp,
+    KernelCode,
+    SyscallTable,
+    UserPage,
+    Integrity,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 9] = [
+        Policy::Idt,
+        Policy::Gdtr,
+        Policy::SyscallMsrs,
+        Policy::Cr4,
+        Policy::Cr0Wp,
+        Policy::KernelCode,
+        Policy::SyscallTable,
+        Policy::UserPage,
+        Policy::Integrity,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Idt => "idt",
+            Policy::Gdtr => "gdtr",
+            Policy::SyscallMsrs => "syscall-msrs",
+            Policy::Cr4 => "cr4",
+            Policy::Cr0Wp => "cr0-wp",
+            Policy::KernelCode => "kernel-code",
+            Policy::SyscallTable => "syscall-table",
+            Policy::UserPage => "user-page",
+            Policy::Integrity => "integrity",
+        }
+    }
+
+    /// What it protects, for `protect list`.
+    pub fn description(self) -> &'static str {
+        match self {
+            Policy::Idt => "IDT memory against writes, and IDTR against reloads",
+            Policy::Gdtr => "GDTR against reloads",
+            Policy::SyscallMsrs => "LSTAR, STAR, CSTAR, SYSENTER_CS/ESP/EIP against writes",
+            Policy::Cr4 => "CR4.SMEP and CR4.SMAP against clearing",
+            Policy::Cr0Wp => "CR0.WP against clearing",
+            Policy::KernelCode => "kernel code pages against writes",
+            Policy::SyscallTable => "the system-call table against writes",
+            Policy::UserPage => {
+                "protected user pages against writes and execution (reads are logged)"
+            }
+            Policy::Integrity => {
+                "hash of registered regions, checked every second, restored on change"
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}

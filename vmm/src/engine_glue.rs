@@ -12,7 +12,7 @@ use crate::event::{Event, ExitHandler, HandlerStop, Reply};
 use crate::loader::Symbols;
 use crate::shared::VcpuCtl;
 use vmiscope_introspect::handlers::{self, BreakpointAction, MemAction, MemExit};
-use vmiscope_introspect::policy::{self, PolicyEnv};
+use vmiscope_introspect::policy::{self, Policy, PolicyEnv};
 use vmiscope_introspect::{AccessKind, Alert, Engine, EventRecord, Guest, Journal, Verdict};
 
 /// A journal file: one JSON object per line, written as it happens (nothing
@@ -63,13 +63,13 @@ pub struct Introspection {
 }
 
 impl Introspection {
-    pub fn new(engine: Engine, policies: Vec<&'static str>, env: PolicyEnv) -> Self {
+    pub fn new(engine: Engine, policies: Vec<Policy>, env: PolicyEnv) -> Self {
         let pending: Vec<OnReady> = policies
             .into_iter()
-            .map(|name| {
+            .map(|p| {
                 let env = env.clone();
                 Box::new(move |e: &mut Engine, g: &mut dyn Guest| {
-                    if let Err(err) = policy::enable(e, g, name, &env) {
+                    if let Err(err) = policy::enable(e, g, &[p], &env) {
                         eprintln!("[vmiscope] {err}");
                     }
                 }) as OnReady

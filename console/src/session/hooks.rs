@@ -2,49 +2,56 @@
 
 use std::fmt::Write as _;
 
-use vmiscope_introspect::policy::{self, POLICIES};
+use vmiscope_introspect::Policy;
+use vmiscope_introspect::policy;
 use vmiscope_introspect::{Cr, DtrKind, Engine, Outcome, Target};
 use vmiscope_vmm::VcpuCtl;
 
 use super::{Output, Session};
-use crate::commands::{Action, HookSpec};
+use crate::commands::{Action, HookSpec, ProtectArg};
 use crate::format::*;
 
 impl Session {
-    /// `protect list`, or a policy on: at once when the guest has its IDT, else
+    /// `protect list`, or policies on: at once when the guest has its IDT, else
     /// armed for when it loads one (as `--protect` does).
-    pub(super) fn protect(&mut self, name: String) -> Result<Output, String> {
-        if name == "list" {
-            return Ok(Output::text(
-                POLICIES
-                    .iter()
-                    .map(|(n, d)| format!("{n:<14} {d}\n"))
-                    .collect::<String>(),
-            ));
-        }
+    pub(super) fn protect(&mut self, arg: ProtectArg) -> Result<Output, String> {
+        let policies = match arg {
+            ProtectArg::List => {
+                return Ok(Output::text(
+                    Policy::ALL
+                        .iter()
+                        .map(|p| format!("{:<14} {}\n", p.name(), p.description()))
+                        .collect::<String>(),
+                ));
+            }
+            ProtectArg::Policies(p) => p,
+        };
+        let names = policies
+            .iter()
+            .map(|p| p.name())
+            .collect::<Vec<_>>()
+            .join(",");
+        let env = self.env.clone();
         if self.with_guest(|cpu| VcpuCtl::sregs(cpu).idt.base)? == 0 {
             // At entry the guest has no IDT yet: arm the policy for when it does,
             // as `--protect` does.
-            policy::parse_list(&name).map_err(|e| e.to_string())?;
-            let (env, n) = (self.env.clone(), name.clone());
             self.intro.on_ready(Box::new(move |e, g| {
-                if let Err(err) = policy::enable(e, g, &n, &env) {
+                if let Err(err) = policy::enable(e, g, &policies, &env) {
                     eprintln!("[vmiscope] {err}");
                 }
             }));
             return Ok(Output::text(format!(
-                "policy {name} armed: it switches on when the guest loads its own IDT"
+                "policy {names} armed: it switches on when the guest loads its own IDT"
             )));
         }
-        let (intro, env) = (self.intro.clone(), self.env.clone());
-        let n = name.clone();
+        let intro = self.intro.clone();
         let ids = self.with_guest(move |cpu| {
             let mut e = intro.engine.lock().unwrap();
-            let r = policy::enable(&mut e, cpu, &n, &env).map_err(|e| e.to_string());
+            let r = policy::enable(&mut e, cpu, &policies, &env).map_err(|e| e.to_string());
             let _ = e.commit(cpu);
             r
         })??;
-        Ok(Output::text(format!("policy {name} on: hooks {ids:?}")))
+        Ok(Output::text(format!("policy {names} on: hooks {ids:?}")))
     }
 
     pub(super) fn hook_enable(&mut self, id: u64, on: bool) -> Result<Output, String> {
@@ -83,22 +90,13 @@ impl Session {
         })
     }
 
-    pub(super) fn unprotect(&mut self, name: String) -> Result<Output, String> {
+    pub(super) fn unprotect(&mut self, name: Policy) -> Result<Output, String> {
         Ok({
             let intro = self.intro.clone();
-            let n = self
-                .intro
-                .engine
-                .lock()
-                .unwrap()
-                .hooks()
-                .iter()
-                .filter(|h| h.name == format!("policy:{name}"))
-                .count();
+            let n = policy::disable(&mut self.intro.engine.lock().unwrap(), name);
             if n == 0 {
                 return Err(format!("policy {name} is not on"));
             }
-            policy::disable(&mut self.intro.engine.lock().unwrap(), &name);
             self.with_guest(move |cpu| {
                 intro
                     .engine

@@ -13,7 +13,7 @@ use crate::event::EventInfo;
 use crate::exceptions::Exceptions;
 use crate::glue::{GlueError, Guest, PageRights};
 use crate::hooks::Hooks;
-use crate::target::{Class, HookId, Rights, Target};
+use crate::target::{Class, HookId, Owner, Rights, Target};
 use crate::verdict::Verdict;
 
 mod dispatch;
@@ -287,10 +287,31 @@ impl Engine {
         name: impl Into<String>,
         callback: Callback,
     ) -> Result<HookId, HookError> {
+        self.add_hook_as(guest, target, Owner::Analyst, name.into(), callback)
+    }
+
+    /// Adds a hook that `owner` placed (named after it): policies and gdb.
+    pub fn add_owned_hook(
+        &mut self,
+        guest: &mut dyn Guest,
+        target: Target,
+        owner: Owner,
+        callback: Callback,
+    ) -> Result<HookId, HookError> {
+        self.add_hook_as(guest, target, owner, owner.to_string(), callback)
+    }
+
+    fn add_hook_as(
+        &mut self,
+        guest: &mut dyn Guest,
+        target: Target,
+        owner: Owner,
+        name: String,
+        callback: Callback,
+    ) -> Result<HookId, HookError> {
         let target = self.resolve(guest, target)?;
         self.control(guest, &target, 1)?;
-        let id = self.hooks.insert(target, name.into(), callback);
-        Ok(id)
+        Ok(self.hooks.insert(target, owner, name, callback))
     }
 
     /// Validates a target and fills in what the guest state determines.
