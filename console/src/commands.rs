@@ -3,7 +3,7 @@
 //! says what was expected; nothing here touches the VM.
 
 use vmiscope_introspect::policy::{self, Policy};
-use vmiscope_introspect::{Class, Rights};
+use vmiscope_introspect::{Class, Cr, Rights};
 
 /// Usage and summary of every command, for `help` and completion.
 pub const HELP: &[(&str, &str)] = &[
@@ -126,7 +126,7 @@ pub enum HookSpec {
         action: Action,
     },
     Cr {
-        cr: u8,
+        cr: Cr,
         mask: u64,
         action: Action,
     },
@@ -524,10 +524,12 @@ fn parse_hook(w: &[&str], sym: &dyn Fn(&str) -> Option<u64>) -> Result<Command, 
             }
         }
         "cr" => {
-            let cr = arg(2, "0, 3 or 4")? as u8;
-            if ![0, 3, 4].contains(&cr) {
-                return Err("expected CR 0, 3 or 4".into());
-            }
+            let cr = match arg(2, "0, 3 or 4")? {
+                0 => Cr::Cr0,
+                3 => Cr::Cr3,
+                4 => Cr::Cr4,
+                _ => return Err("expected CR 0, 3 or 4".into()),
+            };
             let mut mask = u64::MAX;
             let mut act = Action::Deny;
             for t in &w[3.min(w.len())..] {

@@ -41,12 +41,37 @@ pub enum Override {
     Deny,
 }
 
+/// Why a vCPU stopped: what the console, the TUI and gdb match on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopCause {
+    /// `next-event`: the first handled event on any vCPU.
+    NextEvent,
+    /// An event breakpoint (`break event`, `break hook`, gdb's breakpoints and
+    /// watchpoints), by id.
+    Break(u32),
+    /// A requested single-step completed.
+    Step,
+    /// A hardware execute breakpoint (gdb's `hbreak`).
+    HwBreak { slot: u8 },
+}
+
+impl std::fmt::Display for StopCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopCause::NextEvent => f.write_str("next-event"),
+            StopCause::Break(id) => write!(f, "breakpoint {id}"),
+            StopCause::Step => f.write_str("step"),
+            StopCause::HwBreak { .. } => f.write_str("hw-breakpoint"),
+        }
+    }
+}
+
 /// A vCPU stopped for the analyst.
 #[derive(Debug, Clone)]
 pub struct Stop {
     pub vcpu: u32,
     /// Why: "event", "breakpoint 2", "step".
-    pub why: String,
+    pub cause: StopCause,
     /// The handled event, when the stop is at one.
     pub event: Option<EventRecord>,
     /// The VMM event (class and raw data), for `event`.
@@ -260,16 +285,16 @@ impl Control {
     }
 
     /// Whether this handled event must stop, and why.
-    fn should_stop(&self, r: &EventRecord) -> Option<(String, bool)> {
+    fn should_stop(&self, r: &EventRecord) -> Option<(StopCause, bool)> {
         let mut s = self.state.lock().unwrap();
         if s.next_event {
             s.next_event = false;
-            return Some(("next-event".into(), false));
+            return Some((StopCause::NextEvent, false));
         }
         s.breaks
             .iter()
             .find(|b| b.matches(r))
-            .map(|b| (format!("breakpoint {}", b.id), b.after_write))
+            .map(|b| (StopCause::Break(b.id), b.after_write))
     }
 }
 
@@ -298,7 +323,7 @@ impl ExitHandler for ConsoleHandler {
         if let Event::HwBreakpoint { rip, slot } = event {
             let stop = Stop {
                 vcpu: cpu.id(),
-                why: "hw-breakpoint".into(),
+                cause: StopCause::HwBreak { slot: *slot },
                 event: None,
                 raw: Some(format!("hardware breakpoint {slot} at {rip:#x}")),
                 proposed: "-".into(),
@@ -315,7 +340,7 @@ impl ExitHandler for ConsoleHandler {
                 cpu.set_single_step(false);
                 let stop = Stop {
                     vcpu: cpu.id(),
-                    why: "step".into(),
+                    cause: StopCause::Step,
                     event: None,
                     raw: Some(format!("single-step to {rip:#x}")),
                     proposed: "-".into(),
@@ -329,7 +354,7 @@ impl ExitHandler for ConsoleHandler {
         let Some(rec) = rec else {
             return reply;
         };
-        let Some((why, after_write)) = self.control.should_stop(&rec) else {
+        let Some((cause, after_write)) = self.control.should_stop(&rec) else {
             return reply;
         };
         // A watchpoint-style stop: let the allowed write land first, like a data
@@ -344,7 +369,7 @@ impl ExitHandler for ConsoleHandler {
                 .write(m.gpa, &m.data.to_le_bytes()[..m.len.min(8) as usize]);
             let stop = Stop {
                 vcpu: cpu.id(),
-                why,
+                cause,
                 event: Some(rec),
                 raw: Some(format!("{event:x?}")),
                 proposed: "allow (applied)".into(),
@@ -355,7 +380,7 @@ impl ExitHandler for ConsoleHandler {
         }
         let stop = Stop {
             vcpu: cpu.id(),
-            why,
+            cause,
             event: Some(rec),
             raw: Some(format!("{event:x?}")),
             proposed: describe(&reply),
@@ -378,10 +403,10 @@ impl ExitHandler for ConsoleHandler {
         let Some(rec) = self.intro.poll(cpu) else {
             return;
         };
-        if let Some((why, _)) = self.control.should_stop(&rec) {
+        if let Some((cause, _)) = self.control.should_stop(&rec) {
             let stop = Stop {
                 vcpu: cpu.id(),
-                why,
+                cause,
                 proposed: format!("{:?} (already applied: the change was polled)", rec.verdict),
                 event: Some(rec),
                 raw: None,

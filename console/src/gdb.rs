@@ -33,6 +33,7 @@ use gdbstub::target::{Target, TargetError, TargetResult};
 use vmiscope_introspect::{Outcome, Rights, Target as HookTarget};
 use vmiscope_vmm::{StopReason, VcpuCtl};
 
+use crate::control::StopCause;
 use crate::gdb_arch::{Vmi64, VmiRegs};
 use crate::gdb_conn::GdbConn;
 use crate::session::Session;
@@ -174,18 +175,16 @@ impl GdbTarget {
             };
         };
         let t = tid(st.vcpu);
-        let brk = st
-            .why
-            .strip_prefix("breakpoint ")
-            .and_then(|n| n.parse::<u32>().ok());
-        match (st.why.as_str(), brk.and_then(|b| self.stops.get(&b))) {
-            ("hw-breakpoint", _) => MultiThreadStopReason::HwBreak(t),
+        let gdb_stop = match st.cause {
+            StopCause::Break(id) => self.stops.get(&id).copied(),
+            _ => None,
+        };
+        match (st.cause, gdb_stop) {
+            (StopCause::HwBreak { .. }, _) => MultiThreadStopReason::HwBreak(t),
             (_, Some(GdbStop::Sw)) => MultiThreadStopReason::SwBreak(t),
-            (_, Some(GdbStop::Watch(kind, addr))) => MultiThreadStopReason::Watch {
-                tid: t,
-                kind: *kind,
-                addr: *addr,
-            },
+            (_, Some(GdbStop::Watch(kind, addr))) => {
+                MultiThreadStopReason::Watch { tid: t, kind, addr }
+            }
             // Steps and every introspection stop (`break event`, next-event) are SIGTRAP.
             _ => MultiThreadStopReason::SignalWithThread {
                 tid: t,
@@ -384,7 +383,7 @@ impl gdbstub::target::ext::thread_extra_info::ThreadExtraInfo for GdbTarget {
             Some(cpu) => {
                 let (_, cpl) = self.s.shared().last_position(cpu).unwrap_or_default();
                 let why = match self.s.control().stop() {
-                    Some(st) if st.vcpu == cpu => st.why,
+                    Some(st) if st.vcpu == cpu => st.cause.to_string(),
                     _ => "paused".into(),
                 };
                 format!("vCPU {cpu}, CPL{cpl}, {why}")
@@ -738,7 +737,7 @@ pub fn serve(listener: TcpListener, s: Session, exec_file: Option<String>) {
         };
         let _ = conn.set_nodelay(true);
         // gdb expects the target stopped when it attaches.
-        if !target.s.status().starts_with("paused") && !target.s.status().starts_with("stopped") {
+        if !target.s.run_state().is_held() {
             target.all_stop();
         }
         target.seen = target.s.control().stop_count();

@@ -157,7 +157,7 @@ pub fn run(s: &mut Session) -> Mode {
                 if n > stops {
                     stops = n;
                     if let Some(st) = control.last_stop() {
-                        msg.push_str(&format!("stopped: vCPU {} ({})\n", st.vcpu, st.why));
+                        msg.push_str(&format!("stopped: vCPU {} ({})\n", st.vcpu, st.cause));
                     }
                 }
                 if !msg.is_empty() {

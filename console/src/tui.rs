@@ -18,7 +18,7 @@ use ratatui::widgets::{Block, Borders, Clear, List, ListItem, ListState, Paragra
 
 use crate::cli::Mode;
 use crate::format::{alert_line, event_line};
-use crate::session::Session;
+use crate::session::{RunState, Session};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pane {
@@ -32,6 +32,7 @@ const PANES: [Pane; 4] = [Pane::Events, Pane::Alerts, Pane::Hooks, Pane::Serial]
 
 struct View {
     status: String,
+    state: RunState,
     regs: Option<kvm_bindings::kvm_regs>,
     prev_regs: Option<kvm_bindings::kvm_regs>,
     disasm: Vec<String>,
@@ -76,6 +77,7 @@ impl Tui {
             popup: None,
             view: View {
                 status: String::new(),
+                state: RunState::PausedAtEntry,
                 regs: None,
                 prev_regs: None,
                 disasm: vec![],
@@ -93,6 +95,7 @@ impl Tui {
     pub fn refresh(&mut self, s: &mut Session) {
         let v = &mut self.view;
         v.status = s.status();
+        v.state = s.run_state();
         {
             let e = s.intro().engine.lock().unwrap();
             let n = e.recent().len();
@@ -116,13 +119,11 @@ impl Tui {
         // Registers only when the vCPU is held (stopped or paused): then the fetch
         // is immediate; a running vCPU shows its last RIP.
         let key = (s.control().stop_count(), v.status.clone());
-        let held = !v.status.starts_with("running") && !v.status.starts_with("ended");
-        if key != v.regs_key && held {
+        if key != v.regs_key && v.state.is_held() {
             v.regs_key = key;
             let cpu = s.vcpu();
-            let r = if s.control().stop().is_some_and(|st| st.vcpu == cpu)
-                || !v.status.starts_with("stopped")
-            {
+            // Held at another vCPU's stop, this one may be running: no fetch.
+            let r = if !matches!(v.state, RunState::Stopped { vcpu } if vcpu != cpu) {
                 s.on_vcpu(cpu, |c| vmiscope_vmm::VcpuCtl::regs(c)).ok()
             } else {
                 None

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use vmiscope_introspect::Policy;
 use vmiscope_introspect::policy;
-use vmiscope_introspect::{Cr, DtrKind, Engine, Outcome, Target};
+use vmiscope_introspect::{DtrKind, Engine, Outcome, Target};
 use vmiscope_vmm::VcpuCtl;
 
 use super::{Output, Session};
@@ -148,14 +148,7 @@ impl Session {
                 write,
                 action,
             } => (Target::Msr { index, read, write }, deny_cb(action)),
-            HookSpec::Cr { cr, mask, action } => {
-                let cr = match cr {
-                    0 => Cr::Cr0,
-                    3 => Cr::Cr3,
-                    _ => Cr::Cr4,
-                };
-                (Target::Cr { cr, mask }, deny_cb(action))
-            }
+            HookSpec::Cr { cr, mask, action } => (Target::Cr { cr, mask }, deny_cb(action)),
             HookSpec::Dtr { idtr, action } => (
                 Target::Dtr {
                     dtr: if idtr { DtrKind::Idtr } else { DtrKind::Gdtr },

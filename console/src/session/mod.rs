@@ -23,6 +23,27 @@ mod inspect;
 mod records;
 mod run;
 
+/// Where the guest of a session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Ended,
+    /// A vCPU is held at an event stop.
+    Stopped {
+        vcpu: u32,
+    },
+    /// Every vCPU waits at its entry (the start of every session).
+    PausedAtEntry,
+    Paused,
+    Running,
+}
+
+impl RunState {
+    /// No vCPU runs guest code: registers can be read at once.
+    pub fn is_held(self) -> bool {
+        !matches!(self, RunState::Running | RunState::Ended)
+    }
+}
+
 /// What a command printed, and whether the session should end.
 #[derive(Debug, Default)]
 pub struct Output {
@@ -183,22 +204,41 @@ impl Session {
 
     /// running / paused / stopped-at-event / ended, for status lines.
     pub fn status(&mut self) -> String {
-        if let Some(o) = self.outcome() {
-            return format!("ended: {}", o.reason);
+        match self.run_state() {
+            RunState::Ended => match self.outcome() {
+                Some(o) => format!("ended: {}", o.reason),
+                None => "ended".into(),
+            },
+            RunState::Stopped { vcpu } => match self.control.stop() {
+                Some(s) => {
+                    let what = s.event.as_ref().map(|e| e.class.name()).unwrap_or("step");
+                    format!("stopped: vCPU {vcpu} at {what} ({})", s.cause)
+                }
+                None => format!("stopped: vCPU {vcpu}"),
+            },
+            RunState::PausedAtEntry => "paused at entry".into(),
+            RunState::Paused => "paused".into(),
+            RunState::Running => "running".into(),
+        }
+    }
+
+    /// Where the guest is, for front ends that act on it.
+    pub fn run_state(&mut self) -> RunState {
+        if self.ended() {
+            return RunState::Ended;
         }
         if let Some(s) = self.control.stop() {
-            let what = s.event.as_ref().map(|e| e.class.name()).unwrap_or("step");
-            return format!("stopped: vCPU {} at {} ({})", s.vcpu, what, s.why);
+            return RunState::Stopped { vcpu: s.vcpu };
         }
         if self.at_entry {
-            return "paused at entry".into();
+            return RunState::PausedAtEntry;
         }
         if (0..self.shared.vcpu_count())
             .all(|c| self.shared.vcpu_state(c).is_none_or(VcpuState::is_quiet))
         {
-            "paused".into()
+            RunState::Paused
         } else {
-            "running".into()
+            RunState::Running
         }
     }
 
@@ -352,7 +392,7 @@ impl Session {
         let Some(s) = self.control.stop() else {
             return "not stopped at an event".into();
         };
-        let mut t = format!("vCPU {} stopped ({})", s.vcpu, s.why);
+        let mut t = format!("vCPU {} stopped ({})", s.vcpu, s.cause);
         if let Some(e) = &s.event {
             let _ = write!(t, "\n  {}", event_line(e));
             let _ = write!(
