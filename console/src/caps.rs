@@ -5,6 +5,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::error::Error;
+
 use serde::Serialize;
 use vmiscope_vmm::{Access, Event, ExitHandler, HostKind, Reply, VcpuCtl, Vm, VmConfig};
 
@@ -76,15 +78,15 @@ impl ExitHandler for Recorder {
 /// Runs `image` on a scratch VM after `setup`, answering events with `f`.
 fn probe(
     image: &str,
-    setup: impl FnOnce(&Vm) -> Result<(), String>,
+    setup: impl FnOnce(&Vm) -> Result<(), Error>,
     f: impl Fn(&mut VcpuCtl<'_>, &Event) -> Reply + Send + Sync + 'static,
-) -> Result<Seen, String> {
+) -> Result<Seen, Error> {
     let img = vmiscope_images::find(image).ok_or("missing image")?;
     let cfg = VmConfig {
         timeout: Some(Duration::from_secs(10)),
         ..VmConfig::default()
     };
-    let vm = Vm::new(&cfg, img.elf).map_err(|e| e.to_string())?;
+    let vm = Vm::new(&cfg, img.elf)?;
     setup(&vm)?;
     let rec = Arc::new(Recorder {
         events: Mutex::new(vec![]),
@@ -103,7 +105,7 @@ fn page_probe(
     symbol: &str,
     access: Access,
     pred: impl Fn(&Event) -> Option<u8>,
-) -> Result<(Support, Support), String> {
+) -> Result<(Support, Support), Error> {
     let (ev, _) = probe(
         image,
         |vm| {
@@ -112,6 +114,7 @@ fn page_probe(
                 .protect_page(gpa, access)
                 .map(|_| ())
                 .map_err(|e| e.to_string())
+                .map_err(Into::into)
         },
         |_, _| Reply::Continue,
     )?;
@@ -128,7 +131,7 @@ fn at(events: &[Event], cpl: u8, pred: impl Fn(&Event) -> Option<u8>) -> Support
 
 /// Measures, on scratch VMs of the built-in images, which mechanism catches
 /// which HVMI event at which CPL on this host.
-pub fn measure() -> Result<Caps, String> {
+pub fn measure() -> Result<Caps, Error> {
     let host = HostKind::detect();
     let mut rows = Vec::new();
     rows.extend(memory_rows(host)?);
@@ -156,7 +159,7 @@ pub fn measure() -> Result<Caps, String> {
 }
 
 /// EPT write, read and execute: memslot traps on the event images.
-fn memory_rows(host: HostKind) -> Result<Vec<Row>, String> {
+fn memory_rows(host: HostKind) -> Result<Vec<Row>, Error> {
     let mut rows = Vec::new();
     let mem = |write: bool| {
         move |e: &Event| match e {
@@ -204,7 +207,7 @@ fn memory_rows(host: HostKind) -> Result<Vec<Row>, String> {
 }
 
 /// MSR accesses through the MSR filter.
-fn msr_rows(_: HostKind) -> Result<Vec<Row>, String> {
+fn msr_rows(_: HostKind) -> Result<Vec<Row>, Error> {
     let mut rows = Vec::new();
     let cont = |_: &mut VcpuCtl<'_>, _: &Event| Reply::Continue;
     let (ev, _) = probe(
@@ -213,6 +216,7 @@ fn msr_rows(_: HostKind) -> Result<Vec<Row>, String> {
             vm.shared()
                 .intercept_msr(0xc000_0082, true, true)
                 .map_err(|e| e.to_string())
+                .map_err(Into::into)
         },
         cont,
     )?;
@@ -229,7 +233,7 @@ fn msr_rows(_: HostKind) -> Result<Vec<Row>, String> {
 }
 
 /// CR, DTR and XCR changes: no exits, so polled if seen at all.
-fn register_rows(_: HostKind) -> Result<Vec<Row>, String> {
+fn register_rows(_: HostKind) -> Result<Vec<Row>, Error> {
     let mut rows = Vec::new();
     let cont = |_: &mut VcpuCtl<'_>, _: &Event| Reply::Continue;
     let (ev, seen) = probe("cr", |_| Ok(()), cont)?;
@@ -277,7 +281,7 @@ fn register_rows(_: HostKind) -> Result<Vec<Row>, String> {
 }
 
 /// The introcall doorbell at CPL0 and CPL3.
-fn introcall_rows(host: HostKind) -> Result<Vec<Row>, String> {
+fn introcall_rows(host: HostKind) -> Result<Vec<Row>, Error> {
     let mut rows = Vec::new();
     let (ev, _) = probe("introcall", |_| Ok(()), |_, _| Reply::Data(0))?;
     let ic = |e: &Event| {
@@ -304,7 +308,7 @@ fn introcall_rows(host: HostKind) -> Result<Vec<Row>, String> {
 }
 
 /// Our INT3s at CPL0 and the guest's own at CPL3.
-fn int3_rows(host: HostKind) -> Result<Vec<Row>, String> {
+fn int3_rows(host: HostKind) -> Result<Vec<Row>, Error> {
     let mut rows = Vec::new();
     let cont = |_: &mut VcpuCtl<'_>, _: &Event| Reply::Continue;
     let (ev, _) = probe(
@@ -314,6 +318,7 @@ fn int3_rows(host: HostKind) -> Result<Vec<Row>, String> {
             vm.shared()
                 .insert_sw_breakpoint(at, None)
                 .map_err(|e| e.to_string())
+                .map_err(Into::into)
         },
         cont,
     )?;
@@ -358,7 +363,7 @@ fn int3_rows(host: HostKind) -> Result<Vec<Row>, String> {
 }
 
 /// Single-steps and hardware execute breakpoints at CPL0 and CPL3.
-fn step_rows(host: HostKind) -> Result<Vec<Row>, String> {
+fn step_rows(host: HostKind) -> Result<Vec<Row>, Error> {
     let mut rows = Vec::new();
     // Single-step and hardware breakpoints: arm an execute breakpoint on CPL0 code
     // (step_start) and on CPL3 code (user_hello), then step from each.
@@ -400,6 +405,7 @@ fn step_rows(host: HostKind) -> Result<Vec<Row>, String> {
                 .protect_page(at, Access::WriteTrap)
                 .map(|_| ())
                 .map_err(|e| e.to_string())
+                .map_err(Into::into)
         },
         move |cpu, e| {
             match e {
@@ -447,7 +453,7 @@ fn step_rows(host: HostKind) -> Result<Vec<Row>, String> {
 }
 
 /// Whether XCR0 changes are visible to the VMM (KVM_GET_XCRS at exits).
-fn xcr_polled() -> Result<bool, String> {
+fn xcr_polled() -> Result<bool, Error> {
     struct Watch(Mutex<bool>);
     impl ExitHandler for Watch {
         fn on_event(&self, _: &mut VcpuCtl<'_>, _: &Event) -> Reply {
@@ -464,7 +470,7 @@ fn xcr_polled() -> Result<bool, String> {
         timeout: Some(Duration::from_secs(10)),
         ..VmConfig::default()
     };
-    let vm = Vm::new(&cfg, img.elf).map_err(|e| e.to_string())?;
+    let vm = Vm::new(&cfg, img.elf)?;
     let w = Arc::new(Watch(Mutex::new(false)));
     let _ = vm.run(w.clone(), &cfg);
     let seen = *w.0.lock().unwrap();
@@ -472,14 +478,14 @@ fn xcr_polled() -> Result<bool, String> {
 }
 
 /// Time from a kick to the vCPU's exit, median of a few, on a guest spinning at CPL3.
-fn kick_latency() -> Result<f64, String> {
+fn kick_latency() -> Result<f64, Error> {
     let img = vmiscope_images::find("hang").ok_or("missing image")?;
     let cfg = VmConfig {
         timeout: Some(Duration::from_secs(10)),
         tick: Duration::from_secs(3600),
         ..VmConfig::default()
     };
-    let vm = Vm::new(&cfg, img.elf).map_err(|e| e.to_string())?;
+    let vm = Vm::new(&cfg, img.elf)?;
     let shared = vm.shared().clone();
     let t0 = Arc::new(Mutex::new(None::<Instant>));
     let lat = Arc::new(Mutex::new(Vec::new()));

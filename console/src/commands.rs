@@ -248,8 +248,25 @@ pub enum Command {
     Expect(Expect, f64),
 }
 
+/// A command line the parser could not take: what it expected, in one line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseError(pub String);
+
+impl From<String> for ParseError {
+    fn from(why: String) -> ParseError {
+        ParseError(why)
+    }
+}
+
+impl From<&str> for ParseError {
+    fn from(why: &str) -> ParseError {
+        ParseError(why.to_string())
+    }
+}
+
 /// Resolves a number: 0x-hex, decimal, a symbol, or SYMBOL+OFFSET.
-pub fn number(s: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<u64, String> {
+pub fn number(s: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<u64, ParseError> {
     let parse = |t: &str| -> Option<u64> {
         if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
             u64::from_str_radix(&h.replace('_', ""), 16).ok()
@@ -267,41 +284,41 @@ pub fn number(s: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<u64, String>
     {
         return Ok(x.wrapping_add(y));
     }
-    Err(format!(
-        "`{s}` is not a number (0x…, decimal) or a symbol of the image"
-    ))
+    Err(format!("`{s}` is not a number (0x…, decimal) or a symbol of the image").into())
 }
 
-fn class(s: &str) -> Result<Class, String> {
-    Class::parse(s).ok_or_else(|| {
-        format!("`{s}` is not an event class (ept msr cr dtr xcr breakpoint introcall timer)")
-    })
+fn class(s: &str) -> Result<Class, ParseError> {
+    Class::parse(s)
+        .ok_or_else(|| {
+            format!("`{s}` is not an event class (ept msr cr dtr xcr breakpoint introcall timer)")
+        })
+        .map_err(Into::into)
 }
 
-fn action(s: Option<&&str>) -> Result<Action, String> {
+fn action(s: Option<&&str>) -> Result<Action, ParseError> {
     match s.copied() {
         None | Some("deny") => Ok(Action::Deny),
         Some("log") => Ok(Action::Log),
-        Some(o) => Err(format!("expected deny or log, got `{o}`")),
+        Some(o) => Err(format!("expected deny or log, got `{o}`").into()),
     }
 }
 
 /// Parses one line. Empty lines and `#` comments are `Ok(None)`.
-pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Command>, String> {
+pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Command>, ParseError> {
     let line = line.trim();
     if line.is_empty() || line.starts_with('#') {
         return Ok(None);
     }
     let w: Vec<&str> = line.split_whitespace().collect();
-    let num = |i: usize, what: &str| -> Result<u64, String> {
+    let num = |i: usize, what: &str| -> Result<u64, ParseError> {
         let s = w
             .get(i)
             .ok_or_else(|| format!("`{}` expects {what}", w[0]))?;
         number(s, sym)
     };
-    let none_after = |n: usize| -> Result<(), String> {
+    let none_after = |n: usize| -> Result<(), ParseError> {
         match w.get(n) {
-            Some(x) => Err(format!("`{}` takes no `{x}` here", w[..n].join(" "))),
+            Some(x) => Err(format!("`{}` takes no `{x}` here", w[..n].join(" ")).into()),
             None => Ok(()),
         }
     };
@@ -435,17 +452,17 @@ pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Com
         },
         "help" | "?" => C::Help(w.get(1).map(|s| s.to_string())),
         "expect" => parse_expect(line, &w, sym)?,
-        other => return Err(format!("unknown command `{other}` (try `help`)")),
+        other => return Err(format!("unknown command `{other}` (try `help`)").into()),
     };
     Ok(Some(c))
 }
 
-fn hex_bytes(args: &[&str]) -> Result<Vec<u8>, String> {
+fn hex_bytes(args: &[&str]) -> Result<Vec<u8>, ParseError> {
     let mut out = Vec::new();
     for a in args {
         let a = a.trim_start_matches("0x");
         if a.len() % 2 != 0 || a.is_empty() {
-            return Err(format!("`{a}` is not hex bytes (e.g. `de ad` or `dead`)"));
+            return Err(format!("`{a}` is not hex bytes (e.g. `de ad` or `dead`)").into());
         }
         for i in (0..a.len()).step_by(2) {
             out.push(
@@ -457,11 +474,11 @@ fn hex_bytes(args: &[&str]) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-fn parse_hook(w: &[&str], sym: &dyn Fn(&str) -> Option<u64>) -> Result<Command, String> {
+fn parse_hook(w: &[&str], sym: &dyn Fn(&str) -> Option<u64>) -> Result<Command, ParseError> {
     let kind = w.get(1).copied().ok_or(
         "expected `hook ept|gva|msr|cr|dtr|xcr|bp|introcall …` or `hook enable|disable|delete ID`",
     )?;
-    let arg = |i: usize, what: &str| -> Result<u64, String> {
+    let arg = |i: usize, what: &str| -> Result<u64, ParseError> {
         number(
             w.get(i)
                 .ok_or_else(|| format!("`hook {kind}` expects {what}"))?,
@@ -469,7 +486,7 @@ fn parse_hook(w: &[&str], sym: &dyn Fn(&str) -> Option<u64>) -> Result<Command, 
         )
     };
     // Optional trailing words: a length (number), rights (rwx letters), an action.
-    let mem = |rest: &[&str]| -> Result<(u64, Rights, Action), String> {
+    let mem = |rest: &[&str]| -> Result<(u64, Rights, Action), ParseError> {
         let (mut len, mut rights, mut act) = (8, Rights::W, Action::Deny);
         for t in rest {
             if let Some(r) = Rights::parse(t) {
@@ -564,9 +581,9 @@ fn parse_hook(w: &[&str], sym: &dyn Fn(&str) -> Option<u64>) -> Result<Command, 
             value: w.get(3).map(|s| number(s, sym)).transpose()?.unwrap_or(0),
         },
         o => {
-            return Err(format!(
-                "unknown hook kind `{o}` (ept gva msr cr dtr xcr bp introcall)"
-            ));
+            return Err(
+                format!("unknown hook kind `{o}` (ept gva msr cr dtr xcr bp introcall)").into(),
+            );
         }
     };
     Ok(Command::Hook(spec))
@@ -576,7 +593,7 @@ fn parse_expect(
     line: &str,
     w: &[&str],
     sym: &dyn Fn(&str) -> Option<u64>,
-) -> Result<Command, String> {
+) -> Result<Command, ParseError> {
     // A trailing `timeout SECS` applies to every expectation.
     let (w, timeout) = match w.iter().position(|x| *x == "timeout") {
         Some(i) => {
@@ -647,7 +664,7 @@ fn parse_expect(
 mod tests {
     use super::*;
 
-    fn p(s: &str) -> Result<Option<Command>, String> {
+    fn p(s: &str) -> Result<Option<Command>, ParseError> {
         parse(s, &|n| (n == "ept_target").then_some(0x206000))
     }
 
@@ -663,7 +680,7 @@ mod tests {
                 phys: true
             }))
         );
-        assert!(p("mem read nosuch").unwrap_err().contains("not a number"));
+        assert!(p("mem read nosuch").unwrap_err().0.contains("not a number"));
     }
 
     #[test]
@@ -761,8 +778,8 @@ mod tests {
         ];
         for (b, want) in bad {
             let e = p(b).unwrap_err();
-            assert!(e.contains(want), "{b}: {e}");
-            assert!(!e.contains('\n'), "one line: {e}");
+            assert!(e.0.contains(want), "{b}: {e}");
+            assert!(!e.0.contains('\n'), "one line: {e}");
         }
     }
 }

@@ -13,6 +13,8 @@ use std::net::TcpListener;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
+use crate::error::Error;
+
 use gdbstub::common::{Signal, Tid};
 use gdbstub::conn::ConnectionExt;
 use gdbstub::outputln;
@@ -225,7 +227,7 @@ impl GdbTarget {
 
 impl Target for GdbTarget {
     type Arch = Vmi64;
-    type Error = String;
+    type Error = Error;
 
     fn base_ops(&mut self) -> BaseOps<'_, Self::Arch, Self::Error> {
         BaseOps::MultiThread(self)
@@ -357,7 +359,7 @@ impl MultiThreadBase for GdbTarget {
         Ok(())
     }
 
-    fn list_active_threads(&mut self, f: &mut dyn FnMut(Tid)) -> Result<(), String> {
+    fn list_active_threads(&mut self, f: &mut dyn FnMut(Tid)) -> Result<(), Error> {
         (0..self.s.shared().vcpu_count()).for_each(|c| f(tid(c)));
         Ok(())
     }
@@ -376,7 +378,7 @@ impl MultiThreadBase for GdbTarget {
 impl gdbstub::target::ext::thread_extra_info::ThreadExtraInfo for GdbTarget {
     /// What `info threads` shows beside each thread: the vCPU, its privilege level
     /// and why it is stopped.
-    fn thread_extra_info(&self, t: Tid, buf: &mut [u8]) -> Result<usize, String> {
+    fn thread_extra_info(&self, t: Tid, buf: &mut [u8]) -> Result<usize, Error> {
         // An error here would end the session: a thread that does not exist says so.
         let text = match self.cpu(t) {
             None => "no such vCPU".to_string(),
@@ -396,7 +398,7 @@ impl gdbstub::target::ext::thread_extra_info::ThreadExtraInfo for GdbTarget {
 }
 
 impl MultiThreadResume for GdbTarget {
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), Error> {
         let actions = std::mem::take(&mut self.resume);
         let locked = std::mem::take(&mut self.locked);
         if self.refused {
@@ -433,12 +435,12 @@ impl MultiThreadResume for GdbTarget {
         Ok(())
     }
 
-    fn clear_resume_actions(&mut self) -> Result<(), String> {
+    fn clear_resume_actions(&mut self) -> Result<(), Error> {
         self.resume.clear();
         Ok(())
     }
 
-    fn set_resume_action_continue(&mut self, t: Tid, _: Option<Signal>) -> Result<(), String> {
+    fn set_resume_action_continue(&mut self, t: Tid, _: Option<Signal>) -> Result<(), Error> {
         self.set_action(t, Resume::Continue);
         Ok(())
     }
@@ -453,14 +455,14 @@ impl MultiThreadResume for GdbTarget {
 }
 
 impl MultiThreadSchedulerLocking for GdbTarget {
-    fn set_resume_action_scheduler_lock(&mut self) -> Result<(), String> {
+    fn set_resume_action_scheduler_lock(&mut self) -> Result<(), Error> {
         self.locked = true;
         Ok(())
     }
 }
 
 impl MultiThreadSingleStep for GdbTarget {
-    fn set_resume_action_step(&mut self, t: Tid, _: Option<Signal>) -> Result<(), String> {
+    fn set_resume_action_step(&mut self, t: Tid, _: Option<Signal>) -> Result<(), Error> {
         self.set_action(t, Resume::Step);
         Ok(())
     }
@@ -600,7 +602,7 @@ impl HwWatchpoint for GdbTarget {
 impl MonitorCmd for GdbTarget {
     /// Any console command; `phys ADDR LEN` reads guest-physical memory;
     /// `breakpoints visible|hidden` chooses how `break` patches the guest.
-    fn handle_monitor_cmd(&mut self, cmd: &[u8], mut out: ConsoleOutput<'_>) -> Result<(), String> {
+    fn handle_monitor_cmd(&mut self, cmd: &[u8], mut out: ConsoleOutput<'_>) -> Result<(), Error> {
         let line = String::from_utf8_lossy(cmd).to_string();
         if let Some(how) = line.strip_prefix("breakpoints") {
             match how.trim() {
@@ -661,7 +663,7 @@ impl BlockingEventLoop for EventLoop {
     fn wait_for_stop_reason(
         t: &mut GdbTarget,
         conn: &mut GdbConn,
-    ) -> Result<GdbEvent<Self::StopReason>, WaitForStopReasonError<String, std::io::Error>> {
+    ) -> Result<GdbEvent<Self::StopReason>, WaitForStopReasonError<Error, std::io::Error>> {
         loop {
             if conn
                 .peek()
@@ -698,7 +700,7 @@ impl BlockingEventLoop for EventLoop {
     }
 
     /// Ctrl-C: stop every vCPU.
-    fn on_interrupt(t: &mut GdbTarget) -> Result<Option<Self::StopReason>, String> {
+    fn on_interrupt(t: &mut GdbTarget) -> Result<Option<Self::StopReason>, Error> {
         t.all_stop();
         Ok(Some(MultiThreadStopReason::SignalWithThread {
             tid: tid(0),

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use crate::error::Error;
+
 use vmiscope_introspect::policy;
 use vmiscope_introspect::{Engine, Exceptions};
 use vmiscope_vmm::engine_glue::{FileJournal, Introspection, policy_env};
@@ -12,20 +14,21 @@ use vmiscope_vmm::{Module, VmConfig};
 use crate::cli::RunArgs;
 
 /// Resolves a built-in image name or reads a file.
-pub fn load_image(name: &str) -> Result<(Vec<u8>, u32), String> {
+pub fn load_image(name: &str) -> Result<(Vec<u8>, u32), Error> {
     if let Some(i) = vmiscope_images::find(name) {
         return Ok((i.elf.to_vec(), i.vcpus));
     }
     match std::fs::read(name) {
         Ok(b) => Ok((b, 1)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!(
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err((format!(
             "no built-in image or file named `{name}` (see `vmiscope images`)"
-        )),
-        Err(e) => Err(format!("cannot read {name}: {e}")),
+        ))
+        .into()),
+        Err(e) => Err(format!("cannot read {name}: {e}").into()),
     }
 }
 
-pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, String> {
+pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, Error> {
     let mut modules = Vec::new();
     for m in &a.modules {
         let data =
@@ -54,7 +57,7 @@ pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, String> {
 }
 
 /// The engine as the options ask for it.
-pub fn engine(a: &RunArgs, symbols: &vmiscope_vmm::Symbols) -> Result<Introspection, String> {
+pub fn engine(a: &RunArgs, symbols: &vmiscope_vmm::Symbols) -> Result<Introspection, Error> {
     let mut e = Engine::new();
     e.set_log_only(a.log_only);
     if let Some(p) = &a.exceptions {
@@ -69,7 +72,7 @@ pub fn engine(a: &RunArgs, symbols: &vmiscope_vmm::Symbols) -> Result<Introspect
         e.set_journal(Box::new(j));
     }
     let policies = match &a.protect {
-        Some(list) => policy::parse_list(list).map_err(|err| err.to_string())?,
+        Some(list) => policy::parse_list(list)?,
         None => vec![],
     };
     Ok(Introspection::new(e, policies, policy_env(symbols)))

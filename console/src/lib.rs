@@ -6,6 +6,7 @@ pub mod caps;
 pub mod cli;
 pub mod commands;
 pub mod control;
+pub mod error;
 pub mod format;
 pub mod gdb;
 pub mod gdb_arch;

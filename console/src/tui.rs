@@ -265,7 +265,7 @@ impl Tui {
                         .map(|(id, _)| {
                             s.exec(&format!("alert {id}"))
                                 .map(|o| o.text)
-                                .unwrap_or_else(|e| e)
+                                .unwrap_or_else(|e| e.to_string())
                         }),
                     _ => None,
                 };

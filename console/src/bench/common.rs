@@ -4,6 +4,8 @@
 use serde::Serialize;
 use vmiscope_vmm::{Vm, VmConfig};
 
+use crate::error::Error;
+
 pub use crate::stats::median;
 
 #[derive(Debug, Serialize)]
@@ -18,7 +20,7 @@ pub struct Figure {
 }
 
 /// The `spin` image with its mode and count patched in.
-pub fn spin_vm(mode: u64, n: u64, vcpus: u32) -> Result<Vm, String> {
+pub fn spin_vm(mode: u64, n: u64, vcpus: u32) -> Result<Vm, Error> {
     let img = vmiscope_images::find("spin").ok_or("missing image")?;
     let vm = Vm::new(
         &VmConfig {
@@ -26,23 +28,18 @@ pub fn spin_vm(mode: u64, n: u64, vcpus: u32) -> Result<Vm, String> {
             ..VmConfig::default()
         },
         img.elf,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     for (sym, v) in [("spin_mode", mode), ("spin_count", n)] {
         let at = vm.symbol(sym).ok_or("spin image lacks its symbols")?;
-        vm.shared()
-            .ram()
-            .write(at, &v.to_le_bytes())
-            .map_err(|e| e.to_string())?;
+        vm.shared().ram().write(at, &v.to_le_bytes())?;
     }
     Ok(vm)
 }
 
-pub fn spin_sym(name: &str) -> Result<u64, String> {
+pub fn spin_sym(name: &str) -> Result<u64, Error> {
     let img = vmiscope_images::find("spin").ok_or("missing image")?;
-    vmiscope_vmm::Symbols::parse(img.elf)
-        .get(name)
-        .ok_or_else(|| format!("spin lacks {name}"))
+    let sym = vmiscope_vmm::Symbols::parse(img.elf).get(name);
+    Ok(sym.ok_or_else(|| format!("spin lacks {name}"))?)
 }
 
 /// One console run of `spin` (hooked CPL3 writes, logged) with or without the TUI
@@ -50,7 +47,7 @@ pub fn spin_sym(name: &str) -> Result<u64, String> {
 /// per second and, with the TUI, every event's delay until a frame showed it (ms).
 /// A console session on `spin`, paused at its entry, with its mode and count
 /// patched in through the console's own `mem write`.
-pub fn spin_session(mode: u64, n: u64) -> Result<crate::session::Session, String> {
+pub fn spin_session(mode: u64, n: u64) -> Result<crate::session::Session, Error> {
     let mut s = crate::session::Session::start(&crate::cli::RunArgs::for_image("spin"))?;
     let le = |v: u64| {
         v.to_le_bytes()

@@ -7,6 +7,8 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::error::Error;
+
 use kvm_bindings::{KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, kvm_guest_debug};
 use kvm_ioctls::VcpuExit;
 
@@ -20,7 +22,7 @@ const SPIN_CPL3_LOOP: u64 = 4;
 
 /// Microseconds per KVM single-step exit in a bare KVM_RUN loop, over `n` steps
 /// from the image's entry.
-fn raw_steps(n: u64) -> Result<f64, String> {
+fn raw_steps(n: u64) -> Result<f64, Error> {
     // The VM's memory lives as long as its shared half: keep it.
     let (_shared, mut fds) = super::common::spin_vm(SPIN_CPL0_OUT, 1 << 30, 1)?.into_raw();
     let fd = &mut fds[0];
@@ -35,7 +37,7 @@ fn raw_steps(n: u64) -> Result<f64, String> {
             VcpuExit::Debug(_) => steps += 1,
             VcpuExit::IoIn(_, data) => data.fill(0),
             VcpuExit::IoOut(..) => {}
-            e => return Err(format!("unexpected exit after {steps} steps: {e:?}")),
+            e => return Err(format!("unexpected exit after {steps} steps: {e:?}").into()),
         }
     }
     Ok(start.elapsed().as_secs_f64() * 1e6 / n as f64)
@@ -48,7 +50,7 @@ struct Rsp {
 }
 
 impl Rsp {
-    fn connect(port: u16) -> Result<Rsp, String> {
+    fn connect(port: u16) -> Result<Rsp, Error> {
         let conn = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
         conn.set_nodelay(true).map_err(|e| e.to_string())?;
         conn.set_read_timeout(Some(Duration::from_secs(10)))
@@ -62,13 +64,15 @@ impl Rsp {
         Ok(r)
     }
 
-    fn send(&mut self, body: &str) -> Result<(), String> {
+    fn send(&mut self, body: &str) -> Result<(), Error> {
         let sum = body.bytes().fold(0u8, |a, b| a.wrapping_add(b));
-        write!(self.conn.get_mut(), "${body}#{sum:02x}").map_err(|e| e.to_string())
+        write!(self.conn.get_mut(), "${body}#{sum:02x}")
+            .map_err(|e| e.to_string())
+            .map_err(Into::into)
     }
 
     /// The next packet's body (acks and notifications skipped).
-    fn recv(&mut self) -> Result<String, String> {
+    fn recv(&mut self) -> Result<String, Error> {
         let mut byte = [0u8];
         let mut body = Vec::new();
         loop {
@@ -102,7 +106,7 @@ impl Rsp {
         Ok(String::from_utf8_lossy(&body).into_owned())
     }
 
-    fn ask(&mut self, body: &str) -> Result<String, String> {
+    fn ask(&mut self, body: &str) -> Result<String, Error> {
         self.send(body)?;
         self.recv()
     }
@@ -110,7 +114,7 @@ impl Rsp {
 
 /// The stub on a loopback port over a `spin` session in `mode`, and a client
 /// connected to it.
-fn stub(mode: u64) -> Result<(Rsp, std::thread::JoinHandle<()>, Session), String> {
+fn stub(mode: u64) -> Result<(Rsp, std::thread::JoinHandle<()>, Session), Error> {
     let s = super::common::spin_session(mode, 1 << 30)?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
@@ -129,13 +133,13 @@ fn end(mut rsp: Rsp, server: std::thread::JoinHandle<()>, mut s: Session) {
 
 /// Microseconds per `stepi` as gdb does it: a step (vCont;s) to its stop reply,
 /// then the register read (g), whose reply `check` inspects.
-fn steps(rsp: &mut Rsp, n: u64, check: impl Fn(&str) -> Result<(), String>) -> Result<f64, String> {
+fn steps(rsp: &mut Rsp, n: u64, check: impl Fn(&str) -> Result<(), Error>) -> Result<f64, Error> {
     let start = Instant::now();
     for _ in 0..n {
         let stop = rsp.ask("vCont;s:1")?;
         let regs = rsp.ask("g")?;
         if !stop.starts_with('T') || regs.starts_with('E') {
-            return Err(format!("stepi answered {stop} / {regs:.8}"));
+            return Err(format!("stepi answered {stop} / {regs:.8}").into());
         }
         check(&regs)?;
     }
@@ -145,7 +149,7 @@ fn steps(rsp: &mut Rsp, n: u64, check: impl Fn(&str) -> Result<(), String>) -> R
 /// `stepi` from the entry through the CPL0 `out` loop, and per packet that
 /// touches no vCPU (qC: which thread is current), the floor that TCP and the
 /// stub's loop set.
-fn gdb_steps(n: u64) -> Result<(f64, f64), String> {
+fn gdb_steps(n: u64) -> Result<(f64, f64), Error> {
     let (mut rsp, server, s) = stub(SPIN_CPL0_OUT)?;
     let us = steps(&mut rsp, n, |_| Ok(()))?;
     let start = Instant::now();
@@ -159,7 +163,7 @@ fn gdb_steps(n: u64) -> Result<(f64, f64), String> {
 
 /// `stepi` in the CPL3 compute loop: on PVM each step is RFLAGS.TF caught at the
 /// guest's #DB entry (see vmm's usertrap).
-fn gdb_user_steps(n: u64) -> Result<f64, String> {
+fn gdb_user_steps(n: u64) -> Result<f64, Error> {
     let (mut rsp, server, s) = stub(SPIN_CPL3_LOOP)?;
     let at = super::common::spin_sym("user_spin")?;
     for cmd in [
@@ -169,16 +173,13 @@ fn gdb_user_steps(n: u64) -> Result<f64, String> {
     ] {
         let r = rsp.ask(&cmd)?;
         if r.starts_with('E') {
-            return Err(format!("{cmd} answered {r}"));
+            return Err(format!("{cmd} answered {r}").into());
         }
     }
     // CS follows 16 GPRs, RIP and EFLAGS (140 bytes, 280 hex digits).
     let us = steps(&mut rsp, n, |regs| match regs.get(280..282) {
         Some("23") => Ok(()),
-        _ => Err(format!(
-            "a user stepi left CPL3: cs {:?}",
-            regs.get(280..288)
-        )),
+        _ => Err(format!("a user stepi left CPL3: cs {:?}", regs.get(280..288)).into()),
     })?;
     end(rsp, server, s);
     Ok(us)
@@ -186,7 +187,7 @@ fn gdb_user_steps(n: u64) -> Result<f64, String> {
 
 /// MB/s for reading `total` bytes of guest memory with `m` packets of the size
 /// the stub offers (what gdb does for a large `x/`).
-fn gdb_read(total: usize) -> Result<(f64, usize), String> {
+fn gdb_read(total: usize) -> Result<(f64, usize), Error> {
     let (mut rsp, server, s) = stub(SPIN_CPL0_OUT)?;
     let features = rsp.ask("qSupported:multiprocess-;swbreak+")?;
     let packet = features
@@ -203,11 +204,12 @@ fn gdb_read(total: usize) -> Result<(f64, usize), String> {
         let n = chunk.min(total - done);
         let reply = rsp.ask(&format!("m{:x},{n:x}", base + done as u64))?;
         if reply.len() != 2 * n {
-            return Err(format!(
+            return Err((format!(
                 "read at {:#x}: {} hex digits",
                 base + done as u64,
                 reply.len()
-            ));
+            ))
+            .into());
         }
         done += n;
     }
@@ -216,7 +218,7 @@ fn gdb_read(total: usize) -> Result<(f64, usize), String> {
     Ok((mbs, chunk))
 }
 
-pub fn figures(repeat: usize, figures: &mut Vec<Figure>) -> Result<(), String> {
+pub fn figures(repeat: usize, figures: &mut Vec<Figure>) -> Result<(), Error> {
     const STEPS: u64 = 500;
     let (mut raw, mut stub, mut floor) = (vec![], vec![], vec![]);
     for _ in 0..repeat {

@@ -7,6 +7,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::error::Error;
+
 use kvm_ioctls::VcpuExit;
 use serde::Serialize;
 use vmiscope_introspect::policy::PolicyEnv;
@@ -58,7 +60,7 @@ impl Workload {
     }
 }
 
-fn build(w: Workload, n: u64) -> Result<Vm, String> {
+fn build(w: Workload, n: u64) -> Result<Vm, Error> {
     let vm = spin_vm(w.mode(), n, 1)?;
     let sh = vm.shared();
     if let Workload::Mmio { .. } = w {
@@ -72,15 +74,15 @@ fn build(w: Workload, n: u64) -> Result<Vm, String> {
 }
 
 /// Nanoseconds per exit from the first to the last benchmark exit.
-fn per_exit(first: Option<Instant>, last: Option<Instant>, count: u64) -> Result<f64, String> {
+fn per_exit(first: Option<Instant>, last: Option<Instant>, count: u64) -> Result<f64, Error> {
     match (first, last) {
         (Some(f), Some(l)) if count > 1 => Ok((l - f).as_nanos() as f64 / (count - 1) as f64),
-        _ => Err(format!("the workload made {count} benchmark exits")),
+        _ => Err(format!("the workload made {count} benchmark exits").into()),
     }
 }
 
 /// The floor: KVM_RUN in a loop that only answers what the guest needs.
-fn raw(w: Workload, n: u64) -> Result<f64, String> {
+fn raw(w: Workload, n: u64) -> Result<f64, Error> {
     let (shared, mut fds) = build(w, n)?.into_raw();
     let fd = &mut fds[0];
     let spin_page = shared.symbols().get("spin_page").unwrap_or(0);
@@ -95,7 +97,7 @@ fn raw(w: Workload, n: u64) -> Result<f64, String> {
                 data.fill(0);
                 continue;
             }
-            e => return Err(format!("unexpected exit {e:?}")),
+            e => return Err(format!("unexpected exit {e:?}").into()),
         }
         let now = Instant::now();
         first.get_or_insert(now);
@@ -128,7 +130,7 @@ impl ExitHandler for Stamp {
     }
 }
 
-fn vmiscope(w: Workload, n: u64) -> Result<f64, String> {
+fn vmiscope(w: Workload, n: u64) -> Result<f64, Error> {
     vmiscope_with(w, n, |_| Ok(()))
 }
 
@@ -136,8 +138,8 @@ fn vmiscope(w: Workload, n: u64) -> Result<f64, String> {
 fn vmiscope_with(
     w: Workload,
     n: u64,
-    setup: impl FnOnce(&Vm) -> Result<(), String>,
-) -> Result<f64, String> {
+    setup: impl FnOnce(&Vm) -> Result<(), Error>,
+) -> Result<f64, Error> {
     let vm = build(w, n)?;
     setup(&vm)?;
     let stamp = Arc::new(Stamp::default());
@@ -147,7 +149,7 @@ fn vmiscope_with(
     };
     let out = vm.run(stamp.clone(), &cfg);
     if out.reason.exit_status() != 0 {
-        return Err(format!("spin did not finish: {}", out.reason));
+        return Err(format!("spin did not finish: {}", out.reason).into());
     }
     let s = stamp.0.lock().unwrap();
     per_exit(s.0, s.1, s.2)
@@ -187,7 +189,7 @@ struct EngineRun {
     ioctls_per_event: f64,
 }
 
-fn engine_run(mode: u64, n: u64, vcpus: u32, setup: OnReady) -> Result<EngineRun, String> {
+fn engine_run(mode: u64, n: u64, vcpus: u32, setup: OnReady) -> Result<EngineRun, Error> {
     let vm = spin_vm(mode, n, vcpus)?;
     let shared = vm.shared().clone();
     let intro = Arc::new(Introspection::new(
@@ -209,7 +211,7 @@ fn engine_run(mode: u64, n: u64, vcpus: u32, setup: OnReady) -> Result<EngineRun
     let out = vm.run(h.clone(), &cfg);
     drop(ioctls_before);
     if out.reason.exit_status() != 0 {
-        return Err(format!("spin did not finish: {}", out.reason));
+        return Err(format!("spin did not finish: {}", out.reason).into());
     }
     let s = h.stamp.0.lock().unwrap();
     let e = intro.engine.lock().unwrap();
@@ -226,7 +228,7 @@ fn engine_run(mode: u64, n: u64, vcpus: u32, setup: OnReady) -> Result<EngineRun
 }
 
 /// A write hook over `[off, off+len)` of spin_page that allows everything.
-fn write_hook(off: u64, len: u64) -> Result<OnReady, String> {
+fn write_hook(off: u64, len: u64) -> Result<OnReady, Error> {
     let page = spin_sym("spin_page")?;
     Ok(Box::new(move |e, g| {
         let t = Target::Gpa {
@@ -239,7 +241,7 @@ fn write_hook(off: u64, len: u64) -> Result<OnReady, String> {
     }))
 }
 
-fn engine_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<(), String> {
+fn engine_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<(), Error> {
     let med = |v: &Vec<EngineRun>, f: fn(&EngineRun) -> f64| median(v.iter().map(f).collect());
     for (cpl3, mode) in [(false, 3u64), (true, 0u64)] {
         let (mut hooked, mut base) = (vec![], vec![]);
@@ -392,7 +394,7 @@ fn engine_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<()
     Ok(())
 }
 
-fn console_run(n: u64, with_tui: bool) -> Result<(f64, Vec<f64>), String> {
+fn console_run(n: u64, with_tui: bool) -> Result<(f64, Vec<f64>), Error> {
     let mut s = spin_session(0, n)?;
     s.exec("hook ept spin_page 64 w log")?;
     let mut term = ratatui::Terminal::new(ratatui::backend::TestBackend::new(120, 40))
@@ -420,7 +422,7 @@ fn console_run(n: u64, with_tui: bool) -> Result<(f64, Vec<f64>), String> {
     Ok((events as f64 / start.elapsed().as_secs_f64(), lat))
 }
 
-fn console_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<(), String> {
+fn console_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<(), Error> {
     let n = n.max(20_000);
     let (mut bare, mut tui, mut lat) = (vec![], vec![], vec![]);
     for _ in 0..repeat {
@@ -460,7 +462,7 @@ fn console_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<(
     Ok(())
 }
 
-fn protect_cost(repeat: usize) -> Result<(f64, f64, f64), String> {
+fn protect_cost(repeat: usize) -> Result<(f64, f64, f64), Error> {
     let vm = build(Workload::Io { cpl3: true }, 1)?;
     let sh = vm.shared();
     let page = vm.symbol("spin_page").ok_or("no spin_page")?;
@@ -481,7 +483,7 @@ fn protect_cost(repeat: usize) -> Result<(f64, f64, f64), String> {
     Ok((median(p), median(u), ioctls as f64))
 }
 
-fn hello_wall(repeat: usize) -> Result<f64, String> {
+fn hello_wall(repeat: usize) -> Result<f64, Error> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut v = vec![];
     for _ in 0..repeat {
@@ -498,7 +500,7 @@ fn hello_wall(repeat: usize) -> Result<f64, String> {
     Ok(median(v))
 }
 
-pub fn measure(iterations: u64, repeat: usize) -> Result<Report, String> {
+pub fn measure(iterations: u64, repeat: usize) -> Result<Report, Error> {
     let repeat = repeat.max(1);
     let mut figures = vec![];
     for w in [
@@ -535,6 +537,7 @@ pub fn measure(iterations: u64, repeat: usize) -> Result<Report, String> {
                 vm.shared()
                     .insert_sw_breakpoint(at, Some(at))
                     .map_err(|e| e.to_string())
+                    .map_err(Into::into)
             })? / 1e3,
         );
     }

@@ -29,7 +29,8 @@ impl Session {
             Expect::Exit { code } => self.expect_exit(*code, deadline, timeout),
             Expect::Mem { addr, bytes, phys } => {
                 let mut buf = vec![0u8; bytes.len()];
-                self.read(*addr, &mut buf, *phys)?;
+                self.read(*addr, &mut buf, *phys)
+                    .map_err(|e| e.to_string())?;
                 if buf == *bytes {
                     Ok("memory matches".into())
                 } else {
@@ -148,7 +149,7 @@ impl Session {
         if pause {
             self.shared.resume_all();
         }
-        match got? {
+        match got.map_err(|e| e.to_string())? {
             Some(v) if v == value => Ok(format!("{name} = {v:#x}")),
             Some(v) => Err(format!("{name} is {v:#x}, expected {value:#x}")),
             None => Err(format!("no register `{name}`")),

@@ -2,6 +2,8 @@
 
 use std::fmt::Write as _;
 
+use crate::error::Error;
+
 use vmiscope_introspect::Policy;
 use vmiscope_introspect::policy;
 use vmiscope_introspect::{DtrKind, Engine, Outcome, Target};
@@ -14,7 +16,7 @@ use crate::format::*;
 impl Session {
     /// `protect list`, or policies on: at once when the guest has its IDT, else
     /// armed for when it loads one (as `--protect` does).
-    pub(super) fn protect(&mut self, arg: ProtectArg) -> Result<Output, String> {
+    pub(super) fn protect(&mut self, arg: ProtectArg) -> Result<Output, Error> {
         let policies = match arg {
             ProtectArg::List => {
                 return Ok(Output::text(
@@ -54,14 +56,9 @@ impl Session {
         Ok(Output::text(format!("policy {names} on: hooks {ids:?}")))
     }
 
-    pub(super) fn hook_enable(&mut self, id: u64, on: bool) -> Result<Output, String> {
+    pub(super) fn hook_enable(&mut self, id: u64, on: bool) -> Result<Output, Error> {
         Ok({
-            self.intro
-                .engine
-                .lock()
-                .unwrap()
-                .set_hook_enabled(id, on)
-                .map_err(|e| e.to_string())?;
+            self.intro.engine.lock().unwrap().set_hook_enabled(id, on)?;
             Output::text(format!(
                 "hook {id} {}",
                 if on { "enabled" } else { "disabled" }
@@ -69,15 +66,10 @@ impl Session {
         })
     }
 
-    pub(super) fn hook_delete(&mut self, id: u64) -> Result<Output, String> {
+    pub(super) fn hook_delete(&mut self, id: u64) -> Result<Output, Error> {
         Ok({
             let intro = self.intro.clone();
-            self.intro
-                .engine
-                .lock()
-                .unwrap()
-                .remove_hook(id)
-                .map_err(|e| e.to_string())?;
+            self.intro.engine.lock().unwrap().remove_hook(id)?;
             self.with_guest(move |cpu| {
                 intro
                     .engine
@@ -90,12 +82,12 @@ impl Session {
         })
     }
 
-    pub(super) fn unprotect(&mut self, name: Policy) -> Result<Output, String> {
+    pub(super) fn unprotect(&mut self, name: Policy) -> Result<Output, Error> {
         Ok({
             let intro = self.intro.clone();
             let n = policy::disable(&mut self.intro.engine.lock().unwrap(), name);
             if n == 0 {
-                return Err(format!("policy {name} is not on"));
+                return Err(format!("policy {name} is not on").into());
             }
             self.with_guest(move |cpu| {
                 intro
@@ -109,7 +101,7 @@ impl Session {
         })
     }
 
-    pub(super) fn add_hook(&mut self, spec: HookSpec) -> Result<Output, String> {
+    pub(super) fn add_hook(&mut self, spec: HookSpec) -> Result<Output, Error> {
         let n = self.intro.engine.lock().unwrap().hooks().len();
         let name = format!("console:{n}");
         let deny_cb = |act: Action| -> vmiscope_introspect::Callback {

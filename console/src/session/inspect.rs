@@ -2,6 +2,8 @@
 
 use std::fmt::Write as _;
 
+use crate::error::Error;
+
 use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
 
 use vmiscope_introspect::Target;
@@ -10,14 +12,14 @@ use super::{Output, Session};
 use crate::format::*;
 
 impl Session {
-    pub(super) fn msr(&mut self, i: u32) -> Result<Output, String> {
+    pub(super) fn msr(&mut self, i: u32) -> Result<Output, Error> {
         Ok(match self.with_guest(move |cpu| cpu.msr(i))? {
             Some(v) => Output::text(format!("msr {i:#x} = {v:#018x}")),
-            None => return Err(format!("KVM cannot read MSR {i:#x}")),
+            None => return Err(format!("KVM cannot read MSR {i:#x}").into()),
         })
     }
 
-    pub(super) fn mem_read(&mut self, addr: u64, len: u64, phys: bool) -> Result<Output, String> {
+    pub(super) fn mem_read(&mut self, addr: u64, len: u64, phys: bool) -> Result<Output, Error> {
         Ok({
             let mut buf = vec![0u8; len as usize];
             self.read(addr, &mut buf, phys)?;
@@ -30,7 +32,7 @@ impl Session {
         addr: u64,
         bytes: Vec<u8>,
         phys: bool,
-    ) -> Result<Output, String> {
+    ) -> Result<Output, Error> {
         Ok({
             // Page by page: consecutive virtual pages need not be consecutive
             // in guest-physical memory. Checked before any byte is written.
@@ -45,15 +47,14 @@ impl Session {
             let mut done = 0;
             for (gpa, n) in pieces {
                 self.shared
-                    .write_around_breakpoints(gpa, &bytes[done..done + n as usize])
-                    .map_err(|e| e.to_string())?;
+                    .write_around_breakpoints(gpa, &bytes[done..done + n as usize])?;
                 done += n as usize;
             }
             Output::text(format!("wrote {} bytes at {addr:#x}", bytes.len()))
         })
     }
 
-    pub(super) fn pagewalk(&mut self, gva: u64) -> Result<Output, String> {
+    pub(super) fn pagewalk(&mut self, gva: u64) -> Result<Output, Error> {
         Ok({
             let mode = self.paging()?;
             let t = vmiscope_introspect::paging::translate(self.shared.ram(), mode, gva)
@@ -79,7 +80,7 @@ impl Session {
         })
     }
 
-    pub fn disasm(&self, addr: Option<u64>, count: usize) -> Result<String, String> {
+    pub fn disasm(&self, addr: Option<u64>, count: usize) -> Result<String, Error> {
         let rip = self.shared.last_position(self.vcpu).unwrap_or_default().0;
         let start = addr.unwrap_or(rip);
         let mut bytes = vec![0u8; count * 15];
@@ -93,7 +94,7 @@ impl Session {
             n += 1;
         }
         if n == 0 {
-            return Err(format!("{start:#x} is not mapped"));
+            return Err(format!("{start:#x} is not mapped").into());
         }
         let bps: Vec<u64> = self
             .intro
@@ -135,13 +136,18 @@ impl Session {
         Ok(out)
     }
 
-    pub(super) fn read(&self, addr: u64, buf: &mut [u8], phys: bool) -> Result<(), String> {
+    pub(super) fn read(&self, addr: u64, buf: &mut [u8], phys: bool) -> Result<(), Error> {
         if phys {
-            self.shared.ram().read(addr, buf).map_err(|e| e.to_string())
+            self.shared
+                .ram()
+                .read(addr, buf)
+                .map_err(|e| e.to_string())
+                .map_err(Into::into)
         } else {
             self.shared
                 .read_virt(self.vcpu, addr, buf)
                 .map_err(|e| e.to_string())
+                .map_err(Into::into)
         }
     }
 }

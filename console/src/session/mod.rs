@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::error::Error;
+
 use vmiscope_introspect::policy::PolicyEnv;
 use vmiscope_vmm::{RunOutcome, StopReason, VcpuCtl, VcpuState, Vm, VmShared};
 
@@ -78,11 +80,11 @@ pub struct Session {
 
 impl Session {
     /// Builds the VM and starts it paused at its entry.
-    pub fn start(a: &RunArgs) -> Result<Session, String> {
+    pub fn start(a: &RunArgs) -> Result<Session, Error> {
         let (image, vcpus) = crate::launch::load_image(&a.image)?;
         let mut cfg = crate::launch::config(a, vcpus)?;
         cfg.start_paused = true;
-        let vm = Vm::new(&cfg, &image).map_err(|e| e.to_string())?;
+        let vm = Vm::new(&cfg, &image)?;
         let intro = Arc::new(crate::launch::engine(a, vm.shared().symbols())?);
         let shared = vm.shared().clone();
         let control = Arc::new(Control::new(shared.clone()));
@@ -106,7 +108,7 @@ impl Session {
         let runner = std::thread::Builder::new()
             .name("vm".into())
             .spawn(move || vm.run(handler, &cfg))
-            .map_err(|e| e.to_string())?;
+            .map_err(Error::io("start a thread for", "the VM"))?;
         // Commands need the vCPU threads: wait for each to sit in its initial pause
         // (each acknowledges it).
         let paused = |_, st| st == VcpuState::Paused || st == VcpuState::Stopped;
@@ -265,7 +267,7 @@ impl Session {
     fn with_guest<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut VcpuCtl<'_>) -> R + Send + 'static,
-    ) -> Result<R, String> {
+    ) -> Result<R, Error> {
         self.on_vcpu(self.vcpu, f)
     }
 
@@ -275,7 +277,7 @@ impl Session {
         &self,
         cpu: u32,
         f: impl FnOnce(&mut VcpuCtl<'_>) -> R + Send + 'static,
-    ) -> Result<R, String> {
+    ) -> Result<R, Error> {
         let (tx, rx) = mpsc::channel();
         let task: vmiscope_vmm::VcpuTask = Box::new(move |c| {
             let _ = tx.send(f(c));
@@ -285,10 +287,11 @@ impl Session {
         }
         rx.recv_timeout(Duration::from_secs(5))
             .map_err(|_| format!("vCPU {cpu} did not answer"))
+            .map_err(Into::into)
     }
 
     /// Runs one line; errors are one line.
-    pub fn exec(&mut self, line: &str) -> Result<Output, String> {
+    pub fn exec(&mut self, line: &str) -> Result<Output, Error> {
         let cmd = match commands::parse(line, &self.sym())? {
             Some(c) => c,
             None => return Ok(Output::default()),
@@ -296,7 +299,7 @@ impl Session {
         self.run(cmd)
     }
 
-    pub fn run(&mut self, cmd: Command) -> Result<Output, String> {
+    pub fn run(&mut self, cmd: Command) -> Result<Output, Error> {
         use Command as C;
         let ended = self.ended();
         let needs_guest = !matches!(
@@ -323,12 +326,13 @@ impl Session {
                 | C::MemRead { phys: true, .. }
         );
         if ended && needs_guest {
-            return Err(format!(
+            return Err((format!(
                 "the guest has ended ({})",
                 self.outcome()
                     .map(|o| o.reason.to_string())
                     .unwrap_or_default()
-            ));
+            ))
+            .into());
         }
         match cmd {
             C::Quit => self.quit(),
@@ -375,7 +379,9 @@ impl Session {
             C::Caps => self.caps(),
             C::JournalSave(f) => self.save_journal(f),
             C::Help(c) => self.help(c),
-            C::Expect(e, t) => Ok(Output::text(self.expect(&e, t)?)),
+            C::Expect(e, t) => Ok(Output::text(
+                self.expect(&e, t).map_err(Error::Expectation)?,
+            )),
         }
     }
 
@@ -420,17 +426,19 @@ impl Session {
     }
 
     /// The selected vCPU's paging mode at its last exit.
-    fn paging(&self) -> Result<vmiscope_introspect::paging::PagingMode, String> {
+    fn paging(&self) -> Result<vmiscope_introspect::paging::PagingMode, Error> {
         self.shared
             .last_paging(self.vcpu)
             .ok_or_else(|| format!("no vCPU {}", self.vcpu))
+            .map_err(Into::into)
     }
 
-    fn translate(&self, gva: u64) -> Result<u64, String> {
+    fn translate(&self, gva: u64) -> Result<u64, Error> {
         let mode = self.paging()?;
         vmiscope_introspect::paging::translate(self.shared.ram(), mode, gva)
             .map(|t| t.gpa)
             .map_err(|e| e.to_string())
+            .map_err(Into::into)
     }
 
     /// Ends the guest (if running) and returns the outcome.

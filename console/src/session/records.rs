@@ -3,6 +3,8 @@
 
 use std::fmt::Write as _;
 
+use crate::error::Error;
+
 use vmiscope_introspect::{Class, Rule};
 
 use super::{Output, Session};
@@ -10,7 +12,7 @@ use crate::commands::{self};
 use crate::format::*;
 
 impl Session {
-    pub(super) fn events(&mut self, n: usize, class: Option<Class>) -> Result<Output, String> {
+    pub(super) fn events(&mut self, n: usize, class: Option<Class>) -> Result<Output, Error> {
         Ok({
             let e = self.intro.engine.lock().unwrap();
             let list: Vec<_> = e
@@ -30,7 +32,7 @@ impl Session {
         })
     }
 
-    pub(super) fn alerts(&mut self) -> Result<Output, String> {
+    pub(super) fn alerts(&mut self) -> Result<Output, Error> {
         Ok({
             let e = self.intro.engine.lock().unwrap();
             let t: String = e
@@ -42,7 +44,7 @@ impl Session {
         })
     }
 
-    pub(super) fn alert(&mut self, id: u64) -> Result<Output, String> {
+    pub(super) fn alert(&mut self, id: u64) -> Result<Output, Error> {
         Ok({
             let e = self.intro.engine.lock().unwrap();
             let a = e
@@ -54,7 +56,7 @@ impl Session {
         })
     }
 
-    pub(super) fn exception_from_alert(&mut self, id: u64) -> Result<Output, String> {
+    pub(super) fn exception_from_alert(&mut self, id: u64) -> Result<Output, Error> {
         Ok({
             let mut e = self.intro.engine.lock().unwrap();
             let a = e
@@ -72,7 +74,7 @@ impl Session {
         })
     }
 
-    pub(super) fn exceptions(&mut self) -> Result<Output, String> {
+    pub(super) fn exceptions(&mut self) -> Result<Output, Error> {
         Ok({
             let e = self.intro.engine.lock().unwrap();
             Output::text(if e.exceptions().rules.is_empty() {
@@ -83,7 +85,7 @@ impl Session {
         })
     }
 
-    pub(super) fn save_exceptions(&mut self, f: String) -> Result<Output, String> {
+    pub(super) fn save_exceptions(&mut self, f: String) -> Result<Output, Error> {
         Ok({
             let json = self.intro.engine.lock().unwrap().exceptions().to_json();
             std::fs::write(&f, json).map_err(|e| format!("cannot write {f}: {e}"))?;
@@ -91,14 +93,14 @@ impl Session {
         })
     }
 
-    pub(super) fn log_only(&mut self, on: bool) -> Result<Output, String> {
+    pub(super) fn log_only(&mut self, on: bool) -> Result<Output, Error> {
         Ok({
             self.intro.engine.lock().unwrap().set_log_only(on);
             Output::text(format!("log-only {}", if on { "on" } else { "off" }))
         })
     }
 
-    pub(super) fn caps(&mut self) -> Result<Output, String> {
+    pub(super) fn caps(&mut self) -> Result<Output, Error> {
         Ok({
             let c = crate::caps::measure()?;
             Output::text(
@@ -117,7 +119,7 @@ impl Session {
         })
     }
 
-    pub(super) fn save_journal(&mut self, f: String) -> Result<Output, String> {
+    pub(super) fn save_journal(&mut self, f: String) -> Result<Output, Error> {
         Ok({
             let e = self.intro.engine.lock().unwrap();
             let mut out = String::new();
@@ -177,7 +179,7 @@ impl Session {
     }
 
     /// `help` (every command) or `help CMD`.
-    pub(super) fn help(&mut self, c: Option<String>) -> Result<Output, String> {
+    pub(super) fn help(&mut self, c: Option<String>) -> Result<Output, Error> {
         let lines = commands::HELP
             .iter()
             .filter(|(u, _)| {
@@ -187,10 +189,7 @@ impl Session {
             .map(|(u, d)| format!("{u:<38} {d}\n"))
             .collect::<String>();
         if lines.is_empty() {
-            return Err(format!(
-                "no command `{}` (try `help`)",
-                c.unwrap_or_default()
-            ));
+            return Err(format!("no command `{}` (try `help`)", c.unwrap_or_default()).into());
         }
         Ok(Output::text(lines))
     }

@@ -4,6 +4,8 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::error::Error;
+
 use vmiscope_introspect::Class;
 use vmiscope_vmm::StopReason;
 
@@ -13,7 +15,7 @@ use crate::control::Override;
 use crate::format::*;
 
 impl Session {
-    pub(super) fn quit(&mut self) -> Result<Output, String> {
+    pub(super) fn quit(&mut self) -> Result<Output, Error> {
         Ok({
             self.shared.stop(StopReason::User);
             let _ = self.control.resume(None);
@@ -24,14 +26,14 @@ impl Session {
         })
     }
 
-    pub(super) fn cont(&mut self) -> Result<Output, String> {
+    pub(super) fn cont(&mut self) -> Result<Output, Error> {
         Ok({
             self.go();
             Output::text("continuing")
         })
     }
 
-    pub(super) fn pause(&mut self) -> Result<Output, String> {
+    pub(super) fn pause(&mut self) -> Result<Output, Error> {
         Ok({
             self.shared.pause_all();
             let ok = self.shared.wait_paused(Duration::from_secs(3));
@@ -43,7 +45,7 @@ impl Session {
         })
     }
 
-    pub(super) fn next_event(&mut self) -> Result<Output, String> {
+    pub(super) fn next_event(&mut self) -> Result<Output, Error> {
         Ok({
             let n = self.control.stop_count();
             self.control.arm_next_event();
@@ -55,13 +57,12 @@ impl Session {
         })
     }
 
-    pub(super) fn select_vcpu(&mut self, n: u32) -> Result<Output, String> {
+    pub(super) fn select_vcpu(&mut self, n: u32) -> Result<Output, Error> {
         Ok({
             if n >= self.shared.vcpu_count() {
-                return Err(format!(
-                    "no vCPU {n} (this guest has {})",
-                    self.shared.vcpu_count()
-                ));
+                return Err(
+                    format!("no vCPU {n} (this guest has {})", self.shared.vcpu_count()).into(),
+                );
             }
             self.vcpu = n;
             Output::text(format!("vCPU {n} selected"))
@@ -72,7 +73,7 @@ impl Session {
         &mut self,
         class: Option<Class>,
         vcpu: Option<u32>,
-    ) -> Result<Output, String> {
+    ) -> Result<Output, Error> {
         Ok({
             let id = self.control.add_break(class, None, vcpu);
             Output::text(format!(
@@ -85,17 +86,17 @@ impl Session {
         })
     }
 
-    pub(super) fn break_hook(&mut self, h: u64) -> Result<Output, String> {
+    pub(super) fn break_hook(&mut self, h: u64) -> Result<Output, Error> {
         Ok({
             if self.intro.engine.lock().unwrap().hooks().get(h).is_none() {
-                return Err(format!("no hook {h} (see `hooks`)"));
+                return Err(format!("no hook {h} (see `hooks`)").into());
             }
             let id = self.control.add_break(None, Some(h), None);
             Output::text(format!("breakpoint {id}: when hook {h} fires"))
         })
     }
 
-    pub(super) fn breaks(&mut self) -> Result<Output, String> {
+    pub(super) fn breaks(&mut self) -> Result<Output, Error> {
         Ok({
             let mut t = String::new();
             for b in self.control.breaks() {
@@ -116,16 +117,16 @@ impl Session {
         })
     }
 
-    pub(super) fn delete_break(&mut self, n: u32) -> Result<Output, String> {
+    pub(super) fn delete_break(&mut self, n: u32) -> Result<Output, Error> {
         Ok({
             if !self.control.delete_break(n) {
-                return Err(format!("no breakpoint {n}"));
+                return Err(format!("no breakpoint {n}").into());
             }
             Output::text(format!("deleted breakpoint {n}"))
         })
     }
 
-    pub(super) fn verdict(&mut self, v: VerdictChoice) -> Result<Output, String> {
+    pub(super) fn verdict(&mut self, v: VerdictChoice) -> Result<Output, Error> {
         Ok({
             let stop = self.control.stop().ok_or("not stopped at an event")?;
             if stop.applied {
@@ -158,7 +159,7 @@ impl Session {
         })
     }
 
-    pub(super) fn step(&mut self) -> Result<Output, String> {
+    pub(super) fn step(&mut self) -> Result<Output, Error> {
         let n = self.control.stop_count();
         let ok = self.with_guest(|cpu| cpu.start_step())?;
         if !ok {
