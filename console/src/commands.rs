@@ -330,25 +330,7 @@ pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Com
         "next-event" | "n" => none_after(1).map(|_| C::NextEvent)?,
         "quit" | "q" | "exit" => none_after(1).map(|_| C::Quit)?,
         "vcpu" => C::Vcpu(num(1, "a vCPU number")? as u32),
-        "break" => match w.get(1).copied() {
-            Some("event") => {
-                let mut cls = None;
-                let mut vcpu = None;
-                let mut i = 2;
-                while i < w.len() {
-                    if w[i] == "vcpu" {
-                        vcpu = Some(num(i + 1, "a vCPU number after `vcpu`")? as u32);
-                        i += 2;
-                    } else {
-                        cls = Some(class(w[i])?);
-                        i += 1;
-                    }
-                }
-                C::BreakEvent { class: cls, vcpu }
-            }
-            Some("hook") => C::BreakHook(num(2, "a hook id")?),
-            _ => return Err("expected `break event [CLASS] [vcpu N]` or `break hook ID`".into()),
-        },
+        "break" => parse_break(&w, &num)?,
         "breaks" => C::Breaks,
         "delete" => C::Delete(num(1, "a breakpoint number")? as u32),
         "event" => C::Event,
@@ -360,52 +342,11 @@ pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Com
         }),
         "hooks" => C::Hooks,
         "hook" => parse_hook(&w, sym)?,
-        "protect" => match w.get(1) {
-            Some(&"list") => C::Protect(ProtectArg::List),
-            Some(names) => C::Protect(ProtectArg::Policies(
-                policy::parse_list(names).map_err(|e| e.to_string())?,
-            )),
-            None => return Err("expected `protect NAME[,NAME…]|all` (or `protect list`)".into()),
-        },
-        "unprotect" => C::Unprotect(
-            w.get(1)
-                .ok_or("expected `unprotect NAME`")?
-                .parse()
-                .map_err(|e: policy::PolicyError| e.to_string())?,
-        ),
+        "protect" | "unprotect" => parse_protect(&w)?,
         "regs" => C::Regs,
         "sregs" => C::Sregs,
         "msr" => C::Msr(num(1, "an MSR index")? as u32),
-        "mem" => {
-            let phys = w.last() == Some(&"phys");
-            let args: Vec<&str> = w.iter().copied().filter(|x| *x != "phys").collect();
-            match args.get(1).copied() {
-                Some("read") => C::MemRead {
-                    addr: number(
-                        args.get(2).ok_or("expected `mem read ADDR [LEN] [phys]`")?,
-                        sym,
-                    )?,
-                    len: match args.get(3) {
-                        Some(l) => number(l, sym)?.min(4096),
-                        None => 64,
-                    },
-                    phys,
-                },
-                Some("write") => {
-                    let addr = number(
-                        args.get(2)
-                            .ok_or("expected `mem write ADDR BYTES… [phys]`")?,
-                        sym,
-                    )?;
-                    let bytes = hex_bytes(&args[3..])?;
-                    if bytes.is_empty() {
-                        return Err("expected bytes after the address (e.g. `de ad be ef`)".into());
-                    }
-                    C::MemWrite { addr, bytes, phys }
-                }
-                _ => return Err("expected `mem read …` or `mem write …`".into()),
-            }
-        }
+        "mem" => parse_mem(&w, sym)?,
         "disasm" | "x/i" => C::Disasm {
             addr: w.get(1).map(|s| number(s, sym)).transpose()?,
             count: w
@@ -417,17 +358,7 @@ pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Com
         },
         "translate" => C::Translate(num(1, "a guest-virtual address")?),
         "pagewalk" => C::Pagewalk(num(1, "a guest-virtual address")?),
-        "events" => {
-            let mut n = 20;
-            let mut cls = None;
-            for a in &w[1..] {
-                match number(a, &|_| None) {
-                    Ok(v) => n = v as usize,
-                    Err(_) => cls = Some(class(a)?),
-                }
-            }
-            C::Events { n, class: cls }
-        }
+        "events" => parse_events(&w)?,
         "alerts" => C::Alerts,
         "alert" => C::Alert(num(1, "an alert id")?),
         "exception" => match (w.get(1).copied(), w.get(2)) {
@@ -455,6 +386,130 @@ pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Com
         other => return Err(format!("unknown command `{other}` (try `help`)").into()),
     };
     Ok(Some(c))
+}
+
+type Num<'a> = dyn Fn(usize, &str) -> Result<u64, ParseError> + 'a;
+
+/// `break event [CLASS] [vcpu N]` or `break hook ID`.
+fn parse_break(w: &[&str], num: &Num<'_>) -> Result<Command, ParseError> {
+    match w.get(1).copied() {
+        Some("event") => {
+            let mut cls = None;
+            let mut vcpu = None;
+            let mut i = 2;
+            while i < w.len() {
+                if w[i] == "vcpu" {
+                    vcpu = Some(num(i + 1, "a vCPU number after `vcpu`")? as u32);
+                    i += 2;
+                } else {
+                    cls = Some(class(w[i])?);
+                    i += 1;
+                }
+            }
+            Ok(Command::BreakEvent { class: cls, vcpu })
+        }
+        Some("hook") => Ok(Command::BreakHook(num(2, "a hook id")?)),
+        _ => Err("expected `break event [CLASS] [vcpu N]` or `break hook ID`".into()),
+    }
+}
+
+/// `protect list`, `protect NAME[,NAME…]|all`, `unprotect NAME`.
+fn parse_protect(w: &[&str]) -> Result<Command, ParseError> {
+    let parse_err = |e: policy::PolicyError| ParseError(e.to_string());
+    match (w[0], w.get(1)) {
+        ("protect", Some(&"list")) => Ok(Command::Protect(ProtectArg::List)),
+        ("protect", Some(names)) => Ok(Command::Protect(ProtectArg::Policies(
+            policy::parse_list(names).map_err(parse_err)?,
+        ))),
+        ("protect", None) => Err("expected `protect NAME[,NAME…]|all` (or `protect list`)".into()),
+        (_, Some(name)) => Ok(Command::Unprotect(name.parse().map_err(parse_err)?)),
+        (_, None) => Err("expected `unprotect NAME`".into()),
+    }
+}
+
+/// `mem read ADDR [LEN] [phys]` or `mem write ADDR BYTES… [phys]`.
+fn parse_mem(w: &[&str], sym: &dyn Fn(&str) -> Option<u64>) -> Result<Command, ParseError> {
+    let phys = w.last() == Some(&"phys");
+    let args: Vec<&str> = w.iter().copied().filter(|x| *x != "phys").collect();
+    match args.get(1).copied() {
+        Some("read") => Ok(Command::MemRead {
+            addr: number(
+                args.get(2).ok_or("expected `mem read ADDR [LEN] [phys]`")?,
+                sym,
+            )?,
+            len: match args.get(3) {
+                Some(l) => number(l, sym)?.min(4096),
+                None => 64,
+            },
+            phys,
+        }),
+        Some("write") => {
+            let addr = number(
+                args.get(2)
+                    .ok_or("expected `mem write ADDR BYTES… [phys]`")?,
+                sym,
+            )?;
+            let bytes = hex_bytes(&args[3..])?;
+            if bytes.is_empty() {
+                return Err("expected bytes after the address (e.g. `de ad be ef`)".into());
+            }
+            Ok(Command::MemWrite { addr, bytes, phys })
+        }
+        _ => Err("expected `mem read …` or `mem write …`".into()),
+    }
+}
+
+/// `events [N] [CLASS]`, in either order.
+fn parse_events(w: &[&str]) -> Result<Command, ParseError> {
+    let mut n = 20;
+    let mut cls = None;
+    for a in &w[1..] {
+        match number(a, &|_| None) {
+            Ok(v) => n = v as usize,
+            Err(_) => cls = Some(class(a)?),
+        }
+    }
+    Ok(Command::Events { n, class: cls })
+}
+
+/// `hook msr INDEX [r|w|rw] [deny|log]`'s options.
+fn msr_hook(index: u32, rest: &[&str]) -> Result<HookSpec, ParseError> {
+    let (mut read, mut write, mut act) = (false, true, Action::Deny);
+    for t in rest {
+        match *t {
+            "r" => (read, write) = (true, false),
+            "w" => (read, write) = (false, true),
+            "rw" => (read, write) = (true, true),
+            o => act = action(Some(&o))?,
+        }
+    }
+    Ok(HookSpec::Msr {
+        index,
+        read,
+        write,
+        action: act,
+    })
+}
+
+/// `hook cr N [MASK] [deny|log]`'s options.
+fn cr_hook(
+    cr: Cr,
+    rest: &[&str],
+    sym: &dyn Fn(&str) -> Option<u64>,
+) -> Result<HookSpec, ParseError> {
+    let mut mask = u64::MAX;
+    let mut act = Action::Deny;
+    for t in rest {
+        match *t {
+            "deny" | "log" => act = action(Some(t))?,
+            m => mask = number(m, sym)?,
+        }
+    }
+    Ok(HookSpec::Cr {
+        cr,
+        mask,
+        action: act,
+    })
 }
 
 fn hex_bytes(args: &[&str]) -> Result<Vec<u8>, ParseError> {
@@ -522,24 +577,7 @@ fn parse_hook(w: &[&str], sym: &dyn Fn(&str) -> Option<u64>) -> Result<Command, 
                 action,
             }
         }
-        "msr" => {
-            let index = arg(2, "an MSR index")? as u32;
-            let (mut read, mut write, mut act) = (false, true, Action::Deny);
-            for t in &w[3.min(w.len())..] {
-                match *t {
-                    "r" => (read, write) = (true, false),
-                    "w" => (read, write) = (false, true),
-                    "rw" => (read, write) = (true, true),
-                    o => act = action(Some(&o))?,
-                }
-            }
-            HookSpec::Msr {
-                index,
-                read,
-                write,
-                action: act,
-            }
-        }
+        "msr" => msr_hook(arg(2, "an MSR index")? as u32, &w[3.min(w.len())..])?,
         "cr" => {
             let cr = match arg(2, "0, 3 or 4")? {
                 0 => Cr::Cr0,
@@ -547,19 +585,7 @@ fn parse_hook(w: &[&str], sym: &dyn Fn(&str) -> Option<u64>) -> Result<Command, 
                 4 => Cr::Cr4,
                 _ => return Err("expected CR 0, 3 or 4".into()),
             };
-            let mut mask = u64::MAX;
-            let mut act = Action::Deny;
-            for t in &w[3.min(w.len())..] {
-                match *t {
-                    "deny" | "log" => act = action(Some(t))?,
-                    m => mask = number(m, sym)?,
-                }
-            }
-            HookSpec::Cr {
-                cr,
-                mask,
-                action: act,
-            }
+            cr_hook(cr, &w[3.min(w.len())..], sym)?
         }
         "dtr" => HookSpec::Dtr {
             idtr: match w.get(2).copied() {
