@@ -236,12 +236,23 @@ fn write_hook(off: u64, len: u64) -> Result<OnReady, Error> {
             len,
             rights: Rights::W,
         };
-        e.add_hook(g, t, "bench", Box::new(|_| Outcome::allow()))
-            .expect("bench hook");
+        if let Err(err) = e.add_hook(g, t, "bench", Box::new(|_| Outcome::allow())) {
+            eprintln!("[bench] write hook: {err}");
+        }
     }))
 }
 
+/// The engine's figures: hooked writes, hooks' cost, breakpoints, throughput.
 fn engine_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<(), Error> {
+    hooked_write_figures(n, repeat, figures)?;
+    outside_hook_figure(n, repeat, figures)?;
+    throughput_figures(n, repeat, figures)?;
+    breakpoint_figures(n, repeat, figures)?;
+    hook_cost_figures(figures)
+}
+
+/// A hooked, allowed write at CPL0 and CPL3, beside the raw MMIO exit.
+fn hooked_write_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<(), Error> {
     let med = |v: &Vec<EngineRun>, f: fn(&EngineRun) -> f64| median(v.iter().map(f).collect());
     for (cpl3, mode) in [(false, 3u64), (true, 0u64)] {
         let (mut hooked, mut base) = (vec![], vec![]);
@@ -268,6 +279,12 @@ fn engine_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<()
             note: "decode + page walk + dispatch + verdict, measured inside the handler".into(),
         });
     }
+    Ok(())
+}
+
+/// A write on a hooked page that no hook covers: what it costs in ioctls.
+fn outside_hook_figure(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<(), Error> {
+    let med = |v: &Vec<EngineRun>, f: fn(&EngineRun) -> f64| median(v.iter().map(f).collect());
     let outside: Vec<EngineRun> = (0..repeat)
         .map(|_| engine_run(0, n, 1, write_hook(0x800, 8)?))
         .collect::<Result<_, _>>()?;
@@ -282,6 +299,11 @@ fn engine_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<()
             med(&outside, |r| r.per_event_us)
         ),
     });
+    Ok(())
+}
+
+/// Hooked-write events per second with one and two vCPUs.
+fn throughput_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<(), Error> {
     for vcpus in [1u32, 2] {
         let runs: Vec<EngineRun> = (0..repeat)
             .map(|_| engine_run(0, n, vcpus, write_hook(0, 64)?))
@@ -303,6 +325,12 @@ fn engine_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<()
             ),
         });
     }
+    Ok(())
+}
+
+/// A visible and a hidden breakpoint hit, beside one raw I/O exit.
+fn breakpoint_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<(), Error> {
+    let med = |v: &Vec<EngineRun>, f: fn(&EngineRun) -> f64| median(v.iter().map(f).collect());
     let bp = spin_sym("spin_bp")?;
     for hidden in [false, true] {
         let (mut bps, mut io0) = (vec![], vec![]);
@@ -314,8 +342,9 @@ fn engine_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<()
                     gpa: 0,
                     hidden,
                 };
-                e.add_hook(g, t, "bench", Box::new(|_| Outcome::allow()))
-                    .expect("bp");
+                if let Err(err) = e.add_hook(g, t, "bench", Box::new(|_| Outcome::allow())) {
+                    eprintln!("[bench] breakpoint: {err}");
+                }
             });
             bps.push(engine_run(6, n.min(5000), 1, hook)?);
         }
@@ -339,42 +368,49 @@ fn engine_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<()
             },
         });
     }
-    let times = Arc::new(Mutex::new((0f64, 0f64)));
+    Ok(())
+}
+
+/// Adds and removes a write hook on `page` 50 times: the median microseconds of
+/// each (memslot ioctls here have rare millisecond outliers).
+fn hook_cycles(
+    e: &mut vmiscope_introspect::Engine,
+    g: &mut dyn vmiscope_introspect::Guest,
+    page: u64,
+) -> Result<(f64, f64), String> {
+    let (mut add, mut del) = (vec![], vec![]);
+    for _ in 0..50 {
+        let t = Instant::now();
+        let target = Target::Gpa {
+            gpa: page,
+            len: 8,
+            rights: Rights::W,
+        };
+        let id = e
+            .add_hook(g, target, "b", Box::new(|_| Outcome::allow()))
+            .map_err(|e| e.to_string())?;
+        e.commit(g).map_err(|e| e.to_string())?;
+        add.push(t.elapsed().as_secs_f64() * 1e6);
+        let t = Instant::now();
+        e.remove_hook(id).map_err(|e| e.to_string())?;
+        e.commit(g).map_err(|e| e.to_string())?;
+        del.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok((median(add), median(del)))
+}
+
+/// Adding and removing one write hook (memslot split and merge), medians.
+fn hook_cost_figures(figures: &mut Vec<Figure>) -> Result<(), Error> {
+    let times = Arc::new(Mutex::new(Err::<(f64, f64), String>("no run".into())));
     let t2 = times.clone();
     let page = spin_sym("spin_page")?;
     engine_run(
         1,
         10,
         1,
-        Box::new(move |e, g| {
-            const K: u32 = 50;
-            let (mut add, mut del) = (vec![], vec![]);
-            for _ in 0..K {
-                let t = Instant::now();
-                let id = e
-                    .add_hook(
-                        g,
-                        Target::Gpa {
-                            gpa: page,
-                            len: 8,
-                            rights: Rights::W,
-                        },
-                        "b",
-                        Box::new(|_| Outcome::allow()),
-                    )
-                    .expect("hook");
-                e.commit(g).expect("commit");
-                add.push(t.elapsed().as_secs_f64() * 1e6);
-                let t = Instant::now();
-                e.remove_hook(id).expect("remove");
-                e.commit(g).expect("commit");
-                del.push(t.elapsed().as_secs_f64() * 1e6);
-            }
-            // Medians: memslot ioctls here have rare millisecond outliers.
-            *t2.lock().unwrap() = (median(add), median(del));
-        }),
+        Box::new(move |e, g| *t2.lock().unwrap() = hook_cycles(e, g, page)),
     )?;
-    let (add, del) = *times.lock().unwrap();
+    let (add, del) = times.lock().unwrap().clone()?;
     figures.push(Figure {
         name: "add one write hook (protect + commit)".into(),
         unit: "us",
