@@ -94,6 +94,61 @@ fn history_path() -> Option<std::path::PathBuf> {
     Some(dir.join("history"))
 }
 
+/// Prints guest output, alerts and stops above the prompt as they happen, on a
+/// thread of its own, until `done`.
+fn watch(
+    s: &Session,
+    done: Arc<AtomicBool>,
+    mut print: Box<dyn FnMut(String) + Send>,
+) -> std::thread::JoinHandle<()> {
+    let (serial, intro, control) = (s.serial().clone(), s.intro().clone(), s.control().clone());
+    let (mut lines, mut alerts, mut stops) = (
+        serial.lock().unwrap().len().saturating_sub(1),
+        intro.engine.lock().unwrap().alerts().len(),
+        control.stop_count(),
+    );
+    std::thread::spawn(move || {
+        while !done.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50));
+            let mut msg = String::new();
+            {
+                let l = serial.lock().unwrap();
+                let complete = l.len().saturating_sub(1);
+                for line in &l[lines.min(complete)..complete] {
+                    msg.push_str(&format!("guest| {line}\n"));
+                }
+                lines = complete.max(lines);
+            }
+            {
+                let e = intro.engine.lock().unwrap();
+                for a in &e.alerts()[alerts.min(e.alerts().len())..] {
+                    msg.push_str(&format!("ALERT {}\n", alert_line(a)));
+                }
+                alerts = e.alerts().len();
+            }
+            let n = control.stop_count();
+            if n > stops {
+                stops = n;
+                if let Some(st) = control.last_stop() {
+                    msg.push_str(&format!("stopped: vCPU {} ({})\n", st.vcpu, st.cause));
+                }
+            }
+            if !msg.is_empty() {
+                print(msg.trim_end().to_string());
+            }
+        }
+    })
+}
+
+/// Words the line editor completes: subcommands, the image's symbols, hook ids.
+fn completions(s: &Session) -> Vec<String> {
+    let mut w: Vec<String> = SUBWORDS.iter().map(|x| x.to_string()).collect();
+    w.extend(s.shared().symbols().iter().map(|(n, _)| n.to_string()));
+    let e = s.intro().engine.lock().unwrap();
+    w.extend(e.hooks().iter().map(|h| h.id.to_string()));
+    w
+}
+
 /// Runs the REPL until `quit` (Mode::Quit) or `tui` (Mode::Tui).
 pub fn run(s: &mut Session) -> Mode {
     let words = Arc::new(Mutex::new(Vec::new()));
@@ -115,77 +170,21 @@ pub fn run(s: &mut Session) -> Mode {
     let done = Arc::new(AtomicBool::new(false));
     // Above the prompt on a terminal; plain lines when stdin is a pipe (scripts
     // feeding the REPL still see stops that gdb or another vCPU caused).
-    let mut print: Box<dyn FnMut(String) + Send> = match rl.create_external_printer() {
+    let print: Box<dyn FnMut(String) + Send> = match rl.create_external_printer() {
         Ok(mut p) => Box::new(move |m| {
             use rustyline::ExternalPrinter;
             let _ = p.print(m);
         }),
         Err(_) => Box::new(|m| println!("{m}")),
     };
-    let watcher = {
-        let (serial, intro, control, done) = (
-            s.serial().clone(),
-            s.intro().clone(),
-            s.control().clone(),
-            done.clone(),
-        );
-        let (mut lines, mut alerts, mut stops) = (
-            serial.lock().unwrap().len().saturating_sub(1),
-            intro.engine.lock().unwrap().alerts().len(),
-            control.stop_count(),
-        );
-        std::thread::spawn(move || {
-            while !done.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(50));
-                let mut msg = String::new();
-                {
-                    let l = serial.lock().unwrap();
-                    let complete = l.len().saturating_sub(1);
-                    for line in &l[lines.min(complete)..complete] {
-                        msg.push_str(&format!("guest| {line}\n"));
-                    }
-                    lines = complete.max(lines);
-                }
-                {
-                    let e = intro.engine.lock().unwrap();
-                    for a in &e.alerts()[alerts.min(e.alerts().len())..] {
-                        msg.push_str(&format!("ALERT {}\n", alert_line(a)));
-                    }
-                    alerts = e.alerts().len();
-                }
-                let n = control.stop_count();
-                if n > stops {
-                    stops = n;
-                    if let Some(st) = control.last_stop() {
-                        msg.push_str(&format!("stopped: vCPU {} ({})\n", st.vcpu, st.cause));
-                    }
-                }
-                if !msg.is_empty() {
-                    print(msg.trim_end().to_string());
-                }
-            }
-        })
-    };
+    let watcher = watch(s, done.clone(), print);
     let status = s.status();
     println!(
         "vmiscope console on `{}` ({status}). `help` lists commands, `tui` switches view.",
         s.image()
     );
     let mode = loop {
-        {
-            let mut w: Vec<String> = SUBWORDS.iter().map(|x| x.to_string()).collect();
-            w.extend(s.shared().symbols().iter().map(|(n, _)| n.to_string()));
-            w.extend(
-                s.intro()
-                    .engine
-                    .lock()
-                    .unwrap()
-                    .hooks()
-                    .iter()
-                    .map(|h| h.id.to_string()),
-            );
-            *words.lock().unwrap() = w;
-        }
+        *words.lock().unwrap() = completions(s);
         match rl.readline("vmiscope> ") {
             Ok(line) => {
                 let line = line.trim().to_string();

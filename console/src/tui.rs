@@ -162,26 +162,78 @@ impl Tui {
         self.sel[PANES.iter().position(|p| *p == pane).unwrap()].selected()
     }
 
-    fn key(&mut self, s: &mut Session, code: KeyCode) -> Option<Mode> {
-        if let Some(input) = self.input.as_mut() {
-            match code {
-                KeyCode::Enter => {
-                    let line = self.input.take().unwrap_or_default();
-                    if line.trim() == "repl" {
-                        return Some(Mode::Repl);
-                    }
-                    if self.exec(s, &line) {
-                        return Some(Mode::Quit);
-                    }
+    /// A key while the command line is open.
+    fn input_key(&mut self, s: &mut Session, code: KeyCode) -> Option<Mode> {
+        let input = self.input.as_mut()?;
+        match code {
+            KeyCode::Enter => {
+                let line = self.input.take().unwrap_or_default();
+                if line.trim() == "repl" {
+                    return Some(Mode::Repl);
                 }
-                KeyCode::Esc => self.input = None,
-                KeyCode::Backspace => {
-                    input.pop();
+                if self.exec(s, &line) {
+                    return Some(Mode::Quit);
                 }
-                KeyCode::Char(c) => input.push(c),
-                _ => {}
             }
-            return None;
+            KeyCode::Esc => self.input = None,
+            KeyCode::Backspace => {
+                input.pop();
+            }
+            KeyCode::Char(c) => input.push(c),
+            _ => {}
+        }
+        None
+    }
+
+    /// ↑/↓ in the focused pane.
+    fn move_selection(&mut self, up: bool) {
+        let i = PANES.iter().position(|p| *p == self.focus).unwrap();
+        let len = match self.focus {
+            Pane::Events => self.view.events.len(),
+            Pane::Alerts => self.view.alerts.len(),
+            Pane::Hooks => self.view.hooks.len(),
+            Pane::Serial => self.view.serial.len(),
+        };
+        if len > 0 {
+            let cur = self.sel[i].selected().unwrap_or(len - 1);
+            let next = if up {
+                cur.saturating_sub(1)
+            } else {
+                (cur + 1).min(len - 1)
+            };
+            self.sel[i].select(Some(next));
+        }
+    }
+
+    /// Enter on an event or alert: its details in a popup.
+    fn show_details(&mut self, s: &mut Session) {
+        let detail = match self.focus {
+            Pane::Events => self.selected(Pane::Events).and_then(|i| {
+                let e = s.intro().engine.lock().unwrap();
+                let skip = e.recent().len().saturating_sub(500);
+                e.recent()
+                    .get(skip + i)
+                    .map(|r| serde_json::to_string_pretty(r).unwrap_or_default())
+            }),
+            Pane::Alerts => self
+                .selected(Pane::Alerts)
+                .and_then(|i| self.view.alerts.get(i))
+                .map(|(id, _)| {
+                    s.exec(&format!("alert {id}"))
+                        .map(|o| o.text)
+                        .unwrap_or_else(|e| e.to_string())
+                }),
+            _ => None,
+        };
+        match detail {
+            Some(d) => self.popup = Some(("details".into(), d)),
+            None => self.message = "select an event or alert first (↑/↓)".into(),
+        }
+    }
+
+    fn key(&mut self, s: &mut Session, code: KeyCode) -> Option<Mode> {
+        if self.input.is_some() {
+            return self.input_key(s, code);
         }
         if self.popup.is_some() {
             if matches!(
@@ -232,48 +284,8 @@ impl Tui {
                 let i = PANES.iter().position(|p| *p == self.focus).unwrap();
                 self.focus = PANES[(i + 1) % PANES.len()];
             }
-            KeyCode::Up | KeyCode::Down => {
-                let i = PANES.iter().position(|p| *p == self.focus).unwrap();
-                let len = match self.focus {
-                    Pane::Events => self.view.events.len(),
-                    Pane::Alerts => self.view.alerts.len(),
-                    Pane::Hooks => self.view.hooks.len(),
-                    Pane::Serial => self.view.serial.len(),
-                };
-                if len > 0 {
-                    let cur = self.sel[i].selected().unwrap_or(len - 1);
-                    let next = if code == KeyCode::Up {
-                        cur.saturating_sub(1)
-                    } else {
-                        (cur + 1).min(len - 1)
-                    };
-                    self.sel[i].select(Some(next));
-                }
-            }
-            KeyCode::Enter => {
-                let detail = match self.focus {
-                    Pane::Events => self.selected(Pane::Events).and_then(|i| {
-                        let e = s.intro().engine.lock().unwrap();
-                        let skip = e.recent().len().saturating_sub(500);
-                        e.recent()
-                            .get(skip + i)
-                            .map(|r| serde_json::to_string_pretty(r).unwrap_or_default())
-                    }),
-                    Pane::Alerts => self
-                        .selected(Pane::Alerts)
-                        .and_then(|i| self.view.alerts.get(i))
-                        .map(|(id, _)| {
-                            s.exec(&format!("alert {id}"))
-                                .map(|o| o.text)
-                                .unwrap_or_else(|e| e.to_string())
-                        }),
-                    _ => None,
-                };
-                match detail {
-                    Some(d) => self.popup = Some(("details".into(), d)),
-                    None => self.message = "select an event or alert first (↑/↓)".into(),
-                }
-            }
+            KeyCode::Up | KeyCode::Down => self.move_selection(code == KeyCode::Up),
+            KeyCode::Enter => self.show_details(s),
             _ => {}
         }
         None
@@ -311,6 +323,31 @@ impl Tui {
             .constraints([Constraint::Length(7), Constraint::Min(3)])
             .split(cols[0]);
         self.draw_regs(f, left[0], s.vcpu());
+        self.draw_disasm(f, left[1]);
+        let right = Layout::default()
+            .direction(Direction::Vertical)
+            .constraints([
+                Constraint::Percentage(35),
+                Constraint::Percentage(20),
+                Constraint::Percentage(20),
+                Constraint::Percentage(25),
+            ])
+            .split(cols[1]);
+        self.draw_lists(f, &right);
+        let cmd = match &self.input {
+            Some(t) => format!(":{t}█"),
+            None => String::from(": to type a command"),
+        };
+        f.render_widget(Paragraph::new(cmd), rows[2]);
+        f.render_widget(
+            Paragraph::new(self.message.clone()).style(Style::default().fg(Color::Cyan)),
+            rows[3],
+        );
+        self.draw_popup(f, area);
+    }
+
+    /// The disassembly around RIP (the current line reversed).
+    fn draw_disasm(&self, f: &mut Frame<'_>, area: Rect) {
         let dis: Vec<Line<'_>> = self
             .view
             .disasm
@@ -330,17 +367,13 @@ impl Tui {
                     .borders(Borders::ALL)
                     .title(" Disassembly (* breakpoint) "),
             ),
-            left[1],
+            area,
         );
-        let right = Layout::default()
-            .direction(Direction::Vertical)
-            .constraints([
-                Constraint::Percentage(35),
-                Constraint::Percentage(20),
-                Constraint::Percentage(20),
-                Constraint::Percentage(25),
-            ])
-            .split(cols[1]);
+    }
+
+    /// The events, alerts, hooks and serial panes, following their newest
+    /// entries unless one is selected.
+    fn draw_lists(&mut self, f: &mut Frame<'_>, right: &[Rect]) {
         let lists: [(Pane, &str, Vec<String>); 4] = [
             (Pane::Events, " Events ", self.view.events.clone()),
             (
@@ -372,15 +405,10 @@ impl Tui {
             }
             f.render_stateful_widget(list, right[i], state);
         }
-        let cmd = match &self.input {
-            Some(t) => format!(":{t}█"),
-            None => String::from(": to type a command"),
-        };
-        f.render_widget(Paragraph::new(cmd), rows[2]);
-        f.render_widget(
-            Paragraph::new(self.message.clone()).style(Style::default().fg(Color::Cyan)),
-            rows[3],
-        );
+    }
+
+    /// The details or help popup, if one is open.
+    fn draw_popup(&self, f: &mut Frame<'_>, area: Rect) {
         if let Some((title, text)) = &self.popup {
             let w = area.width.saturating_sub(4).min(100);
             let h = area.height.saturating_sub(4);

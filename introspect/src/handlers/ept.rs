@@ -166,15 +166,13 @@ pub fn handle_ept_violation(
     })
 }
 
-/// Dispatches every hooked (page, access) the instruction touches.
-fn dispatch_all(
-    e: &mut Engine,
-    g: &mut dyn Guest,
-    x: &MemExit,
-    instr: Option<&Decoded>,
-) -> (Verdict, Vec<(u64, u64, AccessKind)>) {
-    // (gpa, len, kind, gla) pieces, the reported access first.
-    let mut pieces: Vec<(u64, u64, AccessKind, u64)> = Vec::new();
+/// One (gpa, len, kind, gla) piece of what an instruction touches.
+type Piece = (u64, u64, AccessKind, u64);
+
+/// Every piece the instruction touches, the reported access first (unless a piece
+/// of the instruction covers it).
+fn pieces_of(g: &dyn Guest, x: &MemExit, instr: Option<&Decoded>) -> Vec<Piece> {
+    let mut pieces: Vec<Piece> = Vec::new();
     let reported_gla = instr
         .and_then(|d| {
             d.accesses.iter().find_map(|a| {
@@ -187,60 +185,72 @@ fn dispatch_all(
         } else {
             x.gpa
         });
-    if let Some(d) = instr {
-        if x.access == AccessKind::Exec {
-            // A fetch touches only the instruction bytes; its data accesses fault
-            // on their own when the instruction runs.
-        } else {
-            for a in &d.accesses {
-                let kinds = [(a.read, AccessKind::Read), (a.write, AccessKind::Write)];
-                for (gla, len) in split_pages(a.gla, a.size) {
-                    let Some(gpa) = translate(g, gla) else {
-                        continue;
-                    };
-                    for (on, k) in kinds {
-                        if on {
-                            pieces.push((gpa, len, k, gla));
-                        }
+    // A fetch touches only the instruction bytes; its data accesses fault on
+    // their own when the instruction runs.
+    if let Some(d) = instr.filter(|_| x.access != AccessKind::Exec) {
+        for a in &d.accesses {
+            let kinds = [(a.read, AccessKind::Read), (a.write, AccessKind::Write)];
+            for (gla, len) in split_pages(a.gla, a.size) {
+                let Some(gpa) = translate(g, gla) else {
+                    continue;
+                };
+                for (on, k) in kinds {
+                    if on {
+                        pieces.push((gpa, len, k, gla));
                     }
                 }
             }
         }
     }
-    // The reported access goes first, unless a piece of the instruction covers it.
     let covered = pieces
         .iter()
         .any(|&(gpa, len, k, _)| k == x.access && gpa <= x.gpa && x.gpa + x.len <= gpa + len);
     if !covered {
         pieces.insert(0, (x.gpa, x.len, x.access, reported_gla));
     }
+    pieces
+}
+
+/// What the hooks of one piece see: the reported data belongs to the piece that
+/// contains the reported access; a write shows what memory held before it.
+fn piece_info(g: &dyn Guest, x: &MemExit, (gpa, len, kind, gla): Piece) -> EventInfo {
+    let data = if kind == x.access && gpa <= x.gpa && x.gpa < gpa + len {
+        x.data
+    } else {
+        None
+    };
+    let old = (kind == AccessKind::Write && len <= 8).then(|| {
+        let mut b = [0u8; 8];
+        let _ = g.read_phys(gpa, &mut b[..len as usize]);
+        u64::from_le_bytes(b)
+    });
+    EventInfo::Mem {
+        gla,
+        gpa,
+        size: len,
+        access: kind,
+        data,
+        old,
+    }
+}
+
+/// Dispatches every hooked (page, access) the instruction touches.
+fn dispatch_all(
+    e: &mut Engine,
+    g: &mut dyn Guest,
+    x: &MemExit,
+    instr: Option<&Decoded>,
+) -> (Verdict, Vec<(u64, u64, AccessKind)>) {
     let mut seen = HashSet::new();
     let mut fired_all: Vec<(u64, Outcome)> = Vec::new();
     let mut blocking_info = None;
     let mut first_info = None;
-    for (gpa, len, kind, gla) in pieces {
+    for piece in pieces_of(g, x, instr) {
+        let (gpa, len, kind, _) = piece;
         if !seen.insert((gpa, len, kind)) {
             continue;
         }
-        // The reported data belongs to the piece that contains the reported access.
-        let data = if kind == x.access && gpa <= x.gpa && x.gpa < gpa + len {
-            x.data
-        } else {
-            None
-        };
-        let old = (kind == AccessKind::Write && len <= 8).then(|| {
-            let mut b = [0u8; 8];
-            let _ = g.read_phys(gpa, &mut b[..len as usize]);
-            u64::from_le_bytes(b)
-        });
-        let info = EventInfo::Mem {
-            gla,
-            gpa,
-            size: len,
-            access: kind,
-            data,
-            old,
-        };
+        let info = piece_info(g, x, piece);
         let (off, page) = (gpa & 0xfff, gpa & !0xfff);
         let want = match kind {
             AccessKind::Read => Rights::R,
@@ -259,14 +269,15 @@ fn dispatch_all(
         first_info.get_or_insert(info);
         fired_all.extend(fired);
     }
-    let info = blocking_info
-        .or(first_info)
-        .expect("the reported access is always a piece");
+    let covered: Vec<(u64, u64, AccessKind)> = seen.into_iter().collect();
+    // The reported access is always a piece, so there is a first one.
+    let Some(info) = blocking_info.or(first_info) else {
+        return (Verdict::Allowed, covered);
+    };
     let text = instr
         .map(|d| d.text.clone())
         .unwrap_or_else(|| "(instruction unverified)".into());
     e.set_insn_rip(instr.map(|d| d.rip));
-    let covered: Vec<(u64, u64, AccessKind)> = seen.into_iter().collect();
     (
         e.conclude(g, Class::Ept, &info, Some(&text), &fired_all),
         covered,
