@@ -1,0 +1,43 @@
+//! `monitor …`: any console command, plus `monitor breakpoints visible|hidden`.
+
+use crate::error::Error;
+
+use gdbstub::outputln;
+use gdbstub::target::ext::monitor_cmd::{ConsoleOutput, MonitorCmd};
+
+use super::*;
+
+impl MonitorCmd for GdbTarget {
+    /// Any console command; `phys ADDR LEN` reads guest-physical memory;
+    /// `breakpoints visible|hidden` chooses how `break` patches the guest.
+    fn handle_monitor_cmd(&mut self, cmd: &[u8], mut out: ConsoleOutput<'_>) -> Result<(), Error> {
+        let line = String::from_utf8_lossy(cmd).to_string();
+        if let Some(how) = line.strip_prefix("breakpoints") {
+            match how.trim() {
+                "visible" => self.visible_breakpoints = true,
+                "hidden" => self.visible_breakpoints = false,
+                "" => {}
+                _ => {
+                    outputln!(out, "error: expected `breakpoints [visible|hidden]`");
+                    return Ok(());
+                }
+            }
+            let how = if self.visible_breakpoints {
+                "visible (plain INT3s the guest can read; fast)"
+            } else {
+                "hidden (the guest reads the original byte; other code on the page exits too)"
+            };
+            outputln!(out, "gdb breakpoints inserted from now on: {how}");
+            return Ok(());
+        }
+        let line = match line.strip_prefix("phys ") {
+            Some(rest) => format!("mem read {rest} phys"),
+            None => line,
+        };
+        match self.s.exec(&line) {
+            Ok(o) => outputln!(out, "{}", o.text.trim_end()),
+            Err(e) => outputln!(out, "error: {e}"),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,148 @@
+//! Serving gdb connections, and `run --gdb`.
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use gdbstub::stub::DisconnectReason;
+use vmiscope_vmm::StopReason;
+
+use super::event_loop::EventLoop;
+use super::*;
+use crate::gdb::conn::GdbConn;
+use crate::session::Session;
+
+/// The stub's packet size (gdb's PacketSize): 64 KiB of hex is 32 KiB of memory
+/// per `m`/`M` packet.
+const PACKET_SIZE: usize = 64 * 1024;
+
+/// `HOST:PORT`, or a bare port on 127.0.0.1.
+pub fn bind_addr(a: &str) -> String {
+    if a.contains(':') {
+        a.to_string()
+    } else {
+        format!("127.0.0.1:{a}")
+    }
+}
+
+/// Serves gdb connections one after another until the guest ends or gdb kills it.
+/// A detach leaves the guest running.
+pub fn serve(listener: TcpListener, s: Session, exec_file: Option<String>) {
+    let mut target = GdbTarget::new(s, exec_file);
+    while !target.s.ended() {
+        let conn = match listener.accept() {
+            Ok((c, peer)) => {
+                eprintln!("[vmiscope] gdb connected from {peer}");
+                c
+            }
+            Err(e) => {
+                eprintln!("[vmiscope] gdb: {e}");
+                return;
+            }
+        };
+        let _ = conn.set_nodelay(true);
+        // gdb expects the target stopped when it attaches.
+        if !target.s.run_state().is_held() {
+            target.all_stop();
+        }
+        target.seen = target.s.control().stop_count();
+        // A large packet buffer: gdb reads and writes memory in PacketSize chunks,
+        // and each chunk is a round trip.
+        let stub = match gdbstub::stub::GdbStubBuilder::new(GdbConn::new(conn))
+            .packet_buffer_size(PACKET_SIZE)
+            .build()
+        {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("[vmiscope] gdb: {e}");
+                return;
+            }
+        };
+        match stub.run_blocking::<EventLoop>(&mut target) {
+            Ok(DisconnectReason::Kill) => {
+                target.s.shared().stop(StopReason::User);
+                let _ = target.s.control().resume(None);
+                return;
+            }
+            Ok(DisconnectReason::Disconnect) => {
+                eprintln!("[vmiscope] gdb detached; the guest runs on");
+                target.s.go();
+            }
+            Ok(_) => return,
+            // A broken connection or a malformed conversation ends this session
+            // only: the guest stays stopped for the next gdb (as with QEMU).
+            Err(e) => eprintln!("[vmiscope] gdb session ended: {e}; waiting for gdb again"),
+        }
+    }
+}
+
+/// Where gdb finds the image: the file the user gave, or the built-in image
+/// written to a temporary file.
+pub fn exec_file_for(image: &str, bytes: &[u8]) -> Option<String> {
+    if vmiscope_images::find(image).is_none() {
+        return std::fs::canonicalize(image)
+            .ok()
+            .map(|p| p.display().to_string());
+    }
+    let p = std::env::temp_dir().join(format!("vmiscope-{}-{image}.elf", std::process::id()));
+    std::fs::write(&p, bytes).ok()?;
+    Some(p.display().to_string())
+}
+
+/// `run --gdb`: the stub on its own thread (next to a console, or alone in batch
+/// mode, where the run ends with the guest).
+pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) -> i32 {
+    let mut s = match Session::start(a) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmiscope: {e}");
+            return 2;
+        }
+    };
+    let addr = bind_addr(addr);
+    let listener = match TcpListener::bind(&addr) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("vmiscope: cannot listen on {addr}: {e}");
+            s.finish();
+            return 2;
+        }
+    };
+    let exec = crate::launch::load_image(&a.image)
+        .ok()
+        .and_then(|(img, _)| exec_file_for(&a.image, &img));
+    eprintln!(
+        "[vmiscope] gdb: the guest waits at its entry; connect with `gdb -ex 'target remote {}'`",
+        listener.local_addr().map(|a| a.to_string()).unwrap_or(addr)
+    );
+    let g = s.attach();
+    let server = std::thread::spawn(move || serve(listener, g, exec));
+    let code = match ui {
+        Some(mode) => crate::ui::run_session(s, mode),
+        None => {
+            let mut printed = 0;
+            while !s.ended() {
+                std::thread::sleep(Duration::from_millis(20));
+                print_new_serial(&s, &mut printed);
+            }
+            print_new_serial(&s, &mut printed);
+            let o = s.finish();
+            let code = o.map(|o| o.reason.exit_status()).unwrap_or(0);
+            if let Some(o) = o {
+                eprintln!("[vmiscope] stop: {}", o.reason);
+            }
+            code
+        }
+    };
+    // The listener thread ends with the guest (or is left blocked in accept).
+    drop(server);
+    code
+}
+
+fn print_new_serial(s: &Session, printed: &mut usize) {
+    let lines = s.serial_lines();
+    let complete = lines.len().saturating_sub(1);
+    for l in &lines[(*printed).min(complete)..complete] {
+        println!("{l}");
+    }
+    *printed = complete.max(*printed);
+}
