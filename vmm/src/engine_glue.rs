@@ -11,9 +11,13 @@ use std::time::{Duration, Instant};
 use crate::event::{Event, ExitHandler, HandlerStop, Reply};
 use crate::loader::Symbols;
 use crate::shared::VcpuCtl;
-use vmiscope_introspect::handlers::{self, BreakpointAction, MemAction, MemExit};
+use std::panic::AssertUnwindSafe;
+
+use vmiscope_introspect::handlers::MemExit;
 use vmiscope_introspect::policy::{self, Policy, PolicyEnv};
-use vmiscope_introspect::{AccessKind, Alert, Engine, EventRecord, Guest, Journal, Verdict};
+use vmiscope_introspect::{
+    AccessKind, Alert, Engine, EngineEvent, EventRecord, Guest, Handled, Journal, Response,
+};
 
 /// A journal file: one JSON object per line, written as it happens (nothing
 /// buffered away if the process dies).
@@ -140,25 +144,19 @@ impl Introspection {
     /// the newest record may be another vCPU's a moment later.
     pub fn decide(&self, cpu: &mut VcpuCtl<'_>, event: &Event) -> (Reply, Option<EventRecord>) {
         let mut e = self.engine.lock().unwrap();
-        e.take_handled();
-        let reply = self.reply(&mut e, cpu, event);
-        (reply, e.take_handled())
+        let before = e.alerts().len();
+        let out = respond(&mut e, cpu, event);
+        self.report(&e, before);
+        out
     }
 
     /// The per-exit work (policies, timer, register polls) and the record of the
     /// newest polled change it concluded, from one hold of the engine lock.
     pub fn poll(&self, cpu: &mut VcpuCtl<'_>) -> Option<EventRecord> {
         let mut e = self.engine.lock().unwrap();
-        e.take_handled();
-        self.exit_work(&mut e, cpu);
-        e.take_handled()
-    }
-
-    fn exit_work(&self, e: &mut Engine, cpu: &mut VcpuCtl<'_>) {
         let before = e.alerts().len();
-        e.note_exit(cpu.id());
-        self.arm(e, cpu);
-        let tick = {
+        self.arm(&mut e, cpu);
+        let timer = {
             let mut t = self.last_tick.lock().unwrap();
             let due = t.elapsed() >= self.timer_period;
             if due {
@@ -166,75 +164,83 @@ impl Introspection {
             }
             due
         };
-        if tick {
-            handlers::handle_timer(e, cpu);
-        } else {
-            handlers::poll_registers(e, cpu);
-        }
-        self.report(e, before);
-    }
-
-    fn reply(&self, e: &mut Engine, cpu: &mut VcpuCtl<'_>, event: &Event) -> Reply {
-        let before = e.alerts().len();
-        let reply = respond(e, cpu, event);
-        self.report(e, before);
-        reply
+        let rec = e.handle_exit(cpu, timer);
+        self.report(&e, before);
+        rec
     }
 }
 
-/// The engine's answer to one VMM event, as the VMM's reply: the whole mapping
-/// between the two vocabularies. A commit failure inside the engine (its hooks'
-/// controls could not be applied) ends the run with a clear reason rather than
-/// letting the guest run unprotected.
-pub fn respond(e: &mut Engine, g: &mut dyn Guest, event: &Event) -> Reply {
-    let reply = match *event {
-        Event::Mem(m) => {
-            let access = if m.write {
+/// The engine's answer to one VMM event, as the VMM's reply, with the record of
+/// that event: the whole mapping between the two vocabularies. A commit failure
+/// inside the engine (its hooks' controls could not be applied), or a panic in
+/// the engine or a hook, ends the run with a clear reason rather than letting
+/// the guest run unprotected or taking the VMM down.
+pub fn respond(e: &mut Engine, g: &mut dyn Guest, event: &Event) -> (Reply, Option<EventRecord>) {
+    let Some(ev) = engine_event(event) else {
+        // Not the engine's; a failure of the timer or a register poll ends the
+        // run at the next event.
+        return match e.take_fatal() {
+            Some(why) => (Reply::Stop(HandlerStop::EngineFailed(why)), None),
+            None => (Reply::Continue, None),
+        };
+    };
+    match std::panic::catch_unwind(AssertUnwindSafe(|| e.handle_event(g, ev))) {
+        Ok(Handled { response, record }) => (reply_for(response), record),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            (Reply::Stop(HandlerStop::EngineCrashed(why)), None)
+        }
+    }
+}
+
+/// The engine's view of a VMM event, for the events it handles.
+fn engine_event(event: &Event) -> Option<EngineEvent> {
+    Some(match *event {
+        Event::Mem(m) => EngineEvent::Mem(MemExit {
+            gpa: m.gpa,
+            len: m.len as u64,
+            access: if m.write {
                 AccessKind::Write
             } else {
                 AccessKind::Read
-            };
-            let x = MemExit {
-                gpa: m.gpa,
-                len: m.len as u64,
-                access,
-                data: m.write.then_some(m.data),
-                rip: m.rip,
-            };
-            mem_reply(handlers::handle_ept_violation(e, g, &x).1)
-        }
-        Event::ExecFault { gva, gpa, .. } => {
-            let x = MemExit {
-                gpa,
-                len: 1,
-                access: AccessKind::Exec,
-                data: None,
-                rip: gva,
-            };
-            mem_reply(handlers::handle_ept_violation(e, g, &x).1)
-        }
-        Event::Msr { index, write, .. } => match handlers::handle_msr_violation(e, g, index, write)
-        {
-            Verdict::NotAllowed => Reply::Drop,
-            _ => Reply::Continue,
-        },
-        Event::Introcall(c) => match handlers::handle_introcall(e, g, c.op, c.args) {
-            Some(v) => Reply::Data(v),
-            None => Reply::Continue,
+            },
+            data: m.write.then_some(m.data),
+            rip: m.rip,
+        }),
+        Event::ExecFault { gva, gpa, .. } => EngineEvent::Mem(MemExit {
+            gpa,
+            len: 1,
+            access: AccessKind::Exec,
+            data: None,
+            rip: gva,
+        }),
+        Event::Msr { index, write, .. } => EngineEvent::Msr { index, write },
+        Event::Introcall(c) => EngineEvent::Introcall {
+            op: c.op,
+            args: c.args,
         },
         Event::Breakpoint {
             rip,
             gpa: Some(gpa),
             ..
-        } => match handlers::handle_breakpoint(e, g, rip, gpa) {
-            BreakpointAction::StepOver | BreakpointAction::Reinject => Reply::Continue,
-            BreakpointAction::Skip(len) => Reply::Skip(len),
-        },
-        _ => Reply::Continue,
-    };
-    match e.take_fatal() {
-        Some(why) => Reply::Stop(HandlerStop::EngineFailed(why)),
-        None => reply,
+        } => EngineEvent::Breakpoint { gva: rip, gpa },
+        _ => return None,
+    })
+}
+
+/// The engine's response as the VMM's reply (see `Reply` for what each does).
+fn reply_for(r: Response) -> Reply {
+    match r {
+        Response::Allow | Response::Introcall(None) => Reply::Continue,
+        Response::Drop => Reply::Drop,
+        Response::Data(v) | Response::Introcall(Some(v)) => Reply::Data(v),
+        Response::Retry => Reply::Retry,
+        Response::Skip(len) => Reply::Skip(len),
+        Response::Fatal(why) => Reply::Stop(HandlerStop::EngineFailed(why)),
     }
 }
 
@@ -245,15 +251,6 @@ impl ExitHandler for Introspection {
 
     fn on_event(&self, cpu: &mut VcpuCtl<'_>, event: &Event) -> Reply {
         self.decide(cpu, event).0
-    }
-}
-
-fn mem_reply(a: MemAction) -> Reply {
-    match a {
-        MemAction::Apply => Reply::Continue,
-        MemAction::Drop => Reply::Drop,
-        MemAction::Data(v) => Reply::Data(v),
-        MemAction::Skip => Reply::Retry,
     }
 }
 
@@ -292,7 +289,7 @@ mod tests {
             rip: 0x20002,
             cpl: 0,
         });
-        let reply = respond(&mut e, &mut g, &write);
+        let (reply, _) = respond(&mut e, &mut g, &write);
         let Reply::Stop(cause) = reply else {
             panic!("the run goes on unprotected: {reply:?}");
         };
@@ -303,6 +300,66 @@ mod tests {
             "{said}"
         );
         // The next event is answered normally: the failure was reported once.
-        assert_eq!(respond(&mut e, &mut g, &Event::Halt), Reply::Continue);
+        assert_eq!(respond(&mut e, &mut g, &Event::Halt).0, Reply::Continue);
+    }
+
+    fn msr_write(value: u64) -> Event {
+        Event::Msr {
+            index: 0x10,
+            write: Some(value),
+            rip: 0,
+        }
+    }
+
+    #[test]
+    fn a_panicking_hook_stops_the_run_with_a_clear_reason() {
+        let (mut e, mut g) = (Engine::new(), MockGuest::new());
+        let t = Target::Msr {
+            index: 0x10,
+            read: false,
+            write: true,
+        };
+        e.add_hook(&mut g, t, "bad", Box::new(|_| panic!("hook bug")))
+            .unwrap();
+        let (reply, _) = respond(&mut e, &mut g, &msr_write(1));
+        assert_eq!(
+            reply,
+            Reply::Stop(HandlerStop::EngineCrashed("hook bug".into()))
+        );
+    }
+
+    #[test]
+    fn each_vcpu_gets_the_record_of_its_own_event() {
+        // Two vCPUs' events handled back to back, as two vCPU threads do when one
+        // of them is about to stop: each answer carries its own record, so the
+        // stop shows the right vCPU's event (the console used to re-read the
+        // newest record after the call, which could be the other vCPU's).
+        let (mut e, mut g) = (Engine::new(), MockGuest::new());
+        g.vcpus = 2;
+        let t = Target::Msr {
+            index: 0x10,
+            read: false,
+            write: true,
+        };
+        e.add_hook(&mut g, t, "m", Box::new(|_| Outcome::block("no")))
+            .unwrap();
+        let mut records = vec![];
+        for (vcpu, value) in [(0, 1), (1, 2), (0, 3)] {
+            g.vcpu = vcpu;
+            let (reply, rec) = respond(&mut e, &mut g, &msr_write(value));
+            assert_eq!(reply, Reply::Drop);
+            records.push(rec.expect("a hook fired"));
+        }
+        let seen: Vec<(u32, Option<u64>)> = records
+            .iter()
+            .map(|r| match r.event {
+                vmiscope_introspect::EventInfo::Msr { write, .. } => (r.vcpu, write),
+                _ => (r.vcpu, None),
+            })
+            .collect();
+        assert_eq!(seen, [(0, Some(1)), (1, Some(2)), (0, Some(3))]);
+        // An event no hook takes yields no record, not the previous one.
+        let (reply, rec) = respond(&mut e, &mut g, &Event::Halt);
+        assert!(reply == Reply::Continue && rec.is_none());
     }
 }

@@ -178,7 +178,7 @@ impl Engine {
     /// if it concluded one (None when no hook fired). Take it under the same lock
     /// as the call: with several vCPUs, `recent`'s newest entry may be another
     /// vCPU's by the time the lock is taken again.
-    pub fn take_handled(&mut self) -> Option<EventRecord> {
+    pub(crate) fn take_handled(&mut self) -> Option<EventRecord> {
         self.handled.take()
     }
 
