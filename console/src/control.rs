@@ -73,7 +73,7 @@ pub struct Stop {
     /// Why: "event", "breakpoint 2", "step".
     pub cause: StopCause,
     /// The handled event, when the stop is at one.
-    pub event: Option<EventRecord>,
+    pub event: Option<Arc<EventRecord>>,
     /// The VMM event (class and raw data), for `event`.
     pub raw: Option<String>,
     /// What will happen unless overridden.

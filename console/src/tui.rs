@@ -103,7 +103,7 @@ impl Tui {
                 .recent()
                 .iter()
                 .skip(n.saturating_sub(500))
-                .map(event_line)
+                .map(|r| event_line(r))
                 .collect();
             v.alerts = e.alerts().iter().map(|a| (a.id, alert_line(a))).collect();
         }
@@ -213,7 +213,7 @@ impl Tui {
                 let skip = e.recent().len().saturating_sub(500);
                 e.recent()
                     .get(skip + i)
-                    .map(|r| serde_json::to_string_pretty(r).unwrap_or_default())
+                    .map(|r| serde_json::to_string_pretty(&**r).unwrap_or_default())
             }),
             Pane::Alerts => self
                 .selected(Pane::Alerts)

@@ -2,6 +2,8 @@
 //! event out. The eight `handle_*` functions (HVMI's names, kept greppable) are
 //! its implementation; a hypervisor adapter needs only this.
 
+use std::sync::Arc;
+
 use crate::engine::{Engine, EventRecord};
 use crate::glue::Guest;
 use crate::handlers::{self, BreakpointAction, MemAction, MemExit};
@@ -48,7 +50,7 @@ pub enum Response {
 #[derive(Debug, Clone)]
 pub struct Handled {
     pub response: Response,
-    pub record: Option<EventRecord>,
+    pub record: Option<Arc<EventRecord>>,
 }
 
 impl Engine {
@@ -90,7 +92,7 @@ impl Engine {
     /// no host exits for them), or with `timer` HVMI's timer handler (also XCR0,
     /// integrity regions, hooks following remapped pages). Returns the record of
     /// the newest change it concluded, if any.
-    pub fn handle_exit(&mut self, guest: &mut dyn Guest, timer: bool) -> Option<EventRecord> {
+    pub fn handle_exit(&mut self, guest: &mut dyn Guest, timer: bool) -> Option<Arc<EventRecord>> {
         self.take_handled();
         self.note_exit(guest.vcpu());
         if timer {

@@ -5,7 +5,7 @@
 //! tests all use it.
 
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::event::{Event, ExitHandler, HandlerStop, Reply};
@@ -142,7 +142,11 @@ impl Introspection {
     /// The engine's answer to `event` together with the record of that event (if
     /// a hook fired), both from one hold of the engine lock: with several vCPUs
     /// the newest record may be another vCPU's a moment later.
-    pub fn decide(&self, cpu: &mut VcpuCtl<'_>, event: &Event) -> (Reply, Option<EventRecord>) {
+    pub fn decide(
+        &self,
+        cpu: &mut VcpuCtl<'_>,
+        event: &Event,
+    ) -> (Reply, Option<Arc<EventRecord>>) {
         let mut e = self.engine.lock().unwrap();
         let before = e.alerts().len();
         let out = respond(&mut e, cpu, event);
@@ -152,7 +156,7 @@ impl Introspection {
 
     /// The per-exit work (policies, timer, register polls) and the record of the
     /// newest polled change it concluded, from one hold of the engine lock.
-    pub fn poll(&self, cpu: &mut VcpuCtl<'_>) -> Option<EventRecord> {
+    pub fn poll(&self, cpu: &mut VcpuCtl<'_>) -> Option<Arc<EventRecord>> {
         let mut e = self.engine.lock().unwrap();
         let before = e.alerts().len();
         self.arm(&mut e, cpu);
@@ -175,7 +179,11 @@ impl Introspection {
 /// inside the engine (its hooks' controls could not be applied), or a panic in
 /// the engine or a hook, ends the run with a clear reason rather than letting
 /// the guest run unprotected or taking the VMM down.
-pub fn respond(e: &mut Engine, g: &mut dyn Guest, event: &Event) -> (Reply, Option<EventRecord>) {
+pub fn respond(
+    e: &mut Engine,
+    g: &mut dyn Guest,
+    event: &Event,
+) -> (Reply, Option<Arc<EventRecord>>) {
     let Some(ev) = engine_event(event) else {
         // Not the engine's; a failure of the timer or a register poll ends the
         // run at the next event.

@@ -101,7 +101,13 @@ impl Session {
             return Ok("event seen".into());
         }
         let e = self.intro.engine.lock().unwrap();
-        let last: Vec<String> = e.recent().iter().rev().take(5).map(event_line).collect();
+        let last: Vec<String> = e
+            .recent()
+            .iter()
+            .rev()
+            .take(5)
+            .map(|r| event_line(r))
+            .collect();
         Err(format!(
             "no {} event within {t} s; last events: [{}]",
             class.map(|c| c.name()).unwrap_or("any"),

@@ -124,7 +124,11 @@ impl Session {
             let e = self.intro.engine.lock().unwrap();
             let mut out = String::new();
             for r in e.recent() {
-                let _ = writeln!(out, "{}", serde_json::json!({"type": "event", "record": r}));
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"type": "event", "record": &**r})
+                );
             }
             for a in e.alerts() {
                 let _ = writeln!(out, "{}", serde_json::json!({"type": "alert", "alert": a}));

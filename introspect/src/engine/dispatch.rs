@@ -2,6 +2,7 @@
 //! combined verdict, at most one alert, exceptions, log-only mode, the journal and
 //! the record; plus the prologue/epilogue every handler shares.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Engine, EventRecord, RECENT};
@@ -169,6 +170,8 @@ impl Engine {
             hooks,
             verdict,
         };
+        // Shared, not copied: the record is in `recent` and goes to the caller.
+        let record = Arc::new(record);
         self.handled = Some(record.clone());
         self.recent.push_back(record);
         verdict
@@ -178,7 +181,7 @@ impl Engine {
     /// if it concluded one (None when no hook fired). Take it under the same lock
     /// as the call: with several vCPUs, `recent`'s newest entry may be another
     /// vCPU's by the time the lock is taken again.
-    pub(crate) fn take_handled(&mut self) -> Option<EventRecord> {
+    pub(crate) fn take_handled(&mut self) -> Option<Arc<EventRecord>> {
         self.handled.take()
     }
 

@@ -4,6 +4,7 @@
 //! prologue/epilogue of a handler (written once, unlike HVMI's ten copies).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::alert::{Alert, Journal};
@@ -108,7 +109,7 @@ pub struct Engine {
     rights_dirty: bool,
     alerts: Vec<Alert>,
     /// The last `RECENT` handled events.
-    recent: VecDeque<EventRecord>,
+    recent: VecDeque<Arc<EventRecord>>,
     exceptions: Exceptions,
     /// Report NotAllowed but enforce nothing.
     log_only: bool,
@@ -135,7 +136,7 @@ pub struct Engine {
     next_alert: u64,
     /// The record of the event the running handler call concluded (taken by
     /// `take_handled`), so a caller never has to guess which record is its own.
-    handled: Option<EventRecord>,
+    handled: Option<Arc<EventRecord>>,
 }
 
 impl Default for Engine {
@@ -210,7 +211,7 @@ impl Engine {
     }
 
     /// The last `RECENT` handled events, oldest first.
-    pub fn recent(&self) -> &VecDeque<EventRecord> {
+    pub fn recent(&self) -> &VecDeque<Arc<EventRecord>> {
         &self.recent
     }
 

@@ -6,7 +6,7 @@
 //! stop), `ctl` (the handled vCPU).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::Instant;
@@ -25,8 +25,12 @@ use crate::vcpu::state::DebugState;
 
 mod breakpoints;
 mod ctl;
+mod exclusive;
 mod memory;
 mod vcpus;
+
+/// No vCPU (for `VmShared::exclusive`).
+const NO_VCPU: u32 = u32::MAX;
 
 /// Work run on a vCPU's own thread with its `VcpuCtl` (register and memory access
 /// for the console while the vCPU is paused or held at a stop).
@@ -55,8 +59,9 @@ pub(crate) struct VcpuInfo {
     /// RIP and CPL at the last exit (for timeout reports).
     pub(crate) last_rip: AtomicU64,
     pub(crate) last_cpl: AtomicU8,
-    /// Set at the vCPU's first real exit: it has executed guest code.
-    pub(crate) entered: AtomicBool,
+    /// Entries into the guest (KVM_RUN calls), for turn-taking (see
+    /// `begin_exclusive`).
+    pub(crate) entries: AtomicU64,
     /// CR0, CR3, CR4, EFER at the last exit: the paging mode for reading guest
     /// memory from another thread.
     pub(crate) paging: [AtomicU64; 4],
@@ -133,6 +138,11 @@ pub struct VmShared {
     run_gate: RwLock<()>,
     /// A commit is waiting for the gate: vCPUs must not re-enter the guest.
     gate_pending: AtomicBool,
+    /// The vCPU stepping over one of our INT3s alone (`NO_VCPU`: none), and the
+    /// other vCPUs' entry counts when the last such step ended (see
+    /// `begin_exclusive`).
+    exclusive: AtomicU32,
+    last_turn: Mutex<Option<(u32, Vec<u64>)>>,
     /// Bumped by every page-rights change and every memslot commit, so a vCPU can
     /// tell that the slots changed between its entry and its handling of the exit.
     slot_gen: AtomicU64,
@@ -193,7 +203,7 @@ impl VmShared {
                 state: AtomicU8::new(VcpuState::Running as u8),
                 last_rip: AtomicU64::new(0),
                 last_cpl: AtomicU8::new(0),
-                entered: AtomicBool::new(false),
+                entries: AtomicU64::new(0),
                 paging: Default::default(),
             })
             .collect();
@@ -218,6 +228,8 @@ impl VmShared {
             run_gate: RwLock::new(()),
             gate_pending: AtomicBool::new(false),
             slot_gen: AtomicU64::new(0),
+            exclusive: AtomicU32::new(NO_VCPU),
+            last_turn: Mutex::new(None),
             running: AtomicBool::new(false),
             ioctls: AtomicU64::new(0),
         }

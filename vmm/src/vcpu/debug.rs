@@ -268,14 +268,25 @@ impl VcpuThread {
     /// undone after the step.
     pub(super) fn step_over_at(&mut self, gpa: u64) -> Result<(), VmError> {
         let page = gpa & !(PAGE_SIZE - 1);
+        let on_page: Vec<(u64, u8)> = self
+            .vm
+            .sw_breakpoints()
+            .into_iter()
+            .filter(|(g, _)| *g & !(PAGE_SIZE - 1) == page)
+            .collect();
+        // With the INT3s of this page holding their original bytes for the step,
+        // another vCPU there would pass them unseen: step alone.
+        if !on_page.is_empty() {
+            self.vm.begin_exclusive(self.id);
+            self.step.exclusive = true;
+        }
         let access = self.vm.page_access(page);
         let mut restores = Vec::new();
         if access == Access::AllTrap {
             self.vm.protect_page(page, Access::Full)?;
             restores.push(Restore::Page { gpa: page, access });
         }
-        let on_page = self.vm.sw_breakpoints().into_iter();
-        for (g, orig) in on_page.filter(|(g, _)| *g & !(PAGE_SIZE - 1) == page) {
+        for (g, orig) in on_page {
             self.vm.ram().write(g, &[orig])?;
             restores.push(Restore::SwBp { gpa: g });
         }
@@ -299,6 +310,13 @@ impl VcpuThread {
     }
 
     pub(super) fn finish_restores(&mut self, restores: &[Restore]) {
+        self.put_back(restores);
+        if std::mem::take(&mut self.step.exclusive) {
+            self.vm.end_exclusive(self.id);
+        }
+    }
+
+    fn put_back(&mut self, restores: &[Restore]) {
         for r in restores {
             match *r {
                 Restore::Page { gpa, access } => {

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::Duration;
 
 use kvm_bindings::{
     KVM_INTERNAL_ERROR_EMULATION, KVM_MP_STATE_RUNNABLE, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
@@ -172,6 +173,15 @@ impl VcpuThread {
                     Ok(m) => m,
                     Err(_) => return false,
                 }
+            } else if self.vm.excluded(self.id) {
+                // Another vCPU steps over one of our INT3s alone: wait out of the
+                // guest, serving messages as if paused (its state stays Running:
+                // it will go on by itself).
+                match self.rx.recv_timeout(Duration::from_micros(100)) {
+                    Ok(m) => m,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(_) => return false,
+                }
             } else {
                 match self.rx.try_recv() {
                     Ok(m) => m,
@@ -208,7 +218,7 @@ impl VcpuThread {
         if raw == RawExit::Intr {
             self.fd.set_kvm_immediate_exit(0);
         } else {
-            self.info().entered.store(true, Ordering::SeqCst);
+            self.info().entries.fetch_add(1, Ordering::SeqCst);
             self.exits_since_kick += 1;
         }
         Some(raw)

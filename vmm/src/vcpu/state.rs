@@ -36,6 +36,8 @@ pub(crate) struct StepOver {
     /// Restores for hosts that cannot step here (PVM at CPL3): applied at the next exit.
     pub(crate) deferred: Vec<Restore>,
     pub(crate) hw_suspended: bool,
+    /// This vCPU steps alone until the restores are done (`begin_exclusive`).
+    pub(crate) exclusive: bool,
 }
 
 /// Which guest exception entry a hardware breakpoint slot is watching.
