@@ -14,6 +14,14 @@ use crate::commands::{Action, HookSpec, ProtectArg};
 use crate::format::*;
 
 impl Session {
+    /// Applies the engine's pending hook removals (flag-then-commit) on the
+    /// selected vCPU's thread.
+    fn commit_engine(&self) -> Result<(), Error> {
+        let intro = self.intro.clone();
+        self.with_guest(move |cpu| intro.engine.lock().unwrap().commit(cpu))??;
+        Ok(())
+    }
+
     /// `protect list`, or policies on: at once when the guest has its IDT, else
     /// armed for when it loads one (as `--protect` does).
     pub(super) fn protect(&mut self, arg: ProtectArg) -> Result<Output, Error> {
@@ -67,38 +75,20 @@ impl Session {
     }
 
     pub(super) fn hook_delete(&mut self, id: u64) -> Result<Output, Error> {
-        Ok({
-            let intro = self.intro.clone();
-            self.intro.engine.lock().unwrap().remove_hook(id)?;
-            self.with_guest(move |cpu| {
-                intro
-                    .engine
-                    .lock()
-                    .unwrap()
-                    .commit(cpu)
-                    .map_err(|e| e.to_string())
-            })??;
-            Output::text(format!("hook {id} deleted"))
-        })
+        self.intro.engine.lock().unwrap().remove_hook(id)?;
+        self.commit_engine()?;
+        Ok(Output::text(format!("hook {id} deleted")))
     }
 
     pub(super) fn unprotect(&mut self, name: Policy) -> Result<Output, Error> {
-        Ok({
-            let intro = self.intro.clone();
-            let n = policy::disable(&mut self.intro.engine.lock().unwrap(), name);
-            if n == 0 {
-                return Err(format!("policy {name} is not on").into());
-            }
-            self.with_guest(move |cpu| {
-                intro
-                    .engine
-                    .lock()
-                    .unwrap()
-                    .commit(cpu)
-                    .map_err(|e| e.to_string())
-            })??;
-            Output::text(format!("policy {name} off ({n} hooks removed)"))
-        })
+        let n = policy::disable(&mut self.intro.engine.lock().unwrap(), name);
+        if n == 0 {
+            return Err(format!("policy {name} is not on").into());
+        }
+        self.commit_engine()?;
+        Ok(Output::text(format!(
+            "policy {name} off ({n} hooks removed)"
+        )))
     }
 
     pub(super) fn add_hook(&mut self, spec: HookSpec) -> Result<Output, Error> {
