@@ -1,7 +1,7 @@
 //! The engine's view of the hypervisor (HVMI's GLUE_IFACE, reduced to what a
-//! user-space KVM VMM provides). Everything is about the vCPU whose event is being
-//! handled, plus VM-wide controls. The VMM implements it; `mock::MockGuest`
-//! implements it in memory for unit tests.
+//! user-space KVM VMM provides), as two small traits: the handled vCPU's view
+//! (`VcpuView`) and the VM-wide controls (`VmControl`); `Guest` is both. The VMM
+//! implements them; `mock::MockGuest` implements them in memory for unit tests.
 
 use thiserror::Error;
 
@@ -26,8 +26,8 @@ pub enum PageRights {
     AllTrapped,
 }
 
-/// The hypervisor as seen while handling one event of one vCPU.
-pub trait Guest {
+/// The vCPU whose event is being handled: its registers and what can be done to it.
+pub trait VcpuView {
     /// The vCPU whose event is being handled.
     fn vcpu(&self) -> u32;
     fn vcpu_count(&self) -> u32;
@@ -39,7 +39,12 @@ pub trait Guest {
     /// XCR0 (may cost a hypervisor call: poll it on the timer).
     fn xcr0(&self) -> Option<u64>;
     fn set_xcr0(&mut self, value: u64) -> Result<(), GlueError>;
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), GlueError>;
+}
 
+/// VM-wide controls: guest-physical memory, page rights, MSR interception and
+/// breakpoints, the same whichever vCPU asks.
+pub trait VmControl {
     fn ram_size(&self) -> u64;
     fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GlueError>;
     fn write_phys(&mut self, gpa: u64, data: &[u8]) -> Result<(), GlueError>;
@@ -56,5 +61,10 @@ pub trait Guest {
     /// `gva` is where the guest executes it (the VMM decides from it whether user
     /// code can reach it, which costs more to catch on some hosts).
     fn set_breakpoint(&mut self, gpa: u64, gva: u64, on: bool) -> Result<(), GlueError>;
-    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), GlueError>;
 }
+
+/// The hypervisor as seen while handling one event of one vCPU: that vCPU's view
+/// and the VM-wide controls (vmi-rs's small capability traits, combined).
+pub trait Guest: VcpuView + VmControl {}
+
+impl<T: VcpuView + VmControl + ?Sized> Guest for T {}

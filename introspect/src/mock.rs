@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::arch::{Regs, SRegs};
-use crate::glue::{GlueError, Guest, PageRights};
+use crate::glue::{GlueError, PageRights, VcpuView, VmControl};
 
 /// One recorded call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,7 +155,7 @@ impl Default for MockGuest {
     }
 }
 
-impl Guest for MockGuest {
+impl VcpuView for MockGuest {
     fn vcpu(&self) -> u32 {
         self.vcpu
     }
@@ -184,6 +184,12 @@ impl Guest for MockGuest {
         self.xcr0 = value;
         Ok(())
     }
+    fn inject_exception(&mut self, vector: u8, _error_code: Option<u32>) -> Result<(), GlueError> {
+        self.record(Call::Inject(vector))
+    }
+}
+
+impl VmControl for MockGuest {
     fn ram_size(&self) -> u64 {
         self.ram.len() as u64
     }
@@ -247,8 +253,5 @@ impl Guest for MockGuest {
             self.breakpoints.remove(&gpa);
         }
         Ok(())
-    }
-    fn inject_exception(&mut self, vector: u8, _error_code: Option<u32>) -> Result<(), GlueError> {
-        self.record(Call::Inject(vector))
     }
 }

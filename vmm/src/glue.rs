@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 use vmiscope_introspect::arch::{Dtr, Regs, SRegs};
-use vmiscope_introspect::glue::{GlueError, Guest, PageRights};
+use vmiscope_introspect::glue::{GlueError, PageRights, VcpuView, VmControl};
 
 use crate::shared::VcpuCtl;
 use crate::slots::Access;
@@ -12,15 +12,13 @@ fn failed(e: impl std::fmt::Display) -> GlueError {
     GlueError::Failed(e.to_string())
 }
 
-impl Guest for VcpuCtl<'_> {
+impl VcpuView for VcpuCtl<'_> {
     fn vcpu(&self) -> u32 {
         self.id()
     }
-
     fn vcpu_count(&self) -> u32 {
         self.vm().vcpu_count()
     }
-
     fn regs(&self) -> Regs {
         let r = VcpuCtl::regs(self);
         Regs {
@@ -44,7 +42,6 @@ impl Guest for VcpuCtl<'_> {
             rflags: r.rflags,
         }
     }
-
     fn set_regs(&mut self, g: &Regs) {
         let mut r = VcpuCtl::regs(self);
         (r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp) =
@@ -54,7 +51,6 @@ impl Guest for VcpuCtl<'_> {
         (r.rip, r.rflags) = (g.rip, g.rflags);
         VcpuCtl::set_regs(self, &r);
     }
-
     fn sregs(&self) -> SRegs {
         let s = VcpuCtl::sregs(self);
         SRegs {
@@ -78,7 +74,6 @@ impl Guest for VcpuCtl<'_> {
             gs_base: s.gs.base,
         }
     }
-
     fn set_sregs(&mut self, g: &SRegs) {
         let mut s = VcpuCtl::sregs(self);
         (s.cr0, s.cr3, s.cr4) = (g.cr0, g.cr3, g.cr4);
@@ -86,33 +81,33 @@ impl Guest for VcpuCtl<'_> {
             (g.idtr.base, g.idtr.limit, g.gdtr.base, g.gdtr.limit);
         VcpuCtl::set_sregs(self, &s);
     }
-
     fn xcr0(&self) -> Option<u64> {
         self.xcr(0)
     }
-
     fn set_xcr0(&mut self, value: u64) -> Result<(), GlueError> {
         self.set_xcr(0, value).map_err(failed)
     }
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), GlueError> {
+        VcpuCtl::inject_exception(self, vector, error_code).map_err(failed)
+    }
+}
 
+impl VmControl for VcpuCtl<'_> {
     fn ram_size(&self) -> u64 {
         self.vm().ram().size()
     }
-
     fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GlueError> {
         self.vm()
             .ram()
             .read(gpa, buf)
             .map_err(|_| GlueError::OutsideRam(gpa))
     }
-
     fn write_phys(&mut self, gpa: u64, data: &[u8]) -> Result<(), GlueError> {
         self.vm()
             .ram()
             .write(gpa, data)
             .map_err(|_| GlueError::OutsideRam(gpa))
     }
-
     fn cmpxchg_phys(&mut self, gpa: u64, expected: &[u8], new: &[u8]) -> Result<bool, GlueError> {
         let n = expected.len();
         if n != new.len()
@@ -153,7 +148,6 @@ impl Guest for VcpuCtl<'_> {
         };
         Ok(ok)
     }
-
     fn set_page_rights(&mut self, gpa: u64, rights: PageRights) -> Result<(), GlueError> {
         let a = match rights {
             PageRights::Full => Access::Full,
@@ -165,15 +159,12 @@ impl Guest for VcpuCtl<'_> {
             .map(|_| ())
             .map_err(|_| GlueError::OutsideRam(gpa))
     }
-
     fn commit_rights(&mut self) -> Result<(), GlueError> {
         self.vm().commit_access().map(|_| ()).map_err(failed)
     }
-
     fn intercept_msr(&mut self, index: u32, read: bool, write: bool) -> Result<(), GlueError> {
         self.vm().intercept_msr(index, read, write).map_err(failed)
     }
-
     fn set_breakpoint(&mut self, gpa: u64, gva: u64, on: bool) -> Result<(), GlueError> {
         if on {
             self.vm()
@@ -185,9 +176,5 @@ impl Guest for VcpuCtl<'_> {
                 .map(|_| ())
                 .map_err(failed)
         }
-    }
-
-    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), GlueError> {
-        VcpuCtl::inject_exception(self, vector, error_code).map_err(failed)
     }
 }
