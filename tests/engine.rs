@@ -263,6 +263,28 @@ fn introcall_is_answered_by_its_hook() {
 }
 
 #[test]
+fn a_blocked_breakpoint_skips_the_instruction_under_it() {
+    if !kvm_available() {
+        return;
+    }
+    // bp_target is `lea rax, [rdi+1]; ret`: with the LEA skipped each call returns
+    // whatever RAX held, so the guest's sum is not 1+2+3 and it exits with 1.
+    let target = sym("int3", "bp_target");
+    let (serial, alerts, reason) = run("int3", &[], move |e, g| {
+        let t = Target::Breakpoint {
+            gva: target,
+            gpa: 0,
+            hidden: true,
+        };
+        e.add_hook(g, t, "bp", block("bp_target blocked")).unwrap();
+    });
+    assert!(!serial.contains("bp_target sum 6"), "the LEA ran: {serial}");
+    assert_eq!(reason, StopReason::GuestExit((1 << 1) | 1));
+    assert_eq!(alerts.len(), 3, "one alert per blocked call");
+    assert!(alerts.iter().all(|a| a.reason == "bp_target blocked"));
+}
+
+#[test]
 fn breakpoint_hook_fires_and_hides_its_int3() {
     if !kvm_available() {
         return;
