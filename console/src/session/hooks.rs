@@ -65,13 +65,11 @@ impl Session {
     }
 
     pub(super) fn hook_enable(&mut self, id: u64, on: bool) -> Result<Output, Error> {
-        Ok({
-            self.intro.engine.lock().unwrap().set_hook_enabled(id, on)?;
-            Output::text(format!(
-                "hook {id} {}",
-                if on { "enabled" } else { "disabled" }
-            ))
-        })
+        self.intro.engine.lock().unwrap().set_hook_enabled(id, on)?;
+        Ok(Output::text(format!(
+            "hook {id} {}",
+            if on { "enabled" } else { "disabled" }
+        )))
     }
 
     pub(super) fn hook_delete(&mut self, id: u64) -> Result<Output, Error> {

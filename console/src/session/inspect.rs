@@ -20,11 +20,9 @@ impl Session {
     }
 
     pub(super) fn mem_read(&mut self, addr: u64, len: u64, phys: bool) -> Result<Output, Error> {
-        Ok({
-            let mut buf = vec![0u8; len as usize];
-            self.read(addr, &mut buf, phys)?;
-            Output::text(hexdump(addr, &buf))
-        })
+        let mut buf = vec![0u8; len as usize];
+        self.read(addr, &mut buf, phys)?;
+        Ok(Output::text(hexdump(addr, &buf)))
     }
 
     pub(super) fn mem_write(
@@ -33,51 +31,50 @@ impl Session {
         bytes: Vec<u8>,
         phys: bool,
     ) -> Result<Output, Error> {
-        Ok({
-            // Page by page: consecutive virtual pages need not be consecutive
-            // in guest-physical memory. Checked before any byte is written.
-            let pieces: Vec<(u64, u64)> = if phys {
-                vec![(addr, bytes.len() as u64)]
-            } else {
-                vmiscope_introspect::decode::split_pages(addr, bytes.len() as u64)
-                    .into_iter()
-                    .map(|(va, n)| self.translate(va).map(|gpa| (gpa, n)))
-                    .collect::<Result<_, _>>()?
-            };
-            let mut done = 0;
-            for (gpa, n) in pieces {
-                self.shared
-                    .write_around_breakpoints(gpa, &bytes[done..done + n as usize])?;
-                done += n as usize;
-            }
-            Output::text(format!("wrote {} bytes at {addr:#x}", bytes.len()))
-        })
+        // Page by page: consecutive virtual pages need not be consecutive
+        // in guest-physical memory. Checked before any byte is written.
+        let pieces: Vec<(u64, u64)> = if phys {
+            vec![(addr, bytes.len() as u64)]
+        } else {
+            vmiscope_introspect::decode::split_pages(addr, bytes.len() as u64)
+                .into_iter()
+                .map(|(va, n)| self.translate(va).map(|gpa| (gpa, n)))
+                .collect::<Result<_, _>>()?
+        };
+        let mut done = 0;
+        for (gpa, n) in pieces {
+            self.shared
+                .write_around_breakpoints(gpa, &bytes[done..done + n as usize])?;
+            done += n as usize;
+        }
+        Ok(Output::text(format!(
+            "wrote {} bytes at {addr:#x}",
+            bytes.len()
+        )))
     }
 
     pub(super) fn pagewalk(&mut self, gva: u64) -> Result<Output, Error> {
-        Ok({
-            let mode = self.paging()?;
-            let t = vmiscope_introspect::paging::translate(self.shared.ram(), mode, gva)
-                .map_err(|e| e.to_string())?;
-            let mut out = String::new();
-            for s in &t.steps {
-                let _ = writeln!(
-                    out,
-                    "PML{} table {:#x} [{:3}] = {:#018x}",
-                    s.level, s.table, s.index, s.entry
-                );
-            }
-            let _ = write!(
+        let mode = self.paging()?;
+        let t = vmiscope_introspect::paging::translate(self.shared.ram(), mode, gva)
+            .map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        for s in &t.steps {
+            let _ = writeln!(
                 out,
-                "-> {:#x} ({} page, {}{}{})",
-                t.gpa,
-                size_name(t.page_size),
-                if t.writable { "w" } else { "r" },
-                if t.user { "u" } else { "s" },
-                if t.no_exec { " nx" } else { "" }
+                "PML{} table {:#x} [{:3}] = {:#018x}",
+                s.level, s.table, s.index, s.entry
             );
-            Output::text(out)
-        })
+        }
+        let _ = write!(
+            out,
+            "-> {:#x} ({} page, {}{}{})",
+            t.gpa,
+            size_name(t.page_size),
+            if t.writable { "w" } else { "r" },
+            if t.user { "u" } else { "s" },
+            if t.no_exec { " nx" } else { "" }
+        );
+        Ok(Output::text(out))
     }
 
     pub fn disasm(&self, addr: Option<u64>, count: usize) -> Result<String, Error> {

@@ -13,133 +13,124 @@ use crate::format::*;
 
 impl Session {
     pub(super) fn events(&mut self, n: usize, class: Option<Class>) -> Result<Output, Error> {
-        Ok({
-            let e = self.intro.engine.lock().unwrap();
-            let list: Vec<_> = e
-                .recent()
-                .iter()
-                .filter(|r| class.is_none_or(|c| c == r.class))
-                .collect();
-            let mut t = String::new();
-            for r in &list[list.len().saturating_sub(n)..] {
-                let _ = writeln!(t, "{}", event_line(r));
-            }
-            Output::text(if t.is_empty() {
-                "no handled events yet".into()
-            } else {
-                t
-            })
-        })
+        let e = self.intro.engine.lock().unwrap();
+        let list: Vec<_> = e
+            .recent()
+            .iter()
+            .filter(|r| class.is_none_or(|c| c == r.class))
+            .collect();
+        let mut t = String::new();
+        for r in &list[list.len().saturating_sub(n)..] {
+            let _ = writeln!(t, "{}", event_line(r));
+        }
+        Ok(Output::text(if t.is_empty() {
+            "no handled events yet".into()
+        } else {
+            t
+        }))
     }
 
     pub(super) fn alerts(&mut self) -> Result<Output, Error> {
-        Ok({
-            let e = self.intro.engine.lock().unwrap();
-            let t: String = e
-                .alerts()
-                .iter()
-                .map(|a| format!("{}\n", alert_line(a)))
-                .collect();
-            Output::text(if t.is_empty() { "no alerts".into() } else { t })
-        })
+        let e = self.intro.engine.lock().unwrap();
+        let t: String = e
+            .alerts()
+            .iter()
+            .map(|a| format!("{}\n", alert_line(a)))
+            .collect();
+        Ok(Output::text(if t.is_empty() {
+            "no alerts".into()
+        } else {
+            t
+        }))
     }
 
     pub(super) fn alert(&mut self, id: u64) -> Result<Output, Error> {
-        Ok({
-            let e = self.intro.engine.lock().unwrap();
-            let a = e
-                .alerts()
-                .iter()
-                .find(|a| a.id == id)
-                .ok_or_else(|| format!("no alert {id} (see `alerts`)"))?;
-            Output::text(serde_json::to_string_pretty(a).unwrap_or_default())
-        })
+        let e = self.intro.engine.lock().unwrap();
+        let a = e
+            .alerts()
+            .iter()
+            .find(|a| a.id == id)
+            .ok_or_else(|| format!("no alert {id} (see `alerts`)"))?;
+        Ok(Output::text(
+            serde_json::to_string_pretty(a).unwrap_or_default(),
+        ))
     }
 
     pub(super) fn exception_from_alert(&mut self, id: u64) -> Result<Output, Error> {
-        Ok({
-            let mut e = self.intro.engine.lock().unwrap();
-            let a = e
-                .alerts()
-                .iter()
-                .find(|a| a.id == id)
-                .ok_or_else(|| format!("no alert {id} (see `alerts`)"))?;
-            let rule = Rule::from_alert(a);
-            let text = serde_json::to_string(&rule).unwrap_or_default();
-            e.exceptions_mut().rules.push(rule);
-            Output::text(format!(
-                "exception {} added: {text}",
-                e.exceptions().rules.len() - 1
-            ))
-        })
+        let mut e = self.intro.engine.lock().unwrap();
+        let a = e
+            .alerts()
+            .iter()
+            .find(|a| a.id == id)
+            .ok_or_else(|| format!("no alert {id} (see `alerts`)"))?;
+        let rule = Rule::from_alert(a);
+        let text = serde_json::to_string(&rule).unwrap_or_default();
+        e.exceptions_mut().rules.push(rule);
+        Ok(Output::text(format!(
+            "exception {} added: {text}",
+            e.exceptions().rules.len() - 1
+        )))
     }
 
     pub(super) fn exceptions(&mut self) -> Result<Output, Error> {
-        Ok({
-            let e = self.intro.engine.lock().unwrap();
-            Output::text(if e.exceptions().rules.is_empty() {
-                "no exception rules".into()
-            } else {
-                e.exceptions().to_json()
-            })
-        })
+        let e = self.intro.engine.lock().unwrap();
+        Ok(Output::text(if e.exceptions().rules.is_empty() {
+            "no exception rules".into()
+        } else {
+            e.exceptions().to_json()
+        }))
     }
 
     pub(super) fn save_exceptions(&mut self, f: String) -> Result<Output, Error> {
-        Ok({
-            let json = self.intro.engine.lock().unwrap().exceptions().to_json();
-            std::fs::write(&f, json).map_err(|e| format!("cannot write {f}: {e}"))?;
-            Output::text(format!("saved to {f}"))
-        })
+        let json = self.intro.engine.lock().unwrap().exceptions().to_json();
+        std::fs::write(&f, json).map_err(|e| format!("cannot write {f}: {e}"))?;
+        Ok(Output::text(format!("saved to {f}")))
     }
 
     pub(super) fn log_only(&mut self, on: bool) -> Result<Output, Error> {
-        Ok({
-            self.intro.engine.lock().unwrap().set_log_only(on);
-            Output::text(format!("log-only {}", if on { "on" } else { "off" }))
-        })
+        self.intro.engine.lock().unwrap().set_log_only(on);
+        Ok(Output::text(format!(
+            "log-only {}",
+            if on { "on" } else { "off" }
+        )))
     }
 
     pub(super) fn caps(&mut self) -> Result<Output, Error> {
-        Ok({
-            let c = crate::caps::measure()?;
-            Output::text(
-                c.rows
-                    .iter()
-                    .map(|r| {
-                        format!(
-                            "{:<22} CPL0 {:<12} CPL3 {:<12}\n",
-                            r.mechanism,
-                            format!("{:?}", r.cpl0).to_lowercase(),
-                            format!("{:?}", r.cpl3).to_lowercase()
-                        )
-                    })
-                    .collect::<String>(),
-            )
-        })
+        let c = crate::caps::measure()?;
+        Ok(Output::text(
+            c.rows
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{:<22} CPL0 {:<12} CPL3 {:<12}\n",
+                        r.mechanism,
+                        format!("{:?}", r.cpl0).to_lowercase(),
+                        format!("{:?}", r.cpl3).to_lowercase()
+                    )
+                })
+                .collect::<String>(),
+        ))
     }
 
     pub(super) fn save_journal(&mut self, f: String) -> Result<Output, Error> {
-        Ok({
-            let e = self.intro.engine.lock().unwrap();
-            let mut out = String::new();
-            for r in e.recent() {
-                let _ = writeln!(
-                    out,
-                    "{}",
-                    serde_json::json!({"type": "event", "record": &**r})
-                );
-            }
-            for a in e.alerts() {
-                let _ = writeln!(out, "{}", serde_json::json!({"type": "alert", "alert": a}));
-            }
-            std::fs::write(&f, out).map_err(|e| format!("cannot write {f}: {e}"))?;
-            Output::text(format!(
-                "saved {} events and {} alerts to {f}",
-                e.recent().len(),
-                e.alerts().len()
-            ))
-        })
+        let e = self.intro.engine.lock().unwrap();
+        let mut out = String::new();
+        for r in e.recent() {
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::json!({"type": "event", "record": &**r})
+            );
+        }
+        for a in e.alerts() {
+            let _ = writeln!(out, "{}", serde_json::json!({"type": "alert", "alert": a}));
+        }
+        std::fs::write(&f, out).map_err(|e| format!("cannot write {f}: {e}"))?;
+        Ok(Output::text(format!(
+            "saved {} events and {} alerts to {f}",
+            e.recent().len(),
+            e.alerts().len()
+        )))
     }
 
     pub(super) fn stats(&self) -> String {

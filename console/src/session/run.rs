@@ -16,57 +16,47 @@ use crate::format::*;
 
 impl Session {
     pub(super) fn quit(&mut self) -> Result<Output, Error> {
-        Ok({
-            self.shared.stop(StopReason::User);
-            let _ = self.control.resume(None);
-            Output {
-                text: "bye".into(),
-                quit: true,
-            }
+        self.shared.stop(StopReason::User);
+        let _ = self.control.resume(None);
+        Ok(Output {
+            text: "bye".into(),
+            quit: true,
         })
     }
 
     pub(super) fn cont(&mut self) -> Result<Output, Error> {
-        Ok({
-            self.go();
-            Output::text("continuing")
-        })
+        self.go();
+        Ok(Output::text("continuing"))
     }
 
     pub(super) fn pause(&mut self) -> Result<Output, Error> {
-        Ok({
-            self.shared.pause_all();
-            let ok = self.shared.wait_paused(Duration::from_secs(3));
-            Output::text(if ok {
-                self.where_all()
-            } else {
-                "some vCPU did not pause (stopped at an event?)".into()
-            })
-        })
+        self.shared.pause_all();
+        let ok = self.shared.wait_paused(Duration::from_secs(3));
+        Ok(Output::text(if ok {
+            self.where_all()
+        } else {
+            "some vCPU did not pause (stopped at an event?)".into()
+        }))
     }
 
     pub(super) fn next_event(&mut self) -> Result<Output, Error> {
-        Ok({
-            let n = self.control.stop_count();
-            self.control.arm_next_event();
-            self.go();
-            match self.control.wait_stop(n, Duration::from_secs(10)) {
-                Some(_) => Output::text(self.describe_stop()),
-                None => Output::text("no event within 10 s (still running; `pause` to stop)"),
-            }
+        let n = self.control.stop_count();
+        self.control.arm_next_event();
+        self.go();
+        Ok(match self.control.wait_stop(n, Duration::from_secs(10)) {
+            Some(_) => Output::text(self.describe_stop()),
+            None => Output::text("no event within 10 s (still running; `pause` to stop)"),
         })
     }
 
     pub(super) fn select_vcpu(&mut self, n: u32) -> Result<Output, Error> {
-        Ok({
-            if n >= self.shared.vcpu_count() {
-                return Err(
-                    format!("no vCPU {n} (this guest has {})", self.shared.vcpu_count()).into(),
-                );
-            }
-            self.vcpu = n;
-            Output::text(format!("vCPU {n} selected"))
-        })
+        if n >= self.shared.vcpu_count() {
+            return Err(
+                format!("no vCPU {n} (this guest has {})", self.shared.vcpu_count()).into(),
+            );
+        }
+        self.vcpu = n;
+        Ok(Output::text(format!("vCPU {n} selected")))
     }
 
     pub(super) fn break_event(
@@ -74,89 +64,81 @@ impl Session {
         class: Option<Class>,
         vcpu: Option<u32>,
     ) -> Result<Output, Error> {
-        Ok({
-            let id = self.control.add_break(class, None, vcpu);
-            Output::text(format!(
-                "breakpoint {id}: events{}{}",
-                class
-                    .map(|c| format!(" of class {}", c.name()))
-                    .unwrap_or_default(),
-                vcpu.map(|v| format!(" on vCPU {v}")).unwrap_or_default()
-            ))
-        })
+        let id = self.control.add_break(class, None, vcpu);
+        Ok(Output::text(format!(
+            "breakpoint {id}: events{}{}",
+            class
+                .map(|c| format!(" of class {}", c.name()))
+                .unwrap_or_default(),
+            vcpu.map(|v| format!(" on vCPU {v}")).unwrap_or_default()
+        )))
     }
 
     pub(super) fn break_hook(&mut self, h: u64) -> Result<Output, Error> {
-        Ok({
-            if self.intro.engine.lock().unwrap().hooks().get(h).is_none() {
-                return Err(format!("no hook {h} (see `hooks`)").into());
-            }
-            let id = self.control.add_break(None, Some(h), None);
-            Output::text(format!("breakpoint {id}: when hook {h} fires"))
-        })
+        if self.intro.engine.lock().unwrap().hooks().get(h).is_none() {
+            return Err(format!("no hook {h} (see `hooks`)").into());
+        }
+        let id = self.control.add_break(None, Some(h), None);
+        Ok(Output::text(format!(
+            "breakpoint {id}: when hook {h} fires"
+        )))
     }
 
     pub(super) fn breaks(&mut self) -> Result<Output, Error> {
-        Ok({
-            let mut t = String::new();
-            for b in self.control.breaks() {
-                let _ = writeln!(
-                    t,
-                    "{:>3}  class {:<10} hook {:<6} vcpu {}",
-                    b.id,
-                    b.class.map(|c| c.name()).unwrap_or("any"),
-                    b.hook.map(|h| h.to_string()).unwrap_or("any".into()),
-                    b.vcpu.map(|v| v.to_string()).unwrap_or("any".into())
-                );
-            }
-            Output::text(if t.is_empty() {
-                "no event breakpoints".into()
-            } else {
-                t
-            })
-        })
+        let mut t = String::new();
+        for b in self.control.breaks() {
+            let _ = writeln!(
+                t,
+                "{:>3}  class {:<10} hook {:<6} vcpu {}",
+                b.id,
+                b.class.map(|c| c.name()).unwrap_or("any"),
+                b.hook.map(|h| h.to_string()).unwrap_or("any".into()),
+                b.vcpu.map(|v| v.to_string()).unwrap_or("any".into())
+            );
+        }
+        Ok(Output::text(if t.is_empty() {
+            "no event breakpoints".into()
+        } else {
+            t
+        }))
     }
 
     pub(super) fn delete_break(&mut self, n: u32) -> Result<Output, Error> {
-        Ok({
-            if !self.control.delete_break(n) {
-                return Err(format!("no breakpoint {n}").into());
-            }
-            Output::text(format!("deleted breakpoint {n}"))
-        })
+        if !self.control.delete_break(n) {
+            return Err(format!("no breakpoint {n}").into());
+        }
+        Ok(Output::text(format!("deleted breakpoint {n}")))
     }
 
     pub(super) fn verdict(&mut self, v: VerdictChoice) -> Result<Output, Error> {
-        Ok({
-            let stop = self.control.stop().ok_or("not stopped at an event")?;
-            if stop.applied {
-                return Err(
-                    "this event's verdict is already applied (a polled register change or a step)"
-                        .into(),
-                );
+        let stop = self.control.stop().ok_or("not stopped at an event")?;
+        if stop.applied {
+            return Err(
+                "this event's verdict is already applied (a polled register change or a step)"
+                    .into(),
+            );
+        }
+        let over = match v {
+            VerdictChoice::Allow => Some(Override::Allow),
+            VerdictChoice::Deny => Some(Override::Deny),
+            VerdictChoice::Policy => None,
+        };
+        if let (Some(o), Some(ev)) = (over, &stop.event) {
+            self.intro.engine.lock().unwrap().journal_override(
+                ev.event_id,
+                ev.verdict,
+                o == Override::Allow,
+            );
+        }
+        self.control.resume(over);
+        Ok(Output::text(format!(
+            "verdict {}; continuing",
+            match v {
+                VerdictChoice::Allow => "allow",
+                VerdictChoice::Deny => "deny",
+                VerdictChoice::Policy => "as the policy said",
             }
-            let over = match v {
-                VerdictChoice::Allow => Some(Override::Allow),
-                VerdictChoice::Deny => Some(Override::Deny),
-                VerdictChoice::Policy => None,
-            };
-            if let (Some(o), Some(ev)) = (over, &stop.event) {
-                self.intro.engine.lock().unwrap().journal_override(
-                    ev.event_id,
-                    ev.verdict,
-                    o == Override::Allow,
-                );
-            }
-            self.control.resume(over);
-            Output::text(format!(
-                "verdict {}; continuing",
-                match v {
-                    VerdictChoice::Allow => "allow",
-                    VerdictChoice::Deny => "deny",
-                    VerdictChoice::Policy => "as the policy said",
-                }
-            ))
-        })
+        )))
     }
 
     pub(super) fn step(&mut self) -> Result<Output, Error> {
