@@ -363,10 +363,7 @@ impl ExitHandler for ConsoleHandler {
             && let (Event::Mem(m), Reply::Continue) = (event, &reply)
             && m.write
         {
-            let _ = cpu
-                .vm()
-                .ram()
-                .write(m.gpa, &m.data.to_le_bytes()[..m.len.min(8) as usize]);
+            cpu.apply_write(m);
             let stop = Stop {
                 vcpu: cpu.id(),
                 cause,

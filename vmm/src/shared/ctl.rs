@@ -133,6 +133,18 @@ impl VcpuCtl<'_> {
         guest::inject(self.fd, vector, error_code)
     }
 
+    /// Applies a trapped write now, as `Reply::Continue` would after the handler
+    /// returns (then answer `Reply::Drop`: it has landed). For a stop that must
+    /// show the written value, as a data breakpoint (gdb's watchpoints) does.
+    pub fn apply_write(&mut self, m: &crate::event::MemAccess) {
+        if m.write && self.vm.ram().contains(m.gpa, m.len as u64) {
+            let _ = self
+                .vm
+                .ram()
+                .write(m.gpa, &m.data.to_le_bytes()[..m.len.min(8) as usize]);
+        }
+    }
+
     /// Keeps this vCPU inside its exit handler (state `Held`) while `until`
     /// returns None, serving tasks sent with `VmShared::with_vcpu` meanwhile: the
     /// same path as for a paused vCPU. Wake it with `VmShared::wake_vcpu` when the
