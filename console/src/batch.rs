@@ -9,6 +9,7 @@ use vmiscope_vmm::{Event, ExitHandler, Reply, VcpuCtl, Vm};
 use vmiscope_vmm::engine_glue::Introspection;
 
 use crate::cli::RunArgs;
+use crate::format::batch_alert_line;
 use crate::launch::{config, engine, load_image};
 
 /// The engine, with `--events` printing every event first.
@@ -82,7 +83,9 @@ pub fn run(a: &RunArgs) -> i32 {
             return 2;
         }
     };
-    intro.print_alerts = true;
+    intro.set_alert_sink(Box::new(|a| {
+        eprintln!("[vmiscope] {}", batch_alert_line(a))
+    }));
     let intro = Arc::new(intro);
     vmiscope_vmm::install_interrupt_handler();
     vm.shared().serial().set_live(Box::new(|b| {

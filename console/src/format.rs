@@ -72,6 +72,28 @@ pub fn event_line(r: &vmiscope_introspect::EventRecord) -> String {
     )
 }
 
+/// An alert as batch mode prints it on stderr, as it happens.
+pub fn batch_alert_line(a: &vmiscope_introspect::Alert) -> String {
+    format!(
+        "ALERT {} {}: {} (vcpu {} rip {:#x} cpl {}{}{})",
+        a.id,
+        a.class.name(),
+        a.reason,
+        a.vcpu,
+        a.rip,
+        a.cpl,
+        a.instruction
+            .as_deref()
+            .map(|i| format!(", `{i}`"))
+            .unwrap_or_default(),
+        if a.enforced {
+            ""
+        } else {
+            ", log-only: allowed"
+        }
+    )
+}
+
 pub fn alert_line(a: &vmiscope_introspect::Alert) -> String {
     format!(
         "alert {} {} {}: {} (vcpu {} rip {:#x}{})",

@@ -53,6 +53,9 @@ pub fn policy_env(sym: &Symbols) -> PolicyEnv {
     env
 }
 
+/// Receives each alert as it is raised, on the vCPU thread that raised it.
+pub type AlertSink = Box<dyn Fn(&Alert) + Send + Sync>;
+
 /// Setup run once the guest is up (policies, a test's hooks).
 pub type OnReady = Box<dyn FnOnce(&mut Engine, &mut dyn Guest) + Send>;
 
@@ -62,8 +65,8 @@ pub struct Introspection {
     last_tick: Mutex<Instant>,
     /// How often `handle_timer` runs (HVMI: once a second).
     pub timer_period: Duration,
-    /// Print each alert as it happens (batch mode).
-    pub print_alerts: bool,
+    /// Called with each alert as it is raised (batch mode prints them).
+    alert_sink: Option<AlertSink>,
 }
 
 impl Introspection {
@@ -84,8 +87,13 @@ impl Introspection {
             pending: Mutex::new(pending),
             last_tick: Mutex::new(Instant::now()),
             timer_period: Duration::from_secs(1),
-            print_alerts: false,
+            alert_sink: None,
         }
+    }
+
+    /// Sends every alert, as it is raised, to `sink`.
+    pub fn set_alert_sink(&mut self, sink: AlertSink) {
+        self.alert_sink = Some(sink);
     }
 
     /// Runs `f` once the guest runs on its own descriptor tables.
@@ -112,28 +120,10 @@ impl Introspection {
         }
     }
 
+    /// Hands the alerts raised since `before` to the alert sink, if any.
     fn report(&self, e: &Engine, before: usize) {
-        if self.print_alerts {
-            for a in &e.alerts()[before..] {
-                eprintln!(
-                    "[vmiscope] ALERT {} {}: {} (vcpu {} rip {:#x} cpl {}{}{})",
-                    a.id,
-                    a.class.name(),
-                    a.reason,
-                    a.vcpu,
-                    a.rip,
-                    a.cpl,
-                    a.instruction
-                        .as_deref()
-                        .map(|i| format!(", `{i}`"))
-                        .unwrap_or_default(),
-                    if a.enforced {
-                        ""
-                    } else {
-                        ", log-only: allowed"
-                    }
-                );
-            }
+        if let Some(sink) = &self.alert_sink {
+            e.alerts()[before..].iter().for_each(sink);
         }
     }
 }
