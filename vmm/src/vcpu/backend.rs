@@ -35,8 +35,8 @@ impl ExitBackend for VcpuThread {
     }
 
     fn ask(&mut self, event: &Event) -> Reply {
-        let handler = self.handler.clone();
-        handler.on_event(&mut self.ctl(), event)
+        let (mut ctl, handler) = self.ctl_and_handler();
+        handler.on_event(&mut ctl, event)
     }
 
     fn stop(&mut self, reason: StopReason) {

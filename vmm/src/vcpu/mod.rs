@@ -128,14 +128,21 @@ impl VcpuThread {
     }
 
     fn ctl(&mut self) -> VcpuCtl<'_> {
-        VcpuCtl::new(
+        self.ctl_and_handler().0
+    }
+
+    /// The vCPU's `VcpuCtl` and its exit handler, borrowed side by side (no
+    /// reference count touched per exit).
+    fn ctl_and_handler(&mut self) -> (VcpuCtl<'_>, &dyn ExitHandler) {
+        let ctl = VcpuCtl::new(
             self.id,
             &mut self.fd,
             &self.vm,
             &mut self.debug,
             &self.rx,
             &mut self.paused,
-        )
+        );
+        (ctl, &*self.handler)
     }
 
     pub(crate) fn run(mut self) {
@@ -151,8 +158,8 @@ impl VcpuThread {
             let raw = self.enter_guest();
             let Some(raw) = raw else { break };
             self.note_exit(raw);
-            let handler = self.handler.clone();
-            handler.on_exit(&mut self.ctl());
+            let (mut ctl, handler) = self.ctl_and_handler();
+            handler.on_exit(&mut ctl);
             if let Flow::Stop = handle::handle_exit(&mut self, raw) {
                 break;
             }
