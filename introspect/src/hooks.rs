@@ -98,10 +98,6 @@ impl Hooks {
         Some(h)
     }
 
-    pub fn has_removed(&self) -> bool {
-        self.removed_pending
-    }
-
     /// Deletes every flagged hook; returns them (the engine undoes their controls).
     pub(crate) fn commit(&mut self) -> Vec<Hook> {
         if !self.removed_pending {
