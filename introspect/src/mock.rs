@@ -25,6 +25,8 @@ pub enum Call {
 /// The kinds of calls that change hypervisor state (and can be made to fail).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
+    /// Reads of guest-physical memory (not recorded: there are many).
+    ReadPhys,
     SetRights,
     CommitRights,
     InterceptMsr,
@@ -53,7 +55,8 @@ impl Call {
 
 pub struct MockGuest {
     /// Fail the n-th (from 1) call of this kind, counted from when it was set.
-    fault: Option<(Op, usize)>,
+    /// Interior mutability: reads (`&self`) can be made to fail too.
+    fault: std::cell::Cell<Option<(Op, usize)>>,
     pub vcpu: u32,
     pub vcpus: u32,
     pub regs: Regs,
@@ -73,7 +76,7 @@ pub const MOCK_CR3: u64 = 0x1000;
 impl MockGuest {
     pub fn new() -> Self {
         let mut g = MockGuest {
-            fault: None,
+            fault: std::cell::Cell::new(None),
             vcpu: 0,
             vcpus: 1,
             regs: Regs::default(),
@@ -125,23 +128,25 @@ impl MockGuest {
     /// Makes the `nth` (from 1) next call of kind `op` fail with
     /// `GlueError::Failed`; it is still recorded.
     pub fn fail_nth(&mut self, op: Op, nth: usize) {
-        self.fault = Some((op, nth));
+        self.fault.set(Some((op, nth)));
     }
 
     /// Records `call`, then fails it if it is the one `fail_nth` picked.
     fn record(&mut self, call: Call) -> Result<(), GlueError> {
         let op = call.op();
         self.calls.push(call);
-        match &mut self.fault {
-            Some((f, n)) if Some(*f) == op => {
-                *n -= 1;
-                if *n == 0 {
-                    self.fault = None;
-                    return Err(GlueError::Failed(format!(
-                        "injected {:?} failure",
-                        op.unwrap()
-                    )));
-                }
+        op.map_or(Ok(()), |op| self.check(op))
+    }
+
+    /// Fails this call of kind `op` if it is the one `fail_nth` picked.
+    fn check(&self, op: Op) -> Result<(), GlueError> {
+        match self.fault.get() {
+            Some((f, 1)) if f == op => {
+                self.fault.set(None);
+                Err(GlueError::Failed(format!("injected {op:?} failure")))
+            }
+            Some((f, n)) if f == op => {
+                self.fault.set(Some((f, n - 1)));
                 Ok(())
             }
             _ => Ok(()),
@@ -194,6 +199,7 @@ impl VmControl for MockGuest {
         self.ram.len() as u64
     }
     fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GlueError> {
+        self.check(Op::ReadPhys)?;
         let end = gpa
             .checked_add(buf.len() as u64)
             .filter(|e| *e <= self.ram.len() as u64)

@@ -360,4 +360,39 @@ mod tests {
         let (reply, rec) = respond(&mut e, &mut g, &Event::Halt);
         assert!(reply == Reply::Continue && rec.is_none());
     }
+
+    #[test]
+    fn a_guest_memory_read_that_fails_mid_event_is_survived() {
+        // The engine reads the instruction bytes and page tables while it judges a
+        // write; if the hypervisor fails one of those reads, the event is still
+        // answered (judged from what the exit reported), nothing panics.
+        for nth in 1..=4 {
+            let (mut e, mut g) = (Engine::new(), MockGuest::new());
+            let t = Target::Gpa {
+                gpa: 0x5000,
+                len: 8,
+                rights: Rights::W,
+            };
+            e.add_hook(&mut g, t, "w", Box::new(|_| Outcome::block("no")))
+                .unwrap();
+            g.put(0x20000, &[0x89, 0x08]); // mov [rax], ecx
+            (g.regs.rax, g.regs.rip) = (0x5000, 0x20002);
+            g.fail_nth(Op::ReadPhys, nth);
+            let write = Event::Mem(MemAccess {
+                gpa: 0x5000,
+                len: 4,
+                write: true,
+                data: 7,
+                rip: 0x20002,
+                cpl: 0,
+            });
+            let (reply, rec) = respond(&mut e, &mut g, &write);
+            assert_eq!(
+                reply,
+                Reply::Drop,
+                "read {nth} failed: the hook still decides"
+            );
+            assert!(rec.is_some());
+        }
+    }
 }
