@@ -218,3 +218,33 @@ fn garbage_on_every_port_does_not_hurt_the_vmm() {
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("port-garbage: survived"));
 }
+
+#[test]
+fn timeouts_too_large_for_the_clock_are_refused_not_a_panic() {
+    if !kvm_available() {
+        return;
+    }
+    for t in ["1e300", "inf", "nan", "0"] {
+        let out = vmiscope()
+            .args(["run", "hello", "--batch", "--timeout", t])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--timeout {t}: {err}");
+        assert!(err.contains("--timeout must be"), "--timeout {t}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // The same bound in a script's `expect … timeout`: a parse error, exit 2.
+    let script = std::env::temp_dir().join(format!("vmiscope-inf-{}.vms", std::process::id()));
+    std::fs::write(&script, "expect exit 0 timeout inf\n").unwrap();
+    let out = vmiscope()
+        .args(["run", "hello", "--script", script.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&script);
+    let all =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!all.contains("panicked"), "{all}");
+    assert!(all.contains("timeout SECS"), "{all}");
+    assert_ne!(out.status.code(), Some(0), "{all}");
+}

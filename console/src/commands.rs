@@ -265,6 +265,14 @@ impl From<&str> for ParseError {
     }
 }
 
+/// A number of seconds as a `Duration`: finite, above 0 and at most 1e9 (about
+/// 31 years; more would overflow the clock arithmetic a timeout does).
+pub fn seconds(t: f64) -> Option<std::time::Duration> {
+    (t > 0.0 && t <= 1e9)
+        .then(|| std::time::Duration::try_from_secs_f64(t).ok())
+        .flatten()
+}
+
 /// Resolves a number: 0x-hex, decimal, a symbol, or SYMBOL+OFFSET.
 pub fn number(s: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<u64, ParseError> {
     let parse = |t: &str| -> Option<u64> {
@@ -322,6 +330,11 @@ pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Com
             None => Ok(()),
         }
     };
+    // A 32-bit number: a larger one is refused, not truncated.
+    let num32 = |i: usize, what: &str| -> Result<u32, ParseError> {
+        let v = num(i, what)?;
+        u32::try_from(v).map_err(|_| format!("`{v:#x}` is too large for {what}").into())
+    };
     use Command as C;
     let c = match w[0] {
         "continue" | "c" => none_after(1).map(|_| C::Continue)?,
@@ -329,23 +342,23 @@ pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Com
         "step" | "s" | "si" => none_after(1).map(|_| C::Step)?,
         "next-event" | "n" => none_after(1).map(|_| C::NextEvent)?,
         "quit" | "q" | "exit" => none_after(1).map(|_| C::Quit)?,
-        "vcpu" => C::Vcpu(num(1, "a vCPU number")? as u32),
+        "vcpu" => C::Vcpu(num32(1, "a vCPU number")?),
         "break" => parse_break(&w, &num)?,
-        "breaks" => C::Breaks,
-        "delete" => C::Delete(num(1, "a breakpoint number")? as u32),
-        "event" => C::Event,
+        "breaks" => none_after(1).map(|_| C::Breaks)?,
+        "delete" => C::Delete(num32(1, "a breakpoint number")?),
+        "event" => none_after(1).map(|_| C::Event)?,
         "verdict" => C::Verdict(match w.get(1).copied() {
             Some("allow") => VerdictChoice::Allow,
             Some("deny") => VerdictChoice::Deny,
             Some("policy") => VerdictChoice::Policy,
             _ => return Err("expected `verdict allow|deny|policy`".into()),
         }),
-        "hooks" => C::Hooks,
+        "hooks" => none_after(1).map(|_| C::Hooks)?,
         "hook" => parse_hook(&w, sym)?,
         "protect" | "unprotect" => parse_protect(&w)?,
-        "regs" => C::Regs,
-        "sregs" => C::Sregs,
-        "msr" => C::Msr(num(1, "an MSR index")? as u32),
+        "regs" => none_after(1).map(|_| C::Regs)?,
+        "sregs" => none_after(1).map(|_| C::Sregs)?,
+        "msr" => C::Msr(num32(1, "an MSR index")?),
         "mem" => parse_mem(&w, sym)?,
         "disasm" | "x/i" => C::Disasm {
             addr: w.get(1).map(|s| number(s, sym)).transpose()?,
@@ -359,7 +372,7 @@ pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Com
         "translate" => C::Translate(num(1, "a guest-virtual address")?),
         "pagewalk" => C::Pagewalk(num(1, "a guest-virtual address")?),
         "events" => parse_events(&w)?,
-        "alerts" => C::Alerts,
+        "alerts" => none_after(1).map(|_| C::Alerts)?,
         "alert" => C::Alert(num(1, "an alert id")?),
         "exception" => match (w.get(1).copied(), w.get(2)) {
             (Some("add-from-alert"), Some(id)) => C::ExceptionFromAlert(number(id, sym)?),
@@ -375,8 +388,8 @@ pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Com
             Some("off") => false,
             _ => return Err("expected `log-only on|off`".into()),
         }),
-        "stats" => C::Stats,
-        "caps" => C::Caps,
+        "stats" => none_after(1).map(|_| C::Stats)?,
+        "caps" => none_after(1).map(|_| C::Caps)?,
         "journal" => match (w.get(1).copied(), w.get(2)) {
             (Some("save"), Some(f)) => C::JournalSave(f.to_string()),
             _ => return Err("expected `journal save FILE`".into()),
@@ -626,8 +639,8 @@ fn parse_expect(
             let t: f64 = w
                 .get(i + 1)
                 .and_then(|t| t.parse().ok())
-                .filter(|t: &f64| *t > 0.0)
-                .ok_or("expected `timeout SECS`")?;
+                .filter(|t| seconds(*t).is_some())
+                .ok_or("expected `timeout SECS` (more than 0, at most 1e9)")?;
             (&w[..i], t)
         }
         None => (w, 10.0),
@@ -800,6 +813,14 @@ mod tests {
             ("expect exit", "expected `expect exit CODE`"),
             ("expect reg rax 1", "expected `expect reg NAME = VALUE`"),
             ("expect alert msr timeout", "expected `timeout SECS`"),
+            ("expect exit 0 timeout inf", "expected `timeout SECS`"),
+            ("expect exit 0 timeout 1e300", "expected `timeout SECS`"),
+            ("vcpu 4294967296", "too large"),
+            ("msr 0xffffffffffffffff", "too large"),
+            ("regs -1", "takes no `-1`"),
+            ("regs hook", "takes no `hook`"),
+            ("stats 1 2 3", "takes no `1`"),
+            ("event nosuch", "takes no `nosuch`"),
             ("continue now", "takes no `now`"),
         ];
         for (b, want) in bad {

@@ -2,8 +2,6 @@
 //! configuration and the engine (policies, exceptions, journal). Shared by batch
 //! mode, the console, scripts, gdb and bench.
 
-use std::time::Duration;
-
 use crate::error::Error;
 
 use vmiscope_introspect::policy;
@@ -39,10 +37,11 @@ pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, Error> {
         });
     }
     let timeout = match a.timeout {
-        Some(t) if !(t > 0.0 && t.is_finite()) => {
-            return Err("--timeout must be a positive number of seconds".into());
-        }
-        t => t.map(Duration::from_secs_f64),
+        Some(t) => Some(
+            crate::commands::seconds(t)
+                .ok_or("--timeout must be a number of seconds above 0 and at most 1e9")?,
+        ),
+        None => None,
     };
     Ok(VmConfig {
         vcpus: a.vcpus.unwrap_or(default_vcpus),

@@ -17,7 +17,9 @@ impl Session {
         {
             self.go();
         }
-        let deadline = Instant::now() + Duration::from_secs_f64(timeout);
+        // The parser bounds the timeout; a caller that did not gets the default.
+        let wait = crate::commands::seconds(timeout).unwrap_or(Duration::from_secs(10));
+        let deadline = Instant::now() + wait;
         match e {
             Expect::Alert { class } => self.expect_alert(*class, deadline, timeout),
             Expect::Event { class } => self.expect_event(*class, deadline, timeout),
