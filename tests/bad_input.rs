@@ -248,3 +248,33 @@ fn timeouts_too_large_for_the_clock_are_refused_not_a_panic() {
     assert!(all.contains("timeout SECS"), "{all}");
     assert_ne!(out.status.code(), Some(0), "{all}");
 }
+
+#[test]
+fn the_tui_without_a_terminal_falls_back_to_the_repl() {
+    if !kvm_available() {
+        return;
+    }
+    use std::io::Write as _;
+    // `--tui` with stdin a pipe, and `tui` typed into that REPL: both used to
+    // panic inside the terminal library.
+    let mut child = vmiscope()
+        .args(["run", "hello", "--tui"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"tui\nregs\nquit\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let all =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!all.contains("panicked"), "{all}");
+    assert_eq!(all.matches("the TUI needs a terminal").count(), 2, "{all}");
+    assert!(all.contains("rip"), "the REPL ran the commands: {all}");
+    assert_eq!(out.status.code(), Some(130), "quit ends the run: {all}");
+}

@@ -498,7 +498,21 @@ impl Default for Tui {
 
 /// Runs the TUI until `q` (Mode::Quit) or F2 (Mode::Repl).
 pub fn run(s: &mut Session) -> Mode {
-    let mut terminal = ratatui::init();
+    use std::io::IsTerminal;
+    // Without a terminal ratatui cannot start (it would panic): say so and stay
+    // in the REPL, which works on pipes.
+    let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    let mut terminal = match tty.then(ratatui::try_init) {
+        Some(Ok(t)) => t,
+        Some(Err(e)) => {
+            eprintln!("vmiscope: cannot start the TUI ({e}); the REPL instead");
+            return Mode::Repl;
+        }
+        None => {
+            eprintln!("vmiscope: the TUI needs a terminal on stdin and stdout; the REPL instead");
+            return Mode::Repl;
+        }
+    };
     let mut t = Tui::new();
     let frame = Duration::from_millis(50);
     let mode = loop {
