@@ -31,8 +31,13 @@ impl Term {
     fn start(cols: u16, rows: u16, args: &str) -> Term {
         let name = format!("vmiscope-{}-{cols}", std::process::id());
         let exe = env!("CARGO_BIN_EXE_vmiscope");
+        // A tmux server per terminal (`-L`): tests run in parallel, and a shared
+        // server that exits with its last session races the next `new-session`
+        // ("server exited unexpectedly").
         let st = Command::new("tmux")
             .args([
+                "-L",
+                &name,
                 "new-session",
                 "-d",
                 "-s",
@@ -49,8 +54,16 @@ impl Term {
         Term { name }
     }
 
+    /// tmux on this terminal's own server.
+    fn tmux(&self) -> Command {
+        let mut c = Command::new("tmux");
+        c.args(["-L", &self.name]);
+        c
+    }
+
     fn screen(&self) -> String {
-        let o = Command::new("tmux")
+        let o = self
+            .tmux()
             .args(["capture-pane", "-p", "-t", &self.name])
             .output()
             .unwrap();
@@ -59,7 +72,7 @@ impl Term {
 
     fn keys(&self, keys: &[&str]) {
         for k in keys {
-            Command::new("tmux")
+            self.tmux()
                 .args(["send-keys", "-t", &self.name, k])
                 .status()
                 .unwrap();
@@ -68,7 +81,7 @@ impl Term {
 
     fn type_line(&self, text: &str) {
         self.keys(&[":"]);
-        Command::new("tmux")
+        self.tmux()
             .args(["send-keys", "-t", &self.name, "-l", text])
             .status()
             .unwrap();
@@ -95,7 +108,8 @@ impl Term {
 
 impl Drop for Term {
     fn drop(&mut self) {
-        let _ = Command::new("tmux")
+        let _ = self
+            .tmux()
             .args(["kill-session", "-t", &self.name])
             .status();
     }
