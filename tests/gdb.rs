@@ -699,16 +699,36 @@ impl Rsp {
         Rsp(c)
     }
 
+    /// Sends `$body#xx` and returns the console output (`O…` packets, decoded)
+    /// followed by the final reply.
+    fn ask_output(&mut self, body: &str) -> (String, String) {
+        let mut text = String::new();
+        let mut reply = self.ask(body);
+        while let Some(hex) = reply.strip_prefix('O').filter(|_| reply != "OK") {
+            let bytes: Vec<u8> = (0..hex.len() / 2)
+                .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+                .collect();
+            text.push_str(&String::from_utf8_lossy(&bytes));
+            reply = self.read_reply();
+        }
+        (text, reply)
+    }
+
     /// Sends `$body#xx` and returns the body of the reply.
     fn ask(&mut self, body: &str) -> String {
         let sum = body.bytes().fold(0u8, |a, b| a.wrapping_add(b));
         write!(self.0, "${body}#{sum:02x}").unwrap();
+        self.read_reply()
+    }
+
+    /// Reads the next packet and acknowledges it.
+    fn read_reply(&mut self) -> String {
         let mut reply = Vec::new();
         let mut b = [0u8];
         loop {
             match self.0.read(&mut b) {
                 Ok(1) => {}
-                other => panic!("no reply to `{body}` (stub gone or hung): {other:?}"),
+                other => panic!("no reply (stub gone or hung): {other:?}"),
             }
             match b[0] {
                 b'+' if reply.is_empty() => {}
@@ -786,4 +806,34 @@ fn a_breakpoint_in_code_both_vcpus_run_stops_instead_of_triple_faulting() {
     // their original bytes meanwhile), the other waits: it cannot run through
     // the breakpoint unseen.
     assert!(out.contains("hit Breakpoint 1.2, ap_main"), "{out}");
+}
+
+#[test]
+fn watchpoints_that_wrap_are_huge_or_half_mapped_are_refused_whole() {
+    if !kvm_available() {
+        return;
+    }
+    let p = port();
+    let child = vm("hello", p);
+    let mut rsp = Rsp::connect(p);
+    // A length that wraps round the address space used to answer OK and install
+    // nothing; 1 TiB used to build a quarter of a billion page entries first.
+    for z in ["Z2,1000,ffffffffffffffff", "Z2,1000,10000000000"] {
+        let r = rsp.ask(z);
+        assert_ne!(r, "OK", "{z}");
+    }
+    // The last page of 0x7ffe000+0x3000 is past RAM (128 MiB): nothing stays.
+    let r = rsp.ask("Z2,7ffe000,3000");
+    assert_ne!(r, "OK");
+    let hex: String = "hooks".bytes().map(|b| format!("{b:02x}")).collect();
+    let (text, reply) = rsp.ask_output(&format!("qRcmd,{hex}"));
+    assert_eq!(reply, "OK");
+    assert!(
+        text.contains("no hooks"),
+        "a failed watchpoint left hooks: {text}"
+    );
+    let end = rsp.ask("vCont;c");
+    assert!(end.starts_with('W'), "{end}");
+    let (code, out) = finish(child);
+    assert_eq!(code, Some(0), "{out}");
 }

@@ -6,6 +6,9 @@ use vmiscope_introspect::{Rights, Target as HookTarget};
 
 use super::*;
 
+/// The largest range one watchpoint may cover: a page hook per page.
+const MAX_WATCH: u64 = 1 << 20;
+
 impl HwWatchpoint for GdbTarget {
     /// A page hook on the range: any number, invisible, at any CPL.
     fn add_hw_watchpoint(
@@ -23,6 +26,14 @@ impl HwWatchpoint for GdbTarget {
                 exec: false,
             },
         };
+        // Checked before anything is built: an empty or wrapping range, or one
+        // larger than MAX_WATCH (a page hook per page), is refused.
+        if len == 0 || len > MAX_WATCH || addr.checked_add(len).is_none() {
+            eprintln!(
+                "[vmiscope] gdb: watch {addr:#x}+{len:#x} refused (1 to {MAX_WATCH:#x} bytes)"
+            );
+            return Ok(false);
+        }
         let mut pieces = Vec::new();
         for (va, n) in vmiscope_introspect::decode::split_pages(addr, len) {
             let Some(p) = self.add_engine_hook(HookTarget::Gva {
@@ -32,6 +43,10 @@ impl HwWatchpoint for GdbTarget {
                 cr3: 0,
                 gpa: None,
             }) else {
+                // All or nothing: gdb cannot remove a watchpoint it was told failed.
+                for (hook, brk) in pieces {
+                    self.remove_engine_hook(hook, brk);
+                }
                 return Ok(false);
             };
             self.stops.insert(p.1, GdbStop::Watch(kind, addr));

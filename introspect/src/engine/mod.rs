@@ -506,7 +506,11 @@ fn check_range(addr: u64, len: u64) -> Result<(), HookError> {
     if len == 0 {
         return Err(HookError::Empty);
     }
-    if (addr & 0xfff) + len > 0x1000 {
+    // Checked: a length near 2^64 must not wrap round into a small range.
+    if (addr & 0xfff)
+        .checked_add(len)
+        .is_none_or(|end| end > 0x1000)
+    {
         return Err(HookError::CrossesPage(addr, len));
     }
     Ok(())

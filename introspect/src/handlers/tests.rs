@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::arch::{Cr, Dtr, DtrKind};
-use crate::engine::Engine;
+use crate::engine::{Engine, HookError};
 use crate::event::{AccessKind, Detection, EventInfo};
 use crate::glue::PageRights;
 use crate::handlers::*;
@@ -796,4 +796,19 @@ fn each_handler_call_yields_its_own_record_with_two_vcpus() {
     e.take_handled();
     handle_breakpoint(&mut e, &mut g, 0x40000, 0x40000);
     assert!(e.take_handled().is_none());
+}
+
+#[test]
+fn a_length_near_2_pow_64_does_not_wrap_into_a_small_range() {
+    let (mut e, mut g) = (Engine::new(), MockGuest::new());
+    let t = Target::Gpa {
+        gpa: 0x20_0001,
+        len: u64::MAX,
+        rights: Rights::W,
+    };
+    let err = e
+        .add_hook(&mut g, t, "wrap", answer(Verdict::Allowed))
+        .unwrap_err();
+    assert!(matches!(err, HookError::CrossesPage(..)), "{err}");
+    assert!(e.hooks().is_empty());
 }
