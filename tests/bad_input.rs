@@ -278,3 +278,41 @@ fn the_tui_without_a_terminal_falls_back_to_the_repl() {
     assert!(all.contains("rip"), "the REPL ran the commands: {all}");
     assert_eq!(out.status.code(), Some(130), "quit ends the run: {all}");
 }
+
+#[test]
+fn endless_image_and_module_files_are_refused_not_read_whole() {
+    if !kvm_available() {
+        return;
+    }
+    for args in [
+        &["run", "/dev/zero", "--batch"][..],
+        &["run", "multiboot", "--batch", "--module", "/dev/zero"][..],
+    ] {
+        let mut child = vmiscope()
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Reading stops one byte past the guest's RAM: an error in well under a
+        // second. The old code read until memory ran out.
+        let t = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if t.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(status.and_then(|s| s.code()), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("larger than the guest's 128 MiB"),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -55,7 +55,7 @@ pub fn run(a: &RunArgs) -> i32 {
     if let Some(mode) = ui {
         return crate::ui::interactive(a, mode);
     }
-    let (image, vcpus) = match load_image(&a.image) {
+    let (image, vcpus) = match load_image(&a.image, a.mem) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("vmiscope: {e}");

@@ -11,12 +11,32 @@ use vmiscope_vmm::{Module, VmConfig};
 
 use crate::cli::RunArgs;
 
-/// Resolves a built-in image name or reads a file.
-pub fn load_image(name: &str) -> Result<(Vec<u8>, u32), Error> {
+/// Reads a file that must fit in `mem_mib` MiB of guest RAM; a larger one (or an
+/// endless one, `/dev/zero`) is refused after reading one byte past the limit,
+/// not read whole.
+fn read_bounded(path: &std::path::Path, mem_mib: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let limit = mem_mib.min(vmiscope_vmm::config::MAX_MEM_MIB) << 20;
+    let mut data = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_end(&mut data)?;
+    if data.len() as u64 > limit {
+        return Err(std::io::Error::other(format!(
+            "larger than the guest's {} MiB of RAM (--mem)",
+            limit >> 20
+        )));
+    }
+    Ok(data)
+}
+
+/// The image named `name` (built-in, or a file that fits in `mem_mib` MiB) and
+/// the vCPUs it is meant for.
+pub fn load_image(name: &str, mem_mib: u64) -> Result<(Vec<u8>, u32), Error> {
     if let Some(i) = vmiscope_images::find(name) {
         return Ok((i.elf.to_vec(), i.vcpus));
     }
-    match std::fs::read(name) {
+    match read_bounded(std::path::Path::new(name), mem_mib) {
         Ok(b) => Ok((b, 1)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err((format!(
             "no built-in image or file named `{name}` (see `vmiscope images`)"
@@ -29,8 +49,8 @@ pub fn load_image(name: &str) -> Result<(Vec<u8>, u32), Error> {
 pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, Error> {
     let mut modules = Vec::new();
     for m in &a.modules {
-        let data =
-            std::fs::read(m).map_err(|e| format!("cannot read module {}: {e}", m.display()))?;
+        let data = read_bounded(m, a.mem)
+            .map_err(|e| format!("cannot read module {}: {e}", m.display()))?;
         modules.push(Module {
             name: m.display().to_string(),
             data,

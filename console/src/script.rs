@@ -16,7 +16,7 @@ pub fn run(a: &RunArgs, path: &Path) -> i32 {
         }
     };
     // Symbols for parsing come from the image; parse everything before running.
-    let syms = match crate::launch::load_image(&a.image) {
+    let syms = match crate::launch::load_image(&a.image, a.mem) {
         Ok((img, _)) => vmiscope_vmm::Symbols::parse(&img),
         Err(e) => {
             eprintln!("vmiscope: {e}");

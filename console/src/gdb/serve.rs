@@ -107,7 +107,7 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) ->
             return 2;
         }
     };
-    let exec = crate::launch::load_image(&a.image)
+    let exec = crate::launch::load_image(&a.image, a.mem)
         .ok()
         .and_then(|(img, _)| exec_file_for(&a.image, &img));
     eprintln!(

@@ -81,7 +81,7 @@ pub struct Session {
 impl Session {
     /// Builds the VM and starts it paused at its entry.
     pub fn start(a: &RunArgs) -> Result<Session, Error> {
-        let (image, vcpus) = crate::launch::load_image(&a.image)?;
+        let (image, vcpus) = crate::launch::load_image(&a.image, a.mem)?;
         let mut cfg = crate::launch::config(a, vcpus)?;
         cfg.start_paused = true;
         let vm = Vm::new(&cfg, &image)?;
