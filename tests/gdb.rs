@@ -837,3 +837,32 @@ fn watchpoints_that_wrap_are_huge_or_half_mapped_are_refused_whole() {
     let (code, out) = finish(child);
     assert_eq!(code, Some(0), "{out}");
 }
+
+#[test]
+fn the_exec_file_is_private_and_removed_when_the_run_ends() {
+    if !kvm_available() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let p = port();
+    let child = vm("hello", p);
+    let mut rsp = Rsp::connect(p);
+    // gdb asks where the image is; the answer is `m`/`l` + the path.
+    let reply = rsp.ask("qXfer:exec-file:read:1:0,fff");
+    let path = reply[1..].to_string();
+    assert!(
+        reply.starts_with(['l', 'm']) && path.starts_with('/'),
+        "{reply}"
+    );
+    let meta = std::fs::symlink_metadata(&path).unwrap();
+    assert!(
+        meta.file_type().is_file(),
+        "{path}: a plain file, not a link"
+    );
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{path}");
+    let end = rsp.ask("vCont;c");
+    assert!(end.starts_with('W'), "{end}");
+    let (code, out) = finish(child);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!std::path::Path::new(&path).exists(), "{path} left behind");
+}

@@ -34,7 +34,7 @@ mod resume;
 mod serve;
 mod watch;
 
-pub use serve::{bind_addr, exec_file_for, run, serve};
+pub use serve::{ImageFile, bind_addr, exec_file_for, run, serve};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Resume {

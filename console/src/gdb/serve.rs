@@ -75,17 +75,69 @@ pub fn serve(listener: TcpListener, s: Session, exec_file: Option<String>) {
     }
 }
 
-/// Where gdb finds the image: the file the user gave, or the built-in image
-/// written to a temporary file.
-pub fn exec_file_for(image: &str, bytes: &[u8]) -> Option<String> {
-    if vmiscope_images::find(image).is_none() {
-        return std::fs::canonicalize(image)
-            .ok()
-            .map(|p| p.display().to_string());
+/// The file gdb reads the image's symbols from: the user's own file, or a
+/// built-in image written to a private temporary file (a fresh name created
+/// exclusively, so no planted file or link is followed; mode 0600), which is
+/// removed when this value goes (the end of the run).
+pub struct ImageFile {
+    path: String,
+    temporary: bool,
+}
+
+impl ImageFile {
+    pub fn path(&self) -> &str {
+        &self.path
     }
-    let p = std::env::temp_dir().join(format!("vmiscope-{}-{image}.elf", std::process::id()));
-    std::fs::write(&p, bytes).ok()?;
-    Some(p.display().to_string())
+}
+
+impl Drop for ImageFile {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+pub fn exec_file_for(image: &str, bytes: &[u8]) -> Option<ImageFile> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    if vmiscope_images::find(image).is_none() {
+        let path = std::fs::canonicalize(image).ok()?.display().to_string();
+        return Some(ImageFile {
+            path,
+            temporary: false,
+        });
+    }
+    for attempt in 0..16u32 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let name = format!(
+            "vmiscope-{}-{:08x}{attempt:x}-{image}.elf",
+            std::process::id(),
+            nanos
+        );
+        let p = std::env::temp_dir().join(name);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p);
+        match file {
+            Ok(mut f) => {
+                let exec = ImageFile {
+                    path: p.display().to_string(),
+                    temporary: true,
+                };
+                f.write_all(bytes).ok()?;
+                return Some(exec);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 /// `run --gdb`: the stub on its own thread (next to a console, or alone in batch
@@ -107,15 +159,17 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) ->
             return 2;
         }
     };
+    // Kept until the run ends: a temporary file is removed with it.
     let exec = crate::launch::load_image(&a.image, a.mem)
         .ok()
         .and_then(|(img, _)| exec_file_for(&a.image, &img));
+    let exec_path = exec.as_ref().map(|e| e.path().to_string());
     eprintln!(
         "[vmiscope] gdb: the guest waits at its entry; connect with `gdb -ex 'target remote {}'`",
         listener.local_addr().map(|a| a.to_string()).unwrap_or(addr)
     );
     let g = s.attach();
-    let server = std::thread::spawn(move || serve(listener, g, exec));
+    let server = std::thread::spawn(move || serve(listener, g, exec_path));
     let code = match ui {
         Some(mode) => crate::ui::run_session(s, mode),
         None => {
@@ -135,6 +189,7 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) ->
     };
     // The listener thread ends with the guest (or is left blocked in accept).
     drop(server);
+    drop(exec);
     code
 }
 
