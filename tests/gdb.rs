@@ -866,3 +866,52 @@ fn the_exec_file_is_private_and_removed_when_the_run_ends() {
     assert_eq!(code, Some(0), "{out}");
     assert!(!std::path::Path::new(&path).exists(), "{path} left behind");
 }
+
+#[test]
+fn monitor_writes_host_files_only_when_allowed_and_a_wide_bind_warns() {
+    if !kvm_available() {
+        return;
+    }
+    let file = std::env::temp_dir().join(format!("vmiscope-mon-{}.json", std::process::id()));
+    let cmd = format!("journal save {}", file.display());
+    let hex: String = cmd.bytes().map(|b| format!("{b:02x}")).collect();
+    // Refused by default: whoever reaches the stub would get host writes.
+    let p = port();
+    let child = vm("hello", p);
+    let mut rsp = Rsp::connect(p);
+    let (text, _) = rsp.ask_output(&format!("qRcmd,{hex}"));
+    assert!(text.contains("--gdb-host-writes"), "{text}");
+    assert!(!file.exists(), "the monitor wrote {}", file.display());
+    rsp.ask("vCont;c");
+    let (code, _) = finish(child);
+    assert_eq!(code, Some(0));
+    // Allowed on request.
+    let p = port();
+    let child = vm_with("hello", p, &["--batch", "--gdb-host-writes"]);
+    let mut rsp = Rsp::connect(p);
+    let (text, _) = rsp.ask_output(&format!("qRcmd,{hex}"));
+    assert!(text.contains("saved"), "{text}");
+    assert!(file.exists());
+    let _ = std::fs::remove_file(&file);
+    rsp.ask("vCont;c");
+    let (code, _) = finish(child);
+    assert_eq!(code, Some(0));
+    // A bind beyond loopback says so.
+    let out = Command::new(env!("CARGO_BIN_EXE_vmiscope"))
+        .args([
+            "run",
+            "hello",
+            "--batch",
+            "--gdb",
+            "0.0.0.0:0",
+            "--timeout",
+            "0.5",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("WARNING: the gdb stub listens on 0.0.0.0"),
+        "{err}"
+    );
+}

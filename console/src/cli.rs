@@ -85,6 +85,10 @@ pub struct RunArgs {
     /// gdb remote stub on ADDR (`PORT` binds 127.0.0.1); the guest waits for gdb.
     #[arg(long, value_name = "ADDR")]
     pub gdb: Option<String>,
+    /// Let gdb's `monitor` write host files (`journal save`, `exceptions save`);
+    /// refused by default, since whoever reaches the stub would get the writes.
+    #[arg(long)]
+    pub gdb_host_writes: bool,
     /// Run without the in-kernel irqchip/PIT (HLT then exits to the VMM).
     #[arg(long)]
     pub no_irqchip: bool,
@@ -134,6 +138,7 @@ impl RunArgs {
             repl: false,
             tui: false,
             gdb: None,
+            gdb_host_writes: false,
             no_irqchip: false,
             hypercall_quirk: false,
         }

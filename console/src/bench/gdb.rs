@@ -118,7 +118,7 @@ fn stub(mode: u64) -> Result<(Rsp, std::thread::JoinHandle<()>, Session), Error>
     let s = super::common::spin_session(mode, 1 << 30)?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-    let g = s.attach();
+    let g = s.attach(false);
     let server = std::thread::spawn(move || crate::gdb::serve(listener, g, None));
     let mut rsp = Rsp::connect(port)?;
     rsp.ask("?")?;

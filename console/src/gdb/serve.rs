@@ -152,6 +152,14 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) ->
     };
     let addr = bind_addr(addr);
     let listener = match TcpListener::bind(&addr) {
+        Ok(l) if l.local_addr().is_ok_and(|a| !a.ip().is_loopback()) => {
+            // The stub reads and writes guest memory and registers for anyone who
+            // reaches it: say so where it cannot be missed.
+            eprintln!(
+                "[vmiscope] WARNING: the gdb stub listens on {addr}, beyond this host: anyone who reaches it controls the guest"
+            );
+            l
+        }
         Ok(l) => l,
         Err(e) => {
             eprintln!("vmiscope: cannot listen on {addr}: {e}");
@@ -168,7 +176,7 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) ->
         "[vmiscope] gdb: the guest waits at its entry; connect with `gdb -ex 'target remote {}'`",
         listener.local_addr().map(|a| a.to_string()).unwrap_or(addr)
     );
-    let g = s.attach();
+    let g = s.attach(a.gdb_host_writes);
     let server = std::thread::spawn(move || serve(listener, g, exec_path));
     let code = match ui {
         Some(mode) => crate::ui::run_session(s, mode),

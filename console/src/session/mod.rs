@@ -76,6 +76,9 @@ pub struct Session {
     image: String,
     /// Serial output lines, for the TUI.
     serial: Arc<Mutex<Vec<String>>>,
+    /// Commands may write host files (`journal save`, `exceptions save`): off for
+    /// gdb's `monitor` unless `--gdb-host-writes`.
+    host_writes: bool,
 }
 
 impl Session {
@@ -128,13 +131,16 @@ impl Session {
             at_entry: true,
             image: a.image.clone(),
             serial,
+            host_writes: true,
         })
     }
 
     /// A second command executor on the same VM, engine and stops (gdb's
     /// `monitor`, next to a console). It does not own the VM thread.
-    pub fn attach(&self) -> Session {
+    /// `host_writes`: whether its commands may write host files.
+    pub fn attach(&self, host_writes: bool) -> Session {
         Session {
+            host_writes,
             shared: self.shared.clone(),
             intro: self.intro.clone(),
             control: self.control.clone(),

@@ -81,7 +81,19 @@ impl Session {
         }))
     }
 
+    /// Refuses host-file writes where they are not allowed (gdb's `monitor`).
+    fn may_write(&self, f: &str) -> Result<(), Error> {
+        if self.host_writes {
+            return Ok(());
+        }
+        Err(format!(
+            "not writing {f}: host files are not written from gdb's monitor unless vmiscope runs with --gdb-host-writes"
+        )
+        .into())
+    }
+
     pub(super) fn save_exceptions(&mut self, f: String) -> Result<Output, Error> {
+        self.may_write(&f)?;
         let json = self.intro.engine.lock().unwrap().exceptions().to_json();
         std::fs::write(&f, json).map_err(|e| format!("cannot write {f}: {e}"))?;
         Ok(Output::text(format!("saved to {f}")))
@@ -113,6 +125,7 @@ impl Session {
     }
 
     pub(super) fn save_journal(&mut self, f: String) -> Result<Output, Error> {
+        self.may_write(&f)?;
         let e = self.intro.engine.lock().unwrap();
         let mut out = String::new();
         for r in e.recent() {
