@@ -260,23 +260,16 @@ mod tests {
     use vmiscope_introspect::mock::{MockGuest, Op};
     use vmiscope_introspect::{Outcome, Rights, Target};
 
-    #[test]
-    fn a_failed_commit_stops_the_run_with_a_clear_reason() {
+    /// An engine with a write hook (`cb`) on 0x5000, and the trapped write of
+    /// `mov [rax], ecx` to it.
+    fn hooked_write(cb: vmiscope_introspect::Callback) -> (Engine, MockGuest, Event) {
         let (mut e, mut g) = (Engine::new(), MockGuest::new());
-        // A write hook that removes itself when it fires: the commit at the end of
-        // the handler gives the page back, and that commit fails.
-        e.add_hook(
-            &mut g,
-            Target::Gpa {
-                gpa: 0x5000,
-                len: 8,
-                rights: Rights::W,
-            },
-            "once",
-            Box::new(|_| Outcome::allow().and_remove()),
-        )
-        .unwrap();
-        g.fail_nth(Op::CommitRights, 1);
+        let t = Target::Gpa {
+            gpa: 0x5000,
+            len: 8,
+            rights: Rights::W,
+        };
+        e.add_hook(&mut g, t, "w", cb).unwrap();
         g.put(0x20000, &[0x89, 0x08]); // mov [rax], ecx
         (g.regs.rax, g.regs.rip) = (0x5000, 0x20002);
         let write = Event::Mem(MemAccess {
@@ -287,6 +280,15 @@ mod tests {
             rip: 0x20002,
             cpl: 0,
         });
+        (e, g, write)
+    }
+
+    #[test]
+    fn a_failed_commit_stops_the_run_with_a_clear_reason() {
+        // A write hook that removes itself when it fires: the commit at the end of
+        // the handler gives the page back, and that commit fails.
+        let (mut e, mut g, write) = hooked_write(Box::new(|_| Outcome::allow().and_remove()));
+        g.fail_nth(Op::CommitRights, 1);
         let (reply, _) = respond(&mut e, &mut g, &write);
         let Reply::Stop(cause) = reply else {
             panic!("the run goes on unprotected: {reply:?}");
@@ -367,25 +369,8 @@ mod tests {
         // write; if the hypervisor fails one of those reads, the event is still
         // answered (judged from what the exit reported), nothing panics.
         for nth in 1..=4 {
-            let (mut e, mut g) = (Engine::new(), MockGuest::new());
-            let t = Target::Gpa {
-                gpa: 0x5000,
-                len: 8,
-                rights: Rights::W,
-            };
-            e.add_hook(&mut g, t, "w", Box::new(|_| Outcome::block("no")))
-                .unwrap();
-            g.put(0x20000, &[0x89, 0x08]); // mov [rax], ecx
-            (g.regs.rax, g.regs.rip) = (0x5000, 0x20002);
+            let (mut e, mut g, write) = hooked_write(Box::new(|_| Outcome::block("no")));
             g.fail_nth(Op::ReadPhys, nth);
-            let write = Event::Mem(MemAccess {
-                gpa: 0x5000,
-                len: 4,
-                write: true,
-                data: 7,
-                rip: 0x20002,
-                cpl: 0,
-            });
             let (reply, rec) = respond(&mut e, &mut g, &write);
             assert_eq!(
                 reply,

@@ -21,8 +21,8 @@ impl Session {
         let wait = crate::commands::seconds(timeout).unwrap_or(Duration::from_secs(10));
         let deadline = Instant::now() + wait;
         match e {
-            Expect::Alert { class } => self.expect_alert(*class, deadline, timeout),
-            Expect::Event { class } => self.expect_event(*class, deadline, timeout),
+            Expect::Alert { class } => self.expect_seen(true, *class, deadline, timeout),
+            Expect::Event { class } => self.expect_seen(false, *class, deadline, timeout),
             Expect::NoAlert => match self.alert_lines() {
                 a if a.is_empty() => Ok("no alert".into()),
                 a => Err(format!("alerts were raised: [{a}]")),
@@ -65,55 +65,43 @@ impl Session {
             .join("; ")
     }
 
-    fn expect_alert(
+    /// An alert (`alerts`) or a handled event of `class` (any when None).
+    fn expect_seen(
         &mut self,
+        alerts: bool,
         class: Option<Class>,
         deadline: Instant,
         t: f64,
     ) -> Result<String, String> {
-        let seen = |s: &mut Session| {
+        let of_class = move |c: Class| class.is_none_or(|want| want == c);
+        let seen = move |s: &mut Session| {
             let e = s.intro.engine.lock().unwrap();
-            e.alerts()
-                .iter()
-                .any(|a| class.is_none_or(|c| c == a.class))
+            if alerts {
+                e.alerts().iter().any(|a| of_class(a.class))
+            } else {
+                e.recent().iter().any(|r| of_class(r.class))
+            }
         };
+        let what = if alerts { "alert" } else { "event" };
         if self.poll_until(deadline, seen) {
-            return Ok("alert seen".into());
+            return Ok(format!("{what} seen"));
         }
-        Err(format!(
-            "no {} alert within {t} s; alerts: [{}]",
-            class.map(|c| c.name()).unwrap_or("any"),
-            self.alert_lines()
-        ))
-    }
-
-    fn expect_event(
-        &mut self,
-        class: Option<Class>,
-        deadline: Instant,
-        t: f64,
-    ) -> Result<String, String> {
-        let seen = |s: &mut Session| {
-            let e = s.intro.engine.lock().unwrap();
-            e.recent()
+        let detail = if alerts {
+            format!("alerts: [{}]", self.alert_lines())
+        } else {
+            let e = self.intro.engine.lock().unwrap();
+            let last: Vec<String> = e
+                .recent()
                 .iter()
-                .any(|r| class.is_none_or(|c| c == r.class))
+                .rev()
+                .take(5)
+                .map(|r| event_line(r))
+                .collect();
+            format!("last events: [{}]", last.join("; "))
         };
-        if self.poll_until(deadline, seen) {
-            return Ok("event seen".into());
-        }
-        let e = self.intro.engine.lock().unwrap();
-        let last: Vec<String> = e
-            .recent()
-            .iter()
-            .rev()
-            .take(5)
-            .map(|r| event_line(r))
-            .collect();
         Err(format!(
-            "no {} event within {t} s; last events: [{}]",
-            class.map(|c| c.name()).unwrap_or("any"),
-            last.join("; ")
+            "no {} {what} within {t} s; {detail}",
+            class.map(|c| c.name()).unwrap_or("any")
         ))
     }
 

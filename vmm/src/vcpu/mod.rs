@@ -157,7 +157,7 @@ impl VcpuThread {
             }
             let raw = self.enter_guest();
             let Some(raw) = raw else { break };
-            self.note_exit(raw);
+            self.note_exit();
             let (mut ctl, handler) = self.ctl_and_handler();
             handler.on_exit(&mut ctl);
             if let Flow::Stop = handle::handle_exit(&mut self, raw) {
@@ -232,7 +232,7 @@ impl VcpuThread {
     }
 
     /// Publishes where the vCPU is, for other threads (timeouts, the console).
-    fn note_exit(&self, _raw: RawExit) {
+    fn note_exit(&self) {
         let s = self.fd.sync_regs();
         let info = self.info();
         info.last_exit_ns.store(self.vm.now_ns(), Ordering::Relaxed);
