@@ -143,39 +143,15 @@ fn a_triple_fault_is_a_clear_stop() {
 }
 
 #[test]
-fn a_cpl3_spin_is_stopped_by_the_timeout_and_by_ctrl_c() {
+fn a_cpl3_spin_is_stopped_by_the_timeout() {
     if !kvm_available() {
         return;
     }
+    // (Ctrl-C and the other signals: tests/signals.rs.)
     let (code, _, err, took) = run_cli(&["run", "hang", "--batch", "--timeout", "1"]);
     assert_eq!(code, Some(124), "{err}");
     assert!(err.contains("timeout") && err.contains("CPL3"), "{err}");
     assert!(took < Duration::from_secs(10));
-
-    let mut child = vmiscope()
-        .args(["run", "hang", "--batch"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: sending SIGINT to our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let t = Instant::now();
-    let out = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "Ctrl-C did not stop the guest"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(out.code(), Some(130));
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(err.contains("stopped by the user"), "{err}");
 }
 
 #[test]
@@ -259,9 +235,9 @@ fn the_tui_without_a_terminal_falls_back_to_the_repl() {
     // panic inside the terminal library.
     let mut child = vmiscope()
         .args(["run", "hello", "--tui"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     child
@@ -276,7 +252,7 @@ fn the_tui_without_a_terminal_falls_back_to_the_repl() {
     assert!(!all.contains("panicked"), "{all}");
     assert_eq!(all.matches("the TUI needs a terminal").count(), 2, "{all}");
     assert!(all.contains("rip"), "the REPL ran the commands: {all}");
-    assert_eq!(out.status.code(), Some(130), "quit ends the run: {all}");
+    assert_eq!(out.status.code(), Some(0), "quit ends the run: {all}");
 }
 
 #[test]
@@ -290,8 +266,8 @@ fn endless_image_and_module_files_are_refused_not_read_whole() {
     ] {
         let mut child = vmiscope()
             .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         // Reading stops one byte past the guest's RAM: an error in well under a

@@ -15,7 +15,7 @@ fn a_ctrl_c_ends_the_running_vm_and_not_the_next_one() {
     if !kvm_available() {
         return;
     }
-    vmiscope_vmm::install_interrupt_handler();
+    vmiscope_vmm::signals::install();
     // The first VM spins until Ctrl-C.
     let cfg = config(1);
     let vm = Vm::new(&cfg, image("hang")).unwrap();
@@ -28,7 +28,7 @@ fn a_ctrl_c_ends_the_running_vm_and_not_the_next_one() {
     // SAFETY: raising a signal whose handler is installed (it only sets a flag).
     unsafe { libc::raise(libc::SIGINT) };
     let first = runner.join().unwrap();
-    assert_eq!(first.reason, StopReason::User);
+    assert_eq!(first.reason, StopReason::Signal(libc::SIGINT));
     // The second VM must run until its own end: here its timeout (it outlives
     // several watchdog rounds, which is where a stale Ctrl-C would stop it).
     let mut cfg = config(1);

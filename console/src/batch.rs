@@ -87,7 +87,6 @@ pub fn run(a: &RunArgs) -> i32 {
         eprintln!("[vmiscope] {}", batch_alert_line(a))
     }));
     let intro = Arc::new(intro);
-    vmiscope_vmm::install_interrupt_handler();
     vm.shared().serial().set_live(Box::new(|b| {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(b);

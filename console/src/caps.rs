@@ -523,16 +523,19 @@ pub fn run(a: &crate::cli::CapsArgs) -> i32 {
         }
     };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&caps).unwrap());
+        crate::outln!("{}", serde_json::to_string_pretty(&caps).unwrap());
         return 0;
     }
-    println!("host: {}", caps.host);
-    println!(
+    crate::outln!("host: {}", caps.host);
+    crate::outln!(
         "{:<22} {:<21} {:<12} {:<12} how",
-        "mechanism", "HVMI handler", "CPL0", "CPL3"
+        "mechanism",
+        "HVMI handler",
+        "CPL0",
+        "CPL3"
     );
     for r in &caps.rows {
-        println!(
+        crate::outln!(
             "{:<22} {:<21} {:<12} {:<12} {}",
             r.mechanism,
             r.handler,

@@ -164,9 +164,9 @@ pub fn images(a: &ImagesArgs) -> i32 {
             dir.display()
         );
     }
-    println!("{:<14} {:<8} {:>5}  WHAT IT DOES", "IMAGE", "KIND", "VCPUS");
+    crate::outln!("{:<14} {:<8} {:>5}  WHAT IT DOES", "IMAGE", "KIND", "VCPUS");
     for i in IMAGES {
-        println!(
+        crate::outln!(
             "{:<14} {:<8} {:>5}  {}",
             i.name,
             i.kind.label(),

@@ -71,6 +71,8 @@ pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, Error> {
         timeout,
         cmdline: a.cmdline.clone(),
         modules,
+        // The process makes one run: every signal since it started ends it.
+        signals_seen: Some(0),
         ..VmConfig::default()
     })
 }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod format;
 pub mod gdb;
 pub mod launch;
+pub mod out;
 pub mod repl;
 pub mod script;
 pub mod session;

@@ -8,6 +8,13 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    if matches!(cli.command, None | Some(cli::Command::Run(_))) {
+        // Before anything else of a run: from here on SIGINT, SIGTERM and SIGHUP
+        // end it with its stop summary and a complete journal instead of killing
+        // the process. (`images`, `caps` and `bench` keep the default: a signal
+        // ends them at once.)
+        vmiscope_vmm::signals::install();
+    }
     let code = match cli.command {
         None => batch::run_default(),
         Some(cli::Command::Images(a)) => cli::images(&a),

@@ -102,6 +102,7 @@ fn watch(
     mut print: Box<dyn FnMut(String) + Send>,
 ) -> std::thread::JoinHandle<()> {
     let (serial, intro, control) = (s.serial().clone(), s.intro().clone(), s.control().clone());
+    let terminal = SavedTerminal::now();
     let (mut lines, mut alerts, mut stops) = (
         serial.lock().unwrap().len().saturating_sub(1),
         intro.engine.lock().unwrap().alerts().len(),
@@ -110,6 +111,16 @@ fn watch(
     std::thread::spawn(move || {
         while !done.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(50));
+            if vmiscope_vmm::signals::received() > 0 {
+                // The line editor cannot be woken from its read, so the session
+                // ends here: the engine's lock is taken, so no journal record is
+                // half written, and the terminal is given back as it was.
+                let _engine = intro.engine.lock().unwrap();
+                let reason = vmiscope_vmm::StopReason::Signal(vmiscope_vmm::signals::last());
+                terminal.restore();
+                eprintln!("\nvmiscope: {reason}");
+                std::process::exit(reason.exit_status());
+            }
             let mut msg = String::new();
             {
                 let l = serial.lock().unwrap();
@@ -138,6 +149,28 @@ fn watch(
             }
         }
     })
+}
+
+/// The terminal's settings when the REPL started, to give back if a signal ends
+/// the session while the line editor has the terminal in raw mode.
+struct SavedTerminal(Option<libc::termios>);
+
+impl SavedTerminal {
+    fn now() -> Self {
+        // SAFETY: tcgetattr writes a termios into the zeroed value we own; on
+        // failure (stdin not a terminal) the value is dropped unused.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            SavedTerminal((libc::tcgetattr(0, &mut t) == 0).then_some(t))
+        }
+    }
+
+    fn restore(&self) {
+        if let Some(t) = &self.0 {
+            // SAFETY: tcsetattr reads the termios we saved from this same fd.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
+        }
+    }
 }
 
 /// Words the line editor completes: subcommands, the image's symbols, hook ids.
@@ -175,11 +208,11 @@ pub fn run(s: &mut Session) -> Mode {
             use rustyline::ExternalPrinter;
             let _ = p.print(m);
         }),
-        Err(_) => Box::new(|m| println!("{m}")),
+        Err(_) => Box::new(|m| crate::outln!("{m}")),
     };
     let watcher = watch(s, done.clone(), print);
     let status = s.status();
-    println!(
+    crate::outln!(
         "vmiscope console on `{}` ({status}). `help` lists commands, `tui` switches view.",
         s.image()
     );
@@ -197,19 +230,19 @@ pub fn run(s: &mut Session) -> Mode {
                 match s.exec(&line) {
                     Ok(out) => {
                         if !out.text.is_empty() {
-                            println!("{}", out.text.trim_end());
+                            crate::outln!("{}", out.text.trim_end());
                         }
                         if out.quit {
                             break Mode::Quit;
                         }
                     }
-                    Err(e) => println!("error: {e}"),
+                    Err(e) => crate::outln!("error: {e}"),
                 }
             }
             // Ctrl-C stops the guest, as in gdb; Ctrl-D ends the session.
             Err(ReadlineError::Interrupted) => match s.exec("pause") {
-                Ok(o) => println!("{}", o.text),
-                Err(e) => println!("error: {e}"),
+                Ok(o) => crate::outln!("{}", o.text),
+                Err(e) => crate::outln!("error: {e}"),
             },
             Err(ReadlineError::Eof) => {
                 let _ = s.exec("quit");

@@ -55,36 +55,46 @@ pub fn run(a: &RunArgs, path: &Path) -> i32 {
         match (is_expect, r) {
             (true, Ok(_)) => {
                 held += 1;
-                println!("ok     {}:{line_no}: {line}", path.display());
+                crate::outln!("ok     {}:{line_no}: {line}", path.display());
             }
             (true, Err(report)) => {
                 failed += 1;
-                println!(
+                crate::outln!(
                     "FAILED {}:{line_no}: {line}\n       {report}",
                     path.display()
                 );
             }
             (false, Ok(out)) => {
                 for l in out.text.lines() {
-                    println!("       {l}");
+                    crate::outln!("       {l}");
                 }
             }
             (false, Err(e)) => {
                 failed += 1;
-                println!("ERROR  {}:{line_no}: {line}: {e}", path.display());
+                crate::outln!("ERROR  {}:{line_no}: {line}: {e}", path.display());
             }
         }
         if quit {
             break;
         }
+        if vmiscope_vmm::signals::received() > 0 {
+            // The signal ended the run; the rest of the script is not run.
+            break;
+        }
     }
-    let outcome = s.finish().map(|o| o.reason.to_string()).unwrap_or_default();
+    let reason = s.finish().map(|o| o.reason.clone());
+    let outcome = reason.as_ref().map(|r| r.to_string()).unwrap_or_default();
     flush_serial(&s, &mut printed);
-    println!(
+    crate::outln!(
         "script {}: {held} held, {failed} failed ({outcome})",
         path.display()
     );
-    if failed == 0 { 0 } else { 1 }
+    match reason {
+        // Ended by a signal: the shell's status for it, whatever the expectations.
+        Some(r @ vmiscope_vmm::StopReason::Signal(_)) => r.exit_status(),
+        _ if failed == 0 => 0,
+        _ => 1,
+    }
 }
 
 fn flush_serial(s: &Session, printed: &mut usize) {
@@ -92,7 +102,7 @@ fn flush_serial(s: &Session, printed: &mut usize) {
     // The last line may still be growing: print complete lines only.
     let complete = lines.len().saturating_sub(1);
     for l in &lines[(*printed).min(complete)..complete] {
-        println!("guest| {l}");
+        crate::outln!("guest| {l}");
     }
     *printed = complete.max(*printed);
 }

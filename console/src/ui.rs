@@ -29,5 +29,10 @@ pub fn run_session(mut s: Session, mut mode: Mode) -> i32 {
     if let Some(o) = s.finish() {
         eprintln!("vmiscope: {}", o.reason);
     }
+    let signal = vmiscope_vmm::signals::last();
+    if vmiscope_vmm::signals::received() > 0 {
+        // A signal ends the console even after the guest itself had ended.
+        return vmiscope_vmm::StopReason::Signal(signal).exit_status();
+    }
     code
 }

@@ -21,6 +21,11 @@ pub struct VmConfig {
     pub modules: Vec<Module>,
     /// vCPUs wait, paused, before their first instruction (until `resume_all`).
     pub start_paused: bool,
+    /// How many of the process's signals (`crate::signals::received`) belong to
+    /// earlier runs; any beyond it ends this run. `None`: those received before
+    /// the run started. The `run` command gives `Some(0)`: a signal that arrives
+    /// while the VM is still being built ends the run as soon as it starts.
+    pub signals_seen: Option<u64>,
 }
 
 impl Default for VmConfig {
@@ -35,6 +40,7 @@ impl Default for VmConfig {
             cmdline: String::new(),
             modules: vec![],
             start_paused: false,
+            signals_seen: None,
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod loader;
 pub mod memory;
 pub mod msr;
 pub mod shared;
+pub mod signals;
 pub mod slots;
 pub mod stats;
 pub mod stop;
@@ -33,25 +34,3 @@ pub use slots::Access;
 pub use stats::ExitClass;
 pub use stop::StopReason;
 pub use vm::{RunOutcome, Vm};
-
-use std::sync::atomic::{AtomicU64, Ordering};
-
-/// SIGINTs received by the process. A count, not a flag: each run compares it with
-/// the count at its start, so one Ctrl-C ends the runs it interrupted and not the
-/// VMs a process (`caps`, `bench`) builds after it.
-static INTERRUPTS: AtomicU64 = AtomicU64::new(0);
-
-extern "C" fn on_sigint(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    INTERRUPTS.fetch_add(1, Ordering::SeqCst);
-}
-
-/// Makes SIGINT (Ctrl-C) stop a running VM cleanly instead of killing the process.
-pub fn install_interrupt_handler() {
-    let _ = vmm_sys_util::signal::register_signal_handler(libc::SIGINT, on_sigint);
-}
-
-/// How many times the user pressed Ctrl-C so far. A run's watchdog turns a count
-/// above the one at the run's start into `StopReason::User`.
-pub fn interrupts() -> u64 {
-    INTERRUPTS.load(Ordering::SeqCst)
-}

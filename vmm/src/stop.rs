@@ -38,8 +38,10 @@ pub enum StopReason {
         millis: u64,
         where_: Vec<(u32, u64, u8)>,
     },
-    /// The user interrupted the run (Ctrl-C, `quit`).
+    /// The user ended the run (`quit`, the end of a console's input, gdb's `kill`).
     User,
+    /// A signal ended the run (SIGINT from Ctrl-C, SIGTERM, SIGHUP).
+    Signal(i32),
     /// The exit handler ended the run.
     Handler(HandlerStop),
     /// The VMM itself failed.
@@ -59,7 +61,10 @@ impl StopReason {
             StopReason::Livelock { .. } => 8,
             StopReason::AllHalted => 10,
             StopReason::Timeout { .. } => 124,
-            StopReason::User => 130,
+            // The user chose to end it: not a failure.
+            StopReason::User => 0,
+            // The shell's convention for a process ended by a signal.
+            StopReason::Signal(n) => 128 + n,
         }
     }
 }
@@ -105,6 +110,10 @@ impl fmt::Display for StopReason {
                 Ok(())
             }
             StopReason::User => write!(f, "stopped by the user"),
+            StopReason::Signal(n) if *n == libc::SIGINT => {
+                write!(f, "stopped by the user (Ctrl-C, SIGINT)")
+            }
+            StopReason::Signal(n) => write!(f, "stopped by {}", crate::signals::name(*n)),
             StopReason::Handler(cause) => {
                 write!(f, "stopped by the introspection handler: {cause}")
             }

@@ -137,8 +137,7 @@ impl Vm {
     /// `cfg.tick` drive the watchdog.
     pub fn run(self, handler: Arc<dyn ExitHandler>, cfg: &VmConfig) -> RunOutcome {
         kick::install();
-        // Ctrl-Cs from before this run belong to earlier runs.
-        let interrupts = crate::interrupts();
+        let signals = cfg.signals_seen.unwrap_or_else(crate::signals::received);
         let shared = self.shared;
         let start = Instant::now();
         let mut threads = Vec::new();
@@ -177,7 +176,7 @@ impl Vm {
         let watchdog = {
             let shared = shared.clone();
             let (timeout, tick) = (cfg.timeout, cfg.tick);
-            std::thread::spawn(move || watchdog(&shared, timeout, tick, interrupts))
+            std::thread::spawn(move || watchdog(&shared, timeout, tick, signals))
         };
         for t in threads {
             let _ = t.join();
@@ -204,13 +203,13 @@ impl Vm {
 
 /// Kicks vCPUs that have not exited for a tick (so periodic checks run and
 /// livelocks are noticed) and enforces the timeout.
-fn watchdog(shared: &VmShared, timeout: Option<Duration>, tick: Duration, interrupts: u64) {
+fn watchdog(shared: &VmShared, timeout: Option<Duration>, tick: Duration, signals: u64) {
     let start = Instant::now();
     let mut last_tick = Instant::now();
     while !shared.is_stopping() {
         std::thread::sleep(Duration::from_millis(20));
-        if crate::interrupts() > interrupts {
-            shared.stop(StopReason::User);
+        if crate::signals::received() > signals {
+            shared.stop(StopReason::Signal(crate::signals::last()));
             break;
         }
         if let Some(t) = timeout

@@ -631,16 +631,21 @@ pub fn run(a: &crate::cli::BenchArgs) -> i32 {
         }
     };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r).unwrap());
+        crate::outln!("{}", serde_json::to_string_pretty(&r).unwrap());
         return 0;
     }
-    println!(
+    crate::outln!(
         "host: {}  ({} exits per run, median of {})",
-        r.host, r.iterations, r.repeat
+        r.host,
+        r.iterations,
+        r.repeat
     );
-    println!(
+    crate::outln!(
         "{:<36} {:>10} {:>10} {:>7}  unit",
-        "figure", "vmiscope", "raw KVM", "ratio"
+        "figure",
+        "vmiscope",
+        "raw KVM",
+        "ratio"
     );
     for f in &r.figures {
         let b = f
@@ -651,9 +656,14 @@ pub fn run(a: &crate::cli::BenchArgs) -> i32 {
             .ratio
             .map(|q| format!("{q:.3}x"))
             .unwrap_or_else(|| "-".into());
-        println!(
+        crate::outln!(
             "{:<36} {:>10.2} {:>10} {:>7}  {}  ({})",
-            f.name, f.value, b, q, f.unit, f.note
+            f.name,
+            f.value,
+            b,
+            q,
+            f.unit,
+            f.note
         );
     }
     0

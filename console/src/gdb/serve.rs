@@ -205,7 +205,7 @@ fn print_new_serial(s: &Session, printed: &mut usize) {
     let lines = s.serial_lines();
     let complete = lines.len().saturating_sub(1);
     for l in &lines[(*printed).min(complete)..complete] {
-        println!("{l}");
+        crate::outln!("{l}");
     }
     *printed = complete.max(*printed);
 }

@@ -49,10 +49,20 @@ impl Session {
             if f(self) {
                 return true;
             }
-            if Instant::now() >= deadline {
-                return false;
+            // Once the run has ended nothing more can come.
+            if Instant::now() >= deadline || self.outcome().is_some() {
+                return f(self);
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// How long the wait lasted, for failure messages: the timeout, or the end
+    /// of the run if it came first.
+    fn waited(&mut self, t: f64) -> String {
+        match self.outcome() {
+            Some(o) => format!("before the run ended ({})", o.reason),
+            None => format!("within {t} s"),
         }
     }
 
@@ -100,8 +110,9 @@ impl Session {
             format!("last events: [{}]", last.join("; "))
         };
         Err(format!(
-            "no {} {what} within {t} s; {detail}",
-            class.map(|c| c.name()).unwrap_or("any")
+            "no {} {what} {}; {detail}",
+            class.map(|c| c.name()).unwrap_or("any"),
+            self.waited(t)
         ))
     }
 
@@ -112,7 +123,8 @@ impl Session {
         }
         let tail: Vec<String> = self.serial_lines().iter().rev().take(3).cloned().collect();
         Err(format!(
-            "`{text}` not printed within {t} s; last lines: {tail:?}"
+            "`{text}` not printed {}; last lines: {tail:?}",
+            self.waited(t)
         ))
     }
 
