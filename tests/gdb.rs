@@ -915,3 +915,41 @@ fn monitor_writes_host_files_only_when_allowed_and_a_wide_bind_warns() {
         "{err}"
     );
 }
+
+/// The address of `name` in built-in image `image`.
+fn symbol(image: &str, name: &str) -> u64 {
+    vmiscope_vmm::Symbols::parse(common::image(image))
+        .get(name)
+        .unwrap_or_else(|| panic!("no symbol {name} in {image}"))
+}
+
+#[test]
+fn a_plain_continue_resumes_every_vcpu_and_kill_gets_a_reply() {
+    if !kvm_available() {
+        return;
+    }
+    let p = port();
+    let child = vm("smp", p);
+    let mut rsp = Rsp::connect(p);
+    // Not supported, said the RSP way (an empty reply), and the stub serves on.
+    assert_eq!(rsp.ask("qXfer:siginfo:read::0,100"), "");
+    let bp = format!("Z0,{:x},1", symbol("smp", "ap_main"));
+    assert_eq!(rsp.ask(&bp), "OK");
+    // LLDB continues all threads with a plain `c` (gdb with `vCont;c`). In
+    // all-stop mode it resumes every vCPU: ap_main runs on vCPU 1 (thread 2).
+    // It used to resume thread 1 alone, which then waited for vCPU 1 until the
+    // guest gave up (`W02`).
+    let stop = rsp.ask("c");
+    assert!(
+        stop.starts_with("T05") && (stop.contains("thread:2;") || stop.contains("thread:02;")),
+        "the breakpoint on vCPU 1: {stop}"
+    );
+    // A plain `s` steps the selected thread; the others run too.
+    let step = rsp.ask("s");
+    assert!(step.starts_with('T'), "{step}");
+    // `k`: the reply lldb-server gives (gdb ignores it), then the run ends.
+    write!(rsp.0, "$k#6b").unwrap();
+    assert_eq!(rsp.read_reply(), "X09");
+    let (code, out) = finish(child);
+    assert_eq!(code, Some(0), "{out}");
+}

@@ -3,14 +3,39 @@
 //! with TCP_NODELAY (which gdb's request/response rhythm needs) that would be one
 //! syscall and one segment per byte. Writes collect until gdbstub flushes at the
 //! end of a packet; reads take whatever the socket has.
+//!
+//! It also notes whether the packet being read is a legacy resume (`c`, `C`, `s`,
+//! `S`): gdbstub turns those into a resume of the current thread alone, but in
+//! all-stop mode they resume every thread (only the selected one steps), as
+//! QEMU's stub does and as LLDB, which sends a plain `c` to continue all
+//! threads, relies on. The resume reads the mark (`LegacyResume`).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use gdbstub::conn::{Connection, ConnectionExt};
 
+/// Set while the packet being handled is a legacy `c`/`C`/`s`/`S`.
+#[derive(Debug, Clone, Default)]
+pub struct LegacyResume(Arc<AtomicBool>);
+
+impl LegacyResume {
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn set(&self, on: bool) {
+        self.0.store(on, Ordering::SeqCst)
+    }
+}
+
 pub struct GdbConn {
     stream: TcpStream,
+    legacy: LegacyResume,
+    /// The last byte read was a packet's `$`.
+    after_dollar: bool,
     out: Vec<u8>,
     input: Vec<u8>,
     /// Next unread byte of `input`.
@@ -19,9 +44,11 @@ pub struct GdbConn {
 }
 
 impl GdbConn {
-    pub fn new(stream: TcpStream) -> Self {
+    pub fn new(stream: TcpStream, legacy: LegacyResume) -> Self {
         GdbConn {
             stream,
+            legacy,
+            after_dollar: false,
             out: Vec::with_capacity(8192),
             input: Vec::with_capacity(4096),
             at: 0,
@@ -87,7 +114,14 @@ impl ConnectionExt for GdbConn {
             self.fill(true)?;
         }
         self.at += 1;
-        Ok(self.input[self.at - 1])
+        let b = self.input[self.at - 1];
+        // A raw `$` always starts a packet (inside one it is escaped), so the
+        // byte after it is the packet's command letter.
+        if self.after_dollar {
+            self.legacy.set(matches!(b, b'c' | b'C' | b's' | b'S'));
+        }
+        self.after_dollar = b == b'$';
+        Ok(b)
     }
 
     fn peek(&mut self) -> Result<Option<u8>, Self::Error> {
@@ -107,11 +141,20 @@ mod tests {
     fn bytes_arrive_in_order_and_writes_wait_for_flush() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let mut c = GdbConn::new(l.accept().unwrap().0);
+        let legacy = LegacyResume::default();
+        let mut c = GdbConn::new(l.accept().unwrap().0, legacy.clone());
         assert_eq!(c.peek().unwrap(), None, "nothing sent yet");
         Write::write_all(&mut client, b"$g#67").unwrap();
         let got: Vec<u8> = (0..5).map(|_| c.read().unwrap()).collect();
         assert_eq!(got, b"$g#67");
+        assert!(!legacy.get());
+        Write::write_all(&mut client, b"$c#63").unwrap();
+        let _: Vec<u8> = (0..5).map(|_| c.read().unwrap()).collect();
+        assert!(legacy.get(), "a plain `c` is a legacy resume");
+        Write::write_all(&mut client, b"$vCont;c:1#00").unwrap();
+        let _: Vec<u8> = (0..2).map(|_| c.read().unwrap()).collect();
+        assert!(!legacy.get(), "vCont is not");
+        let _: Vec<u8> = (0..11).map(|_| c.read().unwrap()).collect();
         c.write_all(b"+$OK").unwrap();
         c.write(b'#').unwrap();
         c.write_all(b"9a").unwrap();

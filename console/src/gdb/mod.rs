@@ -70,6 +70,8 @@ pub struct GdbTarget {
     /// stealth for speed (a hidden one read-traps its page, so every other
     /// instruction on that page exits too).
     visible_breakpoints: bool,
+    /// The packet being handled is a legacy `c`/`C`/`s`/`S` (see `conn`).
+    legacy: conn::LegacyResume,
 }
 
 fn err<T>(_: impl std::fmt::Display) -> TargetResult<T, GdbTarget> {
@@ -111,6 +113,7 @@ impl GdbTarget {
             seen,
             refused: false,
             visible_breakpoints: false,
+            legacy: conn::LegacyResume::default(),
         }
     }
 

@@ -13,7 +13,10 @@ use super::*;
 impl MultiThreadResume for GdbTarget {
     fn resume(&mut self) -> Result<(), Error> {
         let actions = std::mem::take(&mut self.resume);
-        let locked = std::mem::take(&mut self.locked);
+        // gdbstub hands a legacy `c`/`s` over as an action for the current
+        // thread alone with scheduler locking; in all-stop mode they resume
+        // every vCPU (only the selected one steps), as with QEMU.
+        let locked = std::mem::take(&mut self.locked) && !self.legacy.get();
         if self.refused {
             return Ok(()); // a thread that does not exist: stop where we are
         }

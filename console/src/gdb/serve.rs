@@ -40,6 +40,7 @@ pub fn serve(listener: TcpListener, s: Session, exec_file: Option<String>) {
             }
         };
         let _ = conn.set_nodelay(true);
+        let mut killed_reply = conn.try_clone().ok();
         // gdb expects the target stopped when it attaches.
         if !target.s.run_state().is_held() {
             target.all_stop();
@@ -47,18 +48,25 @@ pub fn serve(listener: TcpListener, s: Session, exec_file: Option<String>) {
         target.seen = target.s.control().stop_count();
         // A large packet buffer: gdb reads and writes memory in PacketSize chunks,
         // and each chunk is a round trip.
-        let stub = match gdbstub::stub::GdbStubBuilder::new(GdbConn::new(conn))
-            .packet_buffer_size(PACKET_SIZE)
-            .build()
-        {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("[vmiscope] gdb: {e}");
-                return;
-            }
-        };
+        let stub =
+            match gdbstub::stub::GdbStubBuilder::new(GdbConn::new(conn, target.legacy.clone()))
+                .packet_buffer_size(PACKET_SIZE)
+                .build()
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("[vmiscope] gdb: {e}");
+                    return;
+                }
+            };
         match stub.run_blocking::<EventLoop>(&mut target) {
             Ok(DisconnectReason::Kill) => {
+                // gdbstub closes without a reply; LLDB waits for one (lldb-server
+                // answers `X09`: ended by SIGKILL), gdb does not care.
+                if let Some(c) = killed_reply.as_mut() {
+                    use std::io::Write as _;
+                    let _ = c.write_all(b"$X09#ea");
+                }
                 target.s.shared().stop(StopReason::User);
                 let _ = target.s.control().resume(None);
                 return;
