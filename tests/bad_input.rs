@@ -292,3 +292,99 @@ fn endless_image_and_module_files_are_refused_not_read_whole() {
         );
     }
 }
+
+/// Runs `vmiscope ARGS…` on `elf` written to a file, under a memory limit (a
+/// length from the image that reached an allocation would abort or eat the host).
+fn run_image(elf: &[u8], tag: &str, args: &[&str]) -> (Option<i32>, String) {
+    let dir = std::env::temp_dir().join(format!("vmiscope-img-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("image.elf");
+    std::fs::write(&path, elf).unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -v 4000000; exec "$@""#)
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_vmiscope"))
+        .args(["run", path.to_str().unwrap(), "--batch", "--timeout", "20"])
+        .args(args)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("{tag}: {err}");
+    (out.status.code(), err)
+}
+
+#[test]
+fn sizes_and_ranges_from_image_symbols_are_checked_before_use() {
+    if !kvm_available() {
+        return;
+    }
+    let demo = image("demo");
+    // A sys_table "size" of 2^63-1 used to abort the process (a 9 EB allocation)
+    // for `integrity`, and to grow a Vec until memory ran out for `syscall-table`.
+    let huge = common::with_symbol(demo, "sys_table", None, Some(i64::MAX as u64));
+    for policy in ["integrity", "syscall-table"] {
+        let (code, err) = run_image(&huge, policy, &["--protect", policy]);
+        assert_eq!(code, Some(2), "{policy}: {err}");
+        assert!(
+            err.contains(&format!(
+                "policy {policy}: the image gives no valid address"
+            )) && err.contains("sys_table")
+                && err.contains("larger than guest RAM"),
+            "{policy}: {err}"
+        );
+    }
+    // Kernel text ending below its start used to install no hook and say nothing.
+    let bent = common::with_symbol(demo, "__ktext_end", Some(0x1000), None);
+    let (code, err) = run_image(&bent, "ktext", &["--protect", "kernel-code"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("__ktext_end ends below its start"), "{err}");
+    // `all` on the same image refuses too: it names kernel text, wrongly.
+    let (code, _) = run_image(&bent, "all", &["--protect", "all"]);
+    assert_eq!(code, Some(2));
+    // Without the policies that need them the image runs.
+    let (code, err) = run_image(&bent, "none", &["--protect", "syscall-msrs"]);
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn program_headers_counted_by_pn_xnum_are_refused() {
+    if !kvm_available() {
+        return;
+    }
+    // hello with its program headers moved to the end of the file, one PT_LOAD
+    // more onto the boot page tables (0x1000), padded with PT_NULLs to 0xffff
+    // entries, e_phnum = PN_XNUM and section 0's sh_info = the original count.
+    // The checks (object) saw the original headers, the load (linux-loader) all
+    // of them, so the extra segment used to land unchecked.
+    let elf = image("hello");
+    let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap());
+    let (phoff, phnum, shoff) = (u64_at(0x20) as usize, u16_at(0x38) as usize, u64_at(0x28));
+    let mut out = elf.to_vec();
+    while !out.len().is_multiple_of(8) {
+        out.push(0);
+    }
+    let table = out.len();
+    out.extend_from_slice(&elf[phoff..phoff + phnum * 56]);
+    let mut extra = [0u8; 56];
+    extra[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    extra[4..8].copy_from_slice(&4u32.to_le_bytes()); // PF_R
+    extra[16..24].copy_from_slice(&0x1000u64.to_le_bytes()); // p_vaddr
+    extra[24..32].copy_from_slice(&0x1000u64.to_le_bytes()); // p_paddr
+    extra[32..40].copy_from_slice(&0x100u64.to_le_bytes()); // p_filesz
+    extra[40..48].copy_from_slice(&0x100u64.to_le_bytes()); // p_memsz
+    out.extend_from_slice(&extra);
+    out.resize(table + 0xffff * 56, 0);
+    out[0x20..0x28].copy_from_slice(&(table as u64).to_le_bytes());
+    out[0x38..0x3a].copy_from_slice(&0xffffu16.to_le_bytes());
+    // Section 0's sh_info (offset 44 in its header).
+    let sh0 = shoff as usize + 44;
+    out[sh0..sh0 + 4].copy_from_slice(&(phnum as u32).to_le_bytes());
+    let e = load_err(&out);
+    assert!(
+        matches!(&e, LoadError::Malformed(m) if m.contains("PN_XNUM")),
+        "{e}"
+    );
+}

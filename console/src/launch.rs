@@ -96,5 +96,9 @@ pub fn engine(a: &RunArgs, symbols: &vmiscope_vmm::Symbols) -> Result<Introspect
         Some(list) => policy::parse_list(list)?,
         None => vec![],
     };
-    Ok(Introspection::new(e, policies, policy_env(symbols)))
+    let env = policy_env(symbols, a.mem << 20);
+    // Refused before the run: a policy with nothing valid to protect would
+    // install nothing and look on silently.
+    env.check(&policies)?;
+    Ok(Introspection::new(e, policies, env))
 }

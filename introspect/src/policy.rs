@@ -21,6 +21,35 @@ pub struct PolicyEnv {
     pub user_pages: Vec<u64>,
     /// Regions to hash on the timer: (gva, len).
     pub integrity: Vec<(u64, u64)>,
+    /// Why a region the image names was left out (a size larger than RAM, an
+    /// end below its start), by the policies that needed it.
+    pub problems: Vec<(Policy, String)>,
+}
+
+impl PolicyEnv {
+    /// Refuses a policy whose region the image names but gives wrongly: it would
+    /// install nothing and look on silently. (A region the image does not name
+    /// at all is said when the policy is switched on, and `all` goes on without
+    /// it.)
+    pub fn check(&self, policies: &[Policy]) -> Result<(), PolicyError> {
+        match policies
+            .iter()
+            .find(|p| self.problems.iter().any(|(q, _)| q == *p))
+        {
+            Some(&p) => Err(self.no_target(p)),
+            None => Ok(()),
+        }
+    }
+
+    fn no_target(&self, p: Policy) -> PolicyError {
+        let why: Vec<&str> = self
+            .problems
+            .iter()
+            .filter(|(q, _)| *q == p)
+            .map(|(_, w)| w.as_str())
+            .collect();
+        PolicyError::NoTarget(p, why.join("; "))
+    }
 }
 
 impl std::str::FromStr for Policy {
@@ -43,8 +72,16 @@ pub enum PolicyError {
     Unknown(String, String),
     #[error("policy {0}: {1}")]
     Hook(Policy, HookError),
-    #[error("policy {0}: the image gives no address for it")]
-    NoTarget(Policy),
+    #[error("policy {0}: the image gives no valid address for it{why}", why = reason(.1))]
+    NoTarget(Policy, String),
+}
+
+fn reason(problems: &str) -> String {
+    if problems.is_empty() {
+        String::new()
+    } else {
+        format!(" ({problems})")
+    }
 }
 
 /// Expands `all` and comma lists into policies, checking each.
@@ -161,9 +198,11 @@ impl Installer<'_> {
         why: &'static str,
     ) -> Result<(), PolicyError> {
         if list.is_empty() {
-            return Err(PolicyError::NoTarget(self.policy));
+            return Err(PolicyError::NoTarget(self.policy, String::new()));
         }
         for &(gva, len) in list {
+            crate::target::check_range(gva, len, self.g.ram_size())
+                .map_err(|err| PolicyError::Hook(self.policy, err))?;
             self.mem(gva, len, rights, why)?;
         }
         Ok(())
@@ -234,6 +273,12 @@ fn enable_one(
             i.regions(&pages, Rights::RWX, "protected user page accessed")?
         }
         Policy::Integrity => i.integrity(env)?,
+    }
+    if i.ids.is_empty() && env.check(&[policy]).is_err() {
+        return Err(env.no_target(policy));
+    }
+    if policy == Policy::Integrity && env.integrity.is_empty() {
+        return Err(env.no_target(policy));
     }
     Ok(i.ids)
 }

@@ -82,3 +82,36 @@ pub fn vmiscope_cli(exe: &str, args: &[&str]) -> (Option<i32>, String, String) {
     eprintln!("{}{}", r.1, r.2);
     r
 }
+
+/// `elf` with symbol `name`'s value and/or size replaced (a hostile image).
+#[allow(dead_code)]
+pub fn with_symbol(elf: &[u8], name: &str, value: Option<u64>, size: Option<u64>) -> Vec<u8> {
+    let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap()) as usize;
+    let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) as usize;
+    let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap()) as usize;
+    let (shoff, shentsize, shnum) = (u64_at(0x28), u16_at(0x3a), u16_at(0x3c));
+    let section = |i: usize| shoff + i * shentsize;
+    // The symbol table (SHT_SYMTAB) and its string table (sh_link).
+    let symtab = (0..shnum)
+        .map(section)
+        .find(|&s| u32_at(s + 4) == 2)
+        .expect("a symbol table");
+    let strtab = u64_at(section(u32_at(symtab + 0x28)) + 0x18);
+    let (off, len) = (u64_at(symtab + 0x18), u64_at(symtab + 0x20));
+    let mut out = elf.to_vec();
+    // Elf64_Sym: name u32, info u8, other u8, shndx u16, value u64, size u64.
+    for at in (off..off + len).step_by(24) {
+        let n = strtab + u32_at(at);
+        let end = n + elf[n..].iter().position(|&b| b == 0).unwrap();
+        if &elf[n..end] == name.as_bytes() {
+            if let Some(v) = value {
+                out[at + 8..at + 16].copy_from_slice(&v.to_le_bytes());
+            }
+            if let Some(s) = size {
+                out[at + 16..at + 24].copy_from_slice(&s.to_le_bytes());
+            }
+            return out;
+        }
+    }
+    panic!("no symbol {name}");
+}

@@ -37,19 +37,50 @@ impl Journal for FileJournal {
     }
 }
 
-/// Where the image's symbols put the things policies protect.
-pub fn policy_env(sym: &Symbols) -> PolicyEnv {
+/// Where the image's symbols put the things policies protect. Each region is
+/// checked first (the image is as hostile as the guest): one whose end is below
+/// its start, that wraps, or that is larger than the guest's RAM (`ram` bytes) is
+/// left out with the reason, which a policy that needs it reports.
+pub fn policy_env(sym: &Symbols, ram: u64) -> PolicyEnv {
+    let mut env = PolicyEnv::default();
+    let mut region = |policies: &[Policy], what: &str, start: u64, len: Option<u64>| {
+        let checked = len
+            .ok_or_else(|| format!("{what} ends below its start {start:#x}"))
+            .and_then(|len| {
+                vmiscope_introspect::target::check_range(start, len, ram)
+                    .map(|()| (start, len))
+                    .map_err(|e| format!("{what}: {e}"))
+            });
+        let problems = &mut env.problems;
+        checked
+            .map_err(|p| problems.extend(policies.iter().map(|&q| (q, p.clone()))))
+            .ok()
+    };
     let sized = |name: &str| {
         sym.get(name)
             .map(|a| (a, sym.size(name).filter(|s| *s > 0).unwrap_or(8)))
     };
-    let mut env = PolicyEnv::default();
+    let mut kernel_code = None;
     if let (Some(start), Some(end)) = (sym.get("__image_start"), sym.get("__ktext_end")) {
-        env.kernel_code.push((start, end - start));
+        kernel_code = region(
+            &[Policy::KernelCode],
+            "kernel text __image_start..__ktext_end",
+            start,
+            end.checked_sub(start),
+        );
     }
-    env.syscall_table = sized("sys_table");
+    let table = sized("sys_table").and_then(|(a, n)| {
+        region(
+            &[Policy::SyscallTable, Policy::Integrity],
+            "sys_table",
+            a,
+            Some(n),
+        )
+    });
+    env.kernel_code.extend(kernel_code);
+    env.syscall_table = table;
     env.user_pages.extend(sym.get("user_secret"));
-    env.integrity.extend(sized("sys_table"));
+    env.integrity.extend(table);
     env
 }
 

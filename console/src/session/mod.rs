@@ -91,7 +91,7 @@ impl Session {
         let intro = Arc::new(crate::launch::engine(a, vm.shared().symbols())?);
         let shared = vm.shared().clone();
         let control = Arc::new(Control::new(shared.clone()));
-        let env = policy_env(shared.symbols());
+        let env = policy_env(shared.symbols(), cfg.mem_mib << 20);
         let serial = Arc::new(Mutex::new(vec![String::new()]));
         let s2 = serial.clone();
         shared.serial().set_live(Box::new(move |b| {

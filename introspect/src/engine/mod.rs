@@ -30,6 +30,8 @@ pub enum HookError {
     CrossesPage(u64, u64),
     #[error("empty range")]
     Empty,
+    #[error("{0:#x} + {1:#x} is larger than guest RAM ({2:#x} bytes) or wraps")]
+    TooLarge(u64, u64, u64),
     #[error("no hook {0}")]
     NoHook(HookId),
     #[error("hypervisor: {0}")]

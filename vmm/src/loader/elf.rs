@@ -34,6 +34,16 @@ pub(super) fn load(ram: &GuestRam, image: &[u8]) -> Result<EntryState, LoadError
     let phdrs = hdr
         .program_headers(endian, image)
         .map_err(|e| LoadError::Malformed(e.to_string()))?;
+    // linux-loader loads the `e_phnum` headers as they stand, while the object
+    // crate takes the count from section 0 when `e_phnum` is PN_XNUM (0xffff):
+    // headers past that count would be loaded unchecked (onto the boot page
+    // tables, say). Check exactly what will be loaded.
+    let raw_count = hdr.e_phnum(endian);
+    if raw_count == object::elf::PN_XNUM || phdrs.len() != usize::from(raw_count) {
+        return Err(LoadError::Malformed(format!(
+            "e_phnum {raw_count:#x} (PN_XNUM, program headers counted elsewhere) is not supported"
+        )));
+    }
     let entry = hdr.e_entry(endian);
     let mut any = false;
     let mut entry_inside = false;
@@ -54,7 +64,8 @@ pub(super) fn load(ram: &GuestRam, image: &[u8]) -> Result<EntryState, LoadError
         }
         super::image::check_range(ram, addr, memsz)?;
         any = true;
-        entry_inside |= entry >= ph.p_vaddr(endian) && entry < ph.p_vaddr(endian) + memsz;
+        let vaddr = ph.p_vaddr(endian);
+        entry_inside |= entry >= vaddr && vaddr.checked_add(memsz).is_some_and(|end| entry < end);
     }
     if !any {
         return Err(LoadError::NoSegments);
