@@ -96,3 +96,38 @@ fn a_memory_write_under_a_breakpoint_keeps_it_and_updates_the_original() {
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("4 held, 0 failed"), "{out}");
 }
+
+#[test]
+fn hooks_on_pages_the_cpu_itself_uses_need_force() {
+    if !kvm_available() {
+        return;
+    }
+    // At entry vCPU 0 runs on the VMM's page tables (root 0x1000) and stack
+    // (0x7ff0). A read/write hook on the root used to be accepted and the
+    // guest triple-faulted on its first instruction with no word.
+    let (code, out, _) = run_script(
+        "hello",
+        "cpu-pages",
+        "hook ept 0x1000 0x1000 rw log\nhook gva 0x7fe0 16 w log\nhook ept 0x300000 0x1000 x log\ncontinue\nexpect exit 0\n",
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("gpa 0x1000 is vCPU 0's live page-table root (CR3)") && out.contains("force"),
+        "{out}"
+    );
+    assert!(
+        out.contains("gpa 0x7000 is vCPU 0's current stack"),
+        "{out}"
+    );
+    // A page beside them is fine: the guest runs.
+    assert!(out.contains("hook 1 added"), "{out}");
+    assert!(out.contains("1 held, 2 failed"), "{out}");
+    // `force` hooks it anyway, with the warning.
+    let (_, out, _) = run_script(
+        "hello",
+        "cpu-force",
+        "hook ept 0x1000 0x1000 rw log force\n",
+    );
+    assert!(out.contains("warning (forced): gpa 0x1000"), "{out}");
+    assert!(out.contains("hook 1 added"), "{out}");
+}

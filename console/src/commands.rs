@@ -29,11 +29,11 @@ pub const HELP: &[(&str, &str)] = &[
         "override the verdict of the stopped event",
     ),
     (
-        "hook ept GPA [LEN] [rwx] [deny|log]",
+        "hook ept GPA [LEN] [rwx] [deny|log] [force]",
         "hook guest-physical memory",
     ),
     (
-        "hook gva GVA [LEN] [rwx] [deny|log]",
+        "hook gva GVA [LEN] [rwx] [deny|log] [force]",
         "hook guest-virtual memory (follows remaps)",
     ),
     ("hook msr INDEX [r|w|rw] [deny|log]", "hook an MSR"),
@@ -112,12 +112,15 @@ pub enum HookSpec {
         len: u64,
         rights: Rights,
         action: Action,
+        /// Hook it even on a page the CPU itself uses (`session::cpu_pages`).
+        force: bool,
     },
     Gva {
         gva: u64,
         len: u64,
         rights: Rights,
         action: Action,
+        force: bool,
     },
     Msr {
         index: u32,
@@ -553,19 +556,22 @@ fn parse_hook(w: &[&str], sym: &dyn Fn(&str) -> Option<u64>) -> Result<Command, 
             sym,
         )
     };
-    // Optional trailing words: a length (number), rights (rwx letters), an action.
-    let mem = |rest: &[&str]| -> Result<(u64, Rights, Action), ParseError> {
-        let (mut len, mut rights, mut act) = (8, Rights::W, Action::Deny);
+    // Optional trailing words: a length (number), rights (rwx letters), an
+    // action, `force` (hook a page the CPU itself uses).
+    let mem = |rest: &[&str]| -> Result<(u64, Rights, Action, bool), ParseError> {
+        let (mut len, mut rights, mut act, mut force) = (8, Rights::W, Action::Deny, false);
         for t in rest {
             if let Some(r) = Rights::parse(t) {
                 rights = r;
             } else if *t == "deny" || *t == "log" {
                 act = action(Some(t))?;
+            } else if *t == "force" {
+                force = true;
             } else {
                 len = number(t, sym)?;
             }
         }
-        Ok((len, rights, act))
+        Ok((len, rights, act, force))
     };
     let spec = match kind {
         "enable" | "disable" => {
@@ -573,21 +579,23 @@ fn parse_hook(w: &[&str], sym: &dyn Fn(&str) -> Option<u64>) -> Result<Command, 
         }
         "delete" => return Ok(Command::HookDelete(arg(2, "a hook id")?)),
         "ept" => {
-            let (len, rights, action) = mem(&w[3.min(w.len())..])?;
+            let (len, rights, action, force) = mem(&w[3.min(w.len())..])?;
             HookSpec::Ept {
                 gpa: arg(2, "a guest-physical address")?,
                 len,
                 rights,
                 action,
+                force,
             }
         }
         "gva" => {
-            let (len, rights, action) = mem(&w[3.min(w.len())..])?;
+            let (len, rights, action, force) = mem(&w[3.min(w.len())..])?;
             HookSpec::Gva {
                 gva: arg(2, "a guest-virtual address")?,
                 len,
                 rights,
                 action,
+                force,
             }
         }
         "msr" => msr_hook(arg(2, "an MSR index")? as u32, &w[3.min(w.len())..])?,

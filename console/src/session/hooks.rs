@@ -100,18 +100,21 @@ impl Session {
                 }
             }
         };
+        let warning = self.check_hook_pages(&spec)?;
         let (target, cb): (Target, vmiscope_introspect::Callback) = match spec {
             HookSpec::Ept {
                 gpa,
                 len,
                 rights,
                 action,
+                ..
             } => (Target::Gpa { gpa, len, rights }, deny_cb(action)),
             HookSpec::Gva {
                 gva,
                 len,
                 rights,
                 action,
+                ..
             } => (
                 Target::Gva {
                     gva,
@@ -159,7 +162,42 @@ impl Session {
             let _ = e.commit(cpu);
             r
         })??;
-        Ok(Output::text(format!("hook {id} added")))
+        Ok(Output::text(match warning {
+            Some(w) => format!("{w}\nhook {id} added"),
+            None => format!("hook {id} added"),
+        }))
+    }
+
+    /// A memory hook's check against the pages the vCPUs use by themselves
+    /// (`cpu_pages`); other hooks pass.
+    fn check_hook_pages(&self, spec: &HookSpec) -> Result<Option<String>, Error> {
+        match *spec {
+            HookSpec::Ept {
+                gpa,
+                len,
+                rights,
+                force,
+                ..
+            } => self.check_cpu_pages(super::cpu_pages::page_range(gpa, len), rights, force),
+            HookSpec::Gva {
+                gva,
+                len,
+                rights,
+                force,
+                ..
+            } => {
+                // Checked where the selected vCPU maps it, up to 64 Ki pages (the
+                // engine refuses an unmapped or oversized range itself).
+                let pages: std::collections::HashSet<u64> = self.with_guest(move |c| {
+                    super::cpu_pages::pages_of(gva, len)
+                        .take(1 << 16)
+                        .filter_map(|va| c.translate(va).ok().map(|t| t.gpa & !0xfff))
+                        .collect()
+                })?;
+                self.check_cpu_pages(|p| pages.contains(&p), rights, force)
+            }
+            _ => Ok(None),
+        }
     }
 
     pub fn hooks_text(&self) -> String {

@@ -19,6 +19,7 @@ use vmiscope_vmm::engine_glue::{Introspection, policy_env};
 
 use crate::format::*;
 
+mod cpu_pages;
 mod expect;
 mod hooks;
 mod inspect;
