@@ -424,6 +424,19 @@ fn dtr_cr_and_xcr_images_see_their_register_writes() {
         xcr.serial.contains("xsetbv xcr0 <- 0 (fault)"),
         "XCR0 without x87 is refused"
     );
+    // The VMM completes XGETBV at CPL0 on PVM; the CPU's checks come first: it
+    // used to answer XCR0 with OSXSAVE clear, and to stop the run on an unknown
+    // XCR.
+    assert!(
+        xcr.serial.contains("xgetbv with OSXSAVE clear: fault 6"),
+        "#UD: {}",
+        xcr.serial
+    );
+    assert!(
+        xcr.serial.contains("xgetbv of XCR 0x55: fault 13"),
+        "#GP: {}",
+        xcr.serial
+    );
 }
 
 #[test]

@@ -17,6 +17,8 @@ static void one(const char *name, u32 msr, u64 v) {
 int main(void) {
     one("LSTAR", MSR_LSTAR, 0xffffffff81c00000UL);
     one("SYSENTER_EIP", MSR_SYSENTER_EIP, 0xffffffff81c00100UL);
+    /* Not canonical: the CPU raises #GP, whatever a policy would decide. */
+    one("LSTAR-noncanonical", MSR_LSTAR, 0x0000800000000000UL);
     kputs("msr: done\n");
     return 0;
 }

@@ -16,10 +16,17 @@ int main(void) {
     u32 a, b, c, d;
     cpuid(1, 0, &a, &b, &c, &d);
     kprintf("xcr: cpuid.1.ecx %x (xsave %d)\n", c, (c >> 26) & 1);
-    u64 e = write_cr4_safe(read_cr4() | (1UL << 18));
+    u64 x = 0;
+    /* Architectural faults reach the guest as they would without a VMM: #UD (6)
+     * while CR4.OSXSAVE is clear, #GP (13) for an XCR that does not exist. */
+    u64 e = xgetbv_safe(0, &x);
+    kprintf("xcr: xgetbv with OSXSAVE clear: %s %d\n", e ? "fault" : "no fault", e ? (int)e - 1 : 0);
+    e = write_cr4_safe(read_cr4() | (1UL << 18));
     kprintf("xcr: set CR4.OSXSAVE (%s), cr4 %lx\n", e ? "fault" : "ok", read_cr4());
     if (e) return 1;
     kprintf("xcr: xcr0 %lx\n", xgetbv(0));
+    e = xgetbv_safe(0x55, &x);
+    kprintf("xcr: xgetbv of XCR 0x55: %s %d\n", e ? "fault" : "no fault", e ? (int)e - 1 : 0);
     e = xsetbv_safe(0, 3);
     kprintf("xcr: xsetbv xcr0 <- 3 (%s), xcr0 now %lx\n", e ? "fault" : "ok", xgetbv(0));
     if (xcr_spin) {

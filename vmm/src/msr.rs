@@ -6,6 +6,24 @@ use std::collections::BTreeMap;
 
 use kvm_ioctls::{MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 
+/// Whether WRMSR of `value` to `index` raises #GP on the CPU itself: the MSRs
+/// that hold a linear address take only canonical ones (48-bit, or 57-bit with
+/// CR4.LA57).
+pub fn write_faults(index: u32, value: u64, la57: bool) -> bool {
+    const ADDRESS_MSRS: [u32; 7] = [
+        0x175,       // SYSENTER_ESP
+        0x176,       // SYSENTER_EIP
+        0xc000_0082, // LSTAR
+        0xc000_0083, // CSTAR
+        0xc000_0100, // FS_BASE
+        0xc000_0101, // GS_BASE
+        0xc000_0102, // KERNEL_GS_BASE
+    ];
+    let bits = if la57 { 57 } else { 48 };
+    let canonical = ((value as i64) << (64 - bits) >> (64 - bits)) as u64 == value;
+    ADDRESS_MSRS.contains(&index) && !canonical
+}
+
 /// KVM accepts at most 16 ranges.
 const MAX_RANGES: usize = 16;
 /// MSRs closer than this share one range (a bitmap of this many bits).

@@ -83,6 +83,13 @@ UINLINE u64 xgetbv(u32 idx) {
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(idx));
     return ((u64)hi << 32) | lo;
 }
+UINLINE u64 xgetbv_safe(u32 idx, u64 *out) {
+    register u64 err __asm__("r11") = 0;
+    u32 lo = 0, hi = 0;
+    __asm__ volatile("1: xgetbv\n2:" EXTABLE : "+r"(err), "+a"(lo), "+d"(hi) : "c"(idx) : "memory");
+    *out = ((u64)hi << 32) | lo;
+    return err;
+}
 UINLINE u64 xsetbv_safe(u32 idx, u64 v) {
     register u64 err __asm__("r11") = 0;
     __asm__ volatile("1: xsetbv\n2:" EXTABLE : "+r"(err) : "c"(idx), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");

@@ -30,6 +30,10 @@ impl ExitBackend for VcpuThread {
         VcpuThread::cpl(self)
     }
 
+    fn la57(&self) -> bool {
+        self.fd.sync_regs().sregs.cr4 & (1 << 12) != 0
+    }
+
     fn count(&self, class: ExitClass) {
         self.info().stats.bump(class);
     }

@@ -28,6 +28,8 @@ pub(crate) trait ExitBackend {
     /// Changes general registers (loaded on the next entry).
     fn set_regs(&mut self, regs: &kvm_regs);
     fn cpl(&self) -> u8;
+    /// CR4.LA57: addresses are 57-bit canonical instead of 48-bit.
+    fn la57(&self) -> bool;
     /// Counts an exit of `class` (for `stats` and `bench`).
     fn count(&self, class: ExitClass);
     /// Asks the exit handler (the engine, in a session) about `event`.
@@ -277,6 +279,15 @@ fn mmio_write(be: &mut dyn ExitBackend, gpa: u64, len: u8, data: u64) -> Flow {
 }
 
 fn msr(be: &mut dyn ExitBackend, index: u32, write: Option<u64>) -> Flow {
+    // The CPU's own checks come before any policy: a value it would reject
+    // raises #GP as without a VMM, and no handler hears of a write that never
+    // happens.
+    if let Some(v) = write
+        && crate::msr::write_faults(index, v, be.la57())
+    {
+        be.complete_msr(true, None);
+        return Flow::Continue;
+    }
     let rip = be.regs().rip;
     let reply = ask(be, &Event::Msr { index, write, rip });
     let (error, data) = match (reply, write) {

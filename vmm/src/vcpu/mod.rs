@@ -354,21 +354,33 @@ impl VcpuThread {
     /// Instructions KVM's emulator cannot run at CPL0 on a PVM host but the VMM can
     /// complete itself. Returns whether it did.
     fn fixup(&mut self, bytes: &[u8]) -> bool {
-        // XGETBV: read the XCR through KVM_GET_XCRS.
+        // XGETBV: read the XCR through KVM_GET_XCRS, with the CPU's checks first:
+        // #UD while CR4.OSXSAVE is clear, #GP(0) for an XCR the CPU does not
+        // have (KVM reports the ones it has).
         if bytes.starts_with(&[0x0f, 0x01, 0xd0]) {
+            const CR4_OSXSAVE: u64 = 1 << 18;
+            self.info().stats.bump(ExitClass::Fixup);
+            if self.fd.sync_regs().sregs.cr4 & CR4_OSXSAVE == 0 {
+                return self.raise(6, None);
+            }
             let index = self.regs().rcx as u32;
             let Some(v) = self.ctl().xcr(index) else {
-                return false;
+                return self.raise(13, Some(0));
             };
             self.edit_regs(|r| {
                 r.rax = v & 0xffff_ffff;
                 r.rdx = v >> 32;
                 r.rip += 3;
             });
-            self.info().stats.bump(ExitClass::Fixup);
             return true;
         }
         false
+    }
+
+    /// Delivers exception `vector` to the guest at the current instruction (as
+    /// the CPU would have); false if KVM refused, so the run stops instead.
+    fn raise(&mut self, vector: u8, error_code: Option<u32>) -> bool {
+        self.ctl().inject_exception(vector, error_code).is_ok()
     }
 }
 

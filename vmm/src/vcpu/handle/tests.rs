@@ -72,6 +72,9 @@ impl ExitBackend for Fake {
     fn cpl(&self) -> u8 {
         3
     }
+    fn la57(&self) -> bool {
+        false
+    }
     fn count(&self, _: ExitClass) {}
     fn ask(&mut self, event: &Event) -> Reply {
         self.did.push(Did::Asked(event.clone()));
@@ -259,6 +262,14 @@ fn msr_reads_and_writes_per_reply() {
     assert_eq!(run(Reply::Drop, wr), [ok(None)]);
     assert_eq!(run(Reply::Deny, wr), [gp(None)]);
     assert_eq!(run(crashed(), wr), [handler_stop()]);
+    // A value the CPU rejects (non-canonical LSTAR) is #GP whatever the handler
+    // would say: it is not even asked.
+    let bad = RawExit::WrMsr {
+        index: LSTAR,
+        value: 0x8000_0000_0000,
+    };
+    assert_eq!(run(Reply::Drop, bad), [gp(None)]);
+    assert_eq!(run(Reply::Continue, bad), [gp(None)]);
     // An MSR KVM does not know: the read is #GP, like on hardware.
     let mut f = Fake::answering(Reply::Continue);
     handle_exit(&mut f, RawExit::RdMsr { index: 0x1234 });
