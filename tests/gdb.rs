@@ -953,3 +953,31 @@ fn a_plain_continue_resumes_every_vcpu_and_kill_gets_a_reply() {
     let (code, out) = finish(child);
     assert_eq!(code, Some(0), "{out}");
 }
+
+/// The multiboot kernel maps everything with U/S=1, as many small kernels do:
+/// `hbreak` on its (CPL0) code must be taken, at entry (paging off) and once it
+/// runs on those tables. It used to be refused as "user code" on PVM.
+#[test]
+fn hbreak_takes_kernel_code_on_user_accessible_pages() {
+    if !kvm_available() || !gdb_available() {
+        return;
+    }
+    let (out, code, vout) = gdb_session(
+        "multiboot",
+        &[
+            "hbreak mb_main",
+            "continue",
+            "print $pc == mb_main",
+            "hbreak kprintf",
+            "continue",
+            "print $pc == kprintf",
+            "delete",
+            "continue",
+        ],
+    );
+    assert!(!vout.contains("refused"), "{vout}");
+    assert!(out.contains("$1 = 1"), "stopped at mb_main: {out}");
+    assert!(out.contains("$2 = 1"), "stopped at kprintf: {out}");
+    assert!(out.contains("exited normally"), "{out}");
+    assert_eq!(code, Some(0));
+}

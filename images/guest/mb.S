@@ -53,16 +53,19 @@ mb_entry64:
 
     .section .data
     .align 4096
+    /* Identity-mapped with U/S=1 everywhere, as many small kernels do: the U/S
+     * bit then says nothing about the CPL code runs at (hbreak must still take
+     * kernel code). */
 mb_pml4:
-    .quad mb_pdpt + 0x3
+    .quad mb_pdpt + 0x7
     .fill 511, 8, 0
 mb_pdpt:
-    .quad mb_pd + 0x3
+    .quad mb_pd + 0x7
     .fill 511, 8, 0
 mb_pd:
     .set i, 0
     .rept 512
-    .quad (i << 21) | 0x83
+    .quad (i << 21) | 0x87
     .set i, i + 1
     .endr
     .align 16

@@ -56,12 +56,7 @@ impl HwBreakpoint for GdbTarget {
         // not, and two of the four slots stay free for the #DB/#BP catches that
         // make steps and breakpoints work in user code.
         let cpl3_debug = self.s.shared().host().single_step_at(3);
-        let cpu = self.s.control().stop().map(|s| s.vcpu).unwrap_or(0);
-        let user = self.s.shared().last_paging(cpu).is_some_and(|mode| {
-            vmiscope_introspect::paging::translate(self.s.shared().ram(), mode, addr)
-                .is_ok_and(|t| t.user)
-        });
-        if user && !cpl3_debug {
+        if !cpl3_debug && self.user_only_code(addr) {
             eprintln!(
                 "[vmiscope] gdb: hbreak {addr:#x} refused: user code, and this host's DR breakpoints fire at CPL0 only (use break)"
             );
@@ -78,6 +73,40 @@ impl HwBreakpoint for GdbTarget {
     }
 
     fn remove_hw_breakpoint(&mut self, addr: u64, _: usize) -> TargetResult<bool, Self> {
+        self.remove_hw(addr)
+    }
+}
+
+impl GdbTarget {
+    /// Whether the code at `addr` can run at CPL3 only, as far as the guest's
+    /// state tells: on a user-accessible page while SMEP keeps CPL0 off user
+    /// pages, or while the kernel's own code is on supervisor pages (the guest
+    /// separates the two). A kernel that runs from user-accessible pages itself
+    /// (many small kernels identity-map everything with U/S=1), or a guest
+    /// without paging, says nothing by U/S: its code may well be CPL0 code.
+    fn user_only_code(&self, addr: u64) -> bool {
+        use vmiscope_introspect::paging::{PagingMode, translate};
+        let cpu = self.s.control().stop().map(|s| s.vcpu).unwrap_or(0);
+        let Some(sregs) = self.on_cpu(cpu, |c| c.sregs()) else {
+            return false;
+        };
+        let mode = PagingMode::from_regs(sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer);
+        let shared = self.s.shared();
+        let user = |va: u64| translate(shared.ram(), mode, va).is_ok_and(|t| t.user);
+        if !mode.paging || !user(addr) {
+            return false;
+        }
+        const CR4_SMEP: u64 = 1 << 20;
+        if sregs.cr4 & CR4_SMEP != 0 {
+            return true;
+        }
+        let kernel_on_user_pages = (0..shared.vcpu_count())
+            .filter_map(|c| shared.last_position(c))
+            .any(|(rip, cpl)| cpl == 0 && user(rip));
+        !kernel_on_user_pages
+    }
+
+    fn remove_hw(&mut self, addr: u64) -> TargetResult<bool, Self> {
         let Some(slot) = self.hw.iter().position(|a| *a == Some(addr)) else {
             return Ok(false);
         };
