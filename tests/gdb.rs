@@ -981,3 +981,30 @@ fn hbreak_takes_kernel_code_on_user_accessible_pages() {
     assert!(out.contains("exited normally"), "{out}");
     assert_eq!(code, Some(0));
 }
+
+/// A single step over ENDBR64 at CPL0 moves one instruction. On PVM KVM's
+/// emulator ran the next one too (a `stepi` from step_endbr stopped at
+/// step_after_mov); the VMM now completes the step itself.
+#[test]
+fn stepi_over_endbr64_moves_exactly_one_instruction() {
+    if !kvm_available() || !gdb_available() {
+        return;
+    }
+    let (out, code, _) = gdb_session(
+        "step",
+        &[
+            "hbreak step_endbr",
+            "continue",
+            "stepi",
+            "print $pc == step_after_endbr",
+            "stepi",
+            "print $pc == step_after_mov",
+            "delete",
+            "continue",
+        ],
+    );
+    assert!(out.contains("$1 = 1"), "one step past ENDBR64: {out}");
+    assert!(out.contains("$2 = 1"), "then one past the MOV: {out}");
+    assert!(out.contains("exited normally"), "{out}");
+    assert_eq!(code, Some(0));
+}

@@ -18,6 +18,20 @@ __attribute__((noinline, used)) u64 step_region(void) {
     return r;
 }
 
+/* endbr64 (a NOP to a CPU without CET) and what follows: a single step from
+ * step_endbr must stop at step_after_endbr, one instruction on. */
+__attribute__((noinline, used)) u64 step_endbr_region(void) {
+    u64 r;
+    __asm__ volatile(".globl step_endbr\nstep_endbr:\n"
+                     "endbr64\n"
+                     ".globl step_after_endbr\nstep_after_endbr:\n"
+                     "mov $5, %%eax\n"
+                     ".globl step_after_mov\nstep_after_mov:\n"
+                     "add $1, %%eax\n"
+                     : "=a"(r));
+    return r;
+}
+
 static USER u64 user_pushf(u64 arg) {
     u64 flags;
     __asm__ volatile(".globl user_step_pushf\nuser_step_pushf:\n"
@@ -33,6 +47,7 @@ int main(void) {
     u64 r = step_region();
     kprintf("step: region result %d\n", r);
     if (r != 13) return 1;
+    if (step_endbr_region() != 6) return 1;
     kputs("step: done\n");
     return 0;
 }

@@ -155,6 +155,11 @@ impl VcpuThread {
                 self.vm.stop(StopReason::Error(e.to_string()));
                 break;
             }
+            match self.step_in_vmm() {
+                Some(Flow::Stop) => break,
+                Some(Flow::Continue) => continue,
+                None => {}
+            }
             let raw = self.enter_guest();
             let Some(raw) = raw else { break };
             self.note_exit();
