@@ -118,6 +118,13 @@ const IMAGES: &[(&str, &[&str], u32, &str, &str)] = &[
         "a multiboot v1 kernel that enters long mode itself",
     ),
     (
+        "multiboot-low",
+        &["mb.S", "mb.c"],
+        1,
+        "test",
+        "the multiboot kernel linked at 0x8000, in low memory",
+    ),
+    (
         "hang",
         &["hang.c"],
         1,
@@ -196,7 +203,11 @@ fn main() {
         let elf = out.join(format!("{name}.elf"));
         // The multiboot image is loaded linearly (a.out kludge): one contiguous segment.
         let multiboot = sources.contains(&"mb.S");
-        let script = if multiboot { "link-mb.ld" } else { "link.ld" };
+        let script = match (multiboot, *name) {
+            (true, "multiboot-low") => "link-mb-low.ld",
+            (true, _) => "link-mb.ld",
+            _ => "link.ld",
+        };
         let mut cmd = Command::new(&cc);
         cmd.args(CFLAGS)
             .args(multiboot.then_some("-Wl,-N"))

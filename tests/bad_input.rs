@@ -66,7 +66,7 @@ fn malformed_images_are_refused_with_a_reason() {
     // ... and into the VMM's boot area.
     assert!(matches!(
         load_err(&patched("hello", 64 + 24, &0x1000u64.to_le_bytes())),
-        LoadError::OverlapsBootArea(_)
+        LoadError::OverlapsBootArea(..)
     ));
 }
 

@@ -24,3 +24,34 @@ fn a_denied_wrmsr_of_a_value_the_cpu_rejects_still_raises_gp() {
         "{out}"
     );
 }
+
+#[test]
+fn a_multiboot_kernel_in_low_memory_gets_its_information_elsewhere() {
+    if !kvm_available() {
+        return;
+    }
+    // Linked at 0x8000, where the VMM used to keep the multiboot information
+    // (the run was refused: "overlaps the VMM's boot area below 0x10000"). The
+    // information now goes after the kernel and its modules, as QEMU puts it.
+    let m = std::env::temp_dir().join(format!("vmiscope-lowmod-{}", std::process::id()));
+    std::fs::write(&m, b"low module").unwrap();
+    let (code, out, err) = vmiscope(&[
+        "run",
+        "multiboot-low",
+        "--batch",
+        "--cmdline",
+        "console=ttyS0",
+        "--module",
+        m.to_str().unwrap(),
+    ]);
+    let _ = std::fs::remove_file(&m);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("magic 2badb002 (ok)"), "{out}");
+    assert!(out.contains("cmdline 'console=ttyS0'"), "{out}");
+    assert!(
+        out.contains("1 module(s)") && out.contains("'low module'"),
+        "{out}"
+    );
+    // What the VMM really uses is still guarded: the GDT and TSS page.
+    assert!(out.contains("multiboot: done"), "{out}");
+}

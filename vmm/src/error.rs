@@ -45,8 +45,8 @@ pub enum LoadError {
     Malformed(String),
     #[error("the image needs {need} bytes at {at:#x}, beyond the {ram} MiB of RAM (try --mem)")]
     TooBig { at: u64, need: u64, ram: u64 },
-    #[error("segment at {0:#x} overlaps the VMM's boot area below 0x10000")]
-    OverlapsBootArea(u64),
+    #[error("segment at {0:#x} overlaps the VMM's boot structures below {1:#x}")]
+    OverlapsBootArea(u64, u64),
     #[error("entry point {0:#x} is not inside a loaded segment")]
     EntryOutside(u64),
     #[error("the image has no loadable segment")]

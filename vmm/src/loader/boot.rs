@@ -1,12 +1,18 @@
-//! The VMM-built boot state: a GDT, a TSS and identity page tables below 0x10000,
+//! The VMM-built boot state: a GDT, a TSS and identity page tables below 0x8000,
 //! and the registers each entry mode starts with.
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
 use crate::memory::GuestRam;
 
-/// Everything below this address belongs to the VMM's boot structures.
-pub const BOOT_AREA_END: u64 = 0x10000;
+/// What the VMM's boot structures really occupy, by entry mode; a kernel's
+/// segment may not overlap them. An ELF64 image runs on the VMM's GDT, TSS,
+/// page tables and stacks (all below 0x8000). A multiboot kernel starts with
+/// paging off and sets up its own stack, so it uses only the GDT and TSS in the
+/// first page; its information structure goes after the kernel and its modules,
+/// where the kernel is not (as QEMU places it).
+pub const ELF_BOOT_AREA_END: u64 = 0x8000;
+pub const MULTIBOOT_BOOT_AREA_END: u64 = 0x1000;
 
 const GDT: u64 = 0x500;
 const TSS: u64 = 0x600;
@@ -14,7 +20,6 @@ const PML4: u64 = 0x1000;
 const PDPT: u64 = 0x2000;
 const PD: u64 = 0x3000; // four PDs: 0x3000..0x7000, 4 GiB of 2 MiB pages
 const STACK_TOP: u64 = 0x7ff0;
-pub(super) const MBI: u64 = 0x8000;
 
 pub const SEL_CODE64: u16 = 0x08;
 pub const SEL_DATA: u16 = 0x10;

@@ -62,7 +62,7 @@ pub(super) fn load(ram: &GuestRam, image: &[u8]) -> Result<EntryState, LoadError
                 "segment at {addr:#x} extends past the end of the file"
             )));
         }
-        super::image::check_range(ram, addr, memsz)?;
+        super::image::check_range(ram, addr, memsz, super::boot::ELF_BOOT_AREA_END)?;
         any = true;
         let vaddr = ph.p_vaddr(endian);
         entry_inside |= entry >= vaddr && vaddr.checked_add(memsz).is_some_and(|end| entry < end);

@@ -1,7 +1,6 @@
 //! What the loaders share: modules, the aligned copy of an image, and the check
 //! that a load lands in RAM above the boot area.
 
-use super::boot::BOOT_AREA_END;
 use crate::error::LoadError;
 use crate::memory::GuestRam;
 
@@ -32,10 +31,16 @@ pub(crate) fn as_bytes(words: &[u64], len: usize) -> &[u8] {
     unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, len) }
 }
 
-/// Checks that `[gpa, gpa+len)` fits in RAM above the boot area.
-pub(super) fn check_range(ram: &GuestRam, gpa: u64, len: u64) -> Result<(), LoadError> {
-    if gpa < BOOT_AREA_END {
-        return Err(LoadError::OverlapsBootArea(gpa));
+/// Checks that `[gpa, gpa+len)` fits in RAM above the VMM's boot structures,
+/// which end at `boot_end` (see `boot::ELF_BOOT_AREA_END`).
+pub(super) fn check_range(
+    ram: &GuestRam,
+    gpa: u64,
+    len: u64,
+    boot_end: u64,
+) -> Result<(), LoadError> {
+    if gpa < boot_end {
+        return Err(LoadError::OverlapsBootArea(gpa, boot_end));
     }
     if !ram.contains(gpa, len) {
         return Err(LoadError::TooBig {

@@ -7,7 +7,10 @@ mod image;
 mod multiboot;
 mod symbols;
 
-pub use boot::{BOOT_AREA_END, EntryState, regs as regs_for, sregs as sregs_for, write_boot_area};
+pub use boot::{
+    ELF_BOOT_AREA_END, EntryState, MULTIBOOT_BOOT_AREA_END, regs as regs_for, sregs as sregs_for,
+    write_boot_area,
+};
 pub use image::Module;
 pub use symbols::Symbols;
 

@@ -5,7 +5,7 @@
 use object::elf::PT_LOAD;
 use object::read::elf::{FileHeader, ProgramHeader};
 
-use super::boot::{EntryState, MBI};
+use super::boot::{EntryState, MULTIBOOT_BOOT_AREA_END};
 use super::image::{Module, check_range};
 use crate::error::LoadError;
 use crate::memory::GuestRam;
@@ -92,7 +92,12 @@ fn load_kernel(ram: &GuestRam, image: &[u8], h: &Header) -> Result<(u32, u64), L
             .get(start..start + len)
             .ok_or_else(|| bad("load range extends past the end of the file"))?;
         let end = (h.bss_end_addr as u64).max(h.load_addr as u64 + len as u64);
-        check_range(ram, h.load_addr as u64, end - h.load_addr as u64)?;
+        check_range(
+            ram,
+            h.load_addr as u64,
+            end - h.load_addr as u64,
+            MULTIBOOT_BOOT_AREA_END,
+        )?;
         ram.write(h.load_addr as u64, data)
             .map_err(|e| bad(&e.to_string()))?;
         ram.write(
@@ -132,7 +137,7 @@ fn load_elf<H: FileHeader<Endian = object::Endianness>>(
         let data = ph
             .data(en, image)
             .map_err(|_| LoadError::Malformed("segment past the end of the file".into()))?;
-        check_range(ram, addr, memsz)?;
+        check_range(ram, addr, memsz, MULTIBOOT_BOOT_AREA_END)?;
         ram.write(addr, data)
             .map_err(|e| LoadError::Malformed(e.to_string()))?;
         end = end.max(addr + memsz);
@@ -158,11 +163,34 @@ pub(super) fn load(
         ram.write(gpa, d)
             .map_err(|e| LoadError::Multiboot(e.to_string()))
     };
-    // Layout inside the boot area: info, memory map, module list, strings.
-    let (mmap, mods, mut strings) = (MBI + 0x100, MBI + 0x200, MBI + 0x400);
+    if modules.len() > 32 {
+        return Err(LoadError::Multiboot("at most 32 modules".into()));
+    }
+    // The modules go after the kernel, and the information structure after them
+    // (as QEMU places it): nowhere the kernel is. Its layout: info, memory map,
+    // module list (32 at most), strings (up to MBI_SIZE).
+    let mut next = (kernel_end + 0xfff) & !0xfff;
+    let mut placed = Vec::with_capacity(modules.len());
+    for m in modules {
+        check_range(ram, next, m.data.len() as u64, MULTIBOOT_BOOT_AREA_END)
+            .map_err(|e| LoadError::Module(m.name.clone(), e.to_string()))?;
+        w(next, &m.data)?;
+        placed.push(next);
+        next = (next + m.data.len() as u64 + 0xfff) & !0xfff;
+    }
+    const MBI_SIZE: u64 = 0x8000;
+    let mbi = next;
+    check_range(ram, mbi, MBI_SIZE, MULTIBOOT_BOOT_AREA_END)
+        .map_err(|e| LoadError::Multiboot(format!("no room for the boot information: {e}")))?;
+    if mbi + MBI_SIZE > u32::MAX as u64 {
+        return Err(LoadError::Multiboot(
+            "the boot information would lie above 4 GiB".into(),
+        ));
+    }
+    let (mmap, mods, mut strings) = (mbi + 0x100, mbi + 0x200, mbi + 0x400);
     let mut put_str = |s: &str| -> Result<u32, LoadError> {
         let at = strings;
-        if at + s.len() as u64 + 1 > super::boot::BOOT_AREA_END {
+        if at + s.len() as u64 + 1 > mbi + MBI_SIZE {
             return Err(LoadError::Multiboot(
                 "command line and module names are too long".into(),
             ));
@@ -173,20 +201,12 @@ pub(super) fn load(
         Ok(at as u32)
     };
     let cmd_addr = put_str(cmdline)?;
-    if modules.len() > 32 {
-        return Err(LoadError::Multiboot("at most 32 modules".into()));
-    }
-    let mut next = (kernel_end + 0xfff) & !0xfff;
-    for (i, m) in modules.iter().enumerate() {
-        check_range(ram, next, m.data.len() as u64)
-            .map_err(|e| LoadError::Module(m.name.clone(), e.to_string()))?;
-        w(next, &m.data)?;
+    for (i, (m, at)) in modules.iter().zip(placed).enumerate() {
         let name = put_str(&m.name)?;
-        let entry = [next as u32, (next + m.data.len() as u64) as u32, name, 0];
+        let entry = [at as u32, (at + m.data.len() as u64) as u32, name, 0];
         for (j, v) in entry.iter().enumerate() {
             w(mods + 16 * i as u64 + 4 * j as u64, &v.to_le_bytes())?;
         }
-        next = (next + m.data.len() as u64 + 0xfff) & !0xfff;
     }
     let ram_size = ram.size();
     let regions: [(u64, u64, u32); 3] = [
@@ -218,12 +238,12 @@ pub(super) fn load(
         mmap as u32,
     ];
     for (i, v) in info.iter().enumerate() {
-        w(MBI + 4 * i as u64, &v.to_le_bytes())?;
+        w(mbi + 4 * i as u64, &v.to_le_bytes())?;
     }
     Ok(EntryState::Protected32 {
         eip: entry,
         eax: BOOT_MAGIC,
-        ebx: MBI as u32,
+        ebx: mbi as u32,
     })
 }
 
@@ -270,18 +290,20 @@ mod tests {
             data: b"payload".to_vec(),
         }];
         let e = load(&ram, &img, &h, "console=ttyS0", &m).unwrap();
+        // The information goes after the kernel (bss to 0x101000) and the module.
+        let mbi = 0x102000;
         assert_eq!(
             e,
             EntryState::Protected32 {
                 eip: 0x100020,
                 eax: BOOT_MAGIC,
-                ebx: MBI as u32
+                ebx: mbi as u32
             }
         );
         let mut b = [0u8; 4];
-        ram.read(MBI + 20, &mut b).unwrap();
+        ram.read(mbi + 20, &mut b).unwrap();
         assert_eq!(u32::from_le_bytes(b), 1, "mods_count");
-        ram.read(MBI + 24, &mut b).unwrap();
+        ram.read(mbi + 24, &mut b).unwrap();
         let mods = u32::from_le_bytes(b) as u64;
         ram.read(mods, &mut b).unwrap();
         let start = u32::from_le_bytes(b) as u64;
