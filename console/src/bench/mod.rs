@@ -149,7 +149,7 @@ fn vmiscope_with(
     };
     let out = vm.run(stamp.clone(), &cfg);
     if out.reason.exit_status() != 0 {
-        return Err(format!("spin did not finish: {}", out.reason).into());
+        return Err(spin_failed(&out).into());
     }
     let s = stamp.0.lock().unwrap();
     per_exit(s.0, s.1, s.2)
@@ -211,7 +211,7 @@ fn engine_run(mode: u64, n: u64, vcpus: u32, setup: OnReady) -> Result<EngineRun
     let out = vm.run(h.clone(), &cfg);
     drop(ioctls_before);
     if out.reason.exit_status() != 0 {
-        return Err(format!("spin did not finish: {}", out.reason).into());
+        return Err(spin_failed(&out).into());
     }
     let s = h.stamp.0.lock().unwrap();
     let e = intro.engine.lock().unwrap();
@@ -667,4 +667,12 @@ pub fn run(a: &crate::cli::BenchArgs) -> i32 {
         );
     }
     0
+}
+
+/// Why a bench guest did not finish, with its last serial lines (a guest's
+/// FATAL line names the exception and where it happened).
+fn spin_failed(out: &vmiscope_vmm::RunOutcome) -> String {
+    let lines: Vec<&str> = out.serial.lines().collect();
+    let tail = lines[lines.len().saturating_sub(4)..].join(" | ");
+    format!("spin did not finish: {} (serial: {tail})", out.reason)
 }
