@@ -372,7 +372,10 @@ impl Engine {
             // made before the first poll is still seen as a change.
             let v = guest.vcpu();
             match class {
-                Class::Cr | Class::Dtr => self.vcpu(v).last = Some(guest.sregs()),
+                Class::Cr | Class::Dtr => {
+                    let now = guest.sregs();
+                    self.vcpu(v).last = crate::handlers::timer::set_up(&now).then_some(now);
+                }
                 Class::Xcr => self.vcpu(v).last_xcr0 = guest.xcr0(),
                 _ => {}
             }

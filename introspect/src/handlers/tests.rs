@@ -812,3 +812,93 @@ fn a_length_near_2_pow_64_does_not_wrap_into_a_small_range() {
     assert!(matches!(err, HookError::CrossesPage(..)), "{err}");
     assert!(e.hooks().is_empty());
 }
+
+/// `--protect all` on a kernel that starts its second vCPU with INIT/SIPI: the
+/// AP's reset state, its way through real and protected mode and its own LGDT and
+/// LIDT are the kernel's set-up, not tampering (they used to be reverted and the
+/// AP died); once it is set up, a rogue LIDT on it is denied as on vCPU 0.
+#[test]
+fn each_vcpu_is_judged_from_its_own_set_up() {
+    let mut e = Engine::new();
+    let mut g = MockGuest::new();
+    g.vcpus = 2;
+    let kernel_idt = Dtr {
+        base: 0x20_0000,
+        limit: 0xfff,
+    };
+    let kernel_gdt = Dtr {
+        base: 0x20_1000,
+        limit: 0x3f,
+    };
+    // vCPU 0 is set up when the policies arm.
+    g.sregs.idtr = kernel_idt;
+    g.sregs.gdtr = kernel_gdt;
+    let bsp = g.sregs;
+    for dtr in [DtrKind::Idtr, DtrKind::Gdtr] {
+        e.add_hook(
+            &mut g,
+            Target::Dtr { dtr },
+            "dtr",
+            Box::new(|_| Outcome::block("reloaded")),
+        )
+        .unwrap();
+    }
+    e.add_hook(
+        &mut g,
+        Target::Cr {
+            cr: Cr::Cr0,
+            mask: 1 << 16,
+        },
+        "wp",
+        Box::new(|_| Outcome::block("WP cleared")),
+    )
+    .unwrap();
+    // vCPU 1 from its reset state to its own tables, polled at each step.
+    g.vcpu = 1;
+    let reset = crate::arch::SRegs {
+        cr0: 0x6000_0010,
+        idtr: Dtr {
+            base: 0,
+            limit: 0xffff,
+        },
+        ..Default::default()
+    };
+    let protected = crate::arch::SRegs {
+        cr0: 0x11,
+        gdtr: Dtr {
+            base: 0x8100,
+            limit: 0x17,
+        },
+        ..reset
+    };
+    let long = crate::arch::SRegs {
+        cr0: 0x8005_0033,
+        cr4: 0x620,
+        efer: 0xd01,
+        cr3: bsp.cr3,
+        ..protected
+    };
+    let own_gdt = crate::arch::SRegs {
+        gdtr: kernel_gdt,
+        ..long
+    };
+    let done = crate::arch::SRegs {
+        idtr: kernel_idt,
+        ..own_gdt
+    };
+    for step in [reset, protected, long, own_gdt, done, done] {
+        g.sregs = step;
+        poll_registers(&mut e, &mut g);
+        assert_eq!(g.sregs, step, "the AP's own set-up is left alone");
+    }
+    assert!(e.alerts().is_empty(), "no alert: {:?}", e.alerts());
+    // Set up now: a rogue IDT on vCPU 1 is denied and put back.
+    g.sregs.idtr = Dtr {
+        base: 0x30_0000,
+        limit: 0xfff,
+    };
+    poll_registers(&mut e, &mut g);
+    assert_eq!(g.sregs.idtr, kernel_idt, "reverted");
+    assert_eq!(e.alerts().len(), 1);
+    assert_eq!(e.alerts()[0].vcpu, 1);
+}
