@@ -161,14 +161,47 @@ impl Installer<'_> {
         self.hook(Target::Cr { cr, mask: bits }, cb)
     }
 
+    /// The IDT's pages and the IDTR. A kernel that loads its IDT before filling
+    /// it in keeps filling it: a gate that was not present when the policy armed
+    /// is the kernel's to set up; rewriting a gate that was present is tampering.
     fn idt(&mut self) -> Result<(), PolicyError> {
         let idtr = self.g.sregs().idtr;
-        self.mem(
-            idtr.base,
-            idtr.limit as u64 + 1,
-            Rights::W,
-            "IDT entry modified",
-        )?;
+        let len = idtr.limit as u64 + 1;
+        let table = crate::integrity::read(self.g, idtr.base, len).unwrap_or_default();
+        // 16-byte gates; P is bit 7 of byte 5.
+        let empty: Vec<bool> = table
+            .chunks(16)
+            .map(|g| g.len() < 6 || g[5] & 0x80 == 0)
+            .collect();
+        let base = idtr.base;
+        for (va, n) in crate::decode::split_pages(base, len) {
+            let t = Target::Gva {
+                gva: va,
+                len: n,
+                rights: Rights::W,
+                cr3: 0,
+                gpa: None,
+            };
+            let empty = empty.clone();
+            self.hook(
+                t,
+                Box::new(move |ctx| match ctx.event {
+                    EventInfo::Mem {
+                        access: AccessKind::Write,
+                        gla,
+                        ..
+                    } => {
+                        let gate = (gla.wrapping_sub(base) / 16) as usize;
+                        if empty.get(gate).copied().unwrap_or(false) {
+                            Outcome::allow()
+                        } else {
+                            Outcome::block("IDT entry modified")
+                        }
+                    }
+                    _ => Outcome::allow(),
+                }),
+            )?;
+        }
         self.hook(Target::Dtr { dtr: DtrKind::Idtr }, deny("IDTR reloaded"))
     }
 
@@ -313,6 +346,35 @@ mod tests {
         }
         let e = parse_list("idt,nope").unwrap_err();
         assert!(e.to_string().contains("unknown policy `nope`"));
+    }
+
+    #[test]
+    fn the_idt_policy_lets_the_kernel_fill_empty_gates_and_guards_present_ones() {
+        use crate::event::AccessKind;
+        use crate::handlers::{MemExit, handle_ept_violation};
+        let (mut e, mut g) = (Engine::new(), MockGuest::new());
+        // An IDT at 0x50000 whose gate 0 is present (P in byte 5) and gate 1 not:
+        // the kernel loaded it before filling it in.
+        g.ram[0x50005] = 0x8e;
+        g.sregs.idtr = crate::arch::Dtr {
+            base: 0x50000,
+            limit: 0xff,
+        };
+        enable(&mut e, &mut g, &[Policy::Idt], &PolicyEnv::default()).unwrap();
+        let write = |gpa| MemExit {
+            gpa,
+            len: 8,
+            access: AccessKind::Write,
+            data: Some(0x1234),
+            rip: 0x20002,
+        };
+        // The kernel's own gate writes used to be denied from the first LIDT on.
+        let (v, _) = handle_ept_violation(&mut e, &mut g, &write(0x50010));
+        assert_eq!(v, Verdict::Allowed, "filling an empty gate");
+        let (v, _) = handle_ept_violation(&mut e, &mut g, &write(0x50000));
+        assert_eq!(v, Verdict::NotAllowed, "rewriting a present gate");
+        assert_eq!(e.alerts().len(), 1);
+        assert_eq!(e.alerts()[0].reason, "IDT entry modified");
     }
 
     #[test]
