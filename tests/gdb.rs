@@ -1008,3 +1008,29 @@ fn stepi_over_endbr64_moves_exactly_one_instruction() {
     assert!(out.contains("exited normally"), "{out}");
     assert_eq!(code, Some(0));
 }
+
+/// A watchpoint on a page a vCPU uses by itself (its current stack: a watched
+/// local variable) would triple-fault the guest here at its next exception: it is
+/// refused unless `monitor watch force`.
+#[test]
+fn a_watchpoint_on_the_current_stack_needs_force() {
+    if !kvm_available() {
+        return;
+    }
+    let p = port();
+    let child = vm("hello", p);
+    let mut rsp = Rsp::connect(p);
+    let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    // At entry vCPU 0's stack is at 0x7ff0.
+    assert_ne!(rsp.ask("Z2,7fe0,8"), "OK", "refused by default");
+    let (text, reply) = rsp.ask_output(&format!("qRcmd,{}", hex("watch force")));
+    assert_eq!(reply, "OK");
+    assert!(text.contains("watchpoints from now on: force"), "{text}");
+    assert_eq!(rsp.ask("Z2,7fe0,8"), "OK", "forced");
+    assert_eq!(rsp.ask("z2,7fe0,8"), "OK");
+    let end = rsp.ask("vCont;c");
+    assert!(end.starts_with('W'), "the guest ran to its end: {end}");
+    let (code, out) = finish(child);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("watch 0x7fe0 refused"), "{out}");
+}

@@ -72,6 +72,8 @@ pub struct GdbTarget {
     visible_breakpoints: bool,
     /// The packet being handled is a legacy `c`/`C`/`s`/`S` (see `conn`).
     legacy: conn::LegacyResume,
+    /// `monitor watch force`: watchpoints on pages a vCPU uses by itself too.
+    force_watch: bool,
 }
 
 fn err<T>(_: impl std::fmt::Display) -> TargetResult<T, GdbTarget> {
@@ -114,6 +116,7 @@ impl GdbTarget {
             refused: false,
             visible_breakpoints: false,
             legacy: conn::LegacyResume::default(),
+            force_watch: false,
         }
     }
 

@@ -1,4 +1,5 @@
-//! `monitor …`: any console command, plus `monitor breakpoints visible|hidden`.
+//! `monitor …`: any console command, plus `monitor breakpoints visible|hidden`
+//! and `monitor watch force|safe`.
 
 use crate::error::Error;
 
@@ -28,6 +29,23 @@ impl MonitorCmd for GdbTarget {
                 "hidden (the guest reads the original byte; other code on the page exits too)"
             };
             outputln!(out, "gdb breakpoints inserted from now on: {how}");
+            return Ok(());
+        }
+        if let Some(how) = line.strip_prefix("watch") {
+            match how.trim() {
+                "force" => self.force_watch = true,
+                "safe" => self.force_watch = false,
+                _ => {
+                    outputln!(out, "error: expected `watch force|safe`");
+                    return Ok(());
+                }
+            }
+            let how = if self.force_watch {
+                "force (also on a page a vCPU uses by itself, such as its current stack: the guest may break)"
+            } else {
+                "safe (refused on a page a vCPU uses by itself)"
+            };
+            outputln!(out, "gdb watchpoints from now on: {how}");
             return Ok(());
         }
         let line = match line.strip_prefix("phys ") {

@@ -34,6 +34,22 @@ impl HwWatchpoint for GdbTarget {
             );
             return Ok(false);
         }
+        // A watched page that a vCPU uses by itself (its current stack: a
+        // watched local variable) would break the guest here (see
+        // `session::cpu_pages`): refused unless `monitor watch force`.
+        match self
+            .s
+            .check_gva_cpu_pages(addr, len, rights, self.force_watch)
+        {
+            Ok(Some(warning)) => eprintln!("[vmiscope] gdb: watch {addr:#x}: {warning}"),
+            Ok(None) => {}
+            Err(why) => {
+                eprintln!(
+                    "[vmiscope] gdb: watch {addr:#x} refused: {why} (gdb: `monitor watch force`)"
+                );
+                return Ok(false);
+            }
+        }
         let mut pieces = Vec::new();
         for (va, n) in vmiscope_introspect::decode::split_pages(addr, len) {
             let Some(p) = self.add_engine_hook(HookTarget::Gva {

@@ -135,6 +135,27 @@ impl Session {
     }
 }
 
+impl Session {
+    /// `check_cpu_pages` for a guest-virtual range, where the selected vCPU maps
+    /// it (up to 64 Ki pages; the engine refuses an unmapped or oversized range
+    /// itself). Used by `hook gva` and by gdb's watchpoints.
+    pub(crate) fn check_gva_cpu_pages(
+        &self,
+        gva: u64,
+        len: u64,
+        rights: Rights,
+        force: bool,
+    ) -> Result<Option<String>, Error> {
+        let pages: std::collections::HashSet<u64> = self.with_guest(move |c| {
+            pages_of(gva, len)
+                .take(1 << 16)
+                .filter_map(|va| c.translate(va).ok().map(|t| t.gpa & !0xfff))
+                .collect()
+        })?;
+        self.check_cpu_pages(|p| pages.contains(&p), rights, force)
+    }
+}
+
 /// The 4 KiB pages of `[start, start+len)` as a test (len ≥ 1).
 pub fn page_range(start: u64, len: u64) -> impl Fn(u64) -> bool {
     let first = start & !0xfff;

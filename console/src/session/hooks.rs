@@ -185,17 +185,7 @@ impl Session {
                 rights,
                 force,
                 ..
-            } => {
-                // Checked where the selected vCPU maps it, up to 64 Ki pages (the
-                // engine refuses an unmapped or oversized range itself).
-                let pages: std::collections::HashSet<u64> = self.with_guest(move |c| {
-                    super::cpu_pages::pages_of(gva, len)
-                        .take(1 << 16)
-                        .filter_map(|va| c.translate(va).ok().map(|t| t.gpa & !0xfff))
-                        .collect()
-                })?;
-                self.check_cpu_pages(|p| pages.contains(&p), rights, force)
-            }
+            } => self.check_gva_cpu_pages(gva, len, rights, force),
             _ => Ok(None),
         }
     }
