@@ -286,3 +286,39 @@ fn repl_stop_override_and_exception() {
     );
     assert!(out.contains("no hooks"), "{out}");
 }
+
+/// A terminal that hangs up (its tmux server killed: SIGHUP) ends the TUI and
+/// its run. With SIGHUP handled, crossterm spun on the dead terminal instead and
+/// the process lived on at full speed.
+#[test]
+fn the_tui_ends_when_its_terminal_hangs_up() {
+    if !kvm_available() || !tmux_available() {
+        return;
+    }
+    let t = Term::start(100, 30, "run hang");
+    t.wait_for("paused at entry");
+    let pane = t
+        .tmux()
+        .args(["display", "-p", "-t", &t.name, "#{pane_pid}"])
+        .output()
+        .unwrap();
+    let shell = String::from_utf8_lossy(&pane.stdout).trim().to_string();
+    let children =
+        std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children")).unwrap_or_default();
+    let pid = children
+        .split_whitespace()
+        .next()
+        .expect("vmiscope runs")
+        .to_string();
+    let _ = t.tmux().args(["kill-server"]).status();
+    let start = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "vmiscope {pid} outlived its terminal"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

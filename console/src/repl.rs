@@ -102,7 +102,6 @@ fn watch(
     mut print: Box<dyn FnMut(String) + Send>,
 ) -> std::thread::JoinHandle<()> {
     let (serial, intro, control) = (s.serial().clone(), s.intro().clone(), s.control().clone());
-    let terminal = SavedTerminal::now();
     let (mut lines, mut alerts, mut stops) = (
         serial.lock().unwrap().len().saturating_sub(1),
         intro.engine.lock().unwrap().alerts().len(),
@@ -111,16 +110,6 @@ fn watch(
     std::thread::spawn(move || {
         while !done.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(50));
-            if vmiscope_vmm::signals::received() > 0 {
-                // The line editor cannot be woken from its read, so the session
-                // ends here: the engine's lock is taken, so no journal record is
-                // half written, and the terminal is given back as it was.
-                let _engine = intro.engine.lock().unwrap();
-                let reason = vmiscope_vmm::StopReason::Signal(vmiscope_vmm::signals::last());
-                terminal.restore();
-                eprintln!("\nvmiscope: {reason}");
-                std::process::exit(reason.exit_status());
-            }
             let mut msg = String::new();
             {
                 let l = serial.lock().unwrap();
@@ -149,28 +138,6 @@ fn watch(
             }
         }
     })
-}
-
-/// The terminal's settings when the REPL started, to give back if a signal ends
-/// the session while the line editor has the terminal in raw mode.
-struct SavedTerminal(Option<libc::termios>);
-
-impl SavedTerminal {
-    fn now() -> Self {
-        // SAFETY: tcgetattr writes a termios into the zeroed value we own; on
-        // failure (stdin not a terminal) the value is dropped unused.
-        unsafe {
-            let mut t: libc::termios = std::mem::zeroed();
-            SavedTerminal((libc::tcgetattr(0, &mut t) == 0).then_some(t))
-        }
-    }
-
-    fn restore(&self) {
-        if let Some(t) = &self.0 {
-            // SAFETY: tcsetattr reads the termios we saved from this same fd.
-            unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
-        }
-    }
 }
 
 /// Words the line editor completes: subcommands, the image's symbols, hook ids.

@@ -18,6 +18,7 @@ pub fn interactive(a: &RunArgs, mode: Mode) -> i32 {
 
 /// Runs the console on a session until `quit`.
 pub fn run_session(mut s: Session, mut mode: Mode) -> i32 {
+    exit_on_signal(&s);
     while mode != Mode::Quit {
         mode = match mode {
             Mode::Tui => crate::tui::run(&mut s),
@@ -35,4 +36,53 @@ pub fn run_session(mut s: Session, mut mode: Mode) -> i32 {
         return vmiscope_vmm::StopReason::Signal(signal).exit_status();
     }
     code
+}
+
+/// Ends the process when SIGTERM, SIGHUP or a SIGINT from outside arrives (at a
+/// terminal Ctrl-C is a key). The run itself is stopped by its watchdog; this
+/// thread ends the console, because the front ends may be blocked in a read that
+/// never returns (the line editor on a pipe; crossterm on a terminal that hung
+/// up spins inside its poll). It takes the engine's lock first, so no journal
+/// record is half written, gives the terminal back as it was, and exits with
+/// 128 + the signal's number.
+fn exit_on_signal(s: &Session) {
+    let intro = s.intro().clone();
+    let terminal = SavedTerminal::now();
+    std::thread::spawn(move || {
+        while vmiscope_vmm::signals::received() == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _engine = intro.engine.lock().unwrap_or_else(|e| e.into_inner());
+        let reason = vmiscope_vmm::StopReason::Signal(vmiscope_vmm::signals::last());
+        terminal.restore();
+        eprintln!("\nvmiscope: {reason}");
+        std::process::exit(reason.exit_status());
+    });
+}
+
+/// The terminal's settings when the console started (raw mode and the TUI's
+/// alternate screen undone on a signal).
+struct SavedTerminal(Option<libc::termios>);
+
+impl SavedTerminal {
+    fn now() -> Self {
+        // SAFETY: tcgetattr writes a termios into the zeroed value we own; on
+        // failure (stdin not a terminal) the value is dropped unused.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            SavedTerminal((libc::tcgetattr(0, &mut t) == 0).then_some(t))
+        }
+    }
+
+    fn restore(&self) {
+        if let Some(t) = &self.0 {
+            // Leave the TUI's alternate screen and show the cursor (harmless
+            // when the REPL had the terminal).
+            use std::io::Write as _;
+            let _ = std::io::stdout().write_all(b"\x1b[?1049l\x1b[?25h");
+            let _ = std::io::stdout().flush();
+            // SAFETY: tcsetattr reads the termios we saved from this same fd.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
+        }
+    }
 }
