@@ -51,6 +51,8 @@ fn vm_with(image: &str, port: u16, args: &[&str]) -> Child {
         .args(["run", image])
         .args(args)
         .args(["--gdb", &port.to_string()])
+        // A test that fails before it ends the run leaves no guest running for long.
+        .args(["--timeout", "300"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

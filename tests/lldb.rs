@@ -72,7 +72,8 @@ fn guest(image: &str) -> Guest {
     let elf = dir.join(format!("{image}.elf"));
     std::fs::write(&elf, common::image(image)).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_vmiscope"))
-        .args(["run", image, "--batch", "--gdb", "0"])
+        // The timeout: a test that fails midway leaves no guest running for long.
+        .args(["run", image, "--batch", "--gdb", "0", "--timeout", "300"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
