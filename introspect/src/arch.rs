@@ -91,6 +91,20 @@ impl SRegs {
         }
     }
 
+    /// Whether a vCPU has finished its own set-up, as far as its registers say:
+    /// long mode with paging on, and an IDT of its own loaded (a vCPU starts
+    /// with none, or with the real-mode reset IDTR at 0). Each vCPU's baseline
+    /// for the polled CR and DTR checks is taken from then on, so one vCPU's
+    /// set-up is never judged against another's state.
+    pub fn set_up(&self) -> bool {
+        const CR0_PG: u64 = 1 << 31;
+        const EFER_LMA: u64 = 1 << 10;
+        self.cr0 & CR0_PG != 0
+            && self.efer & EFER_LMA != 0
+            && self.idtr.base != 0
+            && self.idtr.limit != 0
+    }
+
     pub fn paging(&self) -> crate::paging::PagingMode {
         crate::paging::PagingMode::from_regs(self.cr0, self.cr3, self.cr4, self.efer)
     }

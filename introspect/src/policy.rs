@@ -234,7 +234,7 @@ impl Installer<'_> {
             return Err(PolicyError::NoTarget(self.policy, String::new()));
         }
         for &(gva, len) in list {
-            crate::target::check_range(gva, len, self.g.ram_size())
+            crate::engine::check_extent(gva, len, self.g.ram_size())
                 .map_err(|err| PolicyError::Hook(self.policy, err))?;
             self.mem(gva, len, rights, why)?;
         }

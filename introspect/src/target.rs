@@ -290,17 +290,3 @@ impl std::fmt::Display for Policy {
         f.write_str(self.name())
     }
 }
-
-/// A guest range `[addr, addr+len)` that is not empty, does not wrap and is no
-/// larger than guest RAM: the bound every length from outside (symbols, gdb,
-/// commands) meets before anything is built from it.
-pub fn check_range(addr: u64, len: u64, ram: u64) -> Result<(), crate::engine::HookError> {
-    use crate::engine::HookError;
-    if len == 0 {
-        return Err(HookError::Empty);
-    }
-    if len > ram || addr.checked_add(len).is_none() {
-        return Err(HookError::TooLarge(addr, len, ram));
-    }
-    Ok(())
-}

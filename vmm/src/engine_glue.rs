@@ -47,7 +47,7 @@ pub fn policy_env(sym: &Symbols, ram: u64) -> PolicyEnv {
         let checked = len
             .ok_or_else(|| format!("{what} ends below its start {start:#x}"))
             .and_then(|len| {
-                vmiscope_introspect::target::check_range(start, len, ram)
+                vmiscope_introspect::engine::check_extent(start, len, ram)
                     .map(|()| (start, len))
                     .map_err(|e| format!("{what}: {e}"))
             });

@@ -23,7 +23,7 @@ impl Engine {
     ) -> Result<u64, super::HookError> {
         // Bounded before anything is allocated: the length may come from an
         // image's symbols.
-        crate::target::check_range(gva, len, guest.ram_size())?;
+        crate::engine::check_extent(gva, len, guest.ram_size())?;
         let original = read(guest, gva, len).ok_or(super::HookError::Unmapped(gva))?;
         let id = self.integrity.len() as u64 + 1;
         self.integrity.push(Region {

@@ -38,6 +38,19 @@ pub enum HookError {
     Glue(#[from] GlueError),
 }
 
+/// A guest range `[addr, addr+len)` that is not empty, does not wrap and is no
+/// larger than guest RAM: the bound every length from outside (symbols, gdb,
+/// commands) meets before anything is built from it.
+pub fn check_extent(addr: u64, len: u64, ram: u64) -> Result<(), HookError> {
+    if len == 0 {
+        return Err(HookError::Empty);
+    }
+    if len > ram || addr.checked_add(len).is_none() {
+        return Err(HookError::TooLarge(addr, len, ram));
+    }
+    Ok(())
+}
+
 /// Handler timing: a log2 histogram of nanoseconds.
 #[derive(Debug, Clone, Default)]
 pub struct Latency {
@@ -374,7 +387,7 @@ impl Engine {
             match class {
                 Class::Cr | Class::Dtr => {
                     let now = guest.sregs();
-                    self.vcpu(v).last = crate::handlers::timer::set_up(&now).then_some(now);
+                    self.vcpu(v).last = now.set_up().then_some(now);
                 }
                 Class::Xcr => self.vcpu(v).last_xcr0 = guest.xcr0(),
                 _ => {}

@@ -18,7 +18,7 @@ pub fn poll_registers(engine: &mut Engine, guest: &mut dyn Guest) {
     }
     let vcpu = guest.vcpu();
     let now = guest.sregs();
-    if !set_up(&now) {
+    if !now.set_up() {
         // A vCPU still setting itself up (an AP from its INIT/SIPI reset state
         // through real and protected mode to its own LGDT/LIDT) is the kernel's
         // own doing, not tampering: its baseline is taken once it is done.
@@ -54,17 +54,6 @@ pub fn poll_registers(engine: &mut Engine, guest: &mut dyn Guest) {
             }
         }
     }
-}
-
-/// Whether a vCPU has finished its own set-up, as far as its registers say:
-/// long mode with paging on, and an IDT of its own loaded (a vCPU starts with
-/// none, or with the real-mode reset IDTR at 0). Each vCPU's baseline for the
-/// polled CR and DTR checks is taken from then on, so one vCPU's set-up is never
-/// judged against another's state.
-pub fn set_up(s: &crate::arch::SRegs) -> bool {
-    const CR0_PG: u64 = 1 << 31;
-    const EFER_LMA: u64 = 1 << 10;
-    s.cr0 & CR0_PG != 0 && s.efer & EFER_LMA != 0 && s.idtr.base != 0 && s.idtr.limit != 0
 }
 
 /// Once a second, from whichever vCPU the host timer interrupted: the register
