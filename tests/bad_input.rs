@@ -28,6 +28,7 @@ fn patched(name: &str, at: usize, bytes: &[u8]) -> Vec<u8> {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn malformed_images_are_refused_with_a_reason() {
     if !kvm_available() {
         return;
@@ -71,6 +72,7 @@ fn malformed_images_are_refused_with_a_reason() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn the_cli_reports_bad_images_and_options_without_panicking() {
     if !kvm_available() {
         return;
@@ -133,6 +135,7 @@ fn run_cli(args: &[&str]) -> (Option<i32>, String, String, Duration) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_triple_fault_is_a_clear_stop() {
     if !kvm_available() {
         return;
@@ -143,6 +146,7 @@ fn a_triple_fault_is_a_clear_stop() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_cpl3_spin_is_stopped_by_the_timeout() {
     if !kvm_available() {
         return;
@@ -155,6 +159,7 @@ fn a_cpl3_spin_is_stopped_by_the_timeout() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn vmcall_at_cpl0_is_a_ud_or_a_detected_livelock() {
     if !kvm_available() {
         return;
@@ -186,6 +191,7 @@ fn vmcall_at_cpl0_is_a_ud_or_a_detected_livelock() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn garbage_on_every_port_does_not_hurt_the_vmm() {
     if !kvm_available() {
         return;
@@ -196,6 +202,7 @@ fn garbage_on_every_port_does_not_hurt_the_vmm() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn timeouts_too_large_for_the_clock_are_refused_not_a_panic() {
     if !kvm_available() {
         return;
@@ -226,6 +233,7 @@ fn timeouts_too_large_for_the_clock_are_refused_not_a_panic() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn the_tui_without_a_terminal_falls_back_to_the_repl() {
     if !kvm_available() {
         return;
@@ -256,6 +264,7 @@ fn the_tui_without_a_terminal_falls_back_to_the_repl() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn endless_image_and_module_files_are_refused_not_read_whole() {
     if !kvm_available() {
         return;
@@ -316,6 +325,7 @@ fn run_image(elf: &[u8], tag: &str, args: &[&str]) -> (Option<i32>, String) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn sizes_and_ranges_from_image_symbols_are_checked_before_use() {
     if !kvm_available() {
         return;
@@ -349,6 +359,7 @@ fn sizes_and_ranges_from_image_symbols_are_checked_before_use() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn program_headers_counted_by_pn_xnum_are_refused() {
     if !kvm_available() {
         return;

@@ -22,6 +22,7 @@ fn boot(
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn every_image_but_the_misbehaving_ones_passes() {
     if !kvm_available() {
         return;
@@ -49,6 +50,7 @@ fn every_image_but_the_misbehaving_ones_passes() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn ept_write_exits_once_per_write_and_allow_or_drop_decides_what_the_guest_sees() {
     if !kvm_available() {
         return;
@@ -109,6 +111,7 @@ fn ept_write_exits_once_per_write_and_allow_or_drop_decides_what_the_guest_sees(
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn ept_read_trap_lets_the_vmm_supply_the_data() {
     if !kvm_available() {
         return;
@@ -146,6 +149,7 @@ fn ept_read_trap_lets_the_vmm_supply_the_data() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn ept_exec_trap_reports_the_fetch_and_the_instruction_still_runs() {
     if !kvm_available() {
         return;
@@ -183,6 +187,7 @@ fn ept_exec_trap_reports_the_fetch_and_the_instruction_still_runs() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn msr_writes_are_seen_then_applied_dropped_or_refused() {
     if !kvm_available() {
         return;
@@ -230,6 +235,7 @@ fn msr_writes_are_seen_then_applied_dropped_or_refused() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn introcall_reaches_the_handler_from_cpl0_and_cpl3() {
     if !kvm_available() {
         return;
@@ -268,6 +274,7 @@ fn introcall_reaches_the_handler_from_cpl0_and_cpl3() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn software_breakpoints_hit_and_the_guests_own_int3_is_reinjected() {
     if !kvm_available() {
         return;
@@ -307,6 +314,7 @@ fn software_breakpoints_hit_and_the_guests_own_int3_is_reinjected() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn hardware_breakpoint_then_single_steps_visit_the_labelled_instructions() {
     if !kvm_available() {
         return;
@@ -355,6 +363,7 @@ fn hardware_breakpoint_then_single_steps_visit_the_labelled_instructions() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn two_vcpus_both_run() {
     if !kvm_available() {
         return;
@@ -371,6 +380,7 @@ fn two_vcpus_both_run() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn pause_and_resume_a_vcpu_spinning_at_cpl3() {
     if !kvm_available() {
         return;
@@ -397,6 +407,7 @@ fn pause_and_resume_a_vcpu_spinning_at_cpl3() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn dtr_cr_and_xcr_images_see_their_register_writes() {
     if !kvm_available() {
         return;
@@ -440,6 +451,7 @@ fn dtr_cr_and_xcr_images_see_their_register_writes() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn without_the_irqchip_a_finished_vcpu_halts_to_the_vmm() {
     if !kvm_available() {
         return;

@@ -43,6 +43,7 @@ fn images_lists_and_exports_every_image() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn run_batch_exits_zero_for_hello_and_every_event_image() {
     if !kvm_available() {
         return;
@@ -65,6 +66,7 @@ fn run_batch_exits_zero_for_hello_and_every_event_image() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn multiboot_gets_its_command_line_modules_and_fw_cfg() {
     if !kvm_available() {
         return;
@@ -100,6 +102,7 @@ fn multiboot_gets_its_command_line_modules_and_fw_cfg() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn caps_reports_each_mechanism_consistently_with_the_host() {
     if !kvm_available() {
         return;
@@ -144,6 +147,7 @@ fn caps_reports_each_mechanism_consistently_with_the_host() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn bench_json_has_every_figure_with_its_baseline() {
     if !kvm_available() {
         return;

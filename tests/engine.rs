@@ -57,6 +57,7 @@ fn sym(image: &str, name: &str) -> u64 {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn ept_violation_blocks_one_write_and_allows_another() {
     if !kvm_available() {
         return;
@@ -106,6 +107,7 @@ fn ept_violation_blocks_one_write_and_allows_another() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn msr_violation_drops_a_write_and_alerts() {
     if !kvm_available() {
         return;
@@ -143,6 +145,7 @@ fn msr_violation_drops_a_write_and_alerts() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn cr_write_is_polled_and_restored() {
     if !kvm_available() {
         return;
@@ -173,6 +176,7 @@ fn cr_write_is_polled_and_restored() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn dtr_load_is_polled_and_restored() {
     if !kvm_available() {
         return;
@@ -204,6 +208,7 @@ fn dtr_load_is_polled_and_restored() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn xcr_write_is_caught_on_the_timer() {
     if !kvm_available() {
         return;
@@ -225,6 +230,7 @@ fn xcr_write_is_caught_on_the_timer() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn introcall_is_answered_by_its_hook() {
     if !kvm_available() {
         return;
@@ -263,6 +269,7 @@ fn introcall_is_answered_by_its_hook() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_blocked_breakpoint_skips_the_instruction_under_it() {
     if !kvm_available() {
         return;
@@ -285,6 +292,7 @@ fn a_blocked_breakpoint_skips_the_instruction_under_it() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn breakpoint_hook_fires_and_hides_its_int3() {
     if !kvm_available() {
         return;
@@ -322,6 +330,7 @@ fn breakpoint_hook_fires_and_hides_its_int3() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn timer_finds_an_integrity_violation_and_restores_it() {
     if !kvm_available() {
         return;
@@ -362,6 +371,7 @@ fn timer_finds_an_integrity_violation_and_restores_it() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_store_rewritten_by_another_vcpu_never_reaches_the_guarded_page() {
     if !kvm_available() {
         return;
@@ -427,6 +437,7 @@ const ACTS: [(&str, &str); 6] = [
 ];
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn demo_every_act_blocked_with_one_alert_or_allowed_in_log_only_mode() {
     if !kvm_available() {
         return;

@@ -191,6 +191,7 @@ fn mutate(rng: &mut Rng, elf: &[u8]) -> Vec<u8> {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn mutated_images_are_run_or_refused_clearly() {
     if !kvm_available() {
         return;
@@ -252,6 +253,7 @@ fn file_offset(elf: &[u8], vaddr: u64) -> usize {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn hostile_guest_code_at_cpl0_and_cpl3_ends_cleanly() {
     if !kvm_available() {
         return;
@@ -360,6 +362,7 @@ fn random_packet(rng: &mut Rng) -> Vec<u8> {
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_gdb), ignore = "needs /dev/kvm and gdb")]
 fn random_and_malformed_gdb_packets_leave_the_stub_serving() {
     if !kvm_available() {
         return;
@@ -482,6 +485,7 @@ fn random_line(rng: &mut Rng) -> String {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn random_console_lines_get_an_answer_or_an_error() {
     if !kvm_available() {
         return;

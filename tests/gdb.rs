@@ -171,6 +171,7 @@ fn finish(mut child: Child) -> (Option<i32>, String) {
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_gdb), ignore = "needs /dev/kvm and gdb")]
 fn registers_breakpoint_stepi_memory_threads_monitor() {
     if !kvm_available() || !gdb_available() {
         return;
@@ -253,6 +254,7 @@ fn registers_breakpoint_stepi_memory_threads_monitor() {
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_gdb), ignore = "needs /dev/kvm and gdb")]
 fn watch_rwatch_awatch_at_cpl0_and_cpl3_and_memory_write() {
     if !kvm_available() || !gdb_available() {
         return;
@@ -318,6 +320,7 @@ fn watch_rwatch_awatch_at_cpl0_and_cpl3_and_memory_write() {
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_gdb), ignore = "needs /dev/kvm and gdb")]
 fn threads_interrupt_detach_and_kill() {
     if !kvm_available() || !gdb_available() {
         return;
@@ -366,6 +369,7 @@ fn threads_interrupt_detach_and_kill() {
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_gdb), ignore = "needs /dev/kvm and gdb")]
 fn malformed_packets_and_a_vanishing_gdb_do_not_hurt_the_vmm() {
     if !kvm_available() || !gdb_available() {
         return;
@@ -419,6 +423,7 @@ fn malformed_packets_and_a_vanishing_gdb_do_not_hurt_the_vmm() {
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_gdb), ignore = "needs /dev/kvm and gdb")]
 fn user_code_break_and_stepi_at_cpl3() {
     if !kvm_available() || !gdb_available() {
         return;
@@ -474,6 +479,7 @@ fn user_code_break_and_stepi_at_cpl3() {
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_gdb), ignore = "needs /dev/kvm and gdb")]
 fn an_introspection_stop_reaches_gdb_and_the_console_at_once() {
     if !kvm_available() || !gdb_available() {
         return;
@@ -520,6 +526,7 @@ fn an_introspection_stop_reaches_gdb_and_the_console_at_once() {
 /// breakpoint whose own instruction trips a watchpoint (the step over the
 /// breakpoint ends there and must not stop again later).
 #[test]
+#[cfg_attr(any(no_kvm, no_gdb), ignore = "needs /dev/kvm and gdb")]
 fn the_readme_session_works_as_written() {
     if !kvm_available() || !gdb_available() {
         return;
@@ -568,6 +575,7 @@ fn the_readme_session_works_as_written() {
 /// `hbreak`: a DR execute breakpoint on kernel code stops there, and the guest's
 /// memory is untouched (no INT3); on PVM one on user code is refused, not silent.
 #[test]
+#[cfg_attr(any(no_kvm, no_gdb), ignore = "needs /dev/kvm and gdb")]
 fn hbreak_on_kernel_code_and_refused_on_user_code_on_pvm() {
     if !kvm_available() || !gdb_available() {
         return;
@@ -636,6 +644,7 @@ fn hbreak_on_kernel_code_and_refused_on_user_code_on_pvm() {
 /// `monitor breakpoints visible`: plain INT3s (fast) that the guest can read; a
 /// bad argument is a one-line error and changes nothing.
 #[test]
+#[cfg_attr(any(no_kvm, no_gdb), ignore = "needs /dev/kvm and gdb")]
 fn visible_breakpoints_on_request() {
     if !kvm_available() || !gdb_available() {
         return;
@@ -668,6 +677,7 @@ fn visible_breakpoints_on_request() {
 /// A stepped PUSHF at CPL3 must not leak the debugger's TF into the flags it pushes
 /// (on PVM the step is RFLAGS.TF caught at the guest's #DB entry).
 #[test]
+#[cfg_attr(any(no_kvm, no_gdb), ignore = "needs /dev/kvm and gdb")]
 fn stepping_pushf_in_user_code_does_not_leak_tf() {
     if !kvm_available() || !gdb_available() {
         return;
@@ -747,6 +757,7 @@ impl Rsp {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn thread_ids_of_vcpus_that_do_not_exist_are_refused() {
     if !kvm_available() {
         return;
@@ -789,6 +800,7 @@ fn thread_ids_of_vcpus_that_do_not_exist_are_refused() {
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_gdb), ignore = "needs /dev/kvm and gdb")]
 fn a_breakpoint_in_code_both_vcpus_run_stops_instead_of_triple_faulting() {
     if !kvm_available() || !gdb_available() {
         return;
@@ -811,6 +823,7 @@ fn a_breakpoint_in_code_both_vcpus_run_stops_instead_of_triple_faulting() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn watchpoints_that_wrap_are_huge_or_half_mapped_are_refused_whole() {
     if !kvm_available() {
         return;
@@ -841,6 +854,7 @@ fn watchpoints_that_wrap_are_huge_or_half_mapped_are_refused_whole() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn the_exec_file_is_private_and_removed_when_the_run_ends() {
     if !kvm_available() {
         return;
@@ -870,6 +884,7 @@ fn the_exec_file_is_private_and_removed_when_the_run_ends() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn monitor_writes_host_files_only_when_allowed_and_a_wide_bind_warns() {
     if !kvm_available() {
         return;
@@ -926,6 +941,7 @@ fn symbol(image: &str, name: &str) -> u64 {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_plain_continue_resumes_every_vcpu_and_kill_gets_a_reply() {
     if !kvm_available() {
         return;
@@ -960,6 +976,7 @@ fn a_plain_continue_resumes_every_vcpu_and_kill_gets_a_reply() {
 /// `hbreak` on its (CPL0) code must be taken, at entry (paging off) and once it
 /// runs on those tables. It used to be refused as "user code" on PVM.
 #[test]
+#[cfg_attr(any(no_kvm, no_gdb), ignore = "needs /dev/kvm and gdb")]
 fn hbreak_takes_kernel_code_on_user_accessible_pages() {
     if !kvm_available() || !gdb_available() {
         return;
@@ -988,6 +1005,7 @@ fn hbreak_takes_kernel_code_on_user_accessible_pages() {
 /// emulator ran the next one too (a `stepi` from step_endbr stopped at
 /// step_after_mov); the VMM now completes the step itself.
 #[test]
+#[cfg_attr(any(no_kvm, no_gdb), ignore = "needs /dev/kvm and gdb")]
 fn stepi_over_endbr64_moves_exactly_one_instruction() {
     if !kvm_available() || !gdb_available() {
         return;
@@ -1015,6 +1033,7 @@ fn stepi_over_endbr64_moves_exactly_one_instruction() {
 /// local variable) would triple-fault the guest here at its next exception: it is
 /// refused unless `monitor watch force`.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_watchpoint_on_the_current_stack_needs_force() {
     if !kvm_available() {
         return;

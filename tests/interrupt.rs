@@ -11,6 +11,7 @@ use common::{config, image, kvm_available};
 use vmiscope_vmm::{PassThrough, StopReason, Vm};
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_ctrl_c_ends_the_running_vm_and_not_the_next_one() {
     if !kvm_available() {
         return;

@@ -155,6 +155,7 @@ fn output(mut c: Child) -> String {
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_lldb), ignore = "needs /dev/kvm and lldb")]
 fn lldb_reads_breaks_steps_watches_and_detaches_on_one_vcpu() {
     if !kvm_available() || !lldb_available() {
         return;
@@ -197,6 +198,7 @@ fn lldb_reads_breaks_steps_watches_and_detaches_on_one_vcpu() {
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_lldb), ignore = "needs /dev/kvm and lldb")]
 fn lldb_interrupts_a_running_guest_and_kills_it() {
     if !kvm_available() || !lldb_available() {
         return;
@@ -237,6 +239,7 @@ fn lldb_interrupts_a_running_guest_and_kills_it() {
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_lldb), ignore = "needs /dev/kvm and lldb")]
 fn lldb_runs_a_two_vcpu_guest_and_sees_a_breakpoint_on_vcpu_1() {
     if !kvm_available() || !lldb_available() {
         return;

@@ -10,6 +10,7 @@ fn vmiscope(args: &[&str]) -> (Option<i32>, String, String) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn every_script_in_scripts_passes() {
     if !kvm_available() {
         return;
@@ -48,6 +49,7 @@ fn run_script(image: &str, name: &str, text: &str) -> (Option<i32>, String, Stri
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_failing_expectation_fails_the_run_with_a_report() {
     if !kvm_available() {
         return;
@@ -77,6 +79,7 @@ fn a_failing_expectation_fails_the_run_with_a_report() {
 /// `mem write` over one of our INT3s changes the byte the breakpoint will put
 /// back, and the INT3 stays; deleting the hook then leaves the written byte.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_memory_write_under_a_breakpoint_keeps_it_and_updates_the_original() {
     if !kvm_available() {
         return;
@@ -98,6 +101,7 @@ fn a_memory_write_under_a_breakpoint_keeps_it_and_updates_the_original() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn hooks_on_pages_the_cpu_itself_uses_need_force() {
     if !kvm_available() {
         return;

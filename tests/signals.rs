@@ -94,6 +94,7 @@ fn batch_run_ended_by(signal: i32) -> (Option<i32>, String) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn sigterm_and_sighup_end_a_batch_run_with_its_stop_line() {
     if !kvm_available() {
         return;
@@ -114,6 +115,7 @@ fn sigterm_and_sighup_end_a_batch_run_with_its_stop_line() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn ctrl_c_ends_a_run_that_waits_for_gdb() {
     if !kvm_available() {
         return;
@@ -139,6 +141,7 @@ fn catches(child: &Child, signal: i32) -> bool {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_signal_before_the_guest_runs_still_leaves_a_journal_and_a_status() {
     if !kvm_available() {
         return;
@@ -184,6 +187,7 @@ fn a_signal_before_the_guest_runs_still_leaves_a_journal_and_a_status() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn sigint_in_a_script_exits_130_after_its_summary() {
     if !kvm_available() {
         return;
@@ -212,6 +216,7 @@ fn sigint_in_a_script_exits_130_after_its_summary() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_repl_exits_0_at_the_end_of_its_input_and_143_on_sigterm() {
     if !kvm_available() {
         return;
@@ -245,6 +250,7 @@ fn a_repl_exits_0_at_the_end_of_its_input_and_143_on_sigterm() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_reader_that_goes_away_does_not_panic_vmiscope() {
     if !kvm_available() {
         return;

@@ -11,6 +11,7 @@ fn vmiscope(args: &[&str]) -> (Option<i32>, String, String) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_denied_wrmsr_of_a_value_the_cpu_rejects_still_raises_gp() {
     if !kvm_available() {
         return;
@@ -26,6 +27,7 @@ fn a_denied_wrmsr_of_a_value_the_cpu_rejects_still_raises_gp() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_multiboot_kernel_in_low_memory_gets_its_information_elsewhere() {
     if !kvm_available() {
         return;

@@ -116,6 +116,7 @@ impl Drop for Term {
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_tmux), ignore = "needs /dev/kvm and tmux")]
 fn every_pane_is_visible_at_80x24_and_grows_with_the_terminal() {
     if !kvm_available() || !tmux_available() {
         return;
@@ -153,6 +154,7 @@ fn every_pane_is_visible_at_80x24_and_grows_with_the_terminal() {
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_tmux), ignore = "needs /dev/kvm and tmux")]
 fn tui_stop_at_an_event_and_deny_it() {
     if !kvm_available() || !tmux_available() {
         return;
@@ -193,6 +195,7 @@ fn tui_stop_at_an_event_and_deny_it() {
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_tmux), ignore = "needs /dev/kvm and tmux")]
 fn tui_alert_to_exception_with_the_e_key() {
     if !kvm_available() || !tmux_available() {
         return;
@@ -235,6 +238,7 @@ fn repl(image: &str, script: &[(&str, u64)]) -> String {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn repl_stop_override_and_exception() {
     if !kvm_available() {
         return;
@@ -291,6 +295,7 @@ fn repl_stop_override_and_exception() {
 /// its run. With SIGHUP handled, crossterm spun on the dead terminal instead and
 /// the process lived on at full speed.
 #[test]
+#[cfg_attr(any(no_kvm, no_tmux), ignore = "needs /dev/kvm and tmux")]
 fn the_tui_ends_when_its_terminal_hangs_up() {
     if !kvm_available() || !tmux_available() {
         return;

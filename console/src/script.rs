@@ -78,7 +78,10 @@ pub fn run(a: &RunArgs, path: &Path) -> i32 {
             break;
         }
         if vmiscope_vmm::signals::received() > 0 {
-            // The signal ended the run; the rest of the script is not run.
+            // The signal ends the run (now, whether or not its watchdog has seen
+            // it yet, so the stop says why); the rest of the script is not run.
+            let signal = vmiscope_vmm::signals::last();
+            s.shared().stop(vmiscope_vmm::StopReason::Signal(signal));
             break;
         }
     }
