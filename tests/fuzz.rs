@@ -137,12 +137,6 @@ fn check(out: &Output, what: &str) {
     );
 }
 
-fn tempdir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("vmiscope-fuzz-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// One mutation of an ELF image: bit flips in the headers, a truncation, or an
 /// edge value in a header or program-header field.
 fn mutate(rng: &mut Rng, elf: &[u8]) -> Vec<u8> {
@@ -197,7 +191,7 @@ fn mutated_images_are_run_or_refused_clearly() {
         return;
     }
     let mut rng = Rng::new(1);
-    let dir = tempdir("img");
+    let dir = common::temp_dir("fuzz-img");
     for i in 0..scaled(100) {
         let base = *rng.pick(&["hello", "spin", "multiboot", "demo"]);
         let img = mutate(&mut rng, common::image(base));
@@ -259,7 +253,7 @@ fn hostile_guest_code_at_cpl0_and_cpl3_ends_cleanly() {
         return;
     }
     let mut rng = Rng::new(2);
-    let dir = tempdir("code");
+    let dir = common::temp_dir("fuzz-code");
     let hello = common::image("hello");
     let syms = vmiscope_vmm::Symbols::parse(hello);
     let targets = [
@@ -491,7 +485,7 @@ fn random_console_lines_get_an_answer_or_an_error() {
         return;
     }
     let mut rng = Rng::new(4);
-    let dir = tempdir("console");
+    let dir = common::temp_dir("fuzz-console");
     let journal = dir.join("j.jsonl");
     let mut child = vmiscope()
         .args([

@@ -5,12 +5,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use common::kvm_available;
+use common::{kvm_available, lines};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -39,36 +38,13 @@ struct Guest {
     err: Receiver<String>,
 }
 
-fn lines(r: impl std::io::Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(r).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// The first line containing `text` (or a panic with what came instead).
+/// The first line with `text`, within the limit.
 fn wait_line(rx: &Receiver<String>, text: &str) -> String {
-    let t = Instant::now();
-    let mut seen = Vec::new();
-    while t.elapsed() < LIMIT {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(l) if l.contains(text) => return l,
-            Ok(l) => seen.push(l),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            Err(_) => break,
-        }
-    }
-    panic!("no line with `{text}`: {seen:?}");
+    common::wait_line(rx, text, LIMIT)
 }
 
 fn guest(image: &str) -> Guest {
-    let dir = std::env::temp_dir().join(format!("vmiscope-lldb-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::temp_dir("lldb");
     let elf = dir.join(format!("{image}.elf"));
     std::fs::write(&elf, common::image(image)).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_vmiscope"))
@@ -122,32 +98,15 @@ impl Guest {
 
     /// vmiscope's exit status and stderr, once it ends by itself.
     fn finish(mut self) -> (Option<i32>, String) {
-        let t = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s.code();
-            }
-            if t.elapsed() > LIMIT {
-                let _ = self.child.kill();
-                panic!("vmiscope did not end");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = common::exit_within(&mut self.child, LIMIT).expect("vmiscope did not end");
         let err: Vec<String> = self.err.try_iter().collect();
-        (status, err.join("\n"))
+        (status.code(), err.join("\n"))
     }
 }
 
 /// LLDB's whole output, once it ends (killed if it outlives the limit).
 fn output(mut c: Child) -> String {
-    let t = Instant::now();
-    while c.try_wait().unwrap().is_none() {
-        if t.elapsed() > LIMIT {
-            let _ = c.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let _ = common::exit_within(&mut c, LIMIT);
     let o = c.wait_with_output().unwrap();
     let s = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
     eprintln!("--- lldb ---\n{s}");

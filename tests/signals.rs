@@ -5,12 +5,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use common::kvm_available;
+use common::{kvm_available, lines};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -24,58 +24,21 @@ fn vmiscope(args: &[&str]) -> Command {
     c
 }
 
-/// The lines of a child's stream, as they come.
-fn lines(r: impl Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(r).lines() {
-            let Ok(l) = l else { break };
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// Waits for a line containing `text`; returns everything read so far.
-fn wait_line(rx: &Receiver<String>, text: &str) -> String {
-    let t = Instant::now();
-    let mut seen = String::new();
-    while t.elapsed() < LIMIT {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(l) => {
-                seen.push_str(&l);
-                seen.push('\n');
-                if l.contains(text) {
-                    return seen;
-                }
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            Err(_) => break,
-        }
-    }
-    panic!("no line with `{text}`; got:\n{seen}");
-}
-
 fn send(child: &Child, signal: i32) {
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(child.id() as i32, signal) };
 }
 
-/// The child's exit status, or a panic (after killing it) if it does not end.
+/// The child's exit status, or a panic if it does not end.
 fn status(child: &mut Child) -> Option<i32> {
-    let t = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s.code();
-        }
-        if t.elapsed() > LIMIT {
-            let _ = child.kill();
-            panic!("vmiscope did not end after the signal");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::exit_within(child, LIMIT)
+        .expect("vmiscope did not end after the signal")
+        .code()
+}
+
+/// The first line with `text`, within the limit.
+fn wait_line(rx: &Receiver<String>, text: &str) -> String {
+    common::wait_line(rx, text, LIMIT)
 }
 
 fn rest(rx: &Receiver<String>) -> String {
@@ -146,8 +109,7 @@ fn a_signal_before_the_guest_runs_still_leaves_a_journal_and_a_status() {
     if !kvm_available() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("vmiscope-signals-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::temp_dir("signals");
     let journal = dir.join("early.jsonl");
     let mut child = vmiscope(&[
         "run",
@@ -192,8 +154,7 @@ fn sigint_in_a_script_exits_130_after_its_summary() {
     if !kvm_available() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("vmiscope-sigscript-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::temp_dir("sigscript");
     let script = dir.join("s.vs");
     std::fs::write(
         &script,
@@ -273,8 +234,7 @@ fn a_reader_that_goes_away_does_not_panic_vmiscope() {
     };
     assert_eq!(check(&["images"], b""), Some(0));
     assert_eq!(check(&["run", "hello", "--repl"], b"regs\nhelp\n"), Some(0));
-    let dir = std::env::temp_dir().join(format!("vmiscope-pipe-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::temp_dir("pipe");
     let script = dir.join("s.vs");
     std::fs::write(&script, "help\ncontinue\nexpect exit 0\n").unwrap();
     // The script's own result still decides the status.

@@ -516,11 +516,6 @@ pub fn run(s: &mut Session) -> Mode {
     let mut t = Tui::new();
     let frame = Duration::from_millis(50);
     let mode = loop {
-        if vmiscope_vmm::signals::received() > 0 {
-            // SIGTERM/SIGHUP (Ctrl-C is a key here): the run has ended; leave the
-            // screen and let the caller print the stop and exit with its status.
-            break Mode::Quit;
-        }
         if t.last_refresh.elapsed() >= frame {
             t.refresh(s);
         }

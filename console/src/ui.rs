@@ -30,10 +30,9 @@ pub fn run_session(mut s: Session, mut mode: Mode) -> i32 {
     if let Some(o) = s.finish() {
         eprintln!("vmiscope: {}", o.reason);
     }
-    let signal = vmiscope_vmm::signals::last();
+    // A signal that came as the console was ending (`exit_on_signal` had no time).
     if vmiscope_vmm::signals::received() > 0 {
-        // A signal ends the console even after the guest itself had ended.
-        return vmiscope_vmm::StopReason::Signal(signal).exit_status();
+        return vmiscope_vmm::StopReason::Signal(vmiscope_vmm::signals::last()).exit_status();
     }
     code
 }

@@ -242,6 +242,9 @@ impl Installer<'_> {
     }
 
     fn integrity(&mut self, env: &PolicyEnv) -> Result<(), PolicyError> {
+        if env.integrity.is_empty() {
+            return Err(PolicyError::NoTarget(self.policy, String::new()));
+        }
         for &(gva, len) in &env.integrity {
             let why = deny("integrity region modified");
             self.e
@@ -279,6 +282,8 @@ fn enable_one(
     policy: Policy,
     env: &PolicyEnv,
 ) -> Result<Vec<HookId>, PolicyError> {
+    // A region the image names wrongly: refused with the reason.
+    env.check(&[policy])?;
     let mut i = Installer {
         e,
         g,
@@ -306,12 +311,6 @@ fn enable_one(
             i.regions(&pages, Rights::RWX, "protected user page accessed")?
         }
         Policy::Integrity => i.integrity(env)?,
-    }
-    if i.ids.is_empty() && env.check(&[policy]).is_err() {
-        return Err(env.no_target(policy));
-    }
-    if policy == Policy::Integrity && env.integrity.is_empty() {
-        return Err(env.no_target(policy));
     }
     Ok(i.ids)
 }

@@ -115,3 +115,68 @@ pub fn with_symbol(elf: &[u8], name: &str, value: Option<u64>, size: Option<u64>
     }
     panic!("no symbol {name}");
 }
+
+/// The lines of a child's stream, as they come (read on a thread of their own,
+/// so a full pipe never blocks the child).
+#[allow(dead_code)]
+pub fn lines(r: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The first line containing `text` within `limit`, or a panic with what came.
+#[allow(dead_code)]
+pub fn wait_line(
+    rx: &std::sync::mpsc::Receiver<String>,
+    text: &str,
+    limit: std::time::Duration,
+) -> String {
+    let t = std::time::Instant::now();
+    let mut seen = Vec::new();
+    while t.elapsed() < limit {
+        match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+            Ok(l) if l.contains(text) => return l,
+            Ok(l) => seen.push(l),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break,
+        }
+    }
+    panic!("no line with `{text}`; got:\n{}", seen.join("\n"));
+}
+
+/// The child's exit status once it ends; None (after killing it) if it outlives
+/// `limit`.
+#[allow(dead_code)]
+pub fn exit_within(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+) -> Option<std::process::ExitStatus> {
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// A fresh directory for one test's files (named by `tag` and the process).
+#[allow(dead_code)]
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("vmiscope-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
