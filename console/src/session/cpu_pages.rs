@@ -24,15 +24,19 @@ pub enum CpuUse {
 }
 
 impl CpuUse {
-    /// Whether a hook with `rights` traps the CPU's own use of the page. Any
-    /// does: a hook is a memslot change (a write hook makes the page read-only
-    /// to the CPU, a read or execute hook takes it out of the memory map; KVM
-    /// offers no per-page execute permission), so page walks and their
-    /// accessed/dirty bits, descriptor loads and their accessed bit, event
-    /// delivery through the IDT and exception frames on the stack all fault
-    /// where the VMM cannot complete them.
+    /// Whether a hook with `rights` traps the CPU's own use of the page. A hook
+    /// is a memslot change: a write hook makes the page read-only to the CPU, a
+    /// read or execute hook takes it out of the memory map (KVM offers no
+    /// per-page execute permission). So any hook traps what the CPU writes by
+    /// itself (accessed/dirty bits of page tables and descriptors, exception
+    /// frames on the stack), and a read or execute hook also what it only reads:
+    /// the IDT, read at event delivery, keeps working under a write hook (the
+    /// `idt` policy's).
     fn trapped_by(self, rights: Rights) -> bool {
-        rights.read || rights.write || rights.exec
+        match self {
+            CpuUse::Idt => rights.read || rights.exec,
+            _ => rights.read || rights.write || rights.exec,
+        }
     }
 }
 
@@ -198,8 +202,10 @@ mod tests {
         assert!(why.contains("force"), "{why}");
         let why = conflict(page_range(0x6800, 0x1000), w, &uses()).unwrap();
         assert!(why.contains("vCPU 1's current stack"), "{why}");
-        // Any hook there takes the page from the CPU (even execute-only).
+        // Any hook there takes the page from the CPU (even execute-only), but a
+        // write hook on the IDT leaves event delivery alone.
         assert!(conflict(on(&[0x9000]), x, &uses()).is_some());
+        assert_eq!(conflict(on(&[0x9000]), w, &uses()), None);
         // Pages beside them are fine.
         assert_eq!(conflict(page_range(0x2000, 0x5000), rw, &uses()), None);
         assert_eq!(conflict(on(&[0x8000, 0xa000]), x, &uses()), None);
