@@ -119,7 +119,14 @@ fn stub(mode: u64) -> Result<(Rsp, std::thread::JoinHandle<()>, Session), Error>
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     let g = s.attach(false);
-    let server = std::thread::spawn(move || crate::gdb::serve(listener, g, None));
+    let server = std::thread::spawn(move || {
+        crate::gdb::serve(
+            listener,
+            g,
+            None,
+            &std::sync::atomic::AtomicBool::new(false),
+        )
+    });
     let mut rsp = Rsp::connect(port)?;
     rsp.ask("?")?;
     Ok((rsp, server, s))

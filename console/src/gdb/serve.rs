@@ -1,6 +1,8 @@
 //! Serving gdb connections, and `run --gdb`.
 
 use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use gdbstub::stub::DisconnectReason;
@@ -26,7 +28,7 @@ pub fn bind_addr(a: &str) -> String {
 
 /// Serves gdb connections one after another until the guest ends or gdb kills it.
 /// A detach leaves the guest running.
-pub fn serve(listener: TcpListener, s: Session, exec_file: Option<String>) {
+pub fn serve(listener: TcpListener, s: Session, exec_file: Option<String>, active: &AtomicBool) {
     let mut target = GdbTarget::new(s, exec_file);
     while !target.s.ended() {
         let conn = match listener.accept() {
@@ -59,7 +61,10 @@ pub fn serve(listener: TcpListener, s: Session, exec_file: Option<String>) {
                     return;
                 }
             };
-        match stub.run_blocking::<EventLoop>(&mut target) {
+        active.store(true, Ordering::SeqCst);
+        let ended = stub.run_blocking::<EventLoop>(&mut target);
+        active.store(false, Ordering::SeqCst);
+        match ended {
             Ok(DisconnectReason::Kill) => {
                 // gdbstub closes without a reply; LLDB waits for one (lldb-server
                 // answers `X09`: ended by SIGKILL), gdb does not care.
@@ -185,7 +190,13 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) ->
         listener.local_addr().map(|a| a.to_string()).unwrap_or(addr)
     );
     let g = s.attach(a.gdb_host_writes);
-    let server = std::thread::spawn(move || serve(listener, g, exec_path));
+    // Whether a gdb session is on: the guest's end is then reported to it
+    // (`W`/`X`) before the process exits.
+    let active = Arc::new(AtomicBool::new(false));
+    let server = {
+        let active = active.clone();
+        std::thread::spawn(move || serve(listener, g, exec_path, &active))
+    };
     let code = match ui {
         Some(mode) => crate::ui::run_session(s, mode),
         None => {
@@ -195,6 +206,15 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) ->
                 print_new_serial(&s, &mut printed);
             }
             print_new_serial(&s, &mut printed);
+            // A connected gdb gets the guest's end (bounded: a stuck peer does not
+            // hold the exit).
+            let t = std::time::Instant::now();
+            while active.load(Ordering::SeqCst)
+                && !server.is_finished()
+                && t.elapsed() < Duration::from_secs(5)
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             let o = s.finish();
             let code = o.map(|o| o.reason.exit_status()).unwrap_or(0);
             if let Some(o) = o {
