@@ -52,9 +52,12 @@ pub struct RunArgs {
     /// Stop the run after this many seconds (exit status 124).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<f64>,
-    /// Kernel command line (multiboot).
+    /// Kernel command line (multiboot and Linux kernels).
     #[arg(long, default_value = "")]
     pub cmdline: String,
+    /// A Linux kernel's initial RAM disk (initramfs).
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
     /// A multiboot module (repeatable), as QEMU's -initrd.
     #[arg(long = "module", value_name = "FILE")]
     pub modules: Vec<PathBuf>,
@@ -128,6 +131,7 @@ impl RunArgs {
             batch: false,
             timeout: None,
             cmdline: String::new(),
+            initrd: None,
             modules: vec![],
             events: false,
             protect: None,

@@ -56,6 +56,13 @@ pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, Error> {
             data,
         });
     }
+    let initrd = match &a.initrd {
+        Some(p) => Some(
+            read_bounded(p, a.mem)
+                .map_err(|e| format!("cannot read initrd {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
     let timeout = match a.timeout {
         Some(t) => Some(
             crate::commands::seconds(t)
@@ -71,6 +78,7 @@ pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, Error> {
         timeout,
         cmdline: a.cmdline.clone(),
         modules,
+        initrd,
         // The process makes one run: every signal since it started ends it.
         signals_seen: Some(0),
         ..VmConfig::default()

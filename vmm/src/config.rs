@@ -19,6 +19,8 @@ pub struct VmConfig {
     pub tick: Duration,
     pub cmdline: String,
     pub modules: Vec<Module>,
+    /// A Linux kernel's initial RAM disk.
+    pub initrd: Option<Vec<u8>>,
     /// vCPUs wait, paused, before their first instruction (until `resume_all`).
     pub start_paused: bool,
     /// How many of the process's signals (`crate::signals::received`) belong to
@@ -39,6 +41,7 @@ impl Default for VmConfig {
             tick: Duration::from_secs(1),
             cmdline: String::new(),
             modules: vec![],
+            initrd: None,
             start_paused: false,
             signals_seen: None,
         }

@@ -53,6 +53,8 @@ pub enum LoadError {
     NoSegments,
     #[error("multiboot header: {0}")]
     Multiboot(String),
+    #[error("Linux kernel: {0}")]
+    Linux(String),
     #[error("module {0}: {1}")]
     Module(String, String),
 }

@@ -39,7 +39,7 @@ pub struct RunOutcome {
 pub struct Vm {
     shared: Arc<VmShared>,
     fds: Vec<VcpuFd>,
-    pub format: &'static str,
+    pub format: String,
 }
 
 impl Vm {
@@ -79,7 +79,13 @@ impl Vm {
         let mem = cfg.mem_mib << 20;
         let ram = GuestRam::new(mem)?;
         loader::write_boot_area(&ram)?;
-        let loaded = loader::load(&ram, image, &cfg.cmdline, &cfg.modules)?;
+        let loaded = loader::load(
+            &ram,
+            image,
+            &cfg.cmdline,
+            &cfg.modules,
+            cfg.initrd.as_deref(),
+        )?;
         let serial = Arc::new(SerialLog::default());
         let devices = Devices::new(
             SerialPort::new(serial.clone(), serial_irq),
@@ -87,9 +93,9 @@ impl Vm {
         );
         if !cfg.irqchip
             && cfg.vcpus > 1
-            && matches!(loaded.entry, loader::EntryState::Protected32 { .. })
+            && !matches!(loaded.entry, loader::EntryState::Long64 { .. })
         {
-            return Err(VmError::Config("a multiboot kernel with several vCPUs needs the irqchip (its APs wait for INIT/SIPI)".into()));
+            return Err(VmError::Config("a multiboot or Linux kernel with several vCPUs needs the irqchip (its APs wait for INIT/SIPI)".into()));
         }
         let mut fds = Vec::new();
         let entry = loaded.entry;

@@ -31,6 +31,10 @@ pub const SEL_TSS: u16 = 0x20;
 pub enum EntryState {
     /// 64-bit mode on the VMM's page tables; RDI = vCPU index, RSI = vCPU count.
     Long64 { rip: u64 },
+    /// Linux's 64-bit boot protocol: 64-bit mode on the VMM's identity page
+    /// tables, RSI = the zero page; only the BSP starts here (APs wait for
+    /// INIT/SIPI, as on a PC).
+    Linux64 { rip: u64, zero_page: u64 },
     /// Multiboot: 32-bit protected mode, paging off, EAX = magic, EBX = info.
     Protected32 { eip: u32, eax: u32, ebx: u32 },
 }
@@ -111,7 +115,7 @@ pub fn sregs(entry: &EntryState, mut s: kvm_sregs) -> kvm_sregs {
     s.gs = data;
     s.ss = data;
     match entry {
-        EntryState::Long64 { .. } => {
+        EntryState::Long64 { .. } | EntryState::Linux64 { .. } => {
             s.cs = seg(SEL_CODE64, 11, 1, 0);
             s.cr0 = 0x8005_0033; // PG | AM | WP | NE | ET | MP | PE
             s.cr3 = PML4;
@@ -141,6 +145,10 @@ pub fn regs(entry: &EntryState, cpu: u32, ncpus: u32) -> kvm_regs {
             r.rip = rip;
             r.rdi = cpu as u64;
             r.rsi = ncpus as u64;
+        }
+        EntryState::Linux64 { rip, zero_page } => {
+            r.rip = rip;
+            r.rsi = zero_page;
         }
         EntryState::Protected32 { eip, eax, ebx } => {
             r.rip = eip as u64;

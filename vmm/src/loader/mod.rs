@@ -2,8 +2,10 @@
 //! entered in 32-bit protected mode with paging off (as QEMU's `-kernel` does).
 
 mod boot;
+mod bzimage;
 mod elf;
 mod image;
+mod linux;
 mod multiboot;
 mod symbols;
 
@@ -12,6 +14,7 @@ pub use boot::{
     write_boot_area,
 };
 pub use image::Module;
+pub use linux::{LinuxBoot, is_linux};
 pub use symbols::Symbols;
 
 use image::{aligned, as_bytes};
@@ -24,18 +27,38 @@ use crate::memory::GuestRam;
 pub struct Loaded {
     pub entry: EntryState,
     pub symbols: Symbols,
-    pub format: &'static str,
+    pub format: String,
 }
 
-/// Loads `image` into `ram`: a multiboot header wins (as in QEMU), else ELF64.
+/// Loads `image` into `ram`: a Linux kernel (bzImage, or a vmlinux by its
+/// notes) through the 64-bit boot protocol; else a multiboot header wins (as in
+/// QEMU), else ELF64.
 pub fn load(
     ram: &GuestRam,
     image: &[u8],
     cmdline: &str,
     modules: &[Module],
+    initrd: Option<&[u8]>,
 ) -> Result<Loaded, LoadError> {
     if image.is_empty() {
         return Err(LoadError::Empty);
+    }
+    if linux::is_linux(image) {
+        if !modules.is_empty() {
+            return Err(LoadError::Linux(
+                "a Linux kernel takes --initrd, not --module".into(),
+            ));
+        }
+        let boot = LinuxBoot { cmdline, initrd };
+        let l = linux::load(ram, image, &boot)?;
+        return Ok(Loaded {
+            entry: l.entry,
+            symbols: Symbols::parse(&l.vmlinux),
+            format: l.format,
+        });
+    }
+    if initrd.is_some() {
+        return Err(LoadError::Linux("--initrd is for Linux kernels".into()));
     }
     let words = aligned(image);
     let image = as_bytes(&words, image.len());
@@ -45,7 +68,7 @@ pub fn load(
         return Ok(Loaded {
             entry,
             symbols,
-            format: "multiboot v1",
+            format: "multiboot v1".into(),
         });
     }
     if !modules.is_empty() {
@@ -58,6 +81,6 @@ pub fn load(
     Ok(Loaded {
         entry,
         symbols,
-        format: "ELF64",
+        format: "ELF64".into(),
     })
 }
