@@ -136,6 +136,8 @@ pub struct VmShared {
     /// Held for reading by every vCPU while it is inside KVM_RUN; a memslot commit
     /// takes it for writing, so no vCPU runs while a slot is briefly missing.
     run_gate: RwLock<()>,
+    /// Instructions the VMM completed for KVM's emulator, by kind.
+    completed: crate::vcpu::complete::CompletedCounters,
     /// A commit is waiting for the gate: vCPUs must not re-enter the guest.
     gate_pending: AtomicBool,
     /// The vCPU stepping over one of our INT3s alone (`NO_VCPU`: none), and the
@@ -193,6 +195,15 @@ pub(crate) struct Parts {
 }
 
 impl VmShared {
+    /// How many of each instruction the VMM completed for KVM's emulator.
+    pub fn completed(&self) -> Vec<(crate::vcpu::complete::Completed, u64)> {
+        self.completed.snapshot()
+    }
+
+    pub(crate) fn count_completed(&self, what: crate::vcpu::complete::Completed) {
+        self.completed.bump(what);
+    }
+
     pub(crate) fn new(p: Parts) -> VmShared {
         let vcpus = (0..p.vcpus)
             .map(|_| VcpuInfo {
@@ -226,6 +237,7 @@ impl VmShared {
             state_lock: Mutex::new(()),
             state_cv: Condvar::new(),
             run_gate: RwLock::new(()),
+            completed: Default::default(),
             gate_pending: AtomicBool::new(false),
             slot_gen: AtomicU64::new(0),
             exclusive: AtomicU32::new(NO_VCPU),

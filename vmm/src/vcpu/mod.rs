@@ -26,7 +26,9 @@ use crate::stats::ExitClass;
 use crate::stop::StopReason;
 
 mod backend;
+pub mod complete;
 mod debug;
+mod insn_cpu;
 pub(crate) mod handle;
 pub(crate) mod state;
 use handle::Flow;
@@ -357,29 +359,27 @@ impl VcpuThread {
     }
 
     /// Instructions KVM's emulator cannot run at CPL0 on a PVM host but the VMM can
-    /// complete itself. Returns whether it did.
+    /// complete itself (`complete.rs`). Returns whether it did.
     fn fixup(&mut self, bytes: &[u8]) -> bool {
-        // XGETBV: read the XCR through KVM_GET_XCRS, with the CPU's checks first:
-        // #UD while CR4.OSXSAVE is clear, #GP(0) for an XCR the CPU does not
-        // have (KVM reports the ones it has).
-        if bytes.starts_with(&[0x0f, 0x01, 0xd0]) {
-            const CR4_OSXSAVE: u64 = 1 << 18;
-            self.info().stats.bump(ExitClass::Fixup);
-            if self.fd.sync_regs().sregs.cr4 & CR4_OSXSAVE == 0 {
-                return self.raise(6, None);
+        let Some((what, outcome)) = complete::complete(self, bytes) else {
+            return false;
+        };
+        self.info().stats.bump(ExitClass::Fixup);
+        self.vm.count_completed(what);
+        match outcome {
+            complete::Outcome::Done => true,
+            complete::Outcome::Fault {
+                vector,
+                error_code,
+                cr2,
+            } => {
+                if let Some(cr2) = cr2 {
+                    self.fd.sync_regs_mut().sregs.cr2 = cr2;
+                    self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+                }
+                self.raise(vector, error_code)
             }
-            let index = self.regs().rcx as u32;
-            let Some(v) = self.ctl().xcr(index) else {
-                return self.raise(13, Some(0));
-            };
-            self.edit_regs(|r| {
-                r.rax = v & 0xffff_ffff;
-                r.rdx = v >> 32;
-                r.rip += 3;
-            });
-            return true;
         }
-        false
     }
 
     /// Delivers exception `vector` to the guest at the current instruction (as
