@@ -100,6 +100,9 @@ pub fn run(a: &RunArgs) -> i32 {
         cfg.vcpus,
         cfg.mem_mib
     );
+    if let Some(note) = &vm.boot_note {
+        eprintln!("[vmiscope] {note}");
+    }
     let out = vm.run(
         Arc::new(BatchHandler {
             events: a.events,

@@ -26,6 +26,18 @@ pub enum Command {
     Caps(CapsArgs),
     /// Performance figures, each beside a raw-KVM baseline from the same run.
     Bench(BenchArgs),
+    /// The symbols vmiscope finds for an image ("ADDRESS NAME" lines): ELF
+    /// symbols, or a Linux kernel's own kallsyms tables.
+    Symbols(SymbolsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SymbolsArgs {
+    /// Built-in image name or path (a bzImage, a vmlinux, an ELF).
+    pub image: String,
+    /// Read this System.map instead of the image.
+    #[arg(long, value_name = "FILE")]
+    pub symbols: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -55,6 +67,10 @@ pub struct RunArgs {
     /// Kernel command line (multiboot and Linux kernels).
     #[arg(long, default_value = "")]
     pub cmdline: String,
+    /// A System.map for a Linux kernel (default: one found beside the kernel,
+    /// else the kernel's own kallsyms tables).
+    #[arg(long, value_name = "FILE")]
+    pub symbols: Option<PathBuf>,
     /// A Linux kernel's initial RAM disk (initramfs).
     #[arg(long, value_name = "FILE")]
     pub initrd: Option<PathBuf>,
@@ -132,6 +148,7 @@ impl RunArgs {
             timeout: None,
             cmdline: String::new(),
             initrd: None,
+            symbols: None,
             modules: vec![],
             events: false,
             protect: None,

@@ -15,5 +15,6 @@ pub mod repl;
 pub mod script;
 pub mod session;
 pub mod stats;
+pub mod symbols;
 pub mod tui;
 pub mod ui;

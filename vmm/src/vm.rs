@@ -40,6 +40,9 @@ pub struct Vm {
     shared: Arc<VmShared>,
     fds: Vec<VcpuFd>,
     pub format: String,
+    /// What the user should know about how the kernel was started (a Linux
+    /// kernel's command line and what vmiscope added to it).
+    pub boot_note: Option<String>,
 }
 
 impl Vm {
@@ -79,10 +82,22 @@ impl Vm {
         let mem = cfg.mem_mib << 20;
         let ram = GuestRam::new(mem)?;
         loader::write_boot_area(&ram)?;
+        // A Linux kernel's command line gets what it needs here, said to the user.
+        let (cmdline, boot_note) = if loader::is_linux(image) {
+            let pvm = crate::HostKind::detect() == crate::HostKind::Pvm;
+            let (line, added) = loader::linux_command_line(&cfg.cmdline, pvm);
+            let note = match added.is_empty() {
+                true => format!("kernel command line: {line}"),
+                false => format!("kernel command line: {line} (vmiscope added: {})", added.join(" ")),
+            };
+            (line, Some(note))
+        } else {
+            (cfg.cmdline.clone(), None)
+        };
         let loaded = loader::load(
             &ram,
             image,
-            &cfg.cmdline,
+            &cmdline,
             &cfg.modules,
             cfg.initrd.as_deref(),
         )?;
@@ -122,6 +137,7 @@ impl Vm {
             shared,
             fds,
             format: loaded.format,
+            boot_note,
         })
     }
 

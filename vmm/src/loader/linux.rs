@@ -46,6 +46,29 @@ pub struct LinuxLoaded {
     pub format: String,
 }
 
+/// The command line a Linux kernel gets: the user's, plus `console=ttyS0`
+/// when it names no console, plus what this host needs (`pvm`): KVM's emulator
+/// cannot run XRSTOR at CPL0, so the kernel is told not to use XSAVE (it falls
+/// back to FXSAVE, which the emulator runs). Returns the line and the additions.
+pub fn command_line(user: &str, pvm: bool) -> (String, Vec<&'static str>) {
+    let has = |word: &str| user.split_whitespace().any(|w| w == word || w.starts_with(&format!("{word}=")));
+    let mut added = vec![];
+    if !has("console") {
+        added.push("console=ttyS0");
+    }
+    if pvm && !has("noxsave") {
+        added.push("noxsave");
+    }
+    let mut line = user.trim().to_string();
+    for a in &added {
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(a);
+    }
+    (line, added)
+}
+
 /// Whether `image` is a Linux kernel: a bzImage, or an ELF with the "Linux"
 /// (or Xen PVH) notes every vmlinux carries.
 pub fn is_linux(image: &[u8]) -> bool {
@@ -228,4 +251,19 @@ fn write(ram: &GuestRam, gpa: u64, data: &[u8]) -> Result<(), LoadError> {
         need: data.len() as u64,
         ram: ram.size() >> 20,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_gets_a_console_and_what_pvm_needs_once() {
+        assert_eq!(
+            command_line("", true),
+            ("console=ttyS0 noxsave".to_string(), vec!["console=ttyS0", "noxsave"])
+        );
+        assert_eq!(command_line("console=hvc0 noxsave", true).1, Vec::<&str>::new());
+        assert_eq!(command_line(" quiet ", false).0, "quiet console=ttyS0");
+    }
 }

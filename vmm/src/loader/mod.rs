@@ -5,6 +5,7 @@ mod boot;
 mod bzimage;
 mod elf;
 mod image;
+pub mod kallsyms;
 mod linux;
 mod multiboot;
 mod symbols;
@@ -14,7 +15,7 @@ pub use boot::{
     write_boot_area,
 };
 pub use image::Module;
-pub use linux::{LinuxBoot, is_linux};
+pub use linux::{LinuxBoot, command_line as linux_command_line, is_linux};
 pub use symbols::Symbols;
 
 use image::{aligned, as_bytes};
@@ -53,7 +54,7 @@ pub fn load(
         let l = linux::load(ram, image, &boot)?;
         return Ok(Loaded {
             entry: l.entry,
-            symbols: Symbols::parse(&l.vmlinux),
+            symbols: linux_symbols(&l.vmlinux),
             format: l.format,
         });
     }
@@ -83,4 +84,29 @@ pub fn load(
         symbols,
         format: "ELF64".into(),
     })
+}
+
+/// A vmlinux's symbols: its ELF symbol table when it kept one, else the
+/// kernel's own kallsyms tables.
+fn linux_symbols(vmlinux: &[u8]) -> Symbols {
+    let elf = Symbols::parse(vmlinux);
+    if elf.len() > 1000 {
+        return elf;
+    }
+    kallsyms::read(vmlinux).map_or(elf, Symbols::from_entries)
+}
+
+/// The symbols of the kernel in `image` (a bzImage or a vmlinux): its ELF
+/// symbols, else its kallsyms tables; None when it is not a Linux kernel.
+pub fn kernel_symbols(image: &[u8], limit: usize) -> Result<Option<Symbols>, LoadError> {
+    if !linux::is_linux(image) {
+        return Ok(None);
+    }
+    let vmlinux = if bzimage::is_bzimage(image) {
+        bzimage::vmlinux(image, limit)?.0
+    } else {
+        image.to_vec()
+    };
+    if let Ok(p) = std::env::var("DUMP_VMLINUX") { let _ = std::fs::write(p, &vmlinux); }
+    Ok(Some(linux_symbols(&vmlinux)))
 }

@@ -32,6 +32,12 @@ impl Symbols {
         Symbols { by_addr }
     }
 
+    /// Symbols from a list of (address, size, name), any order.
+    pub fn from_entries(mut by_addr: Vec<(u64, u64, String)>) -> Self {
+        by_addr.sort();
+        Symbols { by_addr }
+    }
+
     /// The symbol's size in bytes (0 when the ELF file does not say).
     pub fn size(&self, name: &str) -> Option<u64> {
         self.by_addr

@@ -25,12 +25,14 @@ pub enum Completed {
     Clwb,
     Invpcid,
     Rdpru,
+    Ldmxcsr,
+    Stmxcsr,
     /// `int n` (the guest's own `int3` goes through the breakpoint path).
     IntN,
 }
 
 impl Completed {
-    pub const ALL: [Completed; 13] = [
+    pub const ALL: [Completed; 15] = [
         Completed::Xgetbv,
         Completed::Cmpxchg16b,
         Completed::Clac,
@@ -43,6 +45,8 @@ impl Completed {
         Completed::Clwb,
         Completed::Invpcid,
         Completed::Rdpru,
+        Completed::Ldmxcsr,
+        Completed::Stmxcsr,
         Completed::IntN,
     ];
 
@@ -60,6 +64,8 @@ impl Completed {
             Completed::Clwb => "clwb",
             Completed::Invpcid => "invpcid",
             Completed::Rdpru => "rdpru",
+            Completed::Ldmxcsr => "ldmxcsr",
+            Completed::Stmxcsr => "stmxcsr",
             Completed::IntN => "int n",
         }
     }
@@ -120,6 +126,9 @@ pub trait InsnCpu {
     fn cmpxchg16(&mut self, gpa: u64, expected: u128, new: u128) -> Option<Result<(), u128>>;
     fn xcr(&self, index: u32) -> Option<u64>;
     fn msr(&self, index: u32) -> Option<u64>;
+    /// The SSE control/status register (KVM_GET_FPU / KVM_SET_FPU).
+    fn mxcsr(&self) -> Option<u32>;
+    fn set_mxcsr(&mut self, value: u32) -> bool;
     /// Drops every cached translation, global ones included.
     fn flush_tlb(&mut self);
 }
@@ -170,6 +179,8 @@ pub fn complete(cpu: &mut dyn InsnCpu, bytes: &[u8]) -> Option<(Completed, Outco
         Mnemonic::Clwb => Completed::Clwb,
         Mnemonic::Invpcid => Completed::Invpcid,
         Mnemonic::Rdpru => Completed::Rdpru,
+        Mnemonic::Ldmxcsr => Completed::Ldmxcsr,
+        Mnemonic::Stmxcsr => Completed::Stmxcsr,
         Mnemonic::Int if insn.code() == Code::Int_imm8 => Completed::IntN,
         _ => return None,
     };
@@ -184,6 +195,7 @@ pub fn complete(cpu: &mut dyn InsnCpu, bytes: &[u8]) -> Option<(Completed, Outco
         Completed::Clwb => x.done(|_| {}),
         Completed::Invpcid => x.invpcid(),
         Completed::Rdpru => x.rdpru(),
+        Completed::Ldmxcsr | Completed::Stmxcsr => x.mxcsr(what == Completed::Ldmxcsr),
         Completed::IntN => x.int_n(),
     };
     Some((what, outcome))
@@ -382,6 +394,40 @@ impl Exec<'_> {
                 Ok(()) => self.done(|_| {}),
                 Err(f) => f,
             }
+        }
+    }
+
+    fn mxcsr(&mut self, load: bool) -> Outcome {
+        const CR0_EM: u64 = 1 << 2;
+        const CR4_OSFXSR: u64 = 1 << 9;
+        // Only DAZ, the flags, the masks, the rounding control and FZ exist.
+        const MXCSR_VALID: u64 = 0xffff;
+        if self.cpu.cr0() & CR0_EM != 0 || self.cpu.cr4() & CR4_OSFXSR == 0 {
+            return UD;
+        }
+        if self.cpu.cr0() & CR0_TS != 0 {
+            return Outcome::Fault {
+                vector: 7,
+                error_code: None,
+                cr2: None,
+            };
+        }
+        if load {
+            let v = match self.load(4) {
+                Ok(v) => v,
+                Err(f) => return f,
+            };
+            if v & !MXCSR_VALID != 0 || !self.cpu.set_mxcsr(v as u32) {
+                return GP0;
+            }
+            return self.done(|_| {});
+        }
+        let Some(v) = self.cpu.mxcsr() else {
+            return GP0;
+        };
+        match self.store(v as u64, 4) {
+            Ok(()) => self.done(|_| {}),
+            Err(f) => f,
         }
     }
 

@@ -98,6 +98,20 @@ impl InsnCpu for VcpuThread {
         guest::get_msr(&self.fd, index)
     }
 
+    fn mxcsr(&self) -> Option<u32> {
+        self.vm.count_ioctls(1);
+        self.fd.get_fpu().ok().map(|f| f.mxcsr)
+    }
+
+    fn set_mxcsr(&mut self, value: u32) -> bool {
+        self.vm.count_ioctls(2);
+        let Ok(mut f) = self.fd.get_fpu() else {
+            return false;
+        };
+        f.mxcsr = value;
+        self.fd.set_fpu(&f).is_ok()
+    }
+
     fn flush_tlb(&mut self) {
         // Toggling CR4.PGE flushes every translation, global ones too; KVM
         // rebuilds its shadow tables on each change.

@@ -11,6 +11,7 @@ struct Cpu {
     cr4: u64,
     mem: Vec<u8>,
     flushed: bool,
+    mxcsr: u32,
 }
 
 impl Cpu {
@@ -25,6 +26,7 @@ impl Cpu {
             cr4: 0x6f0 | CR4_OSXSAVE,
             mem: vec![0; 0x8000],
             flushed: false,
+            mxcsr: 0x1f80,
         }
     }
 
@@ -90,6 +92,13 @@ impl InsnCpu for Cpu {
     }
     fn msr(&self, index: u32) -> Option<u64> {
         (index == 0xe7).then_some(0x1_0000_0002)
+    }
+    fn mxcsr(&self) -> Option<u32> {
+        Some(self.mxcsr)
+    }
+    fn set_mxcsr(&mut self, value: u32) -> bool {
+        self.mxcsr = value;
+        true
     }
     fn flush_tlb(&mut self) {
         self.flushed = true;
@@ -231,4 +240,19 @@ fn xgetbv_invpcid_rdpru_and_int_n() {
     assert_eq!(c.regs.rip, 0x1002);
     // Something else is not ours.
     assert!(complete(&mut c, &[0x90]).is_none());
+}
+
+#[test]
+fn ldmxcsr_and_stmxcsr_move_mxcsr_and_check_reserved_bits() {
+    let mut c = Cpu::new();
+    // stmxcsr [rsp+4]; ldmxcsr [rsp+4]
+    c.regs.rsp = 0x3000;
+    assert_eq!(c.run(&[0x0f, 0xae, 0x5c, 0x24, 0x04]).0, Completed::Stmxcsr);
+    assert_eq!(&c.mem[0x3004..0x3008], &0x1f80u32.to_le_bytes());
+    c.mem[0x3004..0x3008].copy_from_slice(&0x9fc0u32.to_le_bytes());
+    assert_eq!(c.run(&[0x0f, 0xae, 0x54, 0x24, 0x04]).1, Outcome::Done);
+    assert_eq!(c.mxcsr, 0x9fc0);
+    c.mem[0x3004..0x3008].copy_from_slice(&0x1_0000u32.to_le_bytes());
+    assert_eq!(c.run(&[0x0f, 0xae, 0x54, 0x24, 0x04]).1, GP0);
+    assert_eq!(c.mxcsr, 0x9fc0);
 }

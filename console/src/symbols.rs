@@ -1,0 +1,98 @@
+//! A kernel's symbols for the console: from the image (ELF symbols or Linux's
+//! kallsyms tables), or from a System.map the user gives or that sits beside
+//! the kernel (`System.map-VERSION`, or Debian's debug package tree).
+
+use std::path::{Path, PathBuf};
+
+use vmiscope_vmm::Symbols;
+use vmiscope_vmm::loader::kallsyms;
+
+use crate::error::Error;
+
+/// Reads a System.map file.
+pub fn read_map(path: &Path) -> Result<Symbols, Error> {
+    let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    kallsyms::parse_system_map(&String::from_utf8_lossy(&text))
+        .map(Symbols::from_entries)
+        .ok_or_else(|| {
+            format!(
+                "{}: not a System.map (lines of \"ADDRESS TYPE NAME\"; Debian's placeholder names the -dbg package that has the real one)",
+                path.display()
+            )
+            .into()
+        })
+}
+
+/// The System.map files that may belong to the kernel at `kernel`, nearest
+/// first: beside it, then in an unpacked Debian debug package beside its
+/// `boot/` directory.
+fn candidates(kernel: &Path) -> Vec<PathBuf> {
+    let dir = kernel.parent().unwrap_or(Path::new("."));
+    let name = kernel.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let version = name
+        .strip_prefix("vmlinuz-")
+        .or_else(|| name.strip_prefix("vmlinux-"));
+    let mut out = vec![];
+    if let Some(v) = version {
+        out.push(dir.join(format!("System.map-{v}")));
+        out.push(dir.join(format!("../usr/lib/debug/boot/System.map-{v}")));
+    }
+    out.push(dir.join("System.map"));
+    out
+}
+
+/// The first real System.map beside the kernel at `kernel`, if any.
+pub fn find_map(kernel: &Path) -> Option<(PathBuf, Symbols)> {
+    candidates(kernel)
+        .into_iter()
+        .filter(|p| p.is_file())
+        .find_map(|p| read_map(&p).ok().map(|s| (p, s)))
+}
+
+/// `vmiscope symbols IMAGE`: the symbols vmiscope would use, as a System.map.
+pub fn run(a: &crate::cli::SymbolsArgs) -> i32 {
+    match list(a) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("vmiscope: {e}");
+            2
+        }
+    }
+}
+
+fn list(a: &crate::cli::SymbolsArgs) -> Result<(), Error> {
+    let syms = match &a.symbols {
+        Some(map) => read_map(map)?,
+        None => {
+            let (image, _) = crate::launch::load_image(&a.image, vmiscope_vmm::config::MAX_MEM_MIB)?;
+            match vmiscope_vmm::loader::kernel_symbols(&image, 1 << 30)
+                .map_err(|e| format!("{}: {e}", a.image))?
+            {
+                Some(s) => s,
+                None => Symbols::parse(&image),
+            }
+        }
+    };
+    if syms.is_empty() {
+        return Err(format!("{}: no symbols found", a.image).into());
+    }
+    for (name, addr) in syms.iter() {
+        crate::outln!("{addr:016x} {name}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_are_looked_for_beside_the_kernel_and_in_the_debug_tree() {
+        let c = candidates(Path::new("/x/boot/vmlinuz-6.1.0-57-cloud-amd64"));
+        assert_eq!(c[0], Path::new("/x/boot/System.map-6.1.0-57-cloud-amd64"));
+        assert_eq!(
+            c[1],
+            Path::new("/x/boot/../usr/lib/debug/boot/System.map-6.1.0-57-cloud-amd64")
+        );
+    }
+}
