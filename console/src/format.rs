@@ -75,12 +75,13 @@ pub fn event_line(r: &vmiscope_introspect::EventRecord) -> String {
 /// An alert as batch mode prints it on stderr, as it happens.
 pub fn batch_alert_line(a: &vmiscope_introspect::Alert) -> String {
     format!(
-        "ALERT {} {}: {} (vcpu {} rip {:#x} cpl {}{}{})",
+        "ALERT {} {}: {} (vcpu {} rip {:#x}{} cpl {}{}{})",
         a.id,
         a.class.name(),
         a.reason,
         a.vcpu,
         a.rip,
+        writer(a),
         a.cpl,
         a.instruction
             .as_deref()
@@ -94,15 +95,24 @@ pub fn batch_alert_line(a: &vmiscope_introspect::Alert) -> String {
     )
 }
 
+/// " <symbol+off>" for the alert's RIP, when known.
+fn writer(a: &vmiscope_introspect::Alert) -> String {
+    a.writer
+        .as_deref()
+        .map(|w| format!(" <{w}>"))
+        .unwrap_or_default()
+}
+
 pub fn alert_line(a: &vmiscope_introspect::Alert) -> String {
     format!(
-        "alert {} {} {}: {} (vcpu {} rip {:#x}{})",
+        "alert {} {} {}: {} (vcpu {} rip {:#x}{}{})",
         a.id,
         a.class.name(),
         if a.enforced { "blocked" } else { "log-only" },
         a.reason,
         a.vcpu,
         a.rip,
+        writer(a),
         a.instruction
             .as_deref()
             .map(|i| format!(" `{i}`"))

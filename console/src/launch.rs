@@ -63,6 +63,13 @@ pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, Error> {
         ),
         None => None,
     };
+    let symbols = match &a.symbols {
+        Some(map) => Some(crate::symbols::read_map(map)?),
+        None => crate::symbols::find_map(std::path::Path::new(&a.image)).map(|(p, s)| {
+            eprintln!("[vmiscope] symbols from {}", p.display());
+            s
+        }),
+    };
     let timeout = match a.timeout {
         Some(t) => Some(
             crate::commands::seconds(t)
@@ -79,6 +86,7 @@ pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, Error> {
         cmdline: a.cmdline.clone(),
         modules,
         initrd,
+        symbols,
         // The process makes one run: every signal since it started ends it.
         signals_seen: Some(0),
         ..VmConfig::default()
@@ -89,6 +97,12 @@ pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, Error> {
 pub fn engine(a: &RunArgs, symbols: &vmiscope_vmm::Symbols) -> Result<Introspection, Error> {
     let mut e = Engine::new();
     e.set_log_only(a.log_only);
+    let names = symbols.clone();
+    e.set_symbolizer(Box::new(move |addr| match names.lookup(addr) {
+        Some((n, 0)) => Some(n.to_string()),
+        Some((n, off)) if off < 0x10000 => Some(format!("{n}+{off:#x}")),
+        _ => None,
+    }));
     if let Some(p) = &a.exceptions {
         let text = std::fs::read_to_string(p)
             .map_err(|err| format!("cannot read {}: {err}", p.display()))?;

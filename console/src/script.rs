@@ -16,8 +16,10 @@ pub fn run(a: &RunArgs, path: &Path) -> i32 {
         }
     };
     // Symbols for parsing come from the image; parse everything before running.
-    let syms = match crate::launch::load_image(&a.image, a.mem) {
-        Ok((img, _)) => vmiscope_vmm::Symbols::parse(&img),
+    let syms = match crate::launch::load_image(&a.image, a.mem)
+        .and_then(|(img, _)| crate::symbols::for_image(&a.image, &img, a.symbols.as_deref()))
+    {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("vmiscope: {e}");
             return 2;

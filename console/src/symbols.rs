@@ -49,6 +49,21 @@ pub fn find_map(kernel: &Path) -> Option<(PathBuf, Symbols)> {
         .find_map(|p| read_map(&p).ok().map(|s| (p, s)))
 }
 
+/// The symbols a run of `image` (its bytes) uses: a `--symbols` map, else a
+/// map beside the kernel, else the image's own (ELF symbols, or a Linux
+/// kernel's kallsyms tables).
+pub fn for_image(image: &str, bytes: &[u8], map: Option<&Path>) -> Result<Symbols, Error> {
+    if let Some(m) = map {
+        return read_map(m);
+    }
+    if let Some((_, s)) = find_map(Path::new(image)) {
+        return Ok(s);
+    }
+    let kernel = vmiscope_vmm::loader::kernel_symbols(bytes, 1 << 30)
+        .map_err(|e| format!("{image}: {e}"))?;
+    Ok(kernel.unwrap_or_else(|| Symbols::parse(bytes)))
+}
+
 /// `vmiscope symbols IMAGE`: the symbols vmiscope would use, as a System.map.
 pub fn run(a: &crate::cli::SymbolsArgs) -> i32 {
     match list(a) {
@@ -64,13 +79,9 @@ fn list(a: &crate::cli::SymbolsArgs) -> Result<(), Error> {
     let syms = match &a.symbols {
         Some(map) => read_map(map)?,
         None => {
-            let (image, _) = crate::launch::load_image(&a.image, vmiscope_vmm::config::MAX_MEM_MIB)?;
-            match vmiscope_vmm::loader::kernel_symbols(&image, 1 << 30)
-                .map_err(|e| format!("{}: {e}", a.image))?
-            {
-                Some(s) => s,
-                None => Symbols::parse(&image),
-            }
+            let (image, _) =
+                crate::launch::load_image(&a.image, vmiscope_vmm::config::MAX_MEM_MIB)?;
+            for_image(&a.image, &image, None)?
         }
     };
     if syms.is_empty() {

@@ -18,6 +18,9 @@ pub struct Alert {
     pub class: Class,
     pub vcpu: u32,
     pub rip: u64,
+    /// The symbol at `rip` (the writer), when the image has symbols.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
     pub cr3: u64,
     pub cpl: u8,
     /// The instruction, when known (polled register changes have none).

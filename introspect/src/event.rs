@@ -72,6 +72,8 @@ pub enum EventInfo {
     Integrity {
         gva: u64,
         len: u64,
+        /// Offset in the region of the first byte that changed.
+        changed: u64,
         old_hash: u64,
         new_hash: u64,
     },

@@ -21,9 +21,34 @@ pub struct PolicyEnv {
     pub user_pages: Vec<u64>,
     /// Regions to hash on the timer: (gva, len).
     pub integrity: Vec<(u64, u64)>,
+    /// A Linux kernel's own set-up, when the image is one (from its symbols).
+    pub linux: Option<LinuxEnv>,
     /// Why a region the image names was left out (a size larger than RAM, an
     /// end below its start), by the policies that needed it.
     pub problems: Vec<(Policy, String)>,
+}
+
+/// What a Linux kernel does to the protected state while it boots, from its
+/// symbols: the policies let exactly that through on every vCPU, so they can
+/// be armed from its first instruction and its own set-up is never an alert.
+#[derive(Debug, Clone, Default)]
+pub struct LinuxEnv {
+    /// MSR index and the one value the kernel writes there (LSTAR =
+    /// `entry_SYSCALL_64`, …).
+    pub msr_values: Vec<(u32, u64)>,
+    /// The IDTR bases the kernel loads: its boot table, `idt_table`, and the
+    /// read-only alias in the CPU entry area.
+    pub idt_bases: Vec<u64>,
+    /// `idt_table`: (gva, len).
+    pub idt_table: (u64, u64),
+    /// The functions that fill `idt_table` while the kernel sets it up,
+    /// [start, end); the kernel makes it read-only after.
+    pub idt_writers: Vec<(u64, u64)>,
+    /// Leaf helpers those functions call to store a gate
+    /// (`native_write_idt_entry`): a write from one counts as its caller's.
+    pub idt_helpers: Vec<(u64, u64)>,
+    /// `sys_call_table`: its entries are 8 bytes.
+    pub syscall_table: Option<(u64, u64)>,
 }
 
 impl PolicyEnv {
@@ -97,6 +122,21 @@ pub fn parse_list(list: &str) -> Result<Vec<Policy>, PolicyError> {
     out.sort();
     out.dedup();
     Ok(out)
+}
+
+/// Whether the write being handled comes from one of `writers`, directly or
+/// through one of `helpers` (leaf functions: the caller's return address is
+/// at the top of the stack when they store).
+fn kernel_writer(g: &dyn Guest, writers: &[(u64, u64)], helpers: &[(u64, u64)]) -> bool {
+    let inside = |list: &[(u64, u64)], a: u64| list.iter().any(|&(s, e)| a >= s && a < e);
+    let r = g.regs();
+    if inside(writers, r.rip) {
+        return true;
+    }
+    inside(helpers, r.rip)
+        && crate::integrity::read(g, r.rsp, 8)
+            .and_then(|b| Some(u64::from_le_bytes(b.get(..8)?.try_into().ok()?)))
+            .is_some_and(|ret| inside(writers, ret))
 }
 
 fn deny(reason: &'static str) -> crate::hooks::Callback {
@@ -205,6 +245,98 @@ impl Installer<'_> {
         self.hook(Target::Dtr { dtr: DtrKind::Idtr }, deny("IDTR reloaded"))
     }
 
+    /// Linux: each syscall MSR may only receive the value the kernel itself
+    /// writes (on every vCPU, at each `syscall_init`).
+    fn linux_msrs(&mut self, l: &LinuxEnv) -> Result<(), PolicyError> {
+        if l.msr_values.is_empty() {
+            return Err(PolicyError::NoTarget(self.policy, "no entry_SYSCALL_64 symbol".into()));
+        }
+        for &(index, want) in &l.msr_values {
+            let t = Target::Msr {
+                index,
+                read: false,
+                write: true,
+            };
+            self.hook(
+                t,
+                Box::new(move |ctx| match *ctx.event {
+                    EventInfo::Msr {
+                        write: Some(v), ..
+                    } if v != want => Outcome::block(format!(
+                        "MSR {index:#x} set to {v:#x}, not the kernel's {want:#x}"
+                    )),
+                    _ => Outcome::allow(),
+                }),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Linux: IDTR may only point at the kernel's own tables; `idt_table` may
+    /// only be written by the kernel's IDT set-up functions.
+    fn linux_idt(&mut self, l: &LinuxEnv) -> Result<(), PolicyError> {
+        let bases = l.idt_bases.clone();
+        self.hook(
+            Target::Dtr { dtr: DtrKind::Idtr },
+            Box::new(move |ctx| match ctx.event {
+                EventInfo::Dtr { new, .. } if new.base != 0 && !bases.contains(&new.base) => {
+                    Outcome::block(format!("IDTR moved to {:#x}, not a kernel IDT", new.base))
+                }
+                _ => Outcome::allow(),
+            }),
+        )?;
+        let (table, len) = l.idt_table;
+        for (va, n) in crate::decode::split_pages(table, len) {
+            let t = Target::Gva {
+                gva: va,
+                len: n,
+                rights: Rights::W,
+                cr3: 0,
+                gpa: None,
+            };
+            let (writers, helpers) = (l.idt_writers.clone(), l.idt_helpers.clone());
+            self.hook(
+                t,
+                Box::new(move |ctx| {
+                    let by_kernel = kernel_writer(&*ctx.guest, &writers, &helpers);
+                    match ctx.event {
+                        EventInfo::Mem {
+                            access: AccessKind::Write,
+                            gla,
+                            ..
+                        } if !by_kernel => {
+                            Outcome::block(format!(
+                                "idt_table gate {} written",
+                                gla.wrapping_sub(table) / 16
+                            ))
+                        }
+                        _ => Outcome::allow(),
+                    }
+                }),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Linux: `sys_call_table` hashed on the timer; a change is put back and
+    /// the alert names the slot.
+    fn linux_syscall_table(&mut self, l: &LinuxEnv) -> Result<(), PolicyError> {
+        let Some((gva, len)) = l.syscall_table else {
+            return Err(PolicyError::NoTarget(self.policy, "no sys_call_table symbol".into()));
+        };
+        let why: crate::hooks::Callback = Box::new(move |ctx| match *ctx.event {
+            EventInfo::Integrity { changed, .. } => Outcome::block(format!(
+                "sys_call_table[{}] modified (sys_call_table+{changed:#x})",
+                changed / 8
+            )),
+            _ => Outcome::allow(),
+        });
+        self.e
+            .add_integrity_region(self.g, "sys_call_table", gva, len, true, why)
+            .map_err(|err| PolicyError::Hook(self.policy, err))?;
+        Ok(())
+    }
+
     fn syscall_msrs(&mut self) -> Result<(), PolicyError> {
         for (index, why) in [
             (0xc000_0082, "LSTAR (64-bit syscall entry) rewritten"),
@@ -262,6 +394,9 @@ impl Installer<'_> {
     }
 }
 
+/// Why two policies are not offered on a Linux kernel yet.
+const LINUX_TODO: &str = "not on a Linux kernel yet: it moves GDTR between per-CPU tables and patches its own text (alternatives, jump labels), which need per-writer rules";
+
 /// Switches policies on for the current guest state.
 pub fn enable(
     e: &mut Engine,
@@ -290,6 +425,18 @@ fn enable_one(
         policy,
         ids: Vec::new(),
     };
+    match (policy, &env.linux) {
+        (Policy::Idt, Some(l)) => i.linux_idt(l)?,
+        (Policy::SyscallMsrs, Some(l)) => i.linux_msrs(l)?,
+        (Policy::Integrity, Some(l)) => i.linux_syscall_table(l)?,
+        (Policy::Gdtr | Policy::KernelCode, Some(_)) => {
+            return Err(PolicyError::NoTarget(policy, LINUX_TODO.into()));
+        }
+        _ => {}
+    }
+    if env.linux.is_some() && matches!(policy, Policy::Idt | Policy::SyscallMsrs | Policy::Integrity) {
+        return Ok(i.ids);
+    }
     match policy {
         Policy::Idt => i.idt()?,
         Policy::Gdtr => i.hook(Target::Dtr { dtr: DtrKind::Gdtr }, deny("GDTR reloaded"))?,

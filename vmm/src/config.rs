@@ -19,6 +19,8 @@ pub struct VmConfig {
     pub tick: Duration,
     pub cmdline: String,
     pub modules: Vec<Module>,
+    /// Symbols to use instead of the image's own (a System.map).
+    pub symbols: Option<crate::loader::Symbols>,
     /// A Linux kernel's initial RAM disk.
     pub initrd: Option<Vec<u8>>,
     /// vCPUs wait, paused, before their first instruction (until `resume_all`).
@@ -42,6 +44,7 @@ impl Default for VmConfig {
             cmdline: String::new(),
             modules: vec![],
             initrd: None,
+            symbols: None,
             start_paused: false,
             signals_seen: None,
         }

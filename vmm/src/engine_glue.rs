@@ -14,7 +14,7 @@ use crate::shared::VcpuCtl;
 use std::panic::AssertUnwindSafe;
 
 use vmiscope_introspect::handlers::MemExit;
-use vmiscope_introspect::policy::{self, Policy, PolicyEnv};
+use vmiscope_introspect::policy::{self, LinuxEnv, Policy, PolicyEnv};
 use vmiscope_introspect::{
     AccessKind, Alert, Engine, EngineEvent, EventRecord, Guest, Handled, Journal, Response,
 };
@@ -77,11 +77,57 @@ pub fn policy_env(sym: &Symbols, ram: u64) -> PolicyEnv {
             Some(n),
         )
     });
+    env.linux = linux_env(sym);
+    if let Some(l) = &env.linux {
+        // The table's length is the distance to the next symbol (kallsyms
+        // keeps no sizes), bounded like any other region.
+        env.syscall_table = l.syscall_table.and_then(|(a, n)| {
+            region(&[Policy::SyscallTable, Policy::Integrity], "sys_call_table", a, Some(n))
+        });
+    }
     env.kernel_code.extend(kernel_code);
-    env.syscall_table = table;
+    env.syscall_table = env.syscall_table.or(table);
     env.user_pages.extend(sym.get("user_secret"));
     env.integrity.extend(table);
     env
+}
+
+/// Where the kernel's read-only IDT alias lives (the CPU entry area's first
+/// page, 4-level paging): `idt_setup_apic_and_irq_gates` loads IDTR there.
+const LINUX_CEA_RO_IDT: u64 = 0xffff_fe00_0000_0000;
+
+/// A Linux kernel's set-up, from its symbols (None: not a Linux kernel).
+fn linux_env(sym: &Symbols) -> Option<LinuxEnv> {
+    let lstar = sym.get("entry_SYSCALL_64")?;
+    let idt_table = sym.get("idt_table")?;
+    let mut msr_values = vec![(0xc000_0082, lstar)];
+    msr_values.extend(sym.get("entry_SYSCALL_compat").map(|a| (0xc000_0083, a)));
+    msr_values.extend(sym.get("entry_SYSENTER_compat").map(|a| (0x176, a)));
+    let mut idt_bases = vec![idt_table, LINUX_CEA_RO_IDT];
+    idt_bases.extend(sym.get("bringup_idt_table"));
+    let idt_writers = sym
+        .iter()
+        .filter(|(n, _)| {
+            n.starts_with("idt_setup_")
+                || matches!(*n, "set_intr_gate" | "update_intr_gate" | "alloc_intr_gate")
+        })
+        .map(|(n, a)| (a, a + sym.size(n).unwrap_or(0).min(0x10000)))
+        .collect();
+    let idt_helpers = ["native_write_idt_entry", "write_idt_entry"]
+        .iter()
+        .filter_map(|n| sym.get(n).map(|a| (a, a + sym.size(n).unwrap_or(0).min(0x1000))))
+        .collect();
+    let syscall_table = sym
+        .get("sys_call_table")
+        .map(|a| (a, sym.size("sys_call_table").filter(|s| *s > 0).unwrap_or(8)));
+    Some(LinuxEnv {
+        msr_values,
+        idt_bases,
+        idt_table: (idt_table, 0x1000),
+        idt_writers,
+        idt_helpers,
+        syscall_table,
+    })
 }
 
 /// Receives each alert as it is raised, on the vCPU thread that raised it.
@@ -98,6 +144,8 @@ pub struct Introspection {
     pub timer_period: Duration,
     /// Called with each alert as it is raised (batch mode prints them).
     alert_sink: Option<AlertSink>,
+    /// A Linux kernel's final IDT bases: policies arm once IDTR holds one.
+    linux_idt: Option<Vec<u64>>,
 }
 
 impl Introspection {
@@ -113,7 +161,9 @@ impl Introspection {
                 }) as OnReady
             })
             .collect();
+        let linux_idt = env.linux.as_ref().map(|l| vec![l.idt_table.0, LINUX_CEA_RO_IDT]);
         Introspection {
+            linux_idt,
             engine: Mutex::new(engine),
             pending: Mutex::new(pending),
             last_tick: Mutex::new(Instant::now()),
@@ -137,10 +187,17 @@ impl Introspection {
     }
 
     /// Policies wait until the guest runs on its own descriptor tables (IDTR set),
-    /// as HVMI waits for the guest OS to be initialised.
+    /// as HVMI waits for the guest OS to be initialised; a Linux kernel, until
+    /// it has cleared its .bss and loaded `idt_table` (its boot IDT comes
+    /// before that, and clearing .bss zeroes the table).
     fn arm(&self, e: &mut Engine, cpu: &mut VcpuCtl<'_>) {
         let mut pending = self.pending.lock().unwrap();
-        if pending.is_empty() || VcpuCtl::sregs(cpu).idt.base == 0 {
+        let idt = VcpuCtl::sregs(cpu).idt.base;
+        let ready = match &self.linux_idt {
+            Some(bases) => bases.contains(&idt),
+            None => idt != 0,
+        };
+        if pending.is_empty() || !ready {
             return;
         }
         for f in pending.drain(..) {

@@ -121,7 +121,7 @@ impl Vm {
         let shared = Arc::new(VmShared::new(Parts {
             ram,
             vm_fd: vm,
-            symbols: loaded.symbols,
+            symbols: cfg.symbols.clone().unwrap_or(loaded.symbols),
             serial,
             devices,
             vcpus: cfg.vcpus,

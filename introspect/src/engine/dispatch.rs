@@ -209,6 +209,7 @@ impl Engine {
             class,
             vcpu,
             rip: regs.rip,
+            writer: self.symbol_of(regs.rip),
             cr3: s.cr3,
             cpl: s.cpl(),
             instruction: instruction.map(str::to_string),

@@ -51,9 +51,16 @@ impl Engine {
             if new == old {
                 continue;
             }
+            let changed = r
+                .original
+                .iter()
+                .zip(&now)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0) as u64;
             let info = EventInfo::Integrity {
                 gva,
                 len,
+                changed,
                 old_hash: old,
                 new_hash: new,
             };

@@ -116,6 +116,9 @@ pub(crate) struct Analysed {
 pub(crate) type InsnCache = HashMap<(u64, u64, bool), (u64, Vec<u8>)>;
 
 /// The introspection engine.
+/// Names a guest address, e.g. "entry_SYSCALL_64+0x10".
+pub type Symbolizer = Box<dyn Fn(u64) -> Option<String> + Send>;
+
 pub struct Engine {
     hooks: Hooks,
     page_counts: HashMap<u64, [u32; 3]>,
@@ -142,6 +145,8 @@ pub struct Engine {
     /// What callbacks asked for during the running dispatch.
     requests: Requests,
     started: Instant,
+    /// Names a guest address ("sym+0x10"): alerts name their writer with it.
+    symbolizer: Option<Symbolizer>,
     /// The start of the instruction being analysed, when the exit's RIP is not it.
     insn_rip: Option<u64>,
     /// Instructions found for (CR3, reported RIP, write?): where they start and their
@@ -184,6 +189,7 @@ impl Engine {
             fatal: None,
             requests: Requests::default(),
             started: Instant::now(),
+            symbolizer: None,
             insn_rip: None,
             insn_cache: HashMap::new(),
             next_alert: 0,
@@ -221,6 +227,15 @@ impl Engine {
     }
 
     /// Alerts raised so far (enforced or log-only).
+    /// Names guest addresses in alerts (the writer's symbol) from now on.
+    pub fn set_symbolizer(&mut self, f: Symbolizer) {
+        self.symbolizer = Some(f);
+    }
+
+    pub(crate) fn symbol_of(&self, addr: u64) -> Option<String> {
+        self.symbolizer.as_ref().and_then(|f| f(addr))
+    }
+
     pub fn alerts(&self) -> &[Alert] {
         &self.alerts
     }

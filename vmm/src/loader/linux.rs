@@ -59,6 +59,11 @@ pub fn command_line(user: &str, pvm: bool) -> (String, Vec<&'static str>) {
     if pvm && !has("noxsave") {
         added.push("noxsave");
     }
+    // Nor SSSE3/SSE4/AES-NI/SHA: the kernel's SIMD crypto (blake2s at boot)
+    // would run them at CPL0. Without them it takes the generic C code.
+    if pvm && !has("clearcpuid") {
+        added.push(PVM_CLEARCPUID);
+    }
     let mut line = user.trim().to_string();
     for a in &added {
         if !line.is_empty() {
@@ -68,6 +73,8 @@ pub fn command_line(user: &str, pvm: bool) -> (String, Vec<&'static str>) {
     }
     (line, added)
 }
+
+const PVM_CLEARCPUID: &str = "clearcpuid=ssse3,sse4_1,sse4_2,aes,pclmulqdq,sha_ni,gfni,vaes,vpclmulqdq";
 
 /// Whether `image` is a Linux kernel: a bzImage, or an ELF with the "Linux"
 /// (or Xen PVH) notes every vmlinux carries.
@@ -259,11 +266,13 @@ mod tests {
 
     #[test]
     fn the_command_line_gets_a_console_and_what_pvm_needs_once() {
+        let (line, added) = command_line("", true);
+        assert_eq!(added, vec!["console=ttyS0", "noxsave", PVM_CLEARCPUID]);
+        assert_eq!(line, format!("console=ttyS0 noxsave {PVM_CLEARCPUID}"));
         assert_eq!(
-            command_line("", true),
-            ("console=ttyS0 noxsave".to_string(), vec!["console=ttyS0", "noxsave"])
+            command_line("console=hvc0 noxsave clearcpuid=1", true).1,
+            Vec::<&str>::new()
         );
-        assert_eq!(command_line("console=hvc0 noxsave", true).1, Vec::<&str>::new());
         assert_eq!(command_line(" quiet ", false).0, "quiet console=ttyS0");
     }
 }

@@ -107,6 +107,5 @@ pub fn kernel_symbols(image: &[u8], limit: usize) -> Result<Option<Symbols>, Loa
     } else {
         image.to_vec()
     };
-    if let Ok(p) = std::env::var("DUMP_VMLINUX") { let _ = std::fs::write(p, &vmlinux); }
     Ok(Some(linux_symbols(&vmlinux)))
 }
