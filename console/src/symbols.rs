@@ -64,35 +64,6 @@ pub fn for_image(image: &str, bytes: &[u8], map: Option<&Path>) -> Result<Symbol
     Ok(kernel.unwrap_or_else(|| Symbols::parse(bytes)))
 }
 
-/// `vmiscope symbols IMAGE`: the symbols vmiscope would use, as a System.map.
-pub fn run(a: &crate::cli::SymbolsArgs) -> i32 {
-    match list(a) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("vmiscope: {e}");
-            2
-        }
-    }
-}
-
-fn list(a: &crate::cli::SymbolsArgs) -> Result<(), Error> {
-    let syms = match &a.symbols {
-        Some(map) => read_map(map)?,
-        None => {
-            let (image, _) =
-                crate::launch::load_image(&a.image, vmiscope_vmm::config::MAX_MEM_MIB)?;
-            for_image(&a.image, &image, None)?
-        }
-    };
-    if syms.is_empty() {
-        return Err(format!("{}: no symbols found", a.image).into());
-    }
-    for (name, addr) in syms.iter() {
-        crate::outln!("{addr:016x} {name}");
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

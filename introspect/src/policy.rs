@@ -249,7 +249,10 @@ impl Installer<'_> {
     /// writes (on every vCPU, at each `syscall_init`).
     fn linux_msrs(&mut self, l: &LinuxEnv) -> Result<(), PolicyError> {
         if l.msr_values.is_empty() {
-            return Err(PolicyError::NoTarget(self.policy, "no entry_SYSCALL_64 symbol".into()));
+            return Err(PolicyError::NoTarget(
+                self.policy,
+                "no entry_SYSCALL_64 symbol".into(),
+            ));
         }
         for &(index, want) in &l.msr_values {
             let t = Target::Msr {
@@ -260,9 +263,7 @@ impl Installer<'_> {
             self.hook(
                 t,
                 Box::new(move |ctx| match *ctx.event {
-                    EventInfo::Msr {
-                        write: Some(v), ..
-                    } if v != want => Outcome::block(format!(
+                    EventInfo::Msr { write: Some(v), .. } if v != want => Outcome::block(format!(
                         "MSR {index:#x} set to {v:#x}, not the kernel's {want:#x}"
                     )),
                     _ => Outcome::allow(),
@@ -304,12 +305,10 @@ impl Installer<'_> {
                             access: AccessKind::Write,
                             gla,
                             ..
-                        } if !by_kernel => {
-                            Outcome::block(format!(
-                                "idt_table gate {} written",
-                                gla.wrapping_sub(table) / 16
-                            ))
-                        }
+                        } if !by_kernel => Outcome::block(format!(
+                            "idt_table gate {} written",
+                            gla.wrapping_sub(table) / 16
+                        )),
                         _ => Outcome::allow(),
                     }
                 }),
@@ -322,7 +321,10 @@ impl Installer<'_> {
     /// the alert names the slot.
     fn linux_syscall_table(&mut self, l: &LinuxEnv) -> Result<(), PolicyError> {
         let Some((gva, len)) = l.syscall_table else {
-            return Err(PolicyError::NoTarget(self.policy, "no sys_call_table symbol".into()));
+            return Err(PolicyError::NoTarget(
+                self.policy,
+                "no sys_call_table symbol".into(),
+            ));
         };
         let why: crate::hooks::Callback = Box::new(move |ctx| match *ctx.event {
             EventInfo::Integrity { changed, .. } => Outcome::block(format!(
@@ -434,7 +436,12 @@ fn enable_one(
         }
         _ => {}
     }
-    if env.linux.is_some() && matches!(policy, Policy::Idt | Policy::SyscallMsrs | Policy::Integrity) {
+    if env.linux.is_some()
+        && matches!(
+            policy,
+            Policy::Idt | Policy::SyscallMsrs | Policy::Integrity
+        )
+    {
         return Ok(i.ids);
     }
     match policy {

@@ -82,7 +82,12 @@ pub fn policy_env(sym: &Symbols, ram: u64) -> PolicyEnv {
         // The table's length is the distance to the next symbol (kallsyms
         // keeps no sizes), bounded like any other region.
         env.syscall_table = l.syscall_table.and_then(|(a, n)| {
-            region(&[Policy::SyscallTable, Policy::Integrity], "sys_call_table", a, Some(n))
+            region(
+                &[Policy::SyscallTable, Policy::Integrity],
+                "sys_call_table",
+                a,
+                Some(n),
+            )
         });
     }
     env.kernel_code.extend(kernel_code);
@@ -115,11 +120,17 @@ fn linux_env(sym: &Symbols) -> Option<LinuxEnv> {
         .collect();
     let idt_helpers = ["native_write_idt_entry", "write_idt_entry"]
         .iter()
-        .filter_map(|n| sym.get(n).map(|a| (a, a + sym.size(n).unwrap_or(0).min(0x1000))))
+        .filter_map(|n| {
+            sym.get(n)
+                .map(|a| (a, a + sym.size(n).unwrap_or(0).min(0x1000)))
+        })
         .collect();
-    let syscall_table = sym
-        .get("sys_call_table")
-        .map(|a| (a, sym.size("sys_call_table").filter(|s| *s > 0).unwrap_or(8)));
+    let syscall_table = sym.get("sys_call_table").map(|a| {
+        (
+            a,
+            sym.size("sys_call_table").filter(|s| *s > 0).unwrap_or(8),
+        )
+    });
     Some(LinuxEnv {
         msr_values,
         idt_bases,
@@ -161,7 +172,10 @@ impl Introspection {
                 }) as OnReady
             })
             .collect();
-        let linux_idt = env.linux.as_ref().map(|l| vec![l.idt_table.0, LINUX_CEA_RO_IDT]);
+        let linux_idt = env
+            .linux
+            .as_ref()
+            .map(|l| vec![l.idt_table.0, LINUX_CEA_RO_IDT]);
         Introspection {
             linux_idt,
             engine: Mutex::new(engine),

@@ -88,19 +88,16 @@ impl Vm {
             let (line, added) = loader::linux_command_line(&cfg.cmdline, pvm);
             let note = match added.is_empty() {
                 true => format!("kernel command line: {line}"),
-                false => format!("kernel command line: {line} (vmiscope added: {})", added.join(" ")),
+                false => format!(
+                    "kernel command line: {line} (vmiscope added: {})",
+                    added.join(" ")
+                ),
             };
             (line, Some(note))
         } else {
             (cfg.cmdline.clone(), None)
         };
-        let loaded = loader::load(
-            &ram,
-            image,
-            &cmdline,
-            &cfg.modules,
-            cfg.initrd.as_deref(),
-        )?;
+        let loaded = loader::load(&ram, image, &cmdline, &cfg.modules, cfg.initrd.as_deref())?;
         let serial = Arc::new(SerialLog::default());
         let devices = Devices::new(
             SerialPort::new(serial.clone(), serial_irq),

@@ -209,7 +209,9 @@ impl Engine {
             class,
             vcpu,
             rip: regs.rip,
-            writer: self.symbol_of(regs.rip),
+            // A change found by polling (a register compare, a hash on the
+            // timer) has no known writer: RIP is wherever the vCPU was.
+            writer: instruction.and(self.symbol_of(regs.rip)),
             cr3: s.cr3,
             cpl: s.cpl(),
             instruction: instruction.map(str::to_string),

@@ -209,7 +209,11 @@ mod tests {
 
     #[test]
     fn an_lz4_legacy_payload_decompresses() {
-        let data: Vec<u8> = b"\x7fELF".iter().copied().chain((0..5000u32).map(|i| (i % 7) as u8)).collect();
+        let data: Vec<u8> = b"\x7fELF"
+            .iter()
+            .copied()
+            .chain((0..5000u32).map(|i| (i % 7) as u8))
+            .collect();
         let block = lz4_flex::block::compress(&data);
         let mut p = 0x184c_2102u32.to_le_bytes().to_vec();
         p.extend((block.len() as u32).to_le_bytes());

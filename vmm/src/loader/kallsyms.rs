@@ -75,7 +75,7 @@ impl Tables {
                 return None;
             }
         }
-        if start % 8 != 0 {
+        if !start.is_multiple_of(8) {
             return None;
         }
         let mut tokens = Vec::with_capacity(256);
@@ -124,7 +124,12 @@ impl Tables {
             }
             let markers = 4 * n.div_ceil(256) as usize;
             let seqs = tokens.checked_sub(3 * n as usize).map(|s| s & !7);
-            let ends = [Some(tokens), Some(tokens - 4), seqs, seqs.and_then(|s| s.checked_sub(4))];
+            let ends = [
+                Some(tokens),
+                Some(tokens - 4),
+                seqs,
+                seqs.and_then(|s| s.checked_sub(4)),
+            ];
             let names = pos + 8;
             for end in ends.into_iter().flatten() {
                 let Some(markers_start) = end.checked_sub(markers) else {
@@ -178,7 +183,9 @@ impl Tables {
             let addr = if off >= 0 {
                 off as u64
             } else {
-                self.relative_base.wrapping_sub(1).wrapping_sub(off as i64 as u64)
+                self.relative_base
+                    .wrapping_sub(1)
+                    .wrapping_sub(off as i64 as u64)
             };
             // The first character is the symbol's type letter.
             let name = String::from_utf8_lossy(name.get(1..).unwrap_or_default()).into_owned();

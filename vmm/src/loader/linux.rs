@@ -51,7 +51,10 @@ pub struct LinuxLoaded {
 /// cannot run XRSTOR at CPL0, so the kernel is told not to use XSAVE (it falls
 /// back to FXSAVE, which the emulator runs). Returns the line and the additions.
 pub fn command_line(user: &str, pvm: bool) -> (String, Vec<&'static str>) {
-    let has = |word: &str| user.split_whitespace().any(|w| w == word || w.starts_with(&format!("{word}=")));
+    let has = |word: &str| {
+        user.split_whitespace()
+            .any(|w| w == word || w.starts_with(&format!("{word}=")))
+    };
     let mut added = vec![];
     if !has("console") {
         added.push("console=ttyS0");
@@ -74,7 +77,8 @@ pub fn command_line(user: &str, pvm: bool) -> (String, Vec<&'static str>) {
     (line, added)
 }
 
-const PVM_CLEARCPUID: &str = "clearcpuid=ssse3,sse4_1,sse4_2,aes,pclmulqdq,sha_ni,gfni,vaes,vpclmulqdq";
+const PVM_CLEARCPUID: &str =
+    "clearcpuid=ssse3,sse4_1,sse4_2,aes,pclmulqdq,sha_ni,gfni,vaes,vpclmulqdq";
 
 /// Whether `image` is a Linux kernel: a bzImage, or an ELF with the "Linux"
 /// (or Xen PVH) notes every vmlinux carries.
@@ -122,8 +126,10 @@ pub fn load(ram: &GuestRam, image: &[u8], boot: &LinuxBoot) -> Result<LinuxLoade
     let words = super::image::aligned(&vmlinux);
     let elf = super::image::as_bytes(&words, vmlinux.len());
     let (entry, kernel_end) = load_vmlinux(ram, elf)?;
-    let mut params = boot_params::default();
-    params.hdr = header.unwrap_or_else(default_header);
+    let mut params = boot_params {
+        hdr: header.unwrap_or_else(default_header),
+        ..Default::default()
+    };
     fill_zero_page(ram, &mut params, boot, kernel_end)?;
     Ok(LinuxLoaded {
         entry: EntryState::Linux64 {
@@ -180,7 +186,9 @@ fn load_vmlinux(ram: &GuestRam, elf: &[u8]) -> Result<(u64, u64), LoadError> {
             .and_then(|e| elf.get(off..e))
             .filter(|_| filesz <= memsz)
             .ok_or_else(|| {
-                LoadError::Malformed(format!("segment at {paddr:#x} lies past the end of the file"))
+                LoadError::Malformed(format!(
+                    "segment at {paddr:#x} lies past the end of the file"
+                ))
             })?;
         super::image::check_range(ram, paddr, memsz, HIGH_MEMORY)?;
         ram.write(paddr, data)

@@ -1,0 +1,220 @@
+//! Debian's stock cloud kernel (`linux-image-*-cloud-amd64`, unpacked by
+//! `.ci/run` under `target/linux` with apt, no other source): its symbols from
+//! the kernel alone, and a protected boot on this host.
+//!
+//! Ignored where the package is not unpacked (outside CI); under `CI=true`
+//! nothing is ignored. On a PVM host the kernel runs in KVM's emulator: the
+//! boot test waits at most 120 s for the banner and 400 s for each later
+//! milestone (measured here: banner ~2 s, LSTAR ~25 s, final IDT ~35 s).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+const EXE: &str = env!("CARGO_BIN_EXE_vmiscope");
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/linux")
+}
+
+/// The unpacked package's bzImage.
+fn kernel() -> PathBuf {
+    let boot = root().join("boot");
+    std::fs::read_dir(&boot)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (run .ci/run to unpack Debian's kernel)",
+                boot.display()
+            )
+        })
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("vmlinuz-")
+        })
+        .expect("no vmlinuz-* in target/linux/boot")
+}
+
+/// The -dbg package's System.map (the reference; vmiscope does not use it).
+fn debug_map() -> PathBuf {
+    let v = kernel()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .replace("vmlinuz-", "");
+    root().join(format!("dbg/usr/lib/debug/boot/System.map-{v}"))
+}
+
+/// `vmiscope symbols IMAGE [--symbols MAP]` as (name, address) pairs.
+fn symbols(args: &[&str]) -> Vec<(String, u64)> {
+    let out = Command::new(EXE)
+        .arg("symbols")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (a, n) = l.split_once(' ')?;
+            Some((n.to_string(), u64::from_str_radix(a, 16).ok()?))
+        })
+        .collect()
+}
+
+fn address(syms: &[(String, u64)], name: &str) -> u64 {
+    syms.iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no symbol {name}"))
+        .1
+}
+
+#[test]
+#[cfg_attr(no_linux, ignore = "needs Debian's kernel package unpacked by .ci/run")]
+fn kallsyms_from_the_kernel_alone_agree_with_the_debug_packages_system_map() {
+    let k = kernel();
+    let ours = symbols(&[k.to_str().unwrap()]);
+    let map = std::fs::read_to_string(debug_map()).expect("the -dbg System.map");
+    let mut reference = std::collections::HashMap::<&str, Vec<u64>>::new();
+    for l in map.lines() {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        if let [a, _, n] = w[..] {
+            reference
+                .entry(n)
+                .or_default()
+                .push(u64::from_str_radix(a, 16).unwrap());
+        }
+    }
+    // Every name kallsyms keeps is in the map at the same address.
+    assert!(ours.len() > 50_000, "only {} symbols", ours.len());
+    let wrong: Vec<_> = ours
+        .iter()
+        .filter(|(n, a)| !reference.get(n.as_str()).is_some_and(|v| v.contains(a)))
+        .take(10)
+        .collect();
+    assert!(wrong.is_empty(), "disagree with System.map: {wrong:x?}");
+    for name in [
+        "start_kernel",
+        "entry_SYSCALL_64",
+        "sys_call_table",
+        "idt_table",
+        "init_task",
+    ] {
+        assert!(reference[name].contains(&address(&ours, name)), "{name}");
+    }
+    // And a System.map given with --symbols is read as is.
+    let given = symbols(&[
+        k.to_str().unwrap(),
+        "--symbols",
+        debug_map().to_str().unwrap(),
+    ]);
+    assert!(given.len() >= ours.len());
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+#[cfg_attr(no_linux, ignore = "needs Debian's kernel package unpacked by .ci/run")]
+fn debian_kernel_boots_protected_and_a_syscall_table_patch_is_caught() {
+    if !common::kvm_available() {
+        return;
+    }
+    let k = kernel();
+    let syms = symbols(&[k.to_str().unwrap()]);
+    let dir = common::temp_dir("linux");
+    let script = dir.join("boot.vms");
+    let journal = dir.join("journal.jsonl");
+    // Each milestone is the kernel's own: the banner, its LSTAR write
+    // (syscall_init), its move of IDTR to the read-only alias (the last step of
+    // its IDT set-up), then CPU feature set-up (SMEP/SMAP come with
+    // identify_boot_cpu, just before alternatives are applied). None may be an alert under every policy. Then a write
+    // to sys_call_table[1] from outside the guest is caught on the next tick.
+    std::fs::write(
+        &script,
+        "expect serial \"Linux version\" timeout 120\n\
+         expect event msr timeout 400\n\
+         expect event dtr timeout 400\n\
+         expect serial \"Freeing SMP alternatives\" timeout 400\n\
+         expect no-alert\n\
+         sregs\n\
+         mem write sys_call_table+8 41 41 41 41 41 41 41 41\n\
+         expect alert timeout 5\n\
+         alerts\n",
+    )
+    .unwrap();
+    let out = Command::new(EXE)
+        .args([
+            "run",
+            k.to_str().unwrap(),
+            "--mem",
+            "512",
+            "--protect",
+            "all",
+        ])
+        .args(["--timeout", "900", "--script", script.to_str().unwrap()])
+        .args(["--journal", journal.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // On failure this shows every expectation and the serial tail it saw.
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("vmiscope added: console=ttyS0") || !text.contains("PVM"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sys_call_table[1] modified (sys_call_table+0x8)"),
+        "{text}"
+    );
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&journal)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let event = |class: &str| {
+        records
+            .iter()
+            .filter(|r| r["type"] == "event" && r["event"]["class"] == class)
+            .collect::<Vec<_>>()
+    };
+    // The LSTAR write is the kernel's, to entry_SYSCALL_64, and allowed.
+    let lstar = event("msr")
+        .into_iter()
+        .find(|r| r["event"]["index"] == 0xc000_0082u32)
+        .unwrap_or_else(|| panic!("no LSTAR write in the journal: {text}"));
+    assert_eq!(lstar["event"]["write"], address(&syms, "entry_SYSCALL_64"));
+    assert_eq!(lstar["verdict"], "allowed");
+    // IDTR moved from idt_table to the CPU entry area's read-only alias.
+    let idt = event("dtr");
+    assert!(
+        idt.iter()
+            .any(|r| r["event"]["old"]["base"] == address(&syms, "idt_table")
+                && r["event"]["new"]["base"] == 0xffff_fe00_0000_0000u64),
+        "{idt:?}"
+    );
+    // CR4 on the booted kernel: SMEP (bit 20) and SMAP (21) set.
+    let cr4 = text
+        .lines()
+        .find_map(|l| {
+            l.split_whitespace()
+                .skip_while(|w| *w != "cr4")
+                .nth(1)
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("no cr4 in `sregs`: {text}"));
+    let cr4 = u64::from_str_radix(cr4.trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(cr4 & (3 << 20), 3 << 20, "cr4 {cr4:#x}");
+    let alerts: Vec<_> = records.iter().filter(|r| r["type"] == "alert").collect();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
