@@ -16,5 +16,6 @@ pub mod script;
 pub mod session;
 pub mod stats;
 pub mod symbols;
+pub mod symbols_cmd;
 pub mod tui;
 pub mod ui;

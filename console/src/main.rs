@@ -1,6 +1,6 @@
 //! `vmiscope`: an interactive, debugger-style VM introspection console on KVM.
 
-use vmiscope::{batch, bench, caps, cli};
+use vmiscope::{batch, bench, caps, cli, symbols_cmd};
 
 use std::process::ExitCode;
 
@@ -21,7 +21,7 @@ fn main() -> ExitCode {
         Some(cli::Command::Run(a)) => batch::run(&a),
         Some(cli::Command::Caps(a)) => caps::run(&a),
         Some(cli::Command::Bench(a)) => bench::run(&a),
-        Some(cli::Command::Symbols(a)) => cli::symbols(&a),
+        Some(cli::Command::Symbols(a)) => symbols_cmd::symbols(&a),
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }
