@@ -49,6 +49,9 @@ pub struct Caps {
     pub pvm: bool,
     pub rows: Vec<Row>,
     pub kick_latency_us: Option<f64>,
+    /// Instructions KVM's emulator refuses at CPL0 on a PVM host that the VMM
+    /// completes itself (on a hardware host the CPU runs them).
+    pub completed_by_vmm: Vec<&'static str>,
 }
 
 /// Events seen, and (CR0, IDTR base, RIP) at every exit.
@@ -155,6 +158,10 @@ pub fn measure() -> Result<Caps, Error> {
         pvm: host == HostKind::Pvm,
         rows,
         kick_latency_us: Some(kick),
+        completed_by_vmm: vmiscope_vmm::vcpu::complete::Completed::ALL
+            .iter()
+            .map(|c| c.name())
+            .collect(),
     })
 }
 
@@ -544,5 +551,14 @@ pub fn run(a: &crate::cli::CapsArgs) -> i32 {
             r.how
         );
     }
+    crate::outln!(
+        "completed by the VMM at CPL0{}: {}",
+        if caps.pvm {
+            ""
+        } else {
+            " (only on a PVM host)"
+        },
+        caps.completed_by_vmm.join(", ")
+    );
     0
 }

@@ -169,6 +169,16 @@ impl Session {
         {
             let _ = writeln!(t, "  {:>8} ns .. {:>8} ns  {n}", 1u64 << i, 1u64 << (i + 1));
         }
+        let completed: Vec<String> = self
+            .shared
+            .completed()
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(c, n)| format!("{}={n}", c.name()))
+            .collect();
+        if !completed.is_empty() {
+            let _ = writeln!(t, "completed by the VMM: {}", completed.join(" "));
+        }
         t.push_str("hook hits:\n");
         for h in e.hooks().iter() {
             let _ = writeln!(t, "  hook {:>3} {:<22} {}", h.id, h.name, h.hits);
