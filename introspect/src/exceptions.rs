@@ -199,6 +199,7 @@ mod tests {
             class: Class::Ept,
             vcpu: 0,
             rip: 0x100ae1,
+            writer: None,
             cr3: 0x1000,
             cpl: 0,
             instruction: Some("mov [rbx+140h],ax".into()),

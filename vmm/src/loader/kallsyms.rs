@@ -249,7 +249,7 @@ mod tests {
         for (a, _) in syms {
             b.extend(((base as i64 - 1 - *a as i64) as i32).to_le_bytes());
         }
-        while b.len() % 8 != 0 {
+        while !b.len().is_multiple_of(8) {
             b.push(0);
         }
         let _ = offsets_at;
@@ -266,13 +266,13 @@ mod tests {
             b.push(bytes.len() as u8);
             b.extend(bytes);
         }
-        while b.len() % 8 != 0 {
+        while !b.len().is_multiple_of(8) {
             b.push(0);
         }
         for m in markers {
             b.extend(m.to_le_bytes());
         }
-        while b.len() % 8 != 0 {
+        while !b.len().is_multiple_of(8) {
             b.push(0);
         }
         let mut index = vec![];
@@ -284,7 +284,7 @@ mod tests {
             }
             b.push(0);
         }
-        while b.len() % 8 != 0 {
+        while !b.len().is_multiple_of(8) {
             b.push(0);
         }
         for i in index {

@@ -186,7 +186,7 @@ fn a_trapped_write_lands_on_continue_only() {
     let mut f = write_trapped(Reply::Continue);
     assert_eq!(handle_exit(&mut f, WRITE), Flow::Continue);
     assert!(matches!(f.did()[0], Did::Asked(Event::Mem(m)) if m.write && m.data == 0xbeef));
-    assert_eq!(f.effects(), [landed.clone()]);
+    assert_eq!(f.effects(), std::slice::from_ref(&landed));
     for reply in [Reply::Drop, Reply::Deny, Reply::Retry, Reply::Data(1)] {
         let mut f = write_trapped(reply.clone());
         assert_eq!(handle_exit(&mut f, WRITE), Flow::Continue);
