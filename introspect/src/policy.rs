@@ -19,8 +19,8 @@ pub struct PolicyEnv {
     pub syscall_table: Option<(u64, u64)>,
     /// User pages to protect against writes and execution.
     pub user_pages: Vec<u64>,
-    /// Regions to hash on the timer: (gva, len).
-    pub integrity: Vec<(u64, u64)>,
+    /// Tables of 8-byte entries to hash on the timer: (name, gva, len).
+    pub integrity: Vec<(String, u64, u64)>,
     /// A Linux kernel's own set-up, when the image is one (from its symbols).
     pub linux: Option<LinuxEnv>,
     /// Why a region the image names was left out (a size larger than RAM, an
@@ -47,8 +47,6 @@ pub struct LinuxEnv {
     /// Leaf helpers those functions call to store a gate
     /// (`native_write_idt_entry`): a write from one counts as its caller's.
     pub idt_helpers: Vec<(u64, u64)>,
-    /// `sys_call_table`: its entries are 8 bytes.
-    pub syscall_table: Option<(u64, u64)>,
 }
 
 impl PolicyEnv {
@@ -162,13 +160,14 @@ impl Installer<'_> {
         Ok(())
     }
 
-    /// Memory hooks over `[gva, gva+len)`, one per page; reads are allowed.
-    fn mem(
+    /// Memory hooks over `[gva, gva+len)`, one per page, each with a callback
+    /// from `callback`.
+    fn pages(
         &mut self,
         gva: u64,
         len: u64,
         rights: Rights,
-        reason: &'static str,
+        callback: impl Fn() -> crate::hooks::Callback,
     ) -> Result<(), PolicyError> {
         for (va, n) in crate::decode::split_pages(gva, len) {
             let t = Target::Gva {
@@ -178,18 +177,28 @@ impl Installer<'_> {
                 cr3: 0,
                 gpa: None,
             };
-            self.hook(
-                t,
-                Box::new(move |ctx| match ctx.event {
-                    EventInfo::Mem {
-                        access: AccessKind::Read,
-                        ..
-                    } => Outcome::allow(),
-                    _ => Outcome::block(reason),
-                }),
-            )?;
+            self.hook(t, callback())?;
         }
         Ok(())
+    }
+
+    /// Memory hooks over `[gva, gva+len)` that deny all but reads.
+    fn mem(
+        &mut self,
+        gva: u64,
+        len: u64,
+        rights: Rights,
+        reason: &'static str,
+    ) -> Result<(), PolicyError> {
+        self.pages(gva, len, rights, || {
+            Box::new(move |ctx| match ctx.event {
+                EventInfo::Mem {
+                    access: AccessKind::Read,
+                    ..
+                } => Outcome::allow(),
+                _ => Outcome::block(reason),
+            })
+        })
     }
 
     /// A hook on `bits` of `cr` that denies clearing them (setting them hardens).
@@ -214,34 +223,24 @@ impl Installer<'_> {
             .map(|g| g.len() < 6 || g[5] & 0x80 == 0)
             .collect();
         let base = idtr.base;
-        for (va, n) in crate::decode::split_pages(base, len) {
-            let t = Target::Gva {
-                gva: va,
-                len: n,
-                rights: Rights::W,
-                cr3: 0,
-                gpa: None,
-            };
+        self.pages(base, len, Rights::W, || {
             let empty = empty.clone();
-            self.hook(
-                t,
-                Box::new(move |ctx| match ctx.event {
-                    EventInfo::Mem {
-                        access: AccessKind::Write,
-                        gla,
-                        ..
-                    } => {
-                        let gate = (gla.wrapping_sub(base) / 16) as usize;
-                        if empty.get(gate).copied().unwrap_or(false) {
-                            Outcome::allow()
-                        } else {
-                            Outcome::block("IDT entry modified")
-                        }
+            Box::new(move |ctx| match ctx.event {
+                EventInfo::Mem {
+                    access: AccessKind::Write,
+                    gla,
+                    ..
+                } => {
+                    let gate = (gla.wrapping_sub(base) / 16) as usize;
+                    if empty.get(gate).copied().unwrap_or(false) {
+                        Outcome::allow()
+                    } else {
+                        Outcome::block("IDT entry modified")
                     }
-                    _ => Outcome::allow(),
-                }),
-            )?;
-        }
+                }
+                _ => Outcome::allow(),
+            })
+        })?;
         self.hook(Target::Dtr { dtr: DtrKind::Idtr }, deny("IDTR reloaded"))
     }
 
@@ -287,56 +286,23 @@ impl Installer<'_> {
             }),
         )?;
         let (table, len) = l.idt_table;
-        for (va, n) in crate::decode::split_pages(table, len) {
-            let t = Target::Gva {
-                gva: va,
-                len: n,
-                rights: Rights::W,
-                cr3: 0,
-                gpa: None,
-            };
+        self.pages(table, len, Rights::W, || {
             let (writers, helpers) = (l.idt_writers.clone(), l.idt_helpers.clone());
-            self.hook(
-                t,
-                Box::new(move |ctx| {
-                    let by_kernel = kernel_writer(&*ctx.guest, &writers, &helpers);
-                    match ctx.event {
-                        EventInfo::Mem {
-                            access: AccessKind::Write,
-                            gla,
-                            ..
-                        } if !by_kernel => Outcome::block(format!(
-                            "idt_table gate {} written",
-                            gla.wrapping_sub(table) / 16
-                        )),
-                        _ => Outcome::allow(),
-                    }
-                }),
-            )?;
-        }
-        Ok(())
-    }
-
-    /// Linux: `sys_call_table` hashed on the timer; a change is put back and
-    /// the alert names the slot.
-    fn linux_syscall_table(&mut self, l: &LinuxEnv) -> Result<(), PolicyError> {
-        let Some((gva, len)) = l.syscall_table else {
-            return Err(PolicyError::NoTarget(
-                self.policy,
-                "no sys_call_table symbol".into(),
-            ));
-        };
-        let why: crate::hooks::Callback = Box::new(move |ctx| match *ctx.event {
-            EventInfo::Integrity { changed, .. } => Outcome::block(format!(
-                "sys_call_table[{}] modified (sys_call_table+{changed:#x})",
-                changed / 8
-            )),
-            _ => Outcome::allow(),
-        });
-        self.e
-            .add_integrity_region(self.g, "sys_call_table", gva, len, true, why)
-            .map_err(|err| PolicyError::Hook(self.policy, err))?;
-        Ok(())
+            Box::new(move |ctx| {
+                let by_kernel = kernel_writer(&*ctx.guest, &writers, &helpers);
+                match ctx.event {
+                    EventInfo::Mem {
+                        access: AccessKind::Write,
+                        gla,
+                        ..
+                    } if !by_kernel => Outcome::block(format!(
+                        "idt_table gate {} written",
+                        gla.wrapping_sub(table) / 16
+                    )),
+                    _ => Outcome::allow(),
+                }
+            })
+        })
     }
 
     fn syscall_msrs(&mut self) -> Result<(), PolicyError> {
@@ -379,25 +345,32 @@ impl Installer<'_> {
         if env.integrity.is_empty() {
             return Err(PolicyError::NoTarget(self.policy, String::new()));
         }
-        for &(gva, len) in &env.integrity {
-            let why = deny("integrity region modified");
+        for (name, gva, len) in &env.integrity {
+            // The alert names the entry that changed (the first, if several).
+            let table = name.clone();
+            let why: crate::hooks::Callback = Box::new(move |ctx| match *ctx.event {
+                EventInfo::Integrity { changed, .. } => Outcome::block(format!(
+                    "{table}[{}] modified ({table}+{changed:#x})",
+                    changed / 8
+                )),
+                _ => Outcome::allow(),
+            });
             self.e
-                .add_integrity_region(
-                    self.g,
-                    Owner::Policy(self.policy).to_string(),
-                    gva,
-                    len,
-                    true,
-                    why,
-                )
+                .add_integrity_region(self.g, name.clone(), *gva, *len, true, why)
                 .map_err(|err| PolicyError::Hook(self.policy, err))?;
         }
         Ok(())
     }
 }
 
-/// Why two policies are not offered on a Linux kernel yet.
-const LINUX_TODO: &str = "not on a Linux kernel yet: it moves GDTR between per-CPU tables and patches its own text (alternatives, jump labels), which need per-writer rules";
+/// Why two policies are not offered on a Linux kernel yet: the kernel does
+/// these itself, and telling its own writes from others' needs per-writer rules.
+const LINUX_GDTR: &str = "the kernel moves GDTR between its per-CPU tables";
+const LINUX_TEXT: &str = "the kernel patches its own text (alternatives, jump labels)";
+
+fn not_on_linux(policy: Policy, why: &str) -> PolicyError {
+    PolicyError::NoTarget(policy, format!("not on a Linux kernel yet: {why}"))
+}
 
 /// Switches policies on for the current guest state.
 pub fn enable(
@@ -429,34 +402,25 @@ fn enable_one(
     };
     match (policy, &env.linux) {
         (Policy::Idt, Some(l)) => i.linux_idt(l)?,
+        (Policy::Idt, None) => i.idt()?,
         (Policy::SyscallMsrs, Some(l)) => i.linux_msrs(l)?,
-        (Policy::Integrity, Some(l)) => i.linux_syscall_table(l)?,
-        (Policy::Gdtr | Policy::KernelCode, Some(_)) => {
-            return Err(PolicyError::NoTarget(policy, LINUX_TODO.into()));
+        (Policy::SyscallMsrs, None) => i.syscall_msrs()?,
+        (Policy::Gdtr, Some(_)) => return Err(not_on_linux(policy, LINUX_GDTR)),
+        (Policy::Gdtr, None) => {
+            i.hook(Target::Dtr { dtr: DtrKind::Gdtr }, deny("GDTR reloaded"))?
         }
-        _ => {}
-    }
-    if env.linux.is_some()
-        && matches!(
-            policy,
-            Policy::Idt | Policy::SyscallMsrs | Policy::Integrity
-        )
-    {
-        return Ok(i.ids);
-    }
-    match policy {
-        Policy::Idt => i.idt()?,
-        Policy::Gdtr => i.hook(Target::Dtr { dtr: DtrKind::Gdtr }, deny("GDTR reloaded"))?,
-        Policy::SyscallMsrs => i.syscall_msrs()?,
+        (Policy::KernelCode, Some(_)) => return Err(not_on_linux(policy, LINUX_TEXT)),
         // Only clearing SMEP/SMAP is an attack; setting them is hardening.
-        Policy::Cr4 => i.cr_bits(Cr::Cr4, 3 << 20, "CR4.SMEP/SMAP cleared")?,
-        Policy::Cr0Wp => i.cr_bits(Cr::Cr0, 1 << 16, "CR0.WP cleared")?,
-        Policy::KernelCode => i.regions(&env.kernel_code, Rights::W, "kernel code modified")?,
-        Policy::SyscallTable => {
+        (Policy::Cr4, _) => i.cr_bits(Cr::Cr4, 3 << 20, "CR4.SMEP/SMAP cleared")?,
+        (Policy::Cr0Wp, _) => i.cr_bits(Cr::Cr0, 1 << 16, "CR0.WP cleared")?,
+        (Policy::KernelCode, None) => {
+            i.regions(&env.kernel_code, Rights::W, "kernel code modified")?
+        }
+        (Policy::SyscallTable, _) => {
             let table: Vec<(u64, u64)> = env.syscall_table.into_iter().collect();
             i.regions(&table, Rights::W, "system-call table entry modified")?
         }
-        Policy::UserPage => {
+        (Policy::UserPage, _) => {
             let pages: Vec<(u64, u64)> = env
                 .user_pages
                 .iter()
@@ -464,7 +428,7 @@ fn enable_one(
                 .collect();
             i.regions(&pages, Rights::RWX, "protected user page accessed")?
         }
-        Policy::Integrity => i.integrity(env)?,
+        (Policy::Integrity, _) => i.integrity(env)?,
     }
     Ok(i.ids)
 }

@@ -69,31 +69,20 @@ pub fn policy_env(sym: &Symbols, ram: u64) -> PolicyEnv {
             end.checked_sub(start),
         );
     }
-    let table = sized("sys_table").and_then(|(a, n)| {
-        region(
-            &[Policy::SyscallTable, Policy::Integrity],
-            "sys_table",
-            a,
-            Some(n),
-        )
-    });
-    env.linux = linux_env(sym);
-    if let Some(l) = &env.linux {
-        // The table's length is the distance to the next symbol (kallsyms
-        // keeps no sizes), bounded like any other region.
-        env.syscall_table = l.syscall_table.and_then(|(a, n)| {
-            region(
-                &[Policy::SyscallTable, Policy::Integrity],
-                "sys_call_table",
-                a,
-                Some(n),
-            )
+    // Our images call the table `sys_table`, Linux `sys_call_table` (its
+    // length is the distance to the next symbol: kallsyms keeps no sizes).
+    let table = ["sys_call_table", "sys_table"]
+        .into_iter()
+        .find_map(|name| sized(name).map(|r| (name, r)))
+        .and_then(|(name, (a, n))| {
+            region(&[Policy::SyscallTable, Policy::Integrity], name, a, Some(n)).map(|r| (name, r))
         });
-    }
+    env.linux = linux_env(sym);
     env.kernel_code.extend(kernel_code);
-    env.syscall_table = env.syscall_table.or(table);
+    env.syscall_table = table.map(|(_, r)| r);
     env.user_pages.extend(sym.get("user_secret"));
-    env.integrity.extend(table);
+    env.integrity
+        .extend(table.map(|(name, (a, n))| (name.to_string(), a, n)));
     env
 }
 
@@ -125,19 +114,12 @@ fn linux_env(sym: &Symbols) -> Option<LinuxEnv> {
                 .map(|a| (a, a + sym.size(n).unwrap_or(0).min(0x1000)))
         })
         .collect();
-    let syscall_table = sym.get("sys_call_table").map(|a| {
-        (
-            a,
-            sym.size("sys_call_table").filter(|s| *s > 0).unwrap_or(8),
-        )
-    });
     Some(LinuxEnv {
         msr_values,
         idt_bases,
         idt_table: (idt_table, 0x1000),
         idt_writers,
         idt_helpers,
-        syscall_table,
     })
 }
 
@@ -206,12 +188,15 @@ impl Introspection {
     /// before that, and clearing .bss zeroes the table).
     fn arm(&self, e: &mut Engine, cpu: &mut VcpuCtl<'_>) {
         let mut pending = self.pending.lock().unwrap();
+        if pending.is_empty() {
+            return;
+        }
         let idt = VcpuCtl::sregs(cpu).idt.base;
         let ready = match &self.linux_idt {
             Some(bases) => bases.contains(&idt),
             None => idt != 0,
         };
-        if pending.is_empty() || !ready {
+        if !ready {
             return;
         }
         for f in pending.drain(..) {

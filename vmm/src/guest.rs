@@ -41,6 +41,16 @@ pub(crate) fn read_virt(
     Ok(())
 }
 
+/// An extended control register through KVM_GET_XCRS (None: the CPU has no
+/// such XCR).
+pub(crate) fn xcr(fd: &VcpuFd, index: u32) -> Option<u64> {
+    let x = fd.get_xcrs().ok()?;
+    x.xcrs[..x.nr_xcrs as usize]
+        .iter()
+        .find(|e| e.xcr == index)
+        .map(|e| e.value)
+}
+
 /// One MSR through KVM_GET_MSRS.
 pub(crate) fn get_msr(fd: &VcpuFd, index: u32) -> Option<u64> {
     let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {

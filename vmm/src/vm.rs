@@ -83,8 +83,9 @@ impl Vm {
         let ram = GuestRam::new(mem)?;
         loader::write_boot_area(&ram)?;
         // A Linux kernel's command line gets what it needs here, said to the user.
+        let host = crate::HostKind::detect();
         let (cmdline, boot_note) = if loader::is_linux(image) {
-            let pvm = crate::HostKind::detect() == crate::HostKind::Pvm;
+            let pvm = host == crate::HostKind::Pvm;
             let (line, added) = loader::linux_command_line(&cfg.cmdline, pvm);
             let note = match added.is_empty() {
                 true => format!("kernel command line: {line}"),
@@ -116,6 +117,7 @@ impl Vm {
             fds.push(crate::vcpu::create(&vm, id, cfg, &loaded.entry, &cpuid)?);
         }
         let shared = Arc::new(VmShared::new(Parts {
+            host,
             ram,
             vm_fd: vm,
             symbols: cfg.symbols.clone().unwrap_or(loaded.symbols),

@@ -64,11 +64,7 @@ impl VcpuCtl<'_> {
     /// on timer ticks rather than on every exit.
     pub fn xcr(&self, index: u32) -> Option<u64> {
         self.vm.count_ioctls(1);
-        let x = self.fd.get_xcrs().ok()?;
-        x.xcrs[..x.nr_xcrs as usize]
-            .iter()
-            .find(|e| e.xcr == index)
-            .map(|e| e.value)
+        guest::xcr(self.fd, index)
     }
 
     /// Writes an extended control register (KVM_SET_XCRS).

@@ -186,6 +186,7 @@ impl<'a> VcpuCtl<'a> {
 
 /// The parts a VM's `VmShared` is made of.
 pub(crate) struct Parts {
+    pub(crate) host: HostKind,
     pub(crate) ram: GuestRam,
     pub(crate) vm_fd: VmFd,
     pub(crate) symbols: Symbols,
@@ -222,7 +223,7 @@ impl VmShared {
             slots: Mutex::new(SlotMap::new(p.ram.size() / PAGE_SIZE)),
             ram: p.ram,
             vm_fd: p.vm_fd,
-            host: HostKind::detect(),
+            host: p.host,
             symbols: p.symbols,
             serial: p.serial,
             devices: Mutex::new(p.devices),

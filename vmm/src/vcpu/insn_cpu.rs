@@ -86,11 +86,7 @@ impl InsnCpu for VcpuThread {
 
     fn xcr(&self, index: u32) -> Option<u64> {
         self.vm.count_ioctls(1);
-        let x = self.fd.get_xcrs().ok()?;
-        x.xcrs[..x.nr_xcrs as usize]
-            .iter()
-            .find(|e| e.xcr == index)
-            .map(|e| e.value)
+        guest::xcr(&self.fd, index)
     }
 
     fn msr(&self, index: u32) -> Option<u64> {
