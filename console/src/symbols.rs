@@ -9,9 +9,27 @@ use vmiscope_vmm::loader::kallsyms;
 
 use crate::error::Error;
 
-/// Reads a System.map file.
+/// A System.map larger than this is refused unread (Debian's is ~5 MB).
+const MAX_MAP: u64 = 256 << 20;
+
+/// Reads a System.map file (at most `MAX_MAP` bytes).
 pub fn read_map(path: &Path) -> Result<Symbols, Error> {
-    let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    use std::io::Read;
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .map_err(cannot)?
+        .take(MAX_MAP + 1)
+        .read_to_end(&mut text)
+        .map_err(cannot)?;
+    if text.len() as u64 > MAX_MAP {
+        return Err(format!(
+            "{}: larger than {} MiB, not a System.map",
+            path.display(),
+            MAX_MAP >> 20
+        )
+        .into());
+    }
     kallsyms::parse_system_map(&String::from_utf8_lossy(&text))
         .map(Symbols::from_entries)
         .ok_or_else(|| {
@@ -67,6 +85,17 @@ pub fn for_image(image: &str, bytes: &[u8], map: Option<&Path>) -> Result<Symbol
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endless_or_huge_map_is_refused_without_reading_it_all() {
+        let e = read_map(Path::new("/dev/zero")).err().unwrap().to_string();
+        assert!(e.contains("larger than"), "{e}");
+        let e = read_map(Path::new("/nonexistent/map"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("cannot read"), "{e}");
+    }
 
     #[test]
     fn maps_are_looked_for_beside_the_kernel_and_in_the_debug_tree() {

@@ -69,7 +69,7 @@ impl Tables {
         // Walk back over the 0x30 tokens before '0': each ends with a NUL.
         let mut start = digits;
         for _ in 0..0x30 {
-            let prev_nul = b[..start - 1].iter().rposition(|&c| c == 0)?;
+            let prev_nul = b[..start.checked_sub(1)?].iter().rposition(|&c| c == 0)?;
             start = prev_nul + 1;
             if digits - start > 0x30 * 64 {
                 return None;
@@ -126,7 +126,7 @@ impl Tables {
             let seqs = tokens.checked_sub(3 * n as usize).map(|s| s & !7);
             let ends = [
                 Some(tokens),
-                Some(tokens - 4),
+                tokens.checked_sub(4),
                 seqs,
                 seqs.and_then(|s| s.checked_sub(4)),
             ];
@@ -314,6 +314,15 @@ mod tests {
         let n = bad.len();
         bad[n - 100] ^= 1;
         assert!(read(&bad).is_none());
+    }
+
+    #[test]
+    fn a_digit_run_at_the_start_or_alone_is_no_table_and_no_panic() {
+        let digits: Vec<u8> = (b'0'..=b'9').flat_map(|d| [d, 0]).collect();
+        assert!(read(&digits).is_none());
+        let mut img = vec![0u8; 5];
+        img.extend(&digits);
+        assert!(read(&img).is_none());
     }
 
     #[test]

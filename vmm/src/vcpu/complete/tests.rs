@@ -238,6 +238,11 @@ fn xgetbv_invpcid_rdpru_and_int_n() {
     assert_eq!(what, Completed::IntN);
     assert!(matches!(out, Outcome::Fault { vector: 0x10, .. }));
     assert_eq!(c.regs.rip, 0x1002);
+    // int 0x80 cannot be injected as an exception: not completed (the run
+    // stops on it) rather than raising a fault the CPU would not.
+    c.regs.rip = 0x1000;
+    assert!(complete(&mut c, &[0xcd, 0x80]).is_none());
+    assert_eq!(c.regs.rip, 0x1000);
     // Something else is not ours.
     assert!(complete(&mut c, &[0x90]).is_none());
 }
