@@ -219,3 +219,100 @@ fn debian_kernel_boots_protected_and_a_syscall_table_patch_is_caught() {
     assert_eq!(alerts.len(), 1, "{alerts:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Debian's kernel under `--gdb 0`, waiting at its entry: the child and the
+/// stub's port.
+fn kernel_under_gdb() -> (std::process::Child, u16) {
+    let mut child = Command::new(EXE)
+        .args(["run", kernel().to_str().unwrap(), "--mem", "512", "--batch"])
+        .args(["--timeout", "300", "--gdb", "0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = common::lines(child.stderr.take().unwrap());
+    let line = common::wait_line(&rx, "target remote", std::time::Duration::from_secs(60));
+    let port = line
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches(['\'', '`']).parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line}"));
+    // Keep draining stderr so the child never blocks on it.
+    std::thread::spawn(move || rx.iter().for_each(drop));
+    (child, port)
+}
+
+/// The debugger's output must show a stop at `start_kernel` by name, a
+/// backtrace into the kernel's start-up code and RIP at the symbol.
+fn assert_stopped_in_start_kernel(out: &str, syms: &[(String, u64)]) {
+    let at = format!("{:x}", address(syms, "start_kernel"));
+    assert!(out.contains("start_kernel"), "{out}");
+    assert!(out.contains(&at), "{out}");
+    assert!(out.contains("secondary_startup_64"), "no backtrace: {out}");
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+#[cfg_attr(no_gdb, ignore = "needs gdb")]
+#[cfg_attr(no_linux, ignore = "needs Debian's kernel package unpacked by .ci/run")]
+fn plain_gdb_breaks_on_start_kernel_by_the_kernels_own_symbols() {
+    if !common::kvm_available() {
+        return;
+    }
+    let syms = symbols(&[kernel().to_str().unwrap()]);
+    let (mut child, port) = kernel_under_gdb();
+    // No symbol file is given: the stub serves one made of the kallsyms
+    // names, and the breakpoint (on a page the kernel has not mapped yet)
+    // goes into a debug register. start_kernel is reached in about a second.
+    let out = Command::new("gdb")
+        .args(["-nx", "-batch", "-ex", "set remotetimeout 30"])
+        .args(["-ex", &format!("target remote 127.0.0.1:{port}")])
+        .args(["-ex", "break start_kernel", "-ex", "continue", "-ex", "bt"])
+        .args(["-ex", "info registers rip", "-ex", "kill"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_stopped_in_start_kernel(&text, &syms);
+    assert!(text.contains("Breakpoint 1, "), "{text}");
+    assert!(common::exit_within(&mut child, std::time::Duration::from_secs(30)).is_some());
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+#[cfg_attr(no_lldb, ignore = "needs lldb")]
+#[cfg_attr(no_linux, ignore = "needs Debian's kernel package unpacked by .ci/run")]
+fn lldb_breaks_on_start_kernel_with_the_symbol_file_vmiscope_writes() {
+    if !common::kvm_available() {
+        return;
+    }
+    let k = kernel();
+    let syms = symbols(&[k.to_str().unwrap()]);
+    // LLDB does not fetch the stub's file: `vmiscope symbols --elf` writes it.
+    let dir = common::temp_dir("linux-lldb");
+    let elf = dir.join("kernel.elf");
+    let made = Command::new(EXE)
+        .args([
+            "symbols",
+            k.to_str().unwrap(),
+            "--elf",
+            elf.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let (mut child, port) = kernel_under_gdb();
+    let out = Command::new("lldb")
+        .args(["--no-lldbinit", "--batch", elf.to_str().unwrap()])
+        .args(["-o", &format!("gdb-remote 127.0.0.1:{port}")])
+        .args(["-o", "breakpoint set -n start_kernel", "-o", "continue"])
+        .args(["-o", "bt", "-o", "register read rip", "-o", "kill"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_stopped_in_start_kernel(&text, &syms);
+    assert!(text.contains("stop reason = breakpoint 1.1"), "{text}");
+    assert!(common::exit_within(&mut child, std::time::Duration::from_secs(30)).is_some());
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -38,6 +38,10 @@ pub struct SymbolsArgs {
     /// Read this System.map instead of the image.
     #[arg(long, value_name = "FILE")]
     pub symbols: Option<PathBuf>,
+    /// Write them as a symbol-only ELF file (for `lldb FILE`, `gdb FILE`)
+    /// instead of listing them.
+    #[arg(long, value_name = "FILE")]
+    pub elf: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -1,4 +1,6 @@
-//! `vmiscope symbols IMAGE`: the symbols a run would use, as a System.map.
+//! `vmiscope symbols IMAGE [--elf FILE]`: the symbols a run would use, as a
+//! System.map, or as a symbol-only ELF file for debuggers that do not fetch
+//! one from the stub (LLDB: `lldb FILE -o 'gdb-remote PORT'`).
 
 /// `vmiscope symbols IMAGE`: the symbols vmiscope would use, as a System.map.
 pub fn symbols(a: &crate::cli::SymbolsArgs) -> i32 {
@@ -22,6 +24,16 @@ fn list_symbols(a: &crate::cli::SymbolsArgs) -> Result<(), crate::error::Error> 
     };
     if syms.is_empty() {
         return Err(format!("{}: no symbols found", a.image).into());
+    }
+    if let Some(path) = &a.elf {
+        std::fs::write(path, crate::gdb::symbol_elf(&syms))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!(
+            "vmiscope: wrote {} symbols to {}",
+            syms.len(),
+            path.display()
+        );
+        return Ok(());
     }
     for (name, addr) in syms.iter() {
         crate::outln!("{addr:016x} {name}");

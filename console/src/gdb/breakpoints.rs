@@ -31,6 +31,12 @@ impl SwBreakpoint for GdbTarget {
             gpa: 0,
             hidden: !self.visible_breakpoints,
         }) else {
+            // Not mapped yet (a Linux kernel's own addresses before it builds
+            // its page tables): a debug register matches the virtual address
+            // and needs no translation.
+            if self.unmapped(addr) {
+                return self.add_hw_breakpoint(addr, 1);
+            }
             return Ok(false);
         };
         self.stops.insert(brk, GdbStop::Sw);
@@ -40,7 +46,8 @@ impl SwBreakpoint for GdbTarget {
 
     fn remove_sw_breakpoint(&mut self, addr: u64, _: usize) -> TargetResult<bool, Self> {
         let Some((hook, brk)) = self.sw.remove(&addr) else {
-            return Ok(false);
+            // One placed in a debug register while its page was unmapped.
+            return self.remove_hw(addr);
         };
         self.remove_engine_hook(hook, brk);
         Ok(true)
@@ -78,6 +85,17 @@ impl HwBreakpoint for GdbTarget {
 }
 
 impl GdbTarget {
+    /// Whether `addr` has no translation in the stopped vCPU's page tables.
+    fn unmapped(&self, addr: u64) -> bool {
+        use vmiscope_introspect::paging::{PagingMode, translate};
+        let cpu = self.s.control().stop().map(|s| s.vcpu).unwrap_or(0);
+        let Some(s) = self.on_cpu(cpu, |c| c.sregs()) else {
+            return false;
+        };
+        let mode = PagingMode::from_regs(s.cr0, s.cr3, s.cr4, s.efer);
+        translate(self.s.shared().ram(), mode, addr).is_err()
+    }
+
     /// Whether the code at `addr` can run at CPL3 only, as far as the guest's
     /// state tells: on a user-accessible page while SMEP keeps CPL0 off user
     /// pages, or while the kernel's own code is on supervisor pages (the guest

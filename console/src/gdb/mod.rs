@@ -32,9 +32,11 @@ pub mod fpu;
 mod monitor;
 mod resume;
 mod serve;
+mod symbol_file;
 mod watch;
 
 pub use serve::{ImageFile, bind_addr, exec_file_for, run, serve};
+pub use symbol_file::elf as symbol_elf;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Resume {

@@ -111,9 +111,17 @@ impl Drop for ImageFile {
     }
 }
 
-pub fn exec_file_for(image: &str, bytes: &[u8]) -> Option<ImageFile> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt;
+/// The file gdb should read symbols from: the image itself when it is an ELF
+/// file on disk; a copy of a built-in image; for a Linux kernel, an ELF made
+/// of the symbols the run uses (kallsyms or a System.map).
+pub fn exec_file_for(
+    image: &str,
+    bytes: &[u8],
+    symbols: &vmiscope_vmm::Symbols,
+) -> Option<ImageFile> {
+    if vmiscope_vmm::loader::is_linux(bytes) {
+        return temp_file(image, &super::symbol_file::elf(symbols));
+    }
     if vmiscope_images::find(image).is_none() {
         let path = std::fs::canonicalize(image).ok()?.display().to_string();
         return Some(ImageFile {
@@ -121,6 +129,18 @@ pub fn exec_file_for(image: &str, bytes: &[u8]) -> Option<ImageFile> {
             temporary: false,
         });
     }
+    temp_file(image, bytes)
+}
+
+/// `bytes` in a new private file in the temporary directory, removed with the
+/// returned handle.
+fn temp_file(image: &str, bytes: &[u8]) -> Option<ImageFile> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let image = std::path::Path::new(image)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     for attempt in 0..16u32 {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -183,7 +203,7 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) ->
     // Kept until the run ends: a temporary file is removed with it.
     let exec = crate::launch::load_image(&a.image, a.mem)
         .ok()
-        .and_then(|(img, _)| exec_file_for(&a.image, &img));
+        .and_then(|(img, _)| exec_file_for(&a.image, &img, s.shared().symbols()));
     let exec_path = exec.as_ref().map(|e| e.path().to_string());
     eprintln!(
         "[vmiscope] gdb: the guest waits at its entry; connect with `gdb -ex 'target remote {}'`",

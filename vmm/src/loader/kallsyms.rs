@@ -16,6 +16,9 @@ use std::collections::HashSet;
 /// keeps none) and its name.
 pub type Entry = (u64, u64, String);
 
+/// The largest size a symbol is given (Linux's largest tables are well below).
+const MAX_SIZE: u64 = 1 << 20;
+
 /// No kernel has more symbols than this (Debian's has ~150 000).
 const MAX_SYMS: u32 = 4_000_000;
 
@@ -197,7 +200,10 @@ impl Tables {
         let next: Vec<u64> = out.iter().map(|e| e.0).collect();
         for (i, e) in out.iter_mut().enumerate() {
             let n = next[i + 1..].iter().find(|a| **a > e.0);
-            e.1 = n.map_or(0, |n| n - e.0);
+            // A longer distance is a gap between regions (per-CPU offsets,
+            // then the kernel image), not a size: unknown.
+            let distance = n.map_or(0, |n| n - e.0);
+            e.1 = if distance > MAX_SIZE { 0 } else { distance };
         }
         Some(out)
     }

@@ -68,6 +68,11 @@ impl Symbols {
         self.by_addr.is_empty()
     }
 
+    /// (name, address, size) of every symbol, by address.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, u64, u64)> {
+        self.by_addr.iter().map(|(a, s, n)| (n.as_str(), *a, *s))
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> {
         self.by_addr.iter().map(|(a, _, n)| (n.as_str(), *a))
     }
