@@ -144,6 +144,7 @@ fn debian_kernel_boots_protected_and_a_syscall_table_patch_is_caught() {
          expect serial \"Freeing SMP alternatives\" timeout 400\n\
          expect no-alert\n\
          sregs\n\
+         ps\n\
          mem write sys_call_table+8 41 41 41 41 41 41 41 41\n\
          expect alert timeout 5\n\
          alerts\n",
@@ -215,6 +216,18 @@ fn debian_kernel_boots_protected_and_a_syscall_table_patch_is_caught() {
         .unwrap_or_else(|| panic!("no cr4 in `sregs`: {text}"));
     let cr4 = u64::from_str_radix(cr4.trim_start_matches("0x"), 16).unwrap();
     assert_eq!(cr4 & (3 << 20), 3 << 20, "cr4 {cr4:#x}");
+    // `ps` walks the task list with offsets from the kernel's BTF: the boot
+    // task, init_task, is pid 0 and the scheduler has named it swapper/0.
+    let init_task = format!("{:#x}", address(&syms, "init_task"));
+    assert!(
+        text.lines().any(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.first() == Some(&"0")
+                && w.contains(&init_task.as_str())
+                && w.last() == Some(&"swapper/0")
+        }),
+        "{text}"
+    );
     let alerts: Vec<_> = records.iter().filter(|r| r["type"] == "alert").collect();
     assert_eq!(alerts.len(), 1, "{alerts:?}");
     let _ = std::fs::remove_dir_all(dir);
@@ -268,13 +281,27 @@ fn plain_gdb_breaks_on_start_kernel_by_the_kernels_own_symbols() {
         .args(["-nx", "-batch", "-ex", "set remotetimeout 30"])
         .args(["-ex", &format!("target remote 127.0.0.1:{port}")])
         .args(["-ex", "break start_kernel", "-ex", "continue", "-ex", "bt"])
-        .args(["-ex", "info registers rip", "-ex", "kill"])
+        .args([
+            "-ex",
+            "info registers rip",
+            "-ex",
+            "monitor ps",
+            "-ex",
+            "kill",
+        ])
         .output()
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert_stopped_in_start_kernel(&text, &syms);
     assert!(text.contains("Breakpoint 1, "), "{text}");
+    // `monitor ps` at start_kernel: only the boot task, not yet renamed.
+    let init_task = format!("{:#x}", address(&syms, "init_task"));
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&init_task) && l.trim_end().ends_with(" swapper")),
+        "{text}"
+    );
     assert!(common::exit_within(&mut child, std::time::Duration::from_secs(30)).is_some());
 }
 

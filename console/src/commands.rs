@@ -66,6 +66,10 @@ pub const HELP: &[(&str, &str)] = &[
     ("unprotect NAME", "switch a protection policy off"),
     ("regs", "general registers of the selected vCPU"),
     ("sregs", "control and segment registers"),
+    (
+        "ps",
+        "a Linux guest's tasks (pid, state, CR3, comm), offsets from its BTF",
+    ),
     ("msr INDEX", "read an MSR"),
     (
         "mem read ADDR [LEN] [phys]",
@@ -216,6 +220,7 @@ pub enum Command {
     Unprotect(Policy),
     Regs,
     Sregs,
+    Ps,
     Msr(u32),
     MemRead {
         addr: u64,
@@ -361,6 +366,7 @@ pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Com
         "protect" | "unprotect" => parse_protect(&w)?,
         "regs" => none_after(1).map(|_| C::Regs)?,
         "sregs" => none_after(1).map(|_| C::Sregs)?,
+        "ps" => none_after(1).map(|_| C::Ps)?,
         "msr" => C::Msr(num32(1, "an MSR index")?),
         "mem" => parse_mem(&w, sym)?,
         "disasm" | "x/i" => C::Disasm {
@@ -766,6 +772,7 @@ mod tests {
             "unprotect idt",
             "regs",
             "sregs",
+            "ps",
             "msr 0xc0000082",
             "mem read 0x1000",
             "mem write 0x1000 de ad be ef",

@@ -14,6 +14,7 @@ pub mod glue;
 pub mod handlers;
 pub mod hooks;
 pub mod integrity;
+pub mod linux;
 #[cfg(any(test, feature = "mock"))]
 pub mod mock;
 pub mod paging;

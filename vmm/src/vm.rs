@@ -118,6 +118,7 @@ impl Vm {
         }
         let shared = Arc::new(VmShared::new(Parts {
             host,
+            linux: loaded.linux,
             ram,
             vm_fd: vm,
             symbols: cfg.symbols.clone().unwrap_or(loaded.symbols),

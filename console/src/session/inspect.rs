@@ -147,4 +147,40 @@ impl Session {
                 .map_err(Into::into)
         }
     }
+
+    /// `ps`: a Linux guest's tasks, walked from `init_task` with the offsets
+    /// of its own BTF.
+    pub(super) fn ps(&self) -> Result<String, Error> {
+        use vmiscope_introspect::linux;
+        let layout = match self.shared.linux() {
+            None => return Err("ps needs a Linux guest".into()),
+            Some(Err(why)) => return Err(why.clone().into()),
+            Some(Ok(l)) => *l,
+        };
+        let sym = self.shared.symbols();
+        let init = sym
+            .get("init_task")
+            .ok_or("the kernel has no init_task symbol")?;
+        // The direct map's base: the kernel's own variable (it moves with
+        // KASLR), else its fixed default for 4-level paging.
+        let mut word = [0u8; 8];
+        let page_offset = sym
+            .get("page_offset_base")
+            .filter(|a| self.read(*a, &mut word, false).is_ok())
+            .map_or(0xffff_8880_0000_0000, |_| u64::from_le_bytes(word));
+        let read = |a: u64, buf: &mut [u8]| self.read(a, buf, false).is_ok();
+        let tasks = linux::tasks(&layout, init, page_offset, &read).map_err(|e| e.to_string())?;
+        let mut out = format!("{:>7} S {:>16} {:>18} COMM\n", "PID", "CR3", "TASK");
+        for t in tasks {
+            let cr3 = t.cr3.map_or("-".to_string(), |c| format!("{c:#x}"));
+            out.push_str(&format!(
+                "{:>7} {} {cr3:>16} {:#18x} {}\n",
+                t.pid,
+                t.state_letter(),
+                t.addr,
+                t.comm
+            ));
+        }
+        Ok(out)
+    }
 }

@@ -366,6 +366,7 @@ impl Session {
             C::Sregs => Ok(Output::text(
                 self.with_guest(|cpu| fmt_sregs(&VcpuCtl::sregs(cpu)))?,
             )),
+            C::Ps => Ok(Output::text(self.ps()?)),
             C::Msr(i) => self.msr(i),
             C::MemRead { addr, len, phys } => self.mem_read(addr, len, phys),
             C::MemWrite { addr, bytes, phys } => self.mem_write(addr, bytes, phys),

@@ -28,6 +28,8 @@ use crate::memory::GuestRam;
 pub struct Loaded {
     pub entry: EntryState,
     pub symbols: Symbols,
+    /// A Linux kernel's layout from its BTF (Err: why there is none).
+    pub linux: Option<Result<vmiscope_introspect::linux::Layout, String>>,
     pub format: String,
 }
 
@@ -55,6 +57,7 @@ pub fn load(
         return Ok(Loaded {
             entry: l.entry,
             symbols: linux_symbols(&l.vmlinux),
+            linux: Some(linux::btf_layout(&l.vmlinux)),
             format: l.format,
         });
     }
@@ -69,6 +72,7 @@ pub fn load(
         return Ok(Loaded {
             entry,
             symbols,
+            linux: None,
             format: "multiboot v1".into(),
         });
     }
@@ -82,6 +86,7 @@ pub fn load(
     Ok(Loaded {
         entry,
         symbols,
+        linux: None,
         format: "ELF64".into(),
     })
 }

@@ -114,6 +114,8 @@ pub struct VmShared {
     ram: GuestRam,
     vm_fd: VmFd,
     host: HostKind,
+    /// A Linux kernel's layout from its BTF (Err: why there is none).
+    linux: Option<Result<vmiscope_introspect::linux::Layout, String>>,
     symbols: Symbols,
     serial: Arc<SerialLog>,
     devices: Mutex<Devices>,
@@ -187,6 +189,7 @@ impl<'a> VcpuCtl<'a> {
 /// The parts a VM's `VmShared` is made of.
 pub(crate) struct Parts {
     pub(crate) host: HostKind,
+    pub(crate) linux: Option<Result<vmiscope_introspect::linux::Layout, String>>,
     pub(crate) ram: GuestRam,
     pub(crate) vm_fd: VmFd,
     pub(crate) symbols: Symbols,
@@ -196,6 +199,12 @@ pub(crate) struct Parts {
 }
 
 impl VmShared {
+    /// A Linux guest's layout (from its BTF), or why there is none; None for
+    /// a guest that is not Linux.
+    pub fn linux(&self) -> Option<&Result<vmiscope_introspect::linux::Layout, String>> {
+        self.linux.as_ref()
+    }
+
     /// How many of each instruction the VMM completed for KVM's emulator.
     pub fn completed(&self) -> Vec<(crate::vcpu::complete::Completed, u64)> {
         self.completed.snapshot()
@@ -224,6 +233,7 @@ impl VmShared {
             ram: p.ram,
             vm_fd: p.vm_fd,
             host: p.host,
+            linux: p.linux,
             symbols: p.symbols,
             serial: p.serial,
             devices: Mutex::new(p.devices),
