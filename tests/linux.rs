@@ -343,3 +343,27 @@ fn lldb_breaks_on_start_kernel_with_the_symbol_file_vmiscope_writes() {
     assert!(common::exit_within(&mut child, std::time::Duration::from_secs(30)).is_some());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+#[cfg_attr(no_linux, ignore = "needs Debian's kernel package unpacked by .ci/run")]
+fn bench_linux_boots_both_ways_to_the_banner() {
+    if !common::kvm_available() {
+        return;
+    }
+    // Both boot paths reach the kernel's banner (the bzImage's own decompressor
+    // takes ~40 s here); the figure is reported, not judged: speed is shown by
+    // `vmiscope bench`, never asserted by a test.
+    let out = Command::new(EXE)
+        .args(["bench", "--json", "--linux", kernel().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f = &report["figures"][0];
+    assert!(f["value"].as_f64().unwrap() > 0.0, "{text}");
+    assert!(f["baseline"].as_f64().unwrap() > 0.0, "{text}");
+    assert_eq!(report["baseline"], "decompressor");
+}

@@ -75,6 +75,10 @@ pub struct RunArgs {
     /// else the kernel's own kallsyms tables).
     #[arg(long, value_name = "FILE")]
     pub symbols: Option<PathBuf>,
+    /// Boot a bzImage through its own decompressor (slow under emulation; by
+    /// default vmiscope decompresses it and enters the vmlinux).
+    #[arg(long)]
+    pub own_decompressor: bool,
     /// A Linux kernel's initial RAM disk (initramfs).
     #[arg(long, value_name = "FILE")]
     pub initrd: Option<PathBuf>,
@@ -139,6 +143,10 @@ pub struct BenchArgs {
     /// Repetitions of each measurement (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub repeat: usize,
+    /// Only the Linux figure, on this kernel: process start to its banner,
+    /// host-decompressed vmlinux vs the bzImage's own decompressor.
+    #[arg(long, value_name = "KERNEL")]
+    pub linux: Option<String>,
 }
 
 impl RunArgs {
@@ -152,6 +160,7 @@ impl RunArgs {
             timeout: None,
             cmdline: String::new(),
             initrd: None,
+            own_decompressor: false,
             symbols: None,
             modules: vec![],
             events: false,

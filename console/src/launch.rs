@@ -86,6 +86,7 @@ pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, Error> {
         cmdline: a.cmdline.clone(),
         modules,
         initrd,
+        linux_own_decompressor: a.own_decompressor,
         symbols,
         // The process makes one run: every signal since it started ends it.
         signals_seen: Some(0),

@@ -21,6 +21,9 @@ pub struct VmConfig {
     pub modules: Vec<Module>,
     /// Symbols to use instead of the image's own (a System.map).
     pub symbols: Option<crate::loader::Symbols>,
+    /// Boot a bzImage through its own decompressor (else vmiscope decompresses
+    /// it and enters the vmlinux).
+    pub linux_own_decompressor: bool,
     /// A Linux kernel's initial RAM disk.
     pub initrd: Option<Vec<u8>>,
     /// vCPUs wait, paused, before their first instruction (until `resume_all`).
@@ -44,6 +47,7 @@ impl Default for VmConfig {
             cmdline: String::new(),
             modules: vec![],
             initrd: None,
+            linux_own_decompressor: false,
             symbols: None,
             start_paused: false,
             signals_seen: None,

@@ -86,7 +86,8 @@ impl Vm {
         let host = crate::HostKind::detect();
         let (cmdline, boot_note) = if loader::is_linux(image) {
             let pvm = host == crate::HostKind::Pvm;
-            let (line, added) = loader::linux_command_line(&cfg.cmdline, pvm);
+            let (line, added) =
+                loader::linux_command_line(&cfg.cmdline, pvm, cfg.linux_own_decompressor);
             let note = match added.is_empty() {
                 true => format!("kernel command line: {line}"),
                 false => format!(
@@ -98,7 +99,14 @@ impl Vm {
         } else {
             (cfg.cmdline.clone(), None)
         };
-        let loaded = loader::load(&ram, image, &cmdline, &cfg.modules, cfg.initrd.as_deref())?;
+        let loaded = loader::load(
+            &ram,
+            image,
+            &cmdline,
+            &cfg.modules,
+            cfg.initrd.as_deref(),
+            cfg.linux_own_decompressor,
+        )?;
         let serial = Arc::new(SerialLog::default());
         let devices = Devices::new(
             SerialPort::new(serial.clone(), serial_irq),

@@ -19,12 +19,15 @@ use vmiscope_vmm::engine_glue::{Introspection, OnReady};
 
 mod common;
 mod gdb;
+mod linux;
 
 pub use common::{Figure, median, spin_session, spin_sym, spin_vm};
 
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub host: &'static str,
+    /// What the baseline column is.
+    pub baseline: &'static str,
     pub iterations: u64,
     pub repeat: usize,
     pub figures: Vec<Figure>,
@@ -615,6 +618,7 @@ pub fn measure(iterations: u64, repeat: usize) -> Result<Report, Error> {
         note: "`vmiscope run hello --batch`, wall clock".into(),
     });
     Ok(Report {
+        baseline: "raw KVM",
         host: HostKind::detect().name(),
         iterations,
         repeat,
@@ -623,7 +627,11 @@ pub fn measure(iterations: u64, repeat: usize) -> Result<Report, Error> {
 }
 
 pub fn run(a: &crate::cli::BenchArgs) -> i32 {
-    let r = match measure(a.iterations.max(2), a.repeat) {
+    let r = match &a.linux {
+        Some(kernel) => linux::measure(kernel),
+        None => measure(a.iterations.max(2), a.repeat),
+    };
+    let r = match r {
         Ok(r) => r,
         Err(e) => {
             eprintln!("vmiscope: bench: {e}");
@@ -634,17 +642,21 @@ pub fn run(a: &crate::cli::BenchArgs) -> i32 {
         crate::outln!("{}", serde_json::to_string_pretty(&r).unwrap());
         return 0;
     }
-    crate::outln!(
-        "host: {}  ({} exits per run, median of {})",
-        r.host,
-        r.iterations,
-        r.repeat
-    );
+    if r.iterations > 1 {
+        crate::outln!(
+            "host: {}  ({} exits per run, median of {})",
+            r.host,
+            r.iterations,
+            r.repeat
+        );
+    } else {
+        crate::outln!("host: {}  (one run each)", r.host);
+    }
     crate::outln!(
         "{:<36} {:>10} {:>10} {:>7}  unit",
         "figure",
         "vmiscope",
-        "raw KVM",
+        r.baseline,
         "ratio"
     );
     for f in &r.figures {

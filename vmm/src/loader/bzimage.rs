@@ -41,6 +41,16 @@ fn bad(why: &str) -> LoadError {
     LoadError::Linux(why.to_string())
 }
 
+/// Where the protected-mode part starts in the file: after the boot sector
+/// and `setup_sects` sectors of setup code (0 means 4, as in old kernels).
+pub fn setup_size(hdr: &setup_header) -> usize {
+    let sects = match hdr.setup_sects {
+        0 => 4,
+        n => n as usize,
+    };
+    (sects + 1) * 512
+}
+
 /// The compression of a bzImage payload, told by its magic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -92,11 +102,7 @@ pub fn vmlinux(image: &[u8], limit: usize) -> Result<(Vec<u8>, Compression), Loa
             { hdr.version }
         )));
     }
-    let setup_sects = match hdr.setup_sects {
-        0 => 4,
-        n => n as usize,
-    };
-    let start = (setup_sects + 1) * 512 + hdr.payload_offset as usize;
+    let start = setup_size(&hdr) + hdr.payload_offset as usize;
     let payload = start
         .checked_add(hdr.payload_length as usize)
         .and_then(|end| image.get(start..end))

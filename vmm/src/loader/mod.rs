@@ -42,6 +42,7 @@ pub fn load(
     cmdline: &str,
     modules: &[Module],
     initrd: Option<&[u8]>,
+    own_decompressor: bool,
 ) -> Result<Loaded, LoadError> {
     if image.is_empty() {
         return Err(LoadError::Empty);
@@ -52,7 +53,11 @@ pub fn load(
                 "a Linux kernel takes --initrd, not --module".into(),
             ));
         }
-        let boot = LinuxBoot { cmdline, initrd };
+        let boot = LinuxBoot {
+            cmdline,
+            initrd,
+            own_decompressor,
+        };
         let l = linux::load(ram, image, &boot)?;
         return Ok(Loaded {
             entry: l.entry,
