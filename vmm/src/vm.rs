@@ -82,23 +82,8 @@ impl Vm {
         let mem = cfg.mem_mib << 20;
         let ram = GuestRam::new(mem)?;
         loader::write_boot_area(&ram)?;
-        // A Linux kernel's command line gets what it needs here, said to the user.
         let host = crate::HostKind::detect();
-        let (cmdline, boot_note) = if loader::is_linux(image) {
-            let pvm = host == crate::HostKind::Pvm;
-            let (line, added) =
-                loader::linux_command_line(&cfg.cmdline, pvm, cfg.linux_own_decompressor);
-            let note = match added.is_empty() {
-                true => format!("kernel command line: {line}"),
-                false => format!(
-                    "kernel command line: {line} (vmiscope added: {})",
-                    added.join(" ")
-                ),
-            };
-            (line, Some(note))
-        } else {
-            (cfg.cmdline.clone(), None)
-        };
+        let (cmdline, boot_note) = command_line(image, cfg, host);
         let loaded = loader::load(
             &ram,
             image,
@@ -308,4 +293,22 @@ fn guest_cpuid(kvm: &Kvm) -> Result<kvm_bindings::CpuId, VmError> {
         }
     }
     Ok(cpuid)
+}
+
+/// The command line the kernel gets: a Linux kernel's gets what it needs on
+/// this host, with a note that says what was added.
+fn command_line(image: &[u8], cfg: &VmConfig, host: crate::HostKind) -> (String, Option<String>) {
+    if !loader::is_linux(image) {
+        return (cfg.cmdline.clone(), None);
+    }
+    let pvm = host == crate::HostKind::Pvm;
+    let (line, added) = loader::linux_command_line(&cfg.cmdline, pvm, cfg.linux_own_decompressor);
+    let note = match added.is_empty() {
+        true => format!("kernel command line: {line}"),
+        false => format!(
+            "kernel command line: {line} (vmiscope added: {})",
+            added.join(" ")
+        ),
+    };
+    (line, Some(note))
 }

@@ -60,3 +60,13 @@ pub fn spin_session(mode: u64, n: u64) -> Result<crate::session::Session, Error>
     s.exec(&format!("mem write spin_count {}", le(n)))?;
     Ok(s)
 }
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub host: &'static str,
+    /// What the baseline column is.
+    pub baseline: &'static str,
+    pub iterations: u64,
+    pub repeat: usize,
+    pub figures: Vec<Figure>,
+}

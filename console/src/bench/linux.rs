@@ -7,8 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::Report;
-use super::common::Figure;
+use super::common::{Figure, Report};
 use crate::error::Error;
 
 /// Longest a boot may take to print its banner (the decompressor runs in

@@ -23,16 +23,6 @@ mod linux;
 
 pub use common::{Figure, median, spin_session, spin_sym, spin_vm};
 
-#[derive(Debug, Serialize)]
-pub struct Report {
-    pub host: &'static str,
-    /// What the baseline column is.
-    pub baseline: &'static str,
-    pub iterations: u64,
-    pub repeat: usize,
-    pub figures: Vec<Figure>,
-}
-
 const BENCH_PORT: u16 = 0x80;
 
 #[derive(Clone, Copy)]
