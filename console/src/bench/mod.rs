@@ -21,7 +21,7 @@ mod common;
 mod gdb;
 mod linux;
 
-pub use common::{Figure, median, spin_session, spin_sym, spin_vm};
+pub use common::{Figure, Report, median, spin_session, spin_sym, spin_vm};
 
 const BENCH_PORT: u16 = 0x80;
 
