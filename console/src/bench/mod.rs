@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use crate::error::Error;
 
 use kvm_ioctls::VcpuExit;
-use serde::Serialize;
 use vmiscope_introspect::policy::PolicyEnv;
 use vmiscope_introspect::{Engine, Outcome, Rights, Target};
 use vmiscope_vmm::{Access, Event, ExitHandler, HostKind, Reply, VcpuCtl, Vm, VmConfig};
