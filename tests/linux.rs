@@ -196,6 +196,13 @@ fn debian_kernel_boots_protected_and_a_syscall_table_patch_is_caught() {
         .unwrap_or_else(|| panic!("no LSTAR write in the journal: {text}"));
     assert_eq!(lstar["event"]["write"], address(&syms, "entry_SYSCALL_64"));
     assert_eq!(lstar["verdict"], "allowed");
+    // ... by the boot task, named from the kernel's BTF (before the scheduler
+    // renames it swapper/0).
+    let task = lstar["task"].as_str().unwrap_or_default();
+    assert!(
+        task.starts_with("swapper") && task.ends_with("[0]"),
+        "{lstar}"
+    );
     // IDTR moved from idt_table to the CPU entry area's read-only alias.
     let idt = event("dtr");
     assert!(

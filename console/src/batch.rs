@@ -76,7 +76,7 @@ pub fn run(a: &RunArgs) -> i32 {
             return 2;
         }
     };
-    let mut intro = match engine(a, vm.shared().symbols()) {
+    let mut intro = match engine(a, vm.shared()) {
         Ok(i) => i,
         Err(e) => {
             eprintln!("vmiscope: {e}");

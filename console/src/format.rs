@@ -61,14 +61,18 @@ pub fn event_line(r: &vmiscope_introspect::EventRecord) -> String {
         other => format!("{other:x?}"),
     };
     format!(
-        "#{:<6} vcpu{} {:<10} {:<14} rip {:#x} cpl{} {}",
+        "#{:<6} vcpu{} {:<10} {:<14} rip {:#x} cpl{} {}{}",
         r.event_id,
         r.vcpu,
         r.class.name(),
         format!("{:?}", r.verdict),
         r.rip,
         r.cpl,
-        what
+        what,
+        r.task
+            .as_deref()
+            .map(|t| format!(" task {t}"))
+            .unwrap_or_default()
     )
 }
 
@@ -95,12 +99,11 @@ pub fn batch_alert_line(a: &vmiscope_introspect::Alert) -> String {
     )
 }
 
-/// " <symbol+off>" for the alert's RIP, when known.
+/// " <symbol+off>" for the alert's RIP, and " task comm[pid]", when known.
 fn writer(a: &vmiscope_introspect::Alert) -> String {
-    a.writer
-        .as_deref()
-        .map(|w| format!(" <{w}>"))
-        .unwrap_or_default()
+    let sym = a.writer.as_deref().map(|w| format!(" <{w}>"));
+    let task = a.task.as_deref().map(|t| format!(" task {t}"));
+    sym.unwrap_or_default() + &task.unwrap_or_default()
 }
 
 pub fn alert_line(a: &vmiscope_introspect::Alert) -> String {

@@ -94,9 +94,14 @@ pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, Error> {
     })
 }
 
-/// The engine as the options ask for it.
-pub fn engine(a: &RunArgs, symbols: &vmiscope_vmm::Symbols) -> Result<Introspection, Error> {
+/// The engine as the options ask for it, for the VM `shared` describes (its
+/// symbols name addresses; a Linux guest's BTF names the current task).
+pub fn engine(a: &RunArgs, shared: &vmiscope_vmm::VmShared) -> Result<Introspection, Error> {
+    let symbols = shared.symbols();
     let mut e = Engine::new();
+    if let (Some(Ok(layout)), Some(current)) = (shared.linux(), symbols.get("current_task")) {
+        e.set_task_namer(vmiscope_introspect::linux::task_namer(*layout, current));
+    }
     e.set_log_only(a.log_only);
     let names = symbols.clone();
     e.set_symbolizer(Box::new(move |addr| match names.lookup(addr) {

@@ -25,6 +25,9 @@ pub struct Alert {
     pub cpl: u8,
     /// The instruction, when known (polled register changes have none).
     pub instruction: Option<String>,
+    /// The task the vCPU was running, when the guest's OS is known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
     pub event: EventInfo,
     pub hook: HookId,
     pub hook_name: String,
@@ -46,6 +49,8 @@ pub enum Record<'a> {
         rip: u64,
         cpl: u8,
         instruction: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        task: Option<&'a str>,
         event: &'a EventInfo,
         hooks: &'a [HookId],
         verdict: Verdict,

@@ -200,6 +200,7 @@ mod tests {
             vcpu: 0,
             rip: 0x100ae1,
             writer: None,
+            task: None,
             cr3: 0x1000,
             cpl: 0,
             instruction: Some("mov [rbx+140h],ax".into()),

@@ -114,6 +114,58 @@ impl Task {
     }
 }
 
+impl std::fmt::Display for Task {
+    /// `comm[pid]`, as events and alerts name the current task.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{}]", self.comm, self.pid)
+    }
+}
+
+/// The task a vCPU runs: the per-CPU `current_task` (at `current_task_off`
+/// from the vCPU's GS base, which is the per-CPU base while it runs kernel
+/// code).
+pub fn current(
+    layout: &Layout,
+    current_task_off: u64,
+    gs_base: u64,
+    page_offset: u64,
+    read: ReadVirt,
+) -> Result<Task, LinuxError> {
+    let at = gs_base.wrapping_add(current_task_off);
+    let mut b = [0u8; 8];
+    if !read(at, &mut b) {
+        return Err(LinuxError::Unreadable(at));
+    }
+    let task = u64::from_le_bytes(b);
+    let u64_at = |a: u64| {
+        let mut b = [0u8; 8];
+        read(a, &mut b)
+            .then(|| u64::from_le_bytes(b))
+            .ok_or(LinuxError::Unreadable(a))
+    };
+    one(layout, task, page_offset, read, &u64_at)
+}
+
+/// Names the task the vCPU being handled runs (`comm[pid]`), for the engine's
+/// events and alerts: at CPL0 only, where GS holds the per-CPU base.
+pub fn task_namer(layout: Layout, current_task_off: u64) -> crate::engine::TaskNamer {
+    Box::new(move |g| {
+        let s = g.sregs();
+        if s.cpl() != 0 {
+            return None;
+        }
+        let read = |a: u64, buf: &mut [u8]| {
+            crate::integrity::read(g, a, buf.len() as u64)
+                .map(|v| buf.copy_from_slice(&v))
+                .is_some()
+        };
+        // The comm and pid are all a name needs: no page-table base.
+        current(&layout, current_task_off, s.gs_base, 0, &read)
+            .ok()
+            .map(|t| t.to_string())
+    })
+}
+
 /// Reads `buf.len()` bytes of guest-virtual memory at an address.
 pub type ReadVirt<'a> = &'a dyn Fn(u64, &mut [u8]) -> bool;
 
@@ -253,6 +305,17 @@ mod tests {
             tasks(&L, 0x1000, 0, &r),
             Err(LinuxError::Unreadable(_))
         ));
+    }
+
+    #[test]
+    fn the_current_task_is_found_through_the_per_cpu_base() {
+        let mut m = Mem(HashMap::new());
+        task(&mut m, 0x1000, 7, "kworker", 0x1000, 0);
+        m.put(0x5000 + 0x40, &0x1000u64.to_le_bytes());
+        let r = |a: u64, b: &mut [u8]| m.read(a, b);
+        let t = current(&L, 0x40, 0x5000, 0, &r).unwrap();
+        assert_eq!(t.to_string(), "kworker[7]");
+        assert!(current(&L, 0x40, 0x9000, 0, &r).is_err());
     }
 
     #[test]

@@ -89,7 +89,7 @@ impl Session {
         let mut cfg = crate::launch::config(a, vcpus)?;
         cfg.start_paused = true;
         let vm = Vm::new(&cfg, &image)?;
-        let intro = Arc::new(crate::launch::engine(a, vm.shared().symbols())?);
+        let intro = Arc::new(crate::launch::engine(a, vm.shared())?);
         let shared = vm.shared().clone();
         let control = Arc::new(Control::new(shared.clone()));
         let env = policy_env(shared.symbols(), cfg.mem_mib << 20);

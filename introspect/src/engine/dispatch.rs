@@ -113,6 +113,10 @@ impl Engine {
         if let Some(rip) = self.insn_rip.take() {
             regs.rip = rip;
         }
+        // As for the writer: a change found by polling has no known task.
+        let task = instruction
+            .and(self.task_namer.as_ref())
+            .and_then(|name| name(guest));
         if verdict == Verdict::NotAllowed
             && let Some((hook, out)) = fired.iter().find(|(_, o)| o.verdict == Verdict::NotAllowed)
         {
@@ -127,6 +131,7 @@ impl Engine {
                 &regs,
                 &s,
             );
+            alert.task = task.clone();
             if let Some(rule) = self.exceptions.matching(&alert) {
                 verdict = Verdict::Allowed;
                 self.journal(&Record::Exception {
@@ -150,6 +155,7 @@ impl Engine {
             rip: regs.rip,
             cpl: s.cpl(),
             instruction,
+            task: task.as_deref(),
             event: info,
             hooks: &hooks,
             verdict,
@@ -166,6 +172,7 @@ impl Engine {
             rip: regs.rip,
             cpl: s.cpl(),
             instruction: instruction.map(str::to_string),
+            task,
             event: info.clone(),
             hooks,
             verdict,
@@ -215,6 +222,7 @@ impl Engine {
             cr3: s.cr3,
             cpl: s.cpl(),
             instruction: instruction.map(str::to_string),
+            task: None,
             event: info.clone(),
             hook,
             reason: out

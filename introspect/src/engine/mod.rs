@@ -81,6 +81,8 @@ pub struct EventRecord {
     pub rip: u64,
     pub cpl: u8,
     pub instruction: Option<String>,
+    /// The task the vCPU was running, when the guest's OS is known.
+    pub task: Option<String>,
     pub event: EventInfo,
     pub hooks: Vec<HookId>,
     pub verdict: Verdict,
@@ -119,6 +121,9 @@ pub(crate) type InsnCache = HashMap<(u64, u64, bool), (u64, Vec<u8>)>;
 /// Names a guest address, e.g. "entry_SYSCALL_64+0x10".
 pub type Symbolizer = Box<dyn Fn(u64) -> Option<String> + Send>;
 
+/// Names the task the vCPU being handled runs, e.g. "swapper/0[0]".
+pub type TaskNamer = Box<dyn Fn(&dyn Guest) -> Option<String> + Send>;
+
 pub struct Engine {
     hooks: Hooks,
     page_counts: HashMap<u64, [u32; 3]>,
@@ -147,6 +152,8 @@ pub struct Engine {
     started: Instant,
     /// Names a guest address ("sym+0x10"): alerts name their writer with it.
     symbolizer: Option<Symbolizer>,
+    /// Names the current task in events and alerts (an OS-aware guest).
+    task_namer: Option<TaskNamer>,
     /// The start of the instruction being analysed, when the exit's RIP is not it.
     insn_rip: Option<u64>,
     /// Instructions found for (CR3, reported RIP, write?): where they start and their
@@ -190,6 +197,7 @@ impl Engine {
             requests: Requests::default(),
             started: Instant::now(),
             symbolizer: None,
+            task_namer: None,
             insn_rip: None,
             insn_cache: HashMap::new(),
             next_alert: 0,
@@ -230,6 +238,11 @@ impl Engine {
     /// Names guest addresses in alerts (the writer's symbol) from now on.
     pub fn set_symbolizer(&mut self, f: Symbolizer) {
         self.symbolizer = Some(f);
+    }
+
+    /// Names the current task in events and alerts from now on.
+    pub fn set_task_namer(&mut self, f: TaskNamer) {
+        self.task_namer = Some(f);
     }
 
     pub(crate) fn symbol_of(&self, addr: u64) -> Option<String> {
