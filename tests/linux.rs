@@ -288,20 +288,16 @@ fn plain_gdb_breaks_on_start_kernel_by_the_kernels_own_symbols() {
         .args(["-nx", "-batch", "-ex", "set remotetimeout 30"])
         .args(["-ex", &format!("target remote 127.0.0.1:{port}")])
         .args(["-ex", "break start_kernel", "-ex", "continue", "-ex", "bt"])
-        .args([
-            "-ex",
-            "info registers rip",
-            "-ex",
-            "monitor ps",
-            "-ex",
-            "kill",
-        ])
+        .args(["-ex", "info registers rip", "-ex", "monitor ps"])
+        .args(["-ex", "info threads", "-ex", "kill"])
         .output()
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert_stopped_in_start_kernel(&text, &syms);
     assert!(text.contains("Breakpoint 1, "), "{text}");
+    // `info threads`: the vCPU runs the boot task, named from BTF.
+    assert!(text.contains("CPL0, swapper[0]"), "{text}");
     // `monitor ps` at start_kernel: only the boot task, not yet renamed.
     let init_task = format!("{:#x}", address(&syms, "init_task"));
     assert!(

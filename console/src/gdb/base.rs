@@ -165,8 +165,8 @@ impl MultiThreadBase for GdbTarget {
 }
 
 impl gdbstub::target::ext::thread_extra_info::ThreadExtraInfo for GdbTarget {
-    /// What `info threads` shows beside each thread: the vCPU, its privilege level
-    /// and why it is stopped.
+    /// What `info threads` shows beside each thread: the vCPU, its privilege
+    /// level, the task it runs (a Linux guest, at CPL0) and why it is stopped.
     fn thread_extra_info(&self, t: Tid, buf: &mut [u8]) -> Result<usize, Error> {
         // An error here would end the session: a thread that does not exist says so.
         let text = match self.cpu(t) {
@@ -177,7 +177,13 @@ impl gdbstub::target::ext::thread_extra_info::ThreadExtraInfo for GdbTarget {
                     Some(st) if st.vcpu == cpu => st.cause.to_string(),
                     _ => "paused".into(),
                 };
-                format!("vCPU {cpu}, CPL{cpl}, {why}")
+                let task = (cpl == 0)
+                    .then(|| self.on_cpu(cpu, |c| c.sregs().gs.base))
+                    .flatten()
+                    .and_then(|gs| self.s.current_task(cpu, gs))
+                    .map(|t| format!("{t}, "))
+                    .unwrap_or_default();
+                format!("vCPU {cpu}, CPL{cpl}, {task}{why}")
             }
         };
         let n = text.len().min(buf.len());

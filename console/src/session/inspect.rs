@@ -183,4 +183,17 @@ impl Session {
         }
         Ok(out)
     }
+
+    /// The task vCPU `cpu` runs (`comm[pid]`) in a Linux guest, given the
+    /// vCPU's GS base (the per-CPU base while it runs kernel code).
+    pub fn current_task(&self, cpu: u32, gs_base: u64) -> Option<String> {
+        let Some(Ok(layout)) = self.shared.linux() else {
+            return None;
+        };
+        let off = self.shared.symbols().get("current_task")?;
+        let read = |a: u64, buf: &mut [u8]| self.shared.read_virt(cpu, a, buf).is_ok();
+        vmiscope_introspect::linux::current(layout, off, gs_base, 0, &read)
+            .ok()
+            .map(|t| t.to_string())
+    }
 }
