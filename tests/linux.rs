@@ -119,6 +119,18 @@ fn kallsyms_from_the_kernel_alone_agree_with_the_debug_packages_system_map() {
     assert!(given.len() >= ours.len());
 }
 
+/// A newc cpio archive with only its trailer: an initramfs with nothing in it.
+fn empty_cpio() -> Vec<u8> {
+    let name = "TRAILER!!!\0";
+    let mut a = format!("070701{}", "00000000".repeat(11));
+    a.push_str(&format!("{:08X}00000000{name}", name.len()));
+    let mut b = a.into_bytes();
+    while b.len() % 512 != 0 {
+        b.push(0);
+    }
+    b
+}
+
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 #[cfg_attr(no_linux, ignore = "needs Debian's kernel package unpacked by .ci/run")]
@@ -131,14 +143,19 @@ fn debian_kernel_boots_protected_and_a_syscall_table_patch_is_caught() {
     let dir = common::temp_dir("linux");
     let script = dir.join("boot.vms");
     let journal = dir.join("journal.jsonl");
+    let initrd = dir.join("initrd.cpio");
+    std::fs::write(&initrd, empty_cpio()).unwrap();
     // Each milestone is the kernel's own: the banner, its LSTAR write
     // (syscall_init), its move of IDTR to the read-only alias (the last step of
     // its IDT set-up), then CPU feature set-up (SMEP/SMAP come with
-    // identify_boot_cpu, just before alternatives are applied). None may be an alert under every policy. Then a write
-    // to sys_call_table[1] from outside the guest is caught on the next tick.
+    // identify_boot_cpu, just before alternatives are applied). None may be an
+    // alert under every policy. Then a write to sys_call_table[1] from outside
+    // the guest is caught on the next tick. The kernel also reports the initrd
+    // it was given (an empty newc archive) where the e820 map put it.
     std::fs::write(
         &script,
         "expect serial \"Linux version\" timeout 120\n\
+         expect serial \"RAMDISK: [mem\" timeout 120\n\
          expect event msr timeout 400\n\
          expect event dtr timeout 400\n\
          expect serial \"Freeing SMP alternatives\" timeout 400\n\
@@ -161,6 +178,7 @@ fn debian_kernel_boots_protected_and_a_syscall_table_patch_is_caught() {
         ])
         .args(["--timeout", "900", "--script", script.to_str().unwrap()])
         .args(["--journal", journal.to_str().unwrap()])
+        .args(["--initrd", initrd.to_str().unwrap()])
         .output()
         .unwrap();
     let text = format!(
