@@ -388,3 +388,52 @@ fn bench_linux_boots_both_ways_to_the_banner() {
     assert!(f["baseline"].as_f64().unwrap() > 0.0, "{text}");
     assert_eq!(report["baseline"], "decompressor");
 }
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+#[cfg_attr(no_linux, ignore = "needs Debian's kernel package unpacked by .ci/run")]
+fn two_vcpus_come_up_through_the_madt_under_every_policy() {
+    if !common::kvm_available() {
+        return;
+    }
+    let k = kernel();
+    let dir = common::temp_dir("linux-smp");
+    let script = dir.join("smp.vms");
+    // The AP is started by the kernel itself (INIT/SIPI, found in the MADT
+    // vmiscope builds), ~30 s in here; it sets up its own LSTAR and IDT, which
+    // no policy may call an attack. By then kernel_init (pid 1) and kthreadd
+    // exist, and `ps` reads them through BTF.
+    std::fs::write(
+        &script,
+        "expect serial \"Brought up 1 node, 2 CPUs\" timeout 300\n\
+         expect no-alert\n\
+         ps\n",
+    )
+    .unwrap();
+    let out = Command::new(EXE)
+        .args(["run", k.to_str().unwrap(), "--vcpus", "2", "--mem", "512"])
+        .args(["--protect", "all", "--timeout", "600"])
+        .args(["--script", script.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("ACPI: Using ACPI (MADT) for SMP configuration"),
+        "{text}"
+    );
+    let pids: Vec<(i64, String)> = text
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            Some((w.first()?.parse().ok()?, w.last()?.to_string()))
+        })
+        .collect();
+    assert!(pids.iter().any(|(p, _)| *p == 1), "{text}");
+    assert!(
+        pids.iter().any(|(p, c)| *p == 2 && c == "kthreadd"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -84,14 +84,14 @@ impl Vm {
         loader::write_boot_area(&ram)?;
         let host = crate::HostKind::detect();
         let (cmdline, boot_note) = command_line(image, cfg, host);
-        let loaded = loader::load(
-            &ram,
-            image,
-            &cmdline,
-            &cfg.modules,
-            cfg.initrd.as_deref(),
-            cfg.linux_own_decompressor,
-        )?;
+        let inputs = loader::BootInputs {
+            cmdline: &cmdline,
+            modules: &cfg.modules,
+            initrd: cfg.initrd.as_deref(),
+            own_decompressor: cfg.linux_own_decompressor,
+            vcpus: cfg.vcpus,
+        };
+        let loaded = loader::load(&ram, image, &inputs)?;
         let serial = Arc::new(SerialLog::default());
         let devices = Devices::new(
             SerialPort::new(serial.clone(), serial_irq),

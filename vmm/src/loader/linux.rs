@@ -37,6 +37,9 @@ pub struct LinuxBoot<'a> {
     /// Run the bzImage's own decompressor instead of entering the vmlinux
     /// vmiscope decompressed (for comparison: `bench --linux`).
     pub own_decompressor: bool,
+    /// With more than one, an ACPI MADT names them (the kernel reads no MP
+    /// tables).
+    pub vcpus: u32,
 }
 
 /// A kernel loaded for the 64-bit boot protocol.
@@ -160,6 +163,9 @@ pub fn load(ram: &GuestRam, image: &[u8], boot: &LinuxBoot) -> Result<LinuxLoade
         hdr: header.unwrap_or_else(default_header),
         ..Default::default()
     };
+    if boot.vcpus > 1 {
+        params.acpi_rsdp_addr = super::acpi::write_tables(ram, ACPI_START, boot.vcpus)?;
+    }
     fill_zero_page(ram, &mut params, boot, kernel_end)?;
     Ok(LinuxLoaded {
         entry: EntryState::Linux64 {

@@ -1,6 +1,7 @@
 //! Image loaders: ELF64 entered directly in long mode, and multiboot v1 kernels
 //! entered in 32-bit protected mode with paging off (as QEMU's `-kernel` does).
 
+mod acpi;
 mod boot;
 mod bzimage;
 mod elf;
@@ -23,6 +24,19 @@ use image::{aligned, as_bytes};
 use crate::error::LoadError;
 use crate::memory::GuestRam;
 
+/// What a boot takes besides the image.
+#[derive(Debug, Clone, Copy)]
+pub struct BootInputs<'a> {
+    pub cmdline: &'a str,
+    /// Multiboot modules.
+    pub modules: &'a [Module],
+    /// A Linux kernel's initrd.
+    pub initrd: Option<&'a [u8]>,
+    /// Run a bzImage's own decompressor.
+    pub own_decompressor: bool,
+    pub vcpus: u32,
+}
+
 /// A loaded image: how to enter it, and its symbols.
 #[derive(Debug)]
 pub struct Loaded {
@@ -36,14 +50,14 @@ pub struct Loaded {
 /// Loads `image` into `ram`: a Linux kernel (bzImage, or a vmlinux by its
 /// notes) through the 64-bit boot protocol; else a multiboot header wins (as in
 /// QEMU), else ELF64.
-pub fn load(
-    ram: &GuestRam,
-    image: &[u8],
-    cmdline: &str,
-    modules: &[Module],
-    initrd: Option<&[u8]>,
-    own_decompressor: bool,
-) -> Result<Loaded, LoadError> {
+pub fn load(ram: &GuestRam, image: &[u8], inputs: &BootInputs) -> Result<Loaded, LoadError> {
+    let BootInputs {
+        cmdline,
+        modules,
+        initrd,
+        own_decompressor,
+        vcpus,
+    } = *inputs;
     if image.is_empty() {
         return Err(LoadError::Empty);
     }
@@ -57,6 +71,7 @@ pub fn load(
             cmdline,
             initrd,
             own_decompressor,
+            vcpus,
         };
         let l = linux::load(ram, image, &boot)?;
         return Ok(Loaded {
