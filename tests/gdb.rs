@@ -11,18 +11,7 @@ use std::time::{Duration, Instant};
 use common::kvm_available;
 
 fn gdb_available() -> bool {
-    if Command::new("gdb")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true but gdb is missing: the gdb tests need it (.ci/run installs it)");
-    }
-    eprintln!("SKIPPED: no gdb on this machine");
-    false
+    common::tool_available("gdb", "--version")
 }
 
 static PORT: AtomicU16 = AtomicU16::new(0);

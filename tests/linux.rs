@@ -294,7 +294,7 @@ fn assert_stopped_in_start_kernel(out: &str, syms: &[(String, u64)]) {
 #[cfg_attr(no_gdb, ignore = "needs gdb")]
 #[cfg_attr(no_linux, ignore = "needs Debian's kernel package unpacked by .ci/run")]
 fn plain_gdb_breaks_on_start_kernel_by_the_kernels_own_symbols() {
-    if !common::kvm_available() {
+    if !common::kvm_available() || !common::tool_available("gdb", "--version") {
         return;
     }
     let syms = symbols(&[kernel().to_str().unwrap()]);
@@ -331,7 +331,7 @@ fn plain_gdb_breaks_on_start_kernel_by_the_kernels_own_symbols() {
 #[cfg_attr(no_lldb, ignore = "needs lldb")]
 #[cfg_attr(no_linux, ignore = "needs Debian's kernel package unpacked by .ci/run")]
 fn lldb_breaks_on_start_kernel_with_the_symbol_file_vmiscope_writes() {
-    if !common::kvm_available() {
+    if !common::kvm_available() || !common::tool_available("lldb", "--version") {
         return;
     }
     let k = kernel();
@@ -436,4 +436,30 @@ fn two_vcpus_come_up_through_the_madt_under_every_policy() {
         "{text}"
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+#[cfg_attr(no_tmux, ignore = "needs tmux")]
+#[cfg_attr(no_linux, ignore = "needs Debian's kernel package unpacked by .ci/run")]
+fn the_tui_status_line_names_the_task_a_stopped_vcpu_runs() {
+    if !common::kvm_available() || !common::term::tmux_available() {
+        return;
+    }
+    use std::time::Duration;
+    let args = format!(
+        "run {} --mem 512 --protect syscall-msrs",
+        kernel().display()
+    );
+    let t = common::term::Term::start(200, 40, &args);
+    t.wait_for_within("paused at entry", Duration::from_secs(60));
+    t.type_line("break event msr");
+    t.keys(&["F5"]);
+    // The kernel's first syscall-MSR write (syscall_init), ~25 s in here: the
+    // status line names the boot task from the per-CPU current_task and BTF.
+    let s = t.wait_for_within(
+        "stopped: vCPU 0 in swapper[0] at msr",
+        Duration::from_secs(300),
+    );
+    assert!(s.contains("wrmsr"), "{s}");
 }

@@ -14,18 +14,7 @@ use common::{kvm_available, lines};
 const LIMIT: Duration = Duration::from_secs(60);
 
 fn lldb_available() -> bool {
-    if Command::new("lldb")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true but lldb is missing: the LLDB tests need it (.ci/run installs it)");
-    }
-    eprintln!("SKIPPED: no lldb on this machine");
-    false
+    common::tool_available("lldb", "--version")
 }
 
 /// A guest under `run IMAGE --batch --gdb 0`: its process, the port the stub

@@ -1,9 +1,29 @@
 //! Shared helpers of the integration tests (all of them boot real KVM guests).
 #![allow(dead_code)]
 
+pub mod term;
+
 use std::sync::{Arc, Mutex};
 
 use vmiscope_vmm::{Event, ExitHandler, Reply, RunOutcome, VcpuCtl, Vm, VmConfig};
+
+/// Whether `tool` runs (`tool version_arg` succeeds). Under CI (`CI=true`) a
+/// missing tool fails the test loudly (`.ci/run` installs it); elsewhere the
+/// test says it did nothing (and the build script marks it ignored).
+pub fn tool_available(tool: &str, version_arg: &str) -> bool {
+    if std::process::Command::new(tool)
+        .arg(version_arg)
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true but {tool} is missing: these tests need it (.ci/run installs it)");
+    }
+    eprintln!("SKIPPED: no {tool} on this machine");
+    false
+}
 
 /// Whether /dev/kvm is usable. Under CI (`CI=true`) a missing /dev/kvm fails the
 /// test loudly; elsewhere the test says why it does nothing.

@@ -221,7 +221,11 @@ impl Session {
             RunState::Stopped { vcpu } => match self.control.stop() {
                 Some(s) => {
                     let what = s.event.as_ref().map(|e| e.class.name()).unwrap_or("step");
-                    format!("stopped: vCPU {vcpu} at {what} ({})", s.cause)
+                    let task = self
+                        .stopped_task(vcpu)
+                        .map(|t| format!(" in {t}"))
+                        .unwrap_or_default();
+                    format!("stopped: vCPU {vcpu}{task} at {what} ({})", s.cause)
                 }
                 None => format!("stopped: vCPU {vcpu}"),
             },
@@ -229,6 +233,19 @@ impl Session {
             RunState::Paused => "paused".into(),
             RunState::Running => "running".into(),
         }
+    }
+
+    /// The task a stopped vCPU runs in a Linux guest (`comm[pid]`), read
+    /// while it is held at CPL0; None for other guests.
+    fn stopped_task(&self, vcpu: u32) -> Option<String> {
+        self.shared.linux()?;
+        let (cpl, gs) = self
+            .on_vcpu(vcpu, |c| {
+                let s = VcpuCtl::sregs(c);
+                (s.cs.selector & 3, s.gs.base)
+            })
+            .ok()?;
+        (cpl == 0).then(|| self.current_task(vcpu, gs)).flatten()
     }
 
     /// Where the guest is, for front ends that act on it.
