@@ -221,6 +221,7 @@ pub enum Command {
     Regs,
     Sregs,
     Ps,
+    Lsmod,
     Msr(u32),
     MemRead {
         addr: u64,
@@ -367,6 +368,7 @@ pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Com
         "regs" => none_after(1).map(|_| C::Regs)?,
         "sregs" => none_after(1).map(|_| C::Sregs)?,
         "ps" => none_after(1).map(|_| C::Ps)?,
+        "lsmod" => none_after(1).map(|_| C::Lsmod)?,
         "msr" => C::Msr(num32(1, "an MSR index")?),
         "mem" => parse_mem(&w, sym)?,
         "disasm" | "x/i" => C::Disasm {
@@ -773,6 +775,7 @@ mod tests {
             "regs",
             "sregs",
             "ps",
+            "lsmod",
             "msr 0xc0000082",
             "mem read 0x1000",
             "mem write 0x1000 de ad be ef",

@@ -31,6 +31,9 @@ pub struct Layout {
     pub mm: u64,
     /// `mm_struct.pgd`.
     pub pgd: u64,
+    /// `module.list` and `module.name` (for `lsmod`).
+    pub module_list: u64,
+    pub module_name: u64,
 }
 
 /// Upper bound on the tasks walked (a list that does not close is reported).
@@ -48,6 +51,8 @@ impl Layout {
             state: task("__state").or_else(|_| task("state"))?,
             mm: task("mm")?,
             pgd: field(&btf, "mm_struct", "pgd")?,
+            module_list: field(&btf, "module", "list")?,
+            module_name: field(&btf, "module", "name")?,
         })
     }
 }
@@ -166,6 +171,45 @@ pub fn task_namer(layout: Layout, current_task_off: u64) -> crate::engine::TaskN
     })
 }
 
+/// A loaded module: its `struct module`'s address and its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Module {
+    pub addr: u64,
+    pub name: String,
+}
+
+/// Every module on the kernel's `modules` list (at `head`), bounded as the
+/// task walk is.
+pub fn modules(layout: &Layout, head: u64, read: ReadVirt) -> Result<Vec<Module>, LinuxError> {
+    let next_of = |a: u64| {
+        let mut b = [0u8; 8];
+        read(a, &mut b)
+            .then(|| u64::from_le_bytes(b))
+            .ok_or(LinuxError::Unreadable(a))
+    };
+    let mut out: Vec<Module> = vec![];
+    let mut link = next_of(head)?;
+    while link != head {
+        let addr = link.wrapping_sub(layout.module_list);
+        if out.len() >= MAX_TASKS || out.iter().any(|m| m.addr == addr) {
+            return Err(LinuxError::Unterminated(out.len()));
+        }
+        // MODULE_NAME_LEN is 56 on 64-bit kernels.
+        let mut name = [0u8; 56];
+        let at = addr.wrapping_add(layout.module_name);
+        if !read(at, &mut name) {
+            return Err(LinuxError::Unreadable(at));
+        }
+        let len = name.iter().position(|&c| c == 0).unwrap_or(name.len());
+        out.push(Module {
+            addr,
+            name: String::from_utf8_lossy(&name[..len]).into_owned(),
+        });
+        link = next_of(link)?;
+    }
+    Ok(out)
+}
+
 /// Reads `buf.len()` bytes of guest-virtual memory at an address.
 pub type ReadVirt<'a> = &'a dyn Fn(u64, &mut [u8]) -> bool;
 
@@ -242,6 +286,8 @@ mod tests {
         state: 0x08,
         mm: 0x40,
         pgd: 0x50,
+        module_list: 0x8,
+        module_name: 0x18,
     };
 
     struct Mem(HashMap<u64, u8>);
@@ -316,6 +362,34 @@ mod tests {
         let t = current(&L, 0x40, 0x5000, 0, &r).unwrap();
         assert_eq!(t.to_string(), "kworker[7]");
         assert!(current(&L, 0x40, 0x9000, 0, &r).is_err());
+    }
+
+    #[test]
+    fn modules_are_listed_from_the_list_head_and_an_empty_list_is_empty() {
+        let mut m = Mem(HashMap::new());
+        // head at 0x100 -> ext4 (0x2000) -> loop (0x3000) -> head
+        m.put(0x100, &(0x2000u64 + L.module_list).to_le_bytes());
+        m.put(
+            0x2000 + L.module_list,
+            &(0x3000u64 + L.module_list).to_le_bytes(),
+        );
+        m.put(0x3000 + L.module_list, &0x100u64.to_le_bytes());
+        for (at, name) in [(0x2000u64, "ext4"), (0x3000, "loop")] {
+            let mut n = [0u8; 56];
+            n[..name.len()].copy_from_slice(name.as_bytes());
+            m.put(at + L.module_name, &n);
+        }
+        let r = |a: u64, b: &mut [u8]| m.read(a, b);
+        let names: Vec<String> = modules(&L, 0x100, &r)
+            .unwrap()
+            .into_iter()
+            .map(|x| x.name)
+            .collect();
+        assert_eq!(names, ["ext4", "loop"]);
+        let mut e = Mem(HashMap::new());
+        e.put(0x100, &0x100u64.to_le_bytes());
+        let r = |a: u64, b: &mut [u8]| e.read(a, b);
+        assert_eq!(modules(&L, 0x100, &r), Ok(vec![]));
     }
 
     #[test]

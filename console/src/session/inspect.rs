@@ -148,15 +148,38 @@ impl Session {
         }
     }
 
+    /// `lsmod`: a Linux guest's modules, from the kernel's `modules` list.
+    pub(super) fn lsmod(&self) -> Result<String, Error> {
+        let layout = self.linux_layout()?;
+        let head = self
+            .shared
+            .symbols()
+            .get("modules")
+            .ok_or("the kernel has no `modules` symbol")?;
+        let read = |a: u64, buf: &mut [u8]| self.read(a, buf, false).is_ok();
+        let list =
+            vmiscope_introspect::linux::modules(&layout, head, &read).map_err(|e| e.to_string())?;
+        let mut out = format!("{} modules\n", list.len());
+        for m in list {
+            out.push_str(&format!("{:#18x} {}\n", m.addr, m.name));
+        }
+        Ok(out)
+    }
+
+    /// A Linux guest's BTF layout, or why there is none.
+    fn linux_layout(&self) -> Result<vmiscope_introspect::linux::Layout, Error> {
+        match self.shared.linux() {
+            None => Err("this needs a Linux guest".into()),
+            Some(Err(why)) => Err(why.clone().into()),
+            Some(Ok(l)) => Ok(*l),
+        }
+    }
+
     /// `ps`: a Linux guest's tasks, walked from `init_task` with the offsets
     /// of its own BTF.
     pub(super) fn ps(&self) -> Result<String, Error> {
         use vmiscope_introspect::linux;
-        let layout = match self.shared.linux() {
-            None => return Err("ps needs a Linux guest".into()),
-            Some(Err(why)) => return Err(why.clone().into()),
-            Some(Ok(l)) => *l,
-        };
+        let layout = self.linux_layout()?;
         let sym = self.shared.symbols();
         let init = sym
             .get("init_task")

@@ -384,6 +384,7 @@ impl Session {
                 self.with_guest(|cpu| fmt_sregs(&VcpuCtl::sregs(cpu)))?,
             )),
             C::Ps => Ok(Output::text(self.ps()?)),
+            C::Lsmod => Ok(Output::text(self.lsmod()?)),
             C::Msr(i) => self.msr(i),
             C::MemRead { addr, len, phys } => self.mem_read(addr, len, phys),
             C::MemWrite { addr, bytes, phys } => self.mem_write(addr, bytes, phys),
