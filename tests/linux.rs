@@ -262,35 +262,64 @@ fn debian_kernel_boots_protected_and_a_syscall_table_patch_is_caught() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Debian's kernel under `--gdb 0`, waiting at its entry: the child and the
-/// stub's port.
-fn kernel_under_gdb() -> (std::process::Child, u16) {
-    let mut child = Command::new(EXE)
-        .args(["run", kernel().to_str().unwrap(), "--mem", "512", "--batch"])
-        .args(["--timeout", "300", "--gdb", "0"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = common::lines(child.stderr.take().unwrap());
-    let line = common::wait_line(&rx, "target remote", std::time::Duration::from_secs(60));
-    let port = line
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches(['\'', '`']).parse().ok())
-        .unwrap_or_else(|| panic!("no port in {line}"));
-    // Keep draining stderr so the child never blocks on it.
-    std::thread::spawn(move || rx.iter().for_each(drop));
-    (child, port)
+/// Debian's kernel under `--gdb 0`, waiting at its entry: the process, the
+/// stub's port and the guest's serial lines (for failure messages).
+struct Debuggee {
+    child: std::process::Child,
+    port: u16,
+    serial: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Debuggee {
+    fn start() -> Debuggee {
+        let mut child = Command::new(EXE)
+            .args(["run", kernel().to_str().unwrap(), "--mem", "512", "--batch"])
+            .args(["--timeout", "300", "--gdb", "0"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let rx = common::lines(child.stderr.take().unwrap());
+        let line = common::wait_line(&rx, "target remote", std::time::Duration::from_secs(60));
+        let port = line
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim_end_matches(['\'', '`']).parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line}"));
+        // Keep draining both pipes so the child never blocks on them.
+        std::thread::spawn(move || rx.iter().for_each(drop));
+        let serial = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+        let lines = common::lines(child.stdout.take().unwrap());
+        let keep = serial.clone();
+        std::thread::spawn(move || lines.iter().for_each(|l| keep.lock().unwrap().push(l)));
+        Debuggee {
+            child,
+            port,
+            serial,
+        }
+    }
+
+    /// The debugger's output and the guest's last serial lines: what a
+    /// failure shows (a kernel that died says why there).
+    fn why(&self, debugger: &str) -> String {
+        let s = self.serial.lock().unwrap();
+        let tail = s[s.len().saturating_sub(15)..].join("\n");
+        format!("{debugger}\n--- guest serial, last lines ---\n{tail}")
+    }
+
+    fn ends(mut self) {
+        let limit = std::time::Duration::from_secs(30);
+        assert!(common::exit_within(&mut self.child, limit).is_some());
+    }
 }
 
 /// The debugger's output must show a stop at `start_kernel` by name, a
 /// backtrace into the kernel's start-up code and RIP at the symbol.
-fn assert_stopped_in_start_kernel(out: &str, syms: &[(String, u64)]) {
+fn assert_stopped_in_start_kernel(out: &str, syms: &[(String, u64)], why: &str) {
     let at = format!("{:x}", address(syms, "start_kernel"));
-    assert!(out.contains("start_kernel"), "{out}");
-    assert!(out.contains(&at), "{out}");
-    assert!(out.contains("secondary_startup_64"), "no backtrace: {out}");
+    assert!(out.contains("start_kernel"), "{why}");
+    assert!(out.contains(&at), "{why}");
+    assert!(out.contains("secondary_startup_64"), "no backtrace: {why}");
 }
 
 #[test]
@@ -302,7 +331,8 @@ fn plain_gdb_breaks_on_start_kernel_by_the_kernels_own_symbols() {
         return;
     }
     let syms = symbols(&[kernel().to_str().unwrap()]);
-    let (mut child, port) = kernel_under_gdb();
+    let g = Debuggee::start();
+    let port = g.port;
     // No symbol file is given: the stub serves one made of the kallsyms
     // names, and the breakpoint (on a page the kernel has not mapped yet)
     // goes into a debug register. start_kernel is reached in about a second.
@@ -316,18 +346,19 @@ fn plain_gdb_breaks_on_start_kernel_by_the_kernels_own_symbols() {
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert_stopped_in_start_kernel(&text, &syms);
-    assert!(text.contains("Breakpoint 1, "), "{text}");
+    let why = g.why(&text);
+    assert_stopped_in_start_kernel(&text, &syms, &why);
+    assert!(text.contains("Breakpoint 1, "), "{why}");
     // `info threads`: the vCPU runs the boot task, named from BTF.
-    assert!(text.contains("CPL0, swapper[0]"), "{text}");
+    assert!(text.contains("CPL0, swapper[0]"), "{why}");
     // `monitor ps` at start_kernel: only the boot task, not yet renamed.
     let init_task = format!("{:#x}", address(&syms, "init_task"));
     assert!(
         text.lines()
             .any(|l| l.contains(&init_task) && l.trim_end().ends_with(" swapper")),
-        "{text}"
+        "{why}"
     );
-    assert!(common::exit_within(&mut child, std::time::Duration::from_secs(30)).is_some());
+    g.ends();
 }
 
 #[test]
@@ -353,7 +384,8 @@ fn lldb_breaks_on_start_kernel_with_the_symbol_file_vmiscope_writes() {
         .status()
         .unwrap();
     assert!(made.success());
-    let (mut child, port) = kernel_under_gdb();
+    let g = Debuggee::start();
+    let port = g.port;
     let out = Command::new("lldb")
         .args(["--no-lldbinit", "--batch", elf.to_str().unwrap()])
         .args(["-o", &format!("gdb-remote 127.0.0.1:{port}")])
@@ -363,9 +395,10 @@ fn lldb_breaks_on_start_kernel_with_the_symbol_file_vmiscope_writes() {
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert_stopped_in_start_kernel(&text, &syms);
-    assert!(text.contains("stop reason = breakpoint 1.1"), "{text}");
-    assert!(common::exit_within(&mut child, std::time::Duration::from_secs(30)).is_some());
+    let why = g.why(&text);
+    assert_stopped_in_start_kernel(&text, &syms, &why);
+    assert!(text.contains("stop reason = breakpoint 1.1"), "{why}");
+    g.ends();
     let _ = std::fs::remove_dir_all(dir);
 }
 
