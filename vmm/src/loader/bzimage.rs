@@ -124,6 +124,9 @@ pub fn vmlinux(image: &[u8], limit: usize) -> Result<(Vec<u8>, Compression), Loa
     let out = match kind {
         Compression::Lz4 => lz4_legacy(payload, size)?,
         Compression::Gzip => read_all(flate2::read::GzDecoder::new(payload), limit)?,
+        // One xz stream (the kernel's carries an x86 BCJ filter, which
+        // liblzma undoes); the appended size after it is not read.
+        Compression::Xz => read_all(liblzma::read::XzDecoder::new(payload), limit)?,
         Compression::Zstd => {
             let d = ruzstd::decoding::StreamingDecoder::new(payload)
                 .map_err(|e| bad(&format!("zstd: {e}")))?;
@@ -132,7 +135,7 @@ pub fn vmlinux(image: &[u8], limit: usize) -> Result<(Vec<u8>, Compression), Loa
         Compression::None => payload.to_vec(),
         other => {
             return Err(bad(&format!(
-                "a {} payload is not supported (gzip, lz4 and zstd are; boot the vmlinux instead)",
+                "a {} payload is not supported (gzip, xz, lz4 and zstd are; boot the vmlinux instead)",
                 other.name()
             )));
         }
@@ -211,6 +214,42 @@ mod tests {
         let err = vmlinux(&img, 1 << 20).unwrap_err().to_string();
         assert!(err.contains("more than"), "{err}");
         assert!(!is_bzimage(&img[..0x100]));
+    }
+
+    /// A bzImage around `payload`: setup_sects 1, protocol 2.15.
+    fn bzimage(payload: &[u8]) -> Vec<u8> {
+        let mut img = vec![0u8; 0x400];
+        img[0x1f1] = 1;
+        img[0x1fe] = 0x55;
+        img[0x1ff] = 0xaa;
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x20fu16.to_le_bytes());
+        img[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        img.extend(payload);
+        img
+    }
+
+    #[test]
+    fn an_xz_payload_with_the_kernels_x86_filter_decompresses() {
+        use std::io::Write;
+        let data: Vec<u8> = b"\x7fELF"
+            .iter()
+            .copied()
+            .chain((0..100_000u32).map(|i| (i % 251) as u8))
+            .collect();
+        // As scripts/xz_wrap.sh compresses x86 kernels, then the size appended.
+        let mut xz = std::process::Command::new("xz")
+            .args(["--check=crc32", "--x86", "--lzma2=dict=1MiB", "-c"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("xz (xz-utils) runs");
+        xz.stdin.take().unwrap().write_all(&data).unwrap();
+        let mut payload = xz.wait_with_output().unwrap().stdout;
+        payload.extend((data.len() as u32).to_le_bytes());
+        let (out, kind) = vmlinux(&bzimage(&payload), 1 << 20).unwrap();
+        assert_eq!(kind, Compression::Xz);
+        assert_eq!(out, data);
     }
 
     #[test]
