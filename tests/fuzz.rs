@@ -427,11 +427,11 @@ fn random_and_malformed_gdb_packets_leave_the_stub_serving() {
 fn random_line(rng: &mut Rng) -> String {
     let words: Vec<&str> = vmiscope::commands::HELP
         .iter()
-        .filter_map(|(u, _)| u.split_whitespace().next())
+        .filter_map(|e| e.usage.split(['/', ' ']).next())
         .filter(|w| {
             !matches!(
                 *w,
-                "quit" | "tui" | "continue" | "c" | "step" | "next-event"
+                "quit" | "tui" | "continue" | "c" | "step" | "next-event" | "wait"
             )
         })
         .collect();

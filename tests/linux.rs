@@ -211,9 +211,13 @@ fn debian_kernel_boots_protected_and_a_syscall_table_patch_is_caught() {
     // The LSTAR write is the kernel's, to entry_SYSCALL_64, and allowed.
     let lstar = event("msr")
         .into_iter()
-        .find(|r| r["event"]["index"] == 0xc000_0082u32)
+        .find(|r| r["event"]["index"] == "0xc0000082")
         .unwrap_or_else(|| panic!("no LSTAR write in the journal: {text}"));
-    assert_eq!(lstar["event"]["write"], address(&syms, "entry_SYSCALL_64"));
+    // Journal addresses are "0x…" strings (jq reads numbers as doubles).
+    assert_eq!(
+        lstar["event"]["write"],
+        format!("{:#x}", address(&syms, "entry_SYSCALL_64"))
+    );
     assert_eq!(lstar["verdict"], "allowed");
     // ... by the boot task, named from the kernel's BTF (before the scheduler
     // renames it swapper/0).
@@ -225,9 +229,9 @@ fn debian_kernel_boots_protected_and_a_syscall_table_patch_is_caught() {
     // IDTR moved from idt_table to the CPU entry area's read-only alias.
     let idt = event("dtr");
     assert!(
-        idt.iter()
-            .any(|r| r["event"]["old"]["base"] == address(&syms, "idt_table")
-                && r["event"]["new"]["base"] == 0xffff_fe00_0000_0000u64),
+        idt.iter().any(|r| r["event"]["old"]["base"]
+            == format!("{:#x}", address(&syms, "idt_table"))
+            && r["event"]["new"]["base"] == "0xfffffe0000000000"),
         "{idt:?}"
     );
     // CR4 on the booted kernel: SMEP (bit 20) and SMAP (21) set.

@@ -26,7 +26,9 @@ fn every_pane_is_visible_at_80x24_and_grows_with_the_terminal() {
             "Alerts",
             "Hooks",
             "Serial",
-            ": to type a command",
+            "Stack",
+            "Memory",
+            ": command",
         ] {
             assert!(s.contains(pane), "{pane} missing at {cols}x{rows}:\n{s}");
         }
@@ -160,7 +162,7 @@ fn repl_stop_override_and_exception() {
         out.contains("verdict: deny (dropped)  (`verdict allow|deny|policy`)"),
         "the proposed verdict: {out}"
     );
-    assert!(out.contains("verdict allow; continuing"), "{out}");
+    assert!(out.contains("verdict allow; vCPU 0 goes on"), "{out}");
     assert!(out.contains("alert 1 msr"), "{out}");
     assert!(out.contains("exception 0 added"), "{out}");
     assert!(out.contains("\"msr\": 3221225602"), "{out}");

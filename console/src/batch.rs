@@ -22,10 +22,10 @@ impl ExitHandler for BatchHandler {
     fn on_event(&self, cpu: &mut VcpuCtl<'_>, event: &Event) -> Reply {
         if self.events && !matches!(event, Event::Kicked) {
             eprintln!(
-                "[vmiscope] vcpu{} {}: {:x?}",
+                "[vmiscope] vcpu{} {}: {}",
                 cpu.id(),
                 event.class(),
-                event
+                crate::format::exit_text(event, cpu.vm().symbols())
             );
         }
         self.engine.on_event(cpu, event)
@@ -76,7 +76,7 @@ pub fn run(a: &RunArgs) -> i32 {
             return 2;
         }
     };
-    let mut intro = match engine(a, vm.shared()) {
+    let (mut intro, journal) = match engine(a, vm.shared()) {
         Ok(i) => i,
         Err(e) => {
             eprintln!("vmiscope: {e}");
@@ -103,6 +103,7 @@ pub fn run(a: &RunArgs) -> i32 {
     if let Some(note) = &vm.boot_note {
         eprintln!("[vmiscope] {note}");
     }
+    let shared = vm.shared().clone();
     let out = vm.run(
         Arc::new(BatchHandler {
             events: a.events,
@@ -110,6 +111,9 @@ pub fn run(a: &RunArgs) -> i32 {
         }),
         &cfg,
     );
+    if let Some(j) = &journal {
+        j.end(&shared, &out, intro.engine.lock().unwrap().now_us());
+    }
     let summary: Vec<String> = out.exits.iter().map(|(c, n)| format!("{c}={n}")).collect();
     eprintln!(
         "[vmiscope] exits: {} (per vCPU: {:?})",

@@ -5,101 +5,248 @@
 use vmiscope_introspect::policy::{self, Policy};
 use vmiscope_introspect::{Class, Cr, Rights};
 
-/// Usage and summary of every command, for `help` and completion.
-pub const HELP: &[(&str, &str)] = &[
-    ("continue", "run until the next stop (alias c)"),
-    ("pause", "stop every vCPU"),
-    ("step", "run one instruction on the selected vCPU (alias s)"),
-    (
-        "next-event",
-        "run until the next handled event; stop before its verdict (alias n)",
+/// One command's usage, what it does, and an example (the README's console
+/// table is these rows; a test runs its examples on the demo guest).
+pub struct HelpEntry {
+    pub usage: &'static str,
+    pub what: &'static str,
+    pub example: &'static str,
+}
+
+const fn h(usage: &'static str, what: &'static str, example: &'static str) -> HelpEntry {
+    HelpEntry {
+        usage,
+        what,
+        example,
+    }
+}
+
+/// Every command, for `help`, completion and the README.
+pub const HELP: &[HelpEntry] = &[
+    h(
+        "continue [--wait]",
+        "run until the next stop; --wait: until it comes (alias c)",
+        "continue --wait",
     ),
-    ("vcpu N", "select vCPU N"),
-    ("quit", "end the session (alias q)"),
-    (
+    h(
+        "wait [SECS]",
+        "wait for the next stop or the guest's end (default 10 s)",
+        "wait 5",
+    ),
+    h("pause", "stop every vCPU", "pause"),
+    h(
+        "step",
+        "run one instruction on the selected vCPU (alias s, si)",
+        "step",
+    ),
+    h(
+        "next-event [all]",
+        "run to the next event a hook or policy asked for (all: any exit the engine saw) and stop before its verdict (alias n)",
+        "next-event",
+    ),
+    h("vcpu N", "select vCPU N", "vcpu 0"),
+    h(
+        "quit",
+        "end the session (alias q); exit status 0, or the guest's if it had ended",
+        "quit",
+    ),
+    h(
         "break event [CLASS] [vcpu N]",
         "stop at events of CLASS (ept msr cr dtr xcr breakpoint introcall timer)",
+        "break event msr",
     ),
-    ("break hook ID", "stop when hook ID fires"),
-    ("breaks", "list event breakpoints"),
-    ("delete N", "delete event breakpoint N"),
-    ("event", "show the event the vCPU is stopped at"),
-    (
+    h("break hook ID", "stop when hook ID fires", "break hook 1"),
+    h("breaks", "list event breakpoints", "breaks"),
+    h("delete N", "delete event breakpoint N", "delete 1"),
+    h("event", "the event the vCPU is stopped at", "event"),
+    h(
         "verdict allow|deny|policy",
-        "override the verdict of the stopped event",
+        "decide the stopped event and let its vCPU go on",
+        "verdict allow",
     ),
-    (
-        "hook ept GPA [LEN] [rwx] [deny|log] [force]",
-        "hook guest-physical memory",
+    h(
+        "hook ept GPA [LEN] [rwx] [log|deny] [force]",
+        "hook guest-physical memory (log unless deny)",
+        "hook ept 0x207000 0x1000 w",
     ),
-    (
-        "hook gva GVA [LEN] [rwx] [deny|log] [force]",
-        "hook guest-virtual memory (follows remaps)",
+    h(
+        "hook gva GVA [LEN] [rwx] [log|deny] [force]",
+        "hook guest-virtual memory, following remaps",
+        "hook gva user_secret 8 w",
     ),
-    ("hook msr INDEX [r|w|rw] [deny|log]", "hook an MSR"),
-    (
-        "hook cr 0|3|4 [MASK] [deny|log]",
+    h(
+        "hook msr INDEX [r|w|rw] [log|deny]",
+        "hook an MSR",
+        "hook msr 0xc0000082 w",
+    ),
+    h(
+        "hook cr 0|3|4 [MASK] [log|deny]",
         "hook control-register changes",
+        "hook cr 4 0x100000",
     ),
-    (
-        "hook dtr idtr|gdtr [deny|log]",
+    h(
+        "hook dtr idtr|gdtr [log|deny]",
         "hook descriptor-table loads",
+        "hook dtr idtr",
     ),
-    ("hook xcr [deny|log]", "hook XCR0 changes"),
-    (
+    h("hook xcr [log|deny]", "hook XCR0 changes", "hook xcr"),
+    h(
         "hook bp ADDR [visible]",
         "breakpoint at ADDR (hidden from guest reads unless visible)",
+        "hook bp kprintf",
     ),
-    (
+    h(
         "hook introcall [OP] [VALUE]",
         "answer introcall OP with VALUE",
+        "hook introcall 1 0x55",
     ),
-    ("hooks", "list hooks with hit counts"),
-    (
+    h("hooks", "list hooks with hit counts", "hooks"),
+    h(
         "hook enable|disable|delete ID",
         "switch a hook on or off, or remove it",
+        "hook disable 1",
     ),
-    (
-        "protect NAME",
-        "switch a protection policy on (see `protect list`)",
+    h(
+        "protect NAME[,NAME…]|all|list",
+        "switch protection policies on (`protect list` names them)",
+        "protect idt,msr",
     ),
-    ("unprotect NAME", "switch a protection policy off"),
-    ("regs", "general registers of the selected vCPU"),
-    ("sregs", "control and segment registers"),
-    (
-        "ps",
-        "a Linux guest's tasks (pid, state, CR3, comm), offsets from its BTF",
+    h(
+        "unprotect NAME",
+        "switch a protection policy off",
+        "unprotect idt",
     ),
-    ("msr INDEX", "read an MSR"),
-    (
+    h(
+        "regs",
+        "general registers of the selected vCPU (also after the end)",
+        "regs",
+    ),
+    h(
+        "sregs",
+        "control registers, EFER, descriptor tables, selectors",
+        "sregs",
+    ),
+    h(
+        "segments",
+        "segment registers with base, limit and attributes",
+        "segments",
+    ),
+    h(
+        "dregs",
+        "debug registers DR0–DR3, DR6, DR7, decoded",
+        "dregs",
+    ),
+    h(
+        "idt [N]",
+        "the IDT's first N gates (default all), targets with symbols",
+        "idt 4",
+    ),
+    h("gdt", "the GDT's descriptors, decoded", "gdt"),
+    h("msr INDEX", "read an MSR", "msr 0xc0000080"),
+    h(
         "mem read ADDR [LEN] [phys]",
-        "dump memory (virtual unless phys)",
+        "hexdump memory (virtual unless phys)",
+        "mem read _start 32",
     ),
-    ("mem write ADDR BYTES… [phys]", "write bytes"),
-    (
+    h(
+        "mem write ADDR BYTES… [phys]",
+        "write bytes",
+        "mem write user_secret de ad be ef",
+    ),
+    h(
+        "mem find BYTES|\"TEXT\" [ADDR LEN] [phys]",
+        "search memory (default: every mapped page, or all RAM with phys)",
+        "mem find \"demo\"",
+    ),
+    h(
+        "x/FMT ADDR",
+        "examine: [count][b|h|w|g][x|d|u|i|s|c], as gdb",
+        "x/4gx $rsp",
+    ),
+    h(
         "disasm [ADDR] [N]",
         "disassemble N instructions (default: at RIP)",
+        "disasm kprintf 5",
     ),
-    ("translate GVA", "guest-virtual to guest-physical"),
-    ("pagewalk GVA", "every page-table entry on the way"),
-    ("events [N] [CLASS]", "the last N handled events"),
-    ("alerts", "list alerts"),
-    ("alert ID", "show one alert"),
-    (
+    h("bt [N]", "backtrace by frame pointers, with symbols", "bt"),
+    h("sym ADDR", "the symbol an address is in", "sym 0x100030"),
+    h("addr SYMBOL", "a symbol's address", "addr kprintf"),
+    h(
+        "translate GVA",
+        "guest-virtual to guest-physical",
+        "translate _start",
+    ),
+    h(
+        "pagewalk GVA",
+        "every page-table entry on the way",
+        "pagewalk _start",
+    ),
+    h(
+        "vmmap",
+        "the selected vCPU's address space with permissions",
+        "vmmap",
+    ),
+    h(
+        "ps",
+        "a Linux guest's tasks (pid, state, CR3, comm), from its BTF",
+        "ps",
+    ),
+    h("lsmod", "a Linux guest's modules, from its BTF", "lsmod"),
+    h(
+        "events [N] [CLASS]",
+        "the last N handled events",
+        "events 5 msr",
+    ),
+    h(
+        "alerts",
+        "list alerts (repeats folded, with a count)",
+        "alerts",
+    ),
+    h("alert ID", "one alert in full", "alert 1"),
+    h(
         "exception add-from-alert ID",
         "allow what alert ID reported",
+        "exception add-from-alert 1",
     ),
-    ("exceptions", "list exception rules"),
-    ("exceptions save FILE", "write the rules as JSON"),
-    ("log-only on|off", "report denials without enforcing them"),
-    ("stats", "hook hits, events per class, handler latency"),
-    ("caps", "what this host traps, polls or cannot"),
-    (
+    h("exceptions", "list exception rules", "exceptions"),
+    h(
+        "exceptions save FILE",
+        "write the rules as JSON",
+        "exceptions save /tmp/vmiscope-exceptions.json",
+    ),
+    h(
+        "log-only on|off",
+        "report denials without enforcing them",
+        "log-only off",
+    ),
+    h(
+        "stats",
+        "hook hits, events per class, handler latency",
+        "stats",
+    ),
+    h("caps", "what this host traps, polls or cannot", "caps"),
+    h(
         "journal save FILE",
-        "write the recent events and alerts as JSON lines",
+        "write the session as JSON lines (the --journal schema)",
+        "journal save /tmp/vmiscope-journal.jsonl",
     ),
-    ("help [CMD]", "this list, or one command"),
+    h(
+        "json CMD",
+        "CMD's answer as JSON (regs sregs events alerts hooks stats caps); also `CMD --json`",
+        "json regs",
+    ),
+    h("help [CMD]", "this list, or one command", "help hook"),
 ];
+
+/// `help`'s first words, for completion.
+pub fn command_words() -> Vec<&'static str> {
+    let mut v: Vec<&str> = HELP
+        .iter()
+        .filter_map(|e| e.usage.split(['/', ' ']).next())
+        .collect();
+    v.dedup();
+    v
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -197,10 +344,18 @@ pub enum ProtectArg {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
-    Continue,
+    Continue {
+        /// Wait for the stop (or the end) before answering.
+        wait: bool,
+    },
+    /// Wait up to this many seconds for a stop or the guest's end.
+    Wait(f64),
     Pause,
     Step,
-    NextEvent,
+    NextEvent {
+        /// Stop at any handled event, not only those a hook or policy asked for.
+        all: bool,
+    },
     Vcpu(u32),
     Quit,
     BreakEvent {
@@ -220,6 +375,11 @@ pub enum Command {
     Unprotect(Policy),
     Regs,
     Sregs,
+    Segments,
+    Dregs,
+    /// The first N gates (None: as many as IDTR's limit holds).
+    Idt(Option<usize>),
+    Gdt,
     Ps,
     Lsmod,
     Msr(u32),
@@ -237,6 +397,20 @@ pub enum Command {
         addr: Option<u64>,
         count: usize,
     },
+    MemFind {
+        pattern: Vec<u8>,
+        /// Start and length; None: every mapped page (or all RAM with phys).
+        range: Option<(u64, u64)>,
+        phys: bool,
+    },
+    Examine {
+        fmt: XFormat,
+        addr: u64,
+    },
+    Bt(usize),
+    Sym(u64),
+    Addr(String),
+    Vmmap,
     Translate(u64),
     Pagewalk(u64),
     Events {
@@ -253,8 +427,67 @@ pub enum Command {
     Caps,
     JournalSave(String),
     Help(Option<String>),
+    /// The answer as JSON (`json CMD` or `CMD --json`).
+    Json(Box<Command>),
     /// Scripts: an assertion, with a timeout in seconds.
     Expect(Expect, f64),
+}
+
+/// `x/FMT`: how many units, of what size, shown how (gdb's letters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XFormat {
+    pub count: usize,
+    /// 1, 2, 4 or 8 bytes (b h w g).
+    pub size: u8,
+    pub kind: XKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XKind {
+    Hex,
+    Signed,
+    Unsigned,
+    Char,
+    Instruction,
+    String,
+}
+
+impl XFormat {
+    /// Parses `4gx`, `s`, `10i`, `bx` … (the part after `x/`).
+    pub fn parse(f: &str) -> Result<XFormat, ParseError> {
+        let digits = f.chars().take_while(char::is_ascii_digit).count();
+        let count = if digits == 0 {
+            1
+        } else {
+            f[..digits]
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=4096).contains(n))
+                .ok_or("the count of `x/` is 1 to 4096")?
+        };
+        let (mut size, mut kind) = (4, XKind::Hex);
+        for c in f[digits..].chars() {
+            match c {
+                'b' => size = 1,
+                'h' => size = 2,
+                'w' => size = 4,
+                'g' => size = 8,
+                'x' => kind = XKind::Hex,
+                'd' => kind = XKind::Signed,
+                'u' => kind = XKind::Unsigned,
+                'c' => (kind, size) = (XKind::Char, 1),
+                'i' => kind = XKind::Instruction,
+                's' => kind = XKind::String,
+                o => {
+                    return Err(format!(
+                        "`{o}` is not an `x/` letter (sizes b h w g, formats x d u c i s)"
+                    )
+                    .into());
+                }
+            }
+        }
+        Ok(XFormat { count, size, kind })
+    }
 }
 
 /// A command line the parser could not take: what it expected, in one line.
@@ -312,10 +545,12 @@ fn class(s: &str) -> Result<Class, ParseError> {
         .map_err(Into::into)
 }
 
+/// A hook's action: `log` unless told `deny` (an ad-hoc hook observes; denying
+/// a write the kernel needs can kill the guest).
 fn action(s: Option<&&str>) -> Result<Action, ParseError> {
     match s.copied() {
-        None | Some("deny") => Ok(Action::Deny),
-        Some("log") => Ok(Action::Log),
+        Some("deny") => Ok(Action::Deny),
+        None | Some("log") => Ok(Action::Log),
         Some(o) => Err(format!("expected deny or log, got `{o}`").into()),
     }
 }
@@ -325,6 +560,13 @@ pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Com
     let line = line.trim();
     if line.is_empty() || line.starts_with('#') {
         return Ok(None);
+    }
+    // `json CMD` and `CMD --json`.
+    if let Some(rest) = line.strip_prefix("json ") {
+        return json_of(parse(rest, sym)?);
+    }
+    if let Some(rest) = line.strip_suffix(" --json") {
+        return json_of(parse(rest, sym)?);
     }
     let w: Vec<&str> = line.split_whitespace().collect();
     let num = |i: usize, what: &str| -> Result<u64, ParseError> {
@@ -346,10 +588,26 @@ pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Com
     };
     use Command as C;
     let c = match w[0] {
-        "continue" | "c" => none_after(1).map(|_| C::Continue)?,
+        "continue" | "c" => match w.get(1).copied() {
+            None => C::Continue { wait: false },
+            Some("--wait") => none_after(2).map(|_| C::Continue { wait: true })?,
+            Some(x) => return Err(format!("`continue` takes `--wait`, not `{x}`").into()),
+        },
+        "wait" => C::Wait(match w.get(1) {
+            None => 10.0,
+            Some(t) => t
+                .parse::<f64>()
+                .ok()
+                .filter(|t| seconds(*t).is_some())
+                .ok_or("expected `wait [SECS]` (more than 0, at most 1e9)")?,
+        }),
         "pause" => none_after(1).map(|_| C::Pause)?,
         "step" | "s" | "si" => none_after(1).map(|_| C::Step)?,
-        "next-event" | "n" => none_after(1).map(|_| C::NextEvent)?,
+        "next-event" | "n" => match w.get(1).copied() {
+            None => C::NextEvent { all: false },
+            Some("all") => none_after(2).map(|_| C::NextEvent { all: true })?,
+            Some(x) => return Err(format!("`next-event` takes `all`, not `{x}`").into()),
+        },
         "quit" | "q" | "exit" => none_after(1).map(|_| C::Quit)?,
         "vcpu" => C::Vcpu(num32(1, "a vCPU number")?),
         "break" => parse_break(&w, &num)?,
@@ -367,11 +625,35 @@ pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Com
         "protect" | "unprotect" => parse_protect(&w)?,
         "regs" => none_after(1).map(|_| C::Regs)?,
         "sregs" => none_after(1).map(|_| C::Sregs)?,
+        "segments" => none_after(1).map(|_| C::Segments)?,
+        "dregs" => none_after(1).map(|_| C::Dregs)?,
+        "idt" => C::Idt(
+            w.get(1)
+                .map(|n| number(n, sym).map(|n| n.min(256) as usize))
+                .transpose()?,
+        ),
+        "gdt" => none_after(1).map(|_| C::Gdt)?,
+        "vmmap" => none_after(1).map(|_| C::Vmmap)?,
+        "bt" => C::Bt(
+            w.get(1)
+                .map(|n| number(n, sym).map(|n| n.clamp(1, 256) as usize))
+                .transpose()?
+                .unwrap_or(32),
+        ),
+        "sym" => C::Sym(num(1, "an address")?),
+        "addr" => match (w.get(1), w.get(2)) {
+            (Some(n), None) => C::Addr(n.to_string()),
+            _ => return Err("expected `addr SYMBOL`".into()),
+        },
         "ps" => none_after(1).map(|_| C::Ps)?,
         "lsmod" => none_after(1).map(|_| C::Lsmod)?,
         "msr" => C::Msr(num32(1, "an MSR index")?),
-        "mem" => parse_mem(&w, sym)?,
-        "disasm" | "x/i" => C::Disasm {
+        "mem" => parse_mem(line, &w, sym)?,
+        x if x.starts_with("x/") || x == "x" => C::Examine {
+            fmt: XFormat::parse(x.strip_prefix("x/").unwrap_or(""))?,
+            addr: num(1, "an address (`x/FMT ADDR`)")?,
+        },
+        "disasm" => C::Disasm {
             addr: w.get(1).map(|s| number(s, sym)).transpose()?,
             count: w
                 .get(2)
@@ -451,8 +733,78 @@ fn parse_protect(w: &[&str]) -> Result<Command, ParseError> {
     }
 }
 
+/// Commands `json` can answer.
+fn json_of(c: Option<Command>) -> Result<Option<Command>, ParseError> {
+    use Command as C;
+    match c {
+        Some(
+            c @ (C::Regs
+            | C::Sregs
+            | C::Events { .. }
+            | C::Alerts
+            | C::Alert(_)
+            | C::Hooks
+            | C::Stats
+            | C::Caps
+            | C::Segments
+            | C::Dregs),
+        ) => Ok(Some(C::Json(Box::new(c)))),
+        _ => Err(
+            "`json` answers regs, sregs, segments, dregs, events, alerts, alert, hooks, stats, caps"
+                .into(),
+        ),
+    }
+}
+
+/// `mem find BYTES|"TEXT" [ADDR LEN] [phys]`.
+fn parse_find(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Command, ParseError> {
+    let usage = "expected `mem find BYTES|\"TEXT\" [ADDR LEN] [phys]`";
+    let rest = line
+        .trim_start_matches("mem")
+        .trim_start()
+        .trim_start_matches("find");
+    let (pattern, after): (Vec<u8>, String) = match rest.trim_start().strip_prefix('"') {
+        Some(r) => {
+            let (text, after) = r.split_once('"').ok_or(usage)?;
+            (text.as_bytes().to_vec(), after.to_string())
+        }
+        None => {
+            // Hex bytes up to the first word that is not (an address: `0x…`).
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            let n = words
+                .iter()
+                .take_while(|x| !x.starts_with("0x") && hex_bytes(&[x]).is_ok())
+                .count();
+            (hex_bytes(&words[..n])?, words[n..].join(" "))
+        }
+    };
+    if pattern.is_empty() || pattern.len() > 256 {
+        return Err("the pattern is 1 to 256 bytes".into());
+    }
+    let words: Vec<&str> = after.split_whitespace().collect();
+    let phys = words.last() == Some(&"phys");
+    let args: Vec<&str> = words.into_iter().filter(|x| *x != "phys").collect();
+    let range = match args.as_slice() {
+        [] => None,
+        [a, l] => Some((number(a, sym)?, number(l, sym)?)),
+        _ => return Err(usage.into()),
+    };
+    Ok(Command::MemFind {
+        pattern,
+        range,
+        phys,
+    })
+}
+
 /// `mem read ADDR [LEN] [phys]` or `mem write ADDR BYTES… [phys]`.
-fn parse_mem(w: &[&str], sym: &dyn Fn(&str) -> Option<u64>) -> Result<Command, ParseError> {
+fn parse_mem(
+    line: &str,
+    w: &[&str],
+    sym: &dyn Fn(&str) -> Option<u64>,
+) -> Result<Command, ParseError> {
+    if w.get(1) == Some(&"find") {
+        return parse_find(line, sym);
+    }
     let phys = w.last() == Some(&"phys");
     let args: Vec<&str> = w.iter().copied().filter(|x| *x != "phys").collect();
     match args.get(1).copied() {
@@ -479,7 +831,7 @@ fn parse_mem(w: &[&str], sym: &dyn Fn(&str) -> Option<u64>) -> Result<Command, P
             }
             Ok(Command::MemWrite { addr, bytes, phys })
         }
-        _ => Err("expected `mem read …` or `mem write …`".into()),
+        _ => Err("expected `mem read …`, `mem write …` or `mem find …`".into()),
     }
 }
 
@@ -498,7 +850,7 @@ fn parse_events(w: &[&str]) -> Result<Command, ParseError> {
 
 /// `hook msr INDEX [r|w|rw] [deny|log]`'s options.
 fn msr_hook(index: u32, rest: &[&str]) -> Result<HookSpec, ParseError> {
-    let (mut read, mut write, mut act) = (false, true, Action::Deny);
+    let (mut read, mut write, mut act) = (false, true, Action::Log);
     for t in rest {
         match *t {
             "r" => (read, write) = (true, false),
@@ -522,7 +874,7 @@ fn cr_hook(
     sym: &dyn Fn(&str) -> Option<u64>,
 ) -> Result<HookSpec, ParseError> {
     let mut mask = u64::MAX;
-    let mut act = Action::Deny;
+    let mut act = Action::Log;
     for t in rest {
         match *t {
             "deny" | "log" => act = action(Some(t))?,
@@ -567,7 +919,7 @@ fn parse_hook(w: &[&str], sym: &dyn Fn(&str) -> Option<u64>) -> Result<Command, 
     // Optional trailing words: a length (number), rights (rwx letters), an
     // action, `force` (hook a page the CPU itself uses).
     let mem = |rest: &[&str]| -> Result<(u64, Rights, Action, bool), ParseError> {
-        let (mut len, mut rights, mut act, mut force) = (8, Rights::W, Action::Deny, false);
+        let (mut len, mut rights, mut act, mut force) = (8, Rights::W, Action::Log, false);
         for t in rest {
             if let Some(r) = Rights::parse(t) {
                 rights = r;
@@ -724,6 +1076,49 @@ mod tests {
     }
 
     #[test]
+    fn new_forms_parse_to_what_they_say() {
+        assert_eq!(
+            p("mem find \"ab c\" 0x10 0x20"),
+            Ok(Some(Command::MemFind {
+                pattern: b"ab c".to_vec(),
+                range: Some((0x10, 0x20)),
+                phys: false
+            }))
+        );
+        assert_eq!(
+            p("mem find dead beef phys"),
+            Ok(Some(Command::MemFind {
+                pattern: vec![0xde, 0xad, 0xbe, 0xef],
+                range: None,
+                phys: true
+            }))
+        );
+        assert_eq!(
+            p("x/4gx ept_target"),
+            Ok(Some(Command::Examine {
+                fmt: XFormat {
+                    count: 4,
+                    size: 8,
+                    kind: XKind::Hex
+                },
+                addr: 0x206000
+            }))
+        );
+        assert_eq!(
+            p("json hooks"),
+            Ok(Some(Command::Json(Box::new(Command::Hooks))))
+        );
+        // An ad-hoc hook observes unless told to deny.
+        assert!(matches!(
+            p("hook msr 0x10"),
+            Ok(Some(Command::Hook(HookSpec::Msr {
+                action: Action::Log,
+                ..
+            })))
+        ));
+    }
+
+    #[test]
     fn numbers_symbols_and_offsets() {
         assert_eq!(number("0x10", &|_| None), Ok(16));
         assert_eq!(number("42", &|_| None), Ok(42));
@@ -804,6 +1199,31 @@ mod tests {
             "expect serial \"done\"",
             "# a comment",
             "",
+            "continue --wait",
+            "wait",
+            "wait 2.5",
+            "next-event all",
+            "segments",
+            "dregs",
+            "idt",
+            "idt 32",
+            "gdt",
+            "vmmap",
+            "bt",
+            "bt 5",
+            "sym 0x100000",
+            "addr kprintf",
+            "x/4gx 0x1000",
+            "x/s ept_target",
+            "x/10i 0x1000",
+            "x/bx 0x1000",
+            "x 0x1000",
+            "mem find de ad be ef",
+            "mem find \"hello world\" 0x1000 0x2000",
+            "mem find c0ffee 0 0x100000 phys",
+            "json regs",
+            "events 5 --json",
+            "json alert 1",
         ];
         for g in good {
             assert!(p(g).is_ok(), "{g}: {:?}", p(g));
@@ -839,7 +1259,18 @@ mod tests {
             ("regs hook", "takes no `hook`"),
             ("stats 1 2 3", "takes no `1`"),
             ("event nosuch", "takes no `nosuch`"),
-            ("continue now", "takes no `now`"),
+            ("continue now", "takes `--wait`, not `now`"),
+            ("next-event some", "takes `all`"),
+            ("wait forever", "expected `wait [SECS]`"),
+            ("x/4q 0x10", "not an `x/` letter"),
+            ("x/0x 0x10", "count of `x/`"),
+            ("x/4gx", "expects an address"),
+            ("mem find", "the pattern is 1 to 256 bytes"),
+            ("mem find \"abc", "expected `mem find"),
+            ("mem find de ad 0x10", "expected `mem find"),
+            ("addr", "expected `addr SYMBOL`"),
+            ("json step", "`json` answers"),
+            ("gdt 1", "takes no `1`"),
         ];
         for (b, want) in bad {
             let e = p(b).unwrap_err();

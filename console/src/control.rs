@@ -110,7 +110,9 @@ impl Snapshot {
 struct State {
     breaks: Vec<EventBreak>,
     next_id: u32,
-    next_event: bool,
+    /// `next-event`: Some(all) while armed; `all` stops at any handled event,
+    /// otherwise only at one a hook or policy asked for.
+    next_event: Option<bool>,
     /// vCPU being single-stepped by `step`.
     stepping: Option<u32>,
     stop: Option<Stop>,
@@ -178,9 +180,11 @@ impl Control {
         s.breaks.len() != n
     }
 
-    /// Stop at the next handled event on any vCPU.
-    pub fn arm_next_event(&self) {
-        self.state.lock().unwrap().next_event = true;
+    /// Stop at the next handled event on any vCPU (`all`), or at the next one
+    /// a hook or policy asked for: not an unhooked access that only shares a
+    /// page with a hooked one.
+    pub fn arm_next_event(&self, all: bool) {
+        self.state.lock().unwrap().next_event = Some(all);
     }
 
     pub fn arm_step(&self, vcpu: u32) {
@@ -287,8 +291,10 @@ impl Control {
     /// Whether this handled event must stop, and why.
     fn should_stop(&self, r: &EventRecord) -> Option<(StopCause, bool)> {
         let mut s = self.state.lock().unwrap();
-        if s.next_event {
-            s.next_event = false;
+        if let Some(all) = s.next_event
+            && (all || !r.hooks.is_empty() || r.verdict != vmiscope_introspect::Verdict::Allowed)
+        {
+            s.next_event = None;
             return Some((StopCause::NextEvent, false));
         }
         s.breaks
@@ -320,12 +326,12 @@ fn describe(reply: &Reply) -> String {
 impl ExitHandler for ConsoleHandler {
     fn on_event(&self, cpu: &mut VcpuCtl<'_>, event: &Event) -> Reply {
         // A hardware execute breakpoint (gdb's `hbreak`): stop there.
-        if let Event::HwBreakpoint { rip, slot } = event {
+        if let Event::HwBreakpoint { slot, .. } = event {
             let stop = Stop {
                 vcpu: cpu.id(),
                 cause: StopCause::HwBreak { slot: *slot },
                 event: None,
-                raw: Some(format!("hardware breakpoint {slot} at {rip:#x}")),
+                raw: Some(crate::format::exit_text(event, cpu.vm().symbols())),
                 proposed: "-".into(),
                 applied: true,
             };
@@ -333,7 +339,7 @@ impl ExitHandler for ConsoleHandler {
             return Reply::Continue;
         }
         // A requested single-step completed on this vCPU.
-        if let Event::SingleStep { rip } = event {
+        if let Event::SingleStep { .. } = event {
             let stepping = self.control.state.lock().unwrap().stepping;
             if stepping == Some(cpu.id()) {
                 self.control.state.lock().unwrap().stepping = None;
@@ -342,7 +348,7 @@ impl ExitHandler for ConsoleHandler {
                     vcpu: cpu.id(),
                     cause: StopCause::Step,
                     event: None,
-                    raw: Some(format!("single-step to {rip:#x}")),
+                    raw: Some(crate::format::exit_text(event, cpu.vm().symbols())),
                     proposed: "-".into(),
                     applied: true,
                 };
@@ -368,7 +374,7 @@ impl ExitHandler for ConsoleHandler {
                 vcpu: cpu.id(),
                 cause,
                 event: Some(rec),
-                raw: Some(format!("{event:x?}")),
+                raw: Some(crate::format::exit_text(event, cpu.vm().symbols())),
                 proposed: "allow (applied)".into(),
                 applied: true,
             };
@@ -379,7 +385,7 @@ impl ExitHandler for ConsoleHandler {
             vcpu: cpu.id(),
             cause,
             event: Some(rec),
-            raw: Some(format!("{event:x?}")),
+            raw: Some(crate::format::exit_text(event, cpu.vm().symbols())),
             proposed: describe(&reply),
             applied: false,
         };
@@ -404,7 +410,10 @@ impl ExitHandler for ConsoleHandler {
             let stop = Stop {
                 vcpu: cpu.id(),
                 cause,
-                proposed: format!("{:?} (already applied: the change was polled)", rec.verdict),
+                proposed: format!(
+                    "{} (already applied: the change was polled)",
+                    crate::format::verdict_name(rec.verdict)
+                ),
                 event: Some(rec),
                 raw: None,
                 applied: true,

@@ -3,7 +3,11 @@
 
 use std::fmt::Write as _;
 
-use vmiscope_introspect::Target;
+use vmiscope_introspect::arch::DtrKind;
+use vmiscope_introspect::event::{AccessKind, Detection, EventInfo};
+use vmiscope_introspect::{Cr, EventRecord, Target, Verdict};
+use vmiscope_vmm::Event;
+use vmiscope_vmm::loader::Symbols;
 
 pub fn size_name(n: u64) -> &'static str {
     match n {
@@ -43,32 +47,243 @@ pub fn hexdump(addr: u64, b: &[u8]) -> String {
     out
 }
 
-pub fn event_line(r: &vmiscope_introspect::EventRecord) -> String {
-    let what = match &r.event {
-        vmiscope_introspect::EventInfo::Mem {
+/// `0x1234 <symbol+0x10>`, or the bare address when the image does not name it.
+pub fn at(sym: &Symbols, a: u64) -> String {
+    match crate::journal::symbol_of(sym, a) {
+        Some(n) => format!("{a:#x} <{n}>"),
+        None => format!("{a:#x}"),
+    }
+}
+
+/// A verdict as the console says it.
+pub fn verdict_name(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Allowed => "allowed",
+        Verdict::AllowedVirtual => "allowed-virtual",
+        Verdict::AllowedPatched => "allowed-patched",
+        Verdict::NotAllowed => "denied",
+    }
+}
+
+/// The well-known MSRs by name.
+pub fn msr_name(index: u32) -> Option<&'static str> {
+    Some(match index {
+        0x174 => "SYSENTER_CS",
+        0x175 => "SYSENTER_ESP",
+        0x176 => "SYSENTER_EIP",
+        0x1b => "APIC_BASE",
+        0xc000_0080 => "EFER",
+        0xc000_0081 => "STAR",
+        0xc000_0082 => "LSTAR",
+        0xc000_0083 => "CSTAR",
+        0xc000_0084 => "SFMASK",
+        0xc000_0100 => "FS_BASE",
+        0xc000_0101 => "GS_BASE",
+        0xc000_0102 => "KERNEL_GS_BASE",
+        _ => return None,
+    })
+}
+
+fn msr_text(index: u32) -> String {
+    match msr_name(index) {
+        Some(n) => format!("{n} ({index:#x})"),
+        None => format!("{index:#x}"),
+    }
+}
+
+/// What an event was, in words (no Rust `Debug`).
+pub fn info_text(e: &EventInfo, sym: &Symbols) -> String {
+    let how = |d: &Detection| match d {
+        Detection::Exit => "",
+        Detection::Polled => " (polled)",
+    };
+    match e {
+        EventInfo::Mem {
             gla,
             gpa,
             size,
             access,
             data,
-            ..
-        } => {
-            format!(
-                "{access:?} {size}B at {gla:#x} (gpa {gpa:#x}){}",
-                data.map(|d| format!(" data {d:#x}")).unwrap_or_default()
-            )
+            old,
+        } => format!(
+            "{} {size}B at {} (gpa {gpa:#x}){}{}",
+            access_name(*access),
+            at(sym, *gla),
+            data.map(|d| format!(" data {d:#x}")).unwrap_or_default(),
+            old.map(|d| format!(" old {d:#x}")).unwrap_or_default()
+        ),
+        EventInfo::Msr { index, write } => match write {
+            Some(v) => format!("wrmsr {} = {}", msr_text(*index), at(sym, *v)),
+            None => format!("rdmsr {}", msr_text(*index)),
+        },
+        EventInfo::Cr {
+            cr,
+            old,
+            new,
+            detection,
+        } => format!("{} {old:#x} -> {new:#x}{}", cr_name(*cr), how(detection)),
+        EventInfo::Dtr {
+            dtr,
+            old,
+            new,
+            detection,
+        } => format!(
+            "{} {:#x}/{:#x} -> {}/{:#x}{}",
+            match dtr {
+                DtrKind::Idtr => "idtr",
+                DtrKind::Gdtr => "gdtr",
+            },
+            old.base,
+            old.limit,
+            at(sym, new.base),
+            new.limit,
+            how(detection)
+        ),
+        EventInfo::Xcr {
+            index,
+            old,
+            new,
+            detection,
+        } => format!("xcr{index} {old:#x} -> {new:#x}{}", how(detection)),
+        EventInfo::Breakpoint { gva, gpa } => {
+            format!("breakpoint at {} (gpa {gpa:#x})", at(sym, *gva))
         }
-        other => format!("{other:x?}"),
+        EventInfo::Introcall { op, args } => format!(
+            "introcall {op:#x} ({:#x}, {:#x}, {:#x})",
+            args[0], args[1], args[2]
+        ),
+        EventInfo::Integrity {
+            gva,
+            len,
+            changed,
+            old_hash,
+            new_hash,
+        } => format!(
+            "{len}B at {} changed at +{changed:#x} (hash {old_hash:#x} -> {new_hash:#x})",
+            at(sym, *gva)
+        ),
+    }
+}
+
+pub fn access_name(a: AccessKind) -> &'static str {
+    match a {
+        AccessKind::Read => "read",
+        AccessKind::Write => "write",
+        AccessKind::Exec => "exec",
+    }
+}
+
+pub fn cr_name(c: Cr) -> &'static str {
+    match c {
+        Cr::Cr0 => "cr0",
+        Cr::Cr3 => "cr3",
+        Cr::Cr4 => "cr4",
+    }
+}
+
+/// A VM exit as the VMM reported it, in words (`run --events`, `event`).
+pub fn exit_text(e: &Event, sym: &Symbols) -> String {
+    let mem = |kind: &str, m: &vmiscope_vmm::MemAccess| {
+        format!(
+            "{kind} {} {}B at gpa {:#x}{} (rip after {} cpl{})",
+            if m.write { "write" } else { "read" },
+            m.len,
+            m.gpa,
+            if m.write {
+                format!(" data {:#x}", m.data)
+            } else {
+                String::new()
+            },
+            at(sym, m.rip),
+            m.cpl
+        )
     };
+    match e {
+        Event::Mem(m) => mem("memory", m),
+        Event::Mmio(m) => mem("mmio", m),
+        Event::Msr { index, write, rip } => match write {
+            Some(v) => format!("wrmsr {} = {v:#x} at {}", msr_text(*index), at(sym, *rip)),
+            None => format!("rdmsr {} at {}", msr_text(*index), at(sym, *rip)),
+        },
+        Event::Port { port, size, write } => match write {
+            Some(v) => format!("out {port:#x} ({size}B) = {v:#x}"),
+            None => format!("in {port:#x} ({size}B)"),
+        },
+        Event::Introcall(c) => format!(
+            "introcall {:#x} ({:#x}, {:#x}, {:#x}) at {} cpl{}",
+            c.op,
+            c.args[0],
+            c.args[1],
+            c.args[2],
+            at(sym, c.rip),
+            c.cpl
+        ),
+        Event::Breakpoint { rip, ours, cpl, .. } => format!(
+            "int3 at {} cpl{cpl} ({})",
+            at(sym, *rip),
+            if *ours { "ours" } else { "the guest's own" }
+        ),
+        Event::SingleStep { rip } => format!("single-step to {}", at(sym, *rip)),
+        Event::HwBreakpoint { rip, slot } => {
+            format!("hardware breakpoint {slot} at {}", at(sym, *rip))
+        }
+        Event::ExecFault { gva, gpa, cpl } => format!(
+            "fetch at {} (gpa {gpa:#x}) cpl{cpl} from a trapped page",
+            at(sym, *gva)
+        ),
+        Event::EmulationFailure {
+            rip,
+            bytes,
+            len,
+            cpl,
+        } => format!(
+            "KVM cannot emulate {} at {} cpl{cpl}",
+            hex(&bytes[..(*len as usize).min(15)]),
+            at(sym, *rip)
+        ),
+        Event::Halt => "hlt".into(),
+        Event::Shutdown => "triple fault (shutdown)".into(),
+        Event::Kicked => "kicked".into(),
+    }
+}
+
+/// One handled event in full (the TUI's details popup).
+pub fn event_detail(r: &EventRecord, sym: &Symbols) -> String {
+    let hooks: Vec<String> = r.hooks.iter().map(|h| h.to_string()).collect();
     format!(
-        "#{:<6} vcpu{} {:<10} {:<14} rip {:#x} cpl{} {}{}",
+        "event #{} ({} µs into the run)\n  class {}  vCPU {}  cpl{}{}\n  rip {}\n  instruction: {}\n  what: {}\n  hooks: {}\n  verdict: {}",
+        r.event_id,
+        r.at_us,
+        r.class.name(),
+        r.vcpu,
+        r.cpl,
+        r.task
+            .as_deref()
+            .map(|t| format!("  task {t}"))
+            .unwrap_or_default(),
+        at(sym, r.rip),
+        r.instruction.as_deref().unwrap_or("(unknown: polled)"),
+        info_text(&r.event, sym),
+        if hooks.is_empty() {
+            "none (an unhooked access on a hooked page)".to_string()
+        } else {
+            hooks.join(", ")
+        },
+        verdict_name(r.verdict)
+    )
+}
+
+/// One handled event, on one line.
+pub fn event_line(r: &EventRecord, sym: &Symbols) -> String {
+    format!(
+        "#{:<6} vcpu{} {:<10} {:<9} rip {} cpl{} {}{}",
         r.event_id,
         r.vcpu,
         r.class.name(),
-        format!("{:?}", r.verdict),
-        r.rip,
+        verdict_name(r.verdict),
+        at(sym, r.rip),
         r.cpl,
-        what,
+        info_text(&r.event, sym),
         r.task
             .as_deref()
             .map(|t| format!(" task {t}"))
@@ -108,8 +323,13 @@ fn writer(a: &vmiscope_introspect::Alert) -> String {
 
 pub fn alert_line(a: &vmiscope_introspect::Alert) -> String {
     format!(
-        "alert {} {} {}: {} (vcpu {} rip {:#x}{}{})",
+        "alert {}{} {} {}: {} (vcpu {} rip {:#x}{}{})",
         a.id,
+        if a.repeats > 0 {
+            format!(" (x{})", a.repeats + 1)
+        } else {
+            String::new()
+        },
         a.class.name(),
         if a.enforced { "blocked" } else { "log-only" },
         a.reason,
@@ -141,8 +361,11 @@ pub fn target_text(t: &Target) -> String {
             if *read { "r" } else { "" },
             if *write { "w" } else { "" }
         ),
-        Target::Cr { cr, mask } => format!("{cr:?} mask {mask:#x}"),
-        Target::Dtr { dtr } => format!("{dtr:?}"),
+        Target::Cr { cr, mask } => format!("{} mask {mask:#x}", cr_name(*cr)),
+        Target::Dtr { dtr } => match dtr {
+            DtrKind::Idtr => "idtr".into(),
+            DtrKind::Gdtr => "gdtr".into(),
+        },
         Target::Xcr { index } => format!("xcr{index}"),
         Target::Breakpoint { gva, hidden, .. } => {
             format!("bp {gva:#x}{}", if *hidden { " hidden" } else { "" })

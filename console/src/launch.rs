@@ -6,10 +6,11 @@ use crate::error::Error;
 
 use vmiscope_introspect::policy;
 use vmiscope_introspect::{Engine, Exceptions};
-use vmiscope_vmm::engine_glue::{FileJournal, Introspection, policy_env};
+use vmiscope_vmm::engine_glue::{Introspection, policy_env};
 use vmiscope_vmm::{Module, VmConfig};
 
 use crate::cli::RunArgs;
+use crate::journal::{JournalFile, RunInfo};
 
 /// Reads a file that must fit in `mem_mib` MiB of guest RAM; a larger one (or an
 /// endless one, `/dev/zero`) is refused after reading one byte past the limit,
@@ -94,9 +95,31 @@ pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, Error> {
     })
 }
 
+/// What a journal's header says about this run.
+pub fn run_info(a: &RunArgs, shared: &vmiscope_vmm::VmShared) -> RunInfo {
+    RunInfo {
+        image: a.image.clone(),
+        vcpus: shared.vcpu_count(),
+        mem_mib: a.mem,
+        policies: a
+            .protect
+            .as_deref()
+            .and_then(|l| policy::parse_list(l).ok())
+            .unwrap_or_default()
+            .iter()
+            .map(|p| p.name().to_string())
+            .collect(),
+        host: shared.host().name().to_string(),
+    }
+}
+
 /// The engine as the options ask for it, for the VM `shared` describes (its
-/// symbols name addresses; a Linux guest's BTF names the current task).
-pub fn engine(a: &RunArgs, shared: &vmiscope_vmm::VmShared) -> Result<Introspection, Error> {
+/// symbols name addresses; a Linux guest's BTF names the current task), and the
+/// journal file when `--journal` asks for one (the front end writes its end).
+pub fn engine(
+    a: &RunArgs,
+    shared: &vmiscope_vmm::VmShared,
+) -> Result<(Introspection, Option<JournalFile>), Error> {
     let symbols = shared.symbols();
     let mut e = Engine::new();
     if let (Some(Ok(layout)), Some(current)) = (shared.linux(), symbols.get("current_task")) {
@@ -115,18 +138,22 @@ pub fn engine(a: &RunArgs, shared: &vmiscope_vmm::VmShared) -> Result<Introspect
         *e.exceptions_mut() =
             Exceptions::parse(&text).map_err(|err| format!("{}: {err}", p.display()))?;
     }
-    if let Some(p) = &a.journal {
-        let j = FileJournal::create(p)
-            .map_err(|err| format!("cannot create {}: {err}", p.display()))?;
-        e.set_journal(Box::new(j));
-    }
     let policies = match &a.protect {
         Some(list) => policy::parse_list(list)?,
         None => vec![],
+    };
+    let journal = match &a.journal {
+        Some(p) => {
+            let j = JournalFile::create(p, &run_info(a, shared), symbols)
+                .map_err(|err| format!("cannot create {}: {err}", p.display()))?;
+            e.set_journal(Box::new(j.clone()));
+            Some(j)
+        }
+        None => None,
     };
     let env = policy_env(symbols, a.mem << 20);
     // Refused before the run: a policy with nothing valid to protect would
     // install nothing and look on silently.
     env.check(&policies)?;
-    Ok(Introspection::new(e, policies, env))
+    Ok((Introspection::new(e, policies, env), journal))
 }

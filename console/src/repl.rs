@@ -10,7 +10,6 @@ use rustyline::error::ReadlineError;
 use rustyline::{Context, Editor, Helper, Highlighter, Hinter, Validator};
 
 use crate::cli::Mode;
-use crate::commands::HELP;
 use crate::format::alert_line;
 use crate::session::Session;
 
@@ -20,41 +19,6 @@ struct Words {
     words: Arc<Mutex<Vec<String>>>,
 }
 
-const SUBWORDS: &[&str] = &[
-    "event",
-    "hook",
-    "allow",
-    "deny",
-    "policy",
-    "ept",
-    "gva",
-    "msr",
-    "cr",
-    "dtr",
-    "xcr",
-    "bp",
-    "introcall",
-    "enable",
-    "disable",
-    "delete",
-    "read",
-    "write",
-    "phys",
-    "add-from-alert",
-    "save",
-    "on",
-    "off",
-    "log",
-    "visible",
-    "idtr",
-    "gdtr",
-    "breakpoint",
-    "timer",
-    "vcpu",
-    "list",
-    "all",
-];
-
 impl Completer for Words {
     type Candidate = String;
     fn complete(
@@ -63,23 +27,10 @@ impl Completer for Words {
         pos: usize,
         _: &Context<'_>,
     ) -> rustyline::Result<(usize, Vec<String>)> {
-        let start = line[..pos].rfind(' ').map(|i| i + 1).unwrap_or(0);
-        let part = &line[start..pos];
-        let mut out: Vec<String> = if start == 0 {
-            let mut v: Vec<String> = HELP
-                .iter()
-                .filter_map(|(u, _)| u.split_whitespace().next().map(str::to_string))
-                .collect();
-            v.push("tui".into());
-            v.dedup();
-            v
-        } else {
-            self.words.lock().unwrap().clone()
-        };
-        out.retain(|w| w.starts_with(part));
-        out.sort();
-        out.dedup();
-        Ok((start, out))
+        Ok(crate::complete::candidates(
+            &line[..pos],
+            &self.words.lock().unwrap(),
+        ))
     }
 }
 
@@ -102,6 +53,8 @@ fn watch(
     mut print: Box<dyn FnMut(String) + Send>,
 ) -> std::thread::JoinHandle<()> {
     let (serial, intro, control) = (s.serial().clone(), s.intro().clone(), s.control().clone());
+    let shared = s.shared().clone();
+    let mut ended = false;
     let (mut lines, mut alerts, mut stops) = (
         serial.lock().unwrap().len().saturating_sub(1),
         intro.engine.lock().unwrap().alerts().len(),
@@ -133,20 +86,18 @@ fn watch(
                     msg.push_str(&format!("stopped: vCPU {} ({})\n", st.vcpu, st.cause));
                 }
             }
+            // The end, said as it happens (not at the next command).
+            if !ended && let Some(why) = shared.stop_reason() {
+                ended = true;
+                msg.push_str(&format!(
+                    "the guest has ended: {why}; `regs`, `mem read`, `disasm`, `events`, `alerts` still work\n"
+                ));
+            }
             if !msg.is_empty() {
                 print(msg.trim_end().to_string());
             }
         }
     })
-}
-
-/// Words the line editor completes: subcommands, the image's symbols, hook ids.
-fn completions(s: &Session) -> Vec<String> {
-    let mut w: Vec<String> = SUBWORDS.iter().map(|x| x.to_string()).collect();
-    w.extend(s.shared().symbols().iter().map(|(n, _)| n.to_string()));
-    let e = s.intro().engine.lock().unwrap();
-    w.extend(e.hooks().iter().map(|h| h.id.to_string()));
-    w
 }
 
 /// Runs the REPL until `quit` (Mode::Quit) or `tui` (Mode::Tui).
@@ -184,7 +135,7 @@ pub fn run(s: &mut Session) -> Mode {
         s.image()
     );
     let mode = loop {
-        *words.lock().unwrap() = completions(s);
+        *words.lock().unwrap() = crate::complete::words(s);
         match rl.readline("vmiscope> ") {
             Ok(line) => {
                 let line = line.trim().to_string();

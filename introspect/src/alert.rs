@@ -12,9 +12,9 @@ pub struct Alert {
     pub id: u64,
     /// The event (handler invocation) that raised it.
     pub event_id: u64,
-    /// Milliseconds since the engine started (for a polled change: when it was
+    /// Microseconds since the engine started (for a polled change: when it was
     /// noticed, not when the guest made it).
-    pub at_ms: u64,
+    pub at_us: u64,
     pub class: Class,
     pub vcpu: u32,
     pub rip: u64,
@@ -36,48 +36,47 @@ pub struct Alert {
     /// What was enforced (log-only mode reports NotAllowed but allows).
     pub enforced: bool,
     pub reason: String,
+    /// How many more times the same act was seen right after (folded).
+    pub repeats: u64,
+    /// The event of the newest repeat (`event_id` when none).
+    pub last_event_id: u64,
 }
 
-/// A journal record: every handled event, and every alert.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "type", rename_all = "kebab-case")]
+/// A journal record: every handled event, every alert, every exception that
+/// matched and every analyst override, typed; the journal's owner decides the
+/// schema it writes.
+#[derive(Debug, Clone, Copy)]
 pub enum Record<'a> {
-    Event {
-        event_id: u64,
-        class: Class,
-        vcpu: u32,
-        rip: u64,
-        cpl: u8,
-        instruction: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        task: Option<&'a str>,
-        event: &'a EventInfo,
-        hooks: &'a [HookId],
-        verdict: Verdict,
-    },
+    Event(&'a crate::engine::EventRecord),
     Alert(&'a Alert),
+    /// An alert an exception rule allowed.
     Exception {
         alert: u64,
         rule: usize,
+        at_us: u64,
     },
-    /// An analyst replaced a stopped event's verdict (the console's `verdict`).
-    Override {
-        event_id: u64,
-        /// What the hooks had decided.
-        proposed: Verdict,
-        /// `allow` or `deny`.
-        verdict: &'a str,
-    },
+    Override(&'a Override),
+}
+
+/// An analyst replaced a stopped event's verdict (the console's `verdict`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Override {
+    pub event_id: u64,
+    pub at_us: u64,
+    /// What the hooks had decided.
+    pub proposed: Verdict,
+    /// Allow (true) or deny.
+    pub allow: bool,
 }
 
 /// Where records go (a JSON-lines file in the console).
 pub trait Journal: Send {
-    fn record(&mut self, line: &str);
+    fn record(&mut self, r: &Record<'_>);
 }
 
 impl Journal for Vec<String> {
-    fn record(&mut self, line: &str) {
-        self.push(line.to_string());
+    fn record(&mut self, r: &Record<'_>) {
+        self.push(format!("{r:?}"));
     }
 }
 

@@ -195,7 +195,9 @@ mod tests {
         let mut a = Alert {
             id: 1,
             event_id: 1,
-            at_ms: 0,
+            at_us: 0,
+            repeats: 0,
+            last_event_id: 1,
             class: Class::Ept,
             vcpu: 0,
             rip: 0x100ae1,

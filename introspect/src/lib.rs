@@ -22,7 +22,7 @@ pub mod policy;
 pub mod target;
 pub mod verdict;
 
-pub use alert::{Alert, Journal};
+pub use alert::{Alert, Journal, Override, Record};
 pub use arch::{Cr, Dtr, DtrKind, Regs, SRegs};
 pub use ctx::{Callback, Ctx};
 pub use engine::{Engine, EventRecord, HookError};

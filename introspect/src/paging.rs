@@ -129,6 +129,99 @@ pub fn translate(
     unreachable!("the loop returns at level 1")
 }
 
+/// A run of guest-virtual pages mapped to contiguous guest-physical memory with
+/// the same rights (one line of `vmmap`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    pub gva: u64,
+    pub gpa: u64,
+    pub len: u64,
+    pub writable: bool,
+    pub user: bool,
+    pub no_exec: bool,
+}
+
+/// Every mapping of the address space `mode` describes, coalesced, lowest
+/// address first. The guest owns its tables: a walk visits at most `budget`
+/// entries (a table that points at itself would otherwise fan out without end),
+/// and says whether it stopped early.
+pub fn mappings(mem: &impl PhysRead, mode: PagingMode, budget: u64) -> (Vec<Mapping>, bool) {
+    let mut w = MapWalk {
+        mem,
+        out: Vec::new(),
+        budget,
+        truncated: false,
+    };
+    if !mode.paging {
+        return (w.out, false);
+    }
+    let top = if mode.la57 { 5 } else { 4 };
+    w.table(mode.cr3 & ADDR_MASK, top, 0, (true, true, false), mode.la57);
+    (w.out, w.truncated)
+}
+
+struct MapWalk<'a, M> {
+    mem: &'a M,
+    out: Vec<Mapping>,
+    budget: u64,
+    truncated: bool,
+}
+
+impl<M: PhysRead> MapWalk<'_, M> {
+    fn table(&mut self, table: u64, level: u8, base: u64, rights: (bool, bool, bool), la57: bool) {
+        let shift = 12 + 9 * (level as u32 - 1);
+        for i in 0..512u64 {
+            if self.budget == 0 {
+                self.truncated = true;
+                return;
+            }
+            self.budget -= 1;
+            let Some(entry) = self.mem.read_u64(table + i * 8) else {
+                return;
+            };
+            if entry & PRESENT == 0 {
+                continue;
+            }
+            let r = (
+                rights.0 && entry & WRITE != 0,
+                rights.1 && entry & USER != 0,
+                rights.2 || entry & NX != 0,
+            );
+            let mut gva = base | (i << shift);
+            // The top level's upper half is sign-extended (canonical form).
+            let bits = if la57 { 57 } else { 48 };
+            if gva >> (bits - 1) & 1 == 1 {
+                gva |= !((1u64 << bits) - 1);
+            }
+            if level == 1 || (entry & LARGE != 0 && (level == 2 || level == 3)) {
+                let len = 1u64 << shift;
+                self.push(Mapping {
+                    gva,
+                    gpa: entry & ADDR_MASK & !(len - 1),
+                    len,
+                    writable: r.0,
+                    user: r.1,
+                    no_exec: r.2,
+                });
+            } else {
+                self.table(entry & ADDR_MASK, level - 1, gva, r, la57);
+            }
+        }
+    }
+
+    fn push(&mut self, m: Mapping) {
+        if let Some(last) = self.out.last_mut()
+            && last.gva.wrapping_add(last.len) == m.gva
+            && last.gpa.wrapping_add(last.len) == m.gpa
+            && (last.writable, last.user, last.no_exec) == (m.writable, m.user, m.no_exec)
+        {
+            last.len += m.len;
+            return;
+        }
+        self.out.push(m);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +279,38 @@ mod tests {
             la57: false,
         };
         assert_eq!(translate(&mem, off, 0xabc).unwrap().gpa, 0xabc);
+        let (maps, cut) = mappings(&mem, mode(0x1000), 1 << 20);
+        assert!(!cut);
+        assert_eq!(
+            maps,
+            vec![
+                Mapping {
+                    gva: 0,
+                    gpa: 0,
+                    len: 2 << 20,
+                    writable: true,
+                    user: false,
+                    no_exec: false
+                },
+                Mapping {
+                    gva: 0x205000,
+                    gpa: 0x9000,
+                    len: 0x1000,
+                    writable: false,
+                    user: true,
+                    no_exec: true
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_table_that_points_at_itself_ends_within_the_budget() {
+        let mut m = HashMap::new();
+        for i in 0..512 {
+            m.insert(0x1000 + i * 8, 0x1000 | 7);
+        }
+        let (_, cut) = mappings(&Mem(m), mode(0x1000), 100_000);
+        assert!(cut);
     }
 }

@@ -4,7 +4,6 @@
 //! 1 Hz timer and register polls. Batch mode, the console, caps, bench and the
 //! tests all use it.
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,26 +15,8 @@ use std::panic::AssertUnwindSafe;
 use vmiscope_introspect::handlers::MemExit;
 use vmiscope_introspect::policy::{self, LinuxEnv, Policy, PolicyEnv};
 use vmiscope_introspect::{
-    AccessKind, Alert, Engine, EngineEvent, EventRecord, Guest, Handled, Journal, Response,
+    AccessKind, Alert, Engine, EngineEvent, EventRecord, Guest, Handled, Response,
 };
-
-/// A journal file: one JSON object per line, written as it happens (nothing
-/// buffered away if the process dies).
-pub struct FileJournal(std::io::LineWriter<std::fs::File>);
-
-impl FileJournal {
-    pub fn create(path: &std::path::Path) -> std::io::Result<Self> {
-        Ok(FileJournal(std::io::LineWriter::new(
-            std::fs::File::create(path)?,
-        )))
-    }
-}
-
-impl Journal for FileJournal {
-    fn record(&mut self, line: &str) {
-        let _ = writeln!(self.0, "{line}");
-    }
-}
 
 /// Where the image's symbols put the things policies protect. Each region is
 /// checked first (the image is as hostile as the guest): one whose end is below
@@ -180,6 +161,11 @@ impl Introspection {
 
     pub fn alerts(&self) -> Vec<Alert> {
         self.engine.lock().unwrap().alerts().to_vec()
+    }
+
+    /// Set-ups (policies, hooks) still waiting for the guest's own IDT.
+    pub fn armed(&self) -> usize {
+        self.pending.lock().unwrap().len()
     }
 
     /// Policies wait until the guest runs on its own descriptor tables (IDTR set),

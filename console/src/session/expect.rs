@@ -105,7 +105,7 @@ impl Session {
                 .iter()
                 .rev()
                 .take(5)
-                .map(|r| event_line(r))
+                .map(|r| event_line(r, self.shared.symbols()))
                 .collect();
             format!("last events: [{}]", last.join("; "))
         };

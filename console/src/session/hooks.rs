@@ -205,6 +205,14 @@ impl Session {
                 target_text(&h.target)
             );
         }
-        if t.is_empty() { "no hooks".into() } else { t }
+        if !t.is_empty() {
+            return t;
+        }
+        match self.intro.armed() {
+            0 => "no hooks".into(),
+            n => format!(
+                "no hooks yet: {n} policy set-up(s) armed, switching on when the guest loads its own IDT"
+            ),
+        }
     }
 }

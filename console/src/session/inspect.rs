@@ -4,12 +4,45 @@ use std::fmt::Write as _;
 
 use crate::error::Error;
 
-use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Formatter, IntelFormatter};
 
 use vmiscope_introspect::Target;
 
 use super::{Output, Session};
 use crate::format::*;
+
+/// One disassembled instruction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DisLine {
+    pub ip: u64,
+    /// Intel syntax, a call or jump's target named.
+    pub text: String,
+    /// `symbol+off` of the instruction.
+    pub label: Option<String>,
+    /// A call or jump's target (follow-the-call in the TUI).
+    pub target: Option<u64>,
+    /// At the vCPU's RIP.
+    pub current: bool,
+    /// One of our breakpoints is here.
+    pub breakpoint: bool,
+}
+
+impl std::fmt::Display for DisLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}{}{:x} {:<36}{}",
+            if self.current { "=>" } else { "  " },
+            if self.breakpoint { "*" } else { " " },
+            self.ip,
+            self.text,
+            self.label
+                .as_deref()
+                .map(|l| format!("  <{l}>"))
+                .unwrap_or_default()
+        )
+    }
+}
 
 impl Session {
     pub(super) fn msr(&mut self, i: u32) -> Result<Output, Error> {
@@ -77,18 +110,37 @@ impl Session {
         Ok(Output::text(out))
     }
 
-    pub fn disasm(&self, addr: Option<u64>, count: usize) -> Result<String, Error> {
-        let rip = self.shared.last_position(self.vcpu).unwrap_or_default().0;
+    /// The selected vCPU's RIP: from its stop snapshot (a step at CPL3 is
+    /// caught in the guest's #DB entry, but the snapshot is the user code's),
+    /// its final registers after the end, else its last exit.
+    pub fn current_rip(&self) -> u64 {
+        if let Some(sn) = self.control.snapshot(self.vcpu) {
+            return sn.regs.rip;
+        }
+        if let Some(f) = self.shared.final_state(self.vcpu) {
+            return f.regs.rip;
+        }
+        self.shared.last_position(self.vcpu).unwrap_or_default().0
+    }
+
+    /// `count` instructions from `addr` (default: RIP), decoded with our
+    /// breakpoints shown as the original bytes.
+    pub fn disasm_lines(&self, addr: Option<u64>, count: usize) -> Result<Vec<DisLine>, Error> {
+        let rip = self.current_rip();
         let start = addr.unwrap_or(rip);
         let mut bytes = vec![0u8; count * 15];
         // Read what is mapped: stop at the first unreadable page.
         let mut n = 0;
-        while n < bytes.len()
-            && self
-                .read(start + n as u64, &mut bytes[n..n + 1], false)
-                .is_ok()
-        {
-            n += 1;
+        while n < bytes.len() {
+            let page_left = (0x1000 - ((start + n as u64) & 0xfff)) as usize;
+            let k = page_left.min(bytes.len() - n);
+            if self
+                .read(start + n as u64, &mut bytes[n..n + k], false)
+                .is_err()
+            {
+                break;
+            }
+            n += k;
         }
         if n == 0 {
             return Err(format!("{start:#x} is not mapped").into());
@@ -116,21 +168,53 @@ impl Session {
         }
         let mut d = Decoder::with_ip(64, &bytes[..n], start, DecoderOptions::NONE);
         let mut f = IntelFormatter::new();
-        let mut out = String::new();
+        f.options_mut().set_hex_prefix("0x");
+        f.options_mut().set_hex_suffix("");
+        f.options_mut().set_uppercase_hex(false);
+        f.options_mut().set_show_branch_size(false);
+        f.options_mut().set_branch_leading_zeros(false);
+        let sym = self.shared.symbols();
+        let mut out = Vec::new();
         for instr in d.iter().take(count) {
             let mut text = String::new();
             f.format(&instr, &mut text);
-            let ip = instr.ip();
-            let mark = if bps.contains(&ip) { "*" } else { " " };
-            let cur = if ip == rip { "=>" } else { "  " };
-            let label = match self.shared.symbols().lookup(ip) {
-                Some((s, 0)) => format!("  <{s}>"),
-                Some((s, o)) if o < 0x1000 => format!("  <{s}+{o:#x}>"),
-                _ => String::new(),
-            };
-            let _ = writeln!(out, "{cur}{mark}{ip:x} {text:<28}{label}");
+            let target = matches!(
+                instr.flow_control(),
+                FlowControl::Call
+                    | FlowControl::UnconditionalBranch
+                    | FlowControl::ConditionalBranch
+            )
+            .then(|| instr.near_branch_target())
+            .filter(|t| *t != 0);
+            if let Some(t) = target
+                && let Some(n) = crate::journal::symbol_of(sym, t)
+            {
+                text.push_str(&format!(" <{n}>"));
+            }
+            out.push(DisLine {
+                ip: instr.ip(),
+                text,
+                label: crate::journal::symbol_of(sym, instr.ip()),
+                target,
+                current: instr.ip() == rip,
+                breakpoint: bps.contains(&instr.ip()),
+            });
         }
         Ok(out)
+    }
+
+    pub fn disasm(&self, addr: Option<u64>, count: usize) -> Result<String, Error> {
+        let mut out = String::new();
+        for l in self.disasm_lines(addr, count)? {
+            let _ = writeln!(out, "{l}");
+        }
+        Ok(out)
+    }
+
+    /// Reads guest memory through the selected vCPU's page tables (or
+    /// guest-physical memory with `phys`).
+    pub fn read_mem(&self, addr: u64, buf: &mut [u8], phys: bool) -> Result<(), Error> {
+        self.read(addr, buf, phys)
     }
 
     pub(super) fn read(&self, addr: u64, buf: &mut [u8], phys: bool) -> Result<(), Error> {

@@ -23,8 +23,36 @@ mod cpu_pages;
 mod expect;
 mod hooks;
 mod inspect;
+mod json;
+mod machine;
 mod records;
 mod run;
+mod search;
+mod stack;
+
+pub use inspect::DisLine;
+pub use machine::CpuState;
+
+/// Commands that need vCPUs that still run: after the guest's end the others
+/// read its final state (post-mortem).
+fn needs_live_guest(cmd: &Command) -> bool {
+    use Command as C;
+    matches!(
+        cmd,
+        C::Continue { .. }
+            | C::Pause
+            | C::Step
+            | C::NextEvent { .. }
+            | C::Verdict(_)
+            | C::Hook(_)
+            | C::HookEnable(..)
+            | C::HookDelete(_)
+            | C::Protect(_)
+            | C::Unprotect(_)
+            | C::Msr(_)
+            | C::MemWrite { .. }
+    )
+}
 
 /// Where the guest of a session is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +108,10 @@ pub struct Session {
     /// Commands may write host files (`journal save`, `exceptions save`): off for
     /// gdb's `monitor` unless `--gdb-host-writes`.
     host_writes: bool,
+    /// `--journal`'s file, which gets the `end` record when the guest ends.
+    journal: Option<crate::journal::JournalFile>,
+    /// What `--journal`'s header says (also `journal save`'s).
+    info: Arc<crate::journal::RunInfo>,
 }
 
 impl Session {
@@ -89,7 +121,9 @@ impl Session {
         let mut cfg = crate::launch::config(a, vcpus)?;
         cfg.start_paused = true;
         let vm = Vm::new(&cfg, &image)?;
-        let intro = Arc::new(crate::launch::engine(a, vm.shared())?);
+        let (intro, journal) = crate::launch::engine(a, vm.shared())?;
+        let intro = Arc::new(intro);
+        let info = Arc::new(crate::launch::run_info(a, vm.shared()));
         let shared = vm.shared().clone();
         let control = Arc::new(Control::new(shared.clone()));
         let env = policy_env(shared.symbols(), cfg.mem_mib << 20);
@@ -133,6 +167,8 @@ impl Session {
             image: a.image.clone(),
             serial,
             host_writes: true,
+            journal,
+            info,
         })
     }
 
@@ -152,6 +188,8 @@ impl Session {
             at_entry: self.at_entry,
             image: self.image.clone(),
             serial: self.serial.clone(),
+            journal: None,
+            info: self.info.clone(),
         }
     }
 
@@ -203,8 +241,16 @@ impl Session {
     pub fn outcome(&mut self) -> Option<&RunOutcome> {
         if self.outcome.is_none() && self.runner.as_ref().is_some_and(|r| r.is_finished()) {
             self.outcome = self.runner.take().and_then(|r| r.join().ok());
+            self.journal_end();
         }
         self.outcome.as_ref()
+    }
+
+    /// Writes `--journal`'s last record, once the outcome is known.
+    fn journal_end(&self) {
+        if let (Some(j), Some(o)) = (&self.journal, &self.outcome) {
+            j.end(&self.shared, o, self.intro.engine.lock().unwrap().now_us());
+        }
     }
 
     pub fn running(&mut self) -> bool {
@@ -314,9 +360,33 @@ impl Session {
             .map_err(Into::into)
     }
 
+    /// `$rsp`, `$rip+8` …: a register's value where a number goes (as gdb).
+    fn with_registers(&mut self, line: &str) -> Result<String, Error> {
+        if !line.contains('$') || line.trim_start().starts_with("expect") {
+            return Ok(line.to_string());
+        }
+        let mut out = String::with_capacity(line.len());
+        let mut rest = line;
+        while let Some(i) = rest.find('$') {
+            out.push_str(&rest[..i]);
+            let name: String = rest[i + 1..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let v = self.reg_value(&name).ok_or_else(|| {
+                format!("`${name}` is not a register (rax … r15, rip, rflags, cr3 …)")
+            })?;
+            out.push_str(&format!("{v:#x}"));
+            rest = &rest[i + 1 + name.len()..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+
     /// Runs one line; errors are one line.
     pub fn exec(&mut self, line: &str) -> Result<Output, Error> {
-        let cmd = match commands::parse(line, &self.sym())? {
+        let line = self.with_registers(line)?;
+        let cmd = match commands::parse(&line, &self.sym())? {
             Some(c) => c,
             None => return Ok(Output::default()),
         };
@@ -325,51 +395,28 @@ impl Session {
 
     pub fn run(&mut self, cmd: Command) -> Result<Output, Error> {
         use Command as C;
-        let ended = self.ended();
-        let needs_guest = !matches!(
-            cmd,
-            C::Help(_)
-                | C::Quit
-                | C::Events { .. }
-                | C::Alerts
-                | C::Alert(_)
-                | C::Exceptions
-                | C::ExceptionsSave(_)
-                | C::Stats
-                | C::Caps
-                | C::JournalSave(_)
-                | C::Breaks
-                | C::Delete(_)
-                | C::Hooks
-                | C::LogOnly(_)
-                | C::ExceptionFromAlert(_)
-                | C::BreakEvent { .. }
-                | C::BreakHook(_)
-                | C::Expect(..)
-                | C::Vcpu(_)
-                | C::MemRead { phys: true, .. }
-        );
-        if ended && needs_guest {
-            return Err((format!(
-                "the guest has ended ({})",
+        if self.ended() && needs_live_guest(&cmd) {
+            return Err(format!(
+                "the guest has ended ({}); its final registers, memory, events, alerts and the journal can still be read",
                 self.outcome()
                     .map(|o| o.reason.to_string())
                     .unwrap_or_default()
-            ))
+            )
             .into());
         }
         match cmd {
             C::Quit => self.quit(),
-            C::Continue => self.cont(),
+            C::Continue { wait } => self.cont(wait),
+            C::Wait(t) => self.wait(t),
             C::Pause => self.pause(),
-            C::NextEvent => self.next_event(),
+            C::NextEvent { all } => self.next_event(all),
             C::Step => Ok(self.step()?),
             C::Vcpu(n) => self.select_vcpu(n),
             C::BreakEvent { class, vcpu } => self.break_event(class, vcpu),
             C::BreakHook(h) => self.break_hook(h),
             C::Breaks => self.breaks(),
             C::Delete(n) => self.delete_break(n),
-            C::Event => Ok(Output::text(self.describe_stop())),
+            C::Event => Ok(Output::text(self.describe_stop()?)),
             C::Verdict(v) => self.verdict(v),
             C::Hook(spec) => Ok(self.add_hook(spec)?),
             C::Hooks => Ok(Output::text(self.hooks_text())),
@@ -377,20 +424,31 @@ impl Session {
             C::HookDelete(id) => self.hook_delete(id),
             C::Protect(name) => self.protect(name),
             C::Unprotect(name) => self.unprotect(name),
-            C::Regs => Ok(Output::text(
-                self.with_guest(|cpu| fmt_regs(&VcpuCtl::regs(cpu)))?,
-            )),
-            C::Sregs => Ok(Output::text(
-                self.with_guest(|cpu| fmt_sregs(&VcpuCtl::sregs(cpu)))?,
-            )),
+            C::Regs => Ok(Output::text(fmt_regs(&self.cpu_state()?.regs))),
+            C::Sregs => Ok(Output::text(fmt_sregs(&self.cpu_state()?.sregs))),
+            C::Segments => Ok(Output::text(self.segments()?)),
+            C::Dregs => Ok(Output::text(self.dregs()?)),
+            C::Idt(n) => Ok(Output::text(self.idt(n)?)),
+            C::Gdt => Ok(Output::text(self.gdt()?)),
             C::Ps => Ok(Output::text(self.ps()?)),
             C::Lsmod => Ok(Output::text(self.lsmod()?)),
             C::Msr(i) => self.msr(i),
             C::MemRead { addr, len, phys } => self.mem_read(addr, len, phys),
             C::MemWrite { addr, bytes, phys } => self.mem_write(addr, bytes, phys),
+            C::MemFind {
+                pattern,
+                range,
+                phys,
+            } => Ok(Output::text(self.mem_find(&pattern, range, phys)?)),
+            C::Vmmap => Ok(Output::text(self.vmmap()?)),
+            C::Examine { fmt, addr } => Ok(Output::text(self.examine(fmt, addr)?)),
+            C::Bt(n) => Ok(Output::text(self.backtrace(n)?)),
+            C::Sym(a) => Ok(Output::text(self.sym_of(a)?)),
+            C::Addr(n) => Ok(Output::text(self.addr_of(&n)?)),
             C::Disasm { addr, count } => Ok(Output::text(self.disasm(addr, count)?)),
             C::Translate(gva) => Ok(Output::text(format!(
-                "{gva:#x} -> {:#x}",
+                "{} -> {:#x}",
+                self.addr_name(gva),
                 self.translate(gva)?
             ))),
             C::Pagewalk(gva) => self.pagewalk(gva),
@@ -405,6 +463,7 @@ impl Session {
             C::Caps => self.caps(),
             C::JournalSave(f) => self.save_journal(f),
             C::Help(c) => self.help(c),
+            C::Json(c) => Ok(Output::text(self.json(*c)?.to_string())),
             C::Expect(e, t) => Ok(Output::text(
                 self.expect(&e, t).map_err(Error::Expectation)?,
             )),
@@ -420,20 +479,30 @@ impl Session {
         }
     }
 
-    pub fn describe_stop(&self) -> String {
+    /// The event the analyst is stopped at, in words.
+    pub fn describe_stop(&self) -> Result<String, Error> {
         let Some(s) = self.control.stop() else {
-            return "not stopped at an event".into();
+            return Err("not stopped at an event (`next-event`, `break event`, `wait`)".into());
         };
         let mut t = format!("vCPU {} stopped ({})", s.vcpu, s.cause);
         if let Some(e) = &s.event {
-            let _ = write!(t, "\n  {}", event_line(e));
+            let _ = write!(t, "\n  {}", event_line(e, self.shared.symbols()));
             let _ = write!(
                 t,
                 "\n  instruction: {} at {}",
                 e.instruction.as_deref().unwrap_or("(unknown: polled)"),
                 self.addr_name(e.rip)
             );
-            let _ = write!(t, "\n  hooks: {:?}", e.hooks);
+            let hooks: Vec<String> = e.hooks.iter().map(|h| h.to_string()).collect();
+            let _ = write!(
+                t,
+                "\n  hooks: {}",
+                if hooks.is_empty() {
+                    "none (an unhooked access on a hooked page)".to_string()
+                } else {
+                    hooks.join(", ")
+                }
+            );
         }
         if let Some(r) = &s.raw {
             let _ = write!(t, "\n  exit: {r}");
@@ -448,7 +517,7 @@ impl Session {
                 "  (`verdict allow|deny|policy`)"
             }
         );
-        t
+        Ok(t)
     }
 
     /// The selected vCPU's paging mode at its last exit.
@@ -475,6 +544,7 @@ impl Session {
         }
         if let Some(r) = self.runner.take() {
             self.outcome = r.join().ok();
+            self.journal_end();
         }
         self.outcome.as_ref()
     }

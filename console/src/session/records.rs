@@ -21,7 +21,7 @@ impl Session {
             .collect();
         let mut t = String::new();
         for r in &list[list.len().saturating_sub(n)..] {
-            let _ = writeln!(t, "{}", event_line(r));
+            let _ = writeln!(t, "{}", event_line(r, self.shared.symbols()));
         }
         Ok(Output::text(if t.is_empty() {
             "no handled events yet".into()
@@ -51,9 +51,38 @@ impl Session {
             .iter()
             .find(|a| a.id == id)
             .ok_or_else(|| format!("no alert {id} (see `alerts`)"))?;
-        Ok(Output::text(
-            serde_json::to_string_pretty(a).unwrap_or_default(),
-        ))
+        let sym = self.shared.symbols();
+        Ok(Output::text(format!(
+            "{}\n  event #{}{}: {}\n  vCPU {} cpl{} rip {} cr3 {:#x}{}\n  instruction: {}\n  hook {} ({}), verdict {}, {}\n  `exception add-from-alert {id}` allows it from now on; `json alert {id}` gives it as JSON",
+            alert_line(a),
+            a.event_id,
+            if a.repeats > 0 {
+                format!(
+                    " (and {} repeats, the last at event #{})",
+                    a.repeats, a.last_event_id
+                )
+            } else {
+                String::new()
+            },
+            info_text(&a.event, sym),
+            a.vcpu,
+            a.cpl,
+            at(sym, a.rip),
+            a.cr3,
+            a.task
+                .as_deref()
+                .map(|t| format!(" task {t}"))
+                .unwrap_or_default(),
+            a.instruction.as_deref().unwrap_or("(unknown: polled)"),
+            a.hook,
+            a.hook_name,
+            verdict_name(a.verdict),
+            if a.enforced {
+                "enforced"
+            } else {
+                "log-only: allowed"
+            },
+        )))
     }
 
     pub(super) fn exception_from_alert(&mut self, id: u64) -> Result<Output, Error> {
@@ -124,25 +153,38 @@ impl Session {
         ))
     }
 
+    /// `journal save FILE`: the session in `--journal`'s schema, from the
+    /// engine's memory (its recent events, every alert and override), records
+    /// in time order between the header and, once the guest has ended, `end`.
     pub(super) fn save_journal(&mut self, f: String) -> Result<Output, Error> {
+        use crate::journal;
         self.may_write(&f)?;
+        let now = self.intro.engine.lock().unwrap().now_us();
+        let shared = self.shared.clone();
+        let end = self.outcome().map(|o| journal::end_json(&shared, o, now));
         let e = self.intro.engine.lock().unwrap();
-        let mut out = String::new();
-        for r in e.recent() {
-            let _ = writeln!(
-                out,
-                "{}",
-                serde_json::json!({"type": "event", "record": &**r})
-            );
+        let sym = self.shared.symbols();
+        let mut records: Vec<serde_json::Value> = e
+            .recent()
+            .iter()
+            .map(|r| journal::event_json(r, sym))
+            .chain(e.alerts().iter().map(journal::alert_json))
+            .chain(e.overrides().iter().map(journal::override_json))
+            .collect();
+        records.sort_by_key(|r| r["t_us"].as_u64().unwrap_or(0));
+        let mut out = format!("{}\n", journal::header_json(&self.info));
+        for r in &records {
+            let _ = writeln!(out, "{r}");
         }
-        for a in e.alerts() {
-            let _ = writeln!(out, "{}", serde_json::json!({"type": "alert", "alert": a}));
+        if let Some(end) = &end {
+            let _ = writeln!(out, "{end}");
         }
         std::fs::write(&f, out).map_err(|e| format!("cannot write {f}: {e}"))?;
         Ok(Output::text(format!(
-            "saved {} events and {} alerts to {f}",
+            "saved {} events, {} alerts and {} overrides to {f}",
             e.recent().len(),
-            e.alerts().len()
+            e.alerts().len(),
+            e.overrides().len()
         )))
     }
 
@@ -200,11 +242,17 @@ impl Session {
     pub(super) fn help(&mut self, c: Option<String>) -> Result<Output, Error> {
         let lines = commands::HELP
             .iter()
-            .filter(|(u, _)| {
+            .filter(|e| {
                 c.as_deref()
-                    .is_none_or(|c| u.split_whitespace().next() == Some(c))
+                    .is_none_or(|c| e.usage.split(['/', ' ']).next() == Some(c))
             })
-            .map(|(u, d)| format!("{u:<38} {d}\n"))
+            .map(|e| {
+                if c.is_some() {
+                    format!("{}\n  {}\n  example: {}\n", e.usage, e.what, e.example)
+                } else {
+                    format!("{:<38} {}\n", e.usage, e.what)
+                }
+            })
             .collect::<String>();
         if lines.is_empty() {
             return Err(format!("no command `{}` (try `help`)", c.unwrap_or_default()).into());

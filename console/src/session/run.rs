@@ -24,9 +24,50 @@ impl Session {
         })
     }
 
-    pub(super) fn cont(&mut self) -> Result<Output, Error> {
+    /// `continue [--wait]`.
+    pub(super) fn cont(&mut self, wait: bool) -> Result<Output, Error> {
+        let n = self.control.stop_count();
         self.go();
+        if wait {
+            return self.wait_after(n, 10.0);
+        }
         Ok(Output::text("continuing"))
+    }
+
+    /// `wait [SECS]`: the stop the guest is at, or the next one, or its end.
+    pub(super) fn wait(&mut self, secs: f64) -> Result<Output, Error> {
+        if self.control.stop().is_some() {
+            return Ok(Output::text(self.describe_stop()?));
+        }
+        let n = self.control.stop_count();
+        self.wait_after(n, secs)
+    }
+
+    /// Waits for a stop newer than `n` or the guest's end, up to `secs`.
+    fn wait_after(&mut self, n: u64, secs: f64) -> Result<Output, Error> {
+        let deadline = std::time::Instant::now() + Duration::from_secs_f64(secs);
+        loop {
+            if self
+                .control
+                .wait_stop(n, Duration::from_millis(100))
+                .is_some()
+            {
+                return Ok(Output::text(self.describe_stop()?));
+            }
+            if self.ended() {
+                let why = self
+                    .outcome()
+                    .map(|o| o.reason.to_string())
+                    .unwrap_or_default();
+                return Ok(Output::text(format!("the guest has ended: {why}")));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "no stop within {secs} s (the guest runs on; `pause` stops it)"
+                )
+                .into());
+            }
+        }
     }
 
     pub(super) fn pause(&mut self) -> Result<Output, Error> {
@@ -39,14 +80,11 @@ impl Session {
         }))
     }
 
-    pub(super) fn next_event(&mut self) -> Result<Output, Error> {
+    pub(super) fn next_event(&mut self, all: bool) -> Result<Output, Error> {
         let n = self.control.stop_count();
-        self.control.arm_next_event();
+        self.control.arm_next_event(all);
         self.go();
-        Ok(match self.control.wait_stop(n, Duration::from_secs(10)) {
-            Some(_) => Output::text(self.describe_stop()),
-            None => Output::text("no event within 10 s (still running; `pause` to stop)"),
-        })
+        self.wait_after(n, 10.0)
     }
 
     pub(super) fn select_vcpu(&mut self, n: u32) -> Result<Output, Error> {
@@ -132,12 +170,13 @@ impl Session {
         }
         self.control.resume(over);
         Ok(Output::text(format!(
-            "verdict {}; continuing",
+            "verdict {}; vCPU {} goes on",
             match v {
                 VerdictChoice::Allow => "allow",
                 VerdictChoice::Deny => "deny",
                 VerdictChoice::Policy => "as the policy said",
-            }
+            },
+            stop.vcpu
         )))
     }
 

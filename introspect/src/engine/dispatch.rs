@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Engine, EventRecord, RECENT};
-use crate::alert::{Alert, Record};
+use crate::alert::{Alert, Override, Record};
 use crate::arch::{Regs, SRegs};
 use crate::ctx::Ctx;
 use crate::event::EventInfo;
@@ -137,30 +137,17 @@ impl Engine {
                 self.journal(&Record::Exception {
                     alert: alert.id,
                     rule,
+                    at_us: alert.at_us,
                 });
             } else {
                 alert.enforced = !self.log_only;
                 if self.log_only {
                     verdict = Verdict::Allowed;
                 }
-                self.journal(&Record::Alert(&alert));
-                self.alerts.push(alert);
+                self.push_alert(alert);
             }
         }
         let hooks: Vec<HookId> = fired.iter().map(|(id, _)| *id).collect();
-        let rec = Record::Event {
-            event_id: self.event_id,
-            class,
-            vcpu: guest.vcpu(),
-            rip: regs.rip,
-            cpl: s.cpl(),
-            instruction,
-            task: task.as_deref(),
-            event: info,
-            hooks: &hooks,
-            verdict,
-        };
-        self.journal(&rec);
         if self.recent.len() == RECENT {
             self.recent.pop_front();
         }
@@ -179,6 +166,7 @@ impl Engine {
         };
         // Shared, not copied: the record is in `recent` and goes to the caller.
         let record = Arc::new(record);
+        self.journal(&Record::Event(&record));
         self.handled = Some(record.clone());
         self.recent.push_back(record);
         verdict
@@ -212,7 +200,7 @@ impl Engine {
         Alert {
             id: self.next_alert,
             event_id: self.event_id,
-            at_ms: self.started.elapsed().as_millis() as u64,
+            at_us: self.started.elapsed().as_micros() as u64,
             class,
             vcpu,
             rip: regs.rip,
@@ -232,21 +220,54 @@ impl Engine {
             hook_name,
             verdict: Verdict::NotAllowed,
             enforced: true,
+            repeats: 0,
+            last_event_id: self.event_id,
         }
     }
 
     /// Journals an analyst's override of event `event_id`'s verdict.
     pub fn journal_override(&mut self, event_id: u64, proposed: Verdict, allow: bool) {
-        self.journal(&Record::Override {
+        let o = Override {
             event_id,
+            at_us: self.now_us(),
             proposed,
-            verdict: if allow { "allow" } else { "deny" },
-        });
+            allow,
+        };
+        self.journal(&Record::Override(&o));
+        if self.overrides.len() == RECENT {
+            self.overrides.remove(0);
+        }
+        self.overrides.push(o);
+    }
+
+    /// Keeps an alert, folding a repeat of the newest one (same vCPU, hook,
+    /// class, RIP and reason: the same act again) into its count, so a guest
+    /// that retries a denied write does not bury everything else. The journal
+    /// still gets every occurrence.
+    fn push_alert(&mut self, alert: Alert) {
+        if let Some(last) = self.alerts.last_mut()
+            && (last.vcpu, last.hook, last.class, last.rip, &last.reason)
+                == (
+                    alert.vcpu,
+                    alert.hook,
+                    alert.class,
+                    alert.rip,
+                    &alert.reason,
+                )
+        {
+            last.repeats += 1;
+            last.last_event_id = alert.event_id;
+            let last = last.clone();
+            self.journal(&Record::Alert(&last));
+            return;
+        }
+        self.journal(&Record::Alert(&alert));
+        self.alerts.push(alert);
     }
 
     fn journal(&mut self, r: &Record<'_>) {
         if let Some(j) = self.journal.as_mut() {
-            j.record(&serde_json::to_string(r).expect("records serialise"));
+            j.record(r);
         }
     }
 

@@ -131,6 +131,8 @@ pub struct Engine {
     class_counts: HashMap<Class, u32>,
     rights_dirty: bool,
     alerts: Vec<Alert>,
+    /// The analyst's verdict overrides, newest last (at most `RECENT`).
+    overrides: Vec<crate::alert::Override>,
     /// The last `RECENT` handled events.
     recent: VecDeque<Arc<EventRecord>>,
     exceptions: Exceptions,
@@ -183,6 +185,7 @@ impl Engine {
             class_counts: HashMap::new(),
             rights_dirty: false,
             alerts: vec![],
+            overrides: vec![],
             recent: VecDeque::new(),
             exceptions: Exceptions::default(),
             log_only: false,
@@ -247,6 +250,11 @@ impl Engine {
 
     pub(crate) fn symbol_of(&self, addr: u64) -> Option<String> {
         self.symbolizer.as_ref().and_then(|f| f(addr))
+    }
+
+    /// The analyst's verdict overrides (the console's `verdict`).
+    pub fn overrides(&self) -> &[crate::alert::Override] {
+        &self.overrides
     }
 
     pub fn alerts(&self) -> &[Alert] {

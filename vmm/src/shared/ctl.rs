@@ -42,6 +42,12 @@ impl VcpuCtl<'_> {
         self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
     }
 
+    /// DR0–DR3, DR6, DR7 (one KVM_GET_DEBUGREGS ioctl).
+    pub fn debugregs(&self) -> Option<kvm_bindings::kvm_debugregs> {
+        self.vm.count_ioctls(1);
+        self.fd.get_debug_regs().ok()
+    }
+
     pub fn cpl(&self) -> u8 {
         guest::cpl_of(&self.sregs())
     }

@@ -65,6 +65,17 @@ pub(crate) struct VcpuInfo {
     /// CR0, CR3, CR4, EFER at the last exit: the paging mode for reading guest
     /// memory from another thread.
     pub(crate) paging: [AtomicU64; 4],
+    /// The registers when the vCPU's thread ended, for post-mortem reading.
+    pub(crate) last_state: Mutex<Option<FinalState>>,
+}
+
+/// A vCPU's registers when its thread ended (the guest exited, triple-faulted or
+/// was stopped): what the console shows after the end, as QEMU's `-no-shutdown`.
+#[derive(Debug, Clone, Copy)]
+pub struct FinalState {
+    pub regs: kvm_bindings::kvm_regs,
+    pub sregs: kvm_bindings::kvm_sregs,
+    pub debugregs: Option<kvm_bindings::kvm_debugregs>,
 }
 
 /// Where a vCPU thread is. Transitions are made by the thread itself and
@@ -226,6 +237,7 @@ impl VmShared {
                 last_cpl: AtomicU8::new(0),
                 entries: AtomicU64::new(0),
                 paging: Default::default(),
+                last_state: Mutex::new(None),
             })
             .collect();
         VmShared {

@@ -185,6 +185,12 @@ impl VmShared {
         ))
     }
 
+    /// vCPU `cpu`'s registers when its thread ended (None: still running, or
+    /// no such vCPU).
+    pub fn final_state(&self, cpu: u32) -> Option<super::FinalState> {
+        *self.vcpus.get(cpu as usize)?.last_state.lock().unwrap()
+    }
+
     /// Kicks `cpu` out of the guest once (it reports `Event::Kicked` and goes on).
     pub fn kick_vcpu(&self, cpu: u32) {
         self.kick(cpu);

@@ -171,6 +171,14 @@ impl VcpuThread {
                 break;
             }
         }
+        // Kept for post-mortem reading: the registers at the last exit (kvm_run's
+        // synced copy) and the debug registers.
+        let state = crate::shared::FinalState {
+            regs: self.fd.sync_regs().regs,
+            sregs: self.fd.sync_regs().sregs,
+            debugregs: self.fd.get_debug_regs().ok(),
+        };
+        *self.info().last_state.lock().unwrap() = Some(state);
         self.vm.set_state(self.id, VcpuState::Stopped);
         kick::unregister_thread();
     }

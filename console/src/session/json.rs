@@ -1,0 +1,139 @@
+//! `json CMD` (or `CMD --json`): the answers of the inspection commands as
+//! JSON, in the journal's conventions (addresses and 64-bit values as `"0x…"`
+//! strings, counts as numbers).
+
+use serde_json::{Value, json};
+
+use super::Session;
+use crate::commands::Command;
+use crate::error::Error;
+use crate::journal::{alert_json, event_json, hexify};
+
+impl Session {
+    pub(super) fn json(&mut self, c: Command) -> Result<Value, Error> {
+        use Command as C;
+        Ok(match c {
+            C::Regs => {
+                let r = self.cpu_state()?.regs;
+                hexify(json!({
+                    "rax": r.rax, "rbx": r.rbx, "rcx": r.rcx, "rdx": r.rdx,
+                    "rsi": r.rsi, "rdi": r.rdi, "rbp": r.rbp, "rsp": r.rsp,
+                    "r8": r.r8, "r9": r.r9, "r10": r.r10, "r11": r.r11,
+                    "r12": r.r12, "r13": r.r13, "r14": r.r14, "r15": r.r15,
+                    "rip": r.rip, "rflags": r.rflags,
+                }))
+            }
+            C::Sregs => {
+                let s = self.cpu_state()?.sregs;
+                hexify(json!({
+                    "cr0": s.cr0, "cr2": s.cr2, "cr3": s.cr3, "cr4": s.cr4, "cr8": s.cr8,
+                    "efer": s.efer,
+                    "idtr": {"base": s.idt.base, "limit": s.idt.limit},
+                    "gdtr": {"base": s.gdt.base, "limit": s.gdt.limit},
+                    "cs": s.cs.selector, "ss": s.ss.selector, "ds": s.ds.selector,
+                    "es": s.es.selector, "fs": s.fs.selector, "gs": s.gs.selector,
+                    "tr": s.tr.selector, "ldt": s.ldt.selector,
+                    "fs_base": s.fs.base, "gs_base": s.gs.base,
+                }))
+            }
+            C::Segments => {
+                let s = self.cpu_state()?.sregs;
+                let seg = |n: &str, g: &kvm_bindings::kvm_segment| {
+                    json!({"name": n, "selector": g.selector, "base": g.base,
+                        "limit": g.limit, "type": g.type_, "dpl": g.dpl,
+                        "present": g.present == 1, "l": g.l == 1, "db": g.db == 1,
+                        "g": g.g == 1, "unusable": g.unusable == 1})
+                };
+                hexify(json!([
+                    seg("cs", &s.cs),
+                    seg("ss", &s.ss),
+                    seg("ds", &s.ds),
+                    seg("es", &s.es),
+                    seg("fs", &s.fs),
+                    seg("gs", &s.gs),
+                    seg("tr", &s.tr),
+                    seg("ldt", &s.ldt),
+                ]))
+            }
+            C::Dregs => {
+                let d = self.debugregs()?;
+                hexify(json!({"dr0": d.db[0], "dr1": d.db[1], "dr2": d.db[2],
+                    "dr3": d.db[3], "dr6": d.dr6, "dr7": d.dr7}))
+            }
+            C::Events { n, class } => {
+                let e = self.intro.engine.lock().unwrap();
+                let list: Vec<_> = e
+                    .recent()
+                    .iter()
+                    .filter(|r| class.is_none_or(|c| c == r.class))
+                    .collect();
+                Value::Array(
+                    list[list.len().saturating_sub(n)..]
+                        .iter()
+                        .map(|r| event_json(r, self.shared.symbols()))
+                        .collect(),
+                )
+            }
+            C::Alerts => {
+                let e = self.intro.engine.lock().unwrap();
+                Value::Array(e.alerts().iter().map(alert_json).collect())
+            }
+            C::Alert(id) => {
+                let e = self.intro.engine.lock().unwrap();
+                let a = e
+                    .alerts()
+                    .iter()
+                    .find(|a| a.id == id)
+                    .ok_or_else(|| format!("no alert {id} (see `alerts`)"))?;
+                alert_json(a)
+            }
+            C::Hooks => {
+                let e = self.intro.engine.lock().unwrap();
+                Value::Array(
+                    e.hooks()
+                        .iter()
+                        .map(|h| {
+                            json!({"id": h.id, "class": h.target.class().name(),
+                                "name": h.name, "hits": h.hits, "enabled": h.enabled,
+                                "target": crate::format::target_text(&h.target)})
+                        })
+                        .collect(),
+                )
+            }
+            C::Stats => self.stats_json(),
+            C::Caps => serde_json::to_value(crate::caps::measure()?).unwrap_or_default(),
+            other => return Err(format!("`json` cannot answer {other:?}").into()),
+        })
+    }
+
+    fn stats_json(&self) -> Value {
+        let e = self.intro.engine.lock().unwrap();
+        let per_class: serde_json::Map<String, Value> = e
+            .events_per_class()
+            .iter()
+            .map(|(c, n)| (c.name().to_string(), json!(n)))
+            .collect();
+        let (exits, per_vcpu) = self.shared.exit_counts();
+        let exits: serde_json::Map<String, Value> = exits
+            .iter()
+            .map(|(c, n)| (c.to_string(), json!(n)))
+            .collect();
+        let completed: serde_json::Map<String, Value> = self
+            .shared
+            .completed()
+            .into_iter()
+            .map(|(c, n)| (c.name().to_string(), json!(n)))
+            .collect();
+        json!({
+            "events": per_class,
+            "latency": {
+                "count": e.latency().count,
+                "mean_ns": e.latency().total_ns / e.latency().count.max(1),
+            },
+            "hooks": e.hooks().iter().map(|h| json!({"id": h.id, "name": h.name, "hits": h.hits})).collect::<Vec<_>>(),
+            "exits": exits,
+            "exits_per_vcpu": per_vcpu,
+            "completed": completed,
+        })
+    }
+}

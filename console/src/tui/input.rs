@@ -1,0 +1,95 @@
+//! The `:` command line: editing, history (↑/↓) and completion (Tab).
+
+use crossterm::event::KeyCode;
+
+use super::Tui;
+use crate::cli::Mode;
+use crate::session::Session;
+
+/// The most commands the history keeps.
+const HISTORY: usize = 500;
+
+/// A command being typed.
+pub struct CmdLine {
+    pub text: String,
+    /// Where ↑/↓ are in the history (its length: the new line).
+    hist_pos: usize,
+    /// What Tab offered last, when there was more than one candidate.
+    pub offered: Vec<String>,
+}
+
+impl CmdLine {
+    pub fn new(hist_len: usize) -> Self {
+        CmdLine {
+            text: String::new(),
+            hist_pos: hist_len,
+            offered: Vec::new(),
+        }
+    }
+}
+
+impl Tui {
+    /// A key while the command line is open.
+    pub(super) fn input_key(&mut self, s: &mut Session, code: KeyCode) -> Option<Mode> {
+        let input = self.input.as_mut()?;
+        match code {
+            KeyCode::Enter => {
+                let line = self.input.take().map(|c| c.text).unwrap_or_default();
+                let line = line.trim().to_string();
+                if line.is_empty() {
+                    return None;
+                }
+                if self.history.last() != Some(&line) {
+                    self.history.push(line.clone());
+                    if self.history.len() > HISTORY {
+                        self.history.remove(0);
+                    }
+                }
+                if line == "repl" {
+                    return Some(Mode::Repl);
+                }
+                if self.exec(s, &line) {
+                    return Some(Mode::Quit);
+                }
+            }
+            KeyCode::Esc => self.input = None,
+            KeyCode::Backspace => {
+                input.text.pop();
+                input.offered.clear();
+            }
+            KeyCode::Up => {
+                input.hist_pos = input.hist_pos.saturating_sub(1);
+                if let Some(h) = self.history.get(input.hist_pos) {
+                    input.text = h.clone();
+                }
+            }
+            KeyCode::Down => {
+                input.hist_pos = (input.hist_pos + 1).min(self.history.len());
+                input.text = self
+                    .history
+                    .get(input.hist_pos)
+                    .cloned()
+                    .unwrap_or_default();
+            }
+            KeyCode::Tab => {
+                let words = crate::complete::words(s);
+                let (start, c) = crate::complete::candidates(&input.text, &words);
+                let prefix = crate::complete::common_prefix(&c);
+                if prefix.len() > input.text.len() - start {
+                    input.text.truncate(start);
+                    input.text.push_str(&prefix);
+                    if c.len() == 1 {
+                        input.text.push(' ');
+                    }
+                }
+                input.offered = if c.len() > 1 { c } else { Vec::new() };
+            }
+            KeyCode::Char(ch) => {
+                input.text.push(ch);
+                input.offered.clear();
+            }
+            _ => {}
+        }
+        None
+    }
+}
