@@ -1,4 +1,4 @@
-//! Marks the tests whose tools this machine lacks (`/dev/kvm`, gdb, lldb, tmux,
+//! Marks the tests whose tools this machine lacks (`/dev/kvm`, gdb, lldb, tmux, jq,
 //! Debian's kernel package unpacked by `.ci/run` under `target/linux`) as ignored, so they show as not run instead of as passed. Under `CI=true`
 //! nothing is ignored: a missing tool must fail the tests loudly there.
 
@@ -22,6 +22,7 @@ fn main() {
         ("no_gdb", on_path("gdb")),
         ("no_lldb", on_path("lldb")),
         ("no_tmux", on_path("tmux")),
+        ("no_jq", on_path("jq")),
         ("no_linux", kernel),
     ];
     for (cfg, present) in have {

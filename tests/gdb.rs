@@ -187,6 +187,7 @@ fn registers_breakpoint_stepi_memory_threads_monitor() {
             "monitor hook msr 0x176 w log",
             "monitor hooks",
             "monitor phys 0x100a00 4",
+            "monitor help",
             "delete",
             "continue",
         ],
@@ -227,8 +228,12 @@ fn registers_breakpoint_stepi_memory_threads_monitor() {
     assert!(out.contains("$6 = 0x100a29"), "{out}");
     assert!(out.contains("Thread 1.1"), "{out}");
     assert!(
-        out.contains("added") && out.contains("console:0") && out.contains("hits"),
+        out.contains("added") && out.contains("console:msr") && out.contains("hits"),
         "monitor runs console commands: {out}"
+    );
+    assert!(
+        out.contains("phys ADDR [LEN]") && out.contains("breakpoints [visible|hidden]"),
+        "monitor help lists the gdb-only commands: {out}"
     );
     assert!(
         out.contains("48 8d 47 01"),

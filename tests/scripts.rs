@@ -74,6 +74,11 @@ fn a_failing_expectation_fails_the_run_with_a_report() {
     assert_eq!(code, Some(2), "a malformed script runs nothing");
     assert!(err.contains(":2: `hook msr` expects an MSR index"), "{err}");
     assert!(err.contains(":3: unknown command `frobnicate`"), "{err}");
+    // A script for another image is refused before it runs (it would time
+    // out expectation after expectation).
+    let (code, _, err) = run_script("hello", "other", "# image: demo\nexpect alert msr\n");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("is written for image `demo`, not `hello`"), "{err}");
 }
 
 /// `mem write` over one of our INT3s changes the byte the breakpoint will put

@@ -110,7 +110,10 @@ fn tui_alert_to_exception_with_the_e_key() {
     t.keys(&["Escape", "q"]);
 }
 
-fn repl(image: &str, script: &[(&str, u64)]) -> String {
+/// The REPL over pipes, its input written at once: the resuming commands
+/// (`next-event`, `continue --wait`, `wait`) return when the guest stops, so
+/// no command races the guest.
+fn repl(image: &str, script: &[&str]) -> String {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_vmiscope"))
         .args(["run", image, "--repl"])
@@ -120,10 +123,8 @@ fn repl(image: &str, script: &[(&str, u64)]) -> String {
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    for (line, wait_ms) in script {
+    for line in script {
         writeln!(stdin, "{line}").unwrap();
-        stdin.flush().unwrap();
-        std::thread::sleep(Duration::from_millis(*wait_ms));
     }
     drop(stdin);
     let out = child.wait_with_output().unwrap();
@@ -142,15 +143,15 @@ fn repl_stop_override_and_exception() {
     let out = repl(
         "msr",
         &[
-            ("hook msr 0xc0000082 w deny", 100),
-            ("break event msr", 100),
-            ("next-event", 500),
-            ("event", 100),
-            ("verdict allow", 500),
-            ("alerts", 100),
-            ("exception add-from-alert 1", 100),
-            ("exceptions", 100),
-            ("quit", 100),
+            "hook msr 0xc0000082 w deny",
+            "break event msr",
+            "next-event",
+            "event",
+            "verdict allow",
+            "alerts",
+            "exception add-from-alert 1",
+            "exceptions",
+            "quit",
         ],
     );
     assert!(
@@ -167,15 +168,7 @@ fn repl_stop_override_and_exception() {
     assert!(out.contains("exception 0 added"), "{out}");
     assert!(out.contains("\"msr\": 3221225602"), "{out}");
     // Bad input: a one-line error, the session goes on.
-    let out = repl(
-        "hello",
-        &[
-            ("frobnicate", 100),
-            ("mem read", 100),
-            ("hooks", 100),
-            ("quit", 100),
-        ],
-    );
+    let out = repl("hello", &["frobnicate", "mem read", "hooks", "quit"]);
     assert!(
         out.contains("error: unknown command `frobnicate` (try `help`)"),
         "{out}"
@@ -222,4 +215,107 @@ fn the_tui_ends_when_its_terminal_hangs_up() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+#[cfg_attr(any(no_kvm, no_tmux), ignore = "needs /dev/kvm and tmux")]
+fn every_pane_takes_the_focus_and_scrolls_and_the_command_line_completes() {
+    if !kvm_available() || !tmux_available() {
+        return;
+    }
+    let t = Term::start(200, 50, "");
+    t.wait_for("paused at entry");
+    // Tab reaches every pane: from Events, five presses land on Disassembly.
+    t.keys(&["Tab", "Tab", "Tab", "Tab", "Tab"]);
+    t.wait_for("Disassembly (* breakpoint) *");
+    // Select `_start`'s `call rt_entry` (its 9th line) and follow it.
+    for _ in 0..8 {
+        t.keys(&["Down"]);
+    }
+    t.keys(&["Enter"]);
+    let s = t.wait_for("Disassembly at 0x1005e0 (Esc: RIP)");
+    assert!(s.contains("following 0x1005e0 <rt_entry>"), "{s}");
+    assert!(s.contains("<rt_entry>"), "{s}");
+    t.keys(&["Escape"]);
+    t.wait_for("disassembly follows RIP");
+    // The help scrolls to its end.
+    t.keys(&["?"]);
+    let s = t.wait_for("help (↑↓ scroll, Esc closes)");
+    assert!(
+        !s.contains("end the session"),
+        "the help is longer than the screen:\n{s}"
+    );
+    t.keys(&["PageDown", "PageDown", "PageDown", "PageDown"]);
+    t.wait_for("end the session");
+    t.keys(&["Escape"]);
+    // The `:` line completes, and keeps a history.
+    t.keys(&[":"]);
+    t.literal("disa");
+    t.keys(&["Tab"]);
+    t.wait_for(":disasm █");
+    t.literal("_start 2");
+    t.keys(&["Enter"]);
+    t.wait_for("disasm _start 2 (↑↓ scroll, Esc closes)");
+    t.keys(&["Escape", ":", "Up"]);
+    t.wait_for(":disasm _start 2█");
+    t.keys(&["Escape"]);
+    // A click focuses the pane under it (the serial pane, bottom right).
+    t.click(150, 46);
+    t.wait_for("Serial *");
+    // `mem read` points the memory pane at its address.
+    t.type_line("mem read user_secret 16");
+    t.wait_for("Memory at 0x207000 (Esc: RSP)");
+    t.keys(&["q"]);
+}
+
+#[test]
+#[cfg_attr(any(no_kvm, no_tmux), ignore = "needs /dev/kvm and tmux")]
+fn at_80x24_the_registers_scroll_and_grow_when_focused() {
+    if !kvm_available() || !tmux_available() {
+        return;
+    }
+    let t = Term::start(80, 24, "");
+    let s = t.wait_for("paused at entry");
+    assert!(
+        !s.contains("gsb "),
+        "not every register fits at first:\n{s}"
+    );
+    // Events → Alerts → Hooks → Serial → Registers.
+    t.keys(&["Tab", "Tab", "Tab", "Tab"]);
+    let s = t.wait_for("Registers vCPU 0 *");
+    assert!(
+        s.contains("gsb ") && s.contains("r15 "),
+        "every register while focused:\n{s}"
+    );
+    t.keys(&["F5"]);
+    let s = t.wait_for("its final state stays readable");
+    assert!(s.contains("ended: guest exited with status 0"), "{s}");
+    assert!(
+        s.contains("rip 0000000000100530"),
+        "the final registers:\n{s}"
+    );
+    t.keys(&["q"]);
+}
+
+#[test]
+#[cfg_attr(any(no_kvm, no_tmux), ignore = "needs /dev/kvm and tmux")]
+fn after_a_step_at_cpl3_the_disassembly_shows_the_user_code() {
+    if !kvm_available() || !tmux_available() {
+        return;
+    }
+    let t = Term::start(120, 40, "run hang --tui");
+    t.wait_for("paused at entry");
+    t.keys(&["F5"]);
+    t.wait_for("running");
+    t.keys(&["F8"]);
+    let s = t.wait_for("stopped: vCPU 0 at step");
+    let current = s
+        .lines()
+        .find(|l| l.contains("=> "))
+        .unwrap_or_else(|| panic!("no current line:\n{s}"));
+    assert!(
+        current.contains("user_hang") && !current.contains("<isr"),
+        "the user code, not the guest's #DB entry: {current}\n{s}"
+    );
+    t.keys(&["q"]);
 }

@@ -23,46 +23,12 @@ const fn h(usage: &'static str, what: &'static str, example: &'static str) -> He
 
 /// Every command, for `help`, completion and the README.
 pub const HELP: &[HelpEntry] = &[
+    h("help [CMD]", "this list, or one command", "help hook"),
+    h("caps", "what this host traps, polls or cannot", "caps"),
     h(
-        "continue [--wait]",
-        "run until the next stop; --wait: until it comes (alias c)",
-        "continue --wait",
-    ),
-    h(
-        "wait [SECS]",
-        "wait for the next stop or the guest's end (default 10 s)",
-        "wait 5",
-    ),
-    h("pause", "stop every vCPU", "pause"),
-    h(
-        "step",
-        "run one instruction on the selected vCPU (alias s, si)",
-        "step",
-    ),
-    h(
-        "next-event [all]",
-        "run to the next event a hook or policy asked for (all: any exit the engine saw) and stop before its verdict (alias n)",
-        "next-event",
-    ),
-    h("vcpu N", "select vCPU N", "vcpu 0"),
-    h(
-        "quit",
-        "end the session (alias q); exit status 0, or the guest's if it had ended",
-        "quit",
-    ),
-    h(
-        "break event [CLASS] [vcpu N]",
-        "stop at events of CLASS (ept msr cr dtr xcr breakpoint introcall timer)",
-        "break event msr",
-    ),
-    h("break hook ID", "stop when hook ID fires", "break hook 1"),
-    h("breaks", "list event breakpoints", "breaks"),
-    h("delete N", "delete event breakpoint N", "delete 1"),
-    h("event", "the event the vCPU is stopped at", "event"),
-    h(
-        "verdict allow|deny|policy",
-        "decide the stopped event and let its vCPU go on",
-        "verdict allow",
+        "protect NAME[,NAME…]|all|list",
+        "switch protection policies on (`protect list` names them)",
+        "protect idt,syscall-msrs",
     ),
     h(
         "hook ept GPA [LEN] [rwx] [log|deny] [force]",
@@ -77,7 +43,7 @@ pub const HELP: &[HelpEntry] = &[
     h(
         "hook msr INDEX [r|w|rw] [log|deny]",
         "hook an MSR",
-        "hook msr 0xc0000082 w",
+        "hook msr 0x176 w",
     ),
     h(
         "hook cr 0|3|4 [MASK] [log|deny]",
@@ -93,7 +59,7 @@ pub const HELP: &[HelpEntry] = &[
     h(
         "hook bp ADDR [visible]",
         "breakpoint at ADDR (hidden from guest reads unless visible)",
-        "hook bp kprintf",
+        "hook bp kprintf visible",
     ),
     h(
         "hook introcall [OP] [VALUE]",
@@ -107,10 +73,19 @@ pub const HELP: &[HelpEntry] = &[
         "hook disable 1",
     ),
     h(
-        "protect NAME[,NAME…]|all|list",
-        "switch protection policies on (`protect list` names them)",
-        "protect idt,msr",
+        "break event [CLASS] [vcpu N]",
+        "stop at events of CLASS (ept msr cr dtr xcr breakpoint introcall timer)",
+        "break event msr",
     ),
+    h("break hook ID", "stop when hook ID fires", "break hook 3"),
+    h("breaks", "list event breakpoints", "breaks"),
+    h("delete N", "delete event breakpoint N", "delete 2"),
+    h(
+        "continue [--wait]",
+        "run until the next stop; --wait: until it comes (alias c)",
+        "continue --wait",
+    ),
+    h("event", "the event the vCPU is stopped at", "event"),
     h(
         "unprotect NAME",
         "switch a protection policy off",
@@ -192,6 +167,28 @@ pub const HELP: &[HelpEntry] = &[
         "ps",
     ),
     h("lsmod", "a Linux guest's modules, from its BTF", "lsmod"),
+    h("vcpu N", "select vCPU N", "vcpu 0"),
+    h(
+        "verdict allow|deny|policy",
+        "decide the stopped event and let its vCPU go on",
+        "verdict allow",
+    ),
+    h("pause", "stop every vCPU", "pause"),
+    h(
+        "step",
+        "run one instruction on the selected vCPU (alias s, si)",
+        "step",
+    ),
+    h(
+        "next-event [all]",
+        "run to the next event a hook or policy asked for (all: any exit the engine saw) and stop before its verdict (alias n)",
+        "next-event",
+    ),
+    h(
+        "wait [SECS]",
+        "wait for the next stop or the guest's end (default 10 s)",
+        "wait 5",
+    ),
     h(
         "events [N] [CLASS]",
         "the last N handled events",
@@ -224,7 +221,6 @@ pub const HELP: &[HelpEntry] = &[
         "hook hits, events per class, handler latency",
         "stats",
     ),
-    h("caps", "what this host traps, polls or cannot", "caps"),
     h(
         "journal save FILE",
         "write the session as JSON lines (the --journal schema)",
@@ -235,7 +231,11 @@ pub const HELP: &[HelpEntry] = &[
         "CMD's answer as JSON (regs sregs events alerts hooks stats caps); also `CMD --json`",
         "json regs",
     ),
-    h("help [CMD]", "this list, or one command", "help hook"),
+    h(
+        "quit",
+        "end the session (alias q); exit status 0, or the guest's if it had ended",
+        "quit",
+    ),
 ];
 
 /// `help`'s first words, for completion.
@@ -623,47 +623,6 @@ pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Com
         "hooks" => none_after(1).map(|_| C::Hooks)?,
         "hook" => parse_hook(&w, sym)?,
         "protect" | "unprotect" => parse_protect(&w)?,
-        "regs" => none_after(1).map(|_| C::Regs)?,
-        "sregs" => none_after(1).map(|_| C::Sregs)?,
-        "segments" => none_after(1).map(|_| C::Segments)?,
-        "dregs" => none_after(1).map(|_| C::Dregs)?,
-        "idt" => C::Idt(
-            w.get(1)
-                .map(|n| number(n, sym).map(|n| n.min(256) as usize))
-                .transpose()?,
-        ),
-        "gdt" => none_after(1).map(|_| C::Gdt)?,
-        "vmmap" => none_after(1).map(|_| C::Vmmap)?,
-        "bt" => C::Bt(
-            w.get(1)
-                .map(|n| number(n, sym).map(|n| n.clamp(1, 256) as usize))
-                .transpose()?
-                .unwrap_or(32),
-        ),
-        "sym" => C::Sym(num(1, "an address")?),
-        "addr" => match (w.get(1), w.get(2)) {
-            (Some(n), None) => C::Addr(n.to_string()),
-            _ => return Err("expected `addr SYMBOL`".into()),
-        },
-        "ps" => none_after(1).map(|_| C::Ps)?,
-        "lsmod" => none_after(1).map(|_| C::Lsmod)?,
-        "msr" => C::Msr(num32(1, "an MSR index")?),
-        "mem" => parse_mem(line, &w, sym)?,
-        x if x.starts_with("x/") || x == "x" => C::Examine {
-            fmt: XFormat::parse(x.strip_prefix("x/").unwrap_or(""))?,
-            addr: num(1, "an address (`x/FMT ADDR`)")?,
-        },
-        "disasm" => C::Disasm {
-            addr: w.get(1).map(|s| number(s, sym)).transpose()?,
-            count: w
-                .get(2)
-                .map(|s| number(s, sym))
-                .transpose()?
-                .unwrap_or(8)
-                .min(200) as usize,
-        },
-        "translate" => C::Translate(num(1, "a guest-virtual address")?),
-        "pagewalk" => C::Pagewalk(num(1, "a guest-virtual address")?),
         "events" => parse_events(&w)?,
         "alerts" => none_after(1).map(|_| C::Alerts)?,
         "alert" => C::Alert(num(1, "an alert id")?),
@@ -689,9 +648,78 @@ pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Com
         },
         "help" | "?" => C::Help(w.get(1).map(|s| s.to_string())),
         "expect" => parse_expect(line, &w, sym)?,
-        other => return Err(format!("unknown command `{other}` (try `help`)").into()),
+        _ => return parse_state(line, &w, sym).map(Some),
     };
     Ok(Some(c))
+}
+
+/// The commands that read or write the guest's state (registers, memory,
+/// tables, symbols).
+fn parse_state(
+    line: &str,
+    w: &[&str],
+    sym: &dyn Fn(&str) -> Option<u64>,
+) -> Result<Command, ParseError> {
+    let num = |i: usize, what: &str| -> Result<u64, ParseError> {
+        let s = w
+            .get(i)
+            .ok_or_else(|| format!("`{}` expects {what}", w[0]))?;
+        number(s, sym)
+    };
+    let none_after = |n: usize| -> Result<(), ParseError> {
+        match w.get(n) {
+            Some(x) => Err(format!("`{}` takes no `{x}` here", w[..n].join(" ")).into()),
+            None => Ok(()),
+        }
+    };
+    use Command as C;
+    Ok(match w[0] {
+        "regs" => none_after(1).map(|_| C::Regs)?,
+        "sregs" => none_after(1).map(|_| C::Sregs)?,
+        "segments" => none_after(1).map(|_| C::Segments)?,
+        "dregs" => none_after(1).map(|_| C::Dregs)?,
+        "idt" => C::Idt(
+            w.get(1)
+                .map(|n| number(n, sym).map(|n| n.min(256) as usize))
+                .transpose()?,
+        ),
+        "gdt" => none_after(1).map(|_| C::Gdt)?,
+        "vmmap" => none_after(1).map(|_| C::Vmmap)?,
+        "bt" => C::Bt(
+            w.get(1)
+                .map(|n| number(n, sym).map(|n| n.clamp(1, 256) as usize))
+                .transpose()?
+                .unwrap_or(32),
+        ),
+        "sym" => C::Sym(num(1, "an address")?),
+        "addr" => match (w.get(1), w.get(2)) {
+            (Some(n), None) => C::Addr(n.to_string()),
+            _ => return Err("expected `addr SYMBOL`".into()),
+        },
+        "ps" => none_after(1).map(|_| C::Ps)?,
+        "lsmod" => none_after(1).map(|_| C::Lsmod)?,
+        "msr" => C::Msr(
+            u32::try_from(num(1, "an MSR index")?)
+                .map_err(|_| format!("`{}` is too large for an MSR index", w[1]))?,
+        ),
+        "mem" => parse_mem(line, w, sym)?,
+        x if x.starts_with("x/") || x == "x" => C::Examine {
+            fmt: XFormat::parse(x.strip_prefix("x/").unwrap_or(""))?,
+            addr: num(1, "an address (`x/FMT ADDR`)")?,
+        },
+        "disasm" => C::Disasm {
+            addr: w.get(1).map(|s| number(s, sym)).transpose()?,
+            count: w
+                .get(2)
+                .map(|s| number(s, sym))
+                .transpose()?
+                .unwrap_or(8)
+                .min(200) as usize,
+        },
+        "translate" => C::Translate(num(1, "a guest-virtual address")?),
+        "pagewalk" => C::Pagewalk(num(1, "a guest-virtual address")?),
+        other => return Err(format!("unknown command `{other}` (try `help`)").into()),
+    })
 }
 
 type Num<'a> = dyn Fn(usize, &str) -> Result<u64, ParseError> + 'a;

@@ -236,15 +236,25 @@ impl Control {
         }
     }
 
-    /// Lets the stopped vCPU go on, with `over` replacing the verdict.
+    /// Lets the stopped vCPU go on, with `over` replacing the verdict, and
+    /// waits (briefly) until it has left the stop: the next command must not
+    /// see the stop it just ended (`verdict` then `wait` in a pipe).
     pub fn resume(&self, over: Option<Override>) -> bool {
         let mut s = self.state.lock().unwrap();
         let Some(cpu) = s.stop.as_ref().map(|st| st.vcpu) else {
             return false;
         };
+        let stops = s.stops;
         s.resume = Some(over);
         drop(s);
         self.vm.wake_vcpu(cpu);
+        let s = self.state.lock().unwrap();
+        let _ = self
+            .cv
+            .wait_timeout_while(s, Duration::from_secs(1), |s| {
+                s.stop.is_some() && s.stops == stops
+            })
+            .unwrap();
         true
     }
 
@@ -285,6 +295,7 @@ impl Control {
         let mut s = self.state.lock().unwrap();
         s.stop = None;
         s.snapshot = None;
+        self.cv.notify_all();
         over.flatten()
     }
 

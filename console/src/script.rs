@@ -15,6 +15,10 @@ pub fn run(a: &RunArgs, path: &Path) -> i32 {
             return 2;
         }
     };
+    if let Err(e) = check_image(a, path, &text) {
+        eprintln!("vmiscope: {e}");
+        return 2;
+    }
     // Symbols for parsing come from the image; parse everything before running.
     let syms = match crate::launch::load_image(&a.image, a.mem)
         .and_then(|(img, _)| crate::symbols::for_image(&a.image, &img, a.symbols.as_deref()))
@@ -110,4 +114,28 @@ fn flush_serial(s: &Session, printed: &mut usize) {
         crate::outln!("guest| {l}");
     }
     *printed = complete.max(*printed);
+}
+
+/// A script written for another image (its `# image: NAME` header) would only
+/// time out expectation after expectation: refused at once.
+fn check_image(a: &RunArgs, path: &Path, text: &str) -> Result<(), String> {
+    let Some(want) = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("# image:"))
+        .map(str::trim)
+    else {
+        return Ok(());
+    };
+    let given = Path::new(&a.image)
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    if want == a.image || want == given {
+        return Ok(());
+    }
+    Err(format!(
+        "{} is written for image `{want}`, not `{}` (its `# image:` line)",
+        path.display(),
+        a.image
+    ))
 }

@@ -47,7 +47,7 @@ pub struct Alert {
 /// schema it writes.
 #[derive(Debug, Clone, Copy)]
 pub enum Record<'a> {
-    Event(&'a crate::engine::EventRecord),
+    Event(&'a crate::event::EventRecord),
     Alert(&'a Alert),
     /// An alert an exception rule allowed.
     Exception {

@@ -3,6 +3,8 @@
 use serde::Serialize;
 
 use crate::arch::{Cr, Dtr, DtrKind};
+use crate::target::{Class, HookId};
+use crate::verdict::Verdict;
 
 /// Kind of a memory access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -77,4 +79,22 @@ pub enum EventInfo {
         old_hash: u64,
         new_hash: u64,
     },
+}
+
+/// A handled event, as the console lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRecord {
+    pub event_id: u64,
+    /// Microseconds since the engine started.
+    pub at_us: u64,
+    pub class: Class,
+    pub vcpu: u32,
+    pub rip: u64,
+    pub cpl: u8,
+    pub instruction: Option<String>,
+    /// The task the vCPU was running, when the guest's OS is known.
+    pub task: Option<String>,
+    pub event: EventInfo,
+    pub hooks: Vec<HookId>,
+    pub verdict: Verdict,
 }

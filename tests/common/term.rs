@@ -15,7 +15,10 @@ pub struct Term {
 
 impl Term {
     pub fn start(cols: u16, rows: u16, args: &str) -> Term {
-        let name = format!("vmiscope-{}-{cols}", std::process::id());
+        // Unique per terminal: tests of one process run in parallel.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("vmiscope-{}-{cols}-{n}", std::process::id());
         let exe = env!("CARGO_BIN_EXE_vmiscope");
         // A tmux server per terminal (`-L`): tests run in parallel, and a shared
         // server that exits with its last session races the next `new-session`
@@ -73,6 +76,21 @@ impl Term {
             .unwrap();
         self.keys(&["Enter"]);
         std::thread::sleep(Duration::from_millis(300));
+    }
+
+    /// Sends `text` as typed (no key names), e.g. a mouse report.
+    pub fn literal(&self, text: &str) {
+        self.tmux()
+            .args(["send-keys", "-t", &self.name, "-l", text])
+            .status()
+            .unwrap();
+    }
+
+    /// A left click at the 0-based cell (`col`, `row`), as an xterm SGR mouse
+    /// report (what the terminal sends with mouse capture on).
+    pub fn click(&self, col: u16, row: u16) {
+        let (c, r) = (col + 1, row + 1);
+        self.literal(&format!("\x1b[<0;{c};{r}M\x1b[<0;{c};{r}m"));
     }
 
     /// Waits (up to 15 s) until the screen contains `what`.

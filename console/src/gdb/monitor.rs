@@ -48,6 +48,10 @@ impl MonitorCmd for GdbTarget {
             outputln!(out, "gdb watchpoints from now on: {how}");
             return Ok(());
         }
+        if line.trim() == "help" {
+            outputln!(out, "{}", monitor_help());
+            return Ok(());
+        }
         let line = match line.strip_prefix("phys ") {
             Some(rest) => format!("mem read {rest} phys"),
             None => line,
@@ -58,4 +62,19 @@ impl MonitorCmd for GdbTarget {
         }
         Ok(())
     }
+}
+
+/// `monitor help`: the gdb-only commands, then every console command.
+fn monitor_help() -> String {
+    let mut t = String::from(
+        "gdb only:\n\
+         phys ADDR [LEN]                        read guest-physical memory\n\
+         breakpoints [visible|hidden]           how `break` patches the guest from now on\n\
+         watch force|safe                       allow watchpoints on pages a vCPU uses itself\n\n\
+         console commands (`monitor CMD`):\n",
+    );
+    for e in crate::commands::HELP {
+        t.push_str(&format!("{:<38} {}\n", e.usage, e.what));
+    }
+    t
 }

@@ -100,11 +100,11 @@ impl Session {
             format!("alerts: [{}]", self.alert_lines())
         } else {
             let e = self.intro.engine.lock().unwrap();
+            let n = e.recent().len();
             let last: Vec<String> = e
                 .recent()
                 .iter()
-                .rev()
-                .take(5)
+                .skip(n.saturating_sub(5))
                 .map(|r| event_line(r, self.shared.symbols()))
                 .collect();
             format!("last events: [{}]", last.join("; "))
@@ -121,7 +121,10 @@ impl Session {
         if self.poll_until(deadline, seen) {
             return Ok("seen on the serial line".into());
         }
-        let tail: Vec<String> = self.serial_lines().iter().rev().take(3).cloned().collect();
+        let tail: Vec<String> = {
+            let l = self.serial_lines();
+            l[l.len().saturating_sub(3)..].to_vec()
+        };
         Err(format!(
             "`{text}` not printed {}; last lines: {tail:?}",
             self.waited(t)
@@ -147,6 +150,15 @@ impl Session {
     /// A register of the selected vCPU; a running guest is paused for the read.
     fn expect_reg(&mut self, name: &str, value: u64) -> Result<String, String> {
         let n = name.to_string();
+        // After the end: the final registers (post-mortem), as `regs` shows.
+        if self.ended() {
+            let st = self.cpu_state().map_err(|e| e.to_string())?;
+            return match reg_by_name(&st.regs, &st.sregs, &n) {
+                Some(v) if v == value => Ok(format!("{name} = {v:#x}")),
+                Some(v) => Err(format!("{name} is {v:#x}, expected {value:#x}")),
+                None => Err(format!("no register `{name}`")),
+            };
+        }
         let pause = self.control.stop().is_none() && !self.at_entry && self.outcome().is_none();
         if pause {
             self.shared.pause_all();

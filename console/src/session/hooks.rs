@@ -90,8 +90,20 @@ impl Session {
     }
 
     pub(super) fn add_hook(&mut self, spec: HookSpec) -> Result<Output, Error> {
-        let n = self.intro.engine.lock().unwrap().hooks().len();
-        let name = format!("console:{n}");
+        // Named by who made it and what it watches; `hooks` shows its id.
+        let name = format!(
+            "console:{}",
+            match &spec {
+                HookSpec::Ept { .. } => "ept",
+                HookSpec::Gva { .. } => "gva",
+                HookSpec::Msr { .. } => "msr",
+                HookSpec::Cr { .. } => "cr",
+                HookSpec::Dtr { .. } => "dtr",
+                HookSpec::Xcr { .. } => "xcr",
+                HookSpec::Bp { .. } => "bp",
+                HookSpec::Introcall { .. } => "introcall",
+            }
+        );
         let deny_cb = |act: Action| -> vmiscope_introspect::Callback {
             match act {
                 Action::Log => Box::new(|_| Outcome::allow()),
@@ -196,7 +208,7 @@ impl Session {
         for h in e.hooks().iter() {
             let _ = writeln!(
                 t,
-                "{:>4} {:<8} {:<22} hits {:<6} {} {}",
+                "{:>4} {:<10} {:<22} hits {:<6} {} {}",
                 h.id,
                 h.target.class().name(),
                 h.name,

@@ -8,7 +8,7 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Clear, Paragraph, Wrap};
 
-use super::{Pane, Tui};
+use super::state::{Pane, Tui, register_count};
 use crate::session::Session;
 
 /// One register cell: `rax 0000000000000000` and its separator.
@@ -310,10 +310,6 @@ fn register_cells(c: &crate::session::CpuState) -> [(&'static str, u64); 27] {
         ("fsb", s.fs.base),
         ("gsb", s.gs.base),
     ]
-}
-
-pub fn register_count() -> usize {
-    27
 }
 
 /// The registers, `per_line` to a line, changed values highlighted.

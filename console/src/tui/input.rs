@@ -2,31 +2,12 @@
 
 use crossterm::event::KeyCode;
 
-use super::Tui;
+use super::state::Tui;
 use crate::cli::Mode;
 use crate::session::Session;
 
 /// The most commands the history keeps.
 const HISTORY: usize = 500;
-
-/// A command being typed.
-pub struct CmdLine {
-    pub text: String,
-    /// Where ↑/↓ are in the history (its length: the new line).
-    hist_pos: usize,
-    /// What Tab offered last, when there was more than one candidate.
-    pub offered: Vec<String>,
-}
-
-impl CmdLine {
-    pub fn new(hist_len: usize) -> Self {
-        CmdLine {
-            text: String::new(),
-            hist_pos: hist_len,
-            offered: Vec::new(),
-        }
-    }
-}
 
 impl Tui {
     /// A key while the command line is open.

@@ -10,7 +10,6 @@ use std::time::Instant;
 use crate::alert::{Alert, Journal};
 use crate::arch::SRegs;
 use crate::ctx::{Callback, Requests};
-use crate::event::EventInfo;
 use crate::exceptions::Exceptions;
 use crate::glue::{GlueError, Guest, PageRights};
 use crate::hooks::Hooks;
@@ -70,23 +69,7 @@ impl Latency {
 /// How many handled events `Engine::recent` keeps (the journal keeps all).
 pub const RECENT: usize = 10_000;
 
-/// A handled event, as the console lists it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct EventRecord {
-    pub event_id: u64,
-    /// Microseconds since the engine started.
-    pub at_us: u64,
-    pub class: Class,
-    pub vcpu: u32,
-    pub rip: u64,
-    pub cpl: u8,
-    pub instruction: Option<String>,
-    /// The task the vCPU was running, when the guest's OS is known.
-    pub task: Option<String>,
-    pub event: EventInfo,
-    pub hooks: Vec<HookId>,
-    pub verdict: Verdict,
-}
+pub use crate::event::EventRecord;
 
 /// Per-vCPU engine state (passed explicitly: no global "current vCPU").
 #[derive(Debug, Clone, Default)]

@@ -1,0 +1,346 @@
+//! The console as an analyst uses it from a pipe or a script: a session fed all at
+//! once (every resuming command has a waiting form, so it is deterministic),
+//! exit statuses, post-mortem reading after a crash, the analyst's commands, the
+//! JSON answers and the journal read back with jq, and the README's console table
+//! run example by example.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::kvm_available;
+
+/// Runs `vmiscope run IMAGE ARGS… --repl` with `lines` on stdin (all written at
+/// once, then end of input); returns (exit status, stdout, stderr).
+fn piped(image: &str, args: &[&str], lines: &[&str]) -> (Option<i32>, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmiscope"))
+        .args(["run", image, "--repl"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for l in lines {
+        writeln!(stdin, "{l}").unwrap();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    eprintln!("--- stdout\n{o}\n--- stderr\n{e}");
+    (out.status.code(), o, e)
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_piped_session_waits_for_its_stops_and_quit_exits_0() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, out, _) = piped(
+        "demo",
+        &["--protect", "all"],
+        &[
+            "break event msr",
+            "continue --wait",
+            "event",
+            "verdict allow",
+            "delete 1",
+            "wait",
+            "quit",
+        ],
+    );
+    // The stop is there when `event` runs: the reviewer's pipe got "not
+    // stopped at an event" here.
+    assert!(out.contains("vCPU 0 stopped (breakpoint 1)"), "{out}");
+    assert!(
+        out.contains("wrmsr LSTAR (0xc0000082) = 0xffffffff8badc0de at 0x100b5c <main+0xec>"),
+        "the exit in words, with its symbol: {out}"
+    );
+    assert!(out.contains("verdict allow; vCPU 0 goes on"), "{out}");
+    assert!(
+        out.contains("the guest has ended: guest exited with status 0"),
+        "{out}"
+    );
+    assert!(!out.contains("error:"), "{out}");
+    assert!(
+        !out.contains("Msr {") && !out.contains("MemAccess"),
+        "no Debug text: {out}"
+    );
+    assert_eq!(code, Some(0), "quit after a normal end: the guest's status");
+
+    // End of input is `quit`: with the guest still paused at entry, status 0.
+    let (code, _, _) = piped("demo", &[], &["regs"]);
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn after_a_triple_fault_the_final_state_stays_readable() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, out, _) = piped(
+        "triple-fault",
+        &[],
+        &[
+            "continue --wait",
+            "regs",
+            "sregs",
+            "disasm",
+            "mem read _start 16",
+            "x/2gx $rsp",
+            "events 3",
+            "step",
+            "expect reg cpl = 0",
+            "quit",
+        ],
+    );
+    assert!(
+        out.contains("the guest has ended: vCPU 0 triple-faulted (shutdown) at rip 0x100a26"),
+        "{out}"
+    );
+    assert!(
+        out.contains("rip 0000000000100a26"),
+        "final registers: {out}"
+    );
+    assert!(
+        out.contains("=> 100a26"),
+        "disassembly at the final RIP: {out}"
+    );
+    assert!(
+        out.contains("0x00100000  fa"),
+        "memory after the end: {out}"
+    );
+    assert!(
+        out.contains("error: the guest has ended (vCPU 0 triple-faulted")
+            && out.contains("can still be read"),
+        "a resuming command says what still works: {out}"
+    );
+    assert_eq!(code, Some(4), "quit after a triple fault: its status");
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn the_analysts_commands_read_the_stopped_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let (_, out, _) = piped(
+        "demo",
+        &["--protect", "all"],
+        &[
+            "break event msr",
+            "continue --wait",
+            "x/2gx $rsp",
+            "x/4bx _start",
+            "x/2i $rip",
+            "x/s 0x201201",
+            "bt",
+            "sym 0x100030",
+            "addr kprintf",
+            "idt 4",
+            "gdt",
+            "segments",
+            "dregs",
+            "vmmap",
+            "mem find \"demo: \"",
+            "mem find fa 48 bc 0x100000 0x1000",
+            "mem find fa 48 bc 0x100000 0x10 phys",
+            "translate _start",
+            "disasm _start 10",
+            "alert 3",
+            "hooks",
+            "quit",
+        ],
+    );
+    for want in [
+        "0x20cf80:  0x",                                         // x/2gx $rsp
+        "0x100000 <_start>:  0xfa  0x48  0xbc  0x00",            // x/4bx
+        "=> 100b5c wrmsr",                                       // x/2i $rip
+        "#0  0x100b5c <main+0xec>",                              // bt
+        "0x100030 is rt_load_tables+0x3",                        // sym
+        "kprintf = 0x100220",                                    // addr
+        "3  interrupt  sel 0x0008 dpl 3 ist 0  0x1000c2 <isr3>", // idt
+        "code 64-bit",                                           // gdt
+        "tr   0028",                                             // segments
+        "dr7 0x",                                                // dregs
+        "rwxs",                                                  // vmmap
+        "0x100000 <_start>\n",                                   // mem find
+        "0x100000 <_start> -> 0x100000",                         // translate
+        "call 0x1005e0 <rt_entry>",                              // a call's target named
+        "event #12: wrmsr LSTAR",                                // alert detail
+    ] {
+        assert!(out.contains(want), "missing `{want}`:\n{out}");
+    }
+    let finds = out.lines().filter(|l| l.contains("<isr_table+")).count();
+    assert!(
+        finds > 0,
+        "the text search finds the guest's strings: {out}"
+    );
+    assert!(!out.contains("error:"), "{out}");
+}
+
+/// `jq -e FILTER` over `input`, true when the filter's last output is truthy.
+fn jq(filter: &str, input: &str) -> bool {
+    let mut c = Command::new("jq")
+        .args(["-e", filter])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let o = c.wait_with_output().unwrap();
+    o.status.success()
+}
+
+#[test]
+#[cfg_attr(any(no_kvm, no_jq), ignore = "needs /dev/kvm and jq")]
+fn the_journal_and_json_answers_read_back_with_jq() {
+    if !kvm_available() || !common::tool_available("jq", "--version") {
+        return;
+    }
+    let dir = common::temp_dir("journal");
+    let (a, b) = (dir.join("run.jsonl"), dir.join("saved.jsonl"));
+    let (code, out, _) = piped(
+        "demo",
+        &["--protect", "all", "--journal", a.to_str().unwrap()],
+        &[
+            "break event msr",
+            "continue --wait",
+            "json regs",
+            "verdict allow",
+            "delete 1",
+            "wait",
+            &format!("journal save {}", b.display()),
+            "json events 2",
+            "events 2 --json",
+            "json alerts",
+            "json hooks",
+            "json stats",
+            "json sregs",
+            "quit",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let run = std::fs::read_to_string(&a).unwrap();
+    let saved = std::fs::read_to_string(&b).unwrap();
+    for (name, j) in [("--journal", &run), ("journal save", &saved)] {
+        let first = j.lines().next().unwrap_or_default();
+        let last = j.lines().last().unwrap_or_default();
+        assert!(
+            jq(
+                r#".type == "header" and .image == "demo" and .vcpus == 1 and (.policies | index("syscall-msrs")) and (.host | length > 0) and (.version | length > 0)"#,
+                first
+            ),
+            "{name}: header {first}"
+        );
+        assert!(
+            jq(
+                r#".type == "end" and .status == 0 and (.reason | test("exited")) and (.vcpus[0].rip | test("^0x"))"#,
+                last
+            ),
+            "{name}: end record {last}"
+        );
+        // Every record is timestamped; addresses are strings, so jq keeps
+        // LSTAR's value whole (as a number jq 1.6 prints 18446744071758004000).
+        assert!(
+            jq(r#"[inputs, .] | all(.t_us | type == "number")"#, j),
+            "{name}: t_us everywhere"
+        );
+        assert!(
+            jq(
+                r#"[inputs, .] | map(select(.type == "event" and .event.class == "msr")) | .[0].event.write == "0xffffffff8badc0de""#,
+                j
+            ),
+            "{name}: the LSTAR write whole"
+        );
+        assert!(
+            jq(
+                r#"[inputs, .] | map(select(.type == "override")) | .[0] | .verdict == "allow" and .proposed == "not-allowed""#,
+                j
+            ),
+            "{name}: the analyst's override"
+        );
+        assert!(
+            jq(
+                r#"[inputs, .] | map(select(.type == "alert")) | length == 6 and (.[0].rip | test("^0x")) and (.[0].rip_sym | length > 0)"#,
+                j
+            ),
+            "{name}: alerts"
+        );
+    }
+    // `json CMD` answers: one JSON value per command, in the same conventions.
+    let json: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with('{') || l.starts_with('['))
+        .collect();
+    assert_eq!(json.len(), 7, "{out}");
+    assert!(jq(
+        r#".rip == "0x100b5c" and .rcx == "0xc0000082""#,
+        json[0]
+    ));
+    assert!(jq(r#"length == 2 and (.[1].rip | test("^0x"))"#, json[1]));
+    assert_eq!(json[1], json[2], "`json CMD` and `CMD --json` agree");
+    assert!(jq(r#"length == 6"#, json[3]));
+    assert!(jq(
+        r#".[0].name == "policy:idt" and (.[0].hits | type == "number")"#,
+        json[4]
+    ));
+    assert!(jq(r#".events.msr >= 1 and (.exits | length > 0)"#, json[5]));
+    assert!(jq(r#".idtr.base == "0x2390c0""#, json[6]));
+}
+
+/// The README's console table: every command of `help` is in it, and its
+/// examples, run in order on the demo guest, all work.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn the_readme_console_examples_run() {
+    if !kvm_available() {
+        return;
+    }
+    let readme = include_str!("../README.md");
+    let table = readme
+        .split("<!-- console-commands -->")
+        .nth(1)
+        .expect("README has the console command table");
+    let rows: Vec<(String, String)> = table
+        .lines()
+        .take_while(|l| !l.starts_with("<!--"))
+        .filter(|l| l.starts_with("| `"))
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split(" | ").collect();
+            let usage = cells.first()?.trim_start_matches("| ").trim_matches('`');
+            let example = cells
+                .get(2)?
+                .trim_end_matches(" |")
+                .trim()
+                .trim_matches('`');
+            Some((usage.replace("\\|", "|"), example.replace("\\|", "|")))
+        })
+        .collect();
+    for e in vmiscope::commands::HELP {
+        assert!(
+            rows.iter().any(|(u, _)| *u == e.usage),
+            "`{}` is not in the README's console table",
+            e.usage
+        );
+    }
+    let examples: Vec<&str> = rows.iter().map(|(_, x)| x.as_str()).collect();
+    let (_, out, _) = piped("demo", &[], &examples);
+    // Linux-only commands say so on the demo; nothing else may fail.
+    let errors: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("error:") && !l.contains("this needs a Linux guest"))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "README examples failed: {errors:?}\n{out}"
+    );
+}
