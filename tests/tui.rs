@@ -262,6 +262,10 @@ fn every_pane_takes_the_focus_and_scrolls_and_the_command_line_completes() {
     // A click focuses the pane under it (the serial pane, bottom right).
     t.click(150, 46);
     t.wait_for("Serial *");
+    // The wheel over the memory pane (bottom left) moves its window: from RSP
+    // (0x7ff0 at the entry) three rows of 16 bytes on.
+    t.wheel_down(50, 46);
+    t.wait_for("Memory at 0x8020 (Esc: RSP)");
     // `mem read` points the memory pane at its address.
     t.type_line("mem read user_secret 16");
     t.wait_for("Memory at 0x207000 (Esc: RSP)");

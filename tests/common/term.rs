@@ -93,6 +93,11 @@ impl Term {
         self.literal(&format!("\x1b[<0;{c};{r}M\x1b[<0;{c};{r}m"));
     }
 
+    /// The mouse wheel turned down once over the 0-based cell (`col`, `row`).
+    pub fn wheel_down(&self, col: u16, row: u16) {
+        self.literal(&format!("\x1b[<65;{};{}M", col + 1, row + 1));
+    }
+
     /// Waits (up to 15 s) until the screen contains `what`.
     pub fn wait_for(&self, what: &str) -> String {
         self.wait_for_within(what, Duration::from_secs(15))
