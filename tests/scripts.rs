@@ -78,7 +78,10 @@ fn a_failing_expectation_fails_the_run_with_a_report() {
     // out expectation after expectation).
     let (code, _, err) = run_script("hello", "other", "# image: demo\nexpect alert msr\n");
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("is written for image `demo`, not `hello`"), "{err}");
+    assert!(
+        err.contains("is written for image `demo`, not `hello`"),
+        "{err}"
+    );
 }
 
 /// `mem write` over one of our INT3s changes the byte the breakpoint will put

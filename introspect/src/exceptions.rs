@@ -12,8 +12,61 @@ use crate::hooks::Class;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Range {
+    #[serde(with = "hex")]
     pub from: u64,
+    #[serde(with = "hex")]
     pub to: u64,
+}
+
+/// Addresses and register values in an exceptions file: written as `"0x…"`
+/// strings (as the journal writes them), read as such or as plain numbers.
+mod hex {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumOrText {
+        Num(u64),
+        Text(String),
+    }
+
+    fn parse(v: NumOrText) -> Result<u64, String> {
+        match v {
+            NumOrText::Num(n) => Ok(n),
+            NumOrText::Text(t) => {
+                let h = t
+                    .strip_prefix("0x")
+                    .ok_or_else(|| format!("`{t}` is not a number or \"0x…\""))?;
+                u64::from_str_radix(h, 16).map_err(|_| format!("`{t}` is not hex"))
+            }
+        }
+    }
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{v:#x}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        parse(NumOrText::deserialize(d)?).map_err(D::Error::custom)
+    }
+
+    /// The same for an optional field.
+    pub mod opt {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(v) => super::serialize(v, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+            Option::<NumOrText>::deserialize(d)?
+                .map(|v| parse(v).map_err(D::Error::custom))
+                .transpose()
+        }
+    }
 }
 
 impl Range {
@@ -30,12 +83,12 @@ pub struct Rule {
     /// Memory: the accessed guest-virtual (or, failing that, physical) address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub victim: Option<Range>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub msr: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "hex::opt")]
+    pub msr: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cr: Option<Cr>,
     /// CR: the rule covers a change only if every changed bit is in this mask.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "hex::opt")]
     pub cr_bits: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtr: Option<DtrKind>,
@@ -77,6 +130,9 @@ impl Exceptions {
             if r.cpl.is_some_and(|c| c > 3) {
                 return Err(ExceptionError::Invalid(i, "cpl must be 0..=3".into()));
             }
+            if r.msr.is_some_and(|m| m > u64::from(u32::MAX)) {
+                return Err(ExceptionError::Invalid(i, "an MSR index is 32 bits".into()));
+            }
         }
         Ok(e)
     }
@@ -103,7 +159,7 @@ impl Rule {
             EventInfo::Mem { gla, gpa, .. } => self
                 .victim
                 .is_none_or(|v| v.contains(*gla) || v.contains(*gpa)),
-            EventInfo::Msr { index, .. } => self.msr.is_none_or(|m| m == *index),
+            EventInfo::Msr { index, .. } => self.msr.is_none_or(|m| m == u64::from(*index)),
             EventInfo::Cr { cr, old, new, .. } => {
                 self.cr.is_none_or(|c| c == *cr)
                     && self.cr_bits.is_none_or(|m| (old ^ new) & !m == 0)
@@ -140,7 +196,7 @@ impl Rule {
                     to: gla + size.saturating_sub(1),
                 })
             }
-            EventInfo::Msr { index, .. } => r.msr = Some(*index),
+            EventInfo::Msr { index, .. } => r.msr = Some(u64::from(*index)),
             EventInfo::Cr { cr, old, new, .. } => {
                 r.cr = Some(*cr);
                 r.cr_bits = Some(old ^ new);
@@ -158,6 +214,29 @@ impl Rule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_read_as_numbers_or_hex_strings_and_write_as_hex() {
+        let e = Exceptions::parse(
+            r#"{"rules": [{"class": "msr", "msr": 3221225602}, {"class": "ept", "rip": {"from": "0x100000", "to": 1048832}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(e.rules[0].msr, Some(0xc000_0082));
+        assert_eq!(
+            e.rules[1].rip,
+            Some(Range {
+                from: 0x100000,
+                to: 0x100100
+            })
+        );
+        let text = e.to_json();
+        assert!(text.contains("\"msr\": \"0xc0000082\""), "{text}");
+        assert_eq!(Exceptions::parse(&text).unwrap(), e);
+        assert!(
+            Exceptions::parse(r#"{"rules": [{"class": "msr", "msr": "0x1ffffffff"}]}"#).is_err()
+        );
+        assert!(Exceptions::parse(r#"{"rules": [{"class": "msr", "msr": "12"}]}"#).is_err());
+    }
 
     #[test]
     fn malformed_files_are_refused_with_the_place() {
