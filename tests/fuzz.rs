@@ -211,7 +211,7 @@ fn mutated_images_are_run_or_refused_clearly() {
         if out.status.code() == Some(2) {
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(
-                err.lines().any(|l| l.starts_with("vmiscope: ")),
+                err.lines().any(|l| l.starts_with("vmiscope: error: ")),
                 "{what}: a refusal without a message {}\n{err}",
                 seed_note()
             );

@@ -58,28 +58,28 @@ pub fn run(a: &RunArgs) -> i32 {
     let (image, vcpus) = match load_image(&a.image, a.mem) {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("vmiscope: {e}");
+            eprintln!("vmiscope: error: {e}");
             return 2;
         }
     };
     let cfg = match config(a, vcpus) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("vmiscope: {e}");
+            eprintln!("vmiscope: error: {e}");
             return 2;
         }
     };
     let vm = match Vm::new(&cfg, &image) {
         Ok(vm) => vm,
         Err(e) => {
-            eprintln!("vmiscope: {e}");
+            eprintln!("vmiscope: error: {e}");
             return 2;
         }
     };
     let (mut intro, journal) = match engine(a, vm.shared()) {
         Ok(i) => i,
         Err(e) => {
-            eprintln!("vmiscope: {e}");
+            eprintln!("vmiscope: error: {e}");
             return 2;
         }
     };

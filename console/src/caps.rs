@@ -525,7 +525,7 @@ pub fn run(a: &crate::cli::CapsArgs) -> i32 {
     let caps = match measure() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("vmiscope: {e}");
+            eprintln!("vmiscope: error: {e}");
             return 2;
         }
     };

@@ -106,7 +106,7 @@ pub fn run(s: &mut Session) -> Mode {
     let mut rl: Editor<Words, rustyline::history::DefaultHistory> = match Editor::new() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("vmiscope: cannot start the line editor: {e}");
+            eprintln!("vmiscope: error: cannot start the line editor: {e}");
             return Mode::Quit;
         }
     };
@@ -167,7 +167,7 @@ pub fn run(s: &mut Session) -> Mode {
                 break Mode::Quit;
             }
             Err(e) => {
-                eprintln!("vmiscope: {e}");
+                eprintln!("vmiscope: error: {e}");
                 break Mode::Quit;
             }
         }

@@ -11,12 +11,12 @@ pub fn run(a: &RunArgs, path: &Path) -> i32 {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("vmiscope: cannot read script {}: {e}", path.display());
+            eprintln!("vmiscope: error: cannot read script {}: {e}", path.display());
             return 2;
         }
     };
     if let Err(e) = check_image(a, path, &text) {
-        eprintln!("vmiscope: {e}");
+        eprintln!("vmiscope: error: {e}");
         return 2;
     }
     // Symbols for parsing come from the image; parse everything before running.
@@ -25,7 +25,7 @@ pub fn run(a: &RunArgs, path: &Path) -> i32 {
     {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("vmiscope: {e}");
+            eprintln!("vmiscope: error: {e}");
             return 2;
         }
     };
@@ -47,7 +47,7 @@ pub fn run(a: &RunArgs, path: &Path) -> i32 {
     let mut s = match Session::start(a) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("vmiscope: {e}");
+            eprintln!("vmiscope: error: {e}");
             return 2;
         }
     };

@@ -7,7 +7,7 @@ pub fn symbols(a: &crate::cli::SymbolsArgs) -> i32 {
     match list_symbols(a) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("vmiscope: {e}");
+            eprintln!("vmiscope: error: {e}");
             2
         }
     }

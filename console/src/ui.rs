@@ -10,7 +10,7 @@ pub fn interactive(a: &RunArgs, mode: Mode) -> i32 {
     match Session::start(a) {
         Ok(s) => run_session(s, mode),
         Err(e) => {
-            eprintln!("vmiscope: {e}");
+            eprintln!("vmiscope: error: {e}");
             2
         }
     }

@@ -623,7 +623,7 @@ pub fn run(a: &crate::cli::BenchArgs) -> i32 {
     let r = match r {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("vmiscope: bench: {e}");
+            eprintln!("vmiscope: error: bench: {e}");
             return 2;
         }
     };

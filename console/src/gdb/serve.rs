@@ -179,7 +179,7 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) ->
     let mut s = match Session::start(a) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("vmiscope: {e}");
+            eprintln!("vmiscope: error: {e}");
             return 2;
         }
     };
@@ -195,7 +195,7 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) ->
         }
         Ok(l) => l,
         Err(e) => {
-            eprintln!("vmiscope: cannot listen on {addr}: {e}");
+            eprintln!("vmiscope: error: cannot listen on {addr}: {e}");
             s.finish();
             return 2;
         }
