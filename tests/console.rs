@@ -123,6 +123,16 @@ fn after_a_triple_fault_the_final_state_stays_readable() {
         "a resuming command says what still works: {out}"
     );
     assert_eq!(code, Some(4), "quit after a triple fault: its status");
+    // Batch mode names where the vCPU ended.
+    let (code, _, err) = common::vmiscope_cli(
+        env!("CARGO_BIN_EXE_vmiscope"),
+        &["run", "triple-fault", "--batch"],
+    );
+    assert_eq!(code, Some(4));
+    assert!(
+        err.contains("vCPU 0 ended at 0x100a26 <main+0x26> cpl0"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -132,6 +132,17 @@ pub fn run(a: &RunArgs) -> i32 {
         out.reason,
         out.elapsed.as_secs_f64()
     );
+    // Where each vCPU was when it ended, named.
+    for c in 0..shared.vcpu_count() {
+        if let Some(f) = shared.final_state(c) {
+            eprintln!(
+                "[vmiscope] vCPU {c} ended at {} cpl{} rsp {:#x}",
+                crate::format::at(shared.symbols(), f.regs.rip),
+                f.sregs.cs.selector & 3,
+                f.regs.rsp
+            );
+        }
+    }
     out.reason.exit_status()
 }
 

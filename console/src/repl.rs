@@ -83,7 +83,13 @@ fn watch(
             if n > stops {
                 stops = n;
                 if let Some(st) = control.last_stop() {
-                    msg.push_str(&format!("stopped: vCPU {} ({})\n", st.vcpu, st.cause));
+                    let (rip, _) = shared.last_position(st.vcpu).unwrap_or_default();
+                    msg.push_str(&format!(
+                        "stopped: vCPU {} ({}) at {}\n",
+                        st.vcpu,
+                        st.cause,
+                        crate::format::at(shared.symbols(), rip)
+                    ));
                 }
             }
             // The end, said as it happens (not at the next command).

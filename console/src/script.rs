@@ -11,7 +11,10 @@ pub fn run(a: &RunArgs, path: &Path) -> i32 {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("vmiscope: error: cannot read script {}: {e}", path.display());
+            eprintln!(
+                "vmiscope: error: cannot read script {}: {e}",
+                path.display()
+            );
             return 2;
         }
     };
