@@ -114,6 +114,22 @@ pub fn run(a: &RunArgs) -> i32 {
     if let Some(j) = &journal {
         j.end(&shared, &out, intro.engine.lock().unwrap().now_us());
     }
+    summary(&out, &intro, &shared);
+    out.reason.exit_status()
+}
+
+/// `vmiscope` with no arguments: the demo guest.
+pub fn run_default() -> i32 {
+    let a = RunArgs {
+        protect: Some("all".into()),
+        ..RunArgs::for_image("demo")
+    };
+    run(&a)
+}
+
+/// The run's summary on stderr: exits, alerts, why it stopped, and where each
+/// vCPU ended.
+fn summary(out: &vmiscope_vmm::RunOutcome, intro: &Introspection, shared: &vmiscope_vmm::VmShared) {
     let summary: Vec<String> = out.exits.iter().map(|(c, n)| format!("{c}={n}")).collect();
     eprintln!(
         "[vmiscope] exits: {} (per vCPU: {:?})",
@@ -143,14 +159,4 @@ pub fn run(a: &RunArgs) -> i32 {
             );
         }
     }
-    out.reason.exit_status()
-}
-
-/// `vmiscope` with no arguments: the demo guest.
-pub fn run_default() -> i32 {
-    let a = RunArgs {
-        protect: Some("all".into()),
-        ..RunArgs::for_image("demo")
-    };
-    run(&a)
 }

@@ -8,45 +8,10 @@ use crate::commands::{self, Command};
 use crate::session::Session;
 
 pub fn run(a: &RunArgs, path: &Path) -> i32 {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!(
-                "vmiscope: error: cannot read script {}: {e}",
-                path.display()
-            );
-            return 2;
-        }
+    let cmds = match load(a, path) {
+        Ok(c) => c,
+        Err(()) => return 2,
     };
-    if let Err(e) = check_image(a, path, &text) {
-        eprintln!("vmiscope: error: {e}");
-        return 2;
-    }
-    // Symbols for parsing come from the image; parse everything before running.
-    let syms = match crate::launch::load_image(&a.image, a.mem)
-        .and_then(|(img, _)| crate::symbols::for_image(&a.image, &img, a.symbols.as_deref()))
-    {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("vmiscope: error: {e}");
-            return 2;
-        }
-    };
-    let mut cmds = Vec::new();
-    let mut bad = false;
-    for (i, line) in text.lines().enumerate() {
-        match commands::parse(line, &|n| syms.get(n)) {
-            Ok(Some(c)) => cmds.push((i + 1, line.trim().to_string(), c)),
-            Ok(None) => {}
-            Err(e) => {
-                eprintln!("{}:{}: {e}", path.display(), i + 1);
-                bad = true;
-            }
-        }
-    }
-    if bad {
-        return 2;
-    }
     let mut s = match Session::start(a) {
         Ok(s) => s,
         Err(e) => {
@@ -141,4 +106,49 @@ fn check_image(a: &RunArgs, path: &Path, text: &str) -> Result<(), String> {
         path.display(),
         a.image
     ))
+}
+
+/// The script's commands with their line numbers, every line parsed before
+/// anything runs; a problem is printed and is `Err`.
+fn load(a: &RunArgs, path: &Path) -> Result<Vec<(usize, String, Command)>, ()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "vmiscope: error: cannot read script {}: {e}",
+                path.display()
+            );
+            return Err(());
+        }
+    };
+    if let Err(e) = check_image(a, path, &text) {
+        eprintln!("vmiscope: error: {e}");
+        return Err(());
+    }
+    // Symbols for parsing come from the image; parse everything before running.
+    let syms = match crate::launch::load_image(&a.image, a.mem)
+        .and_then(|(img, _)| crate::symbols::for_image(&a.image, &img, a.symbols.as_deref()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmiscope: error: {e}");
+            return Err(());
+        }
+    };
+    let mut cmds = Vec::new();
+    let mut bad = false;
+    for (i, line) in text.lines().enumerate() {
+        match commands::parse(line, &|n| syms.get(n)) {
+            Ok(Some(c)) => cmds.push((i + 1, line.trim().to_string(), c)),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("{}:{}: {e}", path.display(), i + 1);
+                bad = true;
+            }
+        }
+    }
+    if bad {
+        return Err(());
+    }
+    Ok(cmds)
 }
