@@ -81,6 +81,27 @@ fn a_piped_session_waits_for_its_stops_and_quit_exits_0() {
 
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn next_event_stops_where_a_hook_asked_and_all_stops_anywhere() {
+    if !kvm_available() {
+        return;
+    }
+    // The demo's first handled event is a write to the console lock, which only
+    // shares a page with the protected IDT: `next-event` goes past it to the
+    // IDT write; `next-event all` stops at it.
+    let (_, out, _) = piped("demo", &["--protect", "all"], &["next-event", "quit"]);
+    assert!(out.contains("write 2B at 0x239200 <idt+0x140>"), "{out}");
+    assert!(out.contains("hooks: 1\n"), "{out}");
+    assert!(!out.contains("hooks: none"), "{out}");
+    let (_, out, _) = piped("demo", &["--protect", "all"], &["next-event all", "quit"]);
+    assert!(out.contains("<console_lock>"), "{out}");
+    assert!(
+        out.contains("hooks: none (an unhooked access on a hooked page)"),
+        "{out}"
+    );
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn after_a_triple_fault_the_final_state_stays_readable() {
     if !kvm_available() {
         return;

@@ -24,7 +24,7 @@ pub enum Support {
 }
 
 impl Support {
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Support::Exact => "exact",
             Support::Polled => "polled",

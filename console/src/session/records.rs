@@ -143,10 +143,10 @@ impl Session {
                 .iter()
                 .map(|r| {
                     format!(
-                        "{:<22} CPL0 {:<12} CPL3 {:<12}\n",
+                        "{:<22} CPL0 {:<12} CPL3 {}\n",
                         r.mechanism,
-                        format!("{:?}", r.cpl0).to_lowercase(),
-                        format!("{:?}", r.cpl3).to_lowercase()
+                        r.cpl0.label(),
+                        r.cpl3.label()
                     )
                 })
                 .collect::<String>(),
@@ -226,14 +226,24 @@ impl Session {
             let _ = writeln!(t, "  hook {:>3} {:<22} {}", h.id, h.name, h.hits);
         }
         let (exits, per) = self.shared.exit_counts();
+        let per: Vec<String> = per
+            .iter()
+            .enumerate()
+            .map(|(c, n)| format!("vCPU {c}: {n}"))
+            .collect();
         let _ = write!(
             t,
-            "exits: {} (per vCPU {per:?})",
-            exits
-                .iter()
-                .map(|(c, n)| format!("{c}={n}"))
-                .collect::<Vec<_>>()
-                .join(" ")
+            "exits: {} ({})",
+            if exits.is_empty() {
+                "none yet".to_string()
+            } else {
+                exits
+                    .iter()
+                    .map(|(c, n)| format!("{c}={n}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            },
+            per.join(", ")
         );
         t
     }
