@@ -1,8 +1,11 @@
 /* spin: benchmark workloads. The VMM may patch `spin_mode` and `spin_count` before
  * the run (by symbol). Modes: 0 CPL3 writes to spin_page, 1 CPL3 `out`, 2 CPL0 `out`,
  * 3 CPL0 writes to spin_page, 4 CPL3 compute loop, 5 CPL3 loop that never exits,
- * 6 CPL0 calls of `spin_bp` (alone on its page, for breakpoints). In mode 0 every
- * other vCPU runs the same write loop, and vCPU 0 waits for them. */
+ * 6 CPL0 calls of `spin_bp` (alone on its page, for breakpoints), 7 CPL0 calls of
+ * `spin_kbp` (alone on a kernel-text page), 8 the CPL0 loop `spin_hot` (3
+ * instructions an iteration) on a kernel page that also holds `spin_hot_bp`, never
+ * called (a breakpoint there costs the loop only what its page costs). In mode 0
+ * every other vCPU runs the same write loop, and vCPU 0 waits for them. */
 #include "rt/rt.h"
 
 volatile u64 spin_mode = 0;
@@ -11,6 +14,15 @@ PAGE(spin_page) volatile u64 spin_page[512];
 static volatile int aps_done, go;
 
 __attribute__((section(".page.spin_bp"), aligned(4096), noinline, used)) u64 spin_bp(u64 x) { return x + 1; }
+
+/* Kernel text (supervisor pages): where debug-register breakpoints fire on PVM. */
+__attribute__((section(".text.spin_kbp"), aligned(4096), noinline, used)) u64 spin_kbp(u64 x) { return x + 1; }
+__attribute__((section(".text.spin_hot"), aligned(4096), noinline, used)) u64 spin_hot(u64 n) {
+    u64 x = 0;
+    __asm__ volatile("1: add %1, %0\n\tdec %1\n\tjnz 1b" : "+r"(x), "+r"(n));
+    return x;
+}
+__attribute__((section(".text.spin_hot"), noinline, used)) u64 spin_hot_bp(u64 x) { return x + 2; }
 
 static USER u64 user_spin(u64 mode) {
     u64 n = spin_count;
@@ -39,6 +51,15 @@ int main(void) {
         u64 s = 0;
         for (u64 i = 0; i < n; i++) s = spin_bp(s);
         kprintf("spin: spin_bp called %d times\n", s);
+    } else if (mode == 7) {
+        u64 s = 0;
+        for (u64 i = 0; i < n; i++) s = spin_kbp(s);
+        kprintf("spin: spin_kbp called %d times\n", s);
+    } else if (mode == 8) {
+        outb(0x80, 0); /* the loop starts (a timestamp for the host) */
+        u64 s = spin_hot(n);
+        outb(0x80, 1); /* ... and ends */
+        kprintf("spin: spin_hot %d\n", s);
     } else if (mode == 2)
         for (u64 i = 0; i < n; i++) outb(0x80, (u8)i);
     else if (mode == 3)

@@ -26,6 +26,18 @@ pub enum PageRights {
     AllTrapped,
 }
 
+/// How the VMM placed a breakpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BreakpointKind {
+    /// An INT3 written over the code: a guest read of that byte must be
+    /// answered with the original one (the engine read-traps the page when the
+    /// breakpoint is hidden).
+    Patched,
+    /// A debug-register execute breakpoint: nothing in guest memory changes,
+    /// so there is nothing to hide and no page to trap.
+    Register,
+}
+
 /// The vCPU whose event is being handled: its registers and what can be done to it.
 pub trait VcpuView {
     /// The vCPU whose event is being handled.
@@ -57,10 +69,18 @@ pub trait VmControl {
     fn commit_rights(&mut self) -> Result<(), GlueError>;
     /// Makes RDMSR and/or WRMSR of `index` exit (both false: stop).
     fn intercept_msr(&mut self, index: u32, read: bool, write: bool) -> Result<(), GlueError>;
-    /// Plants / removes a breakpoint the VMM steps over (the engine hides it).
-    /// `gva` is where the guest executes it (the VMM decides from it whether user
-    /// code can reach it, which costs more to catch on some hosts).
-    fn set_breakpoint(&mut self, gpa: u64, gva: u64, on: bool) -> Result<(), GlueError>;
+    /// Plants / removes a breakpoint the VMM steps over. `gva` is where the
+    /// guest executes it (the VMM decides from it whether user code can reach
+    /// it, which costs more to catch on some hosts). `hidden`: the guest must not
+    /// see it; the VMM then uses a free debug register where one can catch this
+    /// code (no patch, no trapped page) and says which it did.
+    fn set_breakpoint(
+        &mut self,
+        gpa: u64,
+        gva: u64,
+        on: bool,
+        hidden: bool,
+    ) -> Result<BreakpointKind, GlueError>;
 }
 
 /// The hypervisor as seen while handling one event of one vCPU: that vCPU's view

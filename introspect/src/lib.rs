@@ -29,7 +29,7 @@ pub use engine::{Engine, EventRecord, HookError};
 pub use entry::{EngineEvent, Handled, Response};
 pub use event::{AccessKind, Detection, EventInfo};
 pub use exceptions::{Exceptions, Rule};
-pub use glue::{GlueError, Guest, PageRights, VcpuView, VmControl};
+pub use glue::{BreakpointKind, GlueError, Guest, PageRights, VcpuView, VmControl};
 pub use policy::Policy;
 pub use target::{Class, HookId, Owner, Rights, Target};
 pub use verdict::{Outcome, Verdict};

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::arch::{Regs, SRegs};
-use crate::glue::{GlueError, PageRights, VcpuView, VmControl};
+use crate::glue::{BreakpointKind, GlueError, PageRights, VcpuView, VmControl};
 
 /// One recorded call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +66,8 @@ pub struct MockGuest {
     pub rights: BTreeMap<u64, PageRights>,
     pub msrs: BTreeMap<u32, (bool, bool)>,
     pub breakpoints: BTreeSet<u64>,
+    /// Hidden breakpoints go to debug registers (as on a host with a free slot).
+    pub register_breakpoints: bool,
     pub calls: Vec<Call>,
 }
 
@@ -93,6 +95,7 @@ impl MockGuest {
             rights: BTreeMap::new(),
             msrs: BTreeMap::new(),
             breakpoints: BTreeSet::new(),
+            register_breakpoints: false,
             calls: vec![],
         };
         g.put_u64(0x1000, 0x2000 | 7);
@@ -251,13 +254,24 @@ impl VmControl for MockGuest {
         }
         Ok(())
     }
-    fn set_breakpoint(&mut self, gpa: u64, _gva: u64, on: bool) -> Result<(), GlueError> {
+    fn set_breakpoint(
+        &mut self,
+        gpa: u64,
+        _gva: u64,
+        on: bool,
+        hidden: bool,
+    ) -> Result<BreakpointKind, GlueError> {
         self.record(Call::SetBreakpoint(gpa, on))?;
         if on {
             self.breakpoints.insert(gpa);
         } else {
             self.breakpoints.remove(&gpa);
         }
-        Ok(())
+        // A mock with debug-register slots places hidden breakpoints in them.
+        Ok(if hidden && self.register_breakpoints {
+            BreakpointKind::Register
+        } else {
+            BreakpointKind::Patched
+        })
     }
 }

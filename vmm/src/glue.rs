@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 use vmiscope_introspect::arch::{Dtr, Regs, SRegs};
-use vmiscope_introspect::glue::{GlueError, PageRights, VcpuView, VmControl};
+use vmiscope_introspect::glue::{BreakpointKind, GlueError, PageRights, VcpuView, VmControl};
 
 use crate::shared::VcpuCtl;
 use crate::slots::Access;
@@ -165,16 +165,32 @@ impl VmControl for VcpuCtl<'_> {
     fn intercept_msr(&mut self, index: u32, read: bool, write: bool) -> Result<(), GlueError> {
         self.vm().intercept_msr(index, read, write).map_err(failed)
     }
-    fn set_breakpoint(&mut self, gpa: u64, gva: u64, on: bool) -> Result<(), GlueError> {
-        if on {
-            self.vm()
-                .insert_sw_breakpoint(gpa, Some(gva))
-                .map_err(failed)
-        } else {
-            self.vm()
-                .remove_sw_breakpoint(gpa)
-                .map(|_| ())
-                .map_err(failed)
+    fn set_breakpoint(
+        &mut self,
+        gpa: u64,
+        gva: u64,
+        on: bool,
+        hidden: bool,
+    ) -> Result<BreakpointKind, GlueError> {
+        if !on {
+            if !self.vm().remove_register_breakpoint(gpa) {
+                self.vm().remove_sw_breakpoint(gpa).map_err(failed)?;
+            }
+            return Ok(BreakpointKind::Patched);
         }
+        // Hidden: a free debug register where it can catch this code costs
+        // nothing until hit and hides nothing; else an INT3 (the engine hides it).
+        // Whether user code can run it is read from the guest's own tables: the
+        // ones the VMM built for the entry map everything as supervisor and say
+        // nothing (the guest's code may well be user code later).
+        let cr3 = VcpuView::sregs(self).cr3 & !0xfff;
+        let user = cr3 == crate::loader::boot::PML4 || self.translate(gva).is_ok_and(|t| t.user);
+        if hidden && self.vm().insert_register_breakpoint(gpa, gva, user) {
+            return Ok(BreakpointKind::Register);
+        }
+        self.vm()
+            .insert_sw_breakpoint(gpa, Some(gva))
+            .map_err(failed)?;
+        Ok(BreakpointKind::Patched)
     }
 }

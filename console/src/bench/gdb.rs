@@ -19,6 +19,8 @@ use crate::session::Session;
 const SPIN_CPL0_OUT: u64 = 2;
 /// The `spin` image's CPL3 compute loop.
 const SPIN_CPL3_LOOP: u64 = 4;
+/// `spin` mode 7: CPL0 calls of `spin_kbp` (kernel text) in a loop.
+const SPIN_KBP: u64 = 7;
 
 /// Microseconds per KVM single-step exit in a bare KVM_RUN loop, over `n` steps
 /// from the image's entry.
@@ -66,7 +68,12 @@ impl Rsp {
 
     fn send(&mut self, body: &str) -> Result<(), Error> {
         let sum = body.bytes().fold(0u8, |a, b| a.wrapping_add(b));
-        write!(self.conn.get_mut(), "${body}#{sum:02x}")
+        // One write: `write!` on the socket would send `$`, the body, `#` and the
+        // checksum as four segments (NODELAY), waking the stub up to four times.
+        let packet = format!("${body}#{sum:02x}");
+        self.conn
+            .get_mut()
+            .write_all(packet.as_bytes())
             .map_err(|e| e.to_string())
             .map_err(Into::into)
     }
@@ -192,6 +199,43 @@ fn gdb_user_steps(n: u64) -> Result<f64, Error> {
     Ok(us)
 }
 
+/// Microseconds per `continue` to a breakpoint on `spin_kbp` (kernel text,
+/// called in a loop), hit `n` times, as gdb drives it: the breakpoint is
+/// re-inserted after the first stop (gdb removes and re-inserts its breakpoints
+/// around every stop), then `vCont;c` to each hit. `visible`: gdb's `monitor
+/// breakpoints visible` first (plain INT3s).
+fn gdb_continue_hits(n: u64, visible: bool) -> Result<f64, Error> {
+    let (mut rsp, server, s) = stub(SPIN_KBP)?;
+    if visible {
+        let cmd: String = "breakpoints visible"
+            .bytes()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let mut r = rsp.ask(&format!("qRcmd,{cmd}"))?;
+        while r.starts_with('O') && r != "OK" {
+            r = rsp.recv()?;
+        }
+    }
+    let at = super::common::spin_sym("spin_kbp")?;
+    let (ins, del) = (format!("Z0,{at:x},1"), format!("z0,{at:x},1"));
+    for cmd in [&ins, "vCont;c:1", &del, &ins] {
+        let r = rsp.ask(cmd)?;
+        if r.starts_with('E') {
+            return Err(format!("{cmd} answered {r}").into());
+        }
+    }
+    let start = Instant::now();
+    for _ in 0..n {
+        let r = rsp.ask("vCont;c:1")?;
+        if !r.starts_with('T') {
+            return Err(format!("continue answered {r}").into());
+        }
+    }
+    let us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+    end(rsp, server, s);
+    Ok(us)
+}
+
 /// MB/s for reading `total` bytes of guest memory with `m` packets of the size
 /// the stub offers (what gdb does for a large `x/`).
 fn gdb_read(total: usize) -> Result<(f64, usize), Error> {
@@ -266,6 +310,23 @@ pub fn figures(repeat: usize, figures: &mut Vec<Figure>) -> Result<(), Error> {
         baseline: None,
         ratio: None,
         note: "qC over loopback TCP: the floor under every gdb command here (a stepi is two such exchanges)".into(),
+    });
+    const HITS: u64 = 200;
+    let (mut hid, mut vis) = (vec![], vec![]);
+    for _ in 0..repeat {
+        vis.push(gdb_continue_hits(HITS, true)?);
+        hid.push(gdb_continue_hits(HITS, false)?);
+    }
+    let (h, v) = (median(hid), median(vis));
+    figures.push(Figure {
+        name: "gdb continue to a breakpoint, hidden".into(),
+        unit: "us/hit",
+        value: h,
+        baseline: Some(v),
+        ratio: Some(h / v),
+        note: format!(
+            "vCont;c to a `break` on kernel text hit {HITS} times (a loop calls it); baseline: the same with `monitor breakpoints visible`"
+        ),
     });
     let mut mbs = vec![];
     let mut chunk = 0;

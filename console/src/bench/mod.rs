@@ -16,6 +16,7 @@ use vmiscope_vmm::{Access, Event, ExitHandler, HostKind, Reply, VcpuCtl, Vm, VmC
 
 use vmiscope_vmm::engine_glue::{Introspection, OnReady};
 
+mod breakpoints;
 mod common;
 mod gdb;
 mod linux;
@@ -239,7 +240,8 @@ fn engine_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<()
     hooked_write_figures(n, repeat, figures)?;
     outside_hook_figure(n, repeat, figures)?;
     throughput_figures(n, repeat, figures)?;
-    breakpoint_figures(n, repeat, figures)?;
+    breakpoints::hit_figures(n, repeat, figures)?;
+    breakpoints::hot_page_figures(repeat, figures)?;
     hook_cost_figures(figures)
 }
 
@@ -315,49 +317,6 @@ fn throughput_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Resul
                 "CPL3 write loop on a hooked page, every vCPU ({} events per run)",
                 median(runs.iter().map(|r| r.events as f64).collect())
             ),
-        });
-    }
-    Ok(())
-}
-
-/// A visible and a hidden breakpoint hit, beside one raw I/O exit.
-fn breakpoint_figures(n: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<(), Error> {
-    let med = |v: &Vec<EngineRun>, f: fn(&EngineRun) -> f64| median(v.iter().map(f).collect());
-    let bp = spin_sym("spin_bp")?;
-    for hidden in [false, true] {
-        let (mut bps, mut io0) = (vec![], vec![]);
-        for _ in 0..repeat {
-            io0.push(raw(Workload::Io { cpl3: false }, n)? / 1e3);
-            let hook: OnReady = Box::new(move |e, g| {
-                let t = Target::Breakpoint {
-                    gva: bp,
-                    gpa: 0,
-                    hidden,
-                };
-                if let Err(err) = e.add_hook(g, t, "bench", Box::new(|_| Outcome::allow())) {
-                    eprintln!("[bench] breakpoint: {err}");
-                }
-            });
-            bps.push(engine_run(6, n.min(5000), 1, hook)?);
-        }
-        let (v, b) = (med(&bps, |r| r.per_event_us), median(io0));
-        figures.push(Figure {
-            name: format!(
-                "breakpoint hit round trip, {}, CPL0",
-                if hidden { "hidden" } else { "visible" }
-            ),
-            unit: "us/hit",
-            value: v,
-            baseline: Some(b),
-            ratio: Some(v / b),
-            note: if hidden {
-                "INT3 exit + engine + step-over; hiding read-traps the page, so the step \
-                 opens and closes it (memslot ioctls) and its other instructions fault too"
-                    .into()
-            } else {
-                "INT3 exit + engine + single-step over the original byte, vs one raw I/O exit"
-                    .into()
-            },
         });
     }
     Ok(())

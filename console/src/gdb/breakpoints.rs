@@ -69,13 +69,14 @@ impl HwBreakpoint for GdbTarget {
             );
             return Ok(false);
         }
-        let usable = if cpl3_debug { 4 } else { 2 };
-        let Some(slot) = self.hw[..usable].iter().position(Option::is_none) else {
-            eprintln!("[vmiscope] gdb: hbreak {addr:#x} refused: all {usable} DR slots in use");
+        let Some(slot) = self.s.shared().claim_hw_breakpoint(addr) else {
+            let usable = self.s.shared().usable_hw_slots();
+            eprintln!(
+                "[vmiscope] gdb: hbreak {addr:#x} refused: all {usable} DR slots in use (hbreaks, or hidden breakpoints)"
+            );
             return Ok(false);
         };
         self.hw[slot] = Some(addr);
-        self.s.shared().set_hw_breakpoint(slot, Some(addr));
         Ok(true)
     }
 

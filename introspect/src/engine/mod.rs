@@ -11,7 +11,7 @@ use crate::alert::{Alert, Journal};
 use crate::arch::SRegs;
 use crate::ctx::{Callback, Requests};
 use crate::exceptions::Exceptions;
-use crate::glue::{GlueError, Guest, PageRights};
+use crate::glue::{BreakpointKind, GlueError, Guest, PageRights};
 use crate::hooks::Hooks;
 use crate::target::{Class, HookId, Owner, Rights, Target};
 use crate::verdict::Verdict;
@@ -126,8 +126,9 @@ pub struct Engine {
     events_per_class: HashMap<Class, u64>,
     latency: Latency,
     vcpus: Vec<VcpuState>,
-    /// Bytes hidden from guest reads (our INT3s): gpa -> original byte.
-    hidden: HashMap<u64, u8>,
+    /// Our breakpoints by gpa: the original byte, and whether an INT3 patches
+    /// it (then reads of it must return the original).
+    hidden: HashMap<u64, (u8, BreakpointKind)>,
     integrity: Vec<crate::integrity::Region>,
     /// Set when the engine cannot go on (HVMI's DisableOnReturn): a commit of
     /// hypervisor controls failed.
@@ -289,9 +290,18 @@ impl Engine {
         self.fatal.get_or_insert(why);
     }
 
-    /// The original byte under our breakpoint at `gpa`.
+    /// The original byte under our INT3 at `gpa` (None where no INT3 patches
+    /// the code: no breakpoint, or one in a debug register).
     pub(crate) fn hidden_byte(&self, gpa: u64) -> Option<u8> {
-        self.hidden.get(&gpa).copied()
+        match self.hidden.get(&gpa) {
+            Some((b, BreakpointKind::Patched)) => Some(*b),
+            _ => None,
+        }
+    }
+
+    /// Whether one of our breakpoints is at `gpa` (patched or not).
+    pub(crate) fn is_our_breakpoint(&self, gpa: u64) -> bool {
+        self.hidden.contains_key(&gpa)
     }
 
     pub(crate) fn insn_cache(&mut self) -> &mut InsnCache {
@@ -381,7 +391,7 @@ impl Engine {
                 *gpa = t.gpa;
                 let mut b = [0u8];
                 guest.read_phys(t.gpa, &mut b)?;
-                self.hidden.insert(t.gpa, b[0]);
+                self.hidden.insert(t.gpa, (b[0], BreakpointKind::Patched));
             }
             _ => {}
         }
@@ -422,14 +432,23 @@ impl Engine {
                 self.page_rights(guest, gpa, rights, delta)?;
             }
             Target::Breakpoint { gpa, gva, hidden } => {
-                // A hidden breakpoint's page is read-trapped so guest reads of the
-                // INT3 return the original byte (AllowedPatched).
-                if hidden {
-                    self.page_rights(guest, gpa, Rights::R, delta)?;
-                }
-                guest.set_breakpoint(gpa, gva, delta > 0)?;
-                if delta < 0 {
-                    self.hidden.remove(&gpa);
+                // A hidden INT3's page is read-trapped so guest reads of it return
+                // the original byte (AllowedPatched); a debug-register breakpoint
+                // changes no byte and needs no trap.
+                if delta > 0 {
+                    let kind = guest.set_breakpoint(gpa, gva, true, hidden)?;
+                    if let Some(e) = self.hidden.get_mut(&gpa) {
+                        e.1 = kind;
+                    }
+                    if hidden && kind == BreakpointKind::Patched {
+                        self.page_rights(guest, gpa, Rights::R, delta)?;
+                    }
+                } else {
+                    let kind = self.hidden.remove(&gpa).map(|e| e.1);
+                    if hidden && kind == Some(BreakpointKind::Patched) {
+                        self.page_rights(guest, gpa, Rights::R, delta)?;
+                    }
+                    guest.set_breakpoint(gpa, gva, false, hidden)?;
                 }
             }
             Target::Msr { index, read, write } => {

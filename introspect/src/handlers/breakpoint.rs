@@ -24,7 +24,7 @@ pub fn handle_breakpoint(
     gpa: u64,
 ) -> BreakpointAction {
     engine.handle(guest, Class::Breakpoint, |e, g| {
-        if e.hidden_byte(gpa).is_none() {
+        if !e.is_our_breakpoint(gpa) {
             return BreakpointAction::Reinject;
         }
         let info = EventInfo::Breakpoint { gva, gpa };
@@ -52,7 +52,10 @@ pub fn handle_breakpoint(
 fn original_len(e: &Engine, g: &dyn Guest, gva: u64, gpa: u64) -> Option<u8> {
     let mut bytes = vec![0u8; (0x1000 - (gpa & 0xfff)).min(15) as usize];
     g.read_phys(gpa, &mut bytes).ok()?;
-    *bytes.first_mut()? = e.hidden_byte(gpa)?;
+    // Under an INT3 the first byte is the hidden original one.
+    if let Some(orig) = e.hidden_byte(gpa) {
+        *bytes.first_mut()? = orig;
+    }
     let d = crate::decode::decode_bytes(&bytes, gva, &g.regs(), &g.sregs()).ok()?;
     u8::try_from(d.len()).ok()
 }

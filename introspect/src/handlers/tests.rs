@@ -902,3 +902,33 @@ fn each_vcpu_is_judged_from_its_own_set_up() {
     assert_eq!(e.alerts().len(), 1);
     assert_eq!(e.alerts()[0].vcpu, 1);
 }
+
+#[test]
+fn a_hidden_breakpoint_in_a_debug_register_traps_no_page_and_is_still_ours() {
+    let (mut e, mut g) = (Engine::new(), MockGuest::new());
+    g.register_breakpoints = true;
+    g.put(0x30010, &[0x55, 0x48, 0x89, 0xe5]);
+    let target = Target::Breakpoint {
+        gva: 0x30010,
+        gpa: 0,
+        hidden: true,
+    };
+    let id = e
+        .add_hook(&mut g, target, "bp", answer(Verdict::Allowed))
+        .unwrap();
+    assert_eq!(
+        g.rights.get(&0x30000),
+        None,
+        "no trapped page: nothing is patched"
+    );
+    assert!(g.breakpoints.contains(&0x30010));
+    // Its hit is ours (not the guest's own INT3), and the code byte is what
+    // memory holds.
+    g.regs.rip = 0x30010;
+    let act = handle_breakpoint(&mut e, &mut g, 0x30010, 0x30010);
+    assert_eq!(act, BreakpointAction::StepOver);
+    e.remove_hook(id).unwrap();
+    e.commit(&mut g).unwrap();
+    assert!(!g.breakpoints.contains(&0x30010));
+    assert_eq!(g.rights.get(&0x30000), None);
+}

@@ -16,7 +16,8 @@ pub const MULTIBOOT_BOOT_AREA_END: u64 = 0x1000;
 
 const GDT: u64 = 0x500;
 const TSS: u64 = 0x600;
-const PML4: u64 = 0x1000;
+/// The page tables the VMM builds for a guest it enters in long mode.
+pub(crate) const PML4: u64 = 0x1000;
 const PDPT: u64 = 0x2000;
 const PD: u64 = 0x3000; // four PDs: 0x3000..0x7000, 4 GiB of 2 MiB pages
 const STACK_TOP: u64 = 0x7ff0;

@@ -2,7 +2,7 @@
 //! entered in 32-bit protected mode with paging off (as QEMU's `-kernel` does).
 
 mod acpi;
-mod boot;
+pub(crate) mod boot;
 mod bzimage;
 mod elf;
 mod image;

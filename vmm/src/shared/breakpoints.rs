@@ -69,6 +69,81 @@ impl VmShared {
         }
     }
 
+    /// The debug-register slots breakpoints may take: all four where guest
+    /// debugging reaches CPL3, else two (PVM: the other two are for the #DB and
+    /// #BP catches that make steps and INT3s work in user code).
+    pub fn usable_hw_slots(&self) -> usize {
+        if self.host.single_step_at(3) { 4 } else { 2 }
+    }
+
+    /// Places a hidden breakpoint at `gpa` (executed at `gva`) in a free
+    /// debug-register slot, if one is left and such a breakpoint fires for this
+    /// code (`user`: the code is on a user page, where PVM's DR breakpoints do not
+    /// fire). Nothing in guest memory changes: there is nothing to hide. Set on
+    /// every vCPU (each re-applies its debug state at its next entry).
+    pub fn insert_register_breakpoint(&self, gpa: u64, gva: u64, user: bool) -> bool {
+        if user && !self.host.single_step_at(3) {
+            return false;
+        }
+        let mut regs = self.reg_bps.lock().unwrap();
+        if regs.contains_key(&gpa) {
+            return true;
+        }
+        let slot = {
+            let mut hw = self.hw_bps.lock().unwrap();
+            let Some(slot) = hw[..self.usable_hw_slots()]
+                .iter()
+                .position(Option::is_none)
+            else {
+                return false;
+            };
+            hw[slot] = Some(gva);
+            slot
+        };
+        regs.insert(gpa, slot);
+        drop(regs);
+        self.debug_gen.fetch_add(1, Ordering::SeqCst);
+        for c in 0..self.vcpu_count() {
+            self.kick(c);
+        }
+        true
+    }
+
+    /// Frees the slot of the register breakpoint at `gpa`; false if none.
+    pub fn remove_register_breakpoint(&self, gpa: u64) -> bool {
+        let Some(slot) = self.reg_bps.lock().unwrap().remove(&gpa) else {
+            return false;
+        };
+        self.set_hw_breakpoint(slot, None);
+        true
+    }
+
+    /// Takes the first free usable debug-register slot for an execute
+    /// breakpoint at `addr` (a debugger's `hbreak`); None when all are taken
+    /// (by other `hbreak`s or hidden breakpoints).
+    pub fn claim_hw_breakpoint(&self, addr: u64) -> Option<usize> {
+        let slot = {
+            let mut hw = self.hw_bps.lock().unwrap();
+            let slot = hw[..self.usable_hw_slots()]
+                .iter()
+                .position(Option::is_none)?;
+            hw[slot] = Some(addr);
+            slot
+        };
+        self.set_hw_breakpoint(slot, Some(addr));
+        Some(slot)
+    }
+
+    /// The gpa of the register breakpoint in `slot`, if it holds one.
+    pub(crate) fn register_breakpoint_in(&self, slot: usize) -> Option<u64> {
+        self.reg_bps
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, s)| **s == slot)
+            .map(|(g, _)| *g)
+    }
+
     /// Whether a debug-register slot is left for the #DB catch of a CPL3 step
     /// (`hbreak`s may have taken all four).
     pub(crate) fn dr_slot_free(&self) -> bool {

@@ -138,6 +138,9 @@ pub struct VmShared {
     debug_gen: AtomicU64,
     /// Hardware execute breakpoints (guest-virtual), the same on every vCPU.
     hw_bps: Mutex<[Option<u64>; 4]>,
+    /// Hidden breakpoints held in debug-register slots: gpa -> slot (their
+    /// addresses are in `hw_bps`).
+    reg_bps: Mutex<HashMap<u64, usize>>,
     vcpus: Vec<VcpuInfo>,
     /// Announces vCPU state changes (with `state_lock`): pause and resume are
     /// acknowledged, not polled.
@@ -253,6 +256,7 @@ impl VmShared {
             sw_bps: Mutex::new(HashMap::new()),
             debug_gen: AtomicU64::new(0),
             hw_bps: Mutex::new([None; 4]),
+            reg_bps: Mutex::new(HashMap::new()),
             vcpus,
             stop: Mutex::new(None),
             stopping: AtomicBool::new(false),

@@ -133,6 +133,9 @@ impl VcpuThread {
                 if let Some(catch) = self.debug.catches.get(slot).copied().flatten() {
                     return self.caught(catch);
                 }
+                if let Some(gpa) = self.vm.register_breakpoint_in(slot) {
+                    return self.register_breakpoint(pc, gpa);
+                }
                 let ev = Event::HwBreakpoint {
                     rip: pc,
                     slot: slot as u8,
@@ -166,6 +169,31 @@ impl VcpuThread {
             return handle::stop_or_continue(self, reply);
         }
         Flow::Continue
+    }
+
+    /// One of our hidden breakpoints held in a debug register fired: the same
+    /// event as an INT3 of ours, then a step over the instruction with the
+    /// debug registers off (resuming on it would fire it again). Nothing was
+    /// patched, so nothing is put back, and other vCPUs run on meanwhile.
+    fn register_breakpoint(&mut self, rip: u64, gpa: u64) -> Flow {
+        let ev = Event::Breakpoint {
+            rip,
+            gpa: Some(gpa),
+            ours: true,
+            cpl: self.cpl(),
+        };
+        match handle::ask(self, &ev) {
+            Reply::Stop(cause) => handle::stop(self, StopReason::Handler(cause)),
+            Reply::Retry => Flow::Continue,
+            Reply::Skip(len) => {
+                self.edit_regs(|r| r.rip = r.rip.wrapping_add(len as u64));
+                Flow::Continue
+            }
+            _ => {
+                self.let_guest_handler_run();
+                Flow::Continue
+            }
+        }
     }
 
     /// Resuming on an execute breakpoint would fire it again: step over the
