@@ -11,7 +11,7 @@ use vmiscope_vmm::engine_glue::{Introspection, OnReady};
 use vmiscope_vmm::{Event, ExitHandler, Reply, VcpuCtl, VmConfig};
 
 use super::common::{Figure, median, spin_sym, spin_vm};
-use super::{BENCH_PORT, EngineRun, Workload, engine_run, raw};
+use super::runs::{BENCH_PORT, EngineRun, Workload, engine_run, raw};
 use crate::error::Error;
 
 /// A hook that puts an allow-everything breakpoint at `at`.
