@@ -132,6 +132,9 @@ struct State {
 pub struct Control {
     state: Mutex<State>,
     cv: Condvar,
+    /// Written at every stop: a thread that also waits on a socket (gdb's)
+    /// polls both instead of waking up every millisecond to look.
+    stopped: vmm_sys_util::eventfd::EventFd,
     /// To wake the held vCPU when its resume order is given.
     vm: Arc<VmShared>,
 }
@@ -141,6 +144,8 @@ impl Control {
         Control {
             state: Mutex::default(),
             cv: Condvar::new(),
+            stopped: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+                .expect("an eventfd (the kernel's limit on open files?)"),
             vm,
         }
     }
@@ -218,6 +223,17 @@ impl Control {
         self.state.lock().unwrap().last.clone()
     }
 
+    /// A file descriptor that becomes readable at every stop (see `stopped`).
+    pub fn stop_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.stopped.as_raw_fd()
+    }
+
+    /// Consumes the stop signal of `stop_fd` (the stop count says what came).
+    pub fn clear_stop_signal(&self) {
+        let _ = self.stopped.read();
+    }
+
     pub fn stop_count(&self) -> u64 {
         self.state.lock().unwrap().stops
     }
@@ -236,18 +252,26 @@ impl Control {
         }
     }
 
-    /// Lets the stopped vCPU go on, with `over` replacing the verdict, and
-    /// waits (briefly) until it has left the stop: the next command must not
-    /// see the stop it just ended (`verdict` then `wait` in a pipe).
+    /// Lets the stopped vCPU go on, with `over` replacing the verdict.
     pub fn resume(&self, over: Option<Override>) -> bool {
         let mut s = self.state.lock().unwrap();
         let Some(cpu) = s.stop.as_ref().map(|st| st.vcpu) else {
             return false;
         };
-        let stops = s.stops;
         s.resume = Some(over);
         drop(s);
         self.vm.wake_vcpu(cpu);
+        true
+    }
+
+    /// `resume`, then waits (briefly) until the vCPU has left the stop: the next
+    /// command must not see the stop it just ended (`verdict` then `wait` in a
+    /// pipe). gdb's resumes do not wait: its stub waits for the next stop anyway.
+    pub fn resume_and_wait(&self, over: Option<Override>) -> bool {
+        let stops = self.state.lock().unwrap().stops;
+        if !self.resume(over) {
+            return false;
+        }
         let s = self.state.lock().unwrap();
         let _ = self
             .cv
@@ -272,19 +296,29 @@ impl Control {
             s.last = Some(stop.clone());
             s.stop = Some(stop);
             s.step_on_resume = false;
-            s.stops += 1;
             s.resume = None;
         }
+        let mut tasks = None;
         let over = cpu.hold(|cpu| {
-            // Called again after every task: a task may have changed the registers.
-            let snapshot = Snapshot::take(cpu);
+            // Called after every message. Only a task can change the registers:
+            // they are read again (an FPU read is an ioctl) only after one.
+            let seen = cpu.tasks_run();
+            let snapshot = (tasks != Some(seen)).then(|| Snapshot::take(cpu));
+            let first = tasks.is_none();
+            tasks = Some(seen);
             let mut s = self.state.lock().unwrap();
+            if let Some(sn) = snapshot {
+                s.snapshot = Some(sn);
+            }
+            if first {
+                // Published once the vCPU is held (its state says so) with its
+                // registers taken: a waiter that pauses every vCPU then sends
+                // it no kick, and reads the registers with no round trip.
+                s.stops += 1;
+                self.cv.notify_all();
+                let _ = self.stopped.write(1);
+            }
             let Some(over) = s.resume.take() else {
-                let first = s.snapshot.is_none();
-                s.snapshot = Some(snapshot);
-                if first {
-                    self.cv.notify_all();
-                }
                 return None;
             };
             if std::mem::take(&mut s.step_on_resume) {

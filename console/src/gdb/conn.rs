@@ -10,7 +10,7 @@
 //! QEMU's stub does and as LLDB, which sends a plain `c` to continue all
 //! threads, relies on. The resume reads the mark (`LegacyResume`).
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,7 +40,6 @@ pub struct GdbConn {
     input: Vec<u8>,
     /// Next unread byte of `input`.
     at: usize,
-    nonblocking: bool,
 }
 
 impl GdbConn {
@@ -52,33 +51,55 @@ impl GdbConn {
             out: Vec::with_capacity(8192),
             input: Vec::with_capacity(4096),
             at: 0,
-            nonblocking: false,
         }
     }
 
-    fn set_nonblocking(&mut self, on: bool) -> std::io::Result<()> {
-        if self.nonblocking != on {
-            self.stream.set_nonblocking(on)?;
-            self.nonblocking = on;
-        }
-        Ok(())
+    /// The socket, for waiting on it together with other sources (`poll`).
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.stream.as_raw_fd()
     }
 
-    /// Reads what the socket has (at least one byte unless non-blocking).
-    /// Returns false when a non-blocking read found nothing.
+    /// Whether a read would not block: bytes are buffered here or waiting in the
+    /// socket.
+    pub fn has_input(&mut self) -> std::io::Result<bool> {
+        Ok(self.at < self.input.len() || self.fill(false)?)
+    }
+
+    /// Reads what the socket has (at least one byte unless `block` is false).
+    /// Returns false when a non-blocking read found nothing. The socket stays
+    /// blocking: a non-blocking read is one `recv` with MSG_DONTWAIT (no fcntl
+    /// or ioctl to switch modes around it).
     fn fill(&mut self, block: bool) -> std::io::Result<bool> {
-        self.set_nonblocking(!block)?;
+        use std::os::fd::AsRawFd;
         let mut buf = [0u8; 4096];
-        match Read::read(&mut self.stream, &mut buf) {
-            Ok(0) => Err(ErrorKind::UnexpectedEof.into()),
-            Ok(n) => {
+        let flags = if block { 0 } else { libc::MSG_DONTWAIT };
+        // SAFETY: `buf` is a live, writable buffer of the length given; the fd
+        // is the stream's own, open for as long as `self`.
+        let n = unsafe {
+            libc::recv(
+                self.stream.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                flags,
+            )
+        };
+        match n {
+            0 => Err(ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => {
                 self.input.clear();
-                self.input.extend_from_slice(&buf[..n]);
+                self.input.extend_from_slice(&buf[..n as usize]);
                 self.at = 0;
                 Ok(true)
             }
-            Err(e) if !block && e.kind() == ErrorKind::WouldBlock => Ok(false),
-            Err(e) => Err(e),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    ErrorKind::WouldBlock if !block => Ok(false),
+                    ErrorKind::Interrupted => Ok(false),
+                    _ => Err(e),
+                }
+            }
         }
     }
 }
@@ -97,7 +118,6 @@ impl Connection for GdbConn {
     }
 
     fn flush(&mut self) -> Result<(), Self::Error> {
-        self.set_nonblocking(false)?;
         Write::write_all(&mut self.stream, &self.out)?;
         self.out.clear();
         Write::flush(&mut self.stream)
@@ -110,7 +130,7 @@ impl Connection for GdbConn {
 
 impl ConnectionExt for GdbConn {
     fn read(&mut self) -> Result<u8, Self::Error> {
-        if self.at == self.input.len() {
+        while self.at == self.input.len() {
             self.fill(true)?;
         }
         self.at += 1;
@@ -135,6 +155,7 @@ impl ConnectionExt for GdbConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
     use std::net::TcpListener;
 
     #[test]

@@ -1,7 +1,5 @@
 //! The blocking event loop: waits for a stop, gdb's Ctrl-C, or the guest's end.
 
-use std::time::Duration;
-
 use crate::error::Error;
 
 use gdbstub::common::Signal;
@@ -25,14 +23,18 @@ impl BlockingEventLoop for EventLoop {
     ) -> Result<GdbEvent<Self::StopReason>, WaitForStopReasonError<Error, std::io::Error>> {
         loop {
             if conn
-                .peek()
+                .has_input()
                 .map_err(WaitForStopReasonError::Connection)?
-                .is_some()
             {
                 let b = ConnectionExt::read(conn).map_err(WaitForStopReasonError::Connection)?;
                 return Ok(GdbEvent::IncomingData(b));
             }
             if std::mem::take(&mut t.refused) {
+                return Ok(GdbEvent::TargetStopped(t.stop_reason()));
+            }
+            if t.s.control().stop_count() > t.seen {
+                t.seen = t.s.control().stop_count();
+                t.all_stop();
                 return Ok(GdbEvent::TargetStopped(t.stop_reason()));
             }
             if t.s.ended() {
@@ -47,14 +49,10 @@ impl BlockingEventLoop for EventLoop {
                     code.clamp(0, 255) as u8,
                 )));
             }
-            // Wakes as soon as a stop is recorded; the timeout bounds how late gdb's
-            // Ctrl-C (incoming data) or the guest's end are noticed.
-            let _ = t.s.control().wait_stop(t.seen, Duration::from_millis(1));
-            if t.s.control().stop_count() > t.seen {
-                t.seen = t.s.control().stop_count();
-                t.all_stop();
-                return Ok(GdbEvent::TargetStopped(t.stop_reason()));
-            }
+            // Sleep until gdb sends something (Ctrl-C) or a vCPU stops; the
+            // timeout bounds how late the guest's end is noticed.
+            wait_readable(conn.fd(), t.s.control().stop_fd(), 100);
+            t.s.control().clear_stop_signal();
         }
     }
 
@@ -66,4 +64,23 @@ impl BlockingEventLoop for EventLoop {
             signal: Signal::SIGINT,
         }))
     }
+}
+
+/// Blocks until `a` or `b` is readable, or `ms` milliseconds pass.
+fn wait_readable(a: std::os::fd::RawFd, b: std::os::fd::RawFd, ms: i32) {
+    let mut fds = [
+        libc::pollfd {
+            fd: a,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: b,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is a live array of two initialised pollfds, its length is
+    // passed with it, and poll only writes their `revents`.
+    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
 }

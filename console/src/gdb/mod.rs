@@ -168,8 +168,9 @@ impl GdbTarget {
 
     /// Pauses every vCPU (the one at a stop is held already) and waits for each
     /// to acknowledge.
+    /// All-stop: every other vCPU pauses (the one at the stop is held already).
     fn all_stop(&self) {
-        self.s.shared().pause_all();
+        self.s.shared().pause_unheld();
         self.s.shared().wait_paused(Duration::from_secs(2));
     }
 

@@ -168,7 +168,7 @@ impl Session {
                 o == Override::Allow,
             );
         }
-        self.control.resume(over);
+        self.control.resume_and_wait(over);
         Ok(Output::text(format!(
             "verdict {}; vCPU {} goes on",
             match v {

@@ -42,6 +42,15 @@ impl VcpuCtl<'_> {
         self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
     }
 
+    /// How many tasks (`VmShared::with_vcpu`) this vCPU has run: unchanged, its
+    /// registers are as they were (no task touched them).
+    pub fn tasks_run(&self) -> u64 {
+        self.vm
+            .vcpu_info(self.id)
+            .tasks
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// DR0–DR3, DR6, DR7 (one KVM_GET_DEBUGREGS ioctl).
     pub fn debugregs(&self) -> Option<kvm_bindings::kvm_debugregs> {
         self.vm.count_ioctls(1);
@@ -181,7 +190,13 @@ impl VcpuCtl<'_> {
         match msg {
             VcpuMsg::Pause => *self.paused = true,
             VcpuMsg::Resume => *self.paused = false,
-            VcpuMsg::With(task) => task(self),
+            VcpuMsg::With(task) => {
+                task(self);
+                self.vm
+                    .vcpu_info(self.id)
+                    .tasks
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             VcpuMsg::Wake => {}
             VcpuMsg::Stop => return false,
         }

@@ -67,6 +67,9 @@ pub(crate) struct VcpuInfo {
     pub(crate) paging: [AtomicU64; 4],
     /// The registers when the vCPU's thread ended, for post-mortem reading.
     pub(crate) last_state: Mutex<Option<FinalState>>,
+    /// Tasks (`with_vcpu`) this vCPU has run: a holder can tell whether its
+    /// registers may have changed since it last read them.
+    pub(crate) tasks: AtomicU64,
 }
 
 /// A vCPU's registers when its thread ended (the guest exited, triple-faulted or
@@ -241,6 +244,7 @@ impl VmShared {
                 entries: AtomicU64::new(0),
                 paging: Default::default(),
                 last_state: Mutex::new(None),
+                tasks: AtomicU64::new(0),
             })
             .collect();
         VmShared {

@@ -108,7 +108,19 @@ impl VmShared {
         {
             let _ = tx.send(msg);
         }
-        self.kick(cpu);
+        self.kick_if_running(cpu);
+    }
+
+    /// Kicks `cpu` out of the guest only if it may be in it: a paused or held
+    /// vCPU reads its messages anyway, and a kick would cost it a signal and a
+    /// wasted guest entry (KVM_RUN returning EINTR at once). Read after the
+    /// message is queued: a vCPU marks itself running before it last looks at
+    /// its queue (`serve_messages`), so a message is never left unseen.
+    fn kick_if_running(&self, cpu: u32) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.vcpu_state(cpu) == Some(VcpuState::Running) {
+            self.kick(cpu);
+        }
     }
 
     /// Runs `task` on vCPU `cpu`'s thread at its next stop point: at once when it
@@ -123,13 +135,21 @@ impl VmShared {
                 .unwrap()
                 .as_ref()
                 .is_some_and(|tx| tx.send(VcpuMsg::With(task)).is_ok());
-        self.kick(cpu);
+        self.kick_if_running(cpu);
         sent
     }
 
     /// Asks every vCPU to pause (it stops at its next exit; a kick forces one).
     pub fn pause_all(&self) {
         (0..self.vcpu_count()).for_each(|c| self.send(c, VcpuMsg::Pause));
+    }
+
+    /// Pauses every vCPU but those held at a stop (they stay held until their
+    /// stop is resumed; a Pause would only wake them for nothing).
+    pub fn pause_unheld(&self) {
+        (0..self.vcpu_count())
+            .filter(|c| self.vcpu_state(*c) != Some(VcpuState::Held))
+            .for_each(|c| self.send(c, VcpuMsg::Pause));
     }
 
     /// Resumes one paused vCPU.

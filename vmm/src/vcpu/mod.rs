@@ -205,12 +205,14 @@ impl VcpuThread {
                     Err(_) => return false,
                 }
             } else {
+                // Marked running before the last look at the queue: a sender that
+                // saw another state queued its message before this look (and
+                // did not kick); one that sees Running kicks (`kick_if_running`).
+                self.vm.set_state(self.id, VcpuState::Running);
+                std::sync::atomic::fence(Ordering::SeqCst);
                 match self.rx.try_recv() {
                     Ok(m) => m,
-                    Err(TryRecvError::Empty) => {
-                        self.vm.set_state(self.id, VcpuState::Running);
-                        return true;
-                    }
+                    Err(TryRecvError::Empty) => return true,
                     Err(TryRecvError::Disconnected) => return false,
                 }
             };
