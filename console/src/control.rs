@@ -318,9 +318,7 @@ impl Control {
                 self.cv.notify_all();
                 let _ = self.stopped.write(1);
             }
-            let Some(over) = s.resume.take() else {
-                return None;
-            };
+            let over = s.resume.take()?;
             if std::mem::take(&mut s.step_on_resume) {
                 cpu.set_single_step(true);
             }
