@@ -375,3 +375,39 @@ fn the_readme_console_examples_run() {
         "README examples failed: {errors:?}\n{out}"
     );
 }
+
+/// One hook spans pages: over `spin_bp`'s page and `spin_page` after it, the
+/// guest's writes to the second page fire it (the bench times one over all RAM
+/// above 4 MiB of a 256 MiB guest).
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn one_hook_spans_pages() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, out, _) = piped(
+        "spin",
+        &[],
+        &[
+            "mem write spin_count 32 00 00 00 00 00 00 00",
+            "hook ept spin_bp 0x2000 w log",
+            "continue --wait",
+            "hooks",
+            "quit",
+        ],
+    );
+    assert!(out.contains("gpa 0x207000+0x2000 -w-"), "{out}");
+    assert!(out.contains("spin: done"), "{out}");
+    let hits: u64 = out
+        .lines()
+        .find(|l| l.contains("console:ept"))
+        .and_then(|l| l.split("hits").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        hits >= 50,
+        "the guest's 50 writes to the second page fired it: {out}"
+    );
+    assert_eq!(code, Some(0));
+}

@@ -32,12 +32,12 @@ pub const HELP: &[HelpEntry] = &[
     ),
     h(
         "hook ept GPA [LEN] [rwx] [log|deny] [force]",
-        "hook guest-physical memory (log unless deny)",
+        "hook guest-physical memory, any length inside RAM (log unless deny)",
         "hook ept 0x207000 0x1000 w",
     ),
     h(
         "hook gva GVA [LEN] [rwx] [log|deny] [force]",
-        "hook guest-virtual memory, following remaps",
+        "hook guest-virtual memory within one page, following remaps",
         "hook gva user_secret 8 w",
     ),
     h(

@@ -345,7 +345,7 @@ pub fn alert_line(a: &vmiscope_introspect::Alert) -> String {
 
 pub fn target_text(t: &Target) -> String {
     match t {
-        Target::Gpa { gpa, len, rights } => format!("gpa {gpa:#x}+{len} {rights}"),
+        Target::Gpa { gpa, len, rights } => format!("gpa {gpa:#x}+{len:#x} {rights}"),
         Target::Gva {
             gva,
             len,
@@ -353,7 +353,7 @@ pub fn target_text(t: &Target) -> String {
             gpa,
             ..
         } => format!(
-            "gva {gva:#x}+{len} {rights} -> {}",
+            "gva {gva:#x}+{len:#x} {rights} -> {}",
             gpa.map(|g| format!("{g:#x}")).unwrap_or("unmapped".into())
         ),
         Target::Msr { index, read, write } => format!(

@@ -51,7 +51,7 @@ impl Hooks {
     ) -> HookId {
         self.next_id += 1;
         let id = self.next_id;
-        if let Some(p) = target.page() {
+        for p in target.pages() {
             self.by_page.entry(p).or_default().push(id);
         }
         self.list.push(Hook {
@@ -67,12 +67,16 @@ impl Hooks {
         id
     }
 
+    /// The hook `id`, found by binary search: ids only grow and removal keeps
+    /// the order, so the list is sorted by id.
     pub fn get(&self, id: HookId) -> Option<&Hook> {
-        self.list.iter().find(|h| h.id == id)
+        let i = self.list.binary_search_by_key(&id, |h| h.id).ok()?;
+        self.list.get(i)
     }
 
     pub(crate) fn get_mut(&mut self, id: HookId) -> Option<&mut Hook> {
-        self.list.iter_mut().find(|h| h.id == id)
+        let i = self.list.binary_search_by_key(&id, |h| h.id).ok()?;
+        self.list.get_mut(i)
     }
 
     /// Live hooks (not flagged for removal).
@@ -92,10 +96,13 @@ impl Hooks {
 
     /// Flags a hook for removal; it stops firing at once.
     pub(crate) fn flag_removed(&mut self, id: HookId) -> Option<&Hook> {
-        let h = self.list.iter_mut().find(|h| h.id == id && !h.removed)?;
-        h.removed = true;
+        let i = self.list.binary_search_by_key(&id, |h| h.id).ok()?;
+        if self.list[i].removed {
+            return None;
+        }
+        self.list[i].removed = true;
         self.removed_pending = true;
-        Some(h)
+        Some(&self.list[i])
     }
 
     /// Deletes every flagged hook; returns them (the engine undoes their controls).
@@ -109,12 +116,12 @@ impl Hooks {
             .partition(|h| h.removed);
         self.list = keep;
         for h in &gone {
-            if let Some(p) = h.target.page()
-                && let Some(v) = self.by_page.get_mut(&p)
-            {
-                v.retain(|id| *id != h.id);
-                if v.is_empty() {
-                    self.by_page.remove(&p);
+            for p in h.target.pages() {
+                if let Some(v) = self.by_page.get_mut(&p) {
+                    v.retain(|id| *id != h.id);
+                    if v.is_empty() {
+                        self.by_page.remove(&p);
+                    }
                 }
             }
         }

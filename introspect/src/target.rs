@@ -140,23 +140,48 @@ impl Target {
         }
     }
 
-    /// For memory hooks: (offset in page, length, rights).
-    pub fn range(&self) -> Option<(u64, u64, Rights)> {
+    /// Every guest-physical page a memory hook occupies, lowest first: a
+    /// physical hook may span many (`hook ept 0x400000 0xfc00000 w`), a virtual
+    /// one stays within its page (its pages need not be contiguous).
+    pub fn pages(&self) -> impl Iterator<Item = u64> + use<> {
+        let (first, last) = match *self {
+            Target::Gpa { gpa, len, .. } => {
+                (gpa & !0xfff, gpa.saturating_add(len.max(1) - 1) & !0xfff)
+            }
+            _ => match self.page() {
+                Some(p) => (p, p),
+                None => (1, 0), // empty
+            },
+        };
+        (first..=last)
+            .step_by(0x1000)
+            .filter(move |_| first <= last)
+    }
+
+    /// For memory hooks: the guest-physical range it watches and its rights.
+    pub fn phys_range(&self) -> Option<(u64, u64, Rights)> {
         match *self {
-            Target::Gpa { gpa, len, rights } => Some((gpa & 0xfff, len, rights)),
+            Target::Gpa { gpa, len, rights } => Some((gpa, len, rights)),
             Target::Gva {
-                gva,
                 len,
                 rights,
-                gpa: Some(_),
+                gpa: Some(g),
                 ..
-            } => Some((gva & 0xfff, len, rights)),
+            } => Some((g, len, rights)),
             // A hidden breakpoint hides its byte from reads.
             Target::Breakpoint {
                 gpa, hidden: true, ..
-            } => Some((gpa & 0xfff, 1, Rights::R)),
+            } => Some((gpa, 1, Rights::R)),
             _ => None,
         }
+    }
+
+    /// Whether an access of `len` bytes at `gpa` that wants `want` falls in
+    /// this memory hook.
+    pub fn covers(&self, gpa: u64, len: u64, want: Rights) -> bool {
+        self.phys_range().is_some_and(|(start, n, r)| {
+            r.any(want) && start < gpa.saturating_add(len) && gpa < start.saturating_add(n)
+        })
     }
 }
 

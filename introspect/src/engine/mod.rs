@@ -363,7 +363,9 @@ impl Engine {
     fn resolve(&mut self, guest: &mut dyn Guest, mut target: Target) -> Result<Target, HookError> {
         match &mut target {
             Target::Gpa { gpa, len, .. } => {
-                check_range(*gpa, *len)?;
+                // Any length inside RAM: one hook, one slot change per run of
+                // pages (`hook ept 0x400000 0xfc00000 w` is one command).
+                check_extent(*gpa, *len, guest.ram_size())?;
                 if *gpa + *len > guest.ram_size() {
                     return Err(HookError::OutsideRam(*gpa));
                 }
@@ -423,13 +425,15 @@ impl Engine {
             }
         }
         match *target {
-            Target::Gpa { gpa, rights, .. }
+            Target::Gpa { rights, .. }
             | Target::Gva {
-                gpa: Some(gpa),
+                gpa: Some(_),
                 rights,
                 ..
             } => {
-                self.page_rights(guest, gpa, rights, delta)?;
+                for page in target.pages() {
+                    self.page_rights(guest, page, rights, delta)?;
+                }
             }
             Target::Breakpoint { gpa, gva, hidden } => {
                 // A hidden INT3's page is read-trapped so guest reads of it return

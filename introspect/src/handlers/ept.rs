@@ -251,17 +251,14 @@ fn dispatch_all(
             continue;
         }
         let info = piece_info(g, x, piece);
-        let (off, page) = (gpa & 0xfff, gpa & !0xfff);
+        let page = gpa & !0xfff;
         let want = match kind {
             AccessKind::Read => Rights::R,
             AccessKind::Write => Rights::W,
             AccessKind::Exec => Rights::X,
         };
         let fired = e.dispatch(g, Some(page), &info, &|t| {
-            t.page() == Some(page)
-                && t.range()
-                    .is_some_and(|(o, l, r)| r.any(want) && o < off + len && off < o + l)
-                && !matches!(t, Target::Breakpoint { .. })
+            t.covers(gpa, len, want) && !matches!(t, Target::Breakpoint { .. })
         });
         if fired.iter().any(|(_, o)| o.verdict == Verdict::NotAllowed) && blocking_info.is_none() {
             blocking_info = Some(info.clone());

@@ -611,9 +611,11 @@ fn bad_hooks_are_refused() {
         err(gpa_hook(0x1000_0000, 8, Rights::W)),
         Err(crate::HookError::OutsideRam(0x1000_0000))
     );
+    // A physical hook may span pages (one hook over many); past RAM it may not.
+    assert!(err(gpa_hook(0x10ff8, 16, Rights::W)).is_ok());
     assert_eq!(
-        err(gpa_hook(0x10ff8, 16, Rights::W)),
-        Err(crate::HookError::CrossesPage(0x10ff8, 16))
+        err(gpa_hook(0x3ff000, 0x2000, Rights::W)),
+        Err(crate::HookError::OutsideRam(0x3ff000))
     );
     assert_eq!(
         err(gpa_hook(0x10000, 0, Rights::W)),
@@ -809,8 +811,44 @@ fn a_length_near_2_pow_64_does_not_wrap_into_a_small_range() {
     let err = e
         .add_hook(&mut g, t, "wrap", answer(Verdict::Allowed))
         .unwrap_err();
-    assert!(matches!(err, HookError::CrossesPage(..)), "{err}");
+    assert!(matches!(err, HookError::TooLarge(..)), "{err}");
     assert!(e.hooks().is_empty());
+}
+
+#[test]
+fn one_hook_spans_many_pages_and_fires_on_any_of_them() {
+    let (mut e, mut g) = (Engine::new(), MockGuest::new());
+    let hits = std::sync::Arc::new(std::sync::Mutex::new(0));
+    let h2 = hits.clone();
+    let id = e
+        .add_hook(
+            &mut g,
+            gpa_hook(0x10800, 0x3000, Rights::W),
+            "wide",
+            Box::new(move |_| {
+                *h2.lock().unwrap() += 1;
+                Outcome::allow()
+            }),
+        )
+        .unwrap();
+    e.commit(&mut g).unwrap();
+    // Four pages trapped, each once; the page after the range is not.
+    for p in [0x10000, 0x11000, 0x12000, 0x13000] {
+        assert_eq!(g.rights.get(&p), Some(&PageRights::WriteTrapped), "{p:#x}");
+    }
+    assert_eq!(g.rights.get(&0x14000), None);
+    // A write in the third page fires it; one below the range's start does not.
+    g.put(0x20000, &[0x89, 0x08]); // mov [rax], ecx
+    for (at, fires) in [(0x12010u64, true), (0x10400, false)] {
+        (g.regs.rax, g.regs.rip) = (at, 0x20000);
+        e.note_exit(0);
+        let before = *hits.lock().unwrap();
+        let _ = handle_ept_violation(&mut e, &mut g, &write_exit(at, 4, 0, 0x20000));
+        assert_eq!(*hits.lock().unwrap() > before, fires, "{at:#x}");
+    }
+    e.remove_hook(id).unwrap();
+    e.commit(&mut g).unwrap();
+    assert!(g.rights.values().all(|r| *r == PageRights::Full) || g.rights.is_empty());
 }
 
 /// `--protect all` on a kernel that starts its second vCPU with INIT/SIPI: the
