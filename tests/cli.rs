@@ -166,6 +166,10 @@ fn bench_json_has_every_figure_with_its_baseline() {
         "gdb stepi round trip, CPL0",
         "gdb stepi round trip, CPL3",
         "I/O exit, CPL0, breakpoint on a user page",
+        "breakpoint hit, hidden (DR slot) vs visible",
+        "hot page with a hidden breakpoint (DR slot free)",
+        "hot page, hidden breakpoint beyond the free slots",
+        "gdb continue to a breakpoint, hidden",
     ] {
         let f = figs
             .iter()
@@ -188,7 +192,8 @@ fn bench_json_has_every_figure_with_its_baseline() {
         "hello: process start to guest exit",
         "gdb memory read (large x/)",
         "engine CPU time per event, CPL0",
-        "breakpoint hit round trip, hidden, CPL0",
+        "breakpoint hit, hidden INT3 (user page)",
+        "write-hook all RAM above 4 MiB (256 MiB guest)",
     ] {
         assert!(
             figs.iter()
