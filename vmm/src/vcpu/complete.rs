@@ -131,6 +131,10 @@ pub trait InsnCpu {
     fn set_mxcsr(&mut self, value: u32) -> bool;
     /// Drops every cached translation, global ones included.
     fn flush_tlb(&mut self);
+    /// Whether guest-physical `gpa` is RAM no hook watches for this kind of
+    /// access (the page is not trapped for it): an access the VMM may make
+    /// itself without hiding it from the engine.
+    fn plain_memory(&self, gpa: u64, write: bool) -> bool;
 }
 
 const CR0_MP: u64 = 1 << 1;
@@ -138,13 +142,13 @@ const CR0_TS: u64 = 1 << 3;
 const CR4_OSXSAVE: u64 = 1 << 18;
 const CR4_PCIDE: u64 = 1 << 17;
 const RFLAGS_AC: u64 = 1 << 18;
-const FLAG_CF: u64 = 1;
-const FLAG_PF: u64 = 1 << 2;
-const FLAG_AF: u64 = 1 << 4;
-const FLAG_ZF: u64 = 1 << 6;
-const FLAG_SF: u64 = 1 << 7;
-const FLAG_OF: u64 = 1 << 11;
-const ARITH_FLAGS: u64 = FLAG_CF | FLAG_PF | FLAG_AF | FLAG_ZF | FLAG_SF | FLAG_OF;
+pub(super) const FLAG_CF: u64 = 1;
+pub(super) const FLAG_PF: u64 = 1 << 2;
+pub(super) const FLAG_AF: u64 = 1 << 4;
+pub(super) const FLAG_ZF: u64 = 1 << 6;
+pub(super) const FLAG_SF: u64 = 1 << 7;
+pub(super) const FLAG_OF: u64 = 1 << 11;
+pub(super) const ARITH_FLAGS: u64 = FLAG_CF | FLAG_PF | FLAG_AF | FLAG_ZF | FLAG_SF | FLAG_OF;
 
 const UD: Outcome = Outcome::Fault {
     vector: 6,
@@ -204,12 +208,12 @@ pub fn complete(cpu: &mut dyn InsnCpu, bytes: &[u8]) -> Option<(Completed, Outco
     Some((what, outcome))
 }
 
-struct Exec<'a> {
-    cpu: &'a mut dyn InsnCpu,
-    insn: Instruction,
+pub(super) struct Exec<'a> {
+    pub(super) cpu: &'a mut dyn InsnCpu,
+    pub(super) insn: Instruction,
 }
 
-fn page_fault(gva: u64, f: PageFault, write: bool) -> Outcome {
+pub(super) fn page_fault(gva: u64, f: PageFault, write: bool) -> Outcome {
     Outcome::Fault {
         vector: 14,
         error_code: Some(f.present as u32 | (write as u32) << 1),
@@ -219,7 +223,7 @@ fn page_fault(gva: u64, f: PageFault, write: bool) -> Outcome {
 
 impl Exec<'_> {
     /// Sets the registers `f` computes and moves RIP past the instruction.
-    fn done(&mut self, f: impl FnOnce(&mut kvm_regs)) -> Outcome {
+    pub(super) fn done(&mut self, f: impl FnOnce(&mut kvm_regs)) -> Outcome {
         let mut r = self.cpu.regs();
         f(&mut r);
         r.rip = self.insn.next_ip();
@@ -227,7 +231,7 @@ impl Exec<'_> {
         Outcome::Done
     }
 
-    fn mem_address(&self) -> u64 {
+    pub(super) fn mem_address(&self) -> u64 {
         let r = self.cpu.regs();
         let seg = match self.insn.memory_segment() {
             Register::FS => self.cpu.segment_base(true),
@@ -246,7 +250,7 @@ impl Exec<'_> {
     }
 
     /// Reads `len` bytes of the memory operand (one page or two).
-    fn load(&self, len: usize) -> Result<u64, Outcome> {
+    pub(super) fn load(&self, len: usize) -> Result<u64, Outcome> {
         let gva = self.mem_address();
         let mut buf = [0u8; 8];
         for i in 0..len {
@@ -262,7 +266,7 @@ impl Exec<'_> {
         Ok(u64::from_le_bytes(buf))
     }
 
-    fn store(&mut self, value: u64, len: usize) -> Result<(), Outcome> {
+    pub(super) fn store(&mut self, value: u64, len: usize) -> Result<(), Outcome> {
         let gva = self.mem_address();
         // Translate every byte before writing any: a fault leaves memory as it was.
         let mut gpas = [0u64; 8];
@@ -281,7 +285,7 @@ impl Exec<'_> {
         Ok(())
     }
 
-    fn operand(&self, n: u32, len: usize) -> Result<u64, Outcome> {
+    pub(super) fn operand(&self, n: u32, len: usize) -> Result<u64, Outcome> {
         match self.insn.op_kind(n) {
             OpKind::Register => Ok(reg_value(&self.cpu.regs(), self.insn.op_register(n))),
             OpKind::Memory => self.load(len),
@@ -482,7 +486,7 @@ impl Exec<'_> {
     }
 }
 
-fn mask(size: usize) -> u64 {
+pub(super) fn mask(size: usize) -> u64 {
     if size >= 8 {
         u64::MAX
     } else {
@@ -523,7 +527,7 @@ fn slot(r: &mut kvm_regs, full: Register) -> Option<&mut u64> {
 
 /// A general register's value at its own width (AH and friends not needed:
 /// none of the completed instructions takes an 8-bit register).
-fn reg_value(r: &kvm_regs, reg: Register) -> u64 {
+pub(super) fn reg_value(r: &kvm_regs, reg: Register) -> u64 {
     let mut copy = *r;
     let v = slot(&mut copy, reg.full_register()).map_or(0, |v| *v);
     v & mask(reg.size())
@@ -531,7 +535,7 @@ fn reg_value(r: &kvm_regs, reg: Register) -> u64 {
 
 /// Writes a general register as the CPU does: a 32-bit write zero-extends, a
 /// 16-bit one keeps the upper bits.
-fn set_reg(r: &mut kvm_regs, reg: Register, value: u64) {
+pub(super) fn set_reg(r: &mut kvm_regs, reg: Register, value: u64) {
     let size = reg.size();
     if let Some(v) = slot(r, reg.full_register()) {
         *v = match size {
@@ -543,4 +547,4 @@ fn set_reg(r: &mut kvm_regs, reg: Register, value: u64) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

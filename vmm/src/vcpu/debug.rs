@@ -301,11 +301,42 @@ impl VcpuThread {
         match handle::ask(self, &Event::ExecFault { gva, gpa, cpl }) {
             Reply::Stop(cause) => handle::stop(self, StopReason::Handler(cause)),
             Reply::Retry => Flow::Continue,
+            _ if self.run_on_trapped_page(gva, gpa, cpl) => Flow::Continue,
             _ => match self.step_over_at(gpa) {
                 Ok(()) => Flow::Continue,
                 Err(e) => handle::stop(self, StopReason::Error(e.to_string())),
             },
         }
+    }
+
+    /// Completes the instruction at `gva` (a fetch from a read-trapped page)
+    /// in the VMM when it is a common form on plain memory (`page_exec`): one
+    /// exit, no page opened and closed. Only at CPL0 and with no step pending
+    /// (a step must end in a debug exit); the original bytes stand in for our
+    /// INT3s.
+    fn run_on_trapped_page(&mut self, gva: u64, gpa: u64, cpl: u8) -> bool {
+        let stepping = !self.step.stepping.is_empty() || self.debug.user_step || self.debug.tf_step;
+        if cpl != 0 || stepping || self.regs().rflags & RFLAGS_TF != 0 {
+            return false;
+        }
+        let mode = self.mode();
+        let mut bytes = [0u8; 15];
+        // What lies on this page (an instruction that crosses into the next
+        // one is left to the step-over).
+        let n = (PAGE_SIZE - (gpa & (PAGE_SIZE - 1))).min(15) as usize;
+        if guest::read_virt(self.vm.ram(), mode, gva, &mut bytes[..n]).is_err() {
+            return false;
+        }
+        for (i, b) in bytes[..n].iter_mut().enumerate() {
+            if let Some(orig) = self.vm.sw_breakpoint_at(gpa + i as u64) {
+                *b = orig;
+            }
+        }
+        if !super::page_exec::run(self, &bytes[..n]) {
+            return false;
+        }
+        self.info().stats.bump(crate::ExitClass::Fixup);
+        true
     }
 
     pub(super) fn breakpoint(&mut self, rip: u64) -> Flow {

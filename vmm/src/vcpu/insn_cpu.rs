@@ -42,6 +42,14 @@ impl InsnCpu for VcpuThread {
         }
     }
 
+    fn plain_memory(&self, gpa: u64, write: bool) -> bool {
+        match self.vm.page_access(gpa) {
+            crate::slots::Access::Full => self.vm.ram().contains(gpa, 1),
+            crate::slots::Access::WriteTrap => !write,
+            crate::slots::Access::AllTrap => false,
+        }
+    }
+
     fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> bool {
         self.vm.ram().read(gpa, buf).is_ok()
     }

@@ -30,6 +30,7 @@ pub mod complete;
 mod debug;
 pub(crate) mod handle;
 mod insn_cpu;
+mod page_exec;
 pub(crate) mod state;
 use handle::Flow;
 use state::{DebugState, StepOver};

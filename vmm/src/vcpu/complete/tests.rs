@@ -4,18 +4,20 @@
 use super::*;
 
 const UNMAPPED: u64 = 0x5000;
+/// A page a hook watches (`plain_memory` says no).
+pub(in crate::vcpu) const TRAPPED: u64 = 0x6000;
 
-struct Cpu {
-    regs: kvm_regs,
+pub(in crate::vcpu) struct Cpu {
+    pub(in crate::vcpu) regs: kvm_regs,
     cr0: u64,
     cr4: u64,
-    mem: Vec<u8>,
+    pub(in crate::vcpu) mem: Vec<u8>,
     flushed: bool,
     mxcsr: u32,
 }
 
 impl Cpu {
-    fn new() -> Cpu {
+    pub(in crate::vcpu) fn new() -> Cpu {
         Cpu {
             regs: kvm_regs {
                 rip: 0x1000,
@@ -76,6 +78,9 @@ impl InsnCpu for Cpu {
             }
             None => false,
         }
+    }
+    fn plain_memory(&self, gpa: u64, _write: bool) -> bool {
+        gpa & !0xfff != TRAPPED
     }
     fn cmpxchg16(&mut self, gpa: u64, expected: u128, new: u128) -> Option<Result<(), u128>> {
         let at = gpa as usize;
