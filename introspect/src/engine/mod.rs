@@ -299,6 +299,13 @@ impl Engine {
         }
     }
 
+    /// Whether a hook watches execution on the page of `gpa`.
+    pub(crate) fn watches_exec(&self, gpa: u64) -> bool {
+        self.page_counts
+            .get(&(gpa & !0xfff))
+            .is_some_and(|c| c[2] > 0)
+    }
+
     /// Whether one of our breakpoints is at `gpa` (patched or not).
     pub(crate) fn is_our_breakpoint(&self, gpa: u64) -> bool {
         self.hidden.contains_key(&gpa)

@@ -123,6 +123,11 @@ pub fn handle_ept_violation(
     guest: &mut dyn Guest,
     x: &MemExit,
 ) -> (Verdict, MemAction) {
+    // A fetch from a page no hook watches for execution (it is trapped for a
+    // hidden INT3's sake, or for reads or writes): nothing to decide, no event.
+    if x.access == AccessKind::Exec && !engine.watches_exec(x.gpa) {
+        return (Verdict::Allowed, MemAction::Apply);
+    }
     engine.handle(guest, Class::Ept, |e, g| {
         let vcpu = g.vcpu();
         let instr = instruction(e, g, x);

@@ -970,3 +970,45 @@ fn a_hidden_breakpoint_in_a_debug_register_traps_no_page_and_is_still_ours() {
     assert!(!g.breakpoints.contains(&0x30010));
     assert_eq!(g.rights.get(&0x30000), None);
 }
+
+#[test]
+fn a_fetch_from_a_page_no_hook_executes_on_is_no_event() {
+    // The page is trapped for a hidden INT3 (reads), not for execution.
+    let (mut e, mut g) = (Engine::new(), MockGuest::new());
+    g.put(0x30010, &[0x55]);
+    e.add_hook(
+        &mut g,
+        Target::Breakpoint {
+            gva: 0x30010,
+            gpa: 0,
+            hidden: true,
+        },
+        "bp",
+        answer(Verdict::Allowed),
+    )
+    .unwrap();
+    let fetch = MemExit {
+        gpa: 0x30000,
+        len: 1,
+        access: AccessKind::Exec,
+        data: None,
+        rip: 0x30000,
+    };
+    let before = e.event_count();
+    assert_eq!(
+        handle_ept_violation(&mut e, &mut g, &fetch),
+        (Verdict::Allowed, MemAction::Apply)
+    );
+    assert_eq!(e.event_count(), before, "no handler ran");
+    assert!(e.take_handled().is_none());
+    // With an execute hook on the page the fetch is an event again.
+    e.add_hook(
+        &mut g,
+        gpa_hook(0x30000, 16, Rights::X),
+        "x",
+        answer(Verdict::Allowed),
+    )
+    .unwrap();
+    handle_ept_violation(&mut e, &mut g, &fetch);
+    assert_eq!(e.event_count(), before + 1);
+}
