@@ -183,6 +183,8 @@ fn the_analysts_commands_read_the_stopped_guest() {
             "mem find \"demo: \"",
             "mem find fa 48 bc 0x100000 0x1000",
             "mem find fa 48 bc 0x100000 0x10 phys",
+            // A `$` inside text is text, not a register.
+            "mem find \"costs $5\"",
             "translate _start",
             "disasm _start 10",
             "alert 3",

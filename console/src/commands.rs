@@ -534,6 +534,9 @@ pub fn number(s: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<u64, ParseEr
     {
         return Ok(x.wrapping_add(y));
     }
+    if s.starts_with('$') {
+        return Err(format!("`{s}` is not a register (rax … r15, rip, rflags, cr3 …)").into());
+    }
     Err(format!("`{s}` is not a number (0x…, decimal) or a symbol of the image").into())
 }
 
@@ -1159,6 +1162,15 @@ mod tests {
             }))
         );
         assert!(p("mem read nosuch").unwrap_err().0.contains("not a number"));
+        assert!(
+            p("x/4gx $nosuch")
+                .unwrap_err()
+                .0
+                .contains("is not a register")
+        );
+        // Registers resolve through the same resolver as symbols.
+        let regs = |n: &str| (n == "$rsp").then_some(0x7ff0);
+        assert_eq!(number("$rsp+8", &regs), Ok(0x7ff8));
     }
 
     #[test]

@@ -247,9 +247,20 @@ pub fn exit_text(e: &Event, sym: &Symbols) -> String {
     }
 }
 
+/// The hooks an event fired, for people: ids, or why there are none.
+pub fn hook_list(hooks: &[vmiscope_introspect::HookId]) -> String {
+    if hooks.is_empty() {
+        return "none (an unhooked access on a hooked page)".into();
+    }
+    hooks
+        .iter()
+        .map(|h| h.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// One handled event in full (the TUI's details popup).
 pub fn event_detail(r: &EventRecord, sym: &Symbols) -> String {
-    let hooks: Vec<String> = r.hooks.iter().map(|h| h.to_string()).collect();
     format!(
         "event #{} ({} µs into the run)\n  class {}  vCPU {}  cpl{}{}\n  rip {}\n  instruction: {}\n  what: {}\n  hooks: {}\n  verdict: {}",
         r.event_id,
@@ -264,11 +275,7 @@ pub fn event_detail(r: &EventRecord, sym: &Symbols) -> String {
         at(sym, r.rip),
         r.instruction.as_deref().unwrap_or("(unknown: polled)"),
         info_text(&r.event, sym),
-        if hooks.is_empty() {
-            "none (an unhooked access on a hooked page)".to_string()
-        } else {
-            hooks.join(", ")
-        },
+        hook_list(&r.hooks),
         verdict_name(r.verdict)
     )
 }

@@ -169,22 +169,30 @@ pub fn header_json(info: &RunInfo) -> Value {
     })
 }
 
+/// The general registers by name (numbers: `hexify` makes them strings).
+pub fn regs_json(r: &kvm_bindings::kvm_regs) -> Value {
+    json!({
+        "rax": r.rax, "rbx": r.rbx, "rcx": r.rcx, "rdx": r.rdx,
+        "rsi": r.rsi, "rdi": r.rdi, "rbp": r.rbp, "rsp": r.rsp,
+        "r8": r.r8, "r9": r.r9, "r10": r.r10, "r11": r.r11,
+        "r12": r.r12, "r13": r.r13, "r14": r.r14, "r15": r.r15,
+        "rip": r.rip, "rflags": r.rflags,
+    })
+}
+
 /// The last record: why the run ended and where each vCPU was.
 pub fn end_json(shared: &VmShared, out: &RunOutcome, t_us: u64) -> Value {
     let vcpus: Vec<Value> = (0..shared.vcpu_count())
         .map(|c| match shared.final_state(c) {
             Some(f) => {
-                let r = &f.regs;
-                json!({
-                    "vcpu": c,
-                    "rip": r.rip,
-                    "rip_sym": symbol_of(shared.symbols(), r.rip),
-                    "cpl": f.sregs.cs.selector & 3,
-                    "rsp": r.rsp, "rbp": r.rbp, "rflags": r.rflags,
-                    "rax": r.rax, "rbx": r.rbx, "rcx": r.rcx, "rdx": r.rdx,
-                    "rsi": r.rsi, "rdi": r.rdi,
-                    "cr0": f.sregs.cr0, "cr3": f.sregs.cr3, "cr4": f.sregs.cr4,
-                })
+                let mut v = regs_json(&f.regs);
+                v["vcpu"] = c.into();
+                v["rip_sym"] = symbol_of(shared.symbols(), f.regs.rip).into();
+                v["cpl"] = (f.sregs.cs.selector & 3).into();
+                v["cr0"] = f.sregs.cr0.into();
+                v["cr3"] = f.sregs.cr3.into();
+                v["cr4"] = f.sregs.cr4.into();
+                v
             }
             None => json!({"vcpu": c}),
         })

@@ -127,10 +127,8 @@ pub fn engine(
     }
     e.set_log_only(a.log_only);
     let names = symbols.clone();
-    e.set_symbolizer(Box::new(move |addr| match names.lookup(addr) {
-        Some((n, 0)) => Some(n.to_string()),
-        Some((n, off)) if off < 0x10000 => Some(format!("{n}+{off:#x}")),
-        _ => None,
+    e.set_symbolizer(Box::new(move |addr| {
+        crate::journal::symbol_of(&names, addr)
     }));
     if let Some(p) = &a.exceptions {
         let text = std::fs::read_to_string(p)

@@ -7,22 +7,13 @@ use serde_json::{Value, json};
 use super::Session;
 use crate::commands::Command;
 use crate::error::Error;
-use crate::journal::{alert_json, event_json, hexify};
+use crate::journal::{alert_json, event_json, hexify, regs_json};
 
 impl Session {
     pub(super) fn json(&mut self, c: Command) -> Result<Value, Error> {
         use Command as C;
         Ok(match c {
-            C::Regs => {
-                let r = self.cpu_state()?.regs;
-                hexify(json!({
-                    "rax": r.rax, "rbx": r.rbx, "rcx": r.rcx, "rdx": r.rdx,
-                    "rsi": r.rsi, "rdi": r.rdi, "rbp": r.rbp, "rsp": r.rsp,
-                    "r8": r.r8, "r9": r.r9, "r10": r.r10, "r11": r.r11,
-                    "r12": r.r12, "r13": r.r13, "r14": r.r14, "r15": r.r15,
-                    "rip": r.rip, "rflags": r.rflags,
-                }))
-            }
+            C::Regs => hexify(regs_json(&self.cpu_state()?.regs)),
             C::Sregs => {
                 let s = self.cpu_state()?.sregs;
                 hexify(json!({
@@ -60,20 +51,12 @@ impl Session {
                 hexify(json!({"dr0": d.db[0], "dr1": d.db[1], "dr2": d.db[2],
                     "dr3": d.db[3], "dr6": d.dr6, "dr7": d.dr7}))
             }
-            C::Events { n, class } => {
-                let e = self.intro.engine.lock().unwrap();
-                let list: Vec<_> = e
-                    .recent()
+            C::Events { n, class } => Value::Array(
+                self.recent_events(n, class)
                     .iter()
-                    .filter(|r| class.is_none_or(|c| c == r.class))
-                    .collect();
-                Value::Array(
-                    list[list.len().saturating_sub(n)..]
-                        .iter()
-                        .map(|r| event_json(r, self.shared.symbols()))
-                        .collect(),
-                )
-            }
+                    .map(|r| event_json(r, self.shared.symbols()))
+                    .collect(),
+            ),
             C::Alerts => {
                 let e = self.intro.engine.lock().unwrap();
                 Value::Array(e.alerts().iter().map(alert_json).collect())

@@ -50,12 +50,6 @@ impl Session {
         })
     }
 
-    /// A register's value by name (`$rsp` in commands).
-    pub fn reg_value(&mut self, name: &str) -> Option<u64> {
-        let st = self.cpu_state().ok()?;
-        crate::format::reg_by_name(&st.regs, &st.sregs, &name.to_ascii_lowercase())
-    }
-
     /// `segments`: every segment register with its hidden part.
     pub(super) fn segments(&mut self) -> Result<String, Error> {
         let s = self.cpu_state()?.sregs;

@@ -233,10 +233,6 @@ impl Session {
         self.outcome().is_some() || (self.runner.is_none() && self.shared.is_stopping())
     }
 
-    fn sym(&self) -> impl Fn(&str) -> Option<u64> + '_ {
-        move |n| self.shared.symbols().get(n)
-    }
-
     /// The run's outcome once the guest has ended.
     pub fn outcome(&mut self) -> Option<&RunOutcome> {
         if self.outcome.is_none() && self.runner.as_ref().is_some_and(|r| r.is_finished()) {
@@ -360,33 +356,16 @@ impl Session {
             .map_err(Into::into)
     }
 
-    /// `$rsp`, `$rip+8` …: a register's value where a number goes (as gdb).
-    fn with_registers(&mut self, line: &str) -> Result<String, Error> {
-        if !line.contains('$') || line.trim_start().starts_with("expect") {
-            return Ok(line.to_string());
-        }
-        let mut out = String::with_capacity(line.len());
-        let mut rest = line;
-        while let Some(i) = rest.find('$') {
-            out.push_str(&rest[..i]);
-            let name: String = rest[i + 1..]
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            let v = self.reg_value(&name).ok_or_else(|| {
-                format!("`${name}` is not a register (rax … r15, rip, rflags, cr3 …)")
-            })?;
-            out.push_str(&format!("{v:#x}"));
-            rest = &rest[i + 1 + name.len()..];
-        }
-        out.push_str(rest);
-        Ok(out)
-    }
-
     /// Runs one line; errors are one line.
     pub fn exec(&mut self, line: &str) -> Result<Output, Error> {
-        let line = self.with_registers(line)?;
-        let cmd = match commands::parse(&line, &self.sym())? {
+        // `$rsp`, `$rip+8` …: a register where a number goes (as gdb), from one
+        // read of the selected vCPU's registers, only when the line names one.
+        let regs = line.contains('$').then(|| self.cpu_state().ok()).flatten();
+        let resolve = |n: &str| match n.strip_prefix('$') {
+            Some(r) => regs.and_then(|c| reg_by_name(&c.regs, &c.sregs, &r.to_ascii_lowercase())),
+            None => self.shared.symbols().get(n),
+        };
+        let cmd = match commands::parse(line, &resolve)? {
             Some(c) => c,
             None => return Ok(Output::default()),
         };
@@ -493,16 +472,7 @@ impl Session {
                 e.instruction.as_deref().unwrap_or("(unknown: polled)"),
                 self.addr_name(e.rip)
             );
-            let hooks: Vec<String> = e.hooks.iter().map(|h| h.to_string()).collect();
-            let _ = write!(
-                t,
-                "\n  hooks: {}",
-                if hooks.is_empty() {
-                    "none (an unhooked access on a hooked page)".to_string()
-                } else {
-                    hooks.join(", ")
-                }
-            );
+            let _ = write!(t, "\n  hooks: {}", hook_list(&e.hooks));
         }
         if let Some(r) = &s.raw {
             let _ = write!(t, "\n  exit: {r}");

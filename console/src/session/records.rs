@@ -12,16 +12,26 @@ use crate::commands::{self};
 use crate::format::*;
 
 impl Session {
-    pub(super) fn events(&mut self, n: usize, class: Option<Class>) -> Result<Output, Error> {
+    /// The newest `n` handled events of `class` (any when None), oldest first.
+    pub(super) fn recent_events(
+        &self,
+        n: usize,
+        class: Option<Class>,
+    ) -> Vec<std::sync::Arc<vmiscope_introspect::EventRecord>> {
         let e = self.intro.engine.lock().unwrap();
         let list: Vec<_> = e
             .recent()
             .iter()
             .filter(|r| class.is_none_or(|c| c == r.class))
+            .cloned()
             .collect();
+        list[list.len().saturating_sub(n)..].to_vec()
+    }
+
+    pub(super) fn events(&mut self, n: usize, class: Option<Class>) -> Result<Output, Error> {
         let mut t = String::new();
-        for r in &list[list.len().saturating_sub(n)..] {
-            let _ = writeln!(t, "{}", event_line(r, self.shared.symbols()));
+        for r in self.recent_events(n, class) {
+            let _ = writeln!(t, "{}", event_line(&r, self.shared.symbols()));
         }
         Ok(Output::text(if t.is_empty() {
             "no handled events yet".into()

@@ -104,14 +104,22 @@ impl View {
             return;
         };
         let sym = s.shared().symbols();
-        self.stack = (0..STACK_SLOTS as u64)
+        // One read for the whole window (a slot at a time only if part of it is
+        // unmapped): this runs at every frame.
+        let mut all = [0u8; STACK_SLOTS * 8];
+        let whole = s.read_mem(c.regs.rsp, &mut all, false).is_ok();
+        self.stack = (0..STACK_SLOTS)
             .map(|i| {
-                let a = c.regs.rsp.wrapping_add(i * 8);
+                let a = c.regs.rsp.wrapping_add(i as u64 * 8);
                 let mut b = [0u8; 8];
-                let v = s
-                    .read_mem(a, &mut b, false)
-                    .ok()
-                    .map(|_| u64::from_le_bytes(b));
+                let v = if whole {
+                    b.copy_from_slice(&all[i * 8..i * 8 + 8]);
+                    Some(u64::from_le_bytes(b))
+                } else {
+                    s.read_mem(a, &mut b, false)
+                        .ok()
+                        .map(|_| u64::from_le_bytes(b))
+                };
                 (a, v, v.and_then(|v| crate::journal::symbol_of(sym, v)))
             })
             .collect();

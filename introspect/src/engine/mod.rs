@@ -128,7 +128,7 @@ pub struct Engine {
     vcpus: Vec<VcpuState>,
     /// Our breakpoints by gpa: the original byte, and whether an INT3 patches
     /// it (then reads of it must return the original).
-    hidden: HashMap<u64, (u8, BreakpointKind)>,
+    breakpoints: HashMap<u64, (u8, BreakpointKind)>,
     integrity: Vec<crate::integrity::Region>,
     /// Set when the engine cannot go on (HVMI's DisableOnReturn): a commit of
     /// hypervisor controls failed.
@@ -178,7 +178,7 @@ impl Engine {
             events_per_class: HashMap::new(),
             latency: Latency::default(),
             vcpus: vec![],
-            hidden: HashMap::new(),
+            breakpoints: HashMap::new(),
             integrity: vec![],
             fatal: None,
             requests: Requests::default(),
@@ -293,7 +293,7 @@ impl Engine {
     /// The original byte under our INT3 at `gpa` (None where no INT3 patches
     /// the code: no breakpoint, or one in a debug register).
     pub(crate) fn hidden_byte(&self, gpa: u64) -> Option<u8> {
-        match self.hidden.get(&gpa) {
+        match self.breakpoints.get(&gpa) {
             Some((b, BreakpointKind::Patched)) => Some(*b),
             _ => None,
         }
@@ -308,7 +308,7 @@ impl Engine {
 
     /// Whether one of our breakpoints is at `gpa` (patched or not).
     pub(crate) fn is_our_breakpoint(&self, gpa: u64) -> bool {
-        self.hidden.contains_key(&gpa)
+        self.breakpoints.contains_key(&gpa)
     }
 
     pub(crate) fn insn_cache(&mut self) -> &mut InsnCache {
@@ -400,7 +400,8 @@ impl Engine {
                 *gpa = t.gpa;
                 let mut b = [0u8];
                 guest.read_phys(t.gpa, &mut b)?;
-                self.hidden.insert(t.gpa, (b[0], BreakpointKind::Patched));
+                self.breakpoints
+                    .insert(t.gpa, (b[0], BreakpointKind::Patched));
             }
             _ => {}
         }
@@ -448,14 +449,14 @@ impl Engine {
                 // changes no byte and needs no trap.
                 if delta > 0 {
                     let kind = guest.set_breakpoint(gpa, gva, true, hidden)?;
-                    if let Some(e) = self.hidden.get_mut(&gpa) {
+                    if let Some(e) = self.breakpoints.get_mut(&gpa) {
                         e.1 = kind;
                     }
                     if hidden && kind == BreakpointKind::Patched {
                         self.page_rights(guest, gpa, Rights::R, delta)?;
                     }
                 } else {
-                    let kind = self.hidden.remove(&gpa).map(|e| e.1);
+                    let kind = self.breakpoints.remove(&gpa).map(|e| e.1);
                     if hidden && kind == Some(BreakpointKind::Patched) {
                         self.page_rights(guest, gpa, Rights::R, delta)?;
                     }
