@@ -109,6 +109,24 @@ pub struct PageFault {
     pub present: bool,
 }
 
+/// Whether a CPL0 data access to a page mapped `writable`/`user` faults, as
+/// the CPU decides it: a write to a read-only page with CR0.WP set, and (SMAP)
+/// any access to a user page with CR4.SMAP set and RFLAGS.AC clear.
+pub fn supervisor_fault(
+    writable: bool,
+    user: bool,
+    write: bool,
+    cr0: u64,
+    cr4: u64,
+    rflags: u64,
+) -> Option<PageFault> {
+    const CR0_WP: u64 = 1 << 16;
+    const CR4_SMAP: u64 = 1 << 21;
+    let wp = write && !writable && cr0 & CR0_WP != 0;
+    let smap = user && cr4 & CR4_SMAP != 0 && rflags & RFLAGS_AC == 0;
+    (wp || smap).then_some(PageFault { present: true })
+}
+
 /// What completing an instruction needs from a vCPU.
 pub trait InsnCpu {
     fn regs(&self) -> kvm_regs;

@@ -30,15 +30,14 @@ impl InsnCpu for VcpuThread {
         if fs { s.fs.base } else { s.gs.base }
     }
 
+    /// For the VMM's CPL0 completions: the CPU's own checks (CR0.WP, SMAP).
     fn translate(&self, gva: u64, write: bool) -> Result<u64, PageFault> {
-        const CR0_WP: u64 = 1 << 16;
-        match paging::translate(self.vm.ram(), self.mode(), gva) {
-            // Supervisor writes honour read-only pages only with CR0.WP.
-            Ok(t) if write && !t.writable && self.cr0() & CR0_WP != 0 => {
-                Err(PageFault { present: true })
-            }
-            Ok(t) => Ok(t.gpa),
-            Err(_) => Err(PageFault { present: false }),
+        let t = paging::translate(self.vm.ram(), self.mode(), gva)
+            .map_err(|_| PageFault { present: false })?;
+        let (cr0, cr4, rflags) = (self.cr0(), self.cr4(), VcpuThread::regs(self).rflags);
+        match super::complete::supervisor_fault(t.writable, t.user, write, cr0, cr4, rflags) {
+            Some(f) => Err(f),
+            None => Ok(t.gpa),
         }
     }
 

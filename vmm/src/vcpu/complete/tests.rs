@@ -266,3 +266,17 @@ fn ldmxcsr_and_stmxcsr_move_mxcsr_and_check_reserved_bits() {
     assert_eq!(c.run(&[0x0f, 0xae, 0x54, 0x24, 0x04]).1, GP0);
     assert_eq!(c.mxcsr, 0x9fc0);
 }
+
+#[test]
+fn cpl0_accesses_fault_as_the_cpu_decides() {
+    const WP: u64 = 1 << 16;
+    const SMAP: u64 = 1 << 21;
+    // CR0.WP: a write to a read-only page faults only with it set.
+    assert!(supervisor_fault(false, false, true, WP, 0, 0).is_some());
+    assert!(supervisor_fault(false, false, true, 0, 0, 0).is_none());
+    assert!(supervisor_fault(false, false, false, WP, 0, 0).is_none());
+    // SMAP: a user page faults unless RFLAGS.AC is set (stac).
+    assert!(supervisor_fault(true, true, false, 0, SMAP, 0).is_some());
+    assert!(supervisor_fault(true, true, false, 0, SMAP, RFLAGS_AC).is_none());
+    assert!(supervisor_fault(true, true, true, 0, 0, 0).is_none());
+}
