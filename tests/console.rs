@@ -413,3 +413,20 @@ fn one_hook_spans_pages() {
     );
     assert_eq!(code, Some(0));
 }
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn steps_cost_no_kicks() {
+    if !kvm_available() {
+        return;
+    }
+    // A held vCPU let go for a step is resumed, never kicked: a kick would cost
+    // it a signal and an entry that returns EINTR at once (`stats` counts those
+    // as `kick` exits). Before the fix a resume kicked whenever the vCPU was
+    // quicker to leave its hold than the console to finish resuming it.
+    let mut lines = vec!["step"; 50];
+    lines.extend(["json stats", "quit"]);
+    let (_, out, _) = piped("spin", &[], &lines);
+    assert!(out.contains("\"single-step\":50"), "{out}");
+    assert!(!out.contains("\"kick\""), "{out}");
+}

@@ -147,6 +147,24 @@ pub struct BenchArgs {
     /// host-decompressed vmlinux vs the bzImage's own decompressor.
     #[arg(long, value_name = "KERNEL")]
     pub linux: Option<String>,
+    /// Only this group of figures.
+    #[arg(long, value_enum, value_name = "GROUP")]
+    pub only: Option<BenchGroup>,
+}
+
+/// The groups of `vmiscope bench` figures, in the order they run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchGroup {
+    /// I/O and MMIO exits, page protection.
+    Exits,
+    /// Hooks, breakpoints, engine throughput.
+    Engine,
+    /// The TUI attached to a running session.
+    Console,
+    /// The gdb stub: stepi, packets, continue to a breakpoint, memory reads.
+    Gdb,
+    /// Process start to a guest's exit.
+    Hello,
 }
 
 impl RunArgs {

@@ -89,7 +89,9 @@ pub struct Snapshot {
     pub vcpu: u32,
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
+    /// Read just after the stop is published (see `Control::held_fpu`).
     pub fpu: Option<kvm_fpu>,
+    pub fpu_read: bool,
     /// Whether a single-step from here can work (`VcpuCtl::can_step`).
     pub can_step: bool,
 }
@@ -100,7 +102,8 @@ impl Snapshot {
             vcpu: cpu.id(),
             regs: cpu.regs(),
             sregs: cpu.sregs(),
-            fpu: cpu.fpu(),
+            fpu: None,
+            fpu_read: false,
             can_step: cpu.can_step(),
         }
     }
@@ -135,6 +138,9 @@ pub struct Control {
     /// Written at every stop: a thread that also waits on a socket (gdb's)
     /// polls both instead of waking up every millisecond to look.
     stopped: vmm_sys_util::eventfd::EventFd,
+    /// `State::stops`, readable without the lock (a waiter spinning for the
+    /// next stop must not contend with the vCPU publishing it).
+    published: std::sync::atomic::AtomicU64,
     /// To wake the held vCPU when its resume order is given.
     vm: Arc<VmShared>,
 }
@@ -146,6 +152,7 @@ impl Control {
             cv: Condvar::new(),
             stopped: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
                 .expect("an eventfd (the kernel's limit on open files?)"),
+            published: Default::default(),
             vm,
         }
     }
@@ -235,7 +242,7 @@ impl Control {
     }
 
     pub fn stop_count(&self) -> u64 {
-        self.state.lock().unwrap().stops
+        self.published.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Waits for a stop newer than `after`, up to `timeout`.
@@ -301,23 +308,23 @@ impl Control {
         let mut tasks = None;
         let over = cpu.hold(|cpu| {
             // Called after every message. Only a task can change the registers:
-            // they are read again (an FPU read is an ioctl) only after one.
+            // they are read again only after one.
             let seen = cpu.tasks_run();
-            let snapshot = (tasks != Some(seen)).then(|| Snapshot::take(cpu));
-            let first = tasks.is_none();
-            tasks = Some(seen);
-            let mut s = self.state.lock().unwrap();
-            if let Some(sn) = snapshot {
-                s.snapshot = Some(sn);
-            }
-            if first {
-                // Published once the vCPU is held (its state says so) with its
-                // registers taken: a waiter that pauses every vCPU then sends
-                // it no kick, and reads the registers with no round trip.
-                s.stops += 1;
+            if tasks != Some(seen) {
+                self.publish(Snapshot::take(cpu), tasks.is_none());
+                // The FPU is an ioctl (~8 us on PVM, each vCPU ioctl reloads
+                // the vCPU): read after the stop is out, while its reader (gdb's
+                // `g`) is still on its way; `held_fpu` waits for it.
+                let fpu = cpu.fpu();
+                let mut s = self.state.lock().unwrap();
+                if let Some(sn) = s.snapshot.as_mut() {
+                    sn.fpu = fpu;
+                    sn.fpu_read = true;
+                }
                 self.cv.notify_all();
-                let _ = self.stopped.write(1);
+                tasks = Some(seen);
             }
+            let mut s = self.state.lock().unwrap();
             let over = s.resume.take()?;
             if std::mem::take(&mut s.step_on_resume) {
                 cpu.set_single_step(true);
@@ -329,6 +336,48 @@ impl Control {
         s.snapshot = None;
         self.cv.notify_all();
         over.flatten()
+    }
+
+    /// Stores the held vCPU's registers; with `first`, announces the stop: once
+    /// the vCPU is held (its state says so) with its registers taken, so a
+    /// waiter that pauses every vCPU sends it no kick and reads the registers
+    /// with no round trip.
+    fn publish(&self, sn: Snapshot, first: bool) {
+        let mut s = self.state.lock().unwrap();
+        s.snapshot = Some(sn);
+        if first {
+            s.stops += 1;
+            self.published
+                .store(s.stops, std::sync::atomic::Ordering::Release);
+            let _ = self.stopped.write(1);
+        }
+        self.cv.notify_all();
+    }
+
+    /// The held vCPU's FPU (see `hold`: read just after the stop is published),
+    /// once it has been read; None when `vcpu` is not held.
+    pub fn held_fpu(&self, vcpu: u32) -> Option<Option<kvm_fpu>> {
+        let ready = || {
+            let s = self.state.lock().unwrap();
+            match s.snapshot.filter(|sn| sn.vcpu == vcpu) {
+                None => Some(None),
+                Some(sn) if sn.fpu_read => Some(Some(sn.fpu)),
+                Some(_) => None,
+            }
+        };
+        if let Some(r) = vmiscope_vmm::spin_for(ready) {
+            return r;
+        }
+        let s = self.state.lock().unwrap();
+        let (s, _) = self
+            .cv
+            .wait_timeout_while(s, Duration::from_secs(1), |s| {
+                s.snapshot.is_some_and(|sn| sn.vcpu == vcpu && !sn.fpu_read)
+            })
+            .unwrap();
+        s.snapshot
+            .filter(|sn| sn.vcpu == vcpu && sn.fpu_read)
+            .map(|sn| sn.fpu)
     }
 
     /// Whether this handled event must stop, and why.

@@ -29,7 +29,7 @@ pub use error::{LoadError, VmError};
 pub use event::{Event, ExitHandler, HandlerStop, Introcall, MemAccess, PassThrough, Reply};
 pub use host::HostKind;
 pub use loader::{Module, Symbols};
-pub use shared::{FinalState, VcpuCtl, VcpuState, VcpuTask, VmShared};
+pub use shared::{FinalState, HANDOFF_SPIN, VcpuCtl, VcpuState, VcpuTask, VmShared, spin_for};
 pub use slots::Access;
 pub use stats::ExitClass;
 pub use stop::StopReason;

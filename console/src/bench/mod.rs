@@ -7,6 +7,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::cli::BenchGroup;
 use crate::error::Error;
 
 use vmiscope_introspect::{Outcome, Rights, Target};
@@ -322,9 +323,43 @@ fn hello_wall(repeat: usize) -> Result<f64, Error> {
     Ok(median(v))
 }
 
-pub fn measure(iterations: u64, repeat: usize) -> Result<Report, Error> {
+pub fn measure(iterations: u64, repeat: usize, only: Option<BenchGroup>) -> Result<Report, Error> {
     let repeat = repeat.max(1);
     let mut figures = vec![];
+    let wanted = |g: BenchGroup| only.is_none_or(|o| o == g);
+    if wanted(BenchGroup::Exits) {
+        exit_figures(iterations, repeat, &mut figures)?;
+    }
+    if wanted(BenchGroup::Engine) {
+        engine_figures(iterations, repeat, &mut figures)?;
+    }
+    if wanted(BenchGroup::Console) {
+        console_figures(iterations, repeat, &mut figures)?;
+    }
+    if wanted(BenchGroup::Gdb) {
+        gdb::figures(repeat, &mut figures)?;
+    }
+    if wanted(BenchGroup::Hello) {
+        figures.push(Figure {
+            name: "hello: process start to guest exit".into(),
+            unit: "ms",
+            value: hello_wall(repeat)?,
+            baseline: None,
+            ratio: None,
+            note: "`vmiscope run hello --batch`, wall clock".into(),
+        });
+    }
+    Ok(Report {
+        baseline: "raw KVM",
+        host: HostKind::detect().name(),
+        iterations,
+        repeat,
+        figures,
+    })
+}
+
+/// I/O and MMIO exits through vmiscope beside bare KVM, and page protection.
+fn exit_figures(iterations: u64, repeat: usize, figures: &mut Vec<Figure>) -> Result<(), Error> {
     for w in [
         Workload::Io { cpl3: false },
         Workload::Io { cpl3: true },
@@ -389,30 +424,13 @@ pub fn measure(iterations: u64, repeat: usize) -> Result<Report, Error> {
         ratio: None,
         note: format!("{ioctls} memslot ioctls per operation (merge back)"),
     });
-    engine_figures(iterations, repeat, &mut figures)?;
-    console_figures(iterations, repeat, &mut figures)?;
-    gdb::figures(repeat, &mut figures)?;
-    figures.push(Figure {
-        name: "hello: process start to guest exit".into(),
-        unit: "ms",
-        value: hello_wall(repeat)?,
-        baseline: None,
-        ratio: None,
-        note: "`vmiscope run hello --batch`, wall clock".into(),
-    });
-    Ok(Report {
-        baseline: "raw KVM",
-        host: HostKind::detect().name(),
-        iterations,
-        repeat,
-        figures,
-    })
+    Ok(())
 }
 
 pub fn run(a: &crate::cli::BenchArgs) -> i32 {
     let r = match &a.linux {
         Some(kernel) => linux::measure(kernel),
-        None => measure(a.iterations.max(2), a.repeat),
+        None => measure(a.iterations.max(2), a.repeat, a.only),
     };
     let r = match r {
         Ok(r) => r,

@@ -38,11 +38,10 @@ impl MultiThreadBase for GdbTarget {
             return err("no such thread");
         };
         // The held vCPU's registers were taken when it stopped: no round trip.
-        let held = self
-            .s
-            .control()
-            .snapshot(cpu)
-            .map(|sn| (sn.regs, sn.sregs, sn.fpu));
+        let held = self.s.control().snapshot(cpu).and_then(|sn| {
+            let fpu = self.s.control().held_fpu(cpu)?;
+            Some((sn.regs, sn.sregs, fpu))
+        });
         let Some((r, s, fpu)) =
             held.or_else(|| self.on_cpu(cpu, |c| (VcpuCtl::regs(c), VcpuCtl::sregs(c), c.fpu())))
         else {

@@ -21,6 +21,11 @@ impl BlockingEventLoop for EventLoop {
         t: &mut GdbTarget,
         conn: &mut GdbConn,
     ) -> Result<GdbEvent<Self::StopReason>, WaitForStopReasonError<Error, std::io::Error>> {
+        // A step (or a continue to a near breakpoint) stops within microseconds:
+        // look for it awake before sleeping (see HANDOFF_SPIN). gdb's input is
+        // looked at right after, so a Ctrl-C waits at most that long.
+        let seen = t.seen;
+        vmiscope_vmm::spin_for(|| (t.s.control().stop_count() > seen || t.s.ended()).then_some(()));
         loop {
             if conn
                 .has_input()

@@ -1,6 +1,7 @@
 //! `VcpuCtl`: what a handler or a task may do with one vCPU (its registers,
 //! memory through its page tables, MSRs, FPU, single-step, holding it at a stop).
 
+use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
@@ -163,6 +164,9 @@ impl VcpuCtl<'_> {
     /// ends.
     pub fn hold<R>(&mut self, mut until: impl FnMut(&mut VcpuCtl<'_>) -> Option<R>) -> Option<R> {
         self.vm.set_state(self.id, VcpuState::Held);
+        // Spin only while an answer may be on its way: after entering the hold
+        // and after each message, not after a quiet timeout.
+        let mut spin = true;
         let r = loop {
             if let Some(r) = until(self) {
                 break Some(r);
@@ -170,15 +174,30 @@ impl VcpuCtl<'_> {
             if self.vm.is_stopping() {
                 break None;
             }
-            // Bounded, so a stop of the whole run is noticed even without a message.
-            match self.rx.recv_timeout(Duration::from_millis(100)) {
+            // A release usually follows within microseconds (see HANDOFF_SPIN);
+            // then sleep, bounded, so a stop of the whole run is noticed even
+            // without a message.
+            let spun = spin
+                .then(|| {
+                    super::spin_for(|| match self.rx.try_recv() {
+                        Err(TryRecvError::Empty) => None,
+                        Ok(m) => Some(Ok(m)),
+                        Err(TryRecvError::Disconnected) => {
+                            Some(Err(RecvTimeoutError::Disconnected))
+                        }
+                    })
+                })
+                .flatten();
+            let got = spun.unwrap_or_else(|| self.rx.recv_timeout(Duration::from_millis(100)));
+            spin = got.is_ok();
+            match got {
                 Ok(msg) => {
                     if !self.take_message(msg) {
                         self.vm.stop(StopReason::User);
                     }
                 }
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break None,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break None,
             }
         };
         self.vm.set_state(self.id, VcpuState::Running);

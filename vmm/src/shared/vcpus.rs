@@ -101,6 +101,10 @@ impl VmShared {
     }
 
     fn send(&self, cpu: u32, msg: VcpuMsg) {
+        // Only a pause needs the vCPU out of the guest: a resume or a wake is for
+        // a vCPU that is not in it, and kicking one that has just been let go
+        // would cost it a signal and an entry that returns EINTR at once.
+        let kick = matches!(msg, VcpuMsg::Pause);
         if let Some(tx) = self
             .vcpus
             .get(cpu as usize)
@@ -108,7 +112,9 @@ impl VmShared {
         {
             let _ = tx.send(msg);
         }
-        self.kick_if_running(cpu);
+        if kick {
+            self.kick_if_running(cpu);
+        }
     }
 
     /// Kicks `cpu` out of the guest only if it may be in it: a paused or held

@@ -241,6 +241,9 @@ impl VcpuThread {
             }
         };
         if raw == RawExit::Intr {
+            // An entry that a kick (or a signal) cut short: counted, since each
+            // is wasted work (`stats` shows them as `kick` exits).
+            self.info().stats.bump(crate::ExitClass::Kick);
             self.fd.set_kvm_immediate_exit(0);
         } else {
             self.info().entries.fetch_add(1, Ordering::SeqCst);
