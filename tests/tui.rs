@@ -18,7 +18,7 @@ fn every_pane_is_visible_at_80x24_and_grows_with_the_terminal() {
     // Bare `vmiscope` (what `cargo run --release` runs): the demo, every policy on.
     for (cols, rows) in [(80u16, 24u16), (120, 40)] {
         let t = Term::start(cols, rows, "");
-        let mut s = t.wait_for("paused at entry");
+        t.wait_for("paused at entry");
         // Each pane fills in as the first frames draw (a loaded machine may
         // capture the screen between two of them).
         for pane in [
@@ -32,10 +32,10 @@ fn every_pane_is_visible_at_80x24_and_grows_with_the_terminal() {
             "Memory",
             ": command",
         ] {
-            s = t.wait_for(pane);
+            t.wait_for(pane);
         }
         // The entry RIP is shown.
-        s = t.wait_for("rip 0000000000100000");
+        let s = t.wait_for("rip 0000000000100000");
         let widest = s.lines().map(|l| l.chars().count()).max().unwrap();
         assert_eq!(widest, cols as usize, "the layout fills the terminal");
         t.keys(&["F5"]);
