@@ -504,3 +504,66 @@ fn the_tui_status_line_names_the_task_a_stopped_vcpu_runs() {
     );
     assert!(s.contains("wrmsr"), "{s}");
 }
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+#[cfg_attr(no_linux, ignore = "needs Debian's kernel package unpacked by .ci/run")]
+fn kaslr_the_slide_is_found_from_the_running_kernel() {
+    if !common::kvm_available() {
+        return;
+    }
+    // The bzImage's own decompressor places the kernel at a random base
+    // (KASLR; ~40 s here). vmiscope finds the slide from the first IDT the
+    // kernel loads, moves every symbol by it and arms the policies with the
+    // moved addresses: the kernel's own LSTAR write (~60 s later) resolves to
+    // entry_SYSCALL_64 and is no alert.
+    let k = kernel();
+    let syms = symbols(&[k.to_str().unwrap()]);
+    let dir = common::temp_dir("linux-kaslr");
+    let script = dir.join("kaslr.vms");
+    let journal = dir.join("journal.jsonl");
+    std::fs::write(
+        &script,
+        "expect serial \"Linux version\" timeout 300\n\
+         expect event msr timeout 500\n\
+         expect no-alert\n\
+         sym entry_SYSCALL_64\n",
+    )
+    .unwrap();
+    let out = Command::new(EXE)
+        .args(["run", k.to_str().unwrap(), "--own-decompressor"])
+        .args(["--mem", "512", "--protect", "all", "--timeout", "900"])
+        .args(["--script", script.to_str().unwrap()])
+        .args(["--journal", journal.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(!text.contains("nokaslr"), "KASLR is left on: {text}");
+    let slide = text
+        .split("KASLR: the kernel runs ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok())
+        .unwrap_or_else(|| panic!("no slide found: {text}"));
+    let lstar = std::fs::read_to_string(&journal)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["type"] == "event" && r["event"]["index"] == "0xc0000082")
+        .unwrap_or_else(|| panic!("no LSTAR write in the journal: {text}"));
+    assert_eq!(
+        lstar["event"]["write"],
+        format!("{:#x}", address(&syms, "entry_SYSCALL_64") + slide),
+        "{text}"
+    );
+    assert_eq!(lstar["verdict"], "allowed");
+    // A script's symbols are the moved ones too (resolved as each line runs).
+    let moved = address(&syms, "entry_SYSCALL_64") + slide;
+    assert!(
+        text.contains(&format!("{moved:#x} is entry_SYSCALL_64")),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

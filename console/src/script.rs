@@ -21,7 +21,11 @@ pub fn run(a: &RunArgs, path: &Path) -> i32 {
     };
     let (mut held, mut failed) = (0, 0);
     let mut printed = 0;
-    for (line_no, line, cmd) in cmds {
+    for (line_no, line, checked) in cmds {
+        // Every line was checked before the run; it is parsed again as it runs,
+        // so its symbols are the running kernel's (a KASLR slide is found only
+        // once the kernel loads its IDT).
+        let cmd = s.parse(&line).ok().flatten().unwrap_or(checked);
         let is_expect = matches!(cmd, Command::Expect(..));
         let quit = matches!(cmd, Command::Quit);
         let r = s.run(cmd);

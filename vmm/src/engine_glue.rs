@@ -110,43 +110,54 @@ pub type AlertSink = Box<dyn Fn(&Alert) + Send + Sync>;
 /// Setup run once the guest is up (policies, a test's hooks).
 pub type OnReady = Box<dyn FnOnce(&mut Engine, &mut dyn Guest) + Send>;
 
+/// What waits for the guest to be ready.
+enum Pending {
+    /// Policies, switched on with the policy environment of that moment.
+    Policies(Vec<Policy>),
+    Setup(OnReady),
+}
+
 pub struct Introspection {
     pub engine: Mutex<Engine>,
-    pending: Mutex<Vec<OnReady>>,
+    pending: Mutex<Vec<Pending>>,
     last_tick: Mutex<Instant>,
     /// How often `handle_timer` runs (HVMI: once a second).
     pub timer_period: Duration,
     /// Called with each alert as it is raised (batch mode prints them).
     alert_sink: Option<AlertSink>,
-    /// A Linux kernel's final IDT bases: policies arm once IDTR holds one.
-    linux_idt: Option<Vec<u64>>,
+    /// Where the policies find what they protect: from the symbols, again once
+    /// a KASLR slide is found (policies armed after that see the moved kernel).
+    env: Mutex<PolicyEnv>,
 }
 
 impl Introspection {
     pub fn new(engine: Engine, policies: Vec<Policy>, env: PolicyEnv) -> Self {
-        let pending: Vec<OnReady> = policies
+        let pending: Vec<Pending> = policies
             .into_iter()
-            .map(|p| {
-                let env = env.clone();
-                Box::new(move |e: &mut Engine, g: &mut dyn Guest| {
-                    if let Err(err) = policy::enable(e, g, &[p], &env) {
-                        eprintln!("[vmiscope] {err}");
-                    }
-                }) as OnReady
-            })
+            .map(|p| Pending::Policies(vec![p]))
             .collect();
-        let linux_idt = env
-            .linux
-            .as_ref()
-            .map(|l| vec![l.idt_table.0, LINUX_CEA_RO_IDT]);
         Introspection {
-            linux_idt,
+            env: Mutex::new(env),
             engine: Mutex::new(engine),
             pending: Mutex::new(pending),
             last_tick: Mutex::new(Instant::now()),
             timer_period: Duration::from_secs(1),
             alert_sink: None,
         }
+    }
+
+    /// Switches `policies` on when the guest is ready (see `arm`), with the
+    /// policy environment of that moment (a KASLR slide may be known by then).
+    pub fn enable_when_ready(&self, policies: Vec<Policy>) {
+        self.pending
+            .lock()
+            .unwrap()
+            .push(Pending::Policies(policies));
+    }
+
+    /// Where the policies find what they protect now (see `env`).
+    pub fn policy_env(&self) -> PolicyEnv {
+        self.env.lock().unwrap().clone()
     }
 
     /// Sends every alert, as it is raised, to `sink`.
@@ -156,7 +167,7 @@ impl Introspection {
 
     /// Runs `f` once the guest runs on its own descriptor tables.
     pub fn on_ready(&self, f: OnReady) {
-        self.pending.lock().unwrap().push(f);
+        self.pending.lock().unwrap().push(Pending::Setup(f));
     }
 
     pub fn alerts(&self) -> Vec<Alert> {
@@ -178,19 +189,47 @@ impl Introspection {
             return;
         }
         let idt = VcpuCtl::sregs(cpu).idt.base;
-        let ready = match &self.linux_idt {
-            Some(bases) => bases.contains(&idt),
-            None => idt != 0,
-        };
-        if !ready {
+        let Some(env) = self.ready_env(cpu, idt) else {
             return;
-        }
-        for f in pending.drain(..) {
-            f(e, cpu);
+        };
+        for p in pending.drain(..) {
+            match p {
+                Pending::Policies(p) => {
+                    if let Err(err) = policy::enable(e, cpu, &p, &env) {
+                        eprintln!("[vmiscope] {err}");
+                    }
+                }
+                Pending::Setup(f) => f(e, cpu),
+            }
         }
         if let Err(err) = e.commit(cpu) {
             eprintln!("[vmiscope] {err}");
         }
+    }
+
+    /// The policy environment once the guest runs on its own IDT (`idt`, its
+    /// IDTR base), else None. A Linux kernel whose base is not known yet
+    /// (KASLR: its own decompressor placed it) is found from that IDT: it
+    /// points into the kernel image, at its boot table or at `idt_table`.
+    fn ready_env(&self, cpu: &VcpuCtl<'_>, idt: u64) -> Option<PolicyEnv> {
+        let mut env = self.env.lock().unwrap();
+        if env.linux.is_none() {
+            return (idt != 0).then(|| env.clone());
+        }
+        let sym = cpu.vm().symbols();
+        if sym.slide().is_none() {
+            let slide = sym.find_slide(idt, &["idt_table", "bringup_idt_table"])?;
+            eprintln!(
+                "[vmiscope] KASLR: the kernel runs {slide:#x} above its link addresses (found from its IDT at {idt:#x}); every symbol moves with it"
+            );
+            *env = policy_env(sym, cpu.vm().ram().size());
+        }
+        // Linux: armed once it has cleared its .bss and loaded `idt_table`
+        // (its boot IDT comes before that, and clearing .bss zeroes the table).
+        let table = env.linux.as_ref()?.idt_table.0;
+        [table, LINUX_CEA_RO_IDT]
+            .contains(&idt)
+            .then(|| env.clone())
     }
 
     /// Hands the alerts raised since `before` to the alert sink, if any.

@@ -119,6 +119,15 @@ impl Vm {
             devices,
             vcpus: cfg.vcpus,
         }));
+        // A kernel that its own decompressor places may be anywhere (KASLR):
+        // its slide is found from the first IDT it loads (`Introspection`).
+        // Every other image runs at its link addresses.
+        let kaslr = cfg.linux_own_decompressor
+            && loader::is_linux(image)
+            && !cmdline.split_whitespace().any(|w| w == "nokaslr");
+        if !kaslr {
+            shared.symbols().set_unslid();
+        }
         // Before the first exit, "last position" is the entry.
         for c in 0..cfg.vcpus {
             let r = loader::regs_for(&entry, c, cfg.vcpus);
@@ -302,7 +311,7 @@ fn command_line(image: &[u8], cfg: &VmConfig, host: crate::HostKind) -> (String,
         return (cfg.cmdline.clone(), None);
     }
     let pvm = host == crate::HostKind::Pvm;
-    let (line, added) = loader::linux_command_line(&cfg.cmdline, pvm, cfg.linux_own_decompressor);
+    let (line, added) = loader::linux_command_line(&cfg.cmdline, pvm);
     let note = match added.is_empty() {
         true => format!("kernel command line: {line}"),
         false => format!(

@@ -41,19 +41,15 @@ impl Session {
             .map(|p| p.name())
             .collect::<Vec<_>>()
             .join(",");
-        let env = self.env.clone();
         if self.with_guest(|cpu| VcpuCtl::sregs(cpu).idt.base)? == 0 {
             // At entry the guest has no IDT yet: arm the policy for when it does,
             // as `--protect` does.
-            self.intro.on_ready(Box::new(move |e, g| {
-                if let Err(err) = policy::enable(e, g, &policies, &env) {
-                    eprintln!("[vmiscope] {err}");
-                }
-            }));
+            self.intro.enable_when_ready(policies);
             return Ok(Output::text(format!(
                 "policy {names} armed: it switches on when the guest loads its own IDT"
             )));
         }
+        let env = self.intro.policy_env();
         let intro = self.intro.clone();
         let ids = self.with_guest(move |cpu| {
             let mut e = intro.engine.lock().unwrap();

@@ -9,13 +9,12 @@ use std::time::Duration;
 
 use crate::error::Error;
 
-use vmiscope_introspect::policy::PolicyEnv;
 use vmiscope_vmm::{RunOutcome, StopReason, VcpuCtl, VcpuState, Vm, VmShared};
 
 use crate::cli::RunArgs;
 use crate::commands::{self, Command};
 use crate::control::{ConsoleHandler, Control};
-use vmiscope_vmm::engine_glue::{Introspection, policy_env};
+use vmiscope_vmm::engine_glue::Introspection;
 
 use crate::format::*;
 
@@ -99,7 +98,6 @@ pub struct Session {
     outcome: Option<RunOutcome>,
     /// The selected vCPU.
     vcpu: u32,
-    env: PolicyEnv,
     /// vCPUs still in their initial pause.
     at_entry: bool,
     image: String,
@@ -126,7 +124,6 @@ impl Session {
         let info = Arc::new(crate::launch::run_info(a, vm.shared()));
         let shared = vm.shared().clone();
         let control = Arc::new(Control::new(shared.clone()));
-        let env = policy_env(shared.symbols(), cfg.mem_mib << 20);
         let serial = Arc::new(Mutex::new(vec![String::new()]));
         let s2 = serial.clone();
         shared.serial().set_live(Box::new(move |b| {
@@ -162,7 +159,6 @@ impl Session {
             runner: Some(runner),
             outcome: None,
             vcpu: 0,
-            env,
             at_entry: true,
             image: a.image.clone(),
             serial,
@@ -184,7 +180,6 @@ impl Session {
             runner: None,
             outcome: None,
             vcpu: 0,
-            env: self.env.clone(),
             at_entry: self.at_entry,
             image: self.image.clone(),
             serial: self.serial.clone(),
@@ -358,18 +353,23 @@ impl Session {
 
     /// Runs one line; errors are one line.
     pub fn exec(&mut self, line: &str) -> Result<Output, Error> {
-        // `$rsp`, `$rip+8` …: a register where a number goes (as gdb), from one
-        // read of the selected vCPU's registers, only when the line names one.
+        match self.parse(line)? {
+            Some(c) => self.run(c),
+            None => Ok(Output::default()),
+        }
+    }
+
+    /// Parses one line with what its names mean now: symbols as the running
+    /// kernel has them (a KASLR slide found since moves them) and `$rsp`,
+    /// `$rip+8` … (a register where a number goes, as in gdb) from one read of
+    /// the selected vCPU's registers, only when the line names one.
+    pub fn parse(&mut self, line: &str) -> Result<Option<Command>, Error> {
         let regs = line.contains('$').then(|| self.cpu_state().ok()).flatten();
         let resolve = |n: &str| match n.strip_prefix('$') {
             Some(r) => regs.and_then(|c| reg_by_name(&c.regs, &c.sregs, &r.to_ascii_lowercase())),
             None => self.shared.symbols().get(n),
         };
-        let cmd = match commands::parse(line, &resolve)? {
-            Some(c) => c,
-            None => return Ok(Output::default()),
-        };
-        self.run(cmd)
+        Ok(commands::parse(line, &resolve)?)
     }
 
     pub fn run(&mut self, cmd: Command) -> Result<Output, Error> {

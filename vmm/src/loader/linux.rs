@@ -56,7 +56,7 @@ pub struct LinuxLoaded {
 /// when it names no console, plus what this host needs (`pvm`): KVM's emulator
 /// cannot run XRSTOR at CPL0, so the kernel is told not to use XSAVE (it falls
 /// back to FXSAVE, which the emulator runs). Returns the line and the additions.
-pub fn command_line(user: &str, pvm: bool, own_decompressor: bool) -> (String, Vec<&'static str>) {
+pub fn command_line(user: &str, pvm: bool) -> (String, Vec<&'static str>) {
     let has = |word: &str| {
         user.split_whitespace()
             .any(|w| w == word || w.starts_with(&format!("{word}=")))
@@ -64,11 +64,6 @@ pub fn command_line(user: &str, pvm: bool, own_decompressor: bool) -> (String, V
     let mut added = vec![];
     if !has("console") {
         added.push("console=ttyS0");
-    }
-    // The decompressor would pick a random base (KASLR), and vmiscope does
-    // not find a slide yet: its symbols and policies use link addresses.
-    if own_decompressor && !has("nokaslr") {
-        added.push("nokaslr");
     }
     if pvm && !has("noxsave") {
         added.push("noxsave");
@@ -345,16 +340,13 @@ mod tests {
 
     #[test]
     fn the_command_line_gets_a_console_and_what_pvm_needs_once() {
-        let (line, added) = command_line("", true, false);
+        let (line, added) = command_line("", true);
         assert_eq!(added, vec!["console=ttyS0", "noxsave", PVM_CLEARCPUID]);
         assert_eq!(line, format!("console=ttyS0 noxsave {PVM_CLEARCPUID}"));
         assert_eq!(
-            command_line("console=hvc0 noxsave clearcpuid=1", true, false).1,
+            command_line("console=hvc0 noxsave clearcpuid=1", true).1,
             Vec::<&str>::new()
         );
-        assert_eq!(
-            command_line(" quiet ", false, false).0,
-            "quiet console=ttyS0"
-        );
+        assert_eq!(command_line(" quiet ", false).0, "quiet console=ttyS0");
     }
 }
