@@ -47,6 +47,20 @@ pub struct LinuxEnv {
     /// Leaf helpers those functions call to store a gate
     /// (`native_write_idt_entry`): a write from one counts as its caller's.
     pub idt_helpers: Vec<(u64, u64)>,
+    /// The kernel's text, `_stext`..`_etext`: (gva, len).
+    pub text: Option<(u64, u64)>,
+    /// The kernel's text patching (alternatives, jump labels, static calls,
+    /// `text_poke*`, ftrace, kprobes), [start, end): the only writers of its text.
+    pub text_writers: Vec<(u64, u64)>,
+    /// Leaf helpers they store through (`memcpy`, `memset`): a write from one
+    /// counts as its caller's.
+    pub text_helpers: Vec<(u64, u64)>,
+    /// Where a vCPU's GDTR may point once the kernel has set it up: the CPU
+    /// entry area (the read-only GDT aliases, one per CPU), [start, end) ...
+    pub gdt_area: (u64, u64),
+    /// ... or a CPU's own `gdt_page`: its per-CPU offset, and the address of
+    /// `__per_cpu_offset` (the per-CPU bases, read from the guest at the check).
+    pub gdt_page: Option<(u64, u64)>,
 }
 
 impl PolicyEnv {
@@ -135,6 +149,19 @@ fn kernel_writer(g: &dyn Guest, writers: &[(u64, u64)], helpers: &[(u64, u64)]) 
         && crate::integrity::read(g, r.rsp, 8)
             .and_then(|b| Some(u64::from_le_bytes(b.get(..8)?.try_into().ok()?)))
             .is_some_and(|ret| inside(writers, ret))
+}
+
+/// Whether `base` is some CPU's `gdt_page`: its per-CPU offset `page.0` plus
+/// one of the per-CPU bases in the array at `page.1` (one per vCPU).
+fn is_gdt_page(g: &dyn Guest, page: Option<(u64, u64)>, base: u64) -> bool {
+    let Some((offset, bases)) = page else {
+        return false;
+    };
+    (0..g.vcpu_count() as u64).any(|cpu| {
+        crate::integrity::read(g, bases + cpu * 8, 8)
+            .and_then(|b| Some(u64::from_le_bytes(b.get(..8)?.try_into().ok()?)))
+            .is_some_and(|pcpu| pcpu.wrapping_add(offset) == base)
+    })
 }
 
 fn deny(reason: &'static str) -> crate::hooks::Callback {
@@ -305,6 +332,61 @@ impl Installer<'_> {
         })
     }
 
+    /// Linux: the kernel's text is written only by its own text patching
+    /// (alternatives at boot, jump labels, static calls, ftrace, kprobes through
+    /// `text_poke*`, directly or through `memcpy`/`memset` by return address).
+    fn linux_text(&mut self, l: &LinuxEnv) -> Result<(), PolicyError> {
+        let Some((text, len)) = l.text else {
+            return Err(PolicyError::NoTarget(
+                self.policy,
+                "no _stext/_etext symbols".into(),
+            ));
+        };
+        crate::engine::check_extent(text, len, self.g.ram_size())
+            .map_err(|err| PolicyError::Hook(self.policy, err))?;
+        self.pages(text, len, Rights::W, || {
+            let (writers, helpers) = (l.text_writers.clone(), l.text_helpers.clone());
+            Box::new(move |ctx| match ctx.event {
+                EventInfo::Mem {
+                    access: AccessKind::Write,
+                    ..
+                } if !kernel_writer(&*ctx.guest, &writers, &helpers) => {
+                    Outcome::block("kernel code modified")
+                }
+                _ => Outcome::allow(),
+            })
+        })
+    }
+
+    /// Linux: once a vCPU's GDTR has reached the kernel's final table (its
+    /// read-only alias in the CPU entry area), it may only point there or at a
+    /// CPU's own `gdt_page`. Before that each vCPU is in its own set-up (an AP
+    /// starts on the real-mode trampoline's table), which is no attack.
+    fn linux_gdtr(&mut self, l: &LinuxEnv) -> Result<(), PolicyError> {
+        let ((area_start, area_end), page) = (l.gdt_area, l.gdt_page);
+        let mut settled = std::collections::BTreeSet::new();
+        self.hook(
+            Target::Dtr { dtr: DtrKind::Gdtr },
+            Box::new(move |ctx| {
+                let EventInfo::Dtr { old, new, .. } = *ctx.event else {
+                    return Outcome::allow();
+                };
+                let in_area = |b: u64| b >= area_start && b < area_end;
+                let cpu = ctx.guest.vcpu();
+                if !settled.contains(&cpu) {
+                    if in_area(new.base) || in_area(old.base) {
+                        settled.insert(cpu);
+                    }
+                    return Outcome::allow();
+                }
+                if in_area(new.base) || is_gdt_page(&*ctx.guest, page, new.base) {
+                    return Outcome::allow();
+                }
+                Outcome::block(format!("GDTR moved to {:#x}, not a kernel GDT", new.base))
+            }),
+        )
+    }
+
     fn syscall_msrs(&mut self) -> Result<(), PolicyError> {
         for (index, why) in [
             (0xc000_0082, "LSTAR (64-bit syscall entry) rewritten"),
@@ -363,15 +445,6 @@ impl Installer<'_> {
     }
 }
 
-/// Why two policies are not offered on a Linux kernel yet: the kernel does
-/// these itself, and telling its own writes from others' needs per-writer rules.
-const LINUX_GDTR: &str = "the kernel moves GDTR between its per-CPU tables";
-const LINUX_TEXT: &str = "the kernel patches its own text (alternatives, jump labels)";
-
-fn not_on_linux(policy: Policy, why: &str) -> PolicyError {
-    PolicyError::NoTarget(policy, format!("not on a Linux kernel yet: {why}"))
-}
-
 /// Switches policies on for the current guest state.
 pub fn enable(
     e: &mut Engine,
@@ -405,11 +478,11 @@ fn enable_one(
         (Policy::Idt, None) => i.idt()?,
         (Policy::SyscallMsrs, Some(l)) => i.linux_msrs(l)?,
         (Policy::SyscallMsrs, None) => i.syscall_msrs()?,
-        (Policy::Gdtr, Some(_)) => return Err(not_on_linux(policy, LINUX_GDTR)),
+        (Policy::Gdtr, Some(l)) => i.linux_gdtr(l)?,
         (Policy::Gdtr, None) => {
             i.hook(Target::Dtr { dtr: DtrKind::Gdtr }, deny("GDTR reloaded"))?
         }
-        (Policy::KernelCode, Some(_)) => return Err(not_on_linux(policy, LINUX_TEXT)),
+        (Policy::KernelCode, Some(l)) => i.linux_text(l)?,
         // Only clearing SMEP/SMAP is an attack; setting them is hardening.
         (Policy::Cr4, _) => i.cr_bits(Cr::Cr4, 3 << 20, "CR4.SMEP/SMAP cleared")?,
         (Policy::Cr0Wp, _) => i.cr_bits(Cr::Cr0, 1 << 16, "CR0.WP cleared")?,
@@ -536,5 +609,107 @@ mod tests {
         assert_eq!(disable(&mut e, Policy::Cr4), 1);
         e.commit(&mut g).unwrap();
         assert!(e.hooks().is_empty());
+    }
+
+    fn linux_env() -> PolicyEnv {
+        PolicyEnv {
+            linux: Some(LinuxEnv {
+                text: Some((0x10_0000, 0x2000)),
+                text_writers: vec![(0x12_0000, 0x12_0100)],
+                text_helpers: vec![(0x13_0000, 0x13_0040)],
+                gdt_area: (0x1f_0000, 0x1f_8000),
+                // gdt_page at per-CPU offset 0x40; the bases array at 0x1e0000.
+                gdt_page: Some((0x40, 0x1e_0000)),
+                ..LinuxEnv::default()
+            }),
+            ..PolicyEnv::default()
+        }
+    }
+
+    #[test]
+    fn linux_kernel_text_is_written_only_by_its_own_patching() {
+        use crate::event::AccessKind;
+        use crate::handlers::{MemExit, handle_ept_violation};
+        let (mut e, mut g) = (Engine::new(), MockGuest::new());
+        enable(&mut e, &mut g, &[Policy::KernelCode], &linux_env()).unwrap();
+        e.commit(&mut g).unwrap();
+        let mut write = |g: &mut MockGuest, rip: u64, ret: u64| {
+            g.regs.rip = rip;
+            g.regs.rsp = 0x15_0000;
+            g.put_u64(0x15_0000, ret);
+            let w = MemExit {
+                gpa: 0x10_1008,
+                len: 8,
+                access: AccessKind::Write,
+                data: Some(0xcc),
+                rip,
+            };
+            handle_ept_violation(&mut e, g, &w).0
+        };
+        assert_eq!(
+            write(&mut g, 0x12_0010, 0),
+            Verdict::Allowed,
+            "text_poke itself"
+        );
+        assert_eq!(
+            write(&mut g, 0x13_0008, 0x12_0020),
+            Verdict::Allowed,
+            "memcpy called by text_poke"
+        );
+        assert_eq!(
+            write(&mut g, 0x14_0000, 0x12_0020),
+            Verdict::NotAllowed,
+            "anyone else"
+        );
+        assert_eq!(
+            write(&mut g, 0x13_0008, 0x14_0000),
+            Verdict::NotAllowed,
+            "memcpy called by anyone else"
+        );
+        assert_eq!(e.alerts().len(), 2);
+        assert_eq!(e.alerts()[0].reason, "kernel code modified");
+    }
+
+    #[test]
+    fn linux_gdtr_settles_per_vcpu_then_stays_on_kernel_tables() {
+        use crate::arch::Dtr;
+        use crate::handlers::handle_dtr_violation;
+        let (mut e, mut g) = (Engine::new(), MockGuest::new());
+        g.vcpus = 2;
+        // CPU 0's per-CPU base: its gdt_page is at 0x1e8000 + 0x40.
+        g.put_u64(0x1e_0000, 0x1e_8000);
+        g.put_u64(0x1e_0008, 0x1e_c000);
+        enable(&mut e, &mut g, &[Policy::Gdtr], &linux_env()).unwrap();
+        let mut load = |g: &mut MockGuest, cpu: u32, old: u64, new: u64| {
+            g.vcpu = cpu;
+            let d = |base| Dtr { base, limit: 0x7f };
+            handle_dtr_violation(
+                &mut e,
+                g,
+                DtrKind::Gdtr,
+                d(old),
+                d(new),
+                crate::Detection::Polled,
+            )
+        };
+        // vCPU 0's own set-up: the boot table, then its per-CPU one, then the
+        // read-only alias in the CPU entry area.
+        assert_eq!(load(&mut g, 0, 0x9000, 0x2000), Verdict::Allowed);
+        assert_eq!(load(&mut g, 0, 0x2000, 0x1f_0000), Verdict::Allowed);
+        // Settled: its direct gdt_page and the alias are kernel tables ...
+        assert_eq!(load(&mut g, 0, 0x1f_0000, 0x1e_8040), Verdict::Allowed);
+        assert_eq!(load(&mut g, 0, 0x1e_8040, 0x1f_0000), Verdict::Allowed);
+        // ... and so is another CPU's.
+        assert_eq!(load(&mut g, 0, 0x1f_0000, 0x1e_c040), Verdict::Allowed);
+        // Anything else is not.
+        assert_eq!(load(&mut g, 0, 0x1e_c040, 0x3000), Verdict::NotAllowed);
+        // vCPU 1 is still in its own set-up (an AP on the trampoline's table).
+        assert_eq!(load(&mut g, 1, 0x9000, 0x5000), Verdict::Allowed);
+        assert_eq!(e.alerts().len(), 1);
+        assert!(
+            e.alerts()[0].reason.starts_with("GDTR moved to 0x3000"),
+            "{:?}",
+            e.alerts()[0]
+        );
     }
 }

@@ -80,28 +80,96 @@ fn linux_env(sym: &Symbols) -> Option<LinuxEnv> {
     msr_values.extend(sym.get("entry_SYSENTER_compat").map(|a| (0x176, a)));
     let mut idt_bases = vec![idt_table, LINUX_CEA_RO_IDT];
     idt_bases.extend(sym.get("bringup_idt_table"));
-    let idt_writers = sym
-        .iter()
-        .filter(|(n, _)| {
+    let idt_writers = functions(
+        sym,
+        |n| {
             n.starts_with("idt_setup_")
-                || matches!(*n, "set_intr_gate" | "update_intr_gate" | "alloc_intr_gate")
-        })
-        .map(|(n, a)| (a, a + sym.size(n).unwrap_or(0).min(0x10000)))
-        .collect();
-    let idt_helpers = ["native_write_idt_entry", "write_idt_entry"]
-        .iter()
-        .filter_map(|n| {
-            sym.get(n)
-                .map(|a| (a, a + sym.size(n).unwrap_or(0).min(0x1000)))
-        })
-        .collect();
+                || matches!(n, "set_intr_gate" | "update_intr_gate" | "alloc_intr_gate")
+        },
+        0x10000,
+    );
+    let idt_helpers = functions(
+        sym,
+        |n| matches!(n, "native_write_idt_entry" | "write_idt_entry"),
+        0x1000,
+    );
+    let text = match (sym.get("_stext"), sym.get("_etext")) {
+        (Some(s), Some(e)) if e > s => Some((s, e - s)),
+        _ => None,
+    };
     Some(LinuxEnv {
         msr_values,
         idt_bases,
         idt_table: (idt_table, 0x1000),
         idt_writers,
         idt_helpers,
+        text,
+        text_writers: functions(sym, is_text_patcher, 0x10000),
+        text_helpers: functions(sym, |n| TEXT_HELPERS.contains(&n), 0x1000),
+        gdt_area: LINUX_CEA,
+        gdt_page: sym.get("gdt_page").zip(sym.get("__per_cpu_offset")),
     })
+}
+
+/// The CPU entry area (4-level and 5-level paging alike): the read-only IDT
+/// alias and each CPU's read-only GDT alias live here.
+const LINUX_CEA: (u64, u64) = (0xffff_fe00_0000_0000, 0xffff_fe80_0000_0000);
+
+/// The leaf functions the kernel's text patching stores through.
+const TEXT_HELPERS: [&str; 10] = [
+    "memcpy",
+    "__memcpy",
+    "memcpy_orig",
+    "memcpy_erms",
+    "memset",
+    "__memset",
+    "memset_orig",
+    "memset_erms",
+    "memmove",
+    "__memmove",
+];
+
+/// The kernel's own text patching: alternatives, retpolines and returns at
+/// boot, jump labels, static calls, ftrace, kprobes, kgdb, BPF trampolines,
+/// all through `text_poke*` (HVMI's Linux exceptions name the same families).
+fn is_text_patcher(name: &str) -> bool {
+    const PREFIXES: [&str; 25] = [
+        "text_poke",
+        "__text_poke",
+        "smp_text_poke",
+        "apply_alternatives",
+        "apply_retpolines",
+        "apply_returns",
+        "apply_paravirt",
+        "apply_ibt_endbr",
+        "apply_fineibt",
+        "apply_seal_endbr",
+        "apply_relocation",
+        "optimize_nops",
+        "alternative",
+        "__jump_label",
+        "arch_jump_label",
+        "jump_label_",
+        "__static_call",
+        "arch_static_call",
+        "static_call_",
+        "ftrace_",
+        "arch_ftrace",
+        "arch_arm_kprobe",
+        "arch_disarm_kprobe",
+        "kgdb_arch_",
+        "bpf_arch_text_poke",
+    ];
+    PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// [start, end) of every function `wanted` names, its size capped at `cap`
+/// (kallsyms gives none: the distance to the next symbol).
+fn functions(sym: &Symbols, wanted: impl Fn(&str) -> bool, cap: u64) -> Vec<(u64, u64)> {
+    sym.entries()
+        .filter(|(n, _, _)| wanted(n))
+        .map(|(_, a, size)| (a, a + size.min(cap)))
+        .collect()
 }
 
 /// Receives each alert as it is raised, on the vCPU thread that raised it.
