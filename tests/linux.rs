@@ -527,7 +527,8 @@ fn kaslr_the_slide_is_found_from_the_running_kernel() {
         "expect serial \"Linux version\" timeout 300\n\
          expect event msr timeout 500\n\
          expect no-alert\n\
-         sym entry_SYSCALL_64\n",
+         sym entry_SYSCALL_64\n\
+         kaslr\n",
     )
     .unwrap();
     let out = Command::new(EXE)
@@ -559,6 +560,7 @@ fn kaslr_the_slide_is_found_from_the_running_kernel() {
         "{text}"
     );
     assert_eq!(lstar["verdict"], "allowed");
+    assert!(text.contains(&format!("slide {slide:#x}: ")), "{text}");
     // A script's symbols are the moved ones too (resolved as each line runs).
     let moved = address(&syms, "entry_SYSCALL_64") + slide;
     assert!(

@@ -167,6 +167,11 @@ pub const HELP: &[HelpEntry] = &[
         "ps",
     ),
     h("lsmod", "a Linux guest's modules, from its BTF", "lsmod"),
+    h(
+        "kaslr",
+        "the kernel's KASLR slide (found from its IDT) and how to give it to gdb",
+        "kaslr",
+    ),
     h("vcpu N", "select vCPU N", "vcpu 0"),
     h(
         "verdict allow|deny|policy",
@@ -411,6 +416,7 @@ pub enum Command {
     Sym(u64),
     Addr(String),
     Vmmap,
+    Kaslr,
     Translate(u64),
     Pagewalk(u64),
     Events {
@@ -688,6 +694,7 @@ fn parse_state(
         ),
         "gdt" => none_after(1).map(|_| C::Gdt)?,
         "vmmap" => none_after(1).map(|_| C::Vmmap)?,
+        "kaslr" => none_after(1).map(|_| C::Kaslr)?,
         "bt" => C::Bt(
             w.get(1)
                 .map(|n| number(n, sym).map(|n| n.clamp(1, 256) as usize))

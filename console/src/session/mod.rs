@@ -420,6 +420,7 @@ impl Session {
                 phys,
             } => Ok(Output::text(self.mem_find(&pattern, range, phys)?)),
             C::Vmmap => Ok(Output::text(self.vmmap()?)),
+            C::Kaslr => Ok(Output::text(self.kaslr())),
             C::Examine { fmt, addr } => Ok(Output::text(self.examine(fmt, addr)?)),
             C::Bt(n) => Ok(Output::text(self.backtrace(n)?)),
             C::Sym(a) => Ok(Output::text(self.sym_of(a)?)),

@@ -111,6 +111,21 @@ impl Session {
         Ok(u64::from_le_bytes(b))
     }
 
+    /// `kaslr`: the slide, once known, and how gdb takes it (its symbol file is
+    /// made when it attaches).
+    pub(super) fn kaslr(&self) -> String {
+        match self.shared.symbols().slide() {
+            Some(0) => "no slide: the kernel runs at its link addresses".into(),
+            Some(d) => format!(
+                "slide {d:#x}: every symbol is moved by it; a gdb attached before it was found: `symbol-file -o {d:#x} FILE` (FILE from `vmiscope symbols IMAGE --elf FILE`)"
+            ),
+            None => {
+                "not known yet: found when the kernel loads its IDT (KASLR by its own decompressor)"
+                    .into()
+            }
+        }
+    }
+
     /// `sym ADDR`.
     pub(super) fn sym_of(&self, a: u64) -> Result<String, Error> {
         match self.shared.symbols().lookup(a) {
