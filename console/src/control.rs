@@ -91,6 +91,7 @@ pub struct Snapshot {
     pub sregs: kvm_sregs,
     /// Read just after the stop is published (see `Control::held_fpu`).
     pub fpu: Option<kvm_fpu>,
+    /// Whether `fpu` has been read yet (None may also be a failed read).
     pub fpu_read: bool,
     /// Whether a single-step from here can work (`VcpuCtl::can_step`).
     pub can_step: bool,
