@@ -312,10 +312,13 @@ impl Control {
             // they are read again only after one.
             let seen = cpu.tasks_run();
             if tasks != Some(seen) {
-                self.publish(Snapshot::take(cpu), tasks.is_none());
+                let first = tasks.is_none();
+                self.publish(Snapshot::take(cpu), first);
                 // The FPU is an ioctl (~8 us on PVM, each vCPU ioctl reloads
                 // the vCPU): read after the stop is out, while its reader (gdb's
-                // `g`) is still on its way; `held_fpu` waits for it.
+                // `g`) is still on its way; `held_fpu` waits for it. Sleepers
+                // are woken after it: a spinning waiter has seen the stop, and
+                // the wake-up syscalls would delay the FPU.
                 let fpu = cpu.fpu();
                 let mut s = self.state.lock().unwrap();
                 if let Some(sn) = s.snapshot.as_mut() {
@@ -323,6 +326,9 @@ impl Control {
                     sn.fpu_read = true;
                 }
                 self.cv.notify_all();
+                if first {
+                    let _ = self.stopped.write(1);
+                }
                 tasks = Some(seen);
             }
             let mut s = self.state.lock().unwrap();
@@ -339,10 +345,10 @@ impl Control {
         over.flatten()
     }
 
-    /// Stores the held vCPU's registers; with `first`, announces the stop: once
-    /// the vCPU is held (its state says so) with its registers taken, so a
-    /// waiter that pauses every vCPU sends it no kick and reads the registers
-    /// with no round trip.
+    /// Stores the held vCPU's registers; with `first`, announces the stop (to
+    /// spinning waiters; `hold` wakes sleeping ones): once the vCPU is held (its
+    /// state says so) with its registers taken, so a waiter that pauses every
+    /// vCPU sends it no kick and reads the registers with no round trip.
     fn publish(&self, sn: Snapshot, first: bool) {
         let mut s = self.state.lock().unwrap();
         s.snapshot = Some(sn);
@@ -350,9 +356,7 @@ impl Control {
             s.stops += 1;
             self.published
                 .store(s.stops, std::sync::atomic::Ordering::Release);
-            let _ = self.stopped.write(1);
         }
-        self.cv.notify_all();
     }
 
     /// The held vCPU's FPU (see `hold`: read just after the stop is published),

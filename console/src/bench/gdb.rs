@@ -159,12 +159,8 @@ fn end(mut rsp: Rsp, server: std::thread::JoinHandle<()>, mut s: Session) {
 /// apart: the floor that TCP and the stub's loop set, in the same conditions
 /// (where the scheduler has put the threads decides whether a packet costs 5 or
 /// 50 us on this host, so a floor from another moment would not compare).
-fn steps(
-    rsp: &mut Rsp,
-    n: u64,
-    check: impl Fn(&str) -> Result<(), Error>,
-) -> Result<(f64, f64), Error> {
-    let (mut step, mut floor) = (Duration::ZERO, Duration::ZERO);
+fn steps(rsp: &mut Rsp, n: u64, check: impl Fn(&str) -> Result<(), Error>) -> Result<Steps, Error> {
+    let (mut step, mut floor, mut regs_rt) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     for _ in 0..n {
         let t = Instant::now();
         let stop = rsp.ask("vCont;s:1")?;
@@ -177,13 +173,28 @@ fn steps(
         let t = Instant::now();
         rsp.ask("qC")?;
         floor += t.elapsed();
+        let t = Instant::now();
+        rsp.ask("g")?;
+        regs_rt += t.elapsed();
     }
     let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
-    Ok((per(step), per(floor)))
+    Ok(Steps {
+        step: per(step),
+        floor: per(floor),
+        regs: per(regs_rt),
+    })
+}
+
+/// Microseconds per stepi, per bare packet (qC) and per register read (g, the
+/// stepi's second exchange: ~1 100 bytes the stub encodes), in one loop.
+struct Steps {
+    step: f64,
+    floor: f64,
+    regs: f64,
 }
 
 /// `stepi` from the entry through the CPL0 `out` loop.
-fn gdb_steps(n: u64) -> Result<(f64, f64), Error> {
+fn gdb_steps(n: u64) -> Result<Steps, Error> {
     let (mut rsp, server, s) = stub(SPIN_CPL0_OUT)?;
     let r = steps(&mut rsp, n, |_| Ok(()))?;
     end(rsp, server, s);
@@ -206,10 +217,11 @@ fn gdb_user_steps(n: u64) -> Result<f64, Error> {
         }
     }
     // CS follows 16 GPRs, RIP and EFLAGS (140 bytes, 280 hex digits).
-    let (us, _) = steps(&mut rsp, n, |regs| match regs.get(280..282) {
+    let us = steps(&mut rsp, n, |regs| match regs.get(280..282) {
         Some("23") => Ok(()),
         _ => Err(format!("a user stepi left CPL3: cs {:?}", regs.get(280..288)).into()),
-    })?;
+    })?
+    .step;
     end(rsp, server, s);
     Ok(us)
 }
@@ -286,14 +298,15 @@ fn gdb_read(total: usize) -> Result<(f64, usize), Error> {
 
 pub fn figures(repeat: usize, figures: &mut Vec<Figure>) -> Result<(), Error> {
     const STEPS: u64 = 500;
-    let (mut raw, mut stub, mut floor) = (vec![], vec![], vec![]);
+    let (mut raw, mut stub, mut floor, mut regs) = (vec![], vec![], vec![], vec![]);
     for _ in 0..repeat {
         raw.push(raw_steps(STEPS)?);
-        let (g, f) = gdb_steps(STEPS)?;
-        stub.push(g);
-        floor.push(f);
+        let st = gdb_steps(STEPS)?;
+        stub.push(st.step);
+        floor.push(st.floor);
+        regs.push(st.regs);
     }
-    let (r, g, f) = (median(raw), median(stub), median(floor));
+    let (r, g, f, rg) = (median(raw), median(stub), median(floor), median(regs));
     figures.push(Figure {
         name: "gdb stepi round trip, CPL0".into(),
         unit: "us/step",
@@ -335,6 +348,16 @@ pub fn figures(repeat: usize, figures: &mut Vec<Figure>) -> Result<(), Error> {
         note:
             "the stepi above; baseline: the packet round trip + the raw single-step exit, same run"
                 .into(),
+    });
+    figures.push(Figure {
+        name: "gdb stepi, CPL0, against its parts".into(),
+        unit: "us/step",
+        value: g,
+        baseline: Some(f + rg + r),
+        ratio: Some(g / (f + rg + r)),
+        note: format!(
+            "the stepi above; baseline: its two exchanges alone (a qC round trip + a g round trip, {rg:.1} us, no step between) + the raw single-step exit: the rest is handing the vCPU over"
+        ),
     });
     const HITS: u64 = 200;
     let (mut hid, mut vis) = (vec![], vec![]);
