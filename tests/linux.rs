@@ -272,13 +272,20 @@ struct Debuggee {
     child: std::process::Child,
     port: u16,
     serial: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// vmiscope's own lines (alerts) after the port.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Debuggee {
     fn start() -> Debuggee {
+        Debuggee::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Debuggee {
         let mut child = Command::new(EXE)
             .args(["run", kernel().to_str().unwrap(), "--mem", "512", "--batch"])
             .args(["--timeout", "300", "--gdb", "0"])
+            .args(extra)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -291,7 +298,9 @@ impl Debuggee {
             .and_then(|p| p.trim_end_matches(['\'', '`']).parse().ok())
             .unwrap_or_else(|| panic!("no port in {line}"));
         // Keep draining both pipes so the child never blocks on them.
-        std::thread::spawn(move || rx.iter().for_each(drop));
+        let log = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+        let keep = log.clone();
+        std::thread::spawn(move || rx.iter().for_each(|l| keep.lock().unwrap().push(l)));
         let serial = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
         let lines = common::lines(child.stdout.take().unwrap());
         let keep = serial.clone();
@@ -300,6 +309,7 @@ impl Debuggee {
             child,
             port,
             serial,
+            log,
         }
     }
 
@@ -308,7 +318,8 @@ impl Debuggee {
     fn why(&self, debugger: &str) -> String {
         let s = self.serial.lock().unwrap();
         let tail = s[s.len().saturating_sub(15)..].join("\n");
-        format!("{debugger}\n--- guest serial, last lines ---\n{tail}")
+        let log = self.log.lock().unwrap().join("\n");
+        format!("{debugger}\n--- guest serial, last lines ---\n{tail}\n--- vmiscope ---\n{log}")
     }
 
     fn ends(mut self) {
@@ -568,4 +579,47 @@ fn kaslr_the_slide_is_found_from_the_running_kernel() {
         "{text}"
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+#[cfg_attr(no_gdb, ignore = "needs gdb")]
+#[cfg_attr(no_linux, ignore = "needs Debian's kernel package unpacked by .ci/run")]
+fn kernel_code_catches_a_text_write_that_is_not_the_kernels_own_patching() {
+    if !common::kvm_available() || !common::tool_available("gdb", "--version") {
+        return;
+    }
+    // `kernel-code` is armed once the kernel runs on idt_table (before
+    // start_kernel). At start_kernel gdb sends the vCPU into `memset` with a
+    // byte of kernel text as its target: memset is one of the helpers the
+    // kernel's text patching stores through, but its caller (the return address
+    // on the stack) is start-up code, not a patcher, so the store is an alert.
+    let syms = symbols(&[kernel().to_str().unwrap()]);
+    let target = address(&syms, "_stext") + 0x1000;
+    let g = Debuggee::start_with(&["--protect", "kernel-code"]);
+    let port = g.port;
+    let set = |reg: &str, v: u64| format!("set ${reg} = {v:#x}");
+    let out = Command::new("gdb")
+        .args(["-nx", "-batch", "-ex", "set remotetimeout 30"])
+        .args(["-ex", &format!("target remote 127.0.0.1:{port}")])
+        .args(["-ex", "break start_kernel", "-ex", "continue"])
+        .args(["-ex", &set("rdi", target), "-ex", &set("rsi", 0xcc)])
+        .args(["-ex", &set("rdx", 1)])
+        .args(["-ex", &set("rip", address(&syms, "memset"))])
+        .args(["-ex", "stepi 40", "-ex", "monitor alerts", "-ex", "kill"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let why = g.why(&text);
+    assert!(text.contains("Breakpoint 1, "), "{why}");
+    let alert = text
+        .lines()
+        .find(|l| l.contains("kernel code modified"))
+        .unwrap_or_else(|| panic!("no alert: {why}"));
+    assert!(
+        alert.contains("<memset"),
+        "the alert names the writer: {why}"
+    );
+    g.ends();
 }
