@@ -621,5 +621,19 @@ fn kernel_code_catches_a_text_write_that_is_not_the_kernels_own_patching() {
         alert.contains("<memset"),
         "the alert names the writer: {why}"
     );
+    // With --batch, vmiscope also prints it as it is raised (read from its
+    // stderr by another thread: waited for, up to 10 s).
+    let printed = || {
+        g.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("kernel code modified"))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !printed() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(printed(), "{}", g.why(&text));
     g.ends();
 }
