@@ -93,6 +93,8 @@ pub struct Snapshot {
     pub fpu: Option<kvm_fpu>,
     /// Whether `fpu` has been read yet (None may also be a failed read).
     pub fpu_read: bool,
+    /// The vCPU's task count when taken: a task since may have changed them.
+    pub tasks: u64,
     /// Whether a single-step from here can work (`VcpuCtl::can_step`).
     pub can_step: bool,
 }
@@ -105,6 +107,7 @@ impl Snapshot {
             sregs: cpu.sregs(),
             fpu: None,
             fpu_read: false,
+            tasks: cpu.tasks_run(),
             can_step: cpu.can_step(),
         }
     }
@@ -208,13 +211,15 @@ impl Control {
         self.state.lock().unwrap().stop.clone()
     }
 
-    /// The registers of `vcpu` if it is the one held at a stop.
+    /// The registers of `vcpu` if it is the one held at a stop, and no task
+    /// has run on it since they were taken (the vCPU retakes them after one).
     pub fn snapshot(&self, vcpu: u32) -> Option<Snapshot> {
+        let tasks = self.vm.tasks_started(vcpu);
         self.state
             .lock()
             .unwrap()
             .snapshot
-            .filter(|sn| sn.vcpu == vcpu)
+            .filter(|sn| sn.vcpu == vcpu && sn.tasks == tasks)
     }
 
     /// Single-steps the held vCPU `vcpu` when it next resumes, if it can step

@@ -43,13 +43,10 @@ impl VcpuCtl<'_> {
         self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
     }
 
-    /// How many tasks (`VmShared::with_vcpu`) this vCPU has run: unchanged, its
-    /// registers are as they were (no task touched them).
+    /// How many tasks (`VmShared::with_vcpu`) this vCPU has started: unchanged,
+    /// its registers are as they were (no task touched them).
     pub fn tasks_run(&self) -> u64 {
-        self.vm
-            .vcpu_info(self.id)
-            .tasks
-            .load(std::sync::atomic::Ordering::SeqCst)
+        self.vm.tasks_started(self.id)
     }
 
     /// DR0–DR3, DR6, DR7 (one KVM_GET_DEBUGREGS ioctl).
@@ -210,11 +207,15 @@ impl VcpuCtl<'_> {
             VcpuMsg::Pause => *self.paused = true,
             VcpuMsg::Resume => *self.paused = false,
             VcpuMsg::With(task) => {
-                task(self);
+                // Counted before it runs: a task answers its sender from inside,
+                // and a copy of the registers taken before it must already read
+                // as stale when the sender looks next (a register write, then a
+                // read of them all, is how gdb sets one register).
                 self.vm
                     .vcpu_info(self.id)
                     .tasks
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                task(self);
             }
             VcpuMsg::Wake => {}
             VcpuMsg::Stop => return false,

@@ -92,7 +92,7 @@ pub(crate) struct VcpuInfo {
     pub(crate) paging: [AtomicU64; 4],
     /// The registers when the vCPU's thread ended, for post-mortem reading.
     pub(crate) last_state: Mutex<Option<FinalState>>,
-    /// Tasks (`with_vcpu`) this vCPU has run: a holder can tell whether its
+    /// Tasks (`with_vcpu`) this vCPU has started: a holder can tell whether its
     /// registers may have changed since it last read them.
     pub(crate) tasks: AtomicU64,
 }

@@ -150,6 +150,13 @@ impl VmShared {
         (0..self.vcpu_count()).for_each(|c| self.send(c, VcpuMsg::Pause));
     }
 
+    /// How many tasks (`with_vcpu`) vCPU `cpu` has started (see `VcpuCtl::tasks_run`).
+    pub fn tasks_started(&self, cpu: u32) -> u64 {
+        self.vcpus
+            .get(cpu as usize)
+            .map_or(0, |v| v.tasks.load(Ordering::SeqCst))
+    }
+
     /// Pauses every vCPU but those held at a stop (they stay held until their
     /// stop is resumed; a Pause would only wake them for nothing).
     pub fn pause_unheld(&self) {
