@@ -120,6 +120,15 @@ fn kallsyms_from_the_kernel_alone_agree_with_the_debug_packages_system_map() {
 }
 
 /// A newc cpio archive with only its trailer: an initramfs with nothing in it.
+/// A journal's JSON records, one per line.
+fn journal_records(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 fn empty_cpio() -> Vec<u8> {
     let name = "TRAILER!!!\0";
     let mut a = format!("070701{}", "00000000".repeat(11));
@@ -197,11 +206,7 @@ fn debian_kernel_boots_protected_and_a_syscall_table_patch_is_caught() {
         text.contains("sys_call_table[1] modified (sys_call_table+0x8)"),
         "{text}"
     );
-    let records: Vec<serde_json::Value> = std::fs::read_to_string(&journal)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = journal_records(&journal);
     let event = |class: &str| {
         records
             .iter()
@@ -559,10 +564,8 @@ fn kaslr_the_slide_is_found_from_the_running_kernel() {
         .and_then(|t| t.split_whitespace().next())
         .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok())
         .unwrap_or_else(|| panic!("no slide found: {text}"));
-    let lstar = std::fs::read_to_string(&journal)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let lstar = journal_records(&journal)
+        .into_iter()
         .find(|r| r["type"] == "event" && r["event"]["index"] == "0xc0000082")
         .unwrap_or_else(|| panic!("no LSTAR write in the journal: {text}"));
     assert_eq!(

@@ -76,16 +76,14 @@ pub fn run(a: &RunArgs) -> i32 {
             return 2;
         }
     };
-    let (mut intro, journal) = match engine(a, vm.shared()) {
+    let (intro, journal) = match engine(a, vm.shared()) {
         Ok(i) => i,
         Err(e) => {
             eprintln!("vmiscope: error: {e}");
             return 2;
         }
     };
-    intro.set_alert_sink(Box::new(|a| {
-        eprintln!("[vmiscope] {}", batch_alert_line(a))
-    }));
+    intro.set_alert_sink(stderr_alert_sink());
     let intro = Arc::new(intro);
     vm.shared().serial().set_live(Box::new(|b| {
         let mut out = std::io::stdout().lock();
@@ -159,4 +157,10 @@ fn summary(out: &vmiscope_vmm::RunOutcome, intro: &Introspection, shared: &vmisc
             );
         }
     }
+}
+
+/// Alerts on stderr as they are raised: what a run with no console shows
+/// (plain `--batch`, and `--batch --gdb`).
+pub(crate) fn stderr_alert_sink() -> vmiscope_vmm::engine_glue::AlertSink {
+    Box::new(|a| eprintln!("[vmiscope] {}", batch_alert_line(a)))
 }

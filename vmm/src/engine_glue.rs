@@ -192,7 +192,7 @@ pub struct Introspection {
     /// How often `handle_timer` runs (HVMI: once a second).
     pub timer_period: Duration,
     /// Called with each alert as it is raised (batch mode prints them).
-    alert_sink: Option<AlertSink>,
+    alert_sink: std::sync::OnceLock<AlertSink>,
     /// Where the policies find what they protect: from the symbols, again once
     /// a KASLR slide is found (policies armed after that see the moved kernel).
     env: Mutex<PolicyEnv>,
@@ -210,7 +210,7 @@ impl Introspection {
             pending: Mutex::new(pending),
             last_tick: Mutex::new(Instant::now()),
             timer_period: Duration::from_secs(1),
-            alert_sink: None,
+            alert_sink: std::sync::OnceLock::new(),
         }
     }
 
@@ -228,9 +228,10 @@ impl Introspection {
         self.env.lock().unwrap().clone()
     }
 
-    /// Sends every alert, as it is raised, to `sink`.
-    pub fn set_alert_sink(&mut self, sink: AlertSink) {
-        self.alert_sink = Some(sink);
+    /// Sends every alert, as it is raised, to `sink` (once set, it stays: a
+    /// front end sets it before the guest runs).
+    pub fn set_alert_sink(&self, sink: AlertSink) {
+        let _ = self.alert_sink.set(sink);
     }
 
     /// Runs `f` once the guest runs on its own descriptor tables.
@@ -286,7 +287,10 @@ impl Introspection {
         }
         let sym = cpu.vm().symbols();
         if sym.slide().is_none() {
-            let slide = sym.find_slide(idt, &["idt_table", "bringup_idt_table"])?;
+            // Until the slide is known, `env` holds link addresses: the kernel's
+            // own IDTs there (its boot table and `idt_table`; not the fixed alias).
+            let links = env.linux.as_ref()?.idt_bases.iter().copied();
+            let slide = sym.slide_from(idt, links.filter(|b| *b != LINUX_CEA_RO_IDT))?;
             eprintln!(
                 "[vmiscope] KASLR: the kernel runs {slide:#x} above its link addresses (found from its IDT at {idt:#x}); every symbol moves with it"
             );
@@ -302,7 +306,7 @@ impl Introspection {
 
     /// Hands the alerts raised since `before` to the alert sink, if any.
     fn report(&self, e: &Engine, before: usize) {
-        if let Some(sink) = &self.alert_sink {
+        if let Some(sink) = self.alert_sink.get() {
             e.alerts()[before..].iter().for_each(sink);
         }
     }

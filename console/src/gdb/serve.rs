@@ -183,6 +183,10 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) ->
             return 2;
         }
     };
+    if ui.is_none() {
+        // No console shows them: alerts go to stderr, as in plain `--batch`.
+        s.intro().set_alert_sink(crate::batch::stderr_alert_sink());
+    }
     let addr = bind_addr(addr);
     let listener = match TcpListener::bind(&addr) {
         Ok(l) if l.local_addr().is_ok_and(|a| !a.ip().is_loopback()) => {

@@ -89,12 +89,14 @@ impl Session {
             if alerts {
                 e.alerts().iter().any(|a| of_class(a.class))
             } else {
-                // Counted per class as well as looked for among the recent
-                // records: a flood of other events (a kernel patching its own
-                // text under `kernel-code`) pushes a record out of that window.
-                let counted =
-                    class.is_some_and(|c| e.events_per_class().get(&c).is_some_and(|n| *n > 0));
-                counted || e.recent().iter().any(|r| of_class(r.class))
+                // Counted per class (every record is counted), not looked for
+                // among the recent records: a flood of other events (a kernel
+                // patching its own text under `kernel-code`) pushes a record
+                // out of that window.
+                match class {
+                    Some(c) => e.events_per_class().get(&c).is_some_and(|n| *n > 0),
+                    None => !e.recent().is_empty(),
+                }
             }
         };
         let what = if alerts { "alert" } else { "event" };

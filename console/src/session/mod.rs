@@ -119,14 +119,7 @@ impl Session {
         let mut cfg = crate::launch::config(a, vcpus)?;
         cfg.start_paused = true;
         let vm = Vm::new(&cfg, &image)?;
-        let (mut intro, journal) = crate::launch::engine(a, vm.shared())?;
-        if a.batch && a.gdb.is_some() {
-            // No console shows them: alerts go to stderr as they are raised, as
-            // in plain `--batch`.
-            intro.set_alert_sink(Box::new(|al| {
-                eprintln!("[vmiscope] {}", crate::format::batch_alert_line(al))
-            }));
-        }
+        let (intro, journal) = crate::launch::engine(a, vm.shared())?;
         let intro = Arc::new(intro);
         let info = Arc::new(crate::launch::run_info(a, vm.shared()));
         let shared = vm.shared().clone();

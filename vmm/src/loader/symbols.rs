@@ -69,12 +69,20 @@ impl Symbols {
     /// the kernel's alignment within its image space. Returns the slide when
     /// this call found it; a base that fits none leaves it unknown.
     pub fn find_slide(&self, idtr_base: u64, tables: &[&str]) -> Option<u64> {
+        self.slide_from(
+            idtr_base,
+            tables.iter().filter_map(|t| self.link_address(t)),
+        )
+    }
+
+    /// `find_slide` with the tables' link addresses already looked up (a
+    /// name lookup walks every symbol; this runs at exits until it succeeds).
+    pub fn slide_from(&self, idtr_base: u64, links: impl IntoIterator<Item = u64>) -> Option<u64> {
         if self.slide().is_some() {
             return None;
         }
-        let slide = tables
-            .iter()
-            .filter_map(|t| self.link_address(t))
+        let slide = links
+            .into_iter()
             .map(|link| idtr_base.wrapping_sub(link))
             .find(|d| d % SLIDE_ALIGN == 0 && *d < SLIDE_MAX)?;
         self.slide.set(slide).ok().map(|()| slide)
