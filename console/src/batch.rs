@@ -9,7 +9,6 @@ use vmiscope_vmm::{Event, ExitHandler, Reply, VcpuCtl, Vm};
 use vmiscope_vmm::engine_glue::Introspection;
 
 use crate::cli::RunArgs;
-use crate::format::batch_alert_line;
 use crate::launch::{config, engine, load_image};
 
 /// The engine, with `--events` printing every event first.
@@ -83,7 +82,7 @@ pub fn run(a: &RunArgs) -> i32 {
             return 2;
         }
     };
-    intro.set_alert_sink(stderr_alert_sink());
+    intro.set_alert_sink(crate::format::stderr_alert_sink());
     let intro = Arc::new(intro);
     vm.shared().serial().set_live(Box::new(|b| {
         let mut out = std::io::stdout().lock();
@@ -157,10 +156,4 @@ fn summary(out: &vmiscope_vmm::RunOutcome, intro: &Introspection, shared: &vmisc
             );
         }
     }
-}
-
-/// Alerts on stderr as they are raised: what a run with no console shows
-/// (plain `--batch`, and `--batch --gdb`).
-pub(crate) fn stderr_alert_sink() -> vmiscope_vmm::engine_glue::AlertSink {
-    Box::new(|a| eprintln!("[vmiscope] {}", batch_alert_line(a)))
 }

@@ -483,3 +483,9 @@ pub trait Pipe: Sized {
     }
 }
 impl<T> Pipe for T {}
+
+/// Alerts on stderr as they are raised: what a run with no console shows
+/// (plain `--batch`, and `--batch --gdb`).
+pub fn stderr_alert_sink() -> vmiscope_vmm::engine_glue::AlertSink {
+    Box::new(|a| eprintln!("[vmiscope] {}", batch_alert_line(a)))
+}

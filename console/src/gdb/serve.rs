@@ -185,7 +185,7 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) ->
     };
     if ui.is_none() {
         // No console shows them: alerts go to stderr, as in plain `--batch`.
-        s.intro().set_alert_sink(crate::batch::stderr_alert_sink());
+        s.intro().set_alert_sink(crate::format::stderr_alert_sink());
     }
     let addr = bind_addr(addr);
     let listener = match TcpListener::bind(&addr) {
