@@ -165,6 +165,8 @@ fn bench_json_has_every_figure_with_its_baseline() {
         "events/s with the TUI attached",
         "gdb stepi round trip, CPL0",
         "gdb stepi round trip, CPL3",
+        "gdb stepi, CPL0, against its floor",
+        "gdb stepi + register read, CPL0",
         "I/O exit, CPL0, breakpoint on a user page",
         "breakpoint hit, hidden (DR slot) vs visible",
         "hot page with a hidden breakpoint (DR slot free)",

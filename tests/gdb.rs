@@ -746,7 +746,20 @@ impl Rsp {
         let mut sum = [0u8; 2];
         self.0.read_exact(&mut sum).unwrap();
         self.0.write_all(b"+").unwrap();
-        String::from_utf8_lossy(&reply).into_owned()
+        // Run-length encoding: `X*n` repeats X (n - 29) more times (a `*` in
+        // data is always escaped).
+        let mut body = Vec::with_capacity(reply.len());
+        let mut bytes = reply.into_iter();
+        while let Some(c) = bytes.next() {
+            match (c, body.last().copied()) {
+                (b'*', Some(last)) => {
+                    let n = bytes.next().unwrap_or(29).saturating_sub(29);
+                    body.extend(std::iter::repeat_n(last, n as usize));
+                }
+                _ => body.push(c),
+            }
+        }
+        String::from_utf8_lossy(&body).into_owned()
     }
 }
 
@@ -1048,4 +1061,96 @@ fn a_watchpoint_on_the_current_stack_needs_force() {
     let (code, out) = finish(child);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("watch 0x7fe0 refused"), "{out}");
+}
+
+/// gdb's `stepi` is one exchange: the stop reply carries rbp, rsp and rip (as
+/// gdbserver's does), so gdb reads no registers to show where the step ended.
+/// Before, every step was followed by a `g` (and an x87/SSE read in the VMM).
+#[test]
+#[cfg_attr(any(no_kvm, no_gdb), ignore = "needs /dev/kvm and gdb")]
+fn gdb_stepi_reads_no_registers() {
+    if !kvm_available() || !gdb_available() {
+        return;
+    }
+    let (out, code, _) = gdb_session(
+        "int3",
+        &[
+            "set debug remote 1",
+            "stepi",
+            "stepi",
+            "set debug remote 0",
+            "print/x $pc",
+            "print/x $rsp",
+            "kill",
+        ],
+    );
+    let steps: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("Packet received: T05"))
+        .collect();
+    assert_eq!(steps.len(), 2, "two stops: {out}");
+    for s in &steps {
+        assert!(
+            s.contains(";06:") && s.contains(";07:") && s.contains(";10:"),
+            "rbp, rsp and rip in the stop reply: {s}"
+        );
+    }
+    assert!(
+        !out.contains("Sending packet: $g#"),
+        "gdb read the registers after a step: {out}"
+    );
+    // The two steps from _start: `cli`, then `movabs $kstacks, %rsp`.
+    assert!(out.contains("$1 = 0x10000b"), "{out}");
+    assert!(out.contains("$2 = 0x206000"), "{out}");
+    let _ = code;
+}
+
+/// `g` carries the general registers alone; `p`/`P` reach every register of the
+/// target description one by one (x87/SSE read on the vCPU's thread only then).
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn g_is_the_general_registers_and_p_reaches_the_rest() {
+    if !kvm_available() {
+        return;
+    }
+    let p = port();
+    let child = vm("hello", p);
+    let mut rsp = Rsp::connect(p);
+    rsp.ask("?");
+    let g = rsp.ask("g");
+    assert_eq!(
+        g.len(),
+        2 * (16 * 8 + 8 + 4 + 6 * 4),
+        "GPRs, rip, eflags, selectors: {g}"
+    );
+    assert_eq!(
+        &g[16 * 16..16 * 16 + 16],
+        "0000100000000000",
+        "rip at the entry: {g}"
+    );
+    assert_eq!(rsp.ask("p20"), "7f030000", "fctrl after reset");
+    assert_eq!(rsp.ask("p40"), "010d000000000000", "efer");
+    assert_eq!(rsp.ask("p28").len(), 32, "xmm0");
+    // gdbstub answers a number it does not know with an empty reply.
+    assert_eq!(rsp.ask("p41"), "", "no register 65");
+    assert_eq!(rsp.ask("P2b=88776655443322110000000000000000"), "OK");
+    assert_eq!(
+        rsp.ask("p2b"),
+        "88776655443322110000000000000000",
+        "xmm3 written"
+    );
+    assert_eq!(rsp.ask("P0=0500000000000000"), "OK");
+    assert_eq!(rsp.ask("p0"), "0500000000000000", "rax written");
+    assert_eq!(
+        rsp.ask("p20"),
+        "7f030000",
+        "fctrl untouched by the rax write"
+    );
+    assert!(
+        rsp.ask("P2b=00").starts_with('E'),
+        "a value of the wrong size"
+    );
+    let end = rsp.ask("vCont;c");
+    assert!(end.starts_with('W'), "the guest ran to its end: {end}");
+    finish(child);
 }

@@ -8,7 +8,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
+use kvm_bindings::{kvm_regs, kvm_sregs};
 use vmiscope_introspect::{Class, EventRecord, HookId};
 use vmiscope_vmm::{Event, ExitHandler, Reply, VcpuCtl, VmShared};
 
@@ -89,10 +89,6 @@ pub struct Snapshot {
     pub vcpu: u32,
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
-    /// Read just after the stop is published (see `Control::held_fpu`).
-    pub fpu: Option<kvm_fpu>,
-    /// Whether `fpu` has been read yet (None may also be a failed read).
-    pub fpu_read: bool,
     /// The vCPU's task count when taken: a task since may have changed them.
     pub tasks: u64,
     /// Whether a single-step from here can work (`VcpuCtl::can_step`).
@@ -105,8 +101,6 @@ impl Snapshot {
             vcpu: cpu.id(),
             regs: cpu.regs(),
             sregs: cpu.sregs(),
-            fpu: None,
-            fpu_read: false,
             tasks: cpu.tasks_run(),
             can_step: cpu.can_step(),
         }
@@ -319,17 +313,11 @@ impl Control {
             if tasks != Some(seen) {
                 let first = tasks.is_none();
                 self.publish(Snapshot::take(cpu), first);
-                // The FPU is an ioctl (~8 us on PVM, each vCPU ioctl reloads
-                // the vCPU): read after the stop is out, while its reader (gdb's
-                // `g`) is still on its way; `held_fpu` waits for it. Sleepers
-                // are woken after it: a spinning waiter has seen the stop, and
-                // the wake-up syscalls would delay the FPU.
-                let fpu = cpu.fpu();
-                let mut s = self.state.lock().unwrap();
-                if let Some(sn) = s.snapshot.as_mut() {
-                    sn.fpu = fpu;
-                    sn.fpu_read = true;
-                }
+                // No x87/SSE read here: an ioctl (~8 us on PVM) that a debugger
+                // rarely wants at a stop (gdb's `g` carries the general
+                // registers alone), and the next resume would wait for it.
+                // Sleepers are woken after the stop is out: a spinning waiter
+                // has seen it already.
                 self.cv.notify_all();
                 if first {
                     let _ = self.stopped.write(1);
@@ -362,32 +350,6 @@ impl Control {
             self.published
                 .store(s.stops, std::sync::atomic::Ordering::Release);
         }
-    }
-
-    /// The held vCPU's FPU (see `hold`: read just after the stop is published),
-    /// once it has been read; None when `vcpu` is not held.
-    pub fn held_fpu(&self, vcpu: u32) -> Option<Option<kvm_fpu>> {
-        let ready = || {
-            let s = self.state.lock().unwrap();
-            match s.snapshot.filter(|sn| sn.vcpu == vcpu) {
-                None => Some(None),
-                Some(sn) if sn.fpu_read => Some(Some(sn.fpu)),
-                Some(_) => None,
-            }
-        };
-        if let Some(r) = vmiscope_vmm::spin_for(ready) {
-            return r;
-        }
-        let s = self.state.lock().unwrap();
-        let (s, _) = self
-            .cv
-            .wait_timeout_while(s, Duration::from_secs(1), |s| {
-                s.snapshot.is_some_and(|sn| sn.vcpu == vcpu && !sn.fpu_read)
-            })
-            .unwrap();
-        s.snapshot
-            .filter(|sn| sn.vcpu == vcpu && sn.fpu_read)
-            .map(|sn| sn.fpu)
     }
 
     /// Whether this handled event must stop, and why.

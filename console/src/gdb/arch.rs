@@ -8,6 +8,19 @@ use gdbstub_arch::x86::reg::X86_64CoreRegs;
 /// x86-64 with the system registers a kernel debugger needs.
 pub enum Vmi64 {}
 
+/// How much of the register set a `VmiRegs` carries.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    /// The general registers alone (GPRs, RIP, EFLAGS, segment selectors): what
+    /// `g` carries. gdb and LLDB take a shorter `g` as "fetch the rest with `p`"
+    /// (gdb's `process_g_packet`), so a stop needs no x87/SSE read (an ioctl on
+    /// the vCPU's thread) unless a debugger asks for one of those registers.
+    #[default]
+    General,
+    /// Everything in the target description (single-register access).
+    Full,
+}
+
 /// Core + SSE (gdb's amd64 layout), then fs_base/gs_base, then CR0/2/3/4/8, EFER.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct VmiRegs {
@@ -15,10 +28,29 @@ pub struct VmiRegs {
     pub fs_base: u64,
     pub gs_base: u64,
     pub sys: [u64; 6],
+    /// Which part is meant: serialised, and written back.
+    pub extent: Extent,
 }
 
+/// Bytes of the general registers: 16 GPRs, RIP, EFLAGS, 6 segment selectors.
+pub const GENERAL_BYTES: usize = 16 * 8 + 8 + 4 + 6 * 4;
 /// Bytes of the core + SSE block in gdb's amd64 order.
-const CORE_BYTES: usize = 16 * 8 + 8 + 4 + 6 * 4 + 8 * 10 + 8 * 4 + 16 * 16 + 4;
+const CORE_BYTES: usize = GENERAL_BYTES + 8 * 10 + 8 * 4 + 16 * 16 + 4;
+/// Bytes of the whole set.
+pub const FULL_BYTES: usize = CORE_BYTES + 8 * 8;
+
+impl VmiRegs {
+    /// The whole set in gdb's order (single-register access reads a slice of it).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(FULL_BYTES);
+        let full = VmiRegs {
+            extent: Extent::Full,
+            ..self.clone()
+        };
+        full.gdb_serialize(|b| v.push(b.unwrap_or(0)));
+        v
+    }
+}
 
 impl Registers for VmiRegs {
     type ProgramCounter = u64;
@@ -26,29 +58,99 @@ impl Registers for VmiRegs {
         self.core.rip
     }
     fn gdb_serialize(&self, mut write_byte: impl FnMut(Option<u8>)) {
-        self.core.gdb_serialize(&mut write_byte);
+        let limit = match self.extent {
+            Extent::General => GENERAL_BYTES,
+            Extent::Full => FULL_BYTES,
+        };
+        let mut n = 0;
+        let mut put = |b| {
+            if n < limit {
+                write_byte(b);
+            }
+            n += 1;
+        };
+        self.core.gdb_serialize(&mut put);
         for v in [self.fs_base, self.gs_base].iter().chain(self.sys.iter()) {
-            v.to_le_bytes().iter().for_each(|b| write_byte(Some(*b)));
+            v.to_le_bytes().iter().for_each(|b| put(Some(*b)));
         }
     }
+    /// The general registers alone (a `G` after a short `g`) or the whole set.
     fn gdb_deserialize(&mut self, bytes: &[u8]) -> Result<(), ()> {
-        if bytes.len() < CORE_BYTES + 8 * 8 {
-            return Err(());
+        let mut core = vec![0u8; CORE_BYTES];
+        match bytes.len() {
+            GENERAL_BYTES => {
+                core[..GENERAL_BYTES].copy_from_slice(bytes);
+                self.core.gdb_deserialize(&core)?;
+                self.extent = Extent::General;
+                return Ok(());
+            }
+            n if n >= FULL_BYTES => self.core.gdb_deserialize(&bytes[..CORE_BYTES])?,
+            _ => return Err(()),
         }
-        self.core.gdb_deserialize(&bytes[..CORE_BYTES])?;
         let word = |i: usize| {
-            u64::from_le_bytes(
-                bytes[CORE_BYTES + 8 * i..CORE_BYTES + 8 * i + 8]
-                    .try_into()
-                    .unwrap(),
-            )
+            let at = CORE_BYTES + 8 * i;
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bytes[at..at + 8]);
+            u64::from_le_bytes(w)
         };
         self.fs_base = word(0);
         self.gs_base = word(1);
         for (i, r) in self.sys.iter_mut().enumerate() {
             *r = word(2 + i);
         }
+        self.extent = Extent::Full;
         Ok(())
+    }
+}
+
+/// A register by gdb's number in the target description below (0..=64).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmiRegId(u8);
+
+/// Registers in the target description.
+const REGS: usize = 65;
+/// rbp, rsp and rip: what gdb needs to show where a step ended, sent with the
+/// stop (as gdbserver does), in this order.
+pub const EXPEDITED: [VmiRegId; 3] = [VmiRegId(6), VmiRegId(7), VmiRegId(16)];
+
+impl VmiRegId {
+    /// Bytes of register `n`.
+    fn size_of(n: usize) -> usize {
+        match n {
+            0..=16 => 8,
+            17..=23 => 4,
+            24..=31 => 10,
+            32..=39 => 4,
+            40..=55 => 16,
+            56 => 4,
+            _ => 8,
+        }
+    }
+
+    /// Where this register sits in the whole set (`VmiRegs::to_bytes`).
+    pub fn range(self) -> std::ops::Range<usize> {
+        let at = (0..self.0 as usize).map(Self::size_of).sum();
+        at..at + Self::size_of(self.0 as usize)
+    }
+
+    /// Whether the value lives in the x87/SSE state (KVM's FPU, read apart).
+    pub fn in_fpu(self) -> bool {
+        (24..=56).contains(&self.0)
+    }
+}
+
+impl gdbstub::arch::RegId for VmiRegId {
+    fn from_raw_id(id: usize) -> Option<(Self, Option<std::num::NonZeroUsize>)> {
+        (id < REGS).then(|| {
+            (
+                VmiRegId(id as u8),
+                std::num::NonZeroUsize::new(Self::size_of(id)),
+            )
+        })
+    }
+
+    fn to_raw_id(&self) -> Option<usize> {
+        Some(self.0 as usize)
     }
 }
 
@@ -142,9 +244,56 @@ const TARGET_XML: &str = r#"<?xml version="1.0"?>
 impl Arch for Vmi64 {
     type Usize = u64;
     type Registers = VmiRegs;
-    type RegId = gdbstub_arch::x86::reg::id::X86_64CoreRegId;
+    type RegId = VmiRegId;
     type BreakpointKind = usize;
     fn target_description_xml() -> Option<&'static str> {
         Some(TARGET_XML)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gdbstub::arch::RegId;
+
+    #[test]
+    fn ids_cover_the_whole_set_in_order() {
+        let last = VmiRegId::from_raw_id(REGS - 1).unwrap().0;
+        assert_eq!(last.range().end, FULL_BYTES);
+        assert!(VmiRegId::from_raw_id(REGS).is_none());
+        assert_eq!(VmiRegId(24).range().start, GENERAL_BYTES, "st0 follows gs");
+        assert_eq!(
+            VmiRegId(57).range().start,
+            CORE_BYTES,
+            "fs_base follows mxcsr"
+        );
+        let regs = VmiRegs {
+            fs_base: 0x1234,
+            sys: [1, 2, 3, 4, 5, 6],
+            ..Default::default()
+        };
+        let b = regs.to_bytes();
+        assert_eq!(b.len(), FULL_BYTES);
+        assert_eq!(b[VmiRegId(57).range()], 0x1234u64.to_le_bytes());
+        assert_eq!(b[VmiRegId(61).range()], 3u64.to_le_bytes(), "cr3");
+        assert!((24..=56).all(|n| VmiRegId(n).in_fpu()));
+        assert!(!VmiRegId(23).in_fpu() && !VmiRegId(57).in_fpu());
+    }
+
+    #[test]
+    fn g_carries_the_general_registers_and_g_writes_back_either_extent() {
+        let mut regs = VmiRegs::default();
+        regs.core.rip = 0x100000;
+        regs.core.xmm[0] = 7;
+        let mut g = vec![];
+        regs.gdb_serialize(|b| g.push(b.unwrap()));
+        assert_eq!(g.len(), GENERAL_BYTES);
+        let mut back = VmiRegs::default();
+        back.gdb_deserialize(&g).unwrap();
+        assert_eq!((back.core.rip, back.extent), (0x100000, Extent::General));
+        let full = regs.to_bytes();
+        back.gdb_deserialize(&full).unwrap();
+        assert_eq!((back.core.xmm[0], back.extent), (7, Extent::Full));
+        assert!(back.gdb_deserialize(&full[..GENERAL_BYTES + 1]).is_err());
     }
 }

@@ -9,10 +9,11 @@ use gdbstub::target::ext::breakpoints::BreakpointsOps;
 use gdbstub::target::ext::exec_file::ExecFileOps;
 use gdbstub::target::ext::monitor_cmd::MonitorCmdOps;
 use gdbstub::target::{Target, TargetError, TargetResult};
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use vmiscope_vmm::VcpuCtl;
 
 use super::*;
-use crate::gdb::arch::{Vmi64, VmiRegs};
+use crate::gdb::arch::{Extent, Vmi64, VmiRegs};
 
 impl Target for GdbTarget {
     type Arch = Vmi64;
@@ -33,70 +34,24 @@ impl Target for GdbTarget {
 }
 
 impl MultiThreadBase for GdbTarget {
+    /// `g`: the general registers (see `Extent::General`), from the held vCPU's
+    /// copy taken at its stop (no round trip), else read on its thread.
     fn read_registers(&mut self, regs: &mut VmiRegs, t: Tid) -> TargetResult<(), Self> {
         let Some(cpu) = self.cpu(t) else {
             return err("no such thread");
         };
-        // The held vCPU's registers were taken when it stopped: no round trip.
-        let held = self.s.control().snapshot(cpu).and_then(|sn| {
-            let fpu = self.s.control().held_fpu(cpu)?;
-            Some((sn.regs, sn.sregs, fpu))
-        });
-        let Some((r, s, fpu)) =
-            held.or_else(|| self.on_cpu(cpu, |c| (VcpuCtl::regs(c), VcpuCtl::sregs(c), c.fpu())))
-        else {
-            return err("vCPU busy");
-        };
-        if let Some(f) = fpu {
-            crate::gdb::fpu::to_gdb(&f, &mut regs.core);
-        }
-        regs.core.regs = [
-            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11,
-            r.r12, r.r13, r.r14, r.r15,
-        ];
-        regs.core.rip = r.rip;
-        regs.core.eflags = r.rflags as u32;
-        regs.core.segments.cs = s.cs.selector as u32;
-        regs.core.segments.ss = s.ss.selector as u32;
-        regs.core.segments.ds = s.ds.selector as u32;
-        regs.core.segments.es = s.es.selector as u32;
-        regs.core.segments.fs = s.fs.selector as u32;
-        regs.core.segments.gs = s.gs.selector as u32;
-        regs.fs_base = s.fs.base;
-        regs.gs_base = s.gs.base;
-        regs.sys = [s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer];
+        *regs = self.registers(cpu, false).ok_or(TargetError::NonFatal)?;
         Ok(())
     }
 
+    /// `G`: what gdb sent (the general registers after a short `g`, or all).
     fn write_registers(&mut self, regs: &VmiRegs, t: Tid) -> TargetResult<(), Self> {
         let Some(cpu) = self.cpu(t) else {
             return err("no such thread");
         };
         let g = regs.clone();
-        let done = self.on_cpu(cpu, move |c| {
-            let mut r = VcpuCtl::regs(c);
-            let v = g.core.regs;
-            (r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp) =
-                (v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]);
-            (r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) =
-                (v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]);
-            r.rip = g.core.rip;
-            r.rflags = g.core.eflags as u64;
-            c.set_regs(&r);
-            let mut s = VcpuCtl::sregs(c);
-            (s.fs.base, s.gs.base) = (g.fs_base, g.gs_base);
-            (s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer) =
-                (g.sys[0], g.sys[1], g.sys[2], g.sys[3], g.sys[4], g.sys[5]);
-            c.set_sregs(&s);
-            // x87/SSE only when gdb changed them (one ioctl pair otherwise saved).
-            if let Some(old) = c.fpu() {
-                let new = crate::gdb::fpu::from_gdb(&g.core, old);
-                if new != old {
-                    let _ = c.set_fpu(&new);
-                }
-            }
-        });
-        done.ok_or(TargetError::NonFatal)
+        self.on_cpu(cpu, move |c| apply(c, &g))
+            .ok_or(TargetError::NonFatal)
     }
 
     fn read_addrs(&mut self, start: u64, data: &mut [u8], t: Tid) -> TargetResult<usize, Self> {
@@ -156,10 +111,103 @@ impl MultiThreadBase for GdbTarget {
         Some(self)
     }
 
+    fn support_single_register_access(
+        &mut self,
+    ) -> Option<
+        gdbstub::target::ext::base::single_register_access::SingleRegisterAccessOps<'_, Tid, Self>,
+    > {
+        Some(self)
+    }
+
     fn support_thread_extra_info(
         &mut self,
     ) -> Option<gdbstub::target::ext::thread_extra_info::ThreadExtraInfoOps<'_, Self>> {
         Some(self)
+    }
+}
+
+impl GdbTarget {
+    /// The registers of `cpu`: the held vCPU's copy taken at its stop when there
+    /// is one, else read on its thread; with `fpu`, the x87/SSE state too (an
+    /// ioctl on the vCPU's thread, so only when asked).
+    pub(super) fn registers(&self, cpu: u32, fpu: bool) -> Option<VmiRegs> {
+        let held = self.s.control().snapshot(cpu).filter(|_| !fpu);
+        let (r, s, f) = match held {
+            Some(sn) => (sn.regs, sn.sregs, None),
+            None => self.on_cpu(cpu, move |c| {
+                (
+                    VcpuCtl::regs(c),
+                    VcpuCtl::sregs(c),
+                    fpu.then(|| c.fpu()).flatten(),
+                )
+            })?,
+        };
+        Some(from_kvm(&r, &s, f.as_ref()))
+    }
+}
+
+/// gdb's register set from KVM's: the whole set with `fpu`, else the general
+/// registers and the system ones (`Extent::General`; `g` sends the former alone).
+pub(super) fn from_kvm(r: &kvm_regs, s: &kvm_sregs, fpu: Option<&kvm_fpu>) -> VmiRegs {
+    let mut regs = VmiRegs {
+        extent: if fpu.is_some() {
+            Extent::Full
+        } else {
+            Extent::General
+        },
+        ..Default::default()
+    };
+    if let Some(f) = fpu {
+        crate::gdb::fpu::to_gdb(f, &mut regs.core);
+    }
+    regs.core.regs = [
+        r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11, r.r12,
+        r.r13, r.r14, r.r15,
+    ];
+    regs.core.rip = r.rip;
+    regs.core.eflags = r.rflags as u32;
+    let seg = &mut regs.core.segments;
+    (seg.cs, seg.ss, seg.ds, seg.es, seg.fs, seg.gs) = (
+        s.cs.selector as u32,
+        s.ss.selector as u32,
+        s.ds.selector as u32,
+        s.es.selector as u32,
+        s.fs.selector as u32,
+        s.gs.selector as u32,
+    );
+    regs.fs_base = s.fs.base;
+    regs.gs_base = s.gs.base;
+    regs.sys = [s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer];
+    regs
+}
+
+/// Writes `g` into the vCPU: the general registers always (segment selectors
+/// stay: a selector without its descriptor means nothing to KVM); with the whole
+/// set, the segment bases and system registers too, and the x87/SSE state when
+/// it changed (one ioctl pair saved otherwise).
+pub(super) fn apply(c: &mut VcpuCtl<'_>, g: &VmiRegs) {
+    let mut r = VcpuCtl::regs(c);
+    let v = g.core.regs;
+    (r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp) =
+        (v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]);
+    (r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) =
+        (v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]);
+    r.rip = g.core.rip;
+    r.rflags = g.core.eflags as u64;
+    c.set_regs(&r);
+    if g.extent == Extent::General {
+        return;
+    }
+    let mut s = VcpuCtl::sregs(c);
+    (s.fs.base, s.gs.base) = (g.fs_base, g.gs_base);
+    (s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer) =
+        (g.sys[0], g.sys[1], g.sys[2], g.sys[3], g.sys[4], g.sys[5]);
+    c.set_sregs(&s);
+    if let Some(old) = c.fpu() {
+        let new = crate::gdb::fpu::from_gdb(&g.core, old);
+        if new != old {
+            let _ = c.set_fpu(&new);
+        }
     }
 }
 

@@ -32,6 +32,7 @@ pub mod fpu;
 mod monitor;
 mod resume;
 mod serve;
+mod single_register;
 mod symbol_file;
 mod watch;
 

@@ -8,7 +8,6 @@ use std::time::Duration;
 use gdbstub::stub::DisconnectReason;
 use vmiscope_vmm::StopReason;
 
-use super::event_loop::EventLoop;
 use super::*;
 use crate::gdb::conn::GdbConn;
 use crate::session::Session;
@@ -62,7 +61,7 @@ pub fn serve(listener: TcpListener, s: Session, exec_file: Option<String>, activ
                 }
             };
         active.store(true, Ordering::SeqCst);
-        let ended = stub.run_blocking::<EventLoop>(&mut target);
+        let ended = super::event_loop::run(stub, &mut target);
         active.store(false, Ordering::SeqCst);
         match ended {
             Ok(DisconnectReason::Kill) => {
