@@ -1154,3 +1154,24 @@ fn g_is_the_general_registers_and_p_reaches_the_rest() {
     assert!(end.starts_with('W'), "the guest ran to its end: {end}");
     finish(child);
 }
+
+/// gdb takes its breakpoints out at every stop and puts them back before it
+/// resumes, so a breakpoint in a debug register is set again at every `stepi`.
+/// That must not kick the held vCPU (a signal, and an entry that returns EINTR
+/// at once: `stats` counts those as `kick` exits); it picks the new debug
+/// registers up before it enters the guest anyway.
+#[test]
+#[cfg_attr(any(no_kvm, no_gdb), ignore = "needs /dev/kvm and gdb")]
+fn breakpoints_set_again_at_each_step_cost_no_kicks() {
+    if !kvm_available() || !gdb_available() {
+        return;
+    }
+    let mut cmds = vec!["hbreak step_start", "continue", "break step_end"];
+    cmds.extend(["stepi"; 12]);
+    cmds.extend(["monitor json stats", "kill"]);
+    let (out, _, _) = gdb_session("step", &cmds);
+    // The steps reach the second breakpoint: it was in place throughout.
+    assert!(out.contains("Breakpoint 2, 0x"), "{out}");
+    assert!(out.contains("\"single-step\":12"), "{out}");
+    assert!(!out.contains("\"kick\""), "a held vCPU was kicked: {out}");
+}

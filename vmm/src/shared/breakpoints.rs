@@ -63,9 +63,18 @@ impl VmShared {
     /// every vCPU. On a PVM host these fire for CPL0 code only.
     pub fn set_hw_breakpoint(&self, slot: usize, addr: Option<u64>) {
         self.hw_bps.lock().unwrap()[slot] = addr;
+        self.debug_generation_changed();
+    }
+
+    /// Every vCPU applies its debug state again before its next entry (it
+    /// reads the generation after it marks itself running). Only one in the
+    /// guest needs a kick: a held or paused vCPU kicked would pay a signal and
+    /// an entry that returns EINTR at once for nothing (gdb sets its
+    /// breakpoints again at every stop).
+    fn debug_generation_changed(&self) {
         self.debug_gen.fetch_add(1, Ordering::SeqCst);
         for c in 0..self.vcpu_count() {
-            self.kick(c);
+            self.kick_if_running(c);
         }
     }
 
@@ -102,10 +111,7 @@ impl VmShared {
         };
         regs.insert(gpa, slot);
         drop(regs);
-        self.debug_gen.fetch_add(1, Ordering::SeqCst);
-        for c in 0..self.vcpu_count() {
-            self.kick(c);
-        }
+        self.debug_generation_changed();
         true
     }
 

@@ -122,7 +122,7 @@ impl VmShared {
     /// wasted guest entry (KVM_RUN returning EINTR at once). Read after the
     /// message is queued: a vCPU marks itself running before it last looks at
     /// its queue (`serve_messages`), so a message is never left unseen.
-    fn kick_if_running(&self, cpu: u32) {
+    pub(super) fn kick_if_running(&self, cpu: u32) {
         std::sync::atomic::fence(Ordering::SeqCst);
         if self.vcpu_state(cpu) == Some(VcpuState::Running) {
             self.kick(cpu);
