@@ -77,8 +77,14 @@ impl VmShared {
         // Before `run` no vCPU executes, so there is nothing to hold off.
         let _quiet = if self.running.load(Ordering::SeqCst) {
             self.gate_pending.store(true, Ordering::SeqCst);
+            // Only a running vCPU can be in the guest: one that marks itself
+            // running after this looks at `gate_pending` after that (in
+            // `enter_gate`) and waits. A held or paused one is left alone (gdb
+            // takes its watchpoints out and puts them back at every stop: two
+            // commits, each of which cost the held vCPU a signal and an entry
+            // that returned EINTR at once).
             for c in 0..self.vcpu_count() {
-                self.kick(c);
+                self.kick_if_running(c);
             }
             let g = self.run_gate.write().unwrap();
             self.gate_pending.store(false, Ordering::SeqCst);
