@@ -528,3 +528,113 @@ fn demo_every_act_blocked_with_one_alert_or_allowed_in_log_only_mode() {
     assert!(err.contains("unknown policy `bogus`"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Counts the guest's exits and the fetch faults of read-trapped pages.
+struct CountingExits {
+    intro: Arc<Introspection>,
+    exits: std::sync::atomic::AtomicU64,
+    fetches: std::sync::atomic::AtomicU64,
+}
+
+impl vmiscope_vmm::ExitHandler for CountingExits {
+    fn on_event(
+        &self,
+        cpu: &mut vmiscope_vmm::VcpuCtl<'_>,
+        e: &vmiscope_vmm::Event,
+    ) -> vmiscope_vmm::Reply {
+        if matches!(e, vmiscope_vmm::Event::ExecFault { .. }) {
+            self.fetches.fetch_add(1, Ordering::SeqCst);
+        }
+        self.intro.on_event(cpu, e)
+    }
+    fn on_exit(&self, cpu: &mut vmiscope_vmm::VcpuCtl<'_>) {
+        self.exits.fetch_add(1, Ordering::SeqCst);
+        self.intro.on_exit(cpu)
+    }
+}
+
+/// `spin` mode 8 (`spin_hot`: `add; dec; jnz`, `n` times) with every debug
+/// register taken, so a hidden breakpoint at `at` is an INT3 on a read-trapped
+/// page; `hits` counts its hits. Checks the loop's result; returns the guest's
+/// exits and the fetch faults the engine was asked about.
+fn hot_loop_beyond_the_slots(n: u64, at: &str, hits: Arc<AtomicU32>) -> (u64, u64) {
+    let img = vmiscope_images::find("spin").unwrap();
+    let c = cfg(1);
+    let vm = Vm::new(&c, img.elf).unwrap();
+    let ram = vm.shared().ram();
+    ram.write(vm.symbol("spin_mode").unwrap(), &8u64.to_le_bytes())
+        .unwrap();
+    ram.write(vm.symbol("spin_count").unwrap(), &n.to_le_bytes())
+        .unwrap();
+    while vm.shared().claim_hw_breakpoint(0xdead_0000).is_some() {}
+    let target = vm.symbol(at).unwrap();
+    let intro = Introspection::new(Engine::new(), vec![], PolicyEnv::default());
+    intro.on_ready(Box::new(move |e, g| {
+        let t = Target::Breakpoint {
+            gva: target,
+            gpa: 0,
+            hidden: true,
+        };
+        let h = hits.clone();
+        let count: vmiscope_introspect::Callback = Box::new(move |_| {
+            h.fetch_add(1, Ordering::SeqCst);
+            Outcome::allow()
+        });
+        e.add_hook(g, t, "bp", count).unwrap();
+    }));
+    let h = Arc::new(CountingExits {
+        intro: Arc::new(intro),
+        exits: Default::default(),
+        fetches: Default::default(),
+    });
+    let out = vm.run(h.clone(), &c);
+    assert_eq!(out.reason, StopReason::GuestExit(0), "{}", out.serial);
+    let sum = format!("spin: spin_hot {}", n * (n + 1) / 2);
+    assert!(out.serial.contains(&sum), "{}", out.serial);
+    (
+        h.exits.load(Ordering::SeqCst),
+        h.fetches.load(Ordering::SeqCst),
+    )
+}
+
+/// Code that shares its page with a hidden INT3 (no debug register free) faults
+/// at every fetch; the VMM completes it and goes on with the instructions after
+/// it on that page without entering the guest, each one its own fetch event:
+/// far fewer exits than instructions, the same result.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_hot_page_with_a_hidden_breakpoint_runs_in_runs_of_instructions() {
+    if !kvm_available() {
+        return;
+    }
+    let n = 3000;
+    let hits = Arc::new(AtomicU32::new(0));
+    let (exits, fetches) = hot_loop_beyond_the_slots(n, "spin_hot_bp", hits.clone());
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "spin_hot_bp is never called"
+    );
+    assert!(
+        fetches >= 3 * n,
+        "every instruction of the loop is a fetch event: {fetches}"
+    );
+    assert!(
+        exits * 4 < fetches,
+        "{exits} exits for {fetches} fetches: one exit per instruction"
+    );
+}
+
+/// A run of instructions stops at a hidden INT3 on its page: the breakpoint
+/// inside the loop is hit at every iteration.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_hidden_breakpoint_inside_the_hot_loop_is_hit_every_time() {
+    if !kvm_available() {
+        return;
+    }
+    let n = 200;
+    let hits = Arc::new(AtomicU32::new(0));
+    hot_loop_beyond_the_slots(n, "spin_hot_dec", hits.clone());
+    assert_eq!(hits.load(Ordering::SeqCst), n as u32);
+}

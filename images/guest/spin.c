@@ -19,7 +19,8 @@ __attribute__((section(".page.spin_bp"), aligned(4096), noinline, used)) u64 spi
 __attribute__((section(".text.spin_kbp"), aligned(4096), noinline, used)) u64 spin_kbp(u64 x) { return x + 1; }
 __attribute__((section(".text.spin_hot"), aligned(4096), noinline, used)) u64 spin_hot(u64 n) {
     u64 x = 0;
-    __asm__ volatile("1: add %1, %0\n\tdec %1\n\tjnz 1b" : "+r"(x), "+r"(n));
+    __asm__ volatile("1: add %1, %0\n\t.globl spin_hot_dec\nspin_hot_dec: dec %1\n\tjnz 1b"
+                     : "+r"(x), "+r"(n));
     return x;
 }
 __attribute__((section(".text.spin_hot"), noinline, used)) u64 spin_hot_bp(u64 x) { return x + 2; }

@@ -165,7 +165,7 @@ pub(super) fn hot_page_figures(repeat: usize, figures: &mut Vec<Figure>) -> Resu
         baseline: Some(b),
         ratio: Some(per / b),
         note: format!(
-            "every DR slot taken: INT3 on a read-trapped page; each of the loop's {insns} instructions faults and the VMM completes it ({:.1} ioctls each); baseline: one raw I/O exit",
+            "every DR slot taken: INT3 on a read-trapped page; the loop's {insns} instructions fault, and the VMM completes each with those after it on the page (up to 16 a guest exit; {:.2} ioctls an instruction); baseline: one raw I/O exit",
             median(ioctls) / insns
         ),
     });

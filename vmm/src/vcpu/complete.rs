@@ -166,6 +166,10 @@ pub(super) const FLAG_AF: u64 = 1 << 4;
 pub(super) const FLAG_ZF: u64 = 1 << 6;
 pub(super) const FLAG_SF: u64 = 1 << 7;
 pub(super) const FLAG_OF: u64 = 1 << 11;
+/// The resume flag: an instruction that completes clears it (the CPU does, for
+/// all but IRET, POPF and task switches), so the next one's code breakpoint is
+/// not suppressed.
+pub(super) const FLAG_RF: u64 = 1 << 16;
 pub(super) const ARITH_FLAGS: u64 = FLAG_CF | FLAG_PF | FLAG_AF | FLAG_ZF | FLAG_SF | FLAG_OF;
 
 const UD: Outcome = Outcome::Fault {
@@ -244,6 +248,7 @@ impl Exec<'_> {
     pub(super) fn done(&mut self, f: impl FnOnce(&mut kvm_regs)) -> Outcome {
         let mut r = self.cpu.regs();
         f(&mut r);
+        r.rflags &= !FLAG_RF;
         r.rip = self.insn.next_ip();
         self.cpu.set_regs(&r);
         Outcome::Done

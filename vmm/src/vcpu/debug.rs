@@ -293,20 +293,77 @@ impl VcpuThread {
         true
     }
 
+    /// A fetch from a page with no memslot (ours: read-trapped for a hidden
+    /// INT3, or execute-hooked). The instruction is the engine's event, then is
+    /// completed here or stepped over with the page opened. Those completed
+    /// here are followed by the next ones on the same page, each exactly as if
+    /// it had faulted in turn (its event, in order), as long as nothing would
+    /// have stopped it before its fetch (`next_on_trapped_page`), up to
+    /// `TRAPPED_RUN` instructions: a loop that shares its page with a hidden
+    /// breakpoint then costs one exit per run of instructions, not one each.
     pub(super) fn exec_fault(&mut self, gva: u64, gpa: u64, cpl: u8) -> Flow {
-        // A fetch at one of our breakpoints is that breakpoint.
-        if self.vm.sw_breakpoint_at(gpa).is_some() {
-            return self.breakpoint(gva);
+        let (mut gva, mut gpa) = (gva, gpa);
+        let mut guest_drs = None;
+        for n in 0..TRAPPED_RUN {
+            // A fetch at one of our breakpoints is that breakpoint.
+            if self.vm.sw_breakpoint_at(gpa).is_some() {
+                return if n == 0 {
+                    self.breakpoint(gva)
+                } else {
+                    Flow::Continue
+                };
+            }
+            match handle::ask(self, &Event::ExecFault { gva, gpa, cpl }) {
+                Reply::Stop(cause) => return handle::stop(self, StopReason::Handler(cause)),
+                Reply::Retry => return Flow::Continue,
+                _ if self.run_on_trapped_page(gva, gpa, cpl) => {}
+                _ => {
+                    return match self.step_over_at(gpa) {
+                        Ok(()) => Flow::Continue,
+                        Err(e) => handle::stop(self, StopReason::Error(e.to_string())),
+                    };
+                }
+            }
+            match self.next_on_trapped_page(gpa, &mut guest_drs) {
+                Some(next) => (gva, gpa) = next,
+                None => break,
+            }
         }
-        match handle::ask(self, &Event::ExecFault { gva, gpa, cpl }) {
-            Reply::Stop(cause) => handle::stop(self, StopReason::Handler(cause)),
-            Reply::Retry => Flow::Continue,
-            _ if self.run_on_trapped_page(gva, gpa, cpl) => Flow::Continue,
-            _ => match self.step_over_at(gpa) {
-                Ok(()) => Flow::Continue,
-                Err(e) => handle::stop(self, StopReason::Error(e.to_string())),
-            },
+        Flow::Continue
+    }
+
+    /// Where the instruction after one completed at `gpa` would fault next,
+    /// without entering the guest: its fetch is on the same read-trapped page,
+    /// and no breakpoint (ours in a debug register, or the guest's own: KVM's
+    /// emulator checks both before each instruction) is at it. None sends the
+    /// vCPU back to the guest. Pending interrupts wait for that: at most
+    /// `TRAPPED_RUN` instructions, each quicker here than one guest entry.
+    fn next_on_trapped_page(
+        &mut self,
+        gpa: u64,
+        guest_drs: &mut Option<Option<kvm_bindings::kvm_debugregs>>,
+    ) -> Option<(u64, u64)> {
+        let rip = self.regs().rip;
+        let next = paging::translate(self.vm.ram(), self.mode(), rip).ok()?.gpa;
+        let same_page = next & !(PAGE_SIZE - 1) == gpa & !(PAGE_SIZE - 1);
+        if !same_page || self.vm.page_access(next) != Access::AllTrap {
+            return None;
         }
+        // The guest's own debug registers: one ioctl per run, read only once
+        // the run goes on.
+        let guest = (*guest_drs.get_or_insert_with(|| {
+            self.vm.count_ioctls(1);
+            self.fd.get_debug_regs().ok()
+        }))?;
+        let ours = self
+            .debug
+            .applied
+            .map(|(_, r)| ([r[0], r[1], r[2], r[3]], r[7]));
+        let armed = [ours, Some((guest.db, guest.dr7))]
+            .into_iter()
+            .flatten()
+            .any(|(db, dr7)| code_breakpoint_at(&db, dr7, rip));
+        (!armed).then_some((rip, next))
     }
 
     /// Completes the instruction at `gva` (a fetch from a read-trapped page)
@@ -418,5 +475,37 @@ impl VcpuThread {
                 Restore::HwBps => self.step.hw_suspended = false,
             }
         }
+    }
+}
+
+/// Instructions of a read-trapped page completed in a row in the VMM, at most,
+/// before the vCPU goes back to the guest (see `exec_fault`).
+const TRAPPED_RUN: usize = 16;
+
+/// Whether an enabled execute breakpoint of `dr7` is at `rip`.
+fn code_breakpoint_at(db: &[u64; 4], dr7: u64, rip: u64) -> bool {
+    (0..4).any(|i| {
+        let enabled = dr7 & (3 << (2 * i)) != 0;
+        let execute = (dr7 >> (16 + 4 * i)) & 3 == 0;
+        enabled && execute && db[i] == rip
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::code_breakpoint_at;
+
+    #[test]
+    fn only_enabled_execute_breakpoints_stop_a_run() {
+        let db = [0x1000, 0x2000, 0x3000, 0x4000];
+        // DR1 locally enabled, execute (R/W1 = 00, LEN1 = 00).
+        assert!(code_breakpoint_at(&db, 1 << 2, 0x2000));
+        assert!(
+            !code_breakpoint_at(&db, 1 << 2, 0x1000),
+            "DR0 is not enabled"
+        );
+        // DR2 globally enabled, but a write watchpoint (R/W2 = 01).
+        assert!(!code_breakpoint_at(&db, 2 << 4 | 1 << 24, 0x3000));
+        assert!(!code_breakpoint_at(&db, 0, 0x4000));
     }
 }

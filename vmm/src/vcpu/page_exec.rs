@@ -14,8 +14,8 @@ use iced_x86::{ConditionCode, Decoder, DecoderOptions, Instruction, Mnemonic, Op
 use kvm_bindings::kvm_regs;
 
 use super::complete::{
-    ARITH_FLAGS, Exec, FLAG_AF, FLAG_CF, FLAG_OF, FLAG_PF, FLAG_SF, FLAG_ZF, InsnCpu, Outcome,
-    mask, reg_value, set_reg,
+    ARITH_FLAGS, Exec, FLAG_AF, FLAG_CF, FLAG_OF, FLAG_PF, FLAG_RF, FLAG_SF, FLAG_ZF, InsnCpu,
+    Outcome, mask, reg_value, set_reg,
 };
 
 /// Completes the instruction in `bytes` (at RIP, original bytes under our
@@ -121,6 +121,7 @@ fn step(x: &mut Exec<'_>) -> Option<Outcome> {
 fn go_to(x: &mut Exec<'_>, rip: u64, f: impl FnOnce(&mut kvm_regs)) -> Outcome {
     let mut r = x.cpu.regs();
     f(&mut r);
+    r.rflags &= !FLAG_RF;
     r.rip = rip;
     x.cpu.set_regs(&r);
     Outcome::Done

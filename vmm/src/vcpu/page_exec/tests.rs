@@ -106,3 +106,17 @@ fn rip_relative_operands_address_from_the_next_instruction() {
     assert!(at(&mut c, &[0x8b, 0x05, 0xfa, 0x0f, 0x00, 0x00]));
     assert_eq!(c.regs.rax, 0x1234_5678);
 }
+
+#[test]
+fn a_completed_instruction_clears_the_resume_flag() {
+    // RF set (an IRET back to a breakpoint's instruction): once that one
+    // completes, the next instruction's code breakpoint must fire again.
+    let mut c = Cpu::new();
+    c.regs.rflags |= FLAG_RF;
+    assert!(at(&mut c, &[0x48, 0xff, 0xc8])); // dec rax
+    assert_eq!(c.regs.rflags & FLAG_RF, 0);
+    c.regs.rflags |= FLAG_RF;
+    c.regs.rflags &= !FLAG_ZF;
+    assert!(at(&mut c, &[0x75, 0x10])); // jnz, taken
+    assert_eq!(c.regs.rflags & FLAG_RF, 0);
+}
