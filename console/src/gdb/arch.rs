@@ -17,6 +17,9 @@ pub enum Extent {
     /// the vCPU's thread) unless a debugger asks for one of those registers.
     #[default]
     General,
+    /// The general registers, the segment bases and the system registers: all
+    /// but x87/SSE, which were not read (and are not written back).
+    System,
     /// Everything in the target description (single-register access).
     Full,
 }
@@ -58,9 +61,11 @@ impl Registers for VmiRegs {
         self.core.rip
     }
     fn gdb_serialize(&self, mut write_byte: impl FnMut(Option<u8>)) {
+        // A System set is never sent (`g` is General): serialised (`to_bytes`),
+        // its x87/SSE part reads as zero.
         let limit = match self.extent {
             Extent::General => GENERAL_BYTES,
-            Extent::Full => FULL_BYTES,
+            Extent::System | Extent::Full => FULL_BYTES,
         };
         let mut n = 0;
         let mut put = |b| {

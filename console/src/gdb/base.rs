@@ -40,7 +40,11 @@ impl MultiThreadBase for GdbTarget {
         let Some(cpu) = self.cpu(t) else {
             return err("no such thread");
         };
-        *regs = self.registers(cpu, false).ok_or(TargetError::NonFatal)?;
+        let all = self.registers(cpu, false).ok_or(TargetError::NonFatal)?;
+        *regs = VmiRegs {
+            extent: Extent::General,
+            ..all
+        };
         Ok(())
     }
 
@@ -146,14 +150,13 @@ impl GdbTarget {
     }
 }
 
-/// gdb's register set from KVM's: the whole set with `fpu`, else the general
-/// registers and the system ones (`Extent::General`; `g` sends the former alone).
+/// gdb's register set from KVM's: the whole set with `fpu` (`Extent::Full`),
+/// else all but x87/SSE (`Extent::System`).
 pub(super) fn from_kvm(r: &kvm_regs, s: &kvm_sregs, fpu: Option<&kvm_fpu>) -> VmiRegs {
     let mut regs = VmiRegs {
-        extent: if fpu.is_some() {
-            Extent::Full
-        } else {
-            Extent::General
+        extent: match fpu {
+            Some(_) => Extent::Full,
+            None => Extent::System,
         },
         ..Default::default()
     };
@@ -181,10 +184,11 @@ pub(super) fn from_kvm(r: &kvm_regs, s: &kvm_sregs, fpu: Option<&kvm_fpu>) -> Vm
     regs
 }
 
-/// Writes `g` into the vCPU: the general registers always (segment selectors
-/// stay: a selector without its descriptor means nothing to KVM); with the whole
-/// set, the segment bases and system registers too, and the x87/SSE state when
-/// it changed (one ioctl pair saved otherwise).
+/// Writes `g` into the vCPU as far as its extent goes: the general registers
+/// always (segment selectors stay: a selector without its descriptor means
+/// nothing to KVM); beyond them the segment bases and system registers; with
+/// the whole set, the x87/SSE state too when it changed (one ioctl saved
+/// otherwise).
 pub(super) fn apply(c: &mut VcpuCtl<'_>, g: &VmiRegs) {
     let mut r = VcpuCtl::regs(c);
     let v = g.core.regs;
@@ -203,6 +207,9 @@ pub(super) fn apply(c: &mut VcpuCtl<'_>, g: &VmiRegs) {
     (s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer) =
         (g.sys[0], g.sys[1], g.sys[2], g.sys[3], g.sys[4], g.sys[5]);
     c.set_sregs(&s);
+    if g.extent != Extent::Full {
+        return;
+    }
     if let Some(old) = c.fpu() {
         let new = crate::gdb::fpu::from_gdb(&g.core, old);
         if new != old {

@@ -8,7 +8,7 @@ use gdbstub::target::ext::base::single_register_access::SingleRegisterAccess;
 use gdbstub::target::{TargetError, TargetResult};
 
 use super::*;
-use crate::gdb::arch::{VmiRegId, VmiRegs};
+use crate::gdb::arch::{Extent, GENERAL_BYTES, VmiRegId, VmiRegs};
 use crate::gdb::base::{apply, from_kvm};
 
 impl SingleRegisterAccess<Tid> for GdbTarget {
@@ -24,6 +24,9 @@ impl SingleRegisterAccess<Tid> for GdbTarget {
         let regs = self
             .registers(cpu, reg.in_fpu())
             .ok_or(TargetError::NonFatal)?;
+        if reg.in_fpu() && regs.extent != Extent::Full {
+            return err("the x87/SSE state could not be read");
+        }
         let bytes = regs.to_bytes();
         let value = &bytes[reg.range()];
         let n = value.len().min(buf.len());
@@ -32,7 +35,9 @@ impl SingleRegisterAccess<Tid> for GdbTarget {
     }
 
     /// Read, change one, write back: on the vCPU's thread in one go, so nothing
-    /// runs between the read and the write.
+    /// runs between the read and the write. The x87/SSE state (an ioctl each
+    /// way) is read and written only for one of its registers, the segment and
+    /// system registers only for one of theirs.
     fn write_register(&mut self, t: Tid, reg: VmiRegId, val: &[u8]) -> TargetResult<(), Self> {
         let Some(cpu) = self.cpu(t) else {
             return err("no such thread");
@@ -40,14 +45,22 @@ impl SingleRegisterAccess<Tid> for GdbTarget {
         if val.len() != reg.range().len() {
             return err("wrong size");
         }
-        let (reg, val) = (reg.range(), val.to_vec());
+        let extent = match reg.range().end {
+            _ if reg.in_fpu() => Extent::Full,
+            end if end <= GENERAL_BYTES => Extent::General,
+            _ => Extent::System,
+        };
+        let (range, val) = (reg.range(), val.to_vec());
         let done = self.on_cpu(cpu, move |c| {
-            let (r, s, f) = (VcpuCtl::regs(c), VcpuCtl::sregs(c), c.fpu()?);
-            let mut bytes = from_kvm(&r, &s, Some(&f)).to_bytes();
-            bytes[reg].copy_from_slice(&val);
+            let f = match extent {
+                Extent::Full => Some(c.fpu()?),
+                _ => None,
+            };
+            let mut bytes = from_kvm(&VcpuCtl::regs(c), &VcpuCtl::sregs(c), f.as_ref()).to_bytes();
+            bytes[range].copy_from_slice(&val);
             let mut regs = VmiRegs::default();
             regs.gdb_deserialize(&bytes).ok()?;
-            apply(c, &regs);
+            apply(c, &VmiRegs { extent, ..regs });
             Some(())
         });
         done.flatten().ok_or(TargetError::NonFatal)
