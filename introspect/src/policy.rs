@@ -344,8 +344,11 @@ impl Installer<'_> {
         };
         crate::engine::check_extent(text, len, self.g.ram_size())
             .map_err(|err| PolicyError::Hook(self.policy, err))?;
+        // One hook a page (thousands over a kernel's text): they share the lists.
+        let writers: std::sync::Arc<[(u64, u64)]> = l.text_writers.clone().into();
+        let helpers: std::sync::Arc<[(u64, u64)]> = l.text_helpers.clone().into();
         self.pages(text, len, Rights::W, || {
-            let (writers, helpers) = (l.text_writers.clone(), l.text_helpers.clone());
+            let (writers, helpers) = (writers.clone(), helpers.clone());
             Box::new(move |ctx| match ctx.event {
                 EventInfo::Mem {
                     access: AccessKind::Write,

@@ -79,8 +79,8 @@ impl Rsp {
     }
 
     /// The next packet's body (acks and notifications skipped). Read in bulk,
-    /// as gdb does: a byte at a time, a register packet (~1 100 bytes) cost
-    /// this client more than the stub took to make it.
+    /// as gdb does: a byte at a time, a large reply (the old ~1 250-digit `g`,
+    /// an `m` of 32 KiB) cost this client more than the stub took to make it.
     fn recv(&mut self) -> Result<String, Error> {
         use std::io::BufRead;
         let io = |e: std::io::Error| e.to_string();

@@ -19,13 +19,16 @@ impl Session {
         class: Option<Class>,
     ) -> Vec<std::sync::Arc<vmiscope_introspect::EventRecord>> {
         let e = self.intro.engine.lock().unwrap();
-        let list: Vec<_> = e
+        let mut list: Vec<_> = e
             .recent()
             .iter()
+            .rev()
             .filter(|r| class.is_none_or(|c| c == r.class))
+            .take(n)
             .cloned()
             .collect();
-        list[list.len().saturating_sub(n)..].to_vec()
+        list.reverse();
+        list
     }
 
     pub(super) fn events(&mut self, n: usize, class: Option<Class>) -> Result<Output, Error> {

@@ -9,7 +9,7 @@ pub struct Symbols {
     /// How far the running kernel sits from its link addresses (KASLR), once
     /// known: every address given or taken here is shifted by it. Unknown (0
     /// meanwhile) only for a kernel whose own decompressor picks its base,
-    /// until `find_slide` sees the kernel's IDT. Shared by clones (a
+    /// until `slide_from` sees the kernel's IDT. Shared by clones (a
     /// journal's copy learns it too).
     slide: std::sync::Arc<std::sync::OnceLock<u64>>,
 }
@@ -65,18 +65,9 @@ impl Symbols {
     }
 
     /// Learns the slide from a running kernel's IDTR base: the table it points
-    /// at must be one of `tables` (link addresses), moved by a whole multiple of
-    /// the kernel's alignment within its image space. Returns the slide when
-    /// this call found it; a base that fits none leaves it unknown.
-    pub fn find_slide(&self, idtr_base: u64, tables: &[&str]) -> Option<u64> {
-        self.slide_from(
-            idtr_base,
-            tables.iter().filter_map(|t| self.link_address(t)),
-        )
-    }
-
-    /// `find_slide` with the tables' link addresses already looked up (a
-    /// name lookup walks every symbol; this runs at exits until it succeeds).
+    /// at must be at one of `links` (tables' link addresses), moved by a whole
+    /// multiple of the kernel's alignment within its image space. Returns the
+    /// slide when this call found it; a base that fits none leaves it unknown.
     pub fn slide_from(&self, idtr_base: u64, links: impl IntoIterator<Item = u64>) -> Option<u64> {
         if self.slide().is_some() {
             return None;
@@ -157,6 +148,11 @@ impl Symbols {
 mod tests {
     use super::*;
 
+    /// `slide_from` with the tables named.
+    fn find_slide(s: &Symbols, base: u64, tables: &[&str]) -> Option<u64> {
+        s.slide_from(base, tables.iter().filter_map(|t| s.link_address(t)))
+    }
+
     fn kernel() -> Symbols {
         Symbols::from_entries(vec![
             (0xffff_ffff_8100_0000, 0x10, "startup_64".into()),
@@ -176,7 +172,11 @@ mod tests {
             "link address until known"
         );
         // IDTR at bringup_idt_table moved by 0x1e00_0000 (a multiple of 2 MiB).
-        let found = s.find_slide(0xffff_ffff_a100_3000, &["idt_table", "bringup_idt_table"]);
+        let found = find_slide(
+            &s,
+            0xffff_ffff_a100_3000,
+            &["idt_table", "bringup_idt_table"],
+        );
         assert_eq!(found, Some(0x1e00_0000));
         assert_eq!(s.slide(), Some(0x1e00_0000));
         assert_eq!(s.get("startup_64"), Some(0xffff_ffff_9f00_0000));
@@ -193,7 +193,7 @@ mod tests {
             "per-CPU offsets stay"
         );
         assert_eq!(s.lookup(0x1_fd40), Some(("current_task", 0)));
-        assert_eq!(s.find_slide(0, &["idt_table"]), None, "found once, kept");
+        assert_eq!(find_slide(&s, 0, &["idt_table"]), None, "found once, kept");
     }
 
     #[test]
@@ -206,12 +206,12 @@ mod tests {
             0xffff_ffff_c300_1000,
             0,
         ] {
-            assert_eq!(s.find_slide(base, &["idt_table"]), None, "{base:#x}");
+            assert_eq!(find_slide(&s, base, &["idt_table"]), None, "{base:#x}");
         }
         assert_eq!(s.slide(), None);
         let t = kernel();
         t.set_unslid();
-        assert_eq!(t.find_slide(0xffff_ffff_8420_1000, &["idt_table"]), None);
+        assert_eq!(find_slide(&t, 0xffff_ffff_8420_1000, &["idt_table"]), None);
         assert_eq!(t.get("idt_table"), Some(0xffff_ffff_8200_1000));
     }
 }
