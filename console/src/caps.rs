@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::error::Error;
 
 use serde::Serialize;
-use vmiscope_vmm::{Access, Event, ExitHandler, HostKind, Reply, VcpuCtl, Vm, VmConfig};
+use vmiscope_vmm::{Access, Event, ExitHandler, Host, HostKind, Reply, VcpuCtl, Vm, VmConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -43,10 +43,22 @@ pub struct Row {
     pub how: String,
 }
 
+/// How one debugger feature is served here at each CPL (the VMM's own choice,
+/// from the start-up probe's answers).
+#[derive(Debug, Serialize)]
+pub struct FeatureRow {
+    pub feature: &'static str,
+    pub cpl0: &'static str,
+    pub cpl3: &'static str,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Caps {
     pub host: &'static str,
     pub pvm: bool,
+    /// Why the start-up probe could not run (its answers are then assumed).
+    pub probe_error: Option<&'static str>,
+    pub features: Vec<FeatureRow>,
     pub rows: Vec<Row>,
     pub kick_latency_us: Option<f64>,
     /// Instructions KVM's emulator refuses at CPL0 on a PVM host that the VMM
@@ -135,7 +147,7 @@ fn at(events: &[Event], cpl: u8, pred: impl Fn(&Event) -> Option<u8>) -> Support
 /// Measures, on scratch VMs of the built-in images, which mechanism catches
 /// which HVMI event at which CPL on this host.
 pub fn measure() -> Result<Caps, Error> {
-    let host = HostKind::detect();
+    let host = Host::detect();
     let mut rows = Vec::new();
     rows.extend(memory_rows(host)?);
     rows.extend(msr_rows(host)?);
@@ -153,9 +165,20 @@ pub fn measure() -> Result<Caps, Error> {
             "host timer thread kicks quiet vCPUs (signal + immediate_exit), latency {kick:.0} us"
         ),
     });
+    let features = host
+        .features()
+        .iter()
+        .map(|f| FeatureRow {
+            feature: f.name,
+            cpl0: f.cpl0.describe(),
+            cpl3: f.cpl3.describe(),
+        })
+        .collect();
     Ok(Caps {
         host: host.name(),
-        pvm: host == HostKind::Pvm,
+        pvm: host.kind() == HostKind::Pvm,
+        probe_error: host.probe_error(),
+        features,
         rows,
         kick_latency_us: Some(kick),
         completed_by_vmm: vmiscope_vmm::vcpu::complete::Completed::ALL
@@ -166,7 +189,7 @@ pub fn measure() -> Result<Caps, Error> {
 }
 
 /// EPT write, read and execute: memslot traps on the event images.
-fn memory_rows(host: HostKind) -> Result<Vec<Row>, Error> {
+fn memory_rows(host: Host) -> Result<Vec<Row>, Error> {
     let mut rows = Vec::new();
     let mem = |write: bool| {
         move |e: &Event| match e {
@@ -214,7 +237,7 @@ fn memory_rows(host: HostKind) -> Result<Vec<Row>, Error> {
 }
 
 /// MSR accesses through the MSR filter.
-fn msr_rows(_: HostKind) -> Result<Vec<Row>, Error> {
+fn msr_rows(_: Host) -> Result<Vec<Row>, Error> {
     let mut rows = Vec::new();
     let cont = |_: &mut VcpuCtl<'_>, _: &Event| Reply::Continue;
     let (ev, _) = probe(
@@ -240,7 +263,7 @@ fn msr_rows(_: HostKind) -> Result<Vec<Row>, Error> {
 }
 
 /// CR, DTR and XCR changes: no exits, so polled if seen at all.
-fn register_rows(_: HostKind) -> Result<Vec<Row>, Error> {
+fn register_rows(_: Host) -> Result<Vec<Row>, Error> {
     let mut rows = Vec::new();
     let cont = |_: &mut VcpuCtl<'_>, _: &Event| Reply::Continue;
     let (ev, seen) = probe("cr", |_| Ok(()), cont)?;
@@ -288,7 +311,7 @@ fn register_rows(_: HostKind) -> Result<Vec<Row>, Error> {
 }
 
 /// The introcall doorbell at CPL0 and CPL3.
-fn introcall_rows(host: HostKind) -> Result<Vec<Row>, Error> {
+fn introcall_rows(host: Host) -> Result<Vec<Row>, Error> {
     let mut rows = Vec::new();
     let (ev, _) = probe("introcall", |_| Ok(()), |_, _| Reply::Data(0))?;
     let ic = |e: &Event| {
@@ -298,7 +321,7 @@ fn introcall_rows(host: HostKind) -> Result<Vec<Row>, Error> {
             None
         }
     };
-    let vmcall = if host == HostKind::Pvm {
+    let vmcall = if host.kind() == HostKind::Pvm {
         "VMCALL itself livelocks a CPL0 vCPU here (the VMM turns it into #UD)"
     } else {
         "VMCALL stays in the kernel"
@@ -315,7 +338,7 @@ fn introcall_rows(host: HostKind) -> Result<Vec<Row>, Error> {
 }
 
 /// Our INT3s at CPL0 and the guest's own at CPL3.
-fn int3_rows(host: HostKind) -> Result<Vec<Row>, Error> {
+fn int3_rows(host: Host) -> Result<Vec<Row>, Error> {
     let mut rows = Vec::new();
     let cont = |_: &mut VcpuCtl<'_>, _: &Event| Reply::Continue;
     let (ev, _) = probe(
@@ -349,10 +372,12 @@ fn int3_rows(host: HostKind) -> Result<Vec<Row>, Error> {
             }
         )
     });
-    let how = if host == HostKind::Pvm {
+    let how = if host.kind() == HostKind::Pvm {
         "INT3 at CPL0 fails emulation on the INT3 (taken as the breakpoint); at CPL3 caught at the guest's #BP entry by a CPL0 hardware breakpoint, frame popped by the VMM"
-    } else {
+    } else if host.debug().int3_at(0).reaches_vmm() {
         "KVM_GUESTDBG_USE_SW_BP -> debug exit"
+    } else {
+        "KVM_GUESTDBG_USE_SW_BP: no exit on this host (the INT3 goes to the guest); our INT3s are hit by a fetch trap on their page instead"
     };
     rows.push(Row {
         mechanism: "INT3 breakpoint",
@@ -370,7 +395,7 @@ fn int3_rows(host: HostKind) -> Result<Vec<Row>, Error> {
 }
 
 /// Single-steps and hardware execute breakpoints at CPL0 and CPL3.
-fn step_rows(host: HostKind) -> Result<Vec<Row>, Error> {
+fn step_rows(host: Host) -> Result<Vec<Row>, Error> {
     let mut rows = Vec::new();
     // Single-step and hardware breakpoints: arm an execute breakpoint on CPL0 code
     // (step_start) and on CPL3 code (user_hello), then step from each.
@@ -441,7 +466,7 @@ fn step_rows(host: HostKind) -> Result<Vec<Row>, Error> {
         handler: "(stepping)",
         cpl0: ex(step0),
         cpl3: ex(step3),
-        how: if host == HostKind::Pvm {
+        how: if host.kind() == HostKind::Pvm {
             "KVM_GUESTDBG_SINGLESTEP at CPL0; at CPL3 RFLAGS.TF, caught at the guest's #DB entry by a CPL0 hardware breakpoint, frame popped by the VMM (guest sees DR6.BS)"
         } else {
             "KVM_GUESTDBG_SINGLESTEP"
@@ -453,7 +478,10 @@ fn step_rows(host: HostKind) -> Result<Vec<Row>, Error> {
         handler: "handle_breakpoint",
         cpl0: ex(hw0),
         cpl3: ex(hw3),
-        how: "KVM_GUESTDBG_USE_HW_BP (4 slots)".into(),
+        how: format!(
+            "KVM_GUESTDBG_USE_HW_BP ({} slots for breakpoints)",
+            host.usable_hw_slots()
+        ),
     });
 
     Ok(rows)
@@ -534,6 +562,14 @@ pub fn run(a: &crate::cli::CapsArgs) -> i32 {
         return 0;
     }
     crate::outln!("host: {}", caps.host);
+    if let Some(e) = caps.probe_error {
+        crate::outln!("start-up probe failed ({e}): the answers below for debugging are assumed");
+    }
+    crate::outln!("{:<22} {:<44} CPL3", "feature", "CPL0");
+    for f in &caps.features {
+        crate::outln!("{:<22} {:<44} {}", f.feature, f.cpl0, f.cpl3);
+    }
+    crate::outln!();
     crate::outln!(
         "{:<22} {:<21} {:<12} {:<12} how",
         "mechanism",

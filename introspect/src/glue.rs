@@ -36,6 +36,31 @@ pub enum BreakpointKind {
     /// A debug-register execute breakpoint: nothing in guest memory changes,
     /// so there is nothing to hide and no page to trap.
     Register,
+    /// An INT3 written over the code on a host whose KVM does not report INT3s
+    /// at the privilege level that runs it (QEMU's emulated SVM, at any CPL):
+    /// the engine execute-traps the page (read-traps it too when hidden), so
+    /// the fetch of the INT3 is the hit and the INT3 itself never runs.
+    Trapped,
+}
+
+impl BreakpointKind {
+    /// Whether an INT3 stands in guest memory (its original byte is hidden
+    /// from reads when the breakpoint is hidden).
+    pub fn patches(self) -> bool {
+        self != BreakpointKind::Register
+    }
+
+    /// The page rights the engine must trap for it: reads for a hidden INT3,
+    /// and fetches wherever the host does not report the INT3 itself.
+    pub fn trap(self, hidden: bool) -> Option<crate::target::Rights> {
+        use crate::target::Rights;
+        match self {
+            BreakpointKind::Register => None,
+            _ if hidden => Some(Rights::R), // no memslot: fetches trap too
+            BreakpointKind::Trapped => Some(Rights::X),
+            BreakpointKind::Patched => None,
+        }
+    }
 }
 
 /// The vCPU whose event is being handled: its registers and what can be done to it.

@@ -191,6 +191,14 @@ impl VmControl for VcpuCtl<'_> {
         self.vm()
             .insert_sw_breakpoint(gpa, Some(gva))
             .map_err(failed)?;
-        Ok(BreakpointKind::Patched)
+        // Code on a user page may run at CPL0 too (small kernels map everything
+        // user-accessible): its INT3 must reach the VMM at both.
+        let host = self.vm().host();
+        let caught = host.int3_caught_at(0) && (!user || host.int3_caught_at(3));
+        Ok(if caught {
+            BreakpointKind::Patched
+        } else {
+            BreakpointKind::Trapped
+        })
     }
 }

@@ -27,7 +27,7 @@ pub mod vm;
 pub use config::VmConfig;
 pub use error::{LoadError, VmError};
 pub use event::{Event, ExitHandler, HandlerStop, Introcall, MemAccess, PassThrough, Reply};
-pub use host::HostKind;
+pub use host::{DebugCaps, Feature, Host, HostKind, Int3, Via};
 pub use loader::{Module, Symbols};
 pub use shared::{FinalState, HANDOFF_SPIN, VcpuCtl, VcpuState, VcpuTask, VmShared, spin_for};
 pub use slots::Access;

@@ -61,7 +61,9 @@ impl VmShared {
     /// debug-register slot.
     pub(crate) fn can_step(&self, s: &kvm_sregs) -> bool {
         self.host().single_step_at(cpl_of(s))
-            || (self.dr_slot_free() && entry(self, s, Catch::Db).is_some())
+            || (self.host().user_catches()
+                && self.dr_slot_free()
+                && entry(self, s, Catch::Db).is_some())
     }
 }
 

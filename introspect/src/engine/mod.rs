@@ -294,7 +294,7 @@ impl Engine {
     /// the code: no breakpoint, or one in a debug register).
     pub(crate) fn hidden_byte(&self, gpa: u64) -> Option<u8> {
         match self.breakpoints.get(&gpa) {
-            Some((b, BreakpointKind::Patched)) => Some(*b),
+            Some((b, k)) if k.patches() => Some(*b),
             _ => None,
         }
     }
@@ -452,13 +452,13 @@ impl Engine {
                     if let Some(e) = self.breakpoints.get_mut(&gpa) {
                         e.1 = kind;
                     }
-                    if hidden && kind == BreakpointKind::Patched {
-                        self.page_rights(guest, gpa, Rights::R, delta)?;
+                    if let Some(r) = kind.trap(hidden) {
+                        self.page_rights(guest, gpa, r, delta)?;
                     }
                 } else {
                     let kind = self.breakpoints.remove(&gpa).map(|e| e.1);
-                    if hidden && kind == Some(BreakpointKind::Patched) {
-                        self.page_rights(guest, gpa, Rights::R, delta)?;
+                    if let Some(r) = kind.and_then(|k| k.trap(hidden)) {
+                        self.page_rights(guest, gpa, r, delta)?;
                     }
                     guest.set_breakpoint(gpa, gva, false, hidden)?;
                 }

@@ -18,8 +18,8 @@ const GDT: u64 = 0x500;
 const TSS: u64 = 0x600;
 /// The page tables the VMM builds for a guest it enters in long mode.
 pub(crate) const PML4: u64 = 0x1000;
-const PDPT: u64 = 0x2000;
-const PD: u64 = 0x3000; // four PDs: 0x3000..0x7000, 4 GiB of 2 MiB pages
+pub(crate) const PDPT: u64 = 0x2000;
+pub(crate) const PD: u64 = 0x3000; // four PDs: 0x3000..0x7000, 4 GiB of 2 MiB pages
 const STACK_TOP: u64 = 0x7ff0;
 
 pub const SEL_CODE64: u16 = 0x08;

@@ -82,7 +82,7 @@ impl VmShared {
     /// debugging reaches CPL3, else two (PVM: the other two are for the #DB and
     /// #BP catches that make steps and INT3s work in user code).
     pub fn usable_hw_slots(&self) -> usize {
-        if self.host.single_step_at(3) { 4 } else { 2 }
+        self.host.usable_hw_slots()
     }
 
     /// Places a hidden breakpoint at `gpa` (executed at `gva`) in a free
@@ -91,7 +91,7 @@ impl VmShared {
     /// fire). Nothing in guest memory changes: there is nothing to hide. Set on
     /// every vCPU (each re-applies its debug state at its next entry).
     pub fn insert_register_breakpoint(&self, gpa: u64, gva: u64, user: bool) -> bool {
-        if user && !self.host.single_step_at(3) {
+        if !self.host.dr_breakpoints_at(if user { 3 } else { 0 }) {
             return false;
         }
         let mut regs = self.reg_bps.lock().unwrap();

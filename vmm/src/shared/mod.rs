@@ -14,7 +14,7 @@ use std::time::Instant;
 use kvm_ioctls::{VcpuFd, VmFd};
 
 use crate::devices::{Devices, SerialLog};
-use crate::host::HostKind;
+use crate::host::Host;
 use crate::loader::Symbols;
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::msr::MsrIntercepts;
@@ -152,7 +152,7 @@ pub(crate) struct SwBp {
 pub struct VmShared {
     ram: GuestRam,
     vm_fd: VmFd,
-    host: HostKind,
+    host: Host,
     /// A Linux kernel's layout from its BTF (Err: why there is none).
     linux: Option<Result<vmiscope_introspect::linux::Layout, String>>,
     symbols: Symbols,
@@ -230,7 +230,7 @@ impl<'a> VcpuCtl<'a> {
 
 /// The parts a VM's `VmShared` is made of.
 pub(crate) struct Parts {
-    pub(crate) host: HostKind,
+    pub(crate) host: Host,
     pub(crate) linux: Option<Result<vmiscope_introspect::linux::Layout, String>>,
     pub(crate) ram: GuestRam,
     pub(crate) vm_fd: VmFd,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::{VcpuInfo, VcpuMsg, VcpuState, VcpuTask, VmShared};
 use crate::devices::SerialLog;
-use crate::host::HostKind;
+use crate::host::Host;
 use crate::kick;
 use crate::loader::Symbols;
 use crate::stats::ExitClass;
@@ -22,7 +22,7 @@ impl VmShared {
     }
 
     /// What kind of KVM this is (PVM or hardware-virtualised).
-    pub fn host(&self) -> HostKind {
+    pub fn host(&self) -> Host {
         self.host
     }
 

@@ -45,7 +45,8 @@ impl VcpuThread {
         let mut slots = self.vm.hw_breakpoints();
         let mut catches = [None; 4];
         let sw_bps = self.vm.has_sw_breakpoints();
-        if !self.step.hw_suspended && !self.vm.host().single_step_at(3) {
+        let int3_at_3 = self.vm.host().debug().int3_at(3).reaches_vmm();
+        if !self.step.hw_suspended && self.vm.host().user_catches() {
             let s = self.fd.sync_regs().sregs;
             let plan = Plan::for_state(&self.vm, &s, generation, self.debug.plan);
             self.debug.plan = Some(plan);
@@ -54,7 +55,7 @@ impl VcpuThread {
             // can reach one of our INT3s.
             let wanted = [
                 (Catch::Db, self.debug.tf_step, plan.db),
-                (Catch::Bp, sw_bps && plan.user_bps, plan.bp),
+                (Catch::Bp, sw_bps && plan.user_bps && !int3_at_3, plan.bp),
             ];
             for (catch, _, at) in wanted.into_iter().filter(|w| w.1) {
                 let free = slots.iter().rposition(Option::is_none);
@@ -106,7 +107,7 @@ impl VcpuThread {
         const ENDBR: [u8; 3] = [0xf3, 0x0f, 0x1e];
         const CR4_CET: u64 = 1 << 23;
         let step = self.debug.user_step || !self.step.stepping.is_empty();
-        if !step || self.vm.host() != crate::HostKind::Pvm || self.cpl() != 0 {
+        if !step || self.vm.host().kind() != crate::HostKind::Pvm || self.cpl() != 0 {
             return None;
         }
         let s = self.fd.sync_regs().sregs;
