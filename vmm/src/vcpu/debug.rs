@@ -4,7 +4,7 @@
 
 use kvm_bindings::{
     KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
-    kvm_guest_debug,
+    KVM_SYNC_X86_REGS, kvm_guest_debug,
 };
 use kvm_ioctls::SyncReg;
 use vmiscope_introspect::paging;
@@ -81,7 +81,27 @@ impl VcpuThread {
         if sw_bps {
             control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP;
         }
-        if self.debug.applied == Some((control, regs)) && self.debug.generation == generation {
+        // KVM notes where a single-step starts when the controls are set
+        // (`singlestep_rip`, x86.c) and keeps RFLAGS.TF set only while RIP is
+        // there. Registers the VMM edited in this exit reach KVM only with the
+        // next KVM_RUN, after the controls: a step started where the VMM had
+        // just moved RIP (an instruction completed on a trapped page, then a
+        // step over the next one) lost its TF and ran free. So the edited
+        // registers go first, and the controls are set again.
+        let regs_edited = self.fd.get_kvm_run().kvm_dirty_regs & u64::from(KVM_SYNC_X86_REGS) != 0;
+        let restart_step = control & KVM_GUESTDBG_SINGLESTEP != 0 && regs_edited;
+        if restart_step {
+            let r = self.fd.sync_regs().regs;
+            self.vm.count_ioctls(1);
+            self.fd
+                .set_regs(&r)
+                .map_err(VmError::ioctl("KVM_SET_REGS"))?;
+            self.fd.clear_sync_dirty_reg(SyncReg::Register);
+        }
+        if !restart_step
+            && self.debug.applied == Some((control, regs))
+            && self.debug.generation == generation
+        {
             return Ok(());
         }
         self.vm.count_ioctls(1);
