@@ -276,7 +276,7 @@ fn introcall_reaches_the_handler_from_cpl0_and_cpl3() {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn software_breakpoints_hit_and_the_guests_own_int3_is_reinjected() {
-    if !kvm_available() {
+    if !kvm_available() || not_run_here(!host().int3_caught_at(0), NO_INT3_EXITS) {
         return;
     }
     let rec = Recorder::new(|_, _| Reply::Continue);
@@ -316,7 +316,7 @@ fn software_breakpoints_hit_and_the_guests_own_int3_is_reinjected() {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn hardware_breakpoint_then_single_steps_visit_the_labelled_instructions() {
-    if !kvm_available() {
+    if !kvm_available() || not_run_here(!host().dr_breakpoints_at(0), NO_DR_BREAKPOINTS) {
         return;
     }
     let img = vmiscope_images::find("step").unwrap();

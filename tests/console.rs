@@ -122,18 +122,28 @@ fn after_a_triple_fault_the_final_state_stays_readable() {
             "quit",
         ],
     );
-    assert!(
-        out.contains("the guest has ended: vCPU 0 triple-faulted (shutdown) at rip 0x100a26"),
-        "{out}"
-    );
-    assert!(
-        out.contains("rip 0000000000100a26"),
-        "final registers: {out}"
-    );
-    assert!(
-        out.contains("=> 100a26"),
-        "disassembly at the final RIP: {out}"
-    );
+    // KVM on SVM re-initialises a vCPU that shut down (svm.c,
+    // shutdown_interception): the fault's registers are gone, and vmiscope says so.
+    let svm = common::host().kind() == vmiscope_vmm::HostKind::Svm;
+    if svm {
+        assert!(
+            out.contains("triple-faulted (shutdown); KVM re-initialised it at the shutdown"),
+            "{out}"
+        );
+    } else {
+        assert!(
+            out.contains("the guest has ended: vCPU 0 triple-faulted (shutdown) at rip 0x100a26"),
+            "{out}"
+        );
+        assert!(
+            out.contains("rip 0000000000100a26"),
+            "final registers: {out}"
+        );
+        assert!(
+            out.contains("=> 100a26"),
+            "disassembly at the final RIP: {out}"
+        );
+    }
     assert!(
         out.contains("0x00100000  fa"),
         "memory after the end: {out}"
@@ -151,7 +161,7 @@ fn after_a_triple_fault_the_final_state_stays_readable() {
     );
     assert_eq!(code, Some(4));
     assert!(
-        err.contains("vCPU 0 ended at 0x100a26 <main+0x26> cpl0"),
+        svm || err.contains("vCPU 0 ended at 0x100a26 <main+0x26> cpl0"),
         "{err}"
     );
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::kvm_available;
+use common::{host, kvm_available, not_run_here};
 use vmiscope_introspect::policy::PolicyEnv;
 use vmiscope_introspect::{Alert, Class, Cr, Engine, EventInfo, Guest, Outcome, Rights, Target};
 use vmiscope_vmm::engine_glue::Introspection;
@@ -210,7 +210,12 @@ fn dtr_load_is_polled_and_restored() {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn xcr_write_is_caught_on_the_timer() {
-    if !kvm_available() {
+    if !kvm_available()
+        || not_run_here(
+            !host().debug().xsetbv,
+            common::NO_XSETBV,
+        )
+    {
         return;
     }
     let (serial, alerts, _) = run("xcr", &[("xcr_spin", 1_500_000_000)], |e, g| {

@@ -200,3 +200,52 @@ pub fn temp_dir(tag: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// Whether this host lacks what a test needs (`lacking`): then the test is not
+/// run here, and says so where it cannot be mistaken for a pass: a line in the
+/// file named by `VMISCOPE_NOT_RUN` (the nested-SVM rig's runner and `.ci/run`
+/// count and list them) and on stderr. `why` names the host's limit and the
+/// evidence for it.
+pub fn not_run_here(lacking: bool, why: &str) -> bool {
+    if !lacking {
+        return false;
+    }
+    let name = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    let line = format!("NOT RUN: {name}: {why}\n");
+    eprint!("{line}");
+    if let Some(path) = std::env::var_os("VMISCOPE_NOT_RUN") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+    true
+}
+
+/// QEMU's emulated SVM (the nested-SVM rig) never arms the DR7 it loads at
+/// VMRUN: `helper_vmrun` assigns `env->dr[7]` without `cpu_x86_update_dr7`
+/// (target/i386/tcg/sysemu/svm_helper.c), so debug-register breakpoints do not
+/// fire for a nested guest. The start-up probe measures it.
+pub const NO_DR_BREAKPOINTS: &str = "this host's debug-register breakpoints never fire (measured at start-up; on the nested-SVM rig: QEMU's helper_vmrun loads DR7 without arming it, target/i386/tcg/sysemu/svm_helper.c)";
+
+/// QEMU's emulated SVM raises INT3 as a software interrupt and checks the
+/// SWINT intercept, not KVM's #BP exception intercept (`raise_interrupt2`,
+/// target/i386/tcg/excp_helper.c), so no INT3 reaches KVM.
+pub const NO_INT3_EXITS: &str = "this host's KVM never sees an INT3 (measured at start-up; on the nested-SVM rig: QEMU checks the SWINT intercept for INT3, not the #BP one, target/i386/tcg/excp_helper.c raise_interrupt2)";
+
+/// QEMU's emulated SVM runs a nested guest's XSETBV without checking its
+/// intercept (`helper_xsetbv`, target/i386/tcg/fpu_helper.c), so KVM never sees
+/// XCR0 change.
+pub const NO_XSETBV: &str = "this host's KVM never sees a nested XSETBV (measured at start-up; on the nested-SVM rig: QEMU's helper_xsetbv checks no SVM intercept, target/i386/tcg/fpu_helper.c)";
+
+/// The host's measured answers.
+pub fn host() -> vmiscope_vmm::Host {
+    vmiscope_vmm::Host::detect()
+}

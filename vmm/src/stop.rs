@@ -20,8 +20,11 @@ pub enum StopReason {
     GuestExit(i32),
     /// The guest pulsed the i8042 reset line.
     Reset,
-    /// A vCPU triple-faulted.
-    TripleFault { cpu: u32, rip: u64 },
+    /// A vCPU triple-faulted. `reset`: KVM re-initialised the vCPU at the
+    /// shutdown (SVM does, `shutdown_interception` in arch/x86/kvm/svm/svm.c:
+    /// the VMCB is undefined after a shutdown), so `rip` and every register
+    /// are the INIT state, not the fault's.
+    TripleFault { cpu: u32, rip: u64, reset: bool },
     /// KVM's emulator could not run an instruction and nobody handled it.
     EmulationFailure {
         cpu: u32,
@@ -74,9 +77,18 @@ impl fmt::Display for StopReason {
         match self {
             StopReason::GuestExit(s) => write!(f, "guest exited with status {s}"),
             StopReason::Reset => write!(f, "guest requested a reset"),
-            StopReason::TripleFault { cpu, rip } => {
-                write!(f, "vCPU {cpu} triple-faulted (shutdown) at rip {rip:#x}")
-            }
+            StopReason::TripleFault {
+                cpu,
+                rip,
+                reset: false,
+            } => write!(f, "vCPU {cpu} triple-faulted (shutdown) at rip {rip:#x}"),
+            StopReason::TripleFault {
+                cpu, reset: true, ..
+            } => write!(
+                f,
+                "vCPU {cpu} triple-faulted (shutdown); KVM re-initialised it at the shutdown \
+                 (as KVM on SVM does), so its registers are the INIT state, not the fault's"
+            ),
             StopReason::EmulationFailure {
                 cpu,
                 rip,

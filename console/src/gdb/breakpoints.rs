@@ -59,10 +59,13 @@ impl HwBreakpoint for GdbTarget {
     /// (PVM), one on a user-mapped address is refused, so gdb says it could not
     /// insert it instead of never stopping (`break` works there).
     fn add_hw_breakpoint(&mut self, addr: u64, _: usize) -> TargetResult<bool, Self> {
+        if self.s.shared().usable_hw_slots() == 0 {
+            return Ok(self.add_hidden_hw(addr));
+        }
         // Where guest debugging reaches CPL3 DR breakpoints do too; on PVM they do
         // not, and two of the four slots stay free for the #DB/#BP catches that
         // make steps and breakpoints work in user code.
-        let cpl3_debug = self.s.shared().host().single_step_at(3);
+        let cpl3_debug = self.s.shared().host().dr_breakpoints_at(3);
         if !cpl3_debug && self.user_only_code(addr) {
             eprintln!(
                 "[vmiscope] gdb: hbreak {addr:#x} refused: user code, and this host's DR breakpoints fire at CPL0 only (use break)"
@@ -125,7 +128,35 @@ impl GdbTarget {
         !kernel_on_user_pages
     }
 
+    /// An `hbreak` on a host where no debug-register breakpoint fires (measured
+    /// at start-up; QEMU's emulated SVM never arms DR7): a hidden breakpoint
+    /// stands in. Like a DR breakpoint it changes nothing the guest can read;
+    /// unlike one it needs the address mapped.
+    fn add_hidden_hw(&mut self, addr: u64) -> bool {
+        if self.hw_hidden.contains_key(&addr) {
+            return true;
+        }
+        let target = HookTarget::Breakpoint {
+            gva: addr,
+            gpa: 0,
+            hidden: true,
+        };
+        let Some((hook, brk)) = self.add_engine_hook(target) else {
+            eprintln!(
+                "[vmiscope] gdb: hbreak {addr:#x} refused: this host's debug registers never fire, and the address is not mapped yet for the hidden breakpoint that stands in (set it once the guest maps it)"
+            );
+            return false;
+        };
+        self.stops.insert(brk, GdbStop::Hw);
+        self.hw_hidden.insert(addr, (hook, brk));
+        true
+    }
+
     fn remove_hw(&mut self, addr: u64) -> TargetResult<bool, Self> {
+        if let Some((hook, brk)) = self.hw_hidden.remove(&addr) {
+            self.remove_engine_hook(hook, brk);
+            return Ok(true);
+        }
         let Some(slot) = self.hw.iter().position(|a| *a == Some(addr)) else {
             return Ok(false);
         };

@@ -49,6 +49,8 @@ enum Resume {
 #[derive(Debug, Clone, Copy)]
 enum GdbStop {
     Sw,
+    /// An `hbreak` served by a hidden breakpoint (no debug register fires here).
+    Hw,
     Watch(WatchKind, u64),
 }
 
@@ -58,6 +60,8 @@ pub struct GdbTarget {
     /// address -> (engine hook, console breakpoint)
     sw: HashMap<u64, (u64, u32)>,
     hw: [Option<u64>; 4],
+    /// `hbreak`s held as hidden breakpoints: address -> (engine hook, console breakpoint)
+    hw_hidden: HashMap<u64, (u64, u32)>,
     /// (address, length, kind) -> (engine hook, console breakpoint)
     watches: HashMap<(u64, u64, u8), (u64, u32)>,
     stops: HashMap<u32, GdbStop>,
@@ -111,6 +115,7 @@ impl GdbTarget {
             exec_file,
             sw: HashMap::new(),
             hw: [None; 4],
+            hw_hidden: HashMap::new(),
             watches: HashMap::new(),
             stops: HashMap::new(),
             resume: HashMap::new(),
@@ -190,6 +195,7 @@ impl GdbTarget {
         match (st.cause, gdb_stop) {
             (StopCause::HwBreak { .. }, _) => MultiThreadStopReason::HwBreak(t),
             (_, Some(GdbStop::Sw)) => MultiThreadStopReason::SwBreak(t),
+            (_, Some(GdbStop::Hw)) => MultiThreadStopReason::HwBreak(t),
             (_, Some(GdbStop::Watch(kind, addr))) => {
                 MultiThreadStopReason::Watch { tid: t, kind, addr }
             }

@@ -229,8 +229,17 @@ impl VmShared {
         self.kick(cpu);
     }
 
+    /// Kicks vCPU `cpu` out of KVM_RUN. Never the calling thread's own vCPU: a
+    /// thread running this is not in KVM_RUN, goes through its messages and the
+    /// run gate before it enters again, and a kick would only make that entry
+    /// return EINTR at once (a vCPU committing memslots while it steps over an
+    /// instruction on a trapped page kicked itself twice a step).
     pub(crate) fn kick(&self, cpu: u32) {
         if let Some(t) = self.vcpus.get(cpu as usize).and_then(|v| v.thread.get()) {
+            // SAFETY: pthread_self and pthread_equal only compare thread ids.
+            if unsafe { libc::pthread_equal(*t, libc::pthread_self()) } != 0 {
+                return;
+            }
             kick::kick(*t);
         }
     }

@@ -34,6 +34,11 @@ impl ExitBackend for VcpuThread {
         self.fd.sync_regs().sregs.cr4 & (1 << 12) != 0
     }
 
+    fn in_init_state(&self) -> bool {
+        let s = self.fd.sync_regs();
+        s.regs.rip == 0xfff0 && s.sregs.cs.selector == 0xf000 && s.sregs.cs.base == 0xffff_0000
+    }
+
     fn count(&self, class: ExitClass) {
         self.info().stats.bump(class);
     }

@@ -30,6 +30,9 @@ pub(crate) trait ExitBackend {
     fn cpl(&self) -> u8;
     /// CR4.LA57: addresses are 57-bit canonical instead of 48-bit.
     fn la57(&self) -> bool;
+    /// Whether the vCPU holds the state INIT gives it (CS F000 based at
+    /// FFFF0000, RIP FFF0): KVM on SVM resets a vCPU that shut down.
+    fn in_init_state(&self) -> bool;
     /// Counts an exit of `class` (for `stats` and `bench`).
     fn count(&self, class: ExitClass);
     /// Asks the exit handler (the engine, in a session) about `event`.
@@ -91,8 +94,8 @@ pub(crate) fn handle_exit(be: &mut dyn ExitBackend, raw: RawExit) -> Flow {
         RawExit::Shutdown => {
             // The guest cannot go on, whatever the handler says.
             let _ = ask(be, &Event::Shutdown);
-            let (cpu, rip) = (be.id(), be.regs().rip);
-            stop(be, StopReason::TripleFault { cpu, rip })
+            let (cpu, rip, reset) = (be.id(), be.regs().rip, be.in_init_state());
+            stop(be, StopReason::TripleFault { cpu, rip, reset })
         }
         RawExit::Intr => be.kicked(),
         RawExit::FailEntry { reason } => {

@@ -75,6 +75,9 @@ impl ExitBackend for Fake {
     fn la57(&self) -> bool {
         false
     }
+    fn in_init_state(&self) -> bool {
+        false
+    }
     fn count(&self, _: ExitClass) {}
     fn ask(&mut self, event: &Event) -> Reply {
         self.did.push(Did::Asked(event.clone()));
@@ -349,7 +352,8 @@ fn halt_shutdown_and_guest_exits_end_the_run() {
         f.effects(),
         [Did::Stopped(StopReason::TripleFault {
             cpu: 0,
-            rip: 0x1000
+            rip: 0x1000,
+            reset: false,
         })]
     );
     let mut f = Fake::answering(Reply::Continue);
