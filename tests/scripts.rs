@@ -9,7 +9,7 @@ fn vmiscope(args: &[&str]) -> (Option<i32>, String, String) {
     vmiscope_cli(env!("CARGO_BIN_EXE_vmiscope"), args)
 }
 
-fn run_script(image: &str, path: &std::path::Path) {
+fn run_example(image: &str, path: &std::path::Path) {
     let (code, out, _) = vmiscope(&["run", image, "--script", path.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{}: {out}", path.display());
     assert!(out.contains(" 0 failed"), "{out}");
@@ -27,7 +27,7 @@ fn the_xcr_script_passes() {
         return;
     }
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/xcr.vms");
-    run_script("xcr", &path);
+    run_example("xcr", &path);
 }
 
 #[test]
@@ -53,7 +53,7 @@ fn every_script_in_scripts_passes() {
         if image == "xcr" {
             continue; // its own test: not every host sees XSETBV
         }
-        run_script(image, &path);
+        run_example(image, &path);
     }
     assert!(
         n >= 12,
