@@ -345,7 +345,20 @@ fn the_journal_and_json_answers_read_back_with_jq() {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn the_readme_console_examples_run() {
-    if !kvm_available() {
+    use vmiscope_vmm::Via;
+    // Where no INT3 reaches KVM, the example's `hook bp kprintf visible` is a
+    // fetch trap on the page the demo's `main` shares with kprintf: each of its
+    // instructions exits, and those the VMM cannot complete are stepped over
+    // with the page opened and closed (memslot changes). Measured on the rig:
+    // 2.5 ms each at TCG speed, so the demo does not reach its WRMSR within the
+    // example's 10 s `continue --wait`.
+    let fetch_trapped = common::host().features()[1].cpl0 == Via::FetchTrap;
+    if !kvm_available()
+        || common::not_run_here(
+            fetch_trapped && std::env::var_os("VMISCOPE_RIG").is_some(),
+            "on the nested-SVM rig a visible breakpoint is a fetch trap (QEMU checks the SWINT intercept for INT3), and at TCG speed the demo under the example's hooks needs more than its 10 s wait (2.5 ms a stepped instruction)",
+        )
+    {
         return;
     }
     let readme = include_str!("../README.md");

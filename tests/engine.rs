@@ -210,12 +210,7 @@ fn dtr_load_is_polled_and_restored() {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn xcr_write_is_caught_on_the_timer() {
-    if !kvm_available()
-        || not_run_here(
-            !host().debug().xsetbv,
-            common::NO_XSETBV,
-        )
-    {
+    if !kvm_available() || not_run_here(!host().debug().xsetbv, common::NO_XSETBV) {
         return;
     }
     let (serial, alerts, _) = run("xcr", &[("xcr_spin", 1_500_000_000)], |e, g| {

@@ -18,12 +18,7 @@ fn run_example(image: &str, path: &std::path::Path) {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn the_xcr_script_passes() {
-    if !kvm_available()
-        || not_run_here(
-            !host().debug().xsetbv,
-            common::NO_XSETBV,
-        )
-    {
+    if !kvm_available() || not_run_here(!host().debug().xsetbv, common::NO_XSETBV) {
         return;
     }
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/xcr.vms");

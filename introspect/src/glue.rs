@@ -13,6 +13,10 @@ pub enum GlueError {
     OutsideRam(u64),
     #[error("{0}")]
     Failed(String),
+    /// This host cannot deliver what was asked (measured when vmiscope started);
+    /// the text says why and what to use instead.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// How the guest may touch a page (the VMM's page access control).

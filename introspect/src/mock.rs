@@ -68,6 +68,9 @@ pub struct MockGuest {
     pub breakpoints: BTreeSet<u64>,
     /// Hidden breakpoints go to debug registers (as on a host with a free slot).
     pub register_breakpoints: bool,
+    /// INT3s the host does not report (QEMU's emulated SVM): every patched
+    /// breakpoint is `Trapped`, its page execute-trapped.
+    pub int3_unreported: bool,
     pub calls: Vec<Call>,
 }
 
@@ -96,6 +99,7 @@ impl MockGuest {
             msrs: BTreeMap::new(),
             breakpoints: BTreeSet::new(),
             register_breakpoints: false,
+            int3_unreported: false,
             calls: vec![],
         };
         g.put_u64(0x1000, 0x2000 | 7);
@@ -270,6 +274,8 @@ impl VmControl for MockGuest {
         // A mock with debug-register slots places hidden breakpoints in them.
         Ok(if hidden && self.register_breakpoints {
             BreakpointKind::Register
+        } else if self.int3_unreported {
+            BreakpointKind::Trapped
         } else {
             BreakpointKind::Patched
         })

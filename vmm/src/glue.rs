@@ -188,13 +188,21 @@ impl VmControl for VcpuCtl<'_> {
         if hidden && self.vm().insert_register_breakpoint(gpa, gva, user) {
             return Ok(BreakpointKind::Register);
         }
-        self.vm()
-            .insert_sw_breakpoint(gpa, Some(gva))
-            .map_err(failed)?;
         // Code on a user page may run at CPL0 too (small kernels map everything
-        // user-accessible): its INT3 must reach the VMM at both.
+        // user-accessible): its INT3 must reach the VMM at both, or its fetch.
         let host = self.vm().host();
-        let caught = host.int3_caught_at(0) && (!user || host.int3_caught_at(3));
+        let cpls: &[u8] = if user { &[0, 3] } else { &[0] };
+        let caught = cpls.iter().all(|&c| host.int3_caught_at(c));
+        let fetch = cpls.iter().all(|&c| host.debug().exec_trap_at(c));
+        // A hidden INT3's page is read-trapped, fetches included, anyway.
+        if !caught && !fetch {
+            return Err(GlueError::Unsupported(
+                "this host's KVM reports neither an INT3 nor a fetch from a trapped page (measured at start-up; `caps` shows it): no breakpoint can fire here",
+            ));
+        }
+        self.vm()
+            .insert_sw_breakpoint_as(gpa, Some(gva), hidden)
+            .map_err(failed)?;
         Ok(if caught {
             BreakpointKind::Patched
         } else {

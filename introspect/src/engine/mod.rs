@@ -126,9 +126,9 @@ pub struct Engine {
     events_per_class: HashMap<Class, u64>,
     latency: Latency,
     vcpus: Vec<VcpuState>,
-    /// Our breakpoints by gpa: the original byte, and whether an INT3 patches
-    /// it (then reads of it must return the original).
-    breakpoints: HashMap<u64, (u8, BreakpointKind)>,
+    /// Our breakpoints by gpa: the original byte, how the VMM placed it, and
+    /// whether it is hidden (then reads of a patched byte return the original).
+    breakpoints: HashMap<u64, (u8, BreakpointKind, bool)>,
     integrity: Vec<crate::integrity::Region>,
     /// Set when the engine cannot go on (HVMI's DisableOnReturn): a commit of
     /// hypervisor controls failed.
@@ -292,9 +292,19 @@ impl Engine {
 
     /// The original byte under our INT3 at `gpa` (None where no INT3 patches
     /// the code: no breakpoint, or one in a debug register).
+    pub(crate) fn original_byte(&self, gpa: u64) -> Option<u8> {
+        match self.breakpoints.get(&gpa) {
+            Some((b, k, _)) if k.patches() => Some(*b),
+            _ => None,
+        }
+    }
+
+    /// What a guest read of `gpa` must see instead of our INT3: the original
+    /// byte under a hidden breakpoint (a visible one reads as the INT3 it is,
+    /// also where its page is trapped for the fetch of it).
     pub(crate) fn hidden_byte(&self, gpa: u64) -> Option<u8> {
         match self.breakpoints.get(&gpa) {
-            Some((b, k)) if k.patches() => Some(*b),
+            Some((b, k, true)) if k.patches() => Some(*b),
             _ => None,
         }
     }
@@ -393,7 +403,7 @@ impl Engine {
                 }
                 *gpa = Some(t.gpa);
             }
-            Target::Breakpoint { gva, gpa, .. } => {
+            Target::Breakpoint { gva, gpa, hidden } => {
                 let s = guest.sregs();
                 let t = crate::paging::translate(&crate::decode::phys(guest), s.paging(), *gva)
                     .map_err(|_| HookError::Unmapped(*gva))?;
@@ -401,7 +411,7 @@ impl Engine {
                 let mut b = [0u8];
                 guest.read_phys(t.gpa, &mut b)?;
                 self.breakpoints
-                    .insert(t.gpa, (b[0], BreakpointKind::Patched));
+                    .insert(t.gpa, (b[0], BreakpointKind::Patched, *hidden));
             }
             _ => {}
         }

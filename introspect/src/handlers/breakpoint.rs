@@ -53,7 +53,7 @@ fn original_len(e: &Engine, g: &dyn Guest, gva: u64, gpa: u64) -> Option<u8> {
     let mut bytes = vec![0u8; (0x1000 - (gpa & 0xfff)).min(15) as usize];
     g.read_phys(gpa, &mut bytes).ok()?;
     // Under an INT3 the first byte is the hidden original one.
-    if let Some(orig) = e.hidden_byte(gpa) {
+    if let Some(orig) = e.original_byte(gpa) {
         *bytes.first_mut()? = orig;
     }
     let d = crate::decode::decode_bytes(&bytes, gva, &g.regs(), &g.sregs()).ok()?;

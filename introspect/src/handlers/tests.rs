@@ -1012,3 +1012,52 @@ fn a_fetch_from_a_page_no_hook_executes_on_is_no_event() {
     handle_ept_violation(&mut e, &mut g, &fetch);
     assert_eq!(e.event_count(), before + 1);
 }
+
+/// Where the host reports no INT3, a visible breakpoint's page is
+/// execute-trapped (no memslot: reads exit too), and a read of the INT3 still
+/// sees the INT3; a hidden one's reads see the original byte, as everywhere.
+#[test]
+fn a_breakpoint_the_host_cannot_report_traps_its_page_and_stays_visible_if_asked() {
+    for hidden in [false, true] {
+        let (mut e, mut g) = (Engine::new(), MockGuest::new());
+        g.int3_unreported = true;
+        g.put(0x30010, &[0x55, 0x48, 0x89, 0xe5]);
+        let target = Target::Breakpoint {
+            gva: 0x30010,
+            gpa: 0,
+            hidden,
+        };
+        let id = e
+            .add_hook(&mut g, target, "bp", answer(Verdict::Allowed))
+            .unwrap();
+        g.put(0x30010, &[0xcc]); // what the VMM planted
+        assert_eq!(
+            g.rights.get(&0x30000),
+            Some(&PageRights::AllTrapped),
+            "the fetch of the INT3 must exit (hidden: {hidden})"
+        );
+        g.put(0x20000, &[0x8b, 0x00]); // mov eax, [rax]
+        (g.regs.rax, g.regs.rip) = (0x30010, 0x20000);
+        let read = MemExit {
+            gpa: 0x30010,
+            len: 1,
+            access: AccessKind::Read,
+            data: None,
+            rip: 0x20000,
+        };
+        let (_, a) = handle_ept_violation(&mut e, &mut g, &read);
+        let want = if hidden {
+            MemAction::Data(0x55)
+        } else {
+            MemAction::Apply // the INT3 in memory
+        };
+        assert_eq!(a, want, "hidden: {hidden}");
+        // The hit decodes the original instruction under the INT3.
+        g.regs.rip = 0x30010;
+        let act = handle_breakpoint(&mut e, &mut g, 0x30010, 0x30010);
+        assert_eq!(act, BreakpointAction::StepOver);
+        e.remove_hook(id).unwrap();
+        e.commit(&mut g).unwrap();
+        assert_eq!(g.rights.get(&0x30000), None, "the trap goes with it");
+    }
+}

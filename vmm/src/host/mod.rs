@@ -285,3 +285,107 @@ impl Host {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the probe measured on the nested-SVM rig (QEMU's emulated SVM).
+    const RIG: DebugCaps = DebugCaps {
+        int3: [Int3::Missed; 2],
+        hw_exec: [false; 2],
+        step: [true; 2],
+        exec_trap: [true; 2],
+        xsetbv: false,
+    };
+
+    fn vias(h: &Host) -> Vec<(&'static str, Via, Via)> {
+        h.features()
+            .iter()
+            .map(|f| (f.name, f.cpl0, f.cpl3))
+            .collect()
+    }
+
+    #[test]
+    fn silicon_uses_kvm_exits_and_all_four_debug_registers() {
+        let h = Host::with(HostKind::Svm, DebugCaps::HARDWARE);
+        assert_eq!(h.usable_hw_slots(), 4);
+        assert!(!h.user_catches());
+        assert!(h.int3_caught_at(0) && h.int3_caught_at(3));
+        let v = vias(&h);
+        assert_eq!(
+            v[0],
+            (
+                "breakpoint (hidden)",
+                Via::DebugRegister,
+                Via::DebugRegister
+            )
+        );
+        assert_eq!(
+            v[1],
+            ("breakpoint (visible)", Via::DebugExit, Via::DebugExit)
+        );
+        assert_eq!(v[2], ("single-step", Via::KvmStep, Via::KvmStep));
+        assert_eq!(v[3], ("hbreak", Via::DebugRegister, Via::DebugRegister));
+    }
+
+    #[test]
+    fn pvm_keeps_two_slots_for_the_user_catches() {
+        let h = Host::with(HostKind::Pvm, DebugCaps::PVM);
+        assert_eq!(h.usable_hw_slots(), 2);
+        assert!(h.user_catches());
+        assert!(h.int3_caught_at(0) && h.int3_caught_at(3));
+        let v = vias(&h);
+        assert_eq!(v[0].1, Via::DebugRegister);
+        assert_eq!(v[0].2, Via::FetchTrap);
+        assert_eq!(
+            v[1],
+            (
+                "breakpoint (visible)",
+                Via::EmulationFailure,
+                Via::EntryCatch
+            )
+        );
+        assert_eq!(v[2], ("single-step", Via::KvmStep, Via::TfCatch));
+        assert_eq!(v[3], ("hbreak", Via::DebugRegister, Via::Unavailable));
+    }
+
+    /// The rig: no INT3 and no DR breakpoint reaches KVM, so every breakpoint
+    /// is a fetch trap and an `hbreak` a hidden breakpoint; nothing is caught
+    /// at the guest's entries (no DR to catch with).
+    #[test]
+    fn without_int3_or_dr_exits_breakpoints_are_fetch_traps() {
+        let h = Host::with(HostKind::Svm, RIG);
+        assert_eq!(h.usable_hw_slots(), 0);
+        assert!(!h.user_catches());
+        assert!(!h.int3_caught_at(0) && !h.int3_caught_at(3));
+        assert!(!h.dr_breakpoints_at(0));
+        let v = vias(&h);
+        assert_eq!(
+            v[0],
+            ("breakpoint (hidden)", Via::FetchTrap, Via::FetchTrap)
+        );
+        assert_eq!(
+            v[1],
+            ("breakpoint (visible)", Via::FetchTrap, Via::FetchTrap)
+        );
+        assert_eq!(v[2], ("single-step", Via::KvmStep, Via::KvmStep));
+        assert_eq!(
+            v[3],
+            ("hbreak", Via::HiddenBreakpoint, Via::HiddenBreakpoint)
+        );
+        assert_eq!(v[5], ("execute trap", Via::FetchTrap, Via::FetchTrap));
+    }
+
+    /// Without the execute trap either, nothing can stand in: unavailable.
+    #[test]
+    fn with_nothing_that_exits_breakpoints_are_unavailable() {
+        let none = DebugCaps {
+            exec_trap: [false; 2],
+            ..RIG
+        };
+        let v = vias(&Host::with(HostKind::Unknown, none));
+        assert_eq!(v[1].1, Via::Unavailable);
+        assert_eq!(v[3].1, Via::Unavailable);
+    }
+}

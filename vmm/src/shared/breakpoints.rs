@@ -22,6 +22,16 @@ impl VmShared {
     /// Plants a software breakpoint (INT3) at guest-physical `gpa`, executed at
     /// guest-virtual `gva` (None: unknown, so assumed reachable from user code).
     pub fn insert_sw_breakpoint(&self, gpa: u64, gva: Option<u64>) -> Result<(), VmError> {
+        self.insert_sw_breakpoint_as(gpa, gva, true)
+    }
+
+    /// As `insert_sw_breakpoint`; `hidden`: the guest must not read the INT3.
+    pub(crate) fn insert_sw_breakpoint_as(
+        &self,
+        gpa: u64,
+        gva: Option<u64>,
+        hidden: bool,
+    ) -> Result<(), VmError> {
         let mut bps = self.sw_bps.lock().unwrap();
         if bps.contains_key(&gpa) {
             return Ok(());
@@ -29,7 +39,14 @@ impl VmShared {
         let mut b = [0u8];
         self.ram.read(gpa, &mut b)?;
         self.ram.write(gpa, &[0xcc])?;
-        bps.insert(gpa, SwBp { orig: b[0], gva });
+        bps.insert(
+            gpa,
+            SwBp {
+                orig: b[0],
+                gva,
+                hidden,
+            },
+        );
         self.debug_gen.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -162,6 +179,24 @@ impl VmShared {
             .lock()
             .unwrap()
             .iter()
+            .map(|(at, bp)| (*at, bp.orig))
+            .collect()
+    }
+
+    /// The INT3s a step over the instruction at `gpa` must put their original
+    /// bytes back for: every hidden one on its page (the instruction must not
+    /// read an INT3 it could not see), and a visible one only under the
+    /// instruction itself (at most 15 bytes): the guest may read those.
+    pub(crate) fn sw_breakpoints_for_step(&self, gpa: u64) -> Vec<(u64, u8)> {
+        let page = gpa & !(crate::memory::PAGE_SIZE - 1);
+        self.sw_bps
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(at, bp)| {
+                let own = (gpa..gpa + 15).contains(*at);
+                **at & !(crate::memory::PAGE_SIZE - 1) == page && (bp.hidden || own)
+            })
             .map(|(at, bp)| (*at, bp.orig))
             .collect()
     }

@@ -146,6 +146,9 @@ pub(crate) struct SwBp {
     /// Where the guest executes it, if the planter said (None: assume user code
     /// can reach it).
     pub(crate) gva: Option<u64>,
+    /// Hidden from the guest's reads: put back for every step over an
+    /// instruction on its page (a visible one only for its own instruction).
+    pub(crate) hidden: bool,
 }
 
 /// What all vCPU threads share; handlers reach it through `VcpuCtl::vm()`.

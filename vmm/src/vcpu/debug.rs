@@ -41,6 +41,12 @@ impl VcpuThread {
             self.debug.tf_step = false;
         } else if step {
             control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+            // KVM steps with RFLAGS.TF in the guest's own flags (VMX and SVM
+            // alike), so a stepped PUSHF pushes it: taken out after the step
+            // unless the guest had set TF itself (KVM hides ours from `regs`).
+            self.debug.tf_pushf = self.regs().rflags & RFLAGS_TF == 0 && self.pushf_here();
+        } else if !self.debug.tf_step {
+            self.debug.tf_pushf = false;
         }
         let mut slots = self.vm.hw_breakpoints();
         let mut catches = [None; 4];
@@ -180,6 +186,9 @@ impl VcpuThread {
 
     /// One instruction ran under a step (KVM's, or a TF step caught at #DB).
     fn stepped(&mut self, pc: u64) -> Flow {
+        if std::mem::take(&mut self.debug.tf_pushf) {
+            self.clear_pushed_tf(self.regs().rsp);
+        }
         let ours = !self.step.stepping.is_empty();
         if ours {
             let r = std::mem::take(&mut self.step.stepping);
@@ -432,12 +441,7 @@ impl VcpuThread {
     /// undone after the step.
     pub(super) fn step_over_at(&mut self, gpa: u64) -> Result<(), VmError> {
         let page = gpa & !(PAGE_SIZE - 1);
-        let on_page: Vec<(u64, u8)> = self
-            .vm
-            .sw_breakpoints()
-            .into_iter()
-            .filter(|(g, _)| *g & !(PAGE_SIZE - 1) == page)
-            .collect();
+        let on_page = self.vm.sw_breakpoints_for_step(gpa);
         // With the INT3s of this page holding their original bytes for the step,
         // another vCPU there would pass them unseen: step alone.
         if !on_page.is_empty() {
