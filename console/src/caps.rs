@@ -423,9 +423,12 @@ fn step_rows(host: Host) -> Result<Vec<Row>, Error> {
         },
     )?;
     let hw0 = ev.iter().any(|e| matches!(e, Event::HwBreakpoint { .. }));
-    let step0 = steps.lock().unwrap().iter().any(|s| s.1 == 0);
-    let hw3_hit = Arc::new(Mutex::new(None::<bool>));
-    let h3 = hw3_hit.clone();
+    let from_hw0 = steps.lock().unwrap().iter().any(|s| s.1 == 0);
+    // Steps from the guest's trapped writes, at each CPL (without a debug
+    // register that fires, the step above never starts): (CPL of the write,
+    // CPL where the step ended).
+    let from_writes = Arc::new(Mutex::new(Vec::<(u8, u8)>::new()));
+    let (w2, pending) = (from_writes.clone(), Mutex::new(None::<u8>));
     let (ev, _) = probe(
         "ept-write",
         |vm| {
@@ -441,10 +444,16 @@ fn step_rows(host: Host) -> Result<Vec<Row>, Error> {
         },
         move |cpu, e| {
             match e {
-                // Step from the CPL3 write: does the next step exit stay in user code?
-                Event::Mem(m) if m.cpl == 3 => cpu.set_single_step(true),
+                // Step from each CPL's first write: does the step exit come
+                // back at that CPL?
+                Event::Mem(m) if !w2.lock().unwrap().iter().any(|s| s.0 == m.cpl) => {
+                    *pending.lock().unwrap() = Some(m.cpl);
+                    cpu.set_single_step(true);
+                }
                 Event::SingleStep { .. } => {
-                    *h3.lock().unwrap() = Some(cpu.cpl() == 3);
+                    if let Some(from) = pending.lock().unwrap().take() {
+                        w2.lock().unwrap().push((from, cpu.cpl()));
+                    }
                     cpu.set_single_step(false);
                 }
                 _ => {}
@@ -453,7 +462,9 @@ fn step_rows(host: Host) -> Result<Vec<Row>, Error> {
         },
     )?;
     let hw3 = ev.iter().any(|e| matches!(e, Event::HwBreakpoint { .. }));
-    let step3 = *hw3_hit.lock().unwrap() == Some(true);
+    let stepped = |cpl: u8| from_writes.lock().unwrap().contains(&(cpl, cpl));
+    let step0 = from_hw0 || stepped(0);
+    let step3 = stepped(3);
     let ex = |b: bool| {
         if b {
             Support::Exact

@@ -63,7 +63,7 @@ pub fn spin_session(mode: u64, n: u64) -> Result<crate::session::Session, Error>
 
 #[derive(Debug, Serialize)]
 pub struct Report {
-    pub host: &'static str,
+    pub host: String,
     /// What the baseline column is.
     pub baseline: &'static str,
     pub iterations: u64,

@@ -47,7 +47,7 @@ pub fn measure(kernel: &str) -> Result<Report, Error> {
     let theirs = to_banner(kernel, true)?;
     Ok(Report {
         baseline: "decompressor",
-        host: vmiscope_vmm::HostKind::detect().name(),
+        host: vmiscope_vmm::HostKind::detect().figures_label(),
         iterations: 1,
         repeat: 1,
         figures: vec![Figure {

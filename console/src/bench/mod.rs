@@ -351,7 +351,7 @@ pub fn measure(iterations: u64, repeat: usize, only: Option<BenchGroup>) -> Resu
     }
     Ok(Report {
         baseline: "raw KVM",
-        host: HostKind::detect().name(),
+        host: HostKind::detect().figures_label(),
         iterations,
         repeat,
         figures,

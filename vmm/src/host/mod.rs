@@ -39,6 +39,30 @@ impl HostKind {
         }
     }
 
+    /// Whether this KVM itself runs under a hypervisor (the CPU flag
+    /// `hypervisor`): nested, as the nested-SVM rig (QEMU's TCG) and our PVM
+    /// machines (Firecracker) are. Timings there are not hardware timings.
+    pub fn nested() -> bool {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        cpuinfo
+            .lines()
+            .find(|l| l.starts_with("flags"))
+            .is_some_and(|l| l.split_whitespace().any(|f| f == "hypervisor"))
+    }
+
+    /// The host's name for figures: says when no figure measured here can be
+    /// read as a hardware figure (PVM, or a KVM that is itself nested).
+    pub fn figures_label(self) -> String {
+        if self == HostKind::Pvm || HostKind::nested() {
+            format!(
+                "{} — nested under another hypervisor: no figure here is a hardware figure",
+                self.name()
+            )
+        } else {
+            self.name().to_string()
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             HostKind::Pvm => "PVM (kvm_pvm: CPL0 emulated, CPL3 native)",

@@ -150,6 +150,8 @@ impl VcpuThread {
 
     pub(crate) fn run(mut self) {
         kick::register_thread(self.fd.get_kvm_run());
+        // Whether the last exit was a write to a port or MMIO (see `complete_pending_io`).
+        let mut last_out = false;
         while self.serve_messages() {
             if self.paused {
                 continue;
@@ -165,12 +167,16 @@ impl VcpuThread {
             }
             let raw = self.enter_guest();
             let Some(raw) = raw else { break };
+            last_out = matches!(raw, RawExit::IoOut { .. } | RawExit::MmioWrite { .. });
             self.note_exit();
             let (mut ctl, handler) = self.ctl_and_handler();
             handler.on_exit(&mut ctl);
             if let Flow::Stop = handle::handle_exit(&mut self, raw) {
                 break;
             }
+        }
+        if last_out {
+            self.complete_pending_io();
         }
         // Kept for post-mortem reading: the registers at the last exit (kvm_run's
         // synced copy) and the debug registers.
@@ -182,6 +188,19 @@ impl VcpuThread {
         *self.info().last_state.lock().unwrap() = Some(state);
         self.vm.set_state(self.id, VcpuState::Stopped);
         kick::unregister_thread();
+    }
+
+    /// Completes the port or MMIO write the last exit left to us, without
+    /// entering the guest: KVM finishes such an instruction (RIP past it) only
+    /// at the next KVM_RUN, and with `immediate_exit` set that KVM_RUN does just
+    /// that and returns EINTR (KVM's API for saving a vCPU's state). Without it
+    /// the final registers of a guest that ended on its power-off port showed
+    /// RIP still on the OUT on VMX and SVM hosts. (A read is not completed: its
+    /// value may never have been supplied.)
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     /// Drains the message queue (blocking while paused); false once the run ends.
