@@ -213,7 +213,7 @@ fn xcr_write_is_caught_on_the_timer() {
     if !kvm_available() || not_run_here(!host().debug().xsetbv, common::NO_XSETBV) {
         return;
     }
-    let (serial, alerts, _) = run("xcr", &[("xcr_spin", 1_500_000_000)], |e, g| {
+    let (serial, alerts, _) = run("xcr", &[("xcr_spin", 8_000_000_000)], |e, g| {
         e.add_hook(g, Target::Xcr { index: 0 }, "xcr0", block("XCR0 changed"))
             .unwrap();
     });
