@@ -225,6 +225,22 @@ impl Vm {
     }
 }
 
+/// Kicks every vCPU in the guest and waits (at most 200 ms) for each to exit,
+/// so their last positions are where they are now: a vCPU spinning at CPL3
+/// since its last exit at CPL0 was reported at that old CPL0 position when
+/// the timeout came before any tick had kicked it (seen on a slow host).
+fn where_now(shared: &VmShared) {
+    let kicked = Instant::now();
+    let running = |c| shared.vcpu_state(c) == Some(VcpuState::Running);
+    for c in (0..shared.vcpu_count()).filter(|&c| running(c)) {
+        shared.kick(c);
+    }
+    let stale = |c| running(c) && shared.quiet_for(c) >= kicked.elapsed();
+    while kicked.elapsed() < Duration::from_millis(200) && (0..shared.vcpu_count()).any(stale) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Kicks vCPUs that have not exited for a tick (so periodic checks run and
 /// livelocks are noticed) and enforces the timeout.
 fn watchdog(shared: &VmShared, timeout: Option<Duration>, tick: Duration, signals: u64) {
@@ -239,6 +255,7 @@ fn watchdog(shared: &VmShared, timeout: Option<Duration>, tick: Duration, signal
         if let Some(t) = timeout
             && start.elapsed() >= t
         {
+            where_now(shared);
             let where_ = (0..shared.vcpu_count())
                 .map(|c| {
                     let (rip, cpl) = shared.last_position(c).unwrap_or_default();
