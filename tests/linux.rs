@@ -359,7 +359,10 @@ fn assert_stopped_in_start_kernel(out: &str, syms: &[(String, u64)], why: &str) 
 #[cfg_attr(no_gdb, ignore = "needs gdb")]
 #[cfg_attr(no_linux, ignore = "needs Debian's kernel package unpacked by .ci/run")]
 fn plain_gdb_breaks_on_start_kernel_by_the_kernels_own_symbols() {
-    if linux_cannot_boot_here() || !common::kvm_available() || !common::tool_available("gdb", "--version") {
+    if linux_cannot_boot_here()
+        || !common::kvm_available()
+        || !common::tool_available("gdb", "--version")
+    {
         return;
     }
     let syms = symbols(&[kernel().to_str().unwrap()]);
@@ -398,7 +401,10 @@ fn plain_gdb_breaks_on_start_kernel_by_the_kernels_own_symbols() {
 #[cfg_attr(no_lldb, ignore = "needs lldb")]
 #[cfg_attr(no_linux, ignore = "needs Debian's kernel package unpacked by .ci/run")]
 fn lldb_breaks_on_start_kernel_with_the_symbol_file_vmiscope_writes() {
-    if linux_cannot_boot_here() || !common::kvm_available() || !common::tool_available("lldb", "--version") {
+    if linux_cannot_boot_here()
+        || !common::kvm_available()
+        || !common::tool_available("lldb", "--version")
+    {
         return;
     }
     let k = kernel();
@@ -601,7 +607,10 @@ fn kaslr_the_slide_is_found_from_the_running_kernel() {
 #[cfg_attr(no_gdb, ignore = "needs gdb")]
 #[cfg_attr(no_linux, ignore = "needs Debian's kernel package unpacked by .ci/run")]
 fn kernel_code_catches_a_text_write_that_is_not_the_kernels_own_patching() {
-    if linux_cannot_boot_here() || !common::kvm_available() || !common::tool_available("gdb", "--version") {
+    if linux_cannot_boot_here()
+        || !common::kvm_available()
+        || !common::tool_available("gdb", "--version")
+    {
         return;
     }
     // `kernel-code` is armed once the kernel runs on idt_table (before

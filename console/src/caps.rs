@@ -424,9 +424,52 @@ fn step_rows(host: Host) -> Result<Vec<Row>, Error> {
     )?;
     let hw0 = ev.iter().any(|e| matches!(e, Event::HwBreakpoint { .. }));
     let from_hw0 = steps.lock().unwrap().iter().any(|s| s.1 == 0);
-    // Steps from the guest's trapped writes, at each CPL (without a debug
-    // register that fires, the step above never starts): (CPL of the write,
-    // CPL where the step ended).
+    let (ev, from_writes) = steps_from_writes()?;
+    let hw3 = ev.iter().any(|e| matches!(e, Event::HwBreakpoint { .. }));
+    let stepped = |cpl: u8| from_writes.contains(&(cpl, cpl));
+    let step0 = from_hw0 || stepped(0);
+    let step3 = stepped(3);
+    let ex = |b: bool| {
+        if b {
+            Support::Exact
+        } else {
+            Support::Unavailable
+        }
+    };
+    rows.push(Row {
+        mechanism: "single-step",
+        handler: "(stepping)",
+        cpl0: ex(step0),
+        cpl3: ex(step3),
+        how: if host.kind() == HostKind::Pvm {
+            "KVM_GUESTDBG_SINGLESTEP at CPL0; at CPL3 RFLAGS.TF, caught at the guest's #DB entry by a CPL0 hardware breakpoint, frame popped by the VMM (guest sees DR6.BS)"
+        } else {
+            "KVM_GUESTDBG_SINGLESTEP"
+        }
+        .into(),
+    });
+    rows.push(Row {
+        mechanism: "HW execute breakpoint",
+        handler: "handle_breakpoint",
+        cpl0: ex(hw0),
+        cpl3: ex(hw3),
+        how: format!(
+            "KVM_GUESTDBG_USE_HW_BP ({} slots for breakpoints)",
+            host.usable_hw_slots()
+        ),
+    });
+
+    Ok(rows)
+}
+
+/// (CPL a step started at, CPL it ended at.)
+type StepFrom = (u8, u8);
+
+/// Steps from the guest's trapped writes, at each CPL (without a debug register
+/// that fires, a step from a DR breakpoint never starts), with a DR breakpoint
+/// on the user code too: the events, and (CPL of the write, CPL where the step
+/// ended) for each CPL's first write.
+fn steps_from_writes() -> Result<(Vec<Event>, Vec<StepFrom>), Error> {
     let from_writes = Arc::new(Mutex::new(Vec::<(u8, u8)>::new()));
     let (w2, pending) = (from_writes.clone(), Mutex::new(None::<u8>));
     let (ev, _) = probe(
@@ -461,41 +504,8 @@ fn step_rows(host: Host) -> Result<Vec<Row>, Error> {
             Reply::Continue
         },
     )?;
-    let hw3 = ev.iter().any(|e| matches!(e, Event::HwBreakpoint { .. }));
-    let stepped = |cpl: u8| from_writes.lock().unwrap().contains(&(cpl, cpl));
-    let step0 = from_hw0 || stepped(0);
-    let step3 = stepped(3);
-    let ex = |b: bool| {
-        if b {
-            Support::Exact
-        } else {
-            Support::Unavailable
-        }
-    };
-    rows.push(Row {
-        mechanism: "single-step",
-        handler: "(stepping)",
-        cpl0: ex(step0),
-        cpl3: ex(step3),
-        how: if host.kind() == HostKind::Pvm {
-            "KVM_GUESTDBG_SINGLESTEP at CPL0; at CPL3 RFLAGS.TF, caught at the guest's #DB entry by a CPL0 hardware breakpoint, frame popped by the VMM (guest sees DR6.BS)"
-        } else {
-            "KVM_GUESTDBG_SINGLESTEP"
-        }
-        .into(),
-    });
-    rows.push(Row {
-        mechanism: "HW execute breakpoint",
-        handler: "handle_breakpoint",
-        cpl0: ex(hw0),
-        cpl3: ex(hw3),
-        how: format!(
-            "KVM_GUESTDBG_USE_HW_BP ({} slots for breakpoints)",
-            host.usable_hw_slots()
-        ),
-    });
-
-    Ok(rows)
+    let steps = from_writes.lock().unwrap().clone();
+    Ok((ev, steps))
 }
 
 /// Whether XCR0 changes are visible to the VMM (KVM_GET_XCRS at exits).

@@ -290,7 +290,7 @@ fn enable_vm_caps(kvm: &Kvm, vm: &VmFd, cfg: &VmConfig) -> Result<(), VmError> {
         vm.enable_cap(&cap)
             .map_err(VmError::ioctl("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
     }
-    enable_exit_on_emulation_failure(vm)?;
+    crate::host::probe::enable_exit_on_emulation_failure(vm)?;
     const FIX_HYPERCALL_INSN: u64 = 1 << 5;
     const CAP_DISABLE_QUIRKS2: u32 = 213;
     let quirks = vm.check_extension_raw(CAP_DISABLE_QUIRKS2 as libc::c_ulong) as u64;
@@ -302,25 +302,6 @@ fn enable_vm_caps(kvm: &Kvm, vm: &VmFd, cfg: &VmConfig) -> Result<(), VmError> {
         };
         vm.enable_cap(&cap)
             .map_err(VmError::ioctl("KVM_ENABLE_CAP(DISABLE_QUIRKS2)"))?;
-    }
-    Ok(())
-}
-
-/// Without it KVM gives a CPL3 guest a #UD where its emulator fails (x86.c,
-/// `handle_emulation_failure`), and queues that #UD even where it exits to us
-/// at CPL0: on a hardware host an execute trap (a fetch from a page with no
-/// memslot) at CPL3 became the guest's #UD. With it, every emulation failure
-/// exits to the VMM and nothing is queued.
-pub(crate) fn enable_exit_on_emulation_failure(vm: &VmFd) -> Result<(), VmError> {
-    let cap = kvm_bindings::KVM_CAP_EXIT_ON_EMULATION_FAILURE;
-    if vm.check_extension_raw(cap as libc::c_ulong) > 0 {
-        let cap = kvm_enable_cap {
-            cap,
-            args: [1, 0, 0, 0],
-            ..Default::default()
-        };
-        vm.enable_cap(&cap)
-            .map_err(VmError::ioctl("KVM_ENABLE_CAP(EXIT_ON_EMULATION_FAILURE)"))?;
     }
     Ok(())
 }
