@@ -38,6 +38,16 @@ fn write_exit(gpa: u64, len: u64, data: u64, rip: u64) -> MemExit {
     }
 }
 
+fn read_exit(gpa: u64, len: u64, rip: u64) -> MemExit {
+    MemExit {
+        gpa,
+        len,
+        access: AccessKind::Read,
+        data: None,
+        rip,
+    }
+}
+
 #[test]
 fn verdicts_combine_by_maximum_in_every_handler() {
     let (mut e, mut g) = (Engine::new(), MockGuest::new());
@@ -451,17 +461,7 @@ fn reads_of_a_hidden_breakpoint_return_the_original_byte() {
     );
     g.put(0x20000, &[0x8b, 0x00]); // mov eax, [rax]
     (g.regs.rax, g.regs.rip) = (0x30010, 0x20000);
-    let (v, a) = handle_ept_violation(
-        &mut e,
-        &mut g,
-        &MemExit {
-            gpa: 0x30010,
-            len: 4,
-            access: AccessKind::Read,
-            data: None,
-            rip: 0x20000,
-        },
-    );
+    let (v, a) = handle_ept_violation(&mut e, &mut g, &read_exit(0x30010, 4, 0x20000));
     assert_eq!(v, Verdict::Allowed);
     assert_eq!(
         a,
@@ -1038,14 +1038,7 @@ fn a_breakpoint_the_host_cannot_report_traps_its_page_and_stays_visible_if_asked
         );
         g.put(0x20000, &[0x8b, 0x00]); // mov eax, [rax]
         (g.regs.rax, g.regs.rip) = (0x30010, 0x20000);
-        let read = MemExit {
-            gpa: 0x30010,
-            len: 1,
-            access: AccessKind::Read,
-            data: None,
-            rip: 0x20000,
-        };
-        let (_, a) = handle_ept_violation(&mut e, &mut g, &read);
+        let (_, a) = handle_ept_violation(&mut e, &mut g, &read_exit(0x30010, 1, 0x20000));
         let want = if hidden {
             MemAction::Data(0x55)
         } else {
