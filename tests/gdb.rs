@@ -99,8 +99,10 @@ fn gdb(port: u16, cmds: &[&str]) -> String {
     s
 }
 
-/// Like `gdb`, with Ctrl-C (SIGINT to gdb, which interrupts the remote) after `after`.
-fn gdb_interrupted(port: u16, cmds: &[&str], after: Duration) -> String {
+/// gdb in batch mode running `cmds`, interrupted (SIGINT, as Ctrl-C) once the
+/// guest has printed a line with `running`: by then gdb has resumed it and the
+/// guest is where the test wants it. The guest's other output is dropped.
+fn gdb_interrupted(port: u16, cmds: &[&str], guest: &mut Child, running: &str) -> String {
     let mut args = vec![
         "-batch".to_string(),
         "-nx".into(),
@@ -113,13 +115,14 @@ fn gdb_interrupted(port: u16, cmds: &[&str], after: Duration) -> String {
         args.push("-ex".into());
         args.push(c.to_string());
     }
+    let guest_out = common::lines(guest.stdout.take().unwrap());
     let child = Command::new("gdb")
         .args(&args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(after);
+    common::wait_line(&guest_out, running, Duration::from_secs(120));
     // SAFETY: sending SIGINT to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
@@ -142,12 +145,10 @@ fn finish(mut child: Child) -> (Option<i32>, String) {
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+    // (None when the test read the guest's output itself.)
+    if let Some(mut o) = child.stdout.take() {
+        o.read_to_string(&mut out).unwrap();
+    }
     let mut err = String::new();
     child
         .stderr
@@ -340,11 +341,12 @@ fn threads_interrupt_detach_and_kill() {
 
     // Interrupt a guest spinning at CPL3, then kill it.
     let p = port();
-    let child = vm("hang", p);
+    let mut child = vm("hang", p);
     let out = gdb_interrupted(
         p,
         &["continue", "print/x $cs", "info symbol $pc", "kill"],
-        Duration::from_millis(1500),
+        &mut child,
+        "hang: entering an endless CPL3 loop",
     );
     assert!(out.contains("SIGINT"), "{out}");
     assert!(out.contains("$1 = 0x23"), "stopped in the CPL3 loop: {out}");

@@ -306,20 +306,31 @@ fn enable_vm_caps(kvm: &Kvm, vm: &VmFd, cfg: &VmConfig) -> Result<(), VmError> {
     Ok(())
 }
 
-/// KVM's supported CPUID, plus XSAVE (so the guest may set CR4.OSXSAVE) and SMEP
-/// (so the demo's guest may set CR4.SMEP); the APIC id is set per vCPU.
+/// KVM's supported CPUID, adjusted by [`adjust_cpuid`]; the APIC id is set per vCPU.
 fn guest_cpuid(kvm: &Kvm) -> Result<kvm_bindings::CpuId, VmError> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(VmError::ioctl("KVM_GET_SUPPORTED_CPUID"))?;
-    for e in cpuid.as_mut_slice() {
+    adjust_cpuid(cpuid.as_mut_slice());
+    Ok(cpuid)
+}
+
+/// What every VMM adds to KVM's supported CPUID:
+/// - the hypervisor bit (leaf 1 ECX[31]). Upstream KVM leaves it out of
+///   `KVM_GET_SUPPORTED_CPUID` (QEMU and Firecracker set it themselves); PVM
+///   sets it. Without it Linux never reads KVM's leaves at 0x40000000, so it has
+///   no kvmclock and must calibrate its TSC against the PIT. Under an emulated
+///   SVM that calibration fails, and the kernel then spun in `calibrate_delay`.
+/// - XSAVE (so the guest may set CR4.OSXSAVE) and SMEP (so the demo's guest
+///   may set CR4.SMEP).
+fn adjust_cpuid(entries: &mut [kvm_bindings::kvm_cpuid_entry2]) {
+    for e in entries {
         match (e.function, e.index) {
-            (1, _) => e.ecx |= 1 << 26,
+            (1, _) => e.ecx |= (1 << 31) | (1 << 26),
             (7, 0) => e.ebx |= 1 << 7,
             _ => {}
         }
     }
-    Ok(cpuid)
 }
 
 /// The command line the kernel gets: a Linux kernel's gets what it needs on
@@ -338,4 +349,30 @@ fn command_line(image: &[u8], cfg: &VmConfig, host: crate::HostKind) -> (String,
         ),
     };
     (line, Some(note))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guest_is_told_it_runs_under_a_hypervisor() {
+        // Upstream KVM's supported leaf 1 (no hypervisor bit, no XSAVE here).
+        let mut e = [
+            kvm_bindings::kvm_cpuid_entry2 {
+                function: 1,
+                ecx: 0x0000_2000,
+                ..Default::default()
+            },
+            kvm_bindings::kvm_cpuid_entry2 {
+                function: 7,
+                ..Default::default()
+            },
+        ];
+        adjust_cpuid(&mut e);
+        assert_eq!(e[0].ecx >> 31, 1, "hypervisor bit");
+        assert_eq!(e[0].ecx & (1 << 26), 1 << 26, "XSAVE");
+        assert_eq!(e[0].ecx & 0x2000, 0x2000, "the rest kept");
+        assert_eq!(e[1].ebx, 1 << 7, "SMEP");
+    }
 }
