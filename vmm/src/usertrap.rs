@@ -96,6 +96,12 @@ pub(crate) fn is_pushf(b: &[u8]) -> bool {
         .is_some_and(|&x| x == 0x9c)
 }
 
+/// Whether `b` starts with SYSRET (REX prefixes allowed: SYSRETQ is `48 0f 07`).
+pub(crate) fn is_sysret(b: &[u8]) -> bool {
+    let op = b.iter().position(|x| !(0x40..=0x4f).contains(x));
+    op.is_some_and(|i| b[i..].starts_with(&[0x0f, 0x07]))
+}
+
 /// The frame a 64-bit exception without an error code pushes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Frame {
@@ -182,6 +188,15 @@ mod tests {
         assert!(is_pushf(&[0x48, 0x9c, 0, 0]));
         assert!(!is_pushf(&[0x9d, 0, 0, 0]), "popf");
         assert!(!is_pushf(&[0x50, 0x9c, 0, 0]), "push rax first");
+    }
+
+    #[test]
+    fn sysret_in_both_operand_sizes_and_nothing_else() {
+        assert!(is_sysret(&[0x48, 0x0f, 0x07]), "sysretq");
+        assert!(is_sysret(&[0x0f, 0x07, 0x90]), "sysretl");
+        assert!(!is_sysret(&[0x0f, 0x05, 0x90]), "syscall");
+        assert!(!is_sysret(&[0x48, 0xcf, 0x90]), "iretq");
+        assert!(!is_sysret(&[0x48, 0x48, 0x48]), "prefixes only");
     }
 
     #[test]

@@ -45,8 +45,12 @@ impl VcpuThread {
             // alike), so a stepped PUSHF pushes it: taken out after the step
             // unless the guest had set TF itself (KVM hides ours from `regs`).
             self.debug.tf_pushf = self.regs().rflags & RFLAGS_TF == 0 && self.pushf_here();
+            self.step_through_sysret();
         } else if !self.debug.tf_step {
             self.debug.tf_pushf = false;
+        }
+        if !step {
+            self.take_tf_out_of_r11();
         }
         let mut slots = self.vm.hw_breakpoints();
         let mut catches = [None; 4];
@@ -189,6 +193,7 @@ impl VcpuThread {
         if std::mem::take(&mut self.debug.tf_pushf) {
             self.clear_pushed_tf(self.regs().rsp);
         }
+        self.take_tf_out_of_r11();
         let ours = !self.step.stepping.is_empty();
         if ours {
             let r = std::mem::take(&mut self.step.stepping);
@@ -286,12 +291,59 @@ impl VcpuThread {
         }
     }
 
+    /// SYSRET loads RFLAGS from R11, and the step's trap follows the TF it
+    /// loads, not the TF it started with (Linux's entry_64.S: "restoring TF
+    /// results in a trap from userspace immediately after SYSRET"; QEMU's
+    /// translate.c rechecks TF after it). So KVM's step, TF in the guest's own
+    /// flags, ran free into user space: a step-over of the kernel's SYSRET
+    /// left its page open, and a breakpoint on `entry_SYSCALL_64` never fired.
+    /// TF goes into R11 for the step, where the host can step the user
+    /// code it lands in (else the trap would be the guest's), and out of R11
+    /// after it. Not on PVM, whose CPL0 runs in KVM's emulator: that ends a
+    /// step after each instruction whatever TF says.
+    fn step_through_sysret(&mut self) {
+        let host = self.vm.host();
+        if self.debug.tf_r11 || host.kind() == crate::HostKind::Pvm || !host.single_step_at(3) {
+            return;
+        }
+        if self.regs().r11 & RFLAGS_TF == 0 && self.sysret_here() {
+            self.edit_regs(|r| r.r11 |= RFLAGS_TF);
+            self.debug.tf_r11 = true;
+        }
+    }
+
+    /// Undoes `step_through_sysret` once the step is over (or called off).
+    fn take_tf_out_of_r11(&mut self) {
+        if std::mem::take(&mut self.debug.tf_r11) {
+            self.edit_regs(|r| r.r11 &= !RFLAGS_TF);
+        }
+    }
+
+    /// Whether a step from RIP can end in a debug exit once SYSRET has taken the
+    /// vCPU to CPL3 (`step_through_sysret`).
+    pub(super) fn sysret_steppable(&self) -> bool {
+        !self.sysret_here() || self.vm.host().single_step_at(3)
+    }
+
+    /// Whether the instruction at RIP is SYSRET.
+    fn sysret_here(&self) -> bool {
+        self.insn_prefix_here::<3>()
+            .is_some_and(|b| usertrap::is_sysret(&b))
+    }
+
+    /// The first N bytes at RIP (as the guest's RAM holds them).
+    fn insn_prefix_here<const N: usize>(&self) -> Option<[u8; N]> {
+        let s = self.fd.sync_regs();
+        let mut b = [0u8; N];
+        let mode = guest::paging_mode(&s.sregs);
+        guest::read_virt(self.vm.ram(), mode, s.regs.rip, &mut b).ok()?;
+        Some(b)
+    }
+
     /// Whether the instruction at RIP is PUSHF (prefixes allowed).
     fn pushf_here(&self) -> bool {
-        let s = self.fd.sync_regs();
-        let mut b = [0u8; 4];
-        let mode = guest::paging_mode(&s.sregs);
-        guest::read_virt(self.vm.ram(), mode, s.regs.rip, &mut b).is_ok() && usertrap::is_pushf(&b)
+        self.insn_prefix_here::<4>()
+            .is_some_and(|b| usertrap::is_pushf(&b))
     }
 
     /// Clears TF (bit 8: bit 0 of the second byte) in the flags image at `rsp`.
@@ -474,7 +526,7 @@ impl VcpuThread {
 
     /// Whether a step from the current instruction can end in a debug exit.
     fn can_step_here(&self) -> bool {
-        self.vm.can_step(&self.fd.sync_regs().sregs)
+        self.vm.can_step(&self.fd.sync_regs().sregs) && self.sysret_steppable()
     }
 
     pub(super) fn finish_restores(&mut self, restores: &[Restore]) {

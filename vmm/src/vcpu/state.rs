@@ -16,6 +16,9 @@ pub(crate) struct DebugState {
     pub(crate) tf_step: bool,
     /// The stepped instruction is PUSHF: it will push our TF.
     pub(crate) tf_pushf: bool,
+    /// The stepped instruction is SYSRET and we set TF in R11 for it (see
+    /// `apply_debug`): taken out of R11 again after the step.
+    pub(crate) tf_r11: bool,
     /// What the catches need (cleared on timer kicks, so edits of the page tables
     /// or the IDT without a CR3 or IDTR load are seen too).
     pub(crate) plan: Option<Plan>,
