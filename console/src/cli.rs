@@ -147,6 +147,10 @@ pub struct BenchArgs {
     /// host-decompressed vmlinux vs the bzImage's own decompressor.
     #[arg(long, value_name = "KERNEL")]
     pub linux: Option<String>,
+    /// With --linux: also process start to the kernel's `Run /init` with this
+    /// initramfs, beside QEMU+KVM (qemu-system-x86_64) booting the same files.
+    #[arg(long, value_name = "FILE", requires = "linux")]
+    pub initrd: Option<String>,
     /// Only this group of figures.
     #[arg(long, value_enum, value_name = "GROUP")]
     pub only: Option<BenchGroup>,

@@ -1,7 +1,10 @@
-//! `bench --linux KERNEL`: from process start to the kernel's first line
-//! (its `Linux version` banner, printed at once with `earlyprintk=serial`),
-//! entering the vmlinux vmiscope decompressed on the host, beside the
-//! bzImage's own decompressor run in the guest (the baseline), in one run.
+//! `bench --linux KERNEL [--initrd FILE]`: from process start to the kernel's
+//! first line (its `Linux version` banner, printed at once with
+//! `earlyprintk=serial`), entering the vmlinux vmiscope decompressed on the
+//! host, beside the bzImage's own decompressor run in the guest (the
+//! baseline), in one run. With an initramfs, also from process start to the
+//! kernel's `Run /init`, beside QEMU+KVM booting the same kernel and initramfs
+//! (through its firmware and the bzImage's decompressor, as QEMU users do).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -10,53 +13,122 @@ use std::time::{Duration, Instant};
 use super::common::{Figure, Report};
 use crate::error::Error;
 
-/// Longest a boot may take to print its banner (the decompressor runs in
-/// KVM's emulator on a PVM host: minutes).
+/// Longest a boot may take to print its line (the decompressor runs in KVM's
+/// emulator on a PVM host: minutes).
 const LIMIT: Duration = Duration::from_secs(900);
 
-/// Milliseconds from spawning `vmiscope run KERNEL --batch` to the banner.
-fn to_banner(kernel: &str, own_decompressor: bool) -> Result<f64, Error> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+/// Milliseconds from spawning `cmd` to a line of its stdout with `line`.
+fn time_to_line(mut cmd: Command, what: &str, line: &str) -> Result<f64, Error> {
     let t = Instant::now();
-    let mut cmd = Command::new(exe);
-    cmd.args(["run", kernel, "--batch", "--mem", "512"])
-        .args(["--cmdline", "earlyprintk=serial console=ttyS0"])
-        .args(["--timeout", &LIMIT.as_secs().to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    if own_decompressor {
-        cmd.arg("--own-decompressor");
-    }
-    let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .stdin(Stdio::null());
+    let mut child = cmd.spawn().map_err(|e| format!("{what}: {e}"))?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
+    // The kill makes a read that waits forever end (a boot that never gets
+    // there). `done` is set before the child is reaped, so the pid is ours.
+    let pid = child.id();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    let timer = std::thread::spawn(move || {
+        let end = Instant::now() + LIMIT;
+        while Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(200));
+            if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+        }
+        // SAFETY: our own child, not yet reaped (see `done`).
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    });
     let seen = BufReader::new(stdout)
         .lines()
         .map_while(Result::ok)
-        .any(|l| l.contains("Linux version"));
+        .any(|l| l.contains(line));
     let ms = t.elapsed().as_secs_f64() * 1e3;
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = timer.join();
     let _ = child.kill();
     let _ = child.wait();
     if !seen {
-        return Err(format!("{kernel} printed no `Linux version` line").into());
+        return Err(format!("{what} printed no `{line}` line").into());
     }
     Ok(ms)
 }
 
-pub fn measure(kernel: &str) -> Result<Report, Error> {
-    let ours = to_banner(kernel, false)?;
-    let theirs = to_banner(kernel, true)?;
+/// `vmiscope run KERNEL --batch` with `extra`.
+fn ours(kernel: &str, extra: &[&str]) -> Result<Command, Error> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["run", kernel, "--batch", "--mem", "512"])
+        .args(["--timeout", &LIMIT.as_secs().to_string()])
+        .args(extra);
+    Ok(cmd)
+}
+
+fn banner_figure(kernel: &str) -> Result<Figure, Error> {
+    let early = ["--cmdline", "earlyprintk=serial console=ttyS0"];
+    let banner = "Linux version";
+    let ours_ms = time_to_line(ours(kernel, &early)?, "vmiscope", banner)?;
+    let mut own = early.to_vec();
+    own.push("--own-decompressor");
+    let theirs = time_to_line(ours(kernel, &own)?, "vmiscope --own-decompressor", banner)?;
+    Ok(Figure {
+        name: "linux: process start to banner".into(),
+        unit: "ms",
+        value: ours_ms,
+        baseline: Some(theirs),
+        ratio: Some(ours_ms / theirs),
+        note: "vmlinux decompressed by vmiscope; baseline: the bzImage's own decompressor in the guest".into(),
+    })
+}
+
+/// Process start to `Run /init`, vmiscope beside QEMU+KVM. QEMU's failure
+/// (not installed, or no KVM it can use) leaves the baseline empty, with why.
+fn init_figure(kernel: &str, initrd: &str) -> Result<Figure, Error> {
+    let line = "Run /init";
+    let ours_ms = time_to_line(ours(kernel, &["--initrd", initrd])?, "vmiscope", line)?;
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", "kvm", "-cpu", "host", "-m", "512", "-smp", "1"])
+        .args([
+            "-nographic",
+            "-no-reboot",
+            "-kernel",
+            kernel,
+            "-initrd",
+            initrd,
+        ])
+        .args(["-append", "console=ttyS0"]);
+    let theirs = time_to_line(qemu, "qemu-system-x86_64 -accel kvm", line);
+    let note = match &theirs {
+        Ok(_) => "baseline: QEMU+KVM, `qemu-system-x86_64 -accel kvm -cpu host -m 512`, same kernel and initramfs".to_string(),
+        Err(e) => format!("no baseline: {e}"),
+    };
+    let theirs = theirs.ok();
+    Ok(Figure {
+        name: "linux: process start to Run /init".into(),
+        unit: "ms",
+        value: ours_ms,
+        baseline: theirs,
+        ratio: theirs.map(|t| ours_ms / t),
+        note,
+    })
+}
+
+pub fn measure(kernel: &str, initrd: Option<&str>) -> Result<Report, Error> {
+    let mut figures = vec![banner_figure(kernel)?];
+    if let Some(i) = initrd {
+        figures.push(init_figure(kernel, i)?);
+    }
     Ok(Report {
-        baseline: "decompressor",
+        baseline: if initrd.is_some() {
+            "baseline"
+        } else {
+            "decompressor"
+        },
         host: vmiscope_vmm::HostKind::detect().figures_label(),
         iterations: 1,
         repeat: 1,
-        figures: vec![Figure {
-            name: "linux: process start to banner".into(),
-            unit: "ms",
-            value: ours,
-            baseline: Some(theirs),
-            ratio: Some(ours / theirs),
-            note: "vmlinux decompressed by vmiscope; baseline: the bzImage's own decompressor in the guest".into(),
-        }],
+        figures,
     })
 }

@@ -429,7 +429,7 @@ fn exit_figures(iterations: u64, repeat: usize, figures: &mut Vec<Figure>) -> Re
 
 pub fn run(a: &crate::cli::BenchArgs) -> i32 {
     let r = match &a.linux {
-        Some(kernel) => linux::measure(kernel),
+        Some(kernel) => linux::measure(kernel, a.initrd.as_deref()),
         None => measure(a.iterations.max(2), a.repeat, a.only),
     };
     let r = match r {

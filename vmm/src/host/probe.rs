@@ -241,7 +241,7 @@ impl Probe {
         let mut r = loader::regs_for(&entry, 0, 1);
         r.rip = XSETBV_CODE;
         vcpu.set_regs(&r).map_err(VmError::ioctl("KVM_SET_REGS"))?;
-        if !matches!(vcpu.run(), Ok(VcpuExit::IoOut(..))) {
+        if !bounded(&mut vcpu, |v| matches!(v.run(), Ok(VcpuExit::IoOut(..)))) {
             return Ok(false);
         }
         let x = vcpu.get_xcrs().map_err(VmError::ioctl("KVM_GET_XCRS"))?;
@@ -280,18 +280,48 @@ impl Probe {
         }
         vcpu.set_guest_debug(&dbg)
             .map_err(VmError::ioctl("KVM_SET_GUEST_DEBUG"))?;
-        let out = match vcpu.run() {
+        let out = bounded(&mut vcpu, |v| match v.run() {
             Ok(VcpuExit::Debug(d)) => Outcome::Debug {
                 exception: d.exception,
                 pc: d.pc,
             },
             Ok(VcpuExit::InternalError) => Outcome::EmulationFailure {
-                rip: vcpu.get_regs().map(|r| r.rip).unwrap_or(0),
+                rip: v.get_regs().map(|r| r.rip).unwrap_or(0),
             },
             _ => Outcome::Other,
-        };
+        });
         Ok(out)
     }
+}
+
+/// Longest one probe's KVM_RUN may take. Each runs a few instructions, so an
+/// answer comes in microseconds on silicon and milliseconds under emulation.
+const RUN_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs `f` (one KVM_RUN of `vcpu`) with the vCPU kicked out after
+/// `RUN_LIMIT`: a host that loops inside KVM must not hang start-up (Bochs's
+/// emulated VMX re-faults for good on a CPL3 fetch from a page with no
+/// memslot, measured). A kicked run ends in EINTR, which counts as the
+/// mechanism missing.
+fn bounded<T>(vcpu: &mut VcpuFd, f: impl FnOnce(&mut VcpuFd) -> T) -> T {
+    crate::kick::install();
+    crate::kick::register_thread(vcpu.get_kvm_run());
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let guard = std::thread::spawn(move || {
+        if wait.recv_timeout(RUN_LIMIT) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            // This thread is joined before `me` returns, so `me` is alive.
+            crate::kick::kick(me);
+        }
+    });
+    let out = f(vcpu);
+    drop(done);
+    let _ = guard.join();
+    crate::kick::unregister_thread();
+    // A kick that landed after the run left `immediate_exit` set.
+    vcpu.get_kvm_run().immediate_exit = 0;
+    out
 }
 
 /// Without it KVM gives a CPL3 guest a #UD where its emulator fails (x86.c,

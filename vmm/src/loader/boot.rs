@@ -20,6 +20,8 @@ const TSS: u64 = 0x600;
 pub(crate) const PML4: u64 = 0x1000;
 pub(crate) const PDPT: u64 = 0x2000;
 pub(crate) const PD: u64 = 0x3000; // four PDs: 0x3000..0x7000, 4 GiB of 2 MiB pages
+/// Where Linux's `__START_KERNEL_map` puts physical 0 (its text is linked there).
+pub(crate) const KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
 const STACK_TOP: u64 = 0x7ff0;
 
 pub const SEL_CODE64: u16 = 0x08;
@@ -63,6 +65,14 @@ pub fn write_boot_area(ram: &GuestRam) -> Result<(), crate::error::VmError> {
         // Present, writable, 2 MiB, supervisor: images that run CPL3 code build their own.
         ram.write(PD + 8 * i, &((i << 21) | 0x83).to_le_bytes())?;
     }
+    // The first GiB again at KERNEL_MAP, where Linux links its text (as its own
+    // early page tables map it, phys_base 0). The boot protocol asks only for
+    // the identity map, and the kernel leaves these tables at once; but at its
+    // entry a debugger can then read, and break on, `start_kernel` by name where
+    // no debug register fires (an SVM host without DR exits, say).
+    let (l4, l3) = ((KERNEL_MAP >> 39) & 511, (KERNEL_MAP >> 30) & 511);
+    ram.write(PML4 + 8 * l4, &(PDPT | 3).to_le_bytes())?;
+    ram.write(PDPT + 8 * l3, &(PD | 3).to_le_bytes())?;
     Ok(())
 }
 
@@ -158,4 +168,22 @@ pub fn regs(entry: &EntryState, cpu: u32, ncpus: u32) -> kvm_regs {
         }
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmiscope_introspect::paging::{PagingMode, translate};
+
+    #[test]
+    fn the_boot_tables_map_ram_at_zero_and_where_linux_links_its_text() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        write_boot_area(&ram).unwrap();
+        let mode = PagingMode::from_regs(1 << 31, PML4, 1 << 5, 1 << 10);
+        let at = |gva| translate(&ram, mode, gva).map(|t| t.gpa);
+        assert_eq!(at(0x100_0000), Ok(0x100_0000), "identity");
+        // start_kernel of a kernel loaded at 16 MiB, before it switches tables.
+        assert_eq!(at(KERNEL_MAP + 0x304_ee41), Ok(0x304_ee41));
+        assert!(at(0xffff_8880_0000_0000).is_err(), "nothing else");
+    }
 }
