@@ -165,6 +165,7 @@ pub(super) const FLAG_PF: u64 = 1 << 2;
 pub(super) const FLAG_AF: u64 = 1 << 4;
 pub(super) const FLAG_ZF: u64 = 1 << 6;
 pub(super) const FLAG_SF: u64 = 1 << 7;
+pub(super) const FLAG_DF: u64 = 1 << 10;
 pub(super) const FLAG_OF: u64 = 1 << 11;
 /// The resume flag: an instruction that completes clears it (the CPU does, for
 /// all but IRET, POPF and task switches), so the next one's code breakpoint is

@@ -5,8 +5,9 @@
 //!
 //! The common forms only — `mov`, `lea`, `movzx`/`movsx`, the two-operand
 //! arithmetic and logic with their flags, `inc`/`dec`, `push`/`pop`, `call`,
-//! `ret`, `jmp`, `jcc`, `nop` — at CPL0, on registers and on plain memory (RAM
-//! no hook watches: an access a hook must see goes the usual way). Anything else,
+//! `ret`, `jmp`, `jcc`, `nop`, and `rep stos` (memset) — at CPL0, on registers
+//! and on plain memory (RAM no hook watches: an access a hook must see goes the
+//! usual way). Anything else,
 //! and any fault, is left to the step-over path (None): an instruction either
 //! completes here with every effect or has none.
 
@@ -24,7 +25,10 @@ use super::complete::{
 pub fn run(cpu: &mut dyn InsnCpu, bytes: &[u8]) -> bool {
     let rip = cpu.regs().rip;
     let insn = Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE).decode();
-    if insn.is_invalid() || insn.has_lock_prefix() || insn.has_rep_prefix() {
+    if insn.has_rep_prefix() && !insn.is_invalid() {
+        return rep_stos(cpu, &insn);
+    }
+    if insn.is_invalid() || insn.has_lock_prefix() {
         return false;
     }
     // General registers only (not AH..DH): a segment, control or debug
@@ -43,6 +47,66 @@ pub fn run(cpu: &mut dyn InsnCpu, bytes: &[u8]) -> bool {
     }
     matches!(step(&mut x), Some(Outcome::Done))
 }
+
+/// `rep stos` (the kernel's memset: `clear_bss` at boot, on the page of
+/// `start_kernel`). A single-step runs one iteration of a string instruction,
+/// so a step-over of a memset of the BSS took an exit per byte and never ended.
+/// Done here a page at a time, upward (DF clear), 64-bit addressing, on an
+/// aligned destination (no element straddles pages), each page plain RAM; it
+/// stops before the first page that is not. Returns whether any of it ran (RCX,
+/// RDI and, once RCX is 0, RIP then say how far): the rest faults again.
+fn rep_stos(cpu: &mut dyn InsnCpu, insn: &Instruction) -> bool {
+    let size = match insn.mnemonic() {
+        Mnemonic::Stosb => 1u64,
+        Mnemonic::Stosw => 2,
+        Mnemonic::Stosd => 4,
+        Mnemonic::Stosq => 8,
+        _ => return false,
+    };
+    let mut r = cpu.regs();
+    let aligned = r.rdi.is_multiple_of(size);
+    if r.rflags & super::complete::FLAG_DF != 0
+        || insn.op0_kind() != OpKind::MemoryESRDI
+        || !aligned
+    {
+        return false;
+    }
+    let pattern = r.rax.to_le_bytes();
+    let Some(total) = r.rcx.checked_mul(size) else {
+        return false;
+    };
+    let mut done = 0u64;
+    while done < total {
+        let dst = r.rdi.wrapping_add(done);
+        let n = (PAGE - (dst & (PAGE - 1))).min(total - done);
+        let Ok(gpa) = cpu.translate(dst, true) else {
+            break;
+        };
+        if !cpu.plain_memory(gpa, true) {
+            break;
+        }
+        let chunk: Vec<u8> = (done..done + n)
+            .map(|k| pattern[(k % size) as usize])
+            .collect();
+        if !cpu.write_phys(gpa, &chunk) {
+            break;
+        }
+        done += n;
+    }
+    if done == 0 {
+        return false;
+    }
+    r.rdi = r.rdi.wrapping_add(done);
+    r.rcx -= done / size;
+    if r.rcx == 0 {
+        r.rip = insn.next_ip();
+    }
+    r.rflags &= !FLAG_RF;
+    cpu.set_regs(&r);
+    true
+}
+
+const PAGE: u64 = 4096;
 
 fn is_high_byte(r: Register) -> bool {
     matches!(r, Register::AH | Register::BH | Register::CH | Register::DH)

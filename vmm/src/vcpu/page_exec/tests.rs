@@ -120,3 +120,31 @@ fn a_completed_instruction_clears_the_resume_flag() {
     assert!(at(&mut c, &[0x75, 0x10])); // jnz, taken
     assert_eq!(c.regs.rflags & FLAG_RF, 0);
 }
+
+#[test]
+fn rep_stos_fills_plain_memory_at_once_and_stops_before_a_hooked_page() {
+    // rep stosq over 0x2000..0x3000 (two aligned halves), RAX = pattern.
+    let mut c = Cpu::new();
+    (c.regs.rdi, c.regs.rcx, c.regs.rax) = (0x2000, 0x200, 0x0101_0101_0101_01aa);
+    assert!(at(&mut c, &[0xf3, 0x48, 0xab]));
+    assert!(
+        c.mem[0x2000..0x3000]
+            .chunks(8)
+            .all(|q| q == 0x0101_0101_0101_01aau64.to_le_bytes())
+    );
+    assert_eq!((c.regs.rdi, c.regs.rcx, c.regs.rip), (0x3000, 0, 0x1003));
+    // rep stosb running into an unmapped page: the mapped part is done, the
+    // rest is left (RIP stays on the instruction, which faults again).
+    let mut c = Cpu::new();
+    (c.regs.rdi, c.regs.rcx, c.regs.rax) = (0x4ff0, 0x20, 0x55);
+    assert!(at(&mut c, &[0xf3, 0xaa]));
+    assert_eq!((c.regs.rdi, c.regs.rcx, c.regs.rip), (0x5000, 0x10, 0x1000));
+    assert!(c.mem[0x4ff0..0x5000].iter().all(|b| *b == 0x55));
+    // Downward (DF set), or starting on a page a hook watches: not here.
+    let mut c = Cpu::new();
+    (c.regs.rdi, c.regs.rcx, c.regs.rflags) = (0x2000, 4, 2 | (1 << 10));
+    assert!(!at(&mut c, &[0xf3, 0xaa]));
+    let mut c = Cpu::new();
+    (c.regs.rdi, c.regs.rcx) = (TRAPPED, 4);
+    assert!(!at(&mut c, &[0xf3, 0xaa]));
+}
