@@ -25,33 +25,9 @@ impl VcpuThread {
     /// Applies the guest-debug controls if they changed (one ioctl, only then).
     pub(super) fn apply_debug(&mut self) -> Result<(), VmError> {
         let generation = self.vm.debug_generation();
-        let mut control = 0u32;
         let mut regs = [0u64; 8];
         let step = self.debug.user_step || !self.step.stepping.is_empty();
-        // KVM's single-step where it works; at CPL3 on PVM, TF and the #DB catch.
-        if step && !self.vm.host().single_step_at(self.cpl()) {
-            if !self.debug.tf_step {
-                self.debug.tf_pushf = self.pushf_here();
-                self.edit_regs(|r| r.rflags |= RFLAGS_TF);
-                self.debug.tf_step = true;
-            }
-        } else if !step && self.debug.tf_step {
-            // The step was called off before its #DB (another stop ended it).
-            self.edit_regs(|r| r.rflags &= !RFLAGS_TF);
-            self.debug.tf_step = false;
-        } else if step {
-            control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
-            // KVM steps with RFLAGS.TF in the guest's own flags (VMX and SVM
-            // alike), so a stepped PUSHF pushes it: taken out after the step
-            // unless the guest had set TF itself (KVM hides ours from `regs`).
-            self.debug.tf_pushf = self.regs().rflags & RFLAGS_TF == 0 && self.pushf_here();
-            self.step_through_sysret();
-        } else if !self.debug.tf_step {
-            self.debug.tf_pushf = false;
-        }
-        if !step {
-            self.take_tf_out_of_r11();
-        }
+        let mut control = self.step_controls(step);
         let mut slots = self.vm.hw_breakpoints();
         let mut catches = [None; 4];
         let sw_bps = self.vm.has_sw_breakpoints();
@@ -126,6 +102,36 @@ impl VcpuThread {
         self.debug.applied = Some((control, regs));
         self.debug.generation = generation;
         Ok(())
+    }
+
+    /// How a wanted step is made: KVM's single-step where it works (the
+    /// controls returned); at CPL3 on PVM, TF and the #DB catch (no controls).
+    fn step_controls(&mut self, step: bool) -> u32 {
+        let mut control = 0;
+        if step && !self.vm.host().single_step_at(self.cpl()) {
+            if !self.debug.tf_step {
+                self.debug.tf_pushf = self.pushf_here();
+                self.edit_regs(|r| r.rflags |= RFLAGS_TF);
+                self.debug.tf_step = true;
+            }
+        } else if !step && self.debug.tf_step {
+            // The step was called off before its #DB (another stop ended it).
+            self.edit_regs(|r| r.rflags &= !RFLAGS_TF);
+            self.debug.tf_step = false;
+        } else if step {
+            control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+            // KVM steps with RFLAGS.TF in the guest's own flags (VMX and SVM
+            // alike), so a stepped PUSHF pushes it: taken out after the step
+            // unless the guest had set TF itself (KVM hides ours from `regs`).
+            self.debug.tf_pushf = self.regs().rflags & RFLAGS_TF == 0 && self.pushf_here();
+            self.step_through_sysret();
+        } else if !self.debug.tf_step {
+            self.debug.tf_pushf = false;
+        }
+        if !step {
+            self.take_tf_out_of_r11();
+        }
+        control
     }
 
     /// A single step over ENDBR64/ENDBR32 at CPL0 on PVM: KVM's emulator runs
