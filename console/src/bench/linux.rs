@@ -21,10 +21,19 @@ const LIMIT: Duration = Duration::from_secs(900);
 fn time_to_line(mut cmd: Command, what: &str, line: &str) -> Result<f64, Error> {
     let t = Instant::now();
     cmd.stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .stdin(Stdio::null());
     let mut child = cmd.spawn().map_err(|e| format!("{what}: {e}"))?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
+    // Its last words, for the error if the line never comes.
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let last = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| !l.trim().is_empty())
+            .last()
+    });
     // The kill makes a read that waits forever end (a boot that never gets
     // there). `done` is set before the child is reaped, so the pid is ours.
     let pid = child.id();
@@ -50,8 +59,12 @@ fn time_to_line(mut cmd: Command, what: &str, line: &str) -> Result<f64, Error> 
     let _ = timer.join();
     let _ = child.kill();
     let _ = child.wait();
+    let last = last.join().ok().flatten();
     if !seen {
-        return Err(format!("{what} printed no `{line}` line").into());
+        let why = last
+            .map(|l| format!(" (its last words: {l})"))
+            .unwrap_or_default();
+        return Err(format!("{what} printed no `{line}` line{why}").into());
     }
     Ok(ms)
 }
