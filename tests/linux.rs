@@ -121,6 +121,27 @@ fn kallsyms_from_the_kernel_alone_agree_with_the_debug_packages_system_map() {
 
 /// A newc cpio archive with only its trailer: an initramfs with nothing in it.
 /// A journal's JSON records, one per line.
+/// The options of a protected boot: the memory Debian's kernel wants, every
+/// policy, and room for a boot in KVM's emulator.
+const PROTECTED: [&str; 6] = ["--mem", "512", "--protect", "all", "--timeout", "900"];
+
+/// `vmiscope run KERNEL ARGS… --script SCRIPT` to its end: stdout and stderr
+/// together, once the run held every expectation (exit 0; on failure the text
+/// shows each expectation and the serial tail it saw).
+fn run_script(args: &[&str], script: &std::path::Path) -> String {
+    let out = Command::new(EXE)
+        .arg("run")
+        .arg(kernel())
+        .args(args)
+        .args(["--script", script.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    text
+}
+
 fn journal_records(path: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -204,27 +225,13 @@ fn debian_kernel_boots_protected_and_a_syscall_table_patch_is_caught() {
          alerts\n",
     )
     .unwrap();
-    let out = Command::new(EXE)
-        .args([
-            "run",
-            k.to_str().unwrap(),
-            "--mem",
-            "512",
-            "--protect",
-            "all",
-        ])
-        .args(["--timeout", "900", "--script", script.to_str().unwrap()])
-        .args(["--journal", journal.to_str().unwrap()])
-        .args(["--initrd", initrd.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // On failure this shows every expectation and the serial tail it saw.
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    let extra = [
+        "--journal",
+        journal.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+    ];
+    let text = run_script(&[&PROTECTED[..], &extra].concat(), &script);
     assert!(
         text.contains("vmiscope added: console=ttyS0") || !text.contains("PVM"),
         "{text}"
@@ -339,7 +346,6 @@ fn busybox_runs_as_init_under_every_policy_and_its_syscalls_reach_the_entry() {
     let Some(busybox) = static_busybox() else {
         return;
     };
-    let k = kernel();
     let dir = common::temp_dir("linux-busybox");
     let init = "#!/bin/busybox sh\n\
                 /bin/busybox --install -s /bin\n\
@@ -374,16 +380,8 @@ fn busybox_runs_as_init_under_every_policy_and_its_syscalls_reach_the_entry() {
          expect no-alert\n",
     )
     .unwrap();
-    let out = Command::new(EXE)
-        .args(["run", k.to_str().unwrap(), "--mem", "512"])
-        .args(["--protect", "all", "--timeout", "900"])
-        .args(["--initrd", initrd.to_str().unwrap()])
-        .args(["--script", script.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    let initrd = ["--initrd", initrd.to_str().unwrap()];
+    let text = run_script(&[&PROTECTED[..], &initrd].concat(), &script);
     assert!(
         text.contains("guest| Linux version"),
         "cat /proc/version: {text}"
@@ -601,7 +599,6 @@ fn two_vcpus_come_up_through_the_madt_under_every_policy() {
     if !common::kvm_available() {
         return;
     }
-    let k = kernel();
     let dir = common::temp_dir("linux-smp");
     let script = dir.join("smp.vms");
     // The AP is started by the kernel itself (INIT/SIPI, found in the MADT
@@ -615,15 +612,19 @@ fn two_vcpus_come_up_through_the_madt_under_every_policy() {
          ps\n",
     )
     .unwrap();
-    let out = Command::new(EXE)
-        .args(["run", k.to_str().unwrap(), "--vcpus", "2", "--mem", "512"])
-        .args(["--protect", "all", "--timeout", "600"])
-        .args(["--script", script.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    let text = run_script(
+        &[
+            "--vcpus",
+            "2",
+            "--mem",
+            "512",
+            "--protect",
+            "all",
+            "--timeout",
+            "600",
+        ],
+        &script,
+    );
     assert!(
         text.contains("ACPI: Using ACPI (MADT) for SMP configuration"),
         "{text}"
@@ -695,16 +696,8 @@ fn kaslr_the_slide_is_found_from_the_running_kernel() {
          kaslr\n",
     )
     .unwrap();
-    let out = Command::new(EXE)
-        .args(["run", k.to_str().unwrap(), "--own-decompressor"])
-        .args(["--mem", "512", "--protect", "all", "--timeout", "900"])
-        .args(["--script", script.to_str().unwrap()])
-        .args(["--journal", journal.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    let extra = ["--own-decompressor", "--journal", journal.to_str().unwrap()];
+    let text = run_script(&[&PROTECTED[..], &extra].concat(), &script);
     assert!(!text.contains("nokaslr"), "KASLR is left on: {text}");
     let slide = text
         .split("KASLR: the kernel runs ")
