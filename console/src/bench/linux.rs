@@ -35,27 +35,21 @@ fn time_to_line(mut cmd: Command, what: &str, line: &str) -> Result<f64, Error> 
             .last()
     });
     // The kill makes a read that waits forever end (a boot that never gets
-    // there). `done` is set before the child is reaped, so the pid is ours.
+    // there). `done` goes before the child is reaped, so the pid is ours.
     let pid = child.id();
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = done.clone();
+    let (done, wait) = std::sync::mpsc::channel::<()>();
     let timer = std::thread::spawn(move || {
-        let end = Instant::now() + LIMIT;
-        while Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(200));
-            if flag.load(std::sync::atomic::Ordering::SeqCst) {
-                return;
-            }
+        if wait.recv_timeout(LIMIT) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            // SAFETY: our own child, not yet reaped (see `done`).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
-        // SAFETY: our own child, not yet reaped (see `done`).
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     });
     let seen = BufReader::new(stdout)
         .lines()
         .map_while(Result::ok)
         .any(|l| l.contains(line));
     let ms = t.elapsed().as_secs_f64() * 1e3;
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(done);
     let _ = timer.join();
     let _ = child.kill();
     let _ = child.wait();

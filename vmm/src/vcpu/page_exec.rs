@@ -71,10 +71,16 @@ fn rep_stos(cpu: &mut dyn InsnCpu, insn: &Instruction) -> bool {
     {
         return false;
     }
-    let pattern = r.rax.to_le_bytes();
     let Some(total) = r.rcx.checked_mul(size) else {
         return false;
     };
+    // Every chunk starts on an element (aligned start, pages a multiple of the
+    // size), so one page of the pattern serves them all.
+    let pattern = r.rax.to_le_bytes();
+    let mut fill = [0u8; PAGE as usize];
+    for (i, b) in fill.iter_mut().enumerate() {
+        *b = pattern[i % size as usize];
+    }
     let mut done = 0u64;
     while done < total {
         let dst = r.rdi.wrapping_add(done);
@@ -82,13 +88,7 @@ fn rep_stos(cpu: &mut dyn InsnCpu, insn: &Instruction) -> bool {
         let Ok(gpa) = cpu.translate(dst, true) else {
             break;
         };
-        if !cpu.plain_memory(gpa, true) {
-            break;
-        }
-        let chunk: Vec<u8> = (done..done + n)
-            .map(|k| pattern[(k % size) as usize])
-            .collect();
-        if !cpu.write_phys(gpa, &chunk) {
+        if !cpu.plain_memory(gpa, true) || !cpu.write_phys(gpa, &fill[..n as usize]) {
             break;
         }
         done += n;
