@@ -145,6 +145,17 @@ impl ExitBackend for VcpuThread {
         self.kick_exit()
     }
 
+    fn kvm_stepping(&self) -> bool {
+        self.debug
+            .applied
+            .is_some_and(|(control, _)| control & kvm_bindings::KVM_GUESTDBG_SINGLESTEP != 0)
+    }
+
+    fn step_trap_lost(&mut self) -> Flow {
+        let rip = self.regs().rip;
+        self.stepped(rip)
+    }
+
     fn finish_deferred(&mut self) {
         if !self.step.deferred.is_empty() {
             let d = std::mem::take(&mut self.step.deferred);

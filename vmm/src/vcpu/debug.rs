@@ -68,15 +68,19 @@ impl VcpuThread {
             control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP;
         }
         // KVM notes where a single-step starts when the controls are set
-        // (`singlestep_rip`, x86.c) and keeps RFLAGS.TF set only while RIP is
-        // there. Registers the VMM edited in this exit reach KVM only with the
-        // next KVM_RUN, after the controls: a step started where the VMM had
-        // just moved RIP (an instruction completed on a trapped page, then a
-        // step over the next one) lost its TF and ran free. So the edited
-        // registers go first, and the controls are set again.
+        // (`singlestep_rip`, x86.c) and puts RFLAGS.TF back only while RIP is
+        // there; nothing re-arms it once TF is gone. The guest clears it
+        // itself with a POPF or IRET of flags without TF (measured on the SVM
+        // rig: the step after verify_cpu's `push $0; popf` ran free), and
+        // KVM's emulator drops it after an MMIO write (`handle_exit`). So
+        // every step sets the controls again, at the RIP it starts from.
+        // Registers the VMM edited in this exit reach KVM only with the next
+        // KVM_RUN, after the controls, so they go first: a step started where
+        // the VMM had just moved RIP (an instruction completed on a trapped
+        // page) would otherwise start at the old RIP and run free.
+        let step_armed = control & KVM_GUESTDBG_SINGLESTEP != 0;
         let regs_edited = self.fd.get_kvm_run().kvm_dirty_regs & u64::from(KVM_SYNC_X86_REGS) != 0;
-        let restart_step = control & KVM_GUESTDBG_SINGLESTEP != 0 && regs_edited;
-        if restart_step {
+        if step_armed && regs_edited {
             let r = self.fd.sync_regs().regs;
             self.vm.count_ioctls(1);
             self.fd
@@ -84,7 +88,7 @@ impl VcpuThread {
                 .map_err(VmError::ioctl("KVM_SET_REGS"))?;
             self.fd.clear_sync_dirty_reg(SyncReg::Register);
         }
-        if !restart_step
+        if !step_armed
             && self.debug.applied == Some((control, regs))
             && self.debug.generation == generation
         {
@@ -195,7 +199,7 @@ impl VcpuThread {
     }
 
     /// One instruction ran under a step (KVM's, or a TF step caught at #DB).
-    fn stepped(&mut self, pc: u64) -> Flow {
+    pub(super) fn stepped(&mut self, pc: u64) -> Flow {
         if std::mem::take(&mut self.debug.tf_pushf) {
             self.clear_pushed_tf(self.regs().rsp);
         }

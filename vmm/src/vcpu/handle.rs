@@ -63,6 +63,12 @@ pub(crate) trait ExitBackend {
     fn debug_exit(&mut self, exception: u32, pc: u64, dr6: u64) -> Flow;
     fn internal_error(&mut self) -> Flow;
     fn kicked(&mut self) -> Flow;
+    /// Whether KVM's single-step (KVM_GUESTDBG_SINGLESTEP) is armed for the
+    /// instruction that exited.
+    fn kvm_stepping(&self) -> bool;
+    /// Ends a KVM single-step whose trap KVM dropped (see `handle_exit`): the
+    /// step is reported as done at the current RIP.
+    fn step_trap_lost(&mut self) -> Flow;
     /// Called before every exit but a debug one: a step-over that could not
     /// single-step finishes here.
     fn finish_deferred(&mut self);
@@ -85,7 +91,22 @@ pub(crate) fn handle_exit(be: &mut dyn ExitBackend, raw: RawExit) -> Flow {
         RawExit::IoOut { port, size, value } => io_out(be, port, size, value),
         RawExit::IoIn { port, size } => io_in(be, port, size),
         RawExit::MmioRead { gpa, len } => mmio_read(be, gpa, len),
-        RawExit::MmioWrite { gpa, len, data } => mmio_write(be, gpa, len, data),
+        RawExit::MmioWrite { gpa, len, data } => {
+            // KVM's emulator has already moved RIP past a write it hands to
+            // user space, and it skips the single-step trap for it (x86.c:
+            // `kvm_vcpu_do_singlestep` runs only when the emulation did not
+            // exit, and `complete_emulated_mmio` returns to the guest with a
+            // "FIXME: return into emulator if single-stepping"). Its write-back
+            // also drops RFLAGS.TF, as RIP is no longer `singlestep_rip`, so a
+            // step over a store to a write-trapped page ran free (VMX, SVM
+            // and PVM alike). The step ends here instead, as the CPU's would.
+            let flow = mmio_write(be, gpa, len, data);
+            if flow == Flow::Continue && be.kvm_stepping() {
+                be.step_trap_lost()
+            } else {
+                flow
+            }
+        }
         RawExit::RdMsr { index } => msr(be, index, None),
         RawExit::WrMsr { index, value } => msr(be, index, Some(value)),
         RawExit::Debug { exception, pc, dr6 } => be.debug_exit(exception, pc, dr6),

@@ -20,6 +20,7 @@ enum Did {
     SteppedOver(u64),
     Reinjected(u64),
     Halted,
+    StepEnded(u64),
 }
 
 #[derive(Default)]
@@ -33,6 +34,8 @@ struct Fake {
     ports: HashMap<u16, u32>,
     /// What the devices make of a port write.
     effect: Option<PortEffect>,
+    /// KVM's single-step is armed.
+    stepping: bool,
 }
 
 const RAM: u64 = 0x10_0000;
@@ -138,6 +141,13 @@ impl ExitBackend for Fake {
     fn kicked(&mut self) -> Flow {
         Flow::Continue
     }
+    fn kvm_stepping(&self) -> bool {
+        self.stepping
+    }
+    fn step_trap_lost(&mut self) -> Flow {
+        self.did.push(Did::StepEnded(self.regs.rip));
+        Flow::Stop
+    }
     fn finish_deferred(&mut self) {}
     fn skip(&mut self, len: u8) {
         self.did.push(Did::Skipped(len));
@@ -182,6 +192,25 @@ const WRITE: RawExit = RawExit::MmioWrite {
     len: 2,
     data: 0xbeef,
 };
+
+#[test]
+fn a_step_over_a_trapped_write_ends_at_its_exit() {
+    // KVM drops the trap of a step over an emulated MMIO write (handle_exit).
+    let landed = Did::RamWrite(TRAPPED + 8, vec![0xef, 0xbe]);
+    let mut f = write_trapped(Reply::Continue);
+    f.stepping = true;
+    assert_eq!(handle_exit(&mut f, WRITE), Flow::Stop);
+    assert_eq!(f.effects(), [landed, Did::StepEnded(0x1000)]);
+    // Not stepping: the write lands and the guest goes on.
+    let mut f = write_trapped(Reply::Continue);
+    assert_eq!(handle_exit(&mut f, WRITE), Flow::Continue);
+    assert!(!f.effects().contains(&Did::StepEnded(0x1000)));
+    // A handler's stop wins over the step's end.
+    let mut f = write_trapped(crashed());
+    f.stepping = true;
+    assert_eq!(handle_exit(&mut f, WRITE), Flow::Stop);
+    assert_eq!(f.effects(), [handler_stop()]);
+}
 
 #[test]
 fn a_trapped_write_lands_on_continue_only() {
