@@ -547,7 +547,10 @@ impl vmiscope_vmm::ExitHandler for CountingExits {
         }
         self.intro.on_event(cpu, e)
     }
-    fn on_exit(&self, cpu: &mut vmiscope_vmm::VcpuCtl<'_>) {
+    fn on_exit(
+        &self,
+        cpu: &mut vmiscope_vmm::VcpuCtl<'_>,
+    ) -> Result<(), vmiscope_vmm::HandlerStop> {
         self.exits.fetch_add(1, Ordering::SeqCst);
         self.intro.on_exit(cpu)
     }

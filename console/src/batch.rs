@@ -30,7 +30,7 @@ impl ExitHandler for BatchHandler {
         self.engine.on_event(cpu, event)
     }
 
-    fn on_exit(&self, cpu: &mut VcpuCtl<'_>) {
+    fn on_exit(&self, cpu: &mut VcpuCtl<'_>) -> Result<(), vmiscope_vmm::HandlerStop> {
         self.engine.on_exit(cpu)
     }
 }

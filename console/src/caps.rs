@@ -83,10 +83,11 @@ impl ExitHandler for Recorder {
         self.events.lock().unwrap().push(e.clone());
         (self.f)(cpu, e)
     }
-    fn on_exit(&self, cpu: &mut VcpuCtl<'_>) {
+    fn on_exit(&self, cpu: &mut VcpuCtl<'_>) -> Result<(), vmiscope_vmm::HandlerStop> {
         let s = cpu.sregs();
         let v = (s.cr0, s.idt.base, cpu.regs().rip);
         self.seen.lock().unwrap().push(v);
+        Ok(())
     }
 }
 
@@ -515,10 +516,11 @@ fn xcr_polled() -> Result<bool, Error> {
         fn on_event(&self, _: &mut VcpuCtl<'_>, _: &Event) -> Reply {
             Reply::Continue
         }
-        fn on_exit(&self, cpu: &mut VcpuCtl<'_>) {
+        fn on_exit(&self, cpu: &mut VcpuCtl<'_>) -> Result<(), vmiscope_vmm::HandlerStop> {
             if cpu.xcr(0) == Some(3) {
                 *self.0.lock().unwrap() = true;
             }
+            Ok(())
         }
     }
     let img = vmiscope_images::find("xcr").ok_or("missing image")?;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use vmiscope_introspect::{Class, EventRecord, HookId};
-use vmiscope_vmm::{Event, ExitHandler, Reply, VcpuCtl, VmShared};
+use vmiscope_vmm::{Event, ExitHandler, HandlerStop, Reply, VcpuCtl, VmShared};
 
 use vmiscope_vmm::engine_glue::Introspection;
 
@@ -464,11 +464,11 @@ impl ExitHandler for ConsoleHandler {
         }
     }
 
-    fn on_exit(&self, cpu: &mut VcpuCtl<'_>) {
+    fn on_exit(&self, cpu: &mut VcpuCtl<'_>) -> Result<(), HandlerStop> {
         // Polled register changes are decided (and undone) inside the poll: the
         // stop comes after the verdict, and says so.
-        let Some(rec) = self.intro.poll(cpu) else {
-            return;
+        let Some(rec) = self.intro.poll(cpu)? else {
+            return Ok(());
         };
         if let Some((cause, _)) = self.control.should_stop(&rec) {
             let stop = Stop {
@@ -484,5 +484,6 @@ impl ExitHandler for ConsoleHandler {
             };
             self.control.hold(cpu, stop);
         }
+        Ok(())
     }
 }

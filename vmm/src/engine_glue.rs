@@ -329,23 +329,55 @@ impl Introspection {
     }
 
     /// The per-exit work (policies, timer, register polls) and the record of the
-    /// newest polled change it concluded, from one hold of the engine lock.
-    pub fn poll(&self, cpu: &mut VcpuCtl<'_>) -> Option<Arc<EventRecord>> {
+    /// newest polled change it concluded, from one hold of the engine lock. A
+    /// panic in it (a policy's set-up, a poll's hook) ends the run as an engine
+    /// crash, with the lock unpoisoned (see `per_exit`).
+    pub fn poll(&self, cpu: &mut VcpuCtl<'_>) -> Result<Option<Arc<EventRecord>>, HandlerStop> {
         let mut e = self.engine.lock().unwrap();
         let before = e.alerts().len();
-        self.arm(&mut e, cpu);
-        let timer = {
-            let mut t = self.last_tick.lock().unwrap();
-            let due = t.elapsed() >= self.timer_period;
-            if due {
-                *t = Instant::now();
-            }
-            due
-        };
-        let rec = e.handle_exit(cpu, timer);
+        let timer = self.tick_due();
+        let rec = per_exit(&mut e, cpu, timer, |e, cpu| self.arm(e, cpu));
         self.report(&e, before);
         rec
     }
+
+    /// Whether HVMI's timer is due (once per `timer_period`, on any vCPU).
+    fn tick_due(&self) -> bool {
+        let mut t = self.last_tick.lock().unwrap();
+        let due = t.elapsed() >= self.timer_period;
+        if due {
+            *t = Instant::now();
+        }
+        due
+    }
+}
+
+/// The work of every exit on the engine the caller holds locked: `first` (the
+/// policies waiting to be armed), then the register polls or, with `timer`,
+/// HVMI's timer handler. Hook callbacks run inside, so a panic is caught here,
+/// inside the lock's hold: the guard is never dropped while unwinding, so the
+/// engine's mutex is not poisoned, and the run ends as an engine crash instead
+/// of the vCPU thread dying and every later lock panicking.
+pub fn per_exit<G: Guest>(
+    e: &mut Engine,
+    g: &mut G,
+    timer: bool,
+    first: impl FnOnce(&mut Engine, &mut G),
+) -> Result<Option<Arc<EventRecord>>, HandlerStop> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| {
+        first(e, g);
+        e.handle_exit(g, timer)
+    }))
+    .map_err(|panic| HandlerStop::EngineCrashed(panic_message(panic.as_ref())))
+}
+
+/// What a caught panic said.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 /// The engine's answer to one VMM event, as the VMM's reply, with the record of
@@ -368,14 +400,10 @@ pub fn respond(
     };
     match std::panic::catch_unwind(AssertUnwindSafe(|| e.handle_event(g, ev))) {
         Ok(Handled { response, record }) => (reply_for(response), record),
-        Err(panic) => {
-            let why = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic".into());
-            (Reply::Stop(HandlerStop::EngineCrashed(why)), None)
-        }
+        Err(panic) => (
+            Reply::Stop(HandlerStop::EngineCrashed(panic_message(panic.as_ref()))),
+            None,
+        ),
     }
 }
 
@@ -427,8 +455,8 @@ fn reply_for(r: Response) -> Reply {
 }
 
 impl ExitHandler for Introspection {
-    fn on_exit(&self, cpu: &mut VcpuCtl<'_>) {
-        self.poll(cpu);
+    fn on_exit(&self, cpu: &mut VcpuCtl<'_>) -> Result<(), HandlerStop> {
+        self.poll(cpu).map(|_| ())
     }
 
     fn on_event(&self, cpu: &mut VcpuCtl<'_>, event: &Event) -> Reply {
@@ -510,6 +538,42 @@ mod tests {
             reply,
             Reply::Stop(HandlerStop::EngineCrashed("hook bug".into()))
         );
+    }
+
+    #[test]
+    fn a_panicking_per_exit_callback_ends_the_run_without_poisoning_the_lock() {
+        // A polled CR0 change whose hook panics, on the per-exit path (which
+        // runs on every exit of every vCPU, outside any event).
+        let engine = Mutex::new(Engine::new());
+        let mut g = MockGuest::new();
+        g.sregs.cr0 = 1 << 31;
+        g.sregs.efer = 1 << 10;
+        g.sregs.idtr = vmiscope_introspect::arch::Dtr {
+            base: 0x1000,
+            limit: 0xfff,
+        };
+        let t = Target::Cr {
+            cr: vmiscope_introspect::arch::Cr::Cr0,
+            mask: !0,
+        };
+        let mut e = engine.lock().unwrap();
+        e.add_hook(&mut g, t, "bad", Box::new(|_| panic!("poll hook bug")))
+            .unwrap();
+        // The first exit takes the baseline; the second sees CR0 change.
+        let crashed = |why: &str| Some(HandlerStop::EngineCrashed(why.into()));
+        let out = per_exit(&mut e, &mut g, false, |_, _| {});
+        assert!(matches!(out, Ok(None)));
+        g.sregs.cr0 |= 1;
+        let out = per_exit(&mut e, &mut g, false, |_, _| {});
+        assert_eq!(out.err(), crashed("poll hook bug"));
+        // So does a panic in the set-up run before the polls (a policy's arming).
+        let out = per_exit(&mut e, &mut g, true, |_, _| panic!("arming bug"));
+        assert_eq!(out.err(), crashed("arming bug"));
+        drop(e);
+        assert!(!engine.is_poisoned());
+        // The engine still answers.
+        let (reply, _) = respond(&mut engine.lock().unwrap(), &mut g, &Event::Halt);
+        assert_eq!(reply, Reply::Continue);
     }
 
     #[test]

@@ -131,8 +131,10 @@ pub trait ExitHandler: Send + Sync {
 
     /// Called at every exit, before it is handled, with the registers the exit
     /// carries (no ioctl): where CR/DTR changes are caught on hosts that have no
-    /// exit for them. Keep it cheap.
-    fn on_exit(&self, _cpu: &mut VcpuCtl<'_>) {}
+    /// exit for them. Keep it cheap. An error ends the run with that cause.
+    fn on_exit(&self, _cpu: &mut VcpuCtl<'_>) -> Result<(), HandlerStop> {
+        Ok(())
+    }
 }
 
 /// The handler that lets everything happen as it would without introspection.

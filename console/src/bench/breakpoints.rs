@@ -85,7 +85,7 @@ impl ExitHandler for LoopTimer {
         }
         self.intro.on_event(cpu, e)
     }
-    fn on_exit(&self, cpu: &mut VcpuCtl<'_>) {
+    fn on_exit(&self, cpu: &mut VcpuCtl<'_>) -> Result<(), vmiscope_vmm::HandlerStop> {
         self.intro.on_exit(cpu)
     }
 }

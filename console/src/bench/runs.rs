@@ -160,7 +160,7 @@ impl ExitHandler for Timed {
         }
         r
     }
-    fn on_exit(&self, cpu: &mut VcpuCtl<'_>) {
+    fn on_exit(&self, cpu: &mut VcpuCtl<'_>) -> Result<(), vmiscope_vmm::HandlerStop> {
         self.intro.on_exit(cpu)
     }
 }

@@ -170,7 +170,10 @@ impl VcpuThread {
             last_out = matches!(raw, RawExit::IoOut { .. } | RawExit::MmioWrite { .. });
             self.note_exit();
             let (mut ctl, handler) = self.ctl_and_handler();
-            handler.on_exit(&mut ctl);
+            if let Err(cause) = handler.on_exit(&mut ctl) {
+                self.vm.stop(StopReason::Handler(cause));
+                break;
+            }
             if let Flow::Stop = handle::handle_exit(&mut self, raw) {
                 break;
             }
