@@ -389,8 +389,25 @@ fn pause_and_resume_a_vcpu_spinning_at_cpl3() {
     let vm = Vm::new(&cfg, image("hang")).unwrap();
     let shared = vm.shared().clone();
     let t = std::thread::spawn(move || vm.run(Arc::new(PassThrough), &cfg));
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    // Paused, again and again, until the guest is in its user loop (its set-up
+    // at CPL0 comes first; a pause sent before its thread exists is not seen,
+    // so each try is bounded).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        shared.pause_all();
+        if shared.wait_paused(std::time::Duration::from_millis(100))
+            && shared.last_position(0).unwrap().1 == 3
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never paused at CPL3");
+        shared.resume_all();
+    }
+    // Then resumed and paused in that loop, twice: a CPL3 loop never stops a pause.
+    let running = |_, s| s == vmiscope_vmm::VcpuState::Running;
     for _ in 0..2 {
+        shared.resume_all();
+        assert!(shared.wait_states(std::time::Duration::from_secs(5), running));
         shared.pause_all();
         assert!(
             shared.wait_paused(std::time::Duration::from_secs(5)),
@@ -398,8 +415,6 @@ fn pause_and_resume_a_vcpu_spinning_at_cpl3() {
         );
         let (rip, cpl) = shared.last_position(0).unwrap();
         assert_eq!(cpl, 3, "paused in the user loop at {rip:#x}");
-        shared.resume_all();
-        std::thread::sleep(std::time::Duration::from_millis(50));
     }
     shared.stop(StopReason::User);
     let out = t.join().unwrap();

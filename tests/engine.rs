@@ -351,7 +351,12 @@ fn timer_finds_an_integrity_violation_and_restores_it() {
     let intro = Arc::new(intro);
     let i2 = intro.clone();
     let t = std::thread::spawn(move || vm.run(i2, &c));
-    std::thread::sleep(Duration::from_millis(300));
+    // The region is armed once the guest runs on its own IDT.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while intro.armed() > 0 {
+        assert!(std::time::Instant::now() < deadline, "never armed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let mut orig = [0u8; 8];
     shared.ram().read(gdt + 8, &mut orig).unwrap();
     shared.ram().write(gdt + 8, &[0xee; 8]).unwrap(); // a "rootkit" patches the GDT
