@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{host, kvm_available, not_run_here};
 use vmiscope_introspect::policy::PolicyEnv;
 use vmiscope_introspect::{Alert, Class, Cr, Engine, EventInfo, Guest, Outcome, Rights, Target};
-use vmiscope_vmm::engine_glue::Introspection;
+use vmiscope_monitor::Introspection;
 use vmiscope_vmm::{StopReason, Vm, VmConfig};
 
 fn cfg(vcpus: u32) -> VmConfig {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use vmiscope_vmm::{Event, ExitHandler, Reply, VcpuCtl, Vm};
 
-use vmiscope_vmm::engine_glue::Introspection;
+use vmiscope_monitor::Introspection;
 
 use crate::cli::RunArgs;
 use crate::launch::{config, engine, load_image};

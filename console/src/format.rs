@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 use vmiscope_introspect::arch::DtrKind;
 use vmiscope_introspect::event::{AccessKind, Detection, EventInfo};
 use vmiscope_introspect::{Cr, EventRecord, Target, Verdict};
-use vmiscope_vmm::Event;
 use vmiscope_vmm::loader::Symbols;
+use vmiscope_vmm::{Event, Reply};
 
 pub fn size_name(n: u64) -> &'static str {
     match n {
@@ -182,6 +182,28 @@ pub fn cr_name(c: Cr) -> &'static str {
 }
 
 /// A VM exit as the VMM reported it, in words (`run --events`, `event`).
+/// What happens to a stopped event unless overridden, in words.
+pub fn proposed(p: &vmiscope_monitor::Proposed) -> String {
+    use vmiscope_monitor::Proposed;
+    match p {
+        Proposed::Nothing => "-".into(),
+        Proposed::WriteLanded => "allow (applied)".into(),
+        Proposed::Polled(v) => format!(
+            "{} (already applied: the change was polled)",
+            verdict_name(*v)
+        ),
+        Proposed::Reply(r) => match r {
+            Reply::Continue => "allow".into(),
+            Reply::Drop => "deny (dropped)".into(),
+            Reply::Deny => "deny (#GP)".into(),
+            Reply::Data(v) => format!("allow, the read returns {v:#x}"),
+            Reply::Retry => "retry".into(),
+            Reply::Skip(n) => format!("skip the {n}-byte instruction"),
+            Reply::Stop(cause) => format!("stop: {cause}"),
+        },
+    }
+}
+
 pub fn exit_text(e: &Event, sym: &Symbols) -> String {
     let mem = |kind: &str, m: &vmiscope_vmm::MemAccess| {
         format!(
@@ -486,6 +508,6 @@ impl<T> Pipe for T {}
 
 /// Alerts on stderr as they are raised: what a run with no console shows
 /// (plain `--batch`, and `--batch --gdb`).
-pub fn stderr_alert_sink() -> vmiscope_vmm::engine_glue::AlertSink {
+pub fn stderr_alert_sink() -> vmiscope_monitor::AlertSink {
     Box::new(|a| eprintln!("[vmiscope] {}", batch_alert_line(a)))
 }

@@ -6,7 +6,7 @@ use crate::error::Error;
 
 use vmiscope_introspect::policy;
 use vmiscope_introspect::{Engine, Exceptions};
-use vmiscope_vmm::engine_glue::{Introspection, policy_env};
+use vmiscope_monitor::{Introspection, policy_env};
 use vmiscope_vmm::{Module, VmConfig};
 
 use crate::cli::RunArgs;

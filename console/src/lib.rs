@@ -1,4 +1,5 @@
-//! The vmiscope console: command line, batch runs, the engine adapter, caps and bench.
+//! The vmiscope console: the front ends (command line, batch runs, REPL, TUI,
+//! scripts, gdb), caps and bench, over the session in `vmiscope-monitor`.
 
 pub mod batch;
 pub mod bench;
@@ -6,7 +7,6 @@ pub mod caps;
 pub mod cli;
 pub mod commands;
 pub mod complete;
-pub mod control;
 pub mod error;
 pub mod format;
 pub mod gdb;

@@ -4,7 +4,6 @@
 
 pub mod config;
 pub mod devices;
-pub mod engine_glue;
 pub mod error;
 pub mod event;
 pub mod exit;

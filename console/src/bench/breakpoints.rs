@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use vmiscope_introspect::policy::PolicyEnv;
 use vmiscope_introspect::{Engine, Outcome, Target};
-use vmiscope_vmm::engine_glue::{Introspection, OnReady};
+use vmiscope_monitor::{Introspection, OnReady};
 use vmiscope_vmm::{Event, ExitHandler, Reply, VcpuCtl, VmConfig};
 
 use super::common::{Figure, median, spin_sym, spin_vm};

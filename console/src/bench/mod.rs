@@ -13,7 +13,7 @@ use crate::error::Error;
 use vmiscope_introspect::{Outcome, Rights, Target};
 use vmiscope_vmm::{Access, HostKind};
 
-use vmiscope_vmm::engine_glue::OnReady;
+use vmiscope_monitor::OnReady;
 
 mod breakpoints;
 mod common;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VcpuExit;
 use vmiscope_introspect::Engine;
 use vmiscope_introspect::policy::PolicyEnv;
-use vmiscope_vmm::engine_glue::{Introspection, OnReady};
+use vmiscope_monitor::{Introspection, OnReady};
 use vmiscope_vmm::{Access, Event, ExitHandler, Reply, VcpuCtl, Vm, VmConfig};
 
 use super::common::spin_vm;

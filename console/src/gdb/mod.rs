@@ -19,8 +19,8 @@ use gdbstub::target::{TargetError, TargetResult};
 use vmiscope_introspect::{Outcome, Target as HookTarget};
 use vmiscope_vmm::VcpuCtl;
 
-use crate::control::StopCause;
 use crate::session::Session;
+use vmiscope_monitor::StopCause;
 
 pub mod arch;
 mod base;

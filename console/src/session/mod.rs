@@ -13,8 +13,8 @@ use vmiscope_vmm::{RunOutcome, StopReason, VcpuCtl, VcpuState, Vm, VmShared};
 
 use crate::cli::RunArgs;
 use crate::commands::{self, Command};
-use crate::control::{ConsoleHandler, Control};
-use vmiscope_vmm::engine_glue::Introspection;
+use vmiscope_monitor::Introspection;
+use vmiscope_monitor::{Control, SessionHandler};
 
 use crate::format::*;
 
@@ -136,10 +136,7 @@ impl Session {
                 }
             }
         }));
-        let handler = Arc::new(ConsoleHandler {
-            intro: intro.clone(),
-            control: control.clone(),
-        });
+        let handler = Arc::new(SessionHandler::new(intro.clone(), control.clone()));
         let runner = std::thread::Builder::new()
             .name("vm".into())
             .spawn(move || vm.run(handler, &cfg))
@@ -476,16 +473,16 @@ impl Session {
             let _ = write!(t, "\n  hooks: {}", hook_list(&e.hooks));
         }
         if let Some(r) = &s.raw {
-            let _ = write!(t, "\n  exit: {r}");
+            let _ = write!(t, "\n  exit: {}", exit_text(r, self.shared().symbols()));
         }
         let _ = write!(
             t,
             "\n  verdict: {}{}",
-            s.proposed,
-            if s.applied {
-                ""
-            } else {
+            crate::format::proposed(&s.proposed),
+            if s.proposed.pending() {
                 "  (`verdict allow|deny|policy`)"
+            } else {
+                ""
             }
         );
         Ok(t)

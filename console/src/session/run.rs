@@ -11,8 +11,8 @@ use vmiscope_vmm::StopReason;
 
 use super::{Output, Session};
 use crate::commands::VerdictChoice;
-use crate::control::Override;
 use crate::format::*;
+use vmiscope_monitor::Override;
 
 impl Session {
     pub(super) fn quit(&mut self) -> Result<Output, Error> {
@@ -150,7 +150,7 @@ impl Session {
 
     pub(super) fn verdict(&mut self, v: VerdictChoice) -> Result<Output, Error> {
         let stop = self.control.stop().ok_or("not stopped at an event")?;
-        if stop.applied {
+        if !stop.proposed.pending() {
             return Err(
                 "this event's verdict is already applied (a polled register change or a step)"
                     .into(),
@@ -193,7 +193,9 @@ impl Session {
         self.go();
         match self.control.wait_stop(n, Duration::from_secs(5)) {
             Some(s) => {
-                Output::text(format!("vCPU {}: {}", s.vcpu, s.raw.unwrap_or_default())).pipe(Ok)
+                let raw = s.raw.as_ref();
+                let what = raw.map(|r| crate::format::exit_text(r, self.shared().symbols()));
+                Output::text(format!("vCPU {}: {}", s.vcpu, what.unwrap_or_default())).pipe(Ok)
             }
             None => Err("the step did not complete within 5 s".into()),
         }

@@ -1,7 +1,7 @@
-//! Stopping at events. The console's `ExitHandler` wraps the engine: after the
-//! engine has decided an event, and before the VMM applies the decision, it checks
-//! the event breakpoints (`next-event`, `break event`, `break hook`, `step`); on a
-//! match the vCPU thread publishes the stop and waits, running the console's
+//! Stopping at events. The session's `ExitHandler` (`SessionHandler`) asks the
+//! engine, then, before the VMM applies the decision, checks the event
+//! breakpoints (`next-event`, `break event`, `break hook`, `step`); on a match
+//! the vCPU thread publishes the stop and waits, running the front ends'
 //! requests with its own `VcpuCtl` until it is told to resume, maybe with an
 //! overridden verdict.
 
@@ -9,10 +9,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
-use vmiscope_introspect::{Class, EventRecord, HookId};
+use vmiscope_introspect::{Class, EventRecord, HookId, Verdict};
 use vmiscope_vmm::{Event, ExitHandler, HandlerStop, Reply, VcpuCtl, VmShared};
 
-use vmiscope_vmm::engine_glue::Introspection;
+use crate::handler::Introspection;
 
 /// An event breakpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,16 +70,53 @@ impl std::fmt::Display for StopCause {
 #[derive(Debug, Clone)]
 pub struct Stop {
     pub vcpu: u32,
-    /// Why: "event", "breakpoint 2", "step".
+    /// Why it stopped.
     pub cause: StopCause,
     /// The handled event, when the stop is at one.
     pub event: Option<Arc<EventRecord>>,
-    /// The VMM event (class and raw data), for `event`.
-    pub raw: Option<String>,
-    /// What will happen unless overridden.
-    pub proposed: String,
-    /// The verdict has been applied already (polled register changes).
-    pub applied: bool,
+    /// The VMM event the stop is at (None: a polled change, which has none);
+    /// the front ends format it.
+    pub raw: Option<Event>,
+    /// What happens unless the analyst overrides it.
+    pub proposed: Proposed,
+}
+
+/// What happens to the event a vCPU stopped at unless the analyst overrides
+/// it; everything but `Reply` has happened already.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Proposed {
+    /// Nothing to decide: a step, a hardware breakpoint.
+    Nothing,
+    /// The engine's reply, applied when the vCPU resumes.
+    Reply(Reply),
+    /// An allowed write that has landed (a watchpoint-style stop).
+    WriteLanded,
+    /// A polled register change, already decided and applied (or undone).
+    Polled(Verdict),
+}
+
+impl Proposed {
+    /// Whether the verdict is still to be applied (an override can change it).
+    pub fn pending(&self) -> bool {
+        matches!(self, Proposed::Reply(_))
+    }
+}
+
+impl Stop {
+    fn new(cpu: &VcpuCtl<'_>, cause: StopCause, raw: Option<Event>, proposed: Proposed) -> Stop {
+        Stop {
+            vcpu: cpu.id(),
+            cause,
+            event: None,
+            raw,
+            proposed,
+        }
+    }
+
+    fn at(mut self, rec: Arc<EventRecord>) -> Stop {
+        self.event = Some(rec);
+        self
+    }
 }
 
 /// The held vCPU's registers, taken when it stopped and again after every request
@@ -368,37 +405,24 @@ impl Control {
     }
 }
 
-/// The engine plus event breakpoints: what the VMM calls in a console session.
-pub struct ConsoleHandler {
-    pub intro: Arc<Introspection>,
-    pub control: Arc<Control>,
+/// The engine plus event breakpoints: the VMM's exit handler in a session.
+pub struct SessionHandler {
+    intro: Arc<Introspection>,
+    control: Arc<Control>,
 }
 
-/// What a reply means, for `event`.
-fn describe(reply: &Reply) -> String {
-    match reply {
-        Reply::Continue => "allow".into(),
-        Reply::Drop => "deny (dropped)".into(),
-        Reply::Deny => "deny (#GP)".into(),
-        Reply::Data(v) => format!("allow, the read returns {v:#x}"),
-        Reply::Retry => "retry".into(),
-        Reply::Skip(n) => format!("skip the {n}-byte instruction"),
-        Reply::Stop(cause) => format!("stop: {cause}"),
+impl SessionHandler {
+    pub fn new(intro: Arc<Introspection>, control: Arc<Control>) -> Self {
+        SessionHandler { intro, control }
     }
 }
 
-impl ExitHandler for ConsoleHandler {
+impl ExitHandler for SessionHandler {
     fn on_event(&self, cpu: &mut VcpuCtl<'_>, event: &Event) -> Reply {
         // A hardware execute breakpoint (gdb's `hbreak`): stop there.
         if let Event::HwBreakpoint { slot, .. } = event {
-            let stop = Stop {
-                vcpu: cpu.id(),
-                cause: StopCause::HwBreak { slot: *slot },
-                event: None,
-                raw: Some(crate::format::exit_text(event, cpu.vm().symbols())),
-                proposed: "-".into(),
-                applied: true,
-            };
+            let cause = StopCause::HwBreak { slot: *slot };
+            let stop = Stop::new(cpu, cause, Some(event.clone()), Proposed::Nothing);
             self.control.hold(cpu, stop);
             return Reply::Continue;
         }
@@ -408,14 +432,7 @@ impl ExitHandler for ConsoleHandler {
             if stepping == Some(cpu.id()) {
                 self.control.state.lock().unwrap().stepping = None;
                 cpu.set_single_step(false);
-                let stop = Stop {
-                    vcpu: cpu.id(),
-                    cause: StopCause::Step,
-                    event: None,
-                    raw: Some(crate::format::exit_text(event, cpu.vm().symbols())),
-                    proposed: "-".into(),
-                    applied: true,
-                };
+                let stop = Stop::new(cpu, StopCause::Step, Some(event.clone()), Proposed::Nothing);
                 self.control.hold(cpu, stop);
                 return Reply::Continue;
             }
@@ -434,25 +451,17 @@ impl ExitHandler for ConsoleHandler {
             && m.write
         {
             cpu.apply_write(m);
-            let stop = Stop {
-                vcpu: cpu.id(),
-                cause,
-                event: Some(rec),
-                raw: Some(crate::format::exit_text(event, cpu.vm().symbols())),
-                proposed: "allow (applied)".into(),
-                applied: true,
-            };
+            let stop = Stop::new(cpu, cause, Some(event.clone()), Proposed::WriteLanded).at(rec);
             self.control.hold(cpu, stop);
             return Reply::Drop;
         }
-        let stop = Stop {
-            vcpu: cpu.id(),
+        let stop = Stop::new(
+            cpu,
             cause,
-            event: Some(rec),
-            raw: Some(crate::format::exit_text(event, cpu.vm().symbols())),
-            proposed: describe(&reply),
-            applied: false,
-        };
+            Some(event.clone()),
+            Proposed::Reply(reply.clone()),
+        )
+        .at(rec);
         match self.control.hold(cpu, stop) {
             None => reply,
             // An allowed read returns what memory holds.
@@ -471,17 +480,7 @@ impl ExitHandler for ConsoleHandler {
             return Ok(());
         };
         if let Some((cause, _)) = self.control.should_stop(&rec) {
-            let stop = Stop {
-                vcpu: cpu.id(),
-                cause,
-                proposed: format!(
-                    "{} (already applied: the change was polled)",
-                    crate::format::verdict_name(rec.verdict)
-                ),
-                event: Some(rec),
-                raw: None,
-                applied: true,
-            };
+            let stop = Stop::new(cpu, cause, None, Proposed::Polled(rec.verdict)).at(rec);
             self.control.hold(cpu, stop);
         }
         Ok(())

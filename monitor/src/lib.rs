@@ -1,0 +1,15 @@
+//! vmiscope's introspection session, between the VMM and the front ends: the
+//! VMM's exit handler (the engine adapter, `handler`, and the event stops,
+//! `stops`) and what it knows of the guest's OS (`os`). The console's front
+//! ends (REPL, TUI, scripts, gdb) reach the guest through it; no exit passes
+//! through them.
+
+pub mod handler;
+mod os;
+pub mod stops;
+
+pub use handler::{AlertSink, Introspection, OnReady, per_exit, respond};
+pub use os::policy_env;
+pub use stops::{
+    Control, EventBreak, Override, Proposed, SessionHandler, Snapshot, Stop, StopCause,
+};
