@@ -646,3 +646,72 @@ fn a_hidden_breakpoint_inside_the_hot_loop_is_hit_every_time() {
     hot_loop_beyond_the_slots(n, "spin_hot_dec", hits.clone());
     assert_eq!(hits.load(Ordering::SeqCst), n as u32);
 }
+
+/// A hook edit is VM-wide: added from the test's thread while both vCPUs spin
+/// in user code, it goes in without any vCPU running a task for it (the tasks
+/// each vCPU has run are counted before and after), and then fires on both.
+/// Before hook edits went through `VmWide`, an edit was a task one vCPU had to
+/// run and answer ("vCPU N did not answer").
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_hook_goes_in_while_every_vcpu_runs_with_no_vcpu_answering() {
+    if !kvm_available() {
+        return;
+    }
+    let img = vmiscope_images::find("spin").unwrap();
+    let c = cfg(2);
+    let vm = Vm::new(&c, img.elf).unwrap();
+    let page = vm.symbol("spin_page").unwrap();
+    let count = vm.symbol("spin_count").unwrap();
+    // Mode 0 (the default): every vCPU writes spin_page at CPL3, here for good.
+    vm.shared()
+        .ram()
+        .write(count, &u64::MAX.to_le_bytes())
+        .unwrap();
+    let shared = vm.shared().clone();
+    let intro = Arc::new(Introspection::new(
+        Engine::new(),
+        vec![],
+        PolicyEnv::default(),
+    ));
+    let i2 = intro.clone();
+    let t = std::thread::spawn(move || vm.run(i2, &c));
+    // Both vCPUs in the write loop: the guest says so, then each runs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !shared.serial().text().contains("spin: mode 0") {
+        assert!(std::time::Instant::now() < deadline, "spin never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let running = |_, s| s == vmiscope_vmm::VcpuState::Running;
+    assert!(shared.wait_states(Duration::from_secs(5), running));
+    let tasks = |s: &vmiscope_vmm::VmShared| [0, 1].map(|v| s.tasks_started(v));
+    let before = tasks(&shared);
+    let seen = Arc::new(AtomicU32::new(0));
+    let s2 = seen.clone();
+    let target = Target::Gpa {
+        gpa: page,
+        len: 64,
+        rights: Rights::W,
+    };
+    let cb: vmiscope_introspect::Callback = Box::new(move |ctx| {
+        s2.fetch_or(1 << ctx.guest.vcpu(), Ordering::SeqCst);
+        Outcome::allow()
+    });
+    let id = intro.add_hook(&shared, 0, target, "w", cb);
+    assert!(id.is_ok(), "{id:?}");
+    assert_eq!(tasks(&shared), before, "a vCPU ran a task for the edit");
+    // It fires on both vCPUs.
+    while seen.load(Ordering::SeqCst) != 0b11 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hook fired on vCPUs {:#b} only",
+            seen.load(Ordering::SeqCst)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // And it comes out the same way.
+    intro.remove_hook(&shared, id.unwrap()).unwrap();
+    assert_eq!(tasks(&shared), before, "a vCPU ran a task for the removal");
+    shared.stop(StopReason::User);
+    assert_eq!(t.join().unwrap().reason, StopReason::User);
+}

@@ -9,7 +9,7 @@ use iced_x86::{
 };
 
 use crate::arch::{Regs, SRegs};
-use crate::glue::Guest;
+use crate::glue::{Guest, VmControl};
 use crate::paging;
 
 /// One memory access of an instruction, in linear addresses.
@@ -230,7 +230,7 @@ pub fn split_pages(gla: u64, size: u64) -> Vec<(u64, u64)> {
     v
 }
 
-struct PhysOf<'a>(&'a dyn Guest);
+struct PhysOf<'a>(&'a dyn VmControl);
 
 impl paging::PhysRead for PhysOf<'_> {
     fn read_u64(&self, gpa: u64) -> Option<u64> {
@@ -243,7 +243,7 @@ impl paging::PhysRead for PhysOf<'_> {
 }
 
 /// Reads the guest's memory for page walks.
-pub fn phys(guest: &dyn Guest) -> impl paging::PhysRead + '_ {
+pub fn phys(guest: &dyn VmControl) -> impl paging::PhysRead + '_ {
     PhysOf(guest)
 }
 

@@ -6,6 +6,7 @@
 use thiserror::Error;
 
 use crate::arch::{Regs, SRegs};
+use crate::paging::PagingMode;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum GlueError {
@@ -110,6 +111,15 @@ pub trait VmControl {
         on: bool,
         hidden: bool,
     ) -> Result<BreakpointKind, GlueError>;
+
+    /// The paging a hook's guest-virtual target is resolved with: the handled
+    /// vCPU's own, or for an edit made outside any exit (a hook added from the
+    /// console while every vCPU runs), the chosen vCPU's at its last exit.
+    fn paging(&self) -> PagingMode;
+    /// The vCPU a newly polled class (CR, DTR, XCR) takes its first baseline
+    /// from (its id, registers and XCR0), when the edit runs on a vCPU. None
+    /// outside any exit: each vCPU's next poll takes its own.
+    fn polled_baseline(&self) -> Option<(u32, SRegs, Option<u64>)>;
 }
 
 /// The hypervisor as seen while handling one event of one vCPU: that vCPU's view

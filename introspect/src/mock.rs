@@ -71,6 +71,9 @@ pub struct MockGuest {
     /// INT3s the host does not report (QEMU's emulated SVM): every patched
     /// breakpoint is `Trapped`, its page execute-trapped.
     pub int3_unreported: bool,
+    /// Edits come from outside any exit (a VM-wide hook edit): no vCPU gives
+    /// a polled class its baseline.
+    pub vm_wide: bool,
     pub calls: Vec<Call>,
 }
 
@@ -100,6 +103,7 @@ impl MockGuest {
             breakpoints: BTreeSet::new(),
             register_breakpoints: false,
             int3_unreported: false,
+            vm_wide: false,
             calls: vec![],
         };
         g.put_u64(0x1000, 0x2000 | 7);
@@ -279,5 +283,13 @@ impl VmControl for MockGuest {
         } else {
             BreakpointKind::Patched
         })
+    }
+
+    fn paging(&self) -> crate::paging::PagingMode {
+        self.sregs.paging()
+    }
+
+    fn polled_baseline(&self) -> Option<(u32, SRegs, Option<u64>)> {
+        (!self.vm_wide).then_some((self.vcpu, self.sregs, Some(self.xcr0)))
     }
 }

@@ -5,6 +5,7 @@
 //! through them.
 
 pub mod handler;
+mod hooks;
 mod os;
 pub mod stops;
 

@@ -1,11 +1,14 @@
-//! The engine's `Guest` interface, implemented by the vCPU being handled.
+//! The engine's `Guest` interface: implemented by the vCPU being handled, and
+//! its VM-wide half (`VmControl`) by `VmWide`, for edits outside any exit.
 
 use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 use vmiscope_introspect::arch::{Dtr, Regs, SRegs};
 use vmiscope_introspect::glue::{BreakpointKind, GlueError, PageRights, VcpuView, VmControl};
 
-use crate::shared::VcpuCtl;
+use vmiscope_introspect::paging::{self, PagingMode};
+
+use crate::shared::{VcpuCtl, VmShared};
 use crate::slots::Access;
 
 fn failed(e: impl std::fmt::Display) -> GlueError {
@@ -92,61 +95,46 @@ impl VcpuView for VcpuCtl<'_> {
     }
 }
 
-impl VmControl for VcpuCtl<'_> {
+/// The VM-wide controls outside any exit: a hook edit from a front end, made
+/// while every vCPU runs on. Nothing waits for a vCPU: page rights are
+/// committed with the run gate (`VmShared::commit_access` kicks the vCPUs out
+/// of the guest and holds them until the memslots are whole), MSR interception
+/// and breakpoints are VM-wide state the vCPUs pick up at their next entry.
+/// Guest-virtual targets are resolved with `paging`: a vCPU's at its last exit.
+pub struct VmWide<'a> {
+    vm: &'a VmShared,
+    mode: PagingMode,
+}
+
+impl<'a> VmWide<'a> {
+    /// The controls, resolving guest-virtual addresses as vCPU `cpu` did at its
+    /// last exit (None: no such vCPU).
+    pub fn new(vm: &'a VmShared, cpu: u32) -> Option<Self> {
+        Some(VmWide {
+            vm,
+            mode: vm.last_paging(cpu)?,
+        })
+    }
+}
+
+impl VmControl for VmWide<'_> {
     fn ram_size(&self) -> u64 {
-        self.vm().ram().size()
+        self.vm.ram().size()
     }
     fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GlueError> {
-        self.vm()
+        self.vm
             .ram()
             .read(gpa, buf)
             .map_err(|_| GlueError::OutsideRam(gpa))
     }
     fn write_phys(&mut self, gpa: u64, data: &[u8]) -> Result<(), GlueError> {
-        self.vm()
+        self.vm
             .ram()
             .write(gpa, data)
             .map_err(|_| GlueError::OutsideRam(gpa))
     }
     fn cmpxchg_phys(&mut self, gpa: u64, expected: &[u8], new: &[u8]) -> Result<bool, GlueError> {
-        let n = expected.len();
-        if n != new.len()
-            || !matches!(n, 1 | 2 | 4 | 8)
-            || !gpa.is_multiple_of(n as u64)
-            || !self.vm().ram().contains(gpa, n as u64)
-        {
-            return Err(GlueError::Failed(format!(
-                "cmpxchg of {n} bytes at {gpa:#x}"
-            )));
-        }
-        let p = self.vm().ram().host_base() + gpa;
-        let le = |b: &[u8]| {
-            let mut a = [0u8; 8];
-            a[..b.len()].copy_from_slice(b);
-            u64::from_le_bytes(a)
-        };
-        let (old, new) = (le(expected), le(new));
-        // SAFETY: `p` is inside the guest RAM mapping (checked above), naturally
-        // aligned for the width, and the mapping outlives this call. Guest vCPUs
-        // access the same memory with their own atomic instructions, so an atomic
-        // host access is the correct way to share it.
-        let ok = unsafe {
-            match n {
-                1 => (*(p as *const AtomicU8))
-                    .compare_exchange(old as u8, new as u8, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok(),
-                2 => (*(p as *const AtomicU16))
-                    .compare_exchange(old as u16, new as u16, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok(),
-                4 => (*(p as *const AtomicU32))
-                    .compare_exchange(old as u32, new as u32, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok(),
-                _ => (*(p as *const AtomicU64))
-                    .compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok(),
-            }
-        };
-        Ok(ok)
+        cmpxchg(self.vm, gpa, expected, new)
     }
     fn set_page_rights(&mut self, gpa: u64, rights: PageRights) -> Result<(), GlueError> {
         let a = match rights {
@@ -154,16 +142,16 @@ impl VmControl for VcpuCtl<'_> {
             PageRights::WriteTrapped => Access::WriteTrap,
             PageRights::AllTrapped => Access::AllTrap,
         };
-        self.vm()
+        self.vm
             .set_page_access(gpa, a)
             .map(|_| ())
             .map_err(|_| GlueError::OutsideRam(gpa))
     }
     fn commit_rights(&mut self) -> Result<(), GlueError> {
-        self.vm().commit_access().map(|_| ()).map_err(failed)
+        self.vm.commit_access().map(|_| ()).map_err(failed)
     }
     fn intercept_msr(&mut self, index: u32, read: bool, write: bool) -> Result<(), GlueError> {
-        self.vm().intercept_msr(index, read, write).map_err(failed)
+        self.vm.intercept_msr(index, read, write).map_err(failed)
     }
     fn set_breakpoint(
         &mut self,
@@ -172,41 +160,152 @@ impl VmControl for VcpuCtl<'_> {
         on: bool,
         hidden: bool,
     ) -> Result<BreakpointKind, GlueError> {
-        if !on {
-            if !self.vm().remove_register_breakpoint(gpa) {
-                self.vm().remove_sw_breakpoint(gpa).map_err(failed)?;
-            }
-            return Ok(BreakpointKind::Patched);
-        }
-        // Hidden: a free debug register where it can catch this code costs
-        // nothing until hit and hides nothing; else an INT3 (the engine hides it).
-        // Whether user code can run it is read from the guest's own tables: the
-        // ones the VMM built for the entry map everything as supervisor and say
-        // nothing (the guest's code may well be user code later).
-        let cr3 = VcpuView::sregs(self).cr3 & !0xfff;
-        let user = cr3 == crate::loader::boot::PML4 || self.translate(gva).is_ok_and(|t| t.user);
-        if hidden && self.vm().insert_register_breakpoint(gpa, gva, user) {
-            return Ok(BreakpointKind::Register);
-        }
-        // Code on a user page may run at CPL0 too (small kernels map everything
-        // user-accessible): its INT3 must reach the VMM at both, or its fetch.
-        let host = self.vm().host();
-        let cpls: &[u8] = if user { &[0, 3] } else { &[0] };
-        let caught = cpls.iter().all(|&c| host.int3_caught_at(c));
-        let fetch = cpls.iter().all(|&c| host.debug().exec_trap_at(c));
-        // A hidden INT3's page is read-trapped, fetches included, anyway.
-        if !caught && !fetch {
-            return Err(GlueError::Unsupported(
-                "this host's KVM reports neither an INT3 nor a fetch from a trapped page (measured at start-up; `caps` shows it): no breakpoint can fire here",
-            ));
-        }
-        self.vm()
-            .insert_sw_breakpoint_as(gpa, Some(gva), hidden)
-            .map_err(failed)?;
-        Ok(if caught {
-            BreakpointKind::Patched
-        } else {
-            BreakpointKind::Trapped
-        })
+        set_breakpoint(self.vm, self.mode, gpa, gva, on, hidden)
     }
+    fn paging(&self) -> PagingMode {
+        self.mode
+    }
+    fn polled_baseline(&self) -> Option<(u32, SRegs, Option<u64>)> {
+        None
+    }
+}
+
+/// The handled vCPU's controls: the VM-wide ones, with its own live paging,
+/// and its registers as the baseline of a newly polled class.
+impl VmControl for VcpuCtl<'_> {
+    fn ram_size(&self) -> u64 {
+        self.vm_wide().ram_size()
+    }
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GlueError> {
+        self.vm_wide().read_phys(gpa, buf)
+    }
+    fn write_phys(&mut self, gpa: u64, data: &[u8]) -> Result<(), GlueError> {
+        self.vm_wide().write_phys(gpa, data)
+    }
+    fn cmpxchg_phys(&mut self, gpa: u64, expected: &[u8], new: &[u8]) -> Result<bool, GlueError> {
+        self.vm_wide().cmpxchg_phys(gpa, expected, new)
+    }
+    fn set_page_rights(&mut self, gpa: u64, rights: PageRights) -> Result<(), GlueError> {
+        self.vm_wide().set_page_rights(gpa, rights)
+    }
+    fn commit_rights(&mut self) -> Result<(), GlueError> {
+        self.vm_wide().commit_rights()
+    }
+    fn intercept_msr(&mut self, index: u32, read: bool, write: bool) -> Result<(), GlueError> {
+        self.vm_wide().intercept_msr(index, read, write)
+    }
+    fn set_breakpoint(
+        &mut self,
+        gpa: u64,
+        gva: u64,
+        on: bool,
+        hidden: bool,
+    ) -> Result<BreakpointKind, GlueError> {
+        self.vm_wide().set_breakpoint(gpa, gva, on, hidden)
+    }
+    fn paging(&self) -> PagingMode {
+        self.paging_mode()
+    }
+    fn polled_baseline(&self) -> Option<(u32, SRegs, Option<u64>)> {
+        Some((self.id(), VcpuView::sregs(self), self.xcr(0)))
+    }
+}
+
+impl VcpuCtl<'_> {
+    /// The VM-wide controls, with this vCPU's live paging.
+    fn vm_wide(&self) -> VmWide<'_> {
+        VmWide {
+            vm: self.vm(),
+            mode: self.paging_mode(),
+        }
+    }
+}
+
+/// `lock cmpxchg` on guest RAM, for the engine's atomic writes.
+fn cmpxchg(vm: &VmShared, gpa: u64, expected: &[u8], new: &[u8]) -> Result<bool, GlueError> {
+    let n = expected.len();
+    if n != new.len()
+        || !matches!(n, 1 | 2 | 4 | 8)
+        || !gpa.is_multiple_of(n as u64)
+        || !vm.ram().contains(gpa, n as u64)
+    {
+        return Err(GlueError::Failed(format!(
+            "cmpxchg of {n} bytes at {gpa:#x}"
+        )));
+    }
+    let p = vm.ram().host_base() + gpa;
+    let le = |b: &[u8]| {
+        let mut a = [0u8; 8];
+        a[..b.len()].copy_from_slice(b);
+        u64::from_le_bytes(a)
+    };
+    let (old, new) = (le(expected), le(new));
+    // SAFETY: `p` is inside the guest RAM mapping (checked above), naturally
+    // aligned for the width, and the mapping outlives this call. Guest vCPUs
+    // access the same memory with their own atomic instructions, so an atomic
+    // host access is the correct way to share it.
+    let ok = unsafe {
+        match n {
+            1 => (*(p as *const AtomicU8))
+                .compare_exchange(old as u8, new as u8, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok(),
+            2 => (*(p as *const AtomicU16))
+                .compare_exchange(old as u16, new as u16, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok(),
+            4 => (*(p as *const AtomicU32))
+                .compare_exchange(old as u32, new as u32, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok(),
+            _ => (*(p as *const AtomicU64))
+                .compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok(),
+        }
+    };
+    Ok(ok)
+}
+
+/// Plants or removes a breakpoint (see `VmControl::set_breakpoint`), reading
+/// whether user code can run it from the page tables of `mode`.
+fn set_breakpoint(
+    vm: &VmShared,
+    mode: PagingMode,
+    gpa: u64,
+    gva: u64,
+    on: bool,
+    hidden: bool,
+) -> Result<BreakpointKind, GlueError> {
+    if !on {
+        if !vm.remove_register_breakpoint(gpa) {
+            vm.remove_sw_breakpoint(gpa).map_err(failed)?;
+        }
+        return Ok(BreakpointKind::Patched);
+    }
+    // Hidden: a free debug register where it can catch this code costs
+    // nothing until hit and hides nothing; else an INT3 (the engine hides it).
+    // Whether user code can run it is read from the guest's own tables: the
+    // ones the VMM built for the entry map everything as supervisor and say
+    // nothing (the guest's code may well be user code later).
+    let user = mode.cr3 & !0xfff == crate::loader::boot::PML4
+        || paging::translate(vm.ram(), mode, gva).is_ok_and(|t| t.user);
+    if hidden && vm.insert_register_breakpoint(gpa, gva, user) {
+        return Ok(BreakpointKind::Register);
+    }
+    // Code on a user page may run at CPL0 too (small kernels map everything
+    // user-accessible): its INT3 must reach the VMM at both, or its fetch.
+    let host = vm.host();
+    let cpls: &[u8] = if user { &[0, 3] } else { &[0] };
+    let caught = cpls.iter().all(|&c| host.int3_caught_at(c));
+    let fetch = cpls.iter().all(|&c| host.debug().exec_trap_at(c));
+    // A hidden INT3's page is read-trapped, fetches included, anyway.
+    if !caught && !fetch {
+        return Err(GlueError::Unsupported(
+            "this host's KVM reports neither an INT3 nor a fetch from a trapped page (measured at start-up; `caps` shows it): no breakpoint can fire here",
+        ));
+    }
+    vm.insert_sw_breakpoint_as(gpa, Some(gva), hidden)
+        .map_err(failed)?;
+    Ok(if caught {
+        BreakpointKind::Patched
+    } else {
+        BreakpointKind::Trapped
+    })
 }

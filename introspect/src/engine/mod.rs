@@ -11,7 +11,7 @@ use crate::alert::{Alert, Journal};
 use crate::arch::SRegs;
 use crate::ctx::{Callback, Requests};
 use crate::exceptions::Exceptions;
-use crate::glue::{BreakpointKind, GlueError, Guest, PageRights};
+use crate::glue::{BreakpointKind, GlueError, Guest, PageRights, VmControl};
 use crate::hooks::Hooks;
 use crate::target::{Class, HookId, Owner, Rights, Target};
 use crate::verdict::Verdict;
@@ -344,7 +344,7 @@ impl Engine {
     /// breakpoint, polling) is switched on with the first hook that needs it.
     pub fn add_hook(
         &mut self,
-        guest: &mut dyn Guest,
+        guest: &mut dyn VmControl,
         target: Target,
         name: impl Into<String>,
         callback: Callback,
@@ -355,7 +355,7 @@ impl Engine {
     /// Adds a hook that `owner` placed (named after it): policies and gdb.
     pub fn add_owned_hook(
         &mut self,
-        guest: &mut dyn Guest,
+        guest: &mut dyn VmControl,
         target: Target,
         owner: Owner,
         callback: Callback,
@@ -365,7 +365,7 @@ impl Engine {
 
     fn add_hook_as(
         &mut self,
-        guest: &mut dyn Guest,
+        guest: &mut dyn VmControl,
         target: Target,
         owner: Owner,
         name: String,
@@ -377,7 +377,11 @@ impl Engine {
     }
 
     /// Validates a target and fills in what the guest state determines.
-    fn resolve(&mut self, guest: &mut dyn Guest, mut target: Target) -> Result<Target, HookError> {
+    fn resolve(
+        &mut self,
+        guest: &mut dyn VmControl,
+        mut target: Target,
+    ) -> Result<Target, HookError> {
         match &mut target {
             Target::Gpa { gpa, len, .. } => {
                 // Any length inside RAM: one hook, one slot change per run of
@@ -391,12 +395,12 @@ impl Engine {
                 gva, len, cr3, gpa, ..
             } => {
                 check_range(*gva, *len)?;
-                let mut s = guest.sregs();
+                let mut mode = guest.paging();
                 if *cr3 == 0 {
-                    *cr3 = s.cr3;
+                    *cr3 = mode.cr3;
                 }
-                s.cr3 = *cr3;
-                let t = crate::paging::translate(&crate::decode::phys(guest), s.paging(), *gva)
+                mode.cr3 = *cr3;
+                let t = crate::paging::translate(&crate::decode::phys(guest), mode, *gva)
                     .map_err(|_| HookError::Unmapped(*gva))?;
                 if t.gpa >= guest.ram_size() {
                     return Err(HookError::OutsideRam(t.gpa));
@@ -404,8 +408,7 @@ impl Engine {
                 *gpa = Some(t.gpa);
             }
             Target::Breakpoint { gva, gpa, hidden } => {
-                let s = guest.sregs();
-                let t = crate::paging::translate(&crate::decode::phys(guest), s.paging(), *gva)
+                let t = crate::paging::translate(&crate::decode::phys(guest), guest.paging(), *gva)
                     .map_err(|_| HookError::Unmapped(*gva))?;
                 *gpa = t.gpa;
                 let mut b = [0u8];
@@ -418,10 +421,25 @@ impl Engine {
         Ok(target)
     }
 
+    /// Takes `vcpu`'s baseline for the polled classes that are on (CR and DTR
+    /// from its registers now, XCR0 read now): what a hook edit made outside
+    /// any exit asks each vCPU to do when it switches such a class on, so that
+    /// a change made before the vCPU's first poll is still seen as a change.
+    pub fn take_polled_baseline(&mut self, vcpu: &dyn crate::glue::VcpuView) {
+        let v = vcpu.vcpu();
+        if self.class_enabled(Class::Cr) || self.class_enabled(Class::Dtr) {
+            let now = vcpu.sregs();
+            self.vcpu(v).last = now.set_up().then_some(now);
+        }
+        if self.class_enabled(Class::Xcr) {
+            self.vcpu(v).last_xcr0 = vcpu.xcr0();
+        }
+    }
+
     /// Applies (+1) or undoes (-1) the hypervisor controls a hook needs.
     fn control(
         &mut self,
-        guest: &mut dyn Guest,
+        guest: &mut dyn VmControl,
         target: &Target,
         delta: i32,
     ) -> Result<(), GlueError> {
@@ -432,14 +450,12 @@ impl Engine {
         if !was_on && *c > 0 {
             // A polled class starts from the registers as they are now, so a change
             // made before the first poll is still seen as a change.
-            let v = guest.vcpu();
-            match class {
-                Class::Cr | Class::Dtr => {
-                    let now = guest.sregs();
-                    self.vcpu(v).last = now.set_up().then_some(now);
+            if let Some((v, now, xcr0)) = guest.polled_baseline() {
+                match class {
+                    Class::Cr | Class::Dtr => self.vcpu(v).last = now.set_up().then_some(now),
+                    Class::Xcr => self.vcpu(v).last_xcr0 = xcr0,
+                    _ => {}
                 }
-                Class::Xcr => self.vcpu(v).last_xcr0 = guest.xcr0(),
-                _ => {}
             }
         }
         match *target {
@@ -495,7 +511,7 @@ impl Engine {
     /// Per-page counts; the page's rights change only when a count goes 0 <-> 1.
     fn page_rights(
         &mut self,
-        guest: &mut dyn Guest,
+        guest: &mut dyn VmControl,
         gpa: u64,
         rights: Rights,
         delta: i32,
@@ -543,7 +559,7 @@ impl Engine {
 
     /// Deletes flagged hooks, undoes their controls, and applies page-rights
     /// changes in one batch. Runs at every handler's end and on the timer.
-    pub fn commit(&mut self, guest: &mut dyn Guest) -> Result<(), GlueError> {
+    pub fn commit(&mut self, guest: &mut dyn VmControl) -> Result<(), GlueError> {
         for h in self.hooks.commit() {
             self.control(guest, &h.target, -1)?;
         }
