@@ -1,8 +1,6 @@
 //! The engine's `Guest` interface: implemented by the vCPU being handled, and
 //! its VM-wide half (`VmControl`) by `VmWide`, for edits outside any exit.
 
-use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
-
 use vmiscope_introspect::arch::{Dtr, Regs, SRegs};
 use vmiscope_introspect::glue::{BreakpointKind, GlueError, PageRights, VcpuView, VmControl};
 
@@ -224,43 +222,18 @@ impl VcpuCtl<'_> {
 /// `lock cmpxchg` on guest RAM, for the engine's atomic writes.
 fn cmpxchg(vm: &VmShared, gpa: u64, expected: &[u8], new: &[u8]) -> Result<bool, GlueError> {
     let n = expected.len();
-    if n != new.len()
-        || !matches!(n, 1 | 2 | 4 | 8)
-        || !gpa.is_multiple_of(n as u64)
-        || !vm.ram().contains(gpa, n as u64)
-    {
-        return Err(GlueError::Failed(format!(
-            "cmpxchg of {n} bytes at {gpa:#x}"
-        )));
+    let refused = || GlueError::Failed(format!("cmpxchg of {n} bytes at {gpa:#x}"));
+    if n != new.len() || !matches!(n, 1 | 2 | 4 | 8) || !gpa.is_multiple_of(n as u64) {
+        return Err(refused());
     }
-    let p = vm.ram().host_base() + gpa;
     let le = |b: &[u8]| {
         let mut a = [0u8; 8];
         a[..b.len()].copy_from_slice(b);
         u64::from_le_bytes(a)
     };
-    let (old, new) = (le(expected), le(new));
-    // SAFETY: `p` is inside the guest RAM mapping (checked above), naturally
-    // aligned for the width, and the mapping outlives this call. Guest vCPUs
-    // access the same memory with their own atomic instructions, so an atomic
-    // host access is the correct way to share it.
-    let ok = unsafe {
-        match n {
-            1 => (*(p as *const AtomicU8))
-                .compare_exchange(old as u8, new as u8, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok(),
-            2 => (*(p as *const AtomicU16))
-                .compare_exchange(old as u16, new as u16, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok(),
-            4 => (*(p as *const AtomicU32))
-                .compare_exchange(old as u32, new as u32, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok(),
-            _ => (*(p as *const AtomicU64))
-                .compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok(),
-        }
-    };
-    Ok(ok)
+    vm.ram()
+        .compare_exchange(gpa, n, le(expected), le(new))
+        .map_err(|_| refused())
 }
 
 /// Plants or removes a breakpoint (see `VmControl::set_breakpoint`), reading
