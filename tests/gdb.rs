@@ -487,7 +487,9 @@ fn an_introspection_stop_reaches_gdb_and_the_console_at_once() {
         writeln!(stdin, "{line}").unwrap();
     }
     stdin.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // The REPL has taken both lines once it answers the second.
+    let lines = common::lines(child.stdout.take().unwrap());
+    common::wait_line(&lines, "events of class msr", Duration::from_secs(10));
     let out = gdb(
         p,
         &[
@@ -510,8 +512,9 @@ fn an_introspection_stop_reaches_gdb_and_the_console_at_once() {
     assert!(out.contains("exited normally"), "{out}");
     writeln!(stdin, "quit").unwrap();
     drop(stdin);
-    let (code, vout) = finish(child);
-    assert_eq!(code, Some(0), "{vout}");
+    let (code, err) = finish(child);
+    let vout = lines.iter().collect::<Vec<_>>().join("\n");
+    assert_eq!(code, Some(0), "{vout}{err}");
     assert!(
         vout.contains("stopped: vCPU 0 (breakpoint 1)"),
         "the console saw the same stop: {vout}"
