@@ -391,14 +391,23 @@ impl Control {
 
     /// Whether this handled event must stop, and why.
     fn should_stop(&self, r: &EventRecord) -> Option<(StopCause, bool)> {
-        let mut s = self.state.lock().unwrap();
-        if let Some(all) = s.next_event
-            && (all || !r.hooks.is_empty() || r.verdict != vmiscope_introspect::Verdict::Allowed)
+        self.state.lock().unwrap().should_stop(r)
+    }
+}
+
+impl State {
+    /// Whether a handled event stops, and why (with whether the stop waits
+    /// for an allowed write to land): an armed `next-event` first, once (any
+    /// event with `all`, else one a hook fired on or the engine did not
+    /// allow), then the first event breakpoint that matches.
+    fn should_stop(&mut self, r: &EventRecord) -> Option<(StopCause, bool)> {
+        if let Some(all) = self.next_event
+            && (all || !r.hooks.is_empty() || r.verdict != Verdict::Allowed)
         {
-            s.next_event = None;
+            self.next_event = None;
             return Some((StopCause::NextEvent, false));
         }
-        s.breaks
+        self.breaks
             .iter()
             .find(|b| b.matches(r))
             .map(|b| (StopCause::Break(b.id), b.after_write))
@@ -484,5 +493,83 @@ impl ExitHandler for SessionHandler {
             self.control.hold(cpu, stop);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmiscope_introspect::EventInfo;
+
+    fn msr_write(vcpu: u32, hooks: Vec<HookId>, verdict: Verdict) -> EventRecord {
+        EventRecord {
+            event_id: 1,
+            at_us: 0,
+            class: Class::Msr,
+            vcpu,
+            rip: 0x1000,
+            cpl: 0,
+            instruction: None,
+            task: None,
+            event: EventInfo::Msr {
+                index: 0x10,
+                write: Some(1),
+            },
+            hooks,
+            verdict,
+        }
+    }
+
+    fn brk(id: u32, class: Option<Class>, hook: Option<HookId>, vcpu: Option<u32>) -> EventBreak {
+        EventBreak {
+            id,
+            class,
+            hook,
+            vcpu,
+            after_write: id == 9,
+        }
+    }
+
+    #[test]
+    fn next_event_stops_once_at_what_it_was_armed_for() {
+        let mut s = State::default();
+        let quiet = msr_write(0, vec![], Verdict::Allowed);
+        let hooked = msr_write(0, vec![7], Verdict::Allowed);
+        s.next_event = Some(false);
+        assert_eq!(s.should_stop(&quiet), None, "no hook fired, allowed");
+        assert_eq!(s.should_stop(&hooked), Some((StopCause::NextEvent, false)));
+        assert_eq!(s.should_stop(&hooked), None, "disarmed after one stop");
+        s.next_event = Some(false);
+        let denied = msr_write(0, vec![], Verdict::NotAllowed);
+        assert_eq!(s.should_stop(&denied), Some((StopCause::NextEvent, false)));
+        s.next_event = Some(true);
+        assert_eq!(s.should_stop(&quiet), Some((StopCause::NextEvent, false)));
+    }
+
+    #[test]
+    fn an_event_breakpoint_matches_on_every_condition_it_names() {
+        let mut s = State::default();
+        s.breaks = vec![
+            brk(1, Some(Class::Ept), None, None),
+            brk(2, Some(Class::Msr), Some(7), Some(1)),
+            brk(9, None, Some(8), None),
+        ];
+        let r = |vcpu, hooks| msr_write(vcpu, hooks, Verdict::Allowed);
+        assert_eq!(s.should_stop(&r(1, vec![3])), None, "hook 7 did not fire");
+        assert_eq!(s.should_stop(&r(0, vec![7])), None, "another vCPU");
+        assert_eq!(
+            s.should_stop(&r(1, vec![3, 7])),
+            Some((StopCause::Break(2), false))
+        );
+        // A watchpoint-style break stops after the write lands.
+        assert_eq!(
+            s.should_stop(&r(0, vec![8])),
+            Some((StopCause::Break(9), true))
+        );
+        // Breakpoints stay armed.
+        assert_eq!(
+            s.should_stop(&r(0, vec![8])),
+            Some((StopCause::Break(9), true))
+        );
     }
 }
