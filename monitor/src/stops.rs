@@ -548,12 +548,14 @@ mod tests {
 
     #[test]
     fn an_event_breakpoint_matches_on_every_condition_it_names() {
-        let mut s = State::default();
-        s.breaks = vec![
-            brk(1, Some(Class::Ept), None, None),
-            brk(2, Some(Class::Msr), Some(7), Some(1)),
-            brk(9, None, Some(8), None),
-        ];
+        let mut s = State {
+            breaks: vec![
+                brk(1, Some(Class::Ept), None, None),
+                brk(2, Some(Class::Msr), Some(7), Some(1)),
+                brk(9, None, Some(8), None),
+            ],
+            ..State::default()
+        };
         let r = |vcpu, hooks| msr_write(vcpu, hooks, Verdict::Allowed);
         assert_eq!(s.should_stop(&r(1, vec![3])), None, "hook 7 did not fire");
         assert_eq!(s.should_stop(&r(0, vec![7])), None, "another vCPU");
