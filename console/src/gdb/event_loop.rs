@@ -125,21 +125,22 @@ fn wait(t: &mut GdbTarget, conn: &mut GdbConn) -> Result<Wake, SessionError> {
     }
 }
 
-/// Blocks until `a` or `b` is readable, or `ms` milliseconds pass.
+/// Blocks until `a` or `b` is readable, or `ms` milliseconds pass (epoll,
+/// through vmm-sys-util: no `unsafe` here).
 fn wait_readable(a: std::os::fd::RawFd, b: std::os::fd::RawFd, ms: i32) {
-    let mut fds = [
-        libc::pollfd {
-            fd: a,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: b,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // SAFETY: `fds` is a live array of two initialised pollfds, its length is
-    // passed with it, and poll only writes their `revents`.
-    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+    let Ok(ep) = Epoll::new() else {
+        // Out of file descriptors: the caller looks again after the timeout.
+        std::thread::sleep(std::time::Duration::from_millis(ms as u64));
+        return;
+    };
+    for (i, fd) in [a, b].into_iter().enumerate() {
+        let _ = ep.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, i as u64),
+        );
+    }
+    let mut ready = [EpollEvent::default(); 2];
+    let _ = ep.wait(ms, &mut ready);
 }
