@@ -48,9 +48,7 @@ fn exit_on_signal(s: &Session) {
     let intro = s.intro().clone();
     let terminal = SavedTerminal::now();
     std::thread::spawn(move || {
-        while vmiscope_vmm::signals::received() == 0 {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        vmiscope_vmm::signals::wait();
         let _engine = intro.engine.lock().unwrap_or_else(|e| e.into_inner());
         let reason = vmiscope_vmm::StopReason::Signal(vmiscope_vmm::signals::last());
         terminal.restore();

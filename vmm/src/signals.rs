@@ -7,7 +7,10 @@
 //! process between its start and the first run (the journal file then always
 //! exists and ends with a complete line).
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+
+use vmm_sys_util::eventfd::EventFd;
 
 /// Signals received by the process. A count, not a flag: a run compares it with
 /// the count it was told belongs to earlier runs (`VmConfig::signals_seen`), so
@@ -16,6 +19,9 @@ use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 static RECEIVED: AtomicU64 = AtomicU64::new(0);
 /// The number of the latest of them.
 static LAST: AtomicI32 = AtomicI32::new(0);
+/// Written by the handler (write(2) is async-signal-safe), so a thread can block
+/// in `wait` instead of polling the count.
+static WAKE: OnceLock<EventFd> = OnceLock::new();
 
 /// The signals that end a run instead of killing the process.
 pub const HANDLED: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
@@ -23,11 +29,17 @@ pub const HANDLED: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP
 extern "C" fn on_signal(signo: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     LAST.store(signo, Ordering::SeqCst);
     RECEIVED.fetch_add(1, Ordering::SeqCst);
+    if let Some(wake) = WAKE.get() {
+        let _ = wake.write(1);
+    }
 }
 
 /// Makes SIGINT, SIGTERM and SIGHUP stop a running VM cleanly instead of killing
 /// the process.
 pub fn install() {
+    if let Ok(wake) = EventFd::new(0) {
+        let _ = WAKE.set(wake);
+    }
     for s in HANDLED {
         let _ = vmm_sys_util::signal::register_signal_handler(s, on_signal);
     }
@@ -36,6 +48,21 @@ pub fn install() {
 /// How many of those signals arrived so far.
 pub fn received() -> u64 {
     RECEIVED.load(Ordering::SeqCst)
+}
+
+/// Blocks until one of those signals has arrived (at once if one already did).
+pub fn wait() {
+    while received() == 0 {
+        match WAKE.get() {
+            // A signal between the check and the read leaves the counter set:
+            // the read returns at once.
+            Some(wake) => {
+                let _ = wake.read();
+            }
+            // Not installed (or no eventfd): look again now and then.
+            None => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
 }
 
 /// The latest signal that arrived (0 before any).
