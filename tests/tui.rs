@@ -39,12 +39,11 @@ fn every_pane_is_visible_at_80x24_and_grows_with_the_terminal() {
         let widest = s.lines().map(|l| l.chars().count()).max().unwrap();
         assert_eq!(widest, cols as usize, "the layout fills the terminal");
         t.keys(&["F5"]);
-        let s = t.wait_for("ended: guest exited with status 0");
+        t.wait_for("ended: guest exited with status 0");
+        // The serial pane shows the guest's last line (it may be drawn a frame
+        // after the status line on a loaded machine).
+        let s = t.wait_for("summary: 0 succeeded, 6 blocked");
         assert!(s.contains("alerts 6"), "{s}");
-        assert!(
-            s.contains("summary: 0 succeeded, 6 blocked"),
-            "the serial pane shows the guest:\n{s}"
-        );
         t.keys(&["q"]);
     }
 }
@@ -233,9 +232,9 @@ fn every_pane_takes_the_focus_and_scrolls_and_the_command_line_completes() {
         t.keys(&["Down"]);
     }
     t.keys(&["Enter"]);
-    let s = t.wait_for("Disassembly at 0x1005e0 (Esc: RIP)");
-    assert!(s.contains("following 0x1005e0 <rt_entry>"), "{s}");
-    assert!(s.contains("<rt_entry>"), "{s}");
+    t.wait_for("Disassembly at 0x1005e0 (Esc: RIP)");
+    // The status line says so too (maybe a frame later on a loaded machine).
+    t.wait_for("following 0x1005e0 <rt_entry>");
     t.keys(&["Escape"]);
     t.wait_for("disassembly follows RIP");
     // The help scrolls to its end.

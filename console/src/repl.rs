@@ -3,7 +3,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use rustyline::completion::Completer;
 use rustyline::error::ReadlineError;
@@ -12,6 +11,7 @@ use rustyline::{Context, Editor, Helper, Highlighter, Hinter, Validator};
 use crate::cli::Mode;
 use crate::format::alert_line;
 use crate::session::Session;
+use vmiscope_monitor::Notice;
 
 #[derive(Helper, Hinter, Highlighter, Validator)]
 struct Words {
@@ -46,61 +46,48 @@ fn history_path() -> Option<std::path::PathBuf> {
 }
 
 /// Prints guest output, alerts and stops above the prompt as they happen, on a
-/// thread of its own, until `done`.
+/// thread of its own, until `done`: it blocks on the session's notices (one
+/// channel, so they print in the order they happened) and is woken by a
+/// `Notice::Wake` to look at `done`.
 fn watch(
     s: &Session,
     done: Arc<AtomicBool>,
     mut print: Box<dyn FnMut(String) + Send>,
 ) -> std::thread::JoinHandle<()> {
-    let (serial, intro, control) = (s.serial().clone(), s.intro().clone(), s.control().clone());
+    let notices = s.intro().subscribe();
     let shared = s.shared().clone();
-    let mut ended = false;
-    let (mut lines, mut alerts, mut stops) = (
-        serial.lock().unwrap().len().saturating_sub(1),
-        intro.engine.lock().unwrap().alerts().len(),
-        control.stop_count(),
-    );
+    let ended_already = shared.stop_reason();
     std::thread::spawn(move || {
-        while !done.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(50));
-            let mut msg = String::new();
-            {
-                let l = serial.lock().unwrap();
-                let complete = l.len().saturating_sub(1);
-                for line in &l[lines.min(complete)..complete] {
-                    msg.push_str(&format!("guest| {line}\n"));
-                }
-                lines = complete.max(lines);
-            }
-            {
-                let e = intro.engine.lock().unwrap();
-                for a in &e.alerts()[alerts.min(e.alerts().len())..] {
-                    msg.push_str(&format!("ALERT {}\n", alert_line(a)));
-                }
-                alerts = e.alerts().len();
-            }
-            let n = control.stop_count();
-            if n > stops {
-                stops = n;
-                if let Some(st) = control.last_stop() {
+        let line = |n: Notice| -> Option<String> {
+            Some(match n {
+                Notice::Serial(l) => format!("guest| {l}"),
+                Notice::Alert(a) => format!("ALERT {}", alert_line(&a)),
+                Notice::Stop(st) => {
                     let (rip, _) = shared.last_position(st.vcpu).unwrap_or_default();
-                    msg.push_str(&format!(
-                        "stopped: vCPU {} ({}) at {}\n",
-                        st.vcpu,
-                        st.cause,
-                        crate::format::at(shared.symbols(), rip)
-                    ));
+                    let at = crate::format::at(shared.symbols(), rip);
+                    format!("stopped: vCPU {} ({}) at {at}", st.vcpu, st.cause)
                 }
-            }
-            // The end, said as it happens (not at the next command).
-            if !ended && let Some(why) = shared.stop_reason() {
-                ended = true;
-                msg.push_str(&format!(
-                    "the guest has ended: {why}; `regs`, `mem read`, `disasm`, `events`, `alerts` still work\n"
-                ));
-            }
+                Notice::End(why) => format!(
+                    "the guest has ended: {why}; `regs`, `mem read`, `disasm`, `events`, `alerts` still work"
+                ),
+                Notice::Wake => return None,
+            })
+        };
+        // The end, said at once if it came before this watcher did.
+        if let Some(why) = ended_already
+            && let Some(l) = line(Notice::End(why))
+        {
+            print(l);
+        }
+        while !done.load(Ordering::SeqCst) {
+            let Ok(first) = notices.recv() else { break };
+            // What else is queued goes out in the same print, in order.
+            let msg: Vec<String> = std::iter::once(first)
+                .chain(notices.try_iter())
+                .filter_map(line)
+                .collect();
             if !msg.is_empty() {
-                print(msg.trim_end().to_string());
+                print(msg.join("\n"));
             }
         }
     })
@@ -179,6 +166,7 @@ pub fn run(s: &mut Session) -> Mode {
         }
     };
     done.store(true, Ordering::SeqCst);
+    s.intro().notices().publish(Notice::Wake);
     let _ = watcher.join();
     if let Some(h) = &hist {
         let _ = rl.save_history(h);

@@ -11,6 +11,7 @@ use std::panic::AssertUnwindSafe;
 
 use vmiscope_vmm::{Event, ExitHandler, HandlerStop, Reply, VcpuCtl};
 
+use crate::notices::{Notice, Notices};
 use crate::os::{LINUX_CEA_RO_IDT, policy_env};
 
 use vmiscope_introspect::handlers::MemExit;
@@ -40,6 +41,8 @@ pub struct Introspection {
     pub timer_period: Duration,
     /// Called with each alert as it is raised (batch mode prints them).
     alert_sink: std::sync::OnceLock<AlertSink>,
+    /// What happened, for the front ends (`subscribe`).
+    notices: Arc<Notices>,
     /// Where the policies find what they protect: from the symbols, again once
     /// a KASLR slide is found (policies armed after that see the moved kernel).
     env: Mutex<PolicyEnv>,
@@ -58,6 +61,7 @@ impl Introspection {
             last_tick: Mutex::new(Instant::now()),
             timer_period: Duration::from_secs(1),
             alert_sink: std::sync::OnceLock::new(),
+            notices: Arc::default(),
         }
     }
 
@@ -151,11 +155,25 @@ impl Introspection {
             .then(|| env.clone())
     }
 
-    /// Hands the alerts raised since `before` to the alert sink, if any.
+    /// Hands the alerts raised since `before` to the alert sink, if any, and
+    /// to the subscribers.
     fn report(&self, e: &Engine, before: usize) {
-        if let Some(sink) = self.alert_sink.get() {
-            e.alerts()[before..].iter().for_each(sink);
+        for a in &e.alerts()[before..] {
+            if let Some(sink) = self.alert_sink.get() {
+                sink(a);
+            }
+            self.notices.publish(Notice::Alert(a.clone()));
         }
+    }
+
+    /// Where the session's notices go (serial lines, alerts, stops, the end).
+    pub fn notices(&self) -> &Arc<Notices> {
+        &self.notices
+    }
+
+    /// A receiver of every notice from now on.
+    pub fn subscribe(&self) -> std::sync::mpsc::Receiver<Notice> {
+        self.notices.subscribe()
     }
 }
 

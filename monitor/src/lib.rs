@@ -6,10 +6,12 @@
 
 pub mod handler;
 mod hooks;
+pub mod notices;
 mod os;
 pub mod stops;
 
 pub use handler::{AlertSink, Introspection, OnReady, per_exit, respond};
+pub use notices::{LineSplitter, Notice, Notices};
 pub use os::policy_env;
 pub use stops::{
     Control, EventBreak, Override, Proposed, SessionHandler, Snapshot, Stop, StopCause,

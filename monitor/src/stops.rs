@@ -13,6 +13,7 @@ use vmiscope_introspect::{Class, EventRecord, HookId, Verdict};
 use vmiscope_vmm::{Event, ExitHandler, HandlerStop, Reply, VcpuCtl, VmShared};
 
 use crate::handler::Introspection;
+use crate::notices::{Notice, Notices};
 
 /// An event breakpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,11 +179,15 @@ pub struct Control {
     published: std::sync::atomic::AtomicU64,
     /// To wake the held vCPU when its resume order is given.
     vm: Arc<VmShared>,
+    /// Where each stop is also sent.
+    notices: Arc<Notices>,
 }
 
 impl Control {
-    pub fn new(vm: Arc<VmShared>) -> Self {
+    /// Stops are also sent to `notices` as they happen.
+    pub fn new(vm: Arc<VmShared>, notices: Arc<Notices>) -> Self {
         Control {
+            notices,
             state: Mutex::default(),
             cv: Condvar::new(),
             stopped: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
@@ -338,6 +343,7 @@ impl Control {
                 cpu.set_single_step(false);
             }
             s.last = Some(stop.clone());
+            self.notices.publish(Notice::Stop(stop.clone()));
             s.stop = Some(stop);
             s.step_on_resume = false;
             s.resume = None;

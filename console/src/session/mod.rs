@@ -123,9 +123,12 @@ impl Session {
         let intro = Arc::new(intro);
         let info = Arc::new(crate::launch::run_info(a, vm.shared()));
         let shared = vm.shared().clone();
-        let control = Arc::new(Control::new(shared.clone()));
+        let notices = intro.notices().clone();
+        let control = Arc::new(Control::new(shared.clone(), notices.clone()));
         let serial = Arc::new(Mutex::new(vec![String::new()]));
         let s2 = serial.clone();
+        let n2 = notices.clone();
+        let mut split = vmiscope_monitor::LineSplitter::default();
         shared.serial().set_live(Box::new(move |b| {
             let mut lines = s2.lock().unwrap();
             for ch in String::from_utf8_lossy(b).chars() {
@@ -135,11 +138,19 @@ impl Session {
                     l.push(ch);
                 }
             }
+            drop(lines);
+            for line in split.push(b) {
+                n2.publish(vmiscope_monitor::Notice::Serial(line));
+            }
         }));
         let handler = Arc::new(SessionHandler::new(intro.clone(), control.clone()));
         let runner = std::thread::Builder::new()
             .name("vm".into())
-            .spawn(move || vm.run(handler, &cfg))
+            .spawn(move || {
+                let out = vm.run(handler, &cfg);
+                notices.publish(vmiscope_monitor::Notice::End(out.reason.clone()));
+                out
+            })
             .map_err(Error::io("start a thread for", "the VM"))?;
         // Commands need the vCPU threads: wait for each to sit in its initial pause
         // (each acknowledges it).
