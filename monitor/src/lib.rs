@@ -8,11 +8,11 @@ pub mod handler;
 mod hooks;
 pub mod notices;
 mod os;
+mod session;
 pub mod stops;
 
 pub use handler::{AlertSink, Introspection, OnReady, per_exit, respond};
 pub use notices::{LineSplitter, Notice, Notices};
 pub use os::policy_env;
-pub use stops::{
-    Control, EventBreak, Override, Proposed, SessionHandler, Snapshot, Stop, StopCause,
-};
+pub use session::SessionHandler;
+pub use stops::{Control, EventBreak, Override, Proposed, Snapshot, Stop, StopCause};

@@ -10,10 +10,7 @@ use std::time::Duration;
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use vmiscope_introspect::{Class, EventRecord, HookId, Verdict};
-use vmiscope_vmm::{Event, ExitHandler, HandlerStop, Reply, VcpuCtl, VmShared};
-
-use crate::handler::Introspection;
-use crate::notices::{Notice, Notices};
+use vmiscope_vmm::{Event, Reply, VcpuCtl, VmShared};
 
 /// An event breakpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,7 +101,12 @@ impl Proposed {
 }
 
 impl Stop {
-    fn new(cpu: &VcpuCtl<'_>, cause: StopCause, raw: Option<Event>, proposed: Proposed) -> Stop {
+    pub(crate) fn new(
+        cpu: &VcpuCtl<'_>,
+        cause: StopCause,
+        raw: Option<Event>,
+        proposed: Proposed,
+    ) -> Stop {
         Stop {
             vcpu: cpu.id(),
             cause,
@@ -114,7 +116,7 @@ impl Stop {
         }
     }
 
-    fn at(mut self, rec: Arc<EventRecord>) -> Stop {
+    pub(crate) fn at(mut self, rec: Arc<EventRecord>) -> Stop {
         self.event = Some(rec);
         self
     }
@@ -179,15 +181,18 @@ pub struct Control {
     published: std::sync::atomic::AtomicU64,
     /// To wake the held vCPU when its resume order is given.
     vm: Arc<VmShared>,
-    /// Where each stop is also sent.
-    notices: Arc<Notices>,
+    /// Told of each stop as it happens (the session's notices).
+    on_stop: StopSink,
 }
 
+/// Receives each stop as it happens, on the vCPU thread that stopped.
+pub type StopSink = Box<dyn Fn(&Stop) + Send + Sync>;
+
 impl Control {
-    /// Stops are also sent to `notices` as they happen.
-    pub fn new(vm: Arc<VmShared>, notices: Arc<Notices>) -> Self {
+    /// `on_stop` is told of each stop as it happens.
+    pub fn new(vm: Arc<VmShared>, on_stop: StopSink) -> Self {
         Control {
-            notices,
+            on_stop,
             state: Mutex::default(),
             cv: Condvar::new(),
             stopped: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
@@ -333,7 +338,7 @@ impl Control {
 
     /// Called by a vCPU thread: publish the stop, then hold the vCPU (the VMM's
     /// `VcpuCtl::hold`, which serves `with_vcpu` tasks meanwhile) until resumed.
-    fn hold(&self, cpu: &mut VcpuCtl<'_>, stop: Stop) -> Option<Override> {
+    pub(crate) fn hold(&self, cpu: &mut VcpuCtl<'_>, stop: Stop) -> Option<Override> {
         {
             let mut s = self.state.lock().unwrap();
             // A step that ends in another stop (its instruction hit a watchpoint,
@@ -343,7 +348,7 @@ impl Control {
                 cpu.set_single_step(false);
             }
             s.last = Some(stop.clone());
-            self.notices.publish(Notice::Stop(stop.clone()));
+            (self.on_stop)(&stop);
             s.stop = Some(stop);
             s.step_on_resume = false;
             s.resume = None;
@@ -395,8 +400,18 @@ impl Control {
         }
     }
 
+    /// Whether a step requested on `vcpu` was under way; it is over now.
+    pub(crate) fn end_step(&self, vcpu: u32) -> bool {
+        let mut s = self.state.lock().unwrap();
+        let was = s.stepping == Some(vcpu);
+        if was {
+            s.stepping = None;
+        }
+        was
+    }
+
     /// Whether this handled event must stop, and why.
-    fn should_stop(&self, r: &EventRecord) -> Option<(StopCause, bool)> {
+    pub(crate) fn should_stop(&self, r: &EventRecord) -> Option<(StopCause, bool)> {
         self.state.lock().unwrap().should_stop(r)
     }
 }
@@ -417,88 +432,6 @@ impl State {
             .iter()
             .find(|b| b.matches(r))
             .map(|b| (StopCause::Break(b.id), b.after_write))
-    }
-}
-
-/// The engine plus event breakpoints: the VMM's exit handler in a session.
-pub struct SessionHandler {
-    intro: Arc<Introspection>,
-    control: Arc<Control>,
-}
-
-impl SessionHandler {
-    pub fn new(intro: Arc<Introspection>, control: Arc<Control>) -> Self {
-        SessionHandler { intro, control }
-    }
-}
-
-impl ExitHandler for SessionHandler {
-    fn on_event(&self, cpu: &mut VcpuCtl<'_>, event: &Event) -> Reply {
-        // A hardware execute breakpoint (gdb's `hbreak`): stop there.
-        if let Event::HwBreakpoint { slot, .. } = event {
-            let cause = StopCause::HwBreak { slot: *slot };
-            let stop = Stop::new(cpu, cause, Some(event.clone()), Proposed::Nothing);
-            self.control.hold(cpu, stop);
-            return Reply::Continue;
-        }
-        // A requested single-step completed on this vCPU.
-        if let Event::SingleStep { .. } = event {
-            let stepping = self.control.state.lock().unwrap().stepping;
-            if stepping == Some(cpu.id()) {
-                self.control.state.lock().unwrap().stepping = None;
-                cpu.set_single_step(false);
-                let stop = Stop::new(cpu, StopCause::Step, Some(event.clone()), Proposed::Nothing);
-                self.control.hold(cpu, stop);
-                return Reply::Continue;
-            }
-        }
-        let (reply, rec) = self.intro.decide(cpu, event);
-        let Some(rec) = rec else {
-            return reply;
-        };
-        let Some((cause, after_write)) = self.control.should_stop(&rec) else {
-            return reply;
-        };
-        // A watchpoint-style stop: let the allowed write land first, like a data
-        // breakpoint (a trap), so the debugger sees the new value.
-        if after_write
-            && let (Event::Mem(m), Reply::Continue) = (event, &reply)
-            && m.write
-        {
-            cpu.apply_write(m);
-            let stop = Stop::new(cpu, cause, Some(event.clone()), Proposed::WriteLanded).at(rec);
-            self.control.hold(cpu, stop);
-            return Reply::Drop;
-        }
-        let stop = Stop::new(
-            cpu,
-            cause,
-            Some(event.clone()),
-            Proposed::Reply(reply.clone()),
-        )
-        .at(rec);
-        match self.control.hold(cpu, stop) {
-            None => reply,
-            // An allowed read returns what memory holds.
-            Some(Override::Allow) => Reply::Continue,
-            Some(Override::Deny) => match event {
-                Event::Mem(m) if !m.write => Reply::Data(0),
-                _ => Reply::Drop,
-            },
-        }
-    }
-
-    fn on_exit(&self, cpu: &mut VcpuCtl<'_>) -> Result<(), HandlerStop> {
-        // Polled register changes are decided (and undone) inside the poll: the
-        // stop comes after the verdict, and says so.
-        let Some(rec) = self.intro.poll(cpu)? else {
-            return Ok(());
-        };
-        if let Some((cause, _)) = self.control.should_stop(&rec) {
-            let stop = Stop::new(cpu, cause, None, Proposed::Polled(rec.verdict)).at(rec);
-            self.control.hold(cpu, stop);
-        }
-        Ok(())
     }
 }
 

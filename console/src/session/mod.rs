@@ -124,7 +124,11 @@ impl Session {
         let info = Arc::new(crate::launch::run_info(a, vm.shared()));
         let shared = vm.shared().clone();
         let notices = intro.notices().clone();
-        let control = Arc::new(Control::new(shared.clone(), notices.clone()));
+        let n1 = notices.clone();
+        let on_stop = Box::new(move |s: &vmiscope_monitor::Stop| {
+            n1.publish(vmiscope_monitor::Notice::Stop(s.clone()))
+        });
+        let control = Arc::new(Control::new(shared.clone(), on_stop));
         let serial = Arc::new(Mutex::new(vec![String::new()]));
         let s2 = serial.clone();
         let n2 = notices.clone();
