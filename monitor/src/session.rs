@@ -30,13 +30,13 @@ impl ExitHandler for SessionHandler {
             return Reply::Continue;
         }
         // A requested single-step completed on this vCPU.
-        if let Event::SingleStep { .. } = event {
-            if self.control.end_step(cpu.id()) {
-                cpu.set_single_step(false);
-                let stop = Stop::new(cpu, StopCause::Step, Some(event.clone()), Proposed::Nothing);
-                self.control.hold(cpu, stop);
-                return Reply::Continue;
-            }
+        if let Event::SingleStep { .. } = event
+            && self.control.end_step(cpu.id())
+        {
+            cpu.set_single_step(false);
+            let stop = Stop::new(cpu, StopCause::Step, Some(event.clone()), Proposed::Nothing);
+            self.control.hold(cpu, stop);
+            return Reply::Continue;
         }
         let (reply, rec) = self.intro.decide(cpu, event);
         let Some(rec) = rec else {
