@@ -137,14 +137,24 @@ impl GdbTarget {
         self.s.on_vcpu(cpu, f).ok()
     }
 
+    /// Any held vCPU, for engine work (hooks are VM-wide).
+    fn any_cpu<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut VcpuCtl<'_>) -> R + Send + 'static,
+    ) -> Option<R> {
+        let cpu = self.s.control().stop().map(|s| s.vcpu).unwrap_or(0);
+        self.on_cpu(cpu, f)
+    }
+
     fn add_engine_hook(&mut self, target: HookTarget) -> Option<(u64, u32)> {
         let after_write = matches!(target, HookTarget::Gva { .. });
-        // VM-wide, resolved with the page tables of the vCPU at the stop.
-        let cpu = self.s.control().stop().map(|s| s.vcpu).unwrap_or(0);
-        let allow: vmiscope_introspect::Callback = Box::new(|_| Outcome::allow());
-        let id = (self.s.intro())
-            .add_hook(self.s.shared(), cpu, target, "gdb", allow)
-            .ok()?;
+        let intro = self.s.intro().clone();
+        let id = self.any_cpu(move |cpu| {
+            let mut e = intro.engine.lock().unwrap();
+            let r = e.add_hook(cpu, target, "gdb", Box::new(|_| Outcome::allow()));
+            let _ = e.commit(cpu);
+            r.ok()
+        })??;
         let brk = self
             .s
             .control()
@@ -155,7 +165,11 @@ impl GdbTarget {
     fn remove_engine_hook(&mut self, hook: u64, brk: u32) {
         self.s.control().delete_break(brk);
         self.stops.remove(&brk);
-        let _ = self.s.intro().remove_hook(self.s.shared(), hook);
+        let intro = self.s.intro().clone();
+        let _ = intro.engine.lock().unwrap().remove_hook(hook);
+        self.any_cpu(move |cpu| {
+            let _ = intro.engine.lock().unwrap().commit(cpu);
+        });
     }
 
     /// Pauses every vCPU (the one at a stop is held already) and waits for each

@@ -150,10 +150,12 @@ impl Session {
         rights: Rights,
         force: bool,
     ) -> Result<Option<String>, Error> {
-        let pages: std::collections::HashSet<u64> = pages_of(gva, len)
-            .take(1 << 16)
-            .filter_map(|va| self.translate(va).ok().map(|gpa| gpa & !0xfff))
-            .collect();
+        let pages: std::collections::HashSet<u64> = self.with_guest(move |c| {
+            pages_of(gva, len)
+                .take(1 << 16)
+                .filter_map(|va| c.translate(va).ok().map(|t| t.gpa & !0xfff))
+                .collect()
+        })?;
         self.check_cpu_pages(|p| pages.contains(&p), rights, force)
     }
 }

@@ -6,7 +6,7 @@ use crate::error::Error;
 
 use vmiscope_introspect::Policy;
 use vmiscope_introspect::policy;
-use vmiscope_introspect::{DtrKind, Outcome, Target};
+use vmiscope_introspect::{DtrKind, Engine, Outcome, Target};
 use vmiscope_vmm::VcpuCtl;
 
 use super::{Output, Session};
@@ -14,9 +14,11 @@ use crate::commands::{Action, HookSpec, ProtectArg};
 use crate::format::*;
 
 impl Session {
-    /// Applies the engine's pending hook removals (flag-then-commit), VM-wide.
+    /// Applies the engine's pending hook removals (flag-then-commit) on the
+    /// selected vCPU's thread.
     fn commit_engine(&self) -> Result<(), Error> {
-        self.intro.commit_hooks(self.shared())?;
+        let intro = self.intro.clone();
+        self.with_guest(move |cpu| intro.engine.lock().unwrap().commit(cpu))??;
         Ok(())
     }
 
@@ -67,7 +69,8 @@ impl Session {
     }
 
     pub(super) fn hook_delete(&mut self, id: u64) -> Result<Output, Error> {
-        self.intro.remove_hook(self.shared(), id)?;
+        self.intro.engine.lock().unwrap().remove_hook(id)?;
+        self.commit_engine()?;
         Ok(Output::text(format!("hook {id} deleted")))
     }
 
@@ -160,11 +163,13 @@ impl Session {
                 }),
             ),
         };
-        // VM-wide: no vCPU thread takes part, so a hook goes in while every
-        // vCPU runs (a GVA resolves with the selected vCPU's last page tables).
-        let id = self
-            .intro
-            .add_hook(self.shared(), self.vcpu, target, name, cb)?;
+        let intro = self.intro.clone();
+        let id = self.with_guest(move |cpu| {
+            let mut e: std::sync::MutexGuard<'_, Engine> = intro.engine.lock().unwrap();
+            let r = e.add_hook(cpu, target, name, cb).map_err(|e| e.to_string());
+            let _ = e.commit(cpu);
+            r
+        })??;
         Ok(Output::text(match warning {
             Some(w) => format!("{w}\nhook {id} added"),
             None => format!("hook {id} added"),
