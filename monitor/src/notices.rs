@@ -69,6 +69,11 @@ impl LineSplitter {
         }
         done
     }
+
+    /// The line being printed, not yet complete.
+    pub fn partial(&self) -> &str {
+        &self.partial
+    }
 }
 
 #[cfg(test)]

@@ -134,16 +134,14 @@ impl Session {
         let n2 = notices.clone();
         let mut split = vmiscope_monitor::LineSplitter::default();
         shared.serial().set_live(Box::new(move |b| {
+            // The TUI's lines end with the one still being printed.
+            let done = split.push(b);
             let mut lines = s2.lock().unwrap();
-            for ch in String::from_utf8_lossy(b).chars() {
-                if ch == '\n' {
-                    lines.push(String::new());
-                } else if let Some(l) = lines.last_mut() {
-                    l.push(ch);
-                }
-            }
+            lines.pop();
+            lines.extend(done.iter().cloned());
+            lines.push(split.partial().to_string());
             drop(lines);
-            for line in split.push(b) {
+            for line in done {
                 n2.publish(vmiscope_monitor::Notice::Serial(line));
             }
         }));
