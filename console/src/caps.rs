@@ -264,7 +264,7 @@ fn msr_rows(_: Host) -> Result<Vec<Row>, Error> {
 }
 
 /// CR, DTR and XCR changes: no exits, so polled if seen at all.
-fn register_rows(_: Host) -> Result<Vec<Row>, Error> {
+fn register_rows(host: Host) -> Result<Vec<Row>, Error> {
     let mut rows = Vec::new();
     let cont = |_: &mut VcpuCtl<'_>, _: &Event| Reply::Continue;
     let (ev, seen) = probe("cr", |_| Ok(()), cont)?;
@@ -305,7 +305,11 @@ fn register_rows(_: Host) -> Result<Vec<Row>, Error> {
         handler: "handle_xcr_write",
         cpl0: xcr,
         cpl3: Support::NotApplicable,
-        how: "no KVM exit for XSETBV; XCR0 read with KVM_GET_XCRS on timer ticks".into(),
+        how: if host.debug().xsetbv {
+            "no KVM exit for XSETBV; XCR0 read with KVM_GET_XCRS on timer ticks".into()
+        } else {
+            "this host's KVM never sees a guest's XSETBV, so guests get no XSAVE, AVX or PKU in CPUID (FXSAVE and SSE only)".into()
+        },
     });
 
     Ok(rows)

@@ -83,7 +83,14 @@ impl Vm {
         let ram = GuestRam::new(mem)?;
         loader::write_boot_area(&ram)?;
         let host = crate::host::Host::detect();
-        let (cmdline, boot_note) = command_line(image, cfg, host.kind());
+        let (cmdline, mut boot_note) = command_line(image, cfg, host.kind());
+        if !host.debug().xsetbv {
+            let hidden = "XSAVE, AVX and PKU hidden from the guest's CPUID: this host's KVM never sees the guest's XSETBV, so it could not keep XCR0";
+            boot_note = Some(match boot_note {
+                Some(n) => format!("{n}; {hidden}"),
+                None => hidden.to_string(),
+            });
+        }
         let inputs = loader::BootInputs {
             cmdline: &cmdline,
             modules: &cfg.modules,
@@ -105,7 +112,7 @@ impl Vm {
         }
         let mut fds = Vec::new();
         let entry = loaded.entry;
-        let cpuid = guest_cpuid(&kvm)?;
+        let cpuid = guest_cpuid(&kvm, host.debug().xsetbv)?;
         for id in 0..cfg.vcpus {
             fds.push(crate::vcpu::create(&vm, id, cfg, &loaded.entry, &cpuid)?);
         }
@@ -306,13 +313,75 @@ fn enable_vm_caps(kvm: &Kvm, vm: &VmFd, cfg: &VmConfig) -> Result<(), VmError> {
     Ok(())
 }
 
-/// KVM's supported CPUID, adjusted by [`adjust_cpuid`]; the APIC id is set per vCPU.
-fn guest_cpuid(kvm: &Kvm) -> Result<kvm_bindings::CpuId, VmError> {
+/// KVM's supported CPUID, adjusted by [`adjust_cpuid`]; the APIC id is set per
+/// vCPU. `xsetbv_seen`: the start-up probe saw a guest's XSETBV reach KVM.
+fn guest_cpuid(kvm: &Kvm, xsetbv_seen: bool) -> Result<kvm_bindings::CpuId, VmError> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(VmError::ioctl("KVM_GET_SUPPORTED_CPUID"))?;
     adjust_cpuid(cpuid.as_mut_slice());
+    if !xsetbv_seen {
+        hide_xsave(cpuid.as_mut_slice());
+    }
     Ok(cpuid)
+}
+
+/// Takes XSAVE, and everything whose state only XSAVE holds, out of the
+/// guest's CPUID, for a host whose KVM never sees the guest's XSETBV (the
+/// nested-SVM rig: QEMU 7.2's TCG runs a nested XSETBV without checking its
+/// SVM intercept). There KVM can virtualise XSAVE no better than not at all:
+/// - CPUID 0xD.0 EBX (the XSAVE area for the enabled features) never follows
+///   the guest's XCR0, because only an intercepted XSETBV updates it
+///   (`kvm_update_cpuid_runtime`). Linux then sizes its FPU buffers at 576
+///   bytes while XSAVE writes 2,696 ("XSAVE consistency problem"), and the
+///   kernel triple-faults later;
+/// - KVM loads its own idea of XCR0 at every VM entry
+///   (`kvm_load_guest_xsave_state`), undoing the guest's XSETBV, so AVX and
+///   XRSTOR fault at random.
+///
+/// Without XSAVE the guest uses FXSAVE and SSE, which need no XCR0. Silicon
+/// always intercepts XSETBV (KVM requires it), so this is a rig's remedy only.
+fn hide_xsave(entries: &mut [kvm_bindings::kvm_cpuid_entry2]) {
+    // Leaf 1 ECX: FMA 12, XSAVE 26, OSXSAVE 27, AVX 28, F16C 29.
+    const L1_ECX: u32 = (1 << 12) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 29);
+    // Leaf 7.0 EBX: AVX2 5, AVX-512 F/DQ/IFMA/PF/ER/CD/BW/VL.
+    const L7_EBX: u32 = (1 << 5)
+        | (1 << 16)
+        | (1 << 17)
+        | (1 << 21)
+        | (1 << 26)
+        | (1 << 27)
+        | (1 << 28)
+        | (3 << 30);
+    // Leaf 7.0 ECX: AVX-512 VBMI 1, PKU 3, OSPKE 4, VBMI2 6, VAES 9,
+    // VPCLMULQDQ 10, VNNI 11, BITALG 12, VPOPCNTDQ 14 (PKRU is XSAVE state).
+    const L7_ECX: u32 = (1 << 1)
+        | (1 << 3)
+        | (1 << 4)
+        | (1 << 6)
+        | (1 << 9)
+        | (1 << 10)
+        | (1 << 11)
+        | (1 << 12)
+        | (1 << 14);
+    // Leaf 7.0 EDX: AVX-512 4VNNIW 2, 4FMAPS 3, VP2INTERSECT 8, AMX 22/24/25,
+    // AVX-512 FP16 23.
+    const L7_EDX: u32 = (1 << 2) | (1 << 3) | (1 << 8) | (0xf << 22);
+    // Leaf 7.1 EAX: AVX-VNNI 4, AVX-512 BF16 5.
+    const L7_1_EAX: u32 = (1 << 4) | (1 << 5);
+    for e in entries {
+        match (e.function, e.index) {
+            (1, _) => e.ecx &= !L1_ECX,
+            (7, 0) => {
+                e.ebx &= !L7_EBX;
+                e.ecx &= !L7_ECX;
+                e.edx &= !L7_EDX;
+            }
+            (7, 1) => e.eax &= !L7_1_EAX,
+            (0xd, _) => (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 0, 0),
+            _ => {}
+        }
+    }
 }
 
 /// What every VMM adds to KVM's supported CPUID:
@@ -374,5 +443,60 @@ mod tests {
         assert_eq!(e[0].ecx & (1 << 26), 1 << 26, "XSAVE");
         assert_eq!(e[0].ecx & 0x2000, 0x2000, "the rest kept");
         assert_eq!(e[1].ebx, 1 << 7, "SMEP");
+    }
+
+    #[test]
+    fn a_host_that_never_sees_xsetbv_gives_no_xsave() {
+        // What QEMU's TCG CPU offers on the rig: XSAVE, AVX, AVX2, PKU, XCR0 0x207.
+        let entry = |function, index, eax, ebx, ecx, edx| kvm_bindings::kvm_cpuid_entry2 {
+            function,
+            index,
+            eax,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        };
+        let mut e = [
+            entry(
+                1,
+                0,
+                0,
+                0,
+                (1 << 26) | (1 << 28) | (1 << 0) | (1 << 19),
+                1 << 25,
+            ),
+            entry(
+                7,
+                0,
+                0,
+                (1 << 5) | (1 << 7) | (1 << 3),
+                (1 << 3) | (1 << 2),
+                0,
+            ),
+            entry(0xd, 0, 0x207, 0x240, 0xa88, 0),
+            entry(0xd, 2, 0x100, 0x240, 0, 0),
+        ];
+        adjust_cpuid(&mut e);
+        hide_xsave(&mut e);
+        assert_eq!(e[0].ecx & ((1 << 26) | (1 << 28)), 0, "no XSAVE, no AVX");
+        assert_eq!(e[0].ecx >> 31, 1, "still a hypervisor");
+        assert_eq!(
+            e[0].ecx & ((1 << 0) | (1 << 19)),
+            (1 << 0) | (1 << 19),
+            "SSE3, SSE4.1 kept"
+        );
+        assert_eq!(e[0].edx, 1 << 25, "SSE kept");
+        assert_eq!(
+            e[1].ebx,
+            (1 << 7) | (1 << 3),
+            "SMEP and BMI1 kept, AVX2 gone"
+        );
+        assert_eq!(e[1].ecx, 1 << 2, "UMIP kept, PKU gone");
+        assert!(
+            e[2..]
+                .iter()
+                .all(|x| (x.eax, x.ebx, x.ecx, x.edx) == (0, 0, 0, 0))
+        );
     }
 }
