@@ -109,7 +109,7 @@ pub fn run(a: &RunArgs) -> i32 {
         &cfg,
     );
     if let Some(j) = &journal {
-        j.end(&shared, &out, intro.engine.lock().unwrap().now_us());
+        j.end(&shared, &out, intro.now_us());
     }
     summary(&out, &intro, &shared);
     out.reason.exit_status()

@@ -63,8 +63,7 @@ const CLASSES: &[&str] = &[
 pub fn words(s: &Session) -> Vec<String> {
     let mut w: Vec<String> = SUBWORDS.iter().map(|x| x.to_string()).collect();
     w.extend(s.shared().symbols().iter().map(|(n, _)| n.to_string()));
-    let e = s.intro().engine.lock().unwrap();
-    w.extend(e.hooks().iter().map(|h| h.id.to_string()));
+    w.extend(s.intro().hooks().iter().map(|h| h.id.to_string()));
     w
 }
 

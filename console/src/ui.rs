@@ -49,7 +49,7 @@ fn exit_on_signal(s: &Session) {
     let terminal = SavedTerminal::now();
     std::thread::spawn(move || {
         vmiscope_vmm::signals::wait();
-        let _engine = intro.engine.lock().unwrap_or_else(|e| e.into_inner());
+        let _quiet = intro.quiesce();
         let reason = vmiscope_vmm::StopReason::Signal(vmiscope_vmm::signals::last());
         terminal.restore();
         eprintln!("\nvmiscope: {reason}");

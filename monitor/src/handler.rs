@@ -34,7 +34,7 @@ enum Pending {
 }
 
 pub struct Introspection {
-    pub engine: Mutex<Engine>,
+    pub(crate) engine: Mutex<Engine>,
     pending: Mutex<Vec<Pending>>,
     last_tick: Mutex<Instant>,
     /// How often `handle_timer` runs (HVMI: once a second).

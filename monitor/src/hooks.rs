@@ -7,10 +7,11 @@
 
 use std::sync::Arc;
 
-use vmiscope_introspect::glue::GlueError;
-use vmiscope_introspect::{Callback, Class, HookError, HookId, Target};
+use vmiscope_introspect::glue::{GlueError, VmControl};
+use vmiscope_introspect::policy::{self, Policy};
+use vmiscope_introspect::{Callback, Class, Engine, HookError, HookId, Owner, Target};
 use vmiscope_vmm::glue::VmWide;
-use vmiscope_vmm::{VcpuTask, VmShared};
+use vmiscope_vmm::{VcpuCtl, VcpuTask, VmShared};
 
 use crate::handler::Introspection;
 
@@ -32,11 +33,36 @@ impl Introspection {
         name: impl Into<String>,
         callback: Callback,
     ) -> Result<HookId, HookError> {
+        let name = name.into();
+        self.add_with(vm, cpu, target.class(), |e, ctl| {
+            e.add_hook(ctl, target, name, callback)
+        })
+    }
+
+    /// As `add_hook`, for a hook a debugger placed (owned by gdb, named after it).
+    pub fn add_gdb_hook(
+        self: &Arc<Self>,
+        vm: &VmShared,
+        cpu: u32,
+        target: Target,
+        callback: Callback,
+    ) -> Result<HookId, HookError> {
+        self.add_with(vm, cpu, target.class(), |e, ctl| {
+            e.add_owned_hook(ctl, target, Owner::Gdb, callback)
+        })
+    }
+
+    fn add_with(
+        self: &Arc<Self>,
+        vm: &VmShared,
+        cpu: u32,
+        class: Class,
+        add: impl FnOnce(&mut Engine, &mut dyn VmControl) -> Result<HookId, HookError>,
+    ) -> Result<HookId, HookError> {
         let mut ctl = vm_wide(vm, cpu)?;
-        let class = target.class();
         let mut e = self.engine.lock().unwrap();
         let switched_on = !e.class_enabled(class);
-        let id = e.add_hook(&mut ctl, target, name, callback)?;
+        let id = add(&mut e, &mut ctl)?;
         e.commit(&mut ctl)?;
         drop(e);
         if switched_on && matches!(class, Class::Cr | Class::Dtr | Class::Xcr) {
@@ -58,6 +84,30 @@ impl Introspection {
         e.remove_hook(id)?;
         e.commit(&mut vm_wide(vm, 0)?)?;
         Ok(())
+    }
+
+    /// Switches `policies` on now, with the policy environment of now; returns
+    /// their hooks. On a vCPU's thread: a policy reads that vCPU's descriptor
+    /// tables to find what it protects.
+    pub fn enable_policies(
+        &self,
+        cpu: &mut VcpuCtl<'_>,
+        policies: &[Policy],
+    ) -> Result<Vec<HookId>, String> {
+        let env = self.policy_env();
+        let mut e = self.engine.lock().unwrap();
+        let r = policy::enable(&mut e, cpu, policies, &env).map_err(|e| e.to_string());
+        e.commit(cpu).map_err(|e| e.to_string())?;
+        r
+    }
+
+    /// Switches `policy` off: its hooks are removed and committed. Returns how
+    /// many there were (0: it was not on).
+    pub fn disable_policy(&self, vm: &VmShared, p: Policy) -> Result<usize, HookError> {
+        let mut e = self.engine.lock().unwrap();
+        let n = policy::disable(&mut e, p);
+        e.commit(&mut vm_wide(vm, 0)?)?;
+        Ok(n)
     }
 
     /// Applies the hook removals flagged since the last commit.

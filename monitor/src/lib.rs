@@ -4,6 +4,7 @@
 //! ends (REPL, TUI, scripts, gdb) reach the guest through it; no exit passes
 //! through them.
 
+mod api;
 pub mod handler;
 mod hooks;
 pub mod notices;
@@ -11,6 +12,7 @@ mod os;
 mod session;
 pub mod stops;
 
+pub use api::{Counters, HookInfo, Quiesced};
 pub use handler::{AlertSink, Introspection, OnReady, per_exit, respond};
 pub use notices::{LineSplitter, Notice, Notices};
 pub use os::policy_env;

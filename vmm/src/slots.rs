@@ -50,10 +50,20 @@ pub trait SlotSink {
 }
 
 /// The planner: wished access per page and the slots currently installed.
+///
+/// A page opened for a step-over (`open`) is installed as `Full` until it is
+/// closed, whatever its wished access becomes meanwhile: the wish (the
+/// engine's, from a hook edit on any thread) and the opening (a vCPU's, for one
+/// instruction) are kept apart, so neither undoes the other. Before, the
+/// step-over saved the page's access and set it back afterwards: a hook edit
+/// made during the step was lost, or a page stayed trapped with no hook left.
 #[derive(Debug)]
 pub struct SlotMap {
     pages: u64,
     wished: BTreeMap<u64, Access>,
+    /// Pages opened for step-overs, with how many are open on each (vCPUs
+    /// may step on the same page at once).
+    opened: BTreeMap<u64, u32>,
     installed: BTreeMap<u64, Slot>,
     free_ids: Vec<u32>,
     next_id: u32,
@@ -66,6 +76,7 @@ impl SlotMap {
         SlotMap {
             pages,
             wished: BTreeMap::new(),
+            opened: BTreeMap::new(),
             installed: BTreeMap::new(),
             free_ids: vec![],
             next_id: 0,
@@ -98,6 +109,36 @@ impl SlotMap {
         *self.wished.get(&page).unwrap_or(&Access::Full)
     }
 
+    /// Installs `page` as `Full` until as many `close`s (a step-over runs the
+    /// instruction there); its wished access is kept.
+    pub fn open(&mut self, page: u64) {
+        assert!(page < self.pages, "page {page:#x} outside RAM");
+        *self.opened.entry(page).or_default() += 1;
+        self.dirty = true;
+    }
+
+    /// Ends one `open` of `page`: once none is left, its wished access is
+    /// installed again (the one of now, not the one at `open`).
+    pub fn close(&mut self, page: u64) {
+        if let Some(n) = self.opened.get_mut(&page) {
+            *n -= 1;
+            if *n == 0 {
+                self.opened.remove(&page);
+            }
+            self.dirty = true;
+        }
+    }
+
+    /// What is installed for `page` once committed: `Full` while opened. What
+    /// an exit on the page is judged by (a fetch fault on a page opened for a
+    /// step is not our execute trap).
+    pub fn installed_access(&self, page: u64) -> Access {
+        match self.opened.contains_key(&page) {
+            true => Access::Full,
+            false => self.access(page),
+        }
+    }
+
     /// Pages whose access is not `Full`.
     pub fn trapped(&self) -> impl Iterator<Item = (u64, Access)> + '_ {
         self.wished.iter().map(|(p, a)| (*p, *a))
@@ -124,7 +165,11 @@ impl SlotMap {
                 _ => runs.push((first, pages, ro)),
             }
         };
-        for (&page, &access) in &self.wished {
+        for &page in self.wished.keys() {
+            let access = self.installed_access(page);
+            if access == Access::Full {
+                continue;
+            }
             push(&mut runs, cursor, page - cursor, false);
             if access == Access::WriteTrap {
                 push(&mut runs, page, 1, true);
@@ -253,5 +298,50 @@ mod tests {
         );
         r.0.clear();
         assert_eq!(m.commit(&mut r).unwrap().ioctls(), 0);
+    }
+
+    #[test]
+    fn a_hook_edit_during_a_step_over_is_kept_when_the_page_closes() {
+        let mut m = SlotMap::new(8);
+        let mut r = Recorder::default();
+        m.set(3, Access::AllTrap);
+        m.commit(&mut r).unwrap();
+        // A vCPU opens page 3 to step over an instruction there.
+        m.open(3);
+        m.commit(&mut r).unwrap();
+        assert_eq!(m.installed().count(), 1, "page 3 installed as Full");
+        // Meanwhile the last hook there goes (another thread's commit).
+        m.set(3, Access::Full);
+        m.commit(&mut r).unwrap();
+        // The step ends: the page stays Full, as now wished (before, the
+        // step-over put back the AllTrap it saw when it began).
+        m.close(3);
+        m.commit(&mut r).unwrap();
+        assert_eq!(m.access(3), Access::Full);
+        assert_eq!(m.installed().count(), 1);
+        // And a trap added during a step holds once the step ends.
+        m.open(5);
+        m.set(5, Access::WriteTrap);
+        m.commit(&mut r).unwrap();
+        assert_eq!(m.installed().count(), 1, "open: Full while the step runs");
+        m.close(5);
+        m.commit(&mut r).unwrap();
+        assert!(m.installed().any(|s| s.first_page == 5 && s.read_only));
+        // Two vCPUs on one page: it closes with the second.
+        m.set(6, Access::AllTrap);
+        m.open(6);
+        m.open(6);
+        m.close(6);
+        m.commit(&mut r).unwrap();
+        assert!(
+            m.installed()
+                .any(|s| s.first_page <= 6 && 6 < s.first_page + s.pages)
+        );
+        m.close(6);
+        m.commit(&mut r).unwrap();
+        assert!(
+            !m.installed()
+                .any(|s| s.first_page <= 6 && 6 < s.first_page + s.pages)
+        );
     }
 }

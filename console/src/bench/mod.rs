@@ -223,7 +223,7 @@ fn console_run(n: u64, with_tui: bool) -> Result<(f64, Vec<f64>), Error> {
     let mut term = ratatui::Terminal::new(ratatui::backend::TestBackend::new(120, 40))
         .map_err(|e| e.to_string())?;
     let mut tui = crate::tui::Tui::new();
-    let before = s.intro().engine.lock().unwrap().event_count();
+    let before = s.intro().counters().events;
     let start = Instant::now();
     s.exec("continue")?;
     let (mut shown, mut lat) = (before, Vec::new());
@@ -232,16 +232,14 @@ fn console_run(n: u64, with_tui: bool) -> Result<(f64, Vec<f64>), Error> {
             tui.refresh(&mut s);
             term.draw(|f| tui.draw(f, &s)).map_err(|e| e.to_string())?;
             // Every event newer than the last frame's newest appears in this frame.
-            let e = s.intro().engine.lock().unwrap();
-            let now = e.now_us();
-            for r in e.recent().iter().rev().take_while(|r| r.event_id > shown) {
-                lat.push((now - r.at_us) as f64 / 1e3);
-            }
-            shown = e.recent().back().map(|r| r.event_id).unwrap_or(shown);
+            let now = s.intro().now_us();
+            let new = s.intro().recent_since(shown);
+            lat.extend(new.iter().map(|r| (now - r.at_us) as f64 / 1e3));
+            shown = new.last().map(|r| r.event_id).unwrap_or(shown);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let events = s.intro().engine.lock().unwrap().event_count() - before;
+    let events = s.intro().counters().events - before;
     Ok((events as f64 / start.elapsed().as_secs_f64(), lat))
 }
 

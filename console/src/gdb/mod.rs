@@ -137,24 +137,16 @@ impl GdbTarget {
         self.s.on_vcpu(cpu, f).ok()
     }
 
-    /// Any held vCPU, for engine work (hooks are VM-wide).
-    fn any_cpu<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut VcpuCtl<'_>) -> R + Send + 'static,
-    ) -> Option<R> {
-        let cpu = self.s.control().stop().map(|s| s.vcpu).unwrap_or(0);
-        self.on_cpu(cpu, f)
-    }
-
     fn add_engine_hook(&mut self, target: HookTarget) -> Option<(u64, u32)> {
         let after_write = matches!(target, HookTarget::Gva { .. });
-        let intro = self.s.intro().clone();
-        let id = self.any_cpu(move |cpu| {
-            let mut e = intro.engine.lock().unwrap();
-            let r = e.add_hook(cpu, target, "gdb", Box::new(|_| Outcome::allow()));
-            let _ = e.commit(cpu);
-            r.ok()
-        })??;
+        // VM-wide, with no vCPU answering; a guest-virtual target resolved
+        // with the page tables of the vCPU at the stop (vCPU 0 when none).
+        let cpu = self.s.control().stop().map(|s| s.vcpu).unwrap_or(0);
+        let id = self
+            .s
+            .intro()
+            .add_gdb_hook(self.s.shared(), cpu, target, Box::new(|_| Outcome::allow()))
+            .ok()?;
         let brk = self
             .s
             .control()
@@ -165,11 +157,7 @@ impl GdbTarget {
     fn remove_engine_hook(&mut self, hook: u64, brk: u32) {
         self.s.control().delete_break(brk);
         self.stops.remove(&brk);
-        let intro = self.s.intro().clone();
-        let _ = intro.engine.lock().unwrap().remove_hook(hook);
-        self.any_cpu(move |cpu| {
-            let _ = intro.engine.lock().unwrap().commit(cpu);
-        });
+        let _ = self.s.intro().remove_hook(self.s.shared(), hook);
     }
 
     /// Pauses every vCPU (the one at a stop is held already) and waits for each

@@ -67,8 +67,8 @@ impl Session {
     }
 
     fn alert_lines(&self) -> String {
-        let e = self.intro.engine.lock().unwrap();
-        e.alerts()
+        self.intro
+            .alerts()
             .iter()
             .map(alert_line)
             .collect::<Vec<_>>()
@@ -85,17 +85,17 @@ impl Session {
     ) -> Result<String, String> {
         let of_class = move |c: Class| class.is_none_or(|want| want == c);
         let seen = move |s: &mut Session| {
-            let e = s.intro.engine.lock().unwrap();
             if alerts {
-                e.alerts().iter().any(|a| of_class(a.class))
+                s.intro.alerts().iter().any(|a| of_class(a.class))
             } else {
                 // Counted per class (every record is counted), not looked for
                 // among the recent records: a flood of other events (a kernel
                 // patching its own text under `kernel-code`) pushes a record
                 // out of that window.
+                let counters = s.intro.counters();
                 match class {
-                    Some(c) => e.events_per_class().get(&c).is_some_and(|n| *n > 0),
-                    None => !e.recent().is_empty(),
+                    Some(c) => counters.per_class.get(&c).is_some_and(|n| *n > 0),
+                    None => counters.events > 0,
                 }
             }
         };
@@ -106,12 +106,10 @@ impl Session {
         let detail = if alerts {
             format!("alerts: [{}]", self.alert_lines())
         } else {
-            let e = self.intro.engine.lock().unwrap();
-            let n = e.recent().len();
-            let last: Vec<String> = e
-                .recent()
+            let last: Vec<String> = self
+                .intro
+                .recent(5, None)
                 .iter()
-                .skip(n.saturating_sub(5))
                 .map(|r| event_line(r, self.shared.symbols()))
                 .collect();
             format!("last events: [{}]", last.join("; "))

@@ -5,8 +5,7 @@ use std::fmt::Write as _;
 use crate::error::Error;
 
 use vmiscope_introspect::Policy;
-use vmiscope_introspect::policy;
-use vmiscope_introspect::{DtrKind, Engine, Outcome, Target};
+use vmiscope_introspect::{DtrKind, Outcome, Target};
 use vmiscope_vmm::VcpuCtl;
 
 use super::{Output, Session};
@@ -14,14 +13,6 @@ use crate::commands::{Action, HookSpec, ProtectArg};
 use crate::format::*;
 
 impl Session {
-    /// Applies the engine's pending hook removals (flag-then-commit) on the
-    /// selected vCPU's thread.
-    fn commit_engine(&self) -> Result<(), Error> {
-        let intro = self.intro.clone();
-        self.with_guest(move |cpu| intro.engine.lock().unwrap().commit(cpu))??;
-        Ok(())
-    }
-
     /// `protect list`, or policies on: at once when the guest has its IDT, else
     /// armed for when it loads one (as `--protect` does).
     pub(super) fn protect(&mut self, arg: ProtectArg) -> Result<Output, Error> {
@@ -49,19 +40,13 @@ impl Session {
                 "policy {names} armed: it switches on when the guest loads its own IDT"
             )));
         }
-        let env = self.intro.policy_env();
         let intro = self.intro.clone();
-        let ids = self.with_guest(move |cpu| {
-            let mut e = intro.engine.lock().unwrap();
-            let r = policy::enable(&mut e, cpu, &policies, &env).map_err(|e| e.to_string());
-            let _ = e.commit(cpu);
-            r
-        })??;
+        let ids = self.with_guest(move |cpu| intro.enable_policies(cpu, &policies))??;
         Ok(Output::text(format!("policy {names} on: hooks {ids:?}")))
     }
 
     pub(super) fn hook_enable(&mut self, id: u64, on: bool) -> Result<Output, Error> {
-        self.intro.engine.lock().unwrap().set_hook_enabled(id, on)?;
+        self.intro.set_hook_enabled(id, on)?;
         Ok(Output::text(format!(
             "hook {id} {}",
             if on { "enabled" } else { "disabled" }
@@ -69,17 +54,15 @@ impl Session {
     }
 
     pub(super) fn hook_delete(&mut self, id: u64) -> Result<Output, Error> {
-        self.intro.engine.lock().unwrap().remove_hook(id)?;
-        self.commit_engine()?;
+        self.intro.remove_hook(&self.shared, id)?;
         Ok(Output::text(format!("hook {id} deleted")))
     }
 
     pub(super) fn unprotect(&mut self, name: Policy) -> Result<Output, Error> {
-        let n = policy::disable(&mut self.intro.engine.lock().unwrap(), name);
+        let n = self.intro.disable_policy(&self.shared, name)?;
         if n == 0 {
             return Err(format!("policy {name} is not on").into());
         }
-        self.commit_engine()?;
         Ok(Output::text(format!(
             "policy {name} off ({n} hooks removed)"
         )))
@@ -163,13 +146,11 @@ impl Session {
                 }),
             ),
         };
-        let intro = self.intro.clone();
-        let id = self.with_guest(move |cpu| {
-            let mut e: std::sync::MutexGuard<'_, Engine> = intro.engine.lock().unwrap();
-            let r = e.add_hook(cpu, target, name, cb).map_err(|e| e.to_string());
-            let _ = e.commit(cpu);
-            r
-        })??;
+        // VM-wide: made here while the vCPUs run on (a guest-virtual target
+        // is resolved with the selected vCPU's page tables at its last exit).
+        let id = self
+            .intro
+            .add_hook(&self.shared, self.vcpu, target, name, cb)?;
         Ok(Output::text(match warning {
             Some(w) => format!("{w}\nhook {id} added"),
             None => format!("hook {id} added"),
@@ -199,9 +180,8 @@ impl Session {
     }
 
     pub fn hooks_text(&self) -> String {
-        let e = self.intro.engine.lock().unwrap();
         let mut t = String::new();
-        for h in e.hooks().iter() {
+        for h in self.intro.hooks() {
             let _ = writeln!(
                 t,
                 "{:>4} {:<10} {:<22} hits {:<6} {} {}",

@@ -147,11 +147,8 @@ impl Session {
         }
         let bps: Vec<u64> = self
             .intro
-            .engine
-            .lock()
-            .unwrap()
             .hooks()
-            .iter()
+            .into_iter()
             .filter_map(|h| match h.target {
                 Target::Breakpoint { gva, .. } => Some(gva),
                 _ => None,

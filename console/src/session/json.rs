@@ -57,32 +57,25 @@ impl Session {
                     .map(|r| event_json(r, self.shared.symbols()))
                     .collect(),
             ),
-            C::Alerts => {
-                let e = self.intro.engine.lock().unwrap();
-                Value::Array(e.alerts().iter().map(alert_json).collect())
-            }
+            C::Alerts => Value::Array(self.intro.alerts().iter().map(alert_json).collect()),
             C::Alert(id) => {
-                let e = self.intro.engine.lock().unwrap();
-                let a = e
-                    .alerts()
-                    .iter()
-                    .find(|a| a.id == id)
+                let a = self
+                    .intro
+                    .alert(id)
                     .ok_or_else(|| format!("no alert {id} (see `alerts`)"))?;
-                alert_json(a)
+                alert_json(&a)
             }
-            C::Hooks => {
-                let e = self.intro.engine.lock().unwrap();
-                Value::Array(
-                    e.hooks()
-                        .iter()
-                        .map(|h| {
-                            json!({"id": h.id, "class": h.target.class().name(),
+            C::Hooks => Value::Array(
+                self.intro
+                    .hooks()
+                    .iter()
+                    .map(|h| {
+                        json!({"id": h.id, "class": h.target.class().name(),
                                 "name": h.name, "hits": h.hits, "enabled": h.enabled,
                                 "target": crate::format::target_text(&h.target)})
-                        })
-                        .collect(),
-                )
-            }
+                    })
+                    .collect(),
+            ),
             C::Stats => self.stats_json(),
             C::Caps => serde_json::to_value(crate::caps::measure()?).unwrap_or_default(),
             other => return Err(format!("`json` cannot answer {other:?}").into()),
@@ -90,9 +83,9 @@ impl Session {
     }
 
     fn stats_json(&self) -> Value {
-        let e = self.intro.engine.lock().unwrap();
-        let per_class: serde_json::Map<String, Value> = e
-            .events_per_class()
+        let c = self.intro.counters();
+        let per_class: serde_json::Map<String, Value> = c
+            .per_class
             .iter()
             .map(|(c, n)| (c.name().to_string(), json!(n)))
             .collect();
@@ -110,10 +103,10 @@ impl Session {
         json!({
             "events": per_class,
             "latency": {
-                "count": e.latency().count,
-                "mean_ns": e.latency().total_ns / e.latency().count.max(1),
+                "count": c.latency.count,
+                "mean_ns": c.latency.total_ns / c.latency.count.max(1),
             },
-            "hooks": e.hooks().iter().map(|h| json!({"id": h.id, "name": h.name, "hits": h.hits})).collect::<Vec<_>>(),
+            "hooks": self.intro.hooks().iter().map(|h| json!({"id": h.id, "name": h.name, "hits": h.hits})).collect::<Vec<_>>(),
             "exits": exits,
             "exits_per_vcpu": per_vcpu,
             "completed": completed,

@@ -250,7 +250,7 @@ impl Session {
     /// Writes `--journal`'s last record, once the outcome is known.
     fn journal_end(&self) {
         if let (Some(j), Some(o)) = (&self.journal, &self.outcome) {
-            j.end(&self.shared, o, self.intro.engine.lock().unwrap().now_us());
+            j.end(&self.shared, o, self.intro.now_us());
         }
     }
 

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use crate::error::Error;
 
-use vmiscope_introspect::{Class, Rule};
+use vmiscope_introspect::Class;
 
 use super::{Output, Session};
 use crate::commands::{self};
@@ -18,17 +18,7 @@ impl Session {
         n: usize,
         class: Option<Class>,
     ) -> Vec<std::sync::Arc<vmiscope_introspect::EventRecord>> {
-        let e = self.intro.engine.lock().unwrap();
-        let mut list: Vec<_> = e
-            .recent()
-            .iter()
-            .rev()
-            .filter(|r| class.is_none_or(|c| c == r.class))
-            .take(n)
-            .cloned()
-            .collect();
-        list.reverse();
-        list
+        self.intro.recent(n, class)
     }
 
     pub(super) fn events(&mut self, n: usize, class: Option<Class>) -> Result<Output, Error> {
@@ -44,8 +34,8 @@ impl Session {
     }
 
     pub(super) fn alerts(&mut self) -> Result<Output, Error> {
-        let e = self.intro.engine.lock().unwrap();
-        let t: String = e
+        let t: String = self
+            .intro
             .alerts()
             .iter()
             .map(|a| format!("{}\n", alert_line(a)))
@@ -58,11 +48,9 @@ impl Session {
     }
 
     pub(super) fn alert(&mut self, id: u64) -> Result<Output, Error> {
-        let e = self.intro.engine.lock().unwrap();
-        let a = e
-            .alerts()
-            .iter()
-            .find(|a| a.id == id)
+        let a = &self
+            .intro
+            .alert(id)
             .ok_or_else(|| format!("no alert {id} (see `alerts`)"))?;
         let sym = self.shared.symbols();
         Ok(Output::text(format!(
@@ -99,27 +87,20 @@ impl Session {
     }
 
     pub(super) fn exception_from_alert(&mut self, id: u64) -> Result<Output, Error> {
-        let mut e = self.intro.engine.lock().unwrap();
-        let a = e
-            .alerts()
-            .iter()
-            .find(|a| a.id == id)
+        let (index, rule) = self
+            .intro
+            .except_alert(id)
             .ok_or_else(|| format!("no alert {id} (see `alerts`)"))?;
-        let rule = Rule::from_alert(a);
         let text = serde_json::to_string(&rule).unwrap_or_default();
-        e.exceptions_mut().rules.push(rule);
-        Ok(Output::text(format!(
-            "exception {} added: {text}",
-            e.exceptions().rules.len() - 1
-        )))
+        Ok(Output::text(format!("exception {index} added: {text}")))
     }
 
     pub(super) fn exceptions(&mut self) -> Result<Output, Error> {
-        let e = self.intro.engine.lock().unwrap();
-        Ok(Output::text(if e.exceptions().rules.is_empty() {
+        let x = self.intro.exceptions();
+        Ok(Output::text(if x.rules.is_empty() {
             "no exception rules".into()
         } else {
-            e.exceptions().to_json()
+            x.to_json()
         }))
     }
 
@@ -136,13 +117,13 @@ impl Session {
 
     pub(super) fn save_exceptions(&mut self, f: String) -> Result<Output, Error> {
         self.may_write(&f)?;
-        let json = self.intro.engine.lock().unwrap().exceptions().to_json();
+        let json = self.intro.exceptions().to_json();
         std::fs::write(&f, json).map_err(|e| format!("cannot write {f}: {e}"))?;
         Ok(Output::text(format!("saved to {f}")))
     }
 
     pub(super) fn log_only(&mut self, on: bool) -> Result<Output, Error> {
-        self.intro.engine.lock().unwrap().set_log_only(on);
+        self.intro.set_log_only(on);
         Ok(Output::text(format!(
             "log-only {}",
             if on { "on" } else { "off" }
@@ -172,17 +153,20 @@ impl Session {
     pub(super) fn save_journal(&mut self, f: String) -> Result<Output, Error> {
         use crate::journal;
         self.may_write(&f)?;
-        let now = self.intro.engine.lock().unwrap().now_us();
+        let now = self.intro.now_us();
         let shared = self.shared.clone();
         let end = self.outcome().map(|o| journal::end_json(&shared, o, now));
-        let e = self.intro.engine.lock().unwrap();
         let sym = self.shared.symbols();
-        let mut records: Vec<serde_json::Value> = e
-            .recent()
+        let (events, alerts, overrides) = (
+            self.intro.recent(usize::MAX, None),
+            self.intro.alerts(),
+            self.intro.overrides(),
+        );
+        let mut records: Vec<serde_json::Value> = events
             .iter()
             .map(|r| journal::event_json(r, sym))
-            .chain(e.alerts().iter().map(journal::alert_json))
-            .chain(e.overrides().iter().map(journal::override_json))
+            .chain(alerts.iter().map(journal::alert_json))
+            .chain(overrides.iter().map(journal::override_json))
             .collect();
         records.sort_by_key(|r| r["t_us"].as_u64().unwrap_or(0));
         let mut out = format!("{}\n", journal::header_json(&self.info));
@@ -195,16 +179,16 @@ impl Session {
         std::fs::write(&f, out).map_err(|e| format!("cannot write {f}: {e}"))?;
         Ok(Output::text(format!(
             "saved {} events, {} alerts and {} overrides to {f}",
-            e.recent().len(),
-            e.alerts().len(),
-            e.overrides().len()
+            events.len(),
+            alerts.len(),
+            overrides.len()
         )))
     }
 
     pub(super) fn stats(&self) -> String {
-        let e = self.intro.engine.lock().unwrap();
+        let c = self.intro.counters();
         let mut t = String::from("events per class:");
-        let mut classes: Vec<_> = e.events_per_class().iter().collect();
+        let mut classes: Vec<_> = c.per_class.iter().collect();
         classes.sort();
         for (c, n) in classes {
             let _ = write!(t, " {}={n}", c.name());
@@ -212,11 +196,11 @@ impl Session {
         let _ = write!(
             t,
             "\nhandler latency: {} events, mean {:.2} us\n",
-            e.latency().count,
-            e.latency().total_ns as f64 / e.latency().count.max(1) as f64 / 1e3
+            c.latency.count,
+            c.latency.total_ns as f64 / c.latency.count.max(1) as f64 / 1e3
         );
-        for (i, n) in e
-            .latency()
+        for (i, n) in c
+            .latency
             .buckets
             .iter()
             .enumerate()
@@ -235,7 +219,7 @@ impl Session {
             let _ = writeln!(t, "completed by the VMM: {}", completed.join(" "));
         }
         t.push_str("hook hits:\n");
-        for h in e.hooks().iter() {
+        for h in self.intro.hooks() {
             let _ = writeln!(t, "  hook {:>3} {:<22} {}", h.id, h.name, h.hits);
         }
         let (exits, per) = self.shared.exit_counts();

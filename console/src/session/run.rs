@@ -113,7 +113,7 @@ impl Session {
     }
 
     pub(super) fn break_hook(&mut self, h: u64) -> Result<Output, Error> {
-        if self.intro.engine.lock().unwrap().hooks().get(h).is_none() {
+        if !self.intro.has_hook(h) {
             return Err(format!("no hook {h} (see `hooks`)").into());
         }
         let id = self.control.add_break(None, Some(h), None);
@@ -162,11 +162,8 @@ impl Session {
             VerdictChoice::Policy => None,
         };
         if let (Some(o), Some(ev)) = (over, &stop.event) {
-            self.intro.engine.lock().unwrap().journal_override(
-                ev.event_id,
-                ev.verdict,
-                o == Override::Allow,
-            );
+            self.intro
+                .journal_override(ev.event_id, ev.verdict, o == Override::Allow);
         }
         self.control.resume_and_wait(over);
         Ok(Output::text(format!(

@@ -114,10 +114,9 @@ impl Tui {
     fn enter(&mut self, s: &mut Session) {
         let detail = match self.focus {
             Pane::Events => self.selected(Pane::Events).and_then(|i| {
-                let e = s.intro().engine.lock().unwrap();
-                let skip = e.recent().len().saturating_sub(500);
-                e.recent()
-                    .get(skip + i)
+                let recent = s.intro().recent(super::view::KEEP, None);
+                recent
+                    .get(i)
                     .map(|r| crate::format::event_detail(r, s.shared().symbols()))
             }),
             Pane::Alerts => self

@@ -5,7 +5,7 @@ use crate::format::{alert_line, event_line};
 use crate::session::{CpuState, DisLine, RunState, Session};
 
 /// How many events and serial lines the panes keep.
-const KEEP: usize = 500;
+pub(super) const KEEP: usize = 500;
 /// Stack slots and memory rows read per refresh.
 const STACK_SLOTS: usize = 64;
 const MEM_ROWS: usize = 64;
@@ -43,17 +43,11 @@ impl View {
         self.status = s.status();
         let state = s.run_state();
         self.state = Some(state);
-        {
-            let e = s.intro().engine.lock().unwrap();
-            let n = e.recent().len();
-            self.events = e
-                .recent()
-                .iter()
-                .skip(n.saturating_sub(KEEP))
-                .map(|r| event_line(r, s.shared().symbols()))
-                .collect();
-            self.alerts = e.alerts().iter().map(|a| (a.id, alert_line(a))).collect();
-        }
+        let sym = s.shared().symbols();
+        let recent = s.intro().recent(KEEP, None);
+        self.events = recent.iter().map(|r| event_line(r, sym)).collect();
+        let alerts = s.intro().alerts();
+        self.alerts = alerts.iter().map(|a| (a.id, alert_line(a))).collect();
         self.hooks = s.hooks_text().lines().map(str::to_string).collect();
         {
             let l = s.serial_lines();

@@ -48,8 +48,10 @@ impl VmShared {
         Ok(changed)
     }
 
+    /// The access installed for the page holding `gpa` (`Full` while a
+    /// step-over has it open, whatever the hooks wish).
     pub fn page_access(&self, gpa: u64) -> Access {
-        self.slots.lock().unwrap().access(gpa / PAGE_SIZE)
+        self.slots.lock().unwrap().installed_access(gpa / PAGE_SIZE)
     }
 
     /// Pages that are not `Full`.
@@ -102,6 +104,24 @@ impl VmShared {
             .map_err(|e| VmError::Kvm(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
         self.count_ioctls(st.ioctls() as u64);
         Ok(st)
+    }
+
+    /// Installs the page holding `gpa` as `Full` for a step-over, and commits,
+    /// until `close_page`; its wished access is kept (see `SlotMap::open`).
+    pub(crate) fn open_page(&self, gpa: u64) -> Result<CommitStats, VmError> {
+        if !self.ram.contains(gpa, 1) {
+            return Err(VmError::OutsideRam(gpa));
+        }
+        self.slots.lock().unwrap().open(gpa / PAGE_SIZE);
+        self.slot_gen.fetch_add(1, Ordering::SeqCst);
+        self.commit_access()
+    }
+
+    /// Ends one `open_page`: the page's access of now is installed again.
+    pub(crate) fn close_page(&self, gpa: u64) -> Result<CommitStats, VmError> {
+        self.slots.lock().unwrap().close(gpa / PAGE_SIZE);
+        self.slot_gen.fetch_add(1, Ordering::SeqCst);
+        self.commit_access()
     }
 
     /// Sets and commits the access of one page.

@@ -510,11 +510,10 @@ impl VcpuThread {
             self.vm.begin_exclusive(self.id);
             self.step.exclusive = true;
         }
-        let access = self.vm.page_access(page);
         let mut restores = Vec::new();
-        if access == Access::AllTrap {
-            self.vm.protect_page(page, Access::Full)?;
-            restores.push(Restore::Page { gpa: page, access });
+        if self.vm.page_access(page) == Access::AllTrap {
+            self.vm.open_page(page)?;
+            restores.push(Restore::Page { gpa: page });
         }
         for (g, orig) in on_page {
             self.vm.ram().write(g, &[orig])?;
@@ -549,8 +548,8 @@ impl VcpuThread {
     fn put_back(&mut self, restores: &[Restore]) {
         for r in restores {
             match *r {
-                Restore::Page { gpa, access } => {
-                    if let Err(e) = self.vm.protect_page(gpa, access) {
+                Restore::Page { gpa } => {
+                    if let Err(e) = self.vm.close_page(gpa) {
                         self.vm.stop(StopReason::Error(e.to_string()));
                     }
                 }

@@ -2,8 +2,6 @@
 //! `usertrap.rs` hold it), apart so that `VcpuCtl` can hold it without naming the
 //! vCPU thread.
 
-use crate::slots::Access;
-
 /// Debug controls of one vCPU (KVM_SET_GUEST_DEBUG is issued only on change).
 #[derive(Debug, Default)]
 pub(crate) struct DebugState {
@@ -27,8 +25,13 @@ pub(crate) struct DebugState {
 /// What a step-over must put back once the stepped instruction has run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Restore {
-    Page { gpa: u64, access: Access },
-    SwBp { gpa: u64 },
+    /// A page opened for the step (`VmShared::open_page`): closed again.
+    Page {
+        gpa: u64,
+    },
+    SwBp {
+        gpa: u64,
+    },
     HwBps,
 }
 
