@@ -859,6 +859,17 @@ fn watchpoints_that_wrap_are_huge_or_half_mapped_are_refused_whole() {
         text.contains("no hooks"),
         "a failed watchpoint left hooks: {text}"
     );
+    // One that crosses a page is a hook per page, and goes whole: its second
+    // page's hook used to stay behind after gdb took it out.
+    assert_eq!(rsp.ask("Z2,200ff8,10"), "OK");
+    let (text, _) = rsp.ask_output(&format!("qRcmd,{hex}"));
+    assert_eq!(text.matches("gdb").count(), 2, "a hook per page: {text}");
+    assert_eq!(rsp.ask("z2,200ff8,10"), "OK");
+    let (text, _) = rsp.ask_output(&format!("qRcmd,{hex}"));
+    assert!(
+        text.contains("no hooks"),
+        "a removed watchpoint left hooks: {text}"
+    );
     let end = rsp.ask("vCont;c");
     assert!(end.starts_with('W'), "{end}");
     let (code, out) = finish(child);

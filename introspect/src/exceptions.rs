@@ -286,7 +286,7 @@ mod tests {
             cpl: 0,
             instruction: Some("mov [rbx+140h],ax".into()),
             event: mem(0x239200),
-            hook: 3,
+            hook: crate::HookId(3),
             hook_name: "policy:idt".into(),
             verdict: Verdict::NotAllowed,
             enforced: true,

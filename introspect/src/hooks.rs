@@ -49,7 +49,7 @@ impl Hooks {
         name: String,
         callback: Callback,
     ) -> HookId {
-        self.next_id += 1;
+        self.next_id.0 += 1;
         let id = self.next_id;
         for p in target.pages() {
             self.by_page.entry(p).or_default().push(id);

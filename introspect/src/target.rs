@@ -5,7 +5,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::{Cr, DtrKind};
 
-pub type HookId = u64;
+/// A hook's number: given by the registry, in order, never reused.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct HookId(pub u64);
+
+impl std::fmt::Display for HookId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// Which accesses a memory hook wants.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]

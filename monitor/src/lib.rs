@@ -17,4 +17,4 @@ pub use handler::{AlertSink, Introspection, OnReady, per_exit, respond};
 pub use notices::{LineSplitter, Notice, Notices};
 pub use os::policy_env;
 pub use session::SessionHandler;
-pub use stops::{Control, EventBreak, Override, Proposed, Snapshot, Stop, StopCause};
+pub use stops::{BreakId, Control, EventBreak, Override, Proposed, Snapshot, Stop, StopCause};

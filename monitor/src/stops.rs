@@ -12,10 +12,21 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 use vmiscope_introspect::{Class, EventRecord, HookId, Verdict};
 use vmiscope_vmm::{Event, Reply, VcpuCtl, VmShared};
 
+/// An event breakpoint's number (`break`, `delete`; gdb's breakpoints and
+/// watchpoints are event breakpoints too).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BreakId(pub u32);
+
+impl std::fmt::Display for BreakId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// An event breakpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventBreak {
-    pub id: u32,
+    pub id: BreakId,
     pub class: Option<Class>,
     pub hook: Option<HookId>,
     pub vcpu: Option<u32>,
@@ -46,7 +57,7 @@ pub enum StopCause {
     NextEvent,
     /// An event breakpoint (`break event`, `break hook`, gdb's breakpoints and
     /// watchpoints), by id.
-    Break(u32),
+    Break(BreakId),
     /// A requested single-step completed.
     Step,
     /// A hardware execute breakpoint (gdb's `hbreak`).
@@ -150,7 +161,7 @@ impl Snapshot {
 #[derive(Default)]
 struct State {
     breaks: Vec<EventBreak>,
-    next_id: u32,
+    next_id: BreakId,
     /// `next-event`: Some(all) while armed; `all` stops at any handled event,
     /// otherwise only at one a hook or policy asked for.
     next_event: Option<bool>,
@@ -202,7 +213,12 @@ impl Control {
         }
     }
 
-    pub fn add_break(&self, class: Option<Class>, hook: Option<HookId>, vcpu: Option<u32>) -> u32 {
+    pub fn add_break(
+        &self,
+        class: Option<Class>,
+        hook: Option<HookId>,
+        vcpu: Option<u32>,
+    ) -> BreakId {
         self.add_break_ext(class, hook, vcpu, false)
     }
 
@@ -212,9 +228,9 @@ impl Control {
         hook: Option<HookId>,
         vcpu: Option<u32>,
         after_write: bool,
-    ) -> u32 {
+    ) -> BreakId {
         let mut s = self.state.lock().unwrap();
-        s.next_id += 1;
+        s.next_id.0 += 1;
         let id = s.next_id;
         s.breaks.push(EventBreak {
             id,
@@ -230,7 +246,7 @@ impl Control {
         self.state.lock().unwrap().breaks.clone()
     }
 
-    pub fn delete_break(&self, id: u32) -> bool {
+    pub fn delete_break(&self, id: BreakId) -> bool {
         let mut s = self.state.lock().unwrap();
         let n = s.breaks.len();
         s.breaks.retain(|b| b.id != id);
@@ -459,27 +475,31 @@ mod tests {
         }
     }
 
-    fn brk(id: u32, class: Option<Class>, hook: Option<HookId>, vcpu: Option<u32>) -> EventBreak {
+    fn brk(id: u32, class: Option<Class>, hook: Option<u64>, vcpu: Option<u32>) -> EventBreak {
         EventBreak {
-            id,
+            id: BreakId(id),
             class,
-            hook,
+            hook: hook.map(HookId),
             vcpu,
             after_write: id == 9,
         }
     }
 
+    fn ids(v: &[u64]) -> Vec<HookId> {
+        v.iter().copied().map(HookId).collect()
+    }
+
     #[test]
     fn next_event_stops_once_at_what_it_was_armed_for() {
         let mut s = State::default();
-        let quiet = msr_write(0, vec![], Verdict::Allowed);
-        let hooked = msr_write(0, vec![7], Verdict::Allowed);
+        let quiet = msr_write(0, ids(&[]), Verdict::Allowed);
+        let hooked = msr_write(0, ids(&[7]), Verdict::Allowed);
         s.next_event = Some(false);
         assert_eq!(s.should_stop(&quiet), None, "no hook fired, allowed");
         assert_eq!(s.should_stop(&hooked), Some((StopCause::NextEvent, false)));
         assert_eq!(s.should_stop(&hooked), None, "disarmed after one stop");
         s.next_event = Some(false);
-        let denied = msr_write(0, vec![], Verdict::NotAllowed);
+        let denied = msr_write(0, ids(&[]), Verdict::NotAllowed);
         assert_eq!(s.should_stop(&denied), Some((StopCause::NextEvent, false)));
         s.next_event = Some(true);
         assert_eq!(s.should_stop(&quiet), Some((StopCause::NextEvent, false)));
@@ -496,21 +516,21 @@ mod tests {
             ..State::default()
         };
         let r = |vcpu, hooks| msr_write(vcpu, hooks, Verdict::Allowed);
-        assert_eq!(s.should_stop(&r(1, vec![3])), None, "hook 7 did not fire");
-        assert_eq!(s.should_stop(&r(0, vec![7])), None, "another vCPU");
+        assert_eq!(s.should_stop(&r(1, ids(&[3]))), None, "hook 7 did not fire");
+        assert_eq!(s.should_stop(&r(0, ids(&[7]))), None, "another vCPU");
         assert_eq!(
-            s.should_stop(&r(1, vec![3, 7])),
-            Some((StopCause::Break(2), false))
+            s.should_stop(&r(1, ids(&[3, 7]))),
+            Some((StopCause::Break(BreakId(2)), false))
         );
         // A watchpoint-style break stops after the write lands.
         assert_eq!(
-            s.should_stop(&r(0, vec![8])),
-            Some((StopCause::Break(9), true))
+            s.should_stop(&r(0, ids(&[8]))),
+            Some((StopCause::Break(BreakId(9)), true))
         );
         // Breakpoints stay armed.
         assert_eq!(
-            s.should_stop(&r(0, vec![8])),
-            Some((StopCause::Break(9), true))
+            s.should_stop(&r(0, ids(&[8]))),
+            Some((StopCause::Break(BreakId(9)), true))
         );
     }
 }

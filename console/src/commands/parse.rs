@@ -2,7 +2,8 @@
 //! what was expected.
 
 use vmiscope_introspect::policy;
-use vmiscope_introspect::{Class, Cr, Rights};
+use vmiscope_introspect::{Class, Cr, HookId, Rights};
+use vmiscope_monitor::BreakId;
 
 use super::types::*;
 
@@ -114,7 +115,7 @@ pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Com
         "vcpu" => C::Vcpu(num32(1, "a vCPU number")?),
         "break" => parse_break(&w, &num)?,
         "breaks" => none_after(1).map(|_| C::Breaks)?,
-        "delete" => C::Delete(num32(1, "a breakpoint number")?),
+        "delete" => C::Delete(BreakId(num32(1, "a breakpoint number")?)),
         "event" => none_after(1).map(|_| C::Event)?,
         "verdict" => C::Verdict(match w.get(1).copied() {
             Some("allow") => VerdictChoice::Allow,
@@ -245,7 +246,7 @@ fn parse_break(w: &[&str], num: &Num<'_>) -> Result<Command, ParseError> {
             }
             Ok(Command::BreakEvent { class: cls, vcpu })
         }
-        Some("hook") => Ok(Command::BreakHook(num(2, "a hook id")?)),
+        Some("hook") => Ok(Command::BreakHook(HookId(num(2, "a hook id")?))),
         _ => Err("expected `break event [CLASS] [vcpu N]` or `break hook ID`".into()),
     }
 }
@@ -466,9 +467,12 @@ fn parse_hook(w: &[&str], sym: &dyn Fn(&str) -> Option<u64>) -> Result<Command, 
     };
     let spec = match kind {
         "enable" | "disable" => {
-            return Ok(Command::HookEnable(arg(2, "a hook id")?, kind == "enable"));
+            return Ok(Command::HookEnable(
+                HookId(arg(2, "a hook id")?),
+                kind == "enable",
+            ));
         }
-        "delete" => return Ok(Command::HookDelete(arg(2, "a hook id")?)),
+        "delete" => return Ok(Command::HookDelete(HookId(arg(2, "a hook id")?))),
         "ept" => {
             let (len, rights, action, force) = mem(&w[3.min(w.len())..])?;
             HookSpec::Ept {

@@ -1,7 +1,8 @@
 //! What a parsed command line is: `Command` and the values it carries.
 
 use vmiscope_introspect::policy::Policy;
-use vmiscope_introspect::{Class, Cr, Rights};
+use vmiscope_introspect::{Class, Cr, HookId, Rights};
+use vmiscope_monitor::BreakId;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -117,15 +118,15 @@ pub enum Command {
         class: Option<Class>,
         vcpu: Option<u32>,
     },
-    BreakHook(u64),
+    BreakHook(HookId),
     Breaks,
-    Delete(u32),
+    Delete(BreakId),
     Event,
     Verdict(VerdictChoice),
     Hook(HookSpec),
     Hooks,
-    HookEnable(u64, bool),
-    HookDelete(u64),
+    HookEnable(HookId, bool),
+    HookDelete(HookId),
     Protect(ProtectArg),
     Unprotect(Policy),
     Regs,

@@ -23,10 +23,10 @@ impl Breakpoints for GdbTarget {
 impl SwBreakpoint for GdbTarget {
     /// A hidden INT3 (guest reads see the original byte).
     fn add_sw_breakpoint(&mut self, addr: u64, _: usize) -> TargetResult<bool, Self> {
-        if self.sw.contains_key(&addr) {
+        if self.breaks.contains_key(&GdbKey::Sw(addr)) {
             return Ok(true);
         }
-        let Some((hook, brk)) = self.add_engine_hook(HookTarget::Breakpoint {
+        let Some(piece) = self.add_engine_hook(HookTarget::Breakpoint {
             gva: addr,
             gpa: 0,
             hidden: !self.visible_breakpoints,
@@ -39,17 +39,15 @@ impl SwBreakpoint for GdbTarget {
             }
             return Ok(false);
         };
-        self.stops.insert(brk, GdbStop::Sw);
-        self.sw.insert(addr, (hook, brk));
+        self.keep(GdbKey::Sw(addr), GdbStop::Sw, vec![piece]);
         Ok(true)
     }
 
     fn remove_sw_breakpoint(&mut self, addr: u64, _: usize) -> TargetResult<bool, Self> {
-        let Some((hook, brk)) = self.sw.remove(&addr) else {
+        if !self.forget(GdbKey::Sw(addr)) {
             // One placed in a debug register while its page was unmapped.
             return self.remove_hw(addr);
-        };
-        self.remove_engine_hook(hook, brk);
+        }
         Ok(true)
     }
 }
@@ -133,7 +131,7 @@ impl GdbTarget {
     /// stands in. Like a DR breakpoint it changes nothing the guest can read;
     /// unlike one it needs the address mapped.
     fn add_hidden_hw(&mut self, addr: u64) -> bool {
-        if self.hw_hidden.contains_key(&addr) {
+        if self.breaks.contains_key(&GdbKey::HiddenHw(addr)) {
             return true;
         }
         let target = HookTarget::Breakpoint {
@@ -141,20 +139,18 @@ impl GdbTarget {
             gpa: 0,
             hidden: true,
         };
-        let Some((hook, brk)) = self.add_engine_hook(target) else {
+        let Some(piece) = self.add_engine_hook(target) else {
             eprintln!(
                 "[vmiscope] gdb: hbreak {addr:#x} refused: this host's debug registers never fire, and the address is not mapped yet for the hidden breakpoint that stands in (set it once the guest maps it)"
             );
             return false;
         };
-        self.stops.insert(brk, GdbStop::Hw);
-        self.hw_hidden.insert(addr, (hook, brk));
+        self.keep(GdbKey::HiddenHw(addr), GdbStop::Hw, vec![piece]);
         true
     }
 
     fn remove_hw(&mut self, addr: u64) -> TargetResult<bool, Self> {
-        if let Some((hook, brk)) = self.hw_hidden.remove(&addr) {
-            self.remove_engine_hook(hook, brk);
+        if self.forget(GdbKey::HiddenHw(addr)) {
             return Ok(true);
         }
         let Some(slot) = self.hw.iter().position(|a| *a == Some(addr)) else {

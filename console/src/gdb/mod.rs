@@ -16,11 +16,11 @@ use gdbstub::common::{Signal, Tid};
 use gdbstub::stub::MultiThreadStopReason;
 use gdbstub::target::ext::breakpoints::WatchKind;
 use gdbstub::target::{TargetError, TargetResult};
-use vmiscope_introspect::{Outcome, Target as HookTarget};
+use vmiscope_introspect::{HookId, Outcome, Target as HookTarget};
 use vmiscope_vmm::VcpuCtl;
 
 use crate::session::Session;
-use vmiscope_monitor::StopCause;
+use vmiscope_monitor::{BreakId, StopCause};
 
 pub mod arch;
 mod base;
@@ -54,17 +54,33 @@ enum GdbStop {
     Watch(WatchKind, u64),
 }
 
+/// What gdb asked for, as gdb names it when it takes it out again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum GdbKey {
+    /// `break` (Z0), by address.
+    Sw(u64),
+    /// `hbreak` (Z1) held as a hidden breakpoint, by address.
+    HiddenHw(u64),
+    /// A watchpoint (Z2..Z4): address, length, kind.
+    Watch(u64, u64, u8),
+}
+
+/// One gdb breakpoint or watchpoint: the engine hooks and console event
+/// breakpoints that serve it (a watched range that crosses a page has a hook
+/// per page), and what its stop reports.
+#[derive(Debug)]
+struct GdbBreak {
+    stop: GdbStop,
+    pieces: Vec<(HookId, BreakId)>,
+}
+
 pub struct GdbTarget {
     s: Session,
     exec_file: Option<String>,
-    /// address -> (engine hook, console breakpoint)
-    sw: HashMap<u64, (u64, u32)>,
+    /// gdb's breakpoints and watchpoints that the engine serves.
+    breaks: HashMap<GdbKey, GdbBreak>,
+    /// `hbreak`s in debug registers, by slot.
     hw: [Option<u64>; 4],
-    /// `hbreak`s held as hidden breakpoints: address -> (engine hook, console breakpoint)
-    hw_hidden: HashMap<u64, (u64, u32)>,
-    /// (address, length, kind) -> (engine hook, console breakpoint)
-    watches: HashMap<(u64, u64, u8), (u64, u32)>,
-    stops: HashMap<u32, GdbStop>,
     resume: HashMap<u32, Resume>,
     /// Resume only the threads with an action (gdb's scheduler locking).
     locked: bool,
@@ -113,11 +129,8 @@ impl GdbTarget {
         GdbTarget {
             s,
             exec_file,
-            sw: HashMap::new(),
+            breaks: HashMap::new(),
             hw: [None; 4],
-            hw_hidden: HashMap::new(),
-            watches: HashMap::new(),
-            stops: HashMap::new(),
             resume: HashMap::new(),
             locked: false,
             seen,
@@ -137,7 +150,7 @@ impl GdbTarget {
         self.s.on_vcpu(cpu, f).ok()
     }
 
-    fn add_engine_hook(&mut self, target: HookTarget) -> Option<(u64, u32)> {
+    fn add_engine_hook(&mut self, target: HookTarget) -> Option<(HookId, BreakId)> {
         let after_write = matches!(target, HookTarget::Gva { .. });
         // VM-wide, with no vCPU answering; a guest-virtual target resolved
         // with the page tables of the vCPU at the stop (vCPU 0 when none).
@@ -154,10 +167,33 @@ impl GdbTarget {
         Some((id, brk))
     }
 
-    fn remove_engine_hook(&mut self, hook: u64, brk: u32) {
+    fn remove_engine_hook(&mut self, (hook, brk): (HookId, BreakId)) {
         self.s.control().delete_break(brk);
-        self.stops.remove(&brk);
         let _ = self.s.intro().remove_hook(self.s.shared(), hook);
+    }
+
+    /// Records gdb's `key` as served by `pieces`.
+    fn keep(&mut self, key: GdbKey, stop: GdbStop, pieces: Vec<(HookId, BreakId)>) {
+        self.breaks.insert(key, GdbBreak { stop, pieces });
+    }
+
+    /// Takes gdb's `key` out, every piece of it; false if there was none.
+    fn forget(&mut self, key: GdbKey) -> bool {
+        let Some(b) = self.breaks.remove(&key) else {
+            return false;
+        };
+        for p in b.pieces {
+            self.remove_engine_hook(p);
+        }
+        true
+    }
+
+    /// What the stop at console breakpoint `id` reports to gdb.
+    fn gdb_stop(&self, id: BreakId) -> Option<GdbStop> {
+        self.breaks
+            .values()
+            .find(|b| b.pieces.iter().any(|(_, brk)| *brk == id))
+            .map(|b| b.stop)
     }
 
     /// Pauses every vCPU (the one at a stop is held already) and waits for each
@@ -177,7 +213,7 @@ impl GdbTarget {
         };
         let t = tid(st.vcpu);
         let gdb_stop = match st.cause {
-            StopCause::Break(id) => self.stops.get(&id).copied(),
+            StopCause::Break(id) => self.gdb_stop(id),
             _ => None,
         };
         match (st.cause, gdb_stop) {

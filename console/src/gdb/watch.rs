@@ -60,18 +60,16 @@ impl HwWatchpoint for GdbTarget {
                 gpa: None,
             }) else {
                 // All or nothing: gdb cannot remove a watchpoint it was told failed.
-                for (hook, brk) in pieces {
-                    self.remove_engine_hook(hook, brk);
+                for p in pieces {
+                    self.remove_engine_hook(p);
                 }
                 return Ok(false);
             };
-            self.stops.insert(p.1, GdbStop::Watch(kind, addr));
             pieces.push(p);
         }
-        // Ranges that cross a page get one hook per page; the first one is the key.
-        if let Some(first) = pieces.first() {
-            self.watches.insert((addr, len, kind_code(kind)), *first);
-        }
+        // A range that crosses a page has a hook per page; all go with it.
+        let key = GdbKey::Watch(addr, len, kind_code(kind));
+        self.keep(key, GdbStop::Watch(kind, addr), pieces);
         Ok(true)
     }
 
@@ -81,10 +79,6 @@ impl HwWatchpoint for GdbTarget {
         len: u64,
         kind: WatchKind,
     ) -> TargetResult<bool, Self> {
-        let Some((hook, brk)) = self.watches.remove(&(addr, len, kind_code(kind))) else {
-            return Ok(false);
-        };
-        self.remove_engine_hook(hook, brk);
-        Ok(true)
+        Ok(self.forget(GdbKey::Watch(addr, len, kind_code(kind))))
     }
 }

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use crate::error::Error;
 
 use vmiscope_introspect::Policy;
-use vmiscope_introspect::{DtrKind, Outcome, Target};
+use vmiscope_introspect::{DtrKind, HookId, Outcome, Target};
 use vmiscope_vmm::VcpuCtl;
 
 use super::{Output, Session};
@@ -45,7 +45,7 @@ impl Session {
         Ok(Output::text(format!("policy {names} on: hooks {ids:?}")))
     }
 
-    pub(super) fn hook_enable(&mut self, id: u64, on: bool) -> Result<Output, Error> {
+    pub(super) fn hook_enable(&mut self, id: HookId, on: bool) -> Result<Output, Error> {
         self.intro.set_hook_enabled(id, on)?;
         Ok(Output::text(format!(
             "hook {id} {}",
@@ -53,7 +53,7 @@ impl Session {
         )))
     }
 
-    pub(super) fn hook_delete(&mut self, id: u64) -> Result<Output, Error> {
+    pub(super) fn hook_delete(&mut self, id: HookId) -> Result<Output, Error> {
         self.intro.remove_hook(&self.shared, id)?;
         Ok(Output::text(format!("hook {id} deleted")))
     }

@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use crate::error::Error;
 
-use vmiscope_introspect::Class;
+use vmiscope_introspect::{Class, HookId};
 use vmiscope_vmm::StopReason;
 
 use super::{Output, Session};
 use crate::commands::VerdictChoice;
 use crate::format::*;
-use vmiscope_monitor::Override;
+use vmiscope_monitor::{BreakId, Override};
 
 impl Session {
     pub(super) fn quit(&mut self) -> Result<Output, Error> {
@@ -112,7 +112,7 @@ impl Session {
         )))
     }
 
-    pub(super) fn break_hook(&mut self, h: u64) -> Result<Output, Error> {
+    pub(super) fn break_hook(&mut self, h: HookId) -> Result<Output, Error> {
         if !self.intro.has_hook(h) {
             return Err(format!("no hook {h} (see `hooks`)").into());
         }
@@ -141,7 +141,7 @@ impl Session {
         }))
     }
 
-    pub(super) fn delete_break(&mut self, n: u32) -> Result<Output, Error> {
+    pub(super) fn delete_break(&mut self, n: BreakId) -> Result<Output, Error> {
         if !self.control.delete_break(n) {
             return Err(format!("no breakpoint {n}").into());
         }

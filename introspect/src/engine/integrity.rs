@@ -6,7 +6,7 @@ use crate::ctx::{Callback, Ctx};
 use crate::event::EventInfo;
 use crate::glue::Guest;
 use crate::integrity::{Region, hash, read};
-use crate::target::Class;
+use crate::target::{Class, HookId};
 use crate::verdict::Verdict;
 
 impl Engine {
@@ -68,9 +68,9 @@ impl Engine {
                 &mut self.integrity[i].decide,
                 Box::new(|_| Default::default()),
             );
-            let out = decide(&mut Ctx::new(&mut *g, &info, 0, &mut self.requests));
+            let out = decide(&mut Ctx::new(&mut *g, &info, HookId(0), &mut self.requests));
             self.integrity[i].decide = decide;
-            let v = self.conclude(g, Class::Timer, &info, None, &[(0, out)]);
+            let v = self.conclude(g, Class::Timer, &info, None, &[(HookId(0), out)]);
             if v == Verdict::NotAllowed && self.integrity[i].restore {
                 self.integrity[i].put_back(g);
             } else {

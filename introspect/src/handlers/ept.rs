@@ -22,7 +22,7 @@ use crate::decode::{self, Decoded, split_pages};
 use crate::engine::{Analysed, Engine};
 use crate::event::{AccessKind, EventInfo};
 use crate::glue::Guest;
-use crate::hooks::{Class, Rights, Target};
+use crate::hooks::{Class, HookId, Rights, Target};
 use crate::paging;
 use crate::verdict::{Outcome, Verdict};
 
@@ -247,7 +247,7 @@ fn dispatch_all(
     instr: Option<&Decoded>,
 ) -> (Verdict, Vec<(u64, u64, AccessKind)>) {
     let mut seen = HashSet::new();
-    let mut fired_all: Vec<(u64, Outcome)> = Vec::new();
+    let mut fired_all: Vec<(HookId, Outcome)> = Vec::new();
     let mut blocking_info = None;
     let mut first_info = None;
     for piece in pieces_of(g, x, instr) {

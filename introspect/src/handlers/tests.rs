@@ -631,7 +631,7 @@ fn bad_hooks_are_refused() {
         }),
         Err(crate::HookError::Unmapped(0x7000_0000))
     );
-    assert!(e.remove_hook(99).is_err());
+    assert!(e.remove_hook(crate::HookId(99)).is_err());
     // A GVA hook follows its page when the guest remaps it (checked on the timer).
     let id = e
         .add_hook(
@@ -661,7 +661,7 @@ fn bad_hooks_are_refused() {
     ));
 }
 
-fn e_add(e: &mut Engine, g: &mut MockGuest, t: Target) -> Result<u64, crate::HookError> {
+fn e_add(e: &mut Engine, g: &mut MockGuest, t: Target) -> Result<crate::HookId, crate::HookError> {
     e.add_hook(g, t, "x", answer(Verdict::Allowed))
 }
 

@@ -5,7 +5,7 @@ use crate::arch::{Cr, DtrKind};
 use crate::engine::Engine;
 use crate::event::Detection;
 use crate::glue::Guest;
-use crate::hooks::{Class, Target};
+use crate::hooks::{Class, HookId, Target};
 use crate::verdict::Verdict;
 
 /// Compares the vCPU's CR0/CR3/CR4 and IDTR/GDTR with what it had at its previous
@@ -82,7 +82,7 @@ pub fn handle_timer(engine: &mut Engine, guest: &mut dyn Guest) {
 }
 
 fn follow_remaps(e: &mut Engine, g: &mut dyn Guest) {
-    let gva_hooks: Vec<(u64, u64, u64, Option<u64>)> = e
+    let gva_hooks: Vec<(HookId, u64, u64, Option<u64>)> = e
         .hooks()
         .iter()
         .filter_map(|h| match h.target {
