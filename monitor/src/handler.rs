@@ -112,6 +112,9 @@ impl Introspection {
         let Some(env) = self.ready_env(cpu, idt) else {
             return;
         };
+        // The other vCPUs stay out of the guest until the hooks are whole
+        // (see `VmShared::hold_guest`).
+        let _held = cpu.vm().hold_guest();
         for p in pending.drain(..) {
             match p {
                 Pending::Policies(p) => {

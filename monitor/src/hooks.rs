@@ -1,9 +1,10 @@
-//! Hook edits from the front ends, VM-wide: made on the calling thread while
-//! the vCPUs run on, with no vCPU thread taking part (`vmm::glue::VmWide`).
-//! A page-rights change is committed with the run gate, which kicks every vCPU
-//! out of the guest and holds it until the memslots are whole; MSR
-//! interception and breakpoints are VM-wide state each vCPU picks up at its
-//! next entry.
+//! Hook edits from the front ends, VM-wide: made on the calling thread, with
+//! no vCPU thread taking part (`vmm::glue::VmWide`). Each edit holds every
+//! vCPU out of the guest from its first change to its commit
+//! (`VmShared::hold_guest`): a hidden breakpoint's INT3 lands in guest memory
+//! before its page is trapped, and no vCPU may run in between. MSR
+//! interception and debug registers are VM-wide state each vCPU picks up at
+//! its next entry.
 
 use std::sync::Arc;
 
@@ -61,9 +62,11 @@ impl Introspection {
     ) -> Result<HookId, HookError> {
         let mut ctl = vm_wide(vm, cpu)?;
         let mut e = self.engine.lock().unwrap();
+        let held = vm.hold_guest();
         let switched_on = !e.class_enabled(class);
         let id = add(&mut e, &mut ctl)?;
         e.commit(&mut ctl)?;
+        drop(held);
         drop(e);
         if switched_on && matches!(class, Class::Cr | Class::Dtr | Class::Xcr) {
             for v in 0..vm.vcpu_count() {
@@ -81,6 +84,7 @@ impl Introspection {
     /// flag-then-commit, so a callback running now on a vCPU finishes first).
     pub fn remove_hook(&self, vm: &VmShared, id: HookId) -> Result<(), HookError> {
         let mut e = self.engine.lock().unwrap();
+        let _held = vm.hold_guest();
         e.remove_hook(id)?;
         e.commit(&mut vm_wide(vm, 0)?)?;
         Ok(())
@@ -96,6 +100,7 @@ impl Introspection {
     ) -> Result<Vec<HookId>, String> {
         let env = self.policy_env();
         let mut e = self.engine.lock().unwrap();
+        let _held = cpu.vm().hold_guest();
         let r = policy::enable(&mut e, cpu, policies, &env).map_err(|e| e.to_string());
         e.commit(cpu).map_err(|e| e.to_string())?;
         r
@@ -105,6 +110,7 @@ impl Introspection {
     /// many there were (0: it was not on).
     pub fn disable_policy(&self, vm: &VmShared, p: Policy) -> Result<usize, HookError> {
         let mut e = self.engine.lock().unwrap();
+        let _held = vm.hold_guest();
         let n = policy::disable(&mut e, p);
         e.commit(&mut vm_wide(vm, 0)?)?;
         Ok(n)
@@ -113,6 +119,7 @@ impl Introspection {
     /// Applies the hook removals flagged since the last commit.
     pub fn commit_hooks(&self, vm: &VmShared) -> Result<(), HookError> {
         let mut e = self.engine.lock().unwrap();
+        let _held = vm.hold_guest();
         e.commit(&mut vm_wide(vm, 0)?)?;
         Ok(())
     }

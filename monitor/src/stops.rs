@@ -299,6 +299,13 @@ impl Control {
         self.stopped.as_raw_fd()
     }
 
+    /// Makes `stop_fd` readable at the guest's end too, so a waiter on it
+    /// needs no timeout to notice the end (the front end calls it once the run
+    /// has returned).
+    pub fn notify_end(&self) {
+        let _ = self.stopped.write(1);
+    }
+
     /// Consumes the stop signal of `stop_fd` (the stop count says what came).
     pub fn clear_stop_signal(&self) {
         let _ = self.stopped.read();

@@ -28,7 +28,9 @@ pub use error::{LoadError, VmError};
 pub use event::{Event, ExitHandler, HandlerStop, Introcall, MemAccess, PassThrough, Reply};
 pub use host::{DebugCaps, Feature, Host, HostKind, Int3, Via};
 pub use loader::{Module, Symbols};
-pub use shared::{FinalState, HANDOFF_SPIN, VcpuCtl, VcpuState, VcpuTask, VmShared, spin_for};
+pub use shared::{
+    FinalState, GuestHeld, HANDOFF_SPIN, VcpuCtl, VcpuState, VcpuTask, VmShared, spin_for,
+};
 pub use slots::Access;
 pub use stats::ExitClass;
 pub use stop::StopReason;

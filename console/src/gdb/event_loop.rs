@@ -92,7 +92,10 @@ fn wait(t: &mut GdbTarget, conn: &mut GdbConn) -> Result<Wake, SessionError> {
     // look for it awake before sleeping (see HANDOFF_SPIN). gdb's input is
     // looked at right after, so a Ctrl-C waits at most that long.
     let seen = t.seen;
-    vmiscope_vmm::spin_for(|| (t.s.control().stop_count() > seen || t.s.ended()).then_some(()));
+    // The VM's stop reason is set before the run returns and `notify_end`
+    // wakes this loop (the session's own `ended` waits for the run's thread).
+    let ended = |t: &mut GdbTarget| t.s.ended() || t.s.shared().stop_reason().is_some();
+    vmiscope_vmm::spin_for(|| (t.s.control().stop_count() > seen || ended(t)).then_some(()));
     loop {
         if conn.has_input().map_err(SessionError::Connection)? {
             let b = ConnectionExt::read(conn).map_err(SessionError::Connection)?;
@@ -106,7 +109,7 @@ fn wait(t: &mut GdbTarget, conn: &mut GdbConn) -> Result<Wake, SessionError> {
             t.all_stop();
             return Ok(Wake::Stopped(t.stop_reason()));
         }
-        if t.s.ended() {
+        if ended(t) {
             // The stub's session is attached (it does not own the run): the
             // reason comes from the VM itself.
             let code =
@@ -118,19 +121,20 @@ fn wait(t: &mut GdbTarget, conn: &mut GdbConn) -> Result<Wake, SessionError> {
                 code.clamp(0, 255) as u8,
             )));
         }
-        // Sleep until gdb sends something (Ctrl-C) or a vCPU stops; the
-        // timeout bounds how late the guest's end is noticed.
-        wait_readable(conn.fd(), t.s.control().stop_fd(), 100);
+        // Sleep until gdb sends something (Ctrl-C), a vCPU stops or the guest
+        // ends (`Control::notify_end`): no timeout, nothing polled.
+        wait_readable(conn.fd(), t.s.control().stop_fd(), -1);
         t.s.control().clear_stop_signal();
     }
 }
 
-/// Blocks until `a` or `b` is readable, or `ms` milliseconds pass (epoll,
-/// through vmm-sys-util: no `unsafe` here).
+/// Blocks until `a` or `b` is readable, or `ms` milliseconds pass (-1: no
+/// limit; epoll, through vmm-sys-util: no `unsafe` here).
 fn wait_readable(a: std::os::fd::RawFd, b: std::os::fd::RawFd, ms: i32) {
     use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
     let Ok(ep) = Epoll::new() else {
-        // Out of file descriptors: the caller looks again after the timeout.
+        // Out of file descriptors: the caller looks again after a while.
+        let ms = if ms < 0 { 100 } else { ms };
         std::thread::sleep(std::time::Duration::from_millis(ms as u64));
         return;
     };

@@ -146,11 +146,13 @@ impl Session {
             }
         }));
         let handler = Arc::new(SessionHandler::new(intro.clone(), control.clone()));
+        let c2 = control.clone();
         let runner = std::thread::Builder::new()
             .name("vm".into())
             .spawn(move || {
                 let out = vm.run(handler, &cfg);
                 notices.publish(vmiscope_monitor::Notice::End(out.reason.clone()));
+                c2.notify_end();
                 out
             })
             .map_err(Error::io("start a thread for", "the VM"))?;

@@ -13,12 +13,14 @@ use crate::error::VmError;
 use crate::guest;
 use crate::stop::StopReason;
 
-impl VcpuCtl<'_> {
+impl<'a> VcpuCtl<'a> {
     pub fn id(&self) -> u32 {
         self.id
     }
 
-    pub fn vm(&self) -> &VmShared {
+    /// The VM (borrowed for as long as this handle, not this call: a hold on
+    /// the VM may span calls that take the handle mutably).
+    pub fn vm(&self) -> &'a VmShared {
         self.vm
     }
 

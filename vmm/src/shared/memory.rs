@@ -1,7 +1,7 @@
 //! RAM, page rights and the memslot run gate, the MSR filter, port devices.
 
-use std::sync::RwLockReadGuard;
 use std::sync::atomic::Ordering;
+use std::sync::{RwLockReadGuard, RwLockWriteGuard};
 
 use kvm_bindings::{KVM_MEM_READONLY, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
@@ -72,28 +72,13 @@ impl VmShared {
     /// gone (a triple fault on PVM). The committing thread is never inside
     /// KVM_RUN itself (vCPU threads commit while handling an exit).
     pub fn commit_access(&self) -> Result<CommitStats, VmError> {
-        let mut slots = self.slots.lock().unwrap();
-        if !slots.is_dirty() {
+        if !self.slots.lock().unwrap().is_dirty() {
             return Ok(CommitStats::default());
         }
-        // Before `run` no vCPU executes, so there is nothing to hold off.
-        let _quiet = if self.running.load(Ordering::SeqCst) {
-            self.gate_pending.store(true, Ordering::SeqCst);
-            // Only a running vCPU can be in the guest: one that marks itself
-            // running after this looks at `gate_pending` after that (in
-            // `enter_gate`) and waits. A held or paused one is left alone (gdb
-            // takes its watchpoints out and puts them back at every stop: two
-            // commits, each of which cost the held vCPU a signal and an entry
-            // that returned EINTR at once).
-            for c in 0..self.vcpu_count() {
-                self.kick_if_running(c);
-            }
-            let g = self.run_gate.write().unwrap();
-            self.gate_pending.store(false, Ordering::SeqCst);
-            Some(g)
-        } else {
-            None
-        };
+        // The gate before the slots: a thread holding the gate (`hold_guest`)
+        // sets page access, which takes the slots' lock.
+        let _quiet = self.hold_guest();
+        let mut slots = self.slots.lock().unwrap();
         let mut sink = Memslots {
             vm: &self.vm_fd,
             host: self.ram.host_base(),
@@ -122,6 +107,43 @@ impl VmShared {
         self.slots.lock().unwrap().close(gpa / PAGE_SIZE);
         self.slot_gen.fetch_add(1, Ordering::SeqCst);
         self.commit_access()
+    }
+
+    /// Kicks every running vCPU out of the guest and keeps them out (at the run
+    /// gate, `enter_gate`) until the result is dropped. A hook edit holds the
+    /// guest this way from its first change to its commit: a hidden
+    /// breakpoint's INT3 is written before its page is read-trapped, and a vCPU
+    /// in the guest between the two would run it (on a host where no INT3
+    /// exits, the guest's own #BP handler gets it: the rig's busybox test hung
+    /// on that once hook edits left the vCPU threads). Inside a hold,
+    /// `commit_access` takes no second one. Lock order: the engine, then this,
+    /// then the slots.
+    pub fn hold_guest(&self) -> GuestHeld<'_> {
+        let me = std::thread::current().id();
+        // Before `run` no vCPU executes, so there is nothing to hold off.
+        if *self.gate_holder.lock().unwrap() == Some(me) || !self.running.load(Ordering::SeqCst) {
+            return GuestHeld {
+                vm: self,
+                gate: None,
+            };
+        }
+        self.gate_pending.store(true, Ordering::SeqCst);
+        // Only a running vCPU can be in the guest: one that marks itself
+        // running after this looks at `gate_pending` after that (in
+        // `enter_gate`) and waits. A held or paused one is left alone (gdb
+        // takes its watchpoints out and puts them back at every stop: two
+        // commits, each of which cost the held vCPU a signal and an entry
+        // that returned EINTR at once).
+        for c in 0..self.vcpu_count() {
+            self.kick_if_running(c);
+        }
+        let g = self.run_gate.write().unwrap();
+        self.gate_pending.store(false, Ordering::SeqCst);
+        *self.gate_holder.lock().unwrap() = Some(me);
+        GuestHeld {
+            vm: self,
+            gate: Some(g),
+        }
     }
 
     /// Sets and commits the access of one page.
@@ -167,6 +189,21 @@ impl VmShared {
 
     pub(crate) fn count_ioctls(&self, n: u64) {
         self.ioctls.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Every vCPU out of the guest while this lives (`VmShared::hold_guest`).
+pub struct GuestHeld<'a> {
+    vm: &'a VmShared,
+    gate: Option<RwLockWriteGuard<'a, ()>>,
+}
+
+impl Drop for GuestHeld<'_> {
+    fn drop(&mut self) {
+        if self.gate.is_some() {
+            // Before the gate opens (the guard drops after this).
+            *self.vm.gate_holder.lock().unwrap() = None;
+        }
     }
 }
 

@@ -27,6 +27,7 @@ mod breakpoints;
 mod ctl;
 mod exclusive;
 mod memory;
+pub use memory::GuestHeld;
 mod vcpus;
 
 /// No vCPU (for `VmShared::exclusive`).
@@ -187,6 +188,9 @@ pub struct VmShared {
     completed: crate::vcpu::complete::CompletedCounters,
     /// A commit is waiting for the gate: vCPUs must not re-enter the guest.
     gate_pending: AtomicBool,
+    /// The thread holding the gate for writing (`hold_guest`), so a commit
+    /// inside that hold does not wait for itself.
+    gate_holder: Mutex<Option<std::thread::ThreadId>>,
     /// The vCPU stepping over one of our INT3s alone (`NO_VCPU`: none), and the
     /// other vCPUs' entry counts when the last such step ended (see
     /// `begin_exclusive`).
@@ -298,6 +302,7 @@ impl VmShared {
             run_gate: RwLock::new(()),
             completed: Default::default(),
             gate_pending: AtomicBool::new(false),
+            gate_holder: Mutex::new(None),
             slot_gen: AtomicU64::new(0),
             exclusive: AtomicU32::new(NO_VCPU),
             last_turn: Mutex::new(None),
