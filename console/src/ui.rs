@@ -59,16 +59,12 @@ fn exit_on_signal(s: &Session) {
 
 /// The terminal's settings when the console started (raw mode and the TUI's
 /// alternate screen undone on a signal).
-struct SavedTerminal(Option<libc::termios>);
+struct SavedTerminal(Option<nix::sys::termios::Termios>);
 
 impl SavedTerminal {
     fn now() -> Self {
-        // SAFETY: tcgetattr writes a termios into the zeroed value we own; on
-        // failure (stdin not a terminal) the value is dropped unused.
-        unsafe {
-            let mut t: libc::termios = std::mem::zeroed();
-            SavedTerminal((libc::tcgetattr(0, &mut t) == 0).then_some(t))
-        }
+        // None when stdin is not a terminal.
+        SavedTerminal(nix::sys::termios::tcgetattr(std::io::stdin()).ok())
     }
 
     fn restore(&self) {
@@ -78,8 +74,8 @@ impl SavedTerminal {
             use std::io::Write as _;
             let _ = std::io::stdout().write_all(b"\x1b[?1049l\x1b[?25h");
             let _ = std::io::stdout().flush();
-            // SAFETY: tcsetattr reads the termios we saved from this same fd.
-            unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
+            use nix::sys::termios::{SetArg, tcsetattr};
+            let _ = tcsetattr(std::io::stdin(), SetArg::TCSANOW, t);
         }
     }
 }

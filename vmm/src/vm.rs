@@ -83,14 +83,7 @@ impl Vm {
         let ram = GuestRam::new(mem)?;
         loader::write_boot_area(&ram)?;
         let host = crate::host::Host::detect();
-        let (cmdline, mut boot_note) = command_line(image, cfg, host.kind());
-        if !host.debug().xsetbv {
-            let hidden = "XSAVE, AVX and PKU hidden from the guest's CPUID: this host's KVM never sees the guest's XSETBV, so it could not keep XCR0";
-            boot_note = Some(match boot_note {
-                Some(n) => format!("{n}; {hidden}"),
-                None => hidden.to_string(),
-            });
-        }
+        let (cmdline, boot_note) = command_line(image, cfg, &host);
         let inputs = loader::BootInputs {
             cmdline: &cmdline,
             modules: &cfg.modules,
@@ -404,19 +397,26 @@ fn adjust_cpuid(entries: &mut [kvm_bindings::kvm_cpuid_entry2]) {
 
 /// The command line the kernel gets: a Linux kernel's gets what it needs on
 /// this host, with a note that says what was added.
-fn command_line(image: &[u8], cfg: &VmConfig, host: crate::HostKind) -> (String, Option<String>) {
+/// The note also says when the guest's CPUID lacks XSAVE (see `hide_xsave`).
+fn command_line(image: &[u8], cfg: &VmConfig, host: &crate::Host) -> (String, Option<String>) {
+    let hidden = (!host.debug().xsetbv).then_some(
+        "XSAVE, AVX and PKU hidden from the guest's CPUID: this host's KVM never sees the guest's XSETBV, so it could not keep XCR0",
+    );
     if !loader::is_linux(image) {
-        return (cfg.cmdline.clone(), None);
+        return (cfg.cmdline.clone(), hidden.map(str::to_string));
     }
-    let pvm = host == crate::HostKind::Pvm;
+    let pvm = host.kind() == crate::HostKind::Pvm;
     let (line, added) = loader::linux_command_line(&cfg.cmdline, pvm);
-    let note = match added.is_empty() {
+    let mut note = match added.is_empty() {
         true => format!("kernel command line: {line}"),
         false => format!(
             "kernel command line: {line} (vmiscope added: {})",
             added.join(" ")
         ),
     };
+    if let Some(h) = hidden {
+        note = format!("{note}; {h}");
+    }
     (line, Some(note))
 }
 

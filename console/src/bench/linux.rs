@@ -40,8 +40,9 @@ fn time_to_line(mut cmd: Command, what: &str, line: &str) -> Result<f64, Error> 
     let (done, wait) = std::sync::mpsc::channel::<()>();
     let timer = std::thread::spawn(move || {
         if wait.recv_timeout(LIMIT) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
-            // SAFETY: our own child, not yet reaped (see `done`).
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            // Our own child, not yet reaped (see `done`): the pid is still its.
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         }
     });
     let seen = BufReader::new(stdout)

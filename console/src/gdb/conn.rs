@@ -71,29 +71,23 @@ impl GdbConn {
     /// blocking: a non-blocking read is one `recv` with MSG_DONTWAIT (no fcntl
     /// or ioctl to switch modes around it).
     fn fill(&mut self, block: bool) -> std::io::Result<bool> {
+        use nix::sys::socket::{MsgFlags, recv};
         use std::os::fd::AsRawFd;
         let mut buf = [0u8; 4096];
-        let flags = if block { 0 } else { libc::MSG_DONTWAIT };
-        // SAFETY: `buf` is a live, writable buffer of the length given; the fd
-        // is the stream's own, open for as long as `self`.
-        let n = unsafe {
-            libc::recv(
-                self.stream.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                flags,
-            )
+        let flags = match block {
+            true => MsgFlags::empty(),
+            false => MsgFlags::MSG_DONTWAIT,
         };
-        match n {
-            0 => Err(ErrorKind::UnexpectedEof.into()),
-            n if n > 0 => {
+        match recv(self.stream.as_raw_fd(), &mut buf, flags) {
+            Ok(0) => Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
                 self.input.clear();
-                self.input.extend_from_slice(&buf[..n as usize]);
+                self.input.extend_from_slice(&buf[..n]);
                 self.at = 0;
                 Ok(true)
             }
-            _ => {
-                let e = std::io::Error::last_os_error();
+            Err(errno) => {
+                let e = std::io::Error::from(errno);
                 match e.kind() {
                     ErrorKind::WouldBlock if !block => Ok(false),
                     ErrorKind::Interrupted => Ok(false),
