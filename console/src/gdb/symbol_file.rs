@@ -2,19 +2,11 @@
 //! symbols (a Linux bzImage, or a stripped vmlinux whose names come from its
 //! kallsyms tables) is described to the debugger by this file instead, served
 //! through `qXfer:exec-file`. Its sections hold no bytes (SHT_NOBITS): code and
-//! data are read from the guest.
+//! data are read from the guest. Written with `object`'s ELF writer.
 
+use object::elf;
+use object::write::elf::{FileHeader, ProgramHeader, SectionHeader, SectionIndex, Sym, Writer};
 use vmiscope_vmm::Symbols;
-
-const SHT_SYMTAB: u32 = 2;
-const SHT_STRTAB: u32 = 3;
-const SHT_NOBITS: u32 = 8;
-const SHF_ALLOC: u64 = 2;
-const SHF_EXECINSTR: u64 = 4;
-const SHN_ABS: u16 = 0xfff1;
-const STT_OBJECT: u8 = 1;
-const STT_FUNC: u8 = 2;
-const STB_GLOBAL: u8 = 1;
 
 /// Code ranges a Linux kernel names: (section, start symbol, end symbol).
 const TEXT: [(&str, &str, &str); 2] = [
@@ -22,166 +14,126 @@ const TEXT: [(&str, &str, &str); 2] = [
     (".init.text", "_sinittext", "_einittext"),
 ];
 
-/// A section header: name offset, type, flags, addr, offset, size, link, info,
-/// align, entsize.
-type Shdr = (u32, u32, u64, u64, u64, u64, u32, u32, u64, u64);
-
-/// A code range: start, end, its section's index.
-type Text = (u64, u64, u16);
-
-/// Section names, as `.shstrtab` holds them.
-#[derive(Default)]
-struct Names(Vec<u8>);
-
-impl Names {
-    fn add(&mut self, n: &str) -> u32 {
-        if self.0.is_empty() {
-            self.0.push(0);
-        }
-        let at = self.0.len() as u32;
-        self.0.extend(n.as_bytes());
-        self.0.push(0);
-        at
-    }
+/// A code range the symbols give: its section's name, start and end.
+struct Text {
+    name: &'static str,
+    start: u64,
+    end: u64,
 }
 
 /// The ELF file: one code section (and PT_LOAD) per range in `TEXT` the
 /// symbols give, its symbols functions there; every other symbol absolute
 /// (data, per-CPU offsets), which gdb still reads and prints by name.
 pub fn elf(symbols: &Symbols) -> Vec<u8> {
-    let mut names = Names::default();
-    let mut sections: Vec<Shdr> = vec![(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)];
-    let mut text: Vec<Text> = vec![];
-    for (section, start, end) in TEXT {
-        if let (Some(s), Some(e)) = (symbols.get(start), symbols.get(end))
-            && e > s
-        {
-            let flags = SHF_ALLOC | SHF_EXECINSTR;
-            sections.push((
-                names.add(section),
-                SHT_NOBITS,
-                flags,
-                s,
-                0,
-                e - s,
-                0,
-                0,
-                16,
-                0,
-            ));
-            text.push((s, e, sections.len() as u16 - 1));
-        }
-    }
-    let (symtab, strtab) = symbol_table(symbols, &text);
-    let mut out = vec![0u8; 64];
-    out.extend(program_headers(&text));
-    let symtab_index = sections.len() as u32;
-    let (n_symtab, n_strtab) = (names.add(".symtab"), names.add(".strtab"));
-    let n_shstrtab = names.add(".shstrtab");
-    let mut place = |bytes: &[u8]| {
-        let at = out.len() as u64;
-        out.extend(bytes);
-        (at, bytes.len() as u64)
+    let text: Vec<Text> = TEXT
+        .iter()
+        .filter_map(|&(name, s, e)| {
+            let (start, end) = (symbols.get(s)?, symbols.get(e)?);
+            (end > start).then_some(Text { name, start, end })
+        })
+        .collect();
+    let entries: Vec<(&str, u64, u64)> = symbols.entries().collect();
+    let mut out = Vec::new();
+    let mut w = Writer::new(object::Endianness::Little, true, &mut out);
+    // Reserve: headers, sections, symbols, then the tables, in file order.
+    w.reserve_file_header();
+    w.reserve_program_headers(text.len() as u32);
+    w.reserve_null_section_index();
+    let sections: Vec<(SectionIndex, object::write::StringId)> = text
+        .iter()
+        .map(|t| {
+            (
+                w.reserve_section_index(),
+                w.add_section_name(t.name.as_bytes()),
+            )
+        })
+        .collect();
+    w.reserve_null_symbol_index();
+    let section_of = |addr: u64| {
+        text.iter()
+            .position(|t| addr >= t.start && addr < t.end)
+            .map(|i| sections[i].0)
     };
-    let (symtab_at, symtab_len) = place(&symtab);
-    let (strtab_at, strtab_len) = place(&strtab);
-    let (names_at, names_len) = place(&names.0);
-    // sh_info of .symtab: the first global symbol (all but the null one are).
-    let link = symtab_index + 1;
-    sections.push((
-        n_symtab, SHT_SYMTAB, 0, 0, symtab_at, symtab_len, link, 1, 8, 24,
-    ));
-    sections.push((
-        n_strtab, SHT_STRTAB, 0, 0, strtab_at, strtab_len, 0, 0, 1, 0,
-    ));
-    sections.push((
-        n_shstrtab, SHT_STRTAB, 0, 0, names_at, names_len, 0, 0, 1, 0,
-    ));
-    while !out.len().is_multiple_of(8) {
-        out.push(0);
+    let syms: Vec<Sym> = entries
+        .iter()
+        .map(|(name, addr, size)| {
+            let section = section_of(*addr);
+            w.reserve_symbol_index(section);
+            let kind = match section {
+                Some(_) => elf::STT_FUNC,
+                None => elf::STT_OBJECT,
+            };
+            Sym {
+                name: Some(w.add_string(name.as_bytes())),
+                section,
+                st_info: (elf::STB_GLOBAL << 4) | kind,
+                st_other: 0,
+                st_shndx: if section.is_some() { 0 } else { elf::SHN_ABS },
+                st_value: *addr,
+                st_size: *size,
+            }
+        })
+        .collect();
+    w.reserve_symtab_section_index();
+    w.reserve_strtab_section_index();
+    w.reserve_shstrtab_section_index();
+    w.reserve_symtab();
+    w.reserve_strtab();
+    w.reserve_shstrtab();
+    w.reserve_section_headers();
+    // Write, in the same order.
+    let header = FileHeader {
+        os_abi: elf::ELFOSABI_NONE,
+        abi_version: 0,
+        e_type: elf::ET_EXEC,
+        e_machine: elf::EM_X86_64,
+        e_entry: text.first().map_or(0, |t| t.start),
+        e_flags: 0,
+    };
+    if w.write_file_header(&header).is_err() {
+        return Vec::new();
     }
-    let shoff = out.len() as u64;
-    for sh in &sections {
-        out.extend(section_header(sh));
+    w.write_align_program_headers();
+    // One PT_LOAD per code range, with no bytes in the file, as an
+    // executable has: LLDB sizes the module from its segments.
+    for t in &text {
+        w.write_program_header(&ProgramHeader {
+            p_type: elf::PT_LOAD,
+            p_flags: elf::PF_R | elf::PF_X,
+            p_offset: 0,
+            p_vaddr: t.start,
+            p_paddr: t.start,
+            p_filesz: 0,
+            p_memsz: t.end - t.start,
+            p_align: 0x1000,
+        });
     }
-    let entry = text.first().map_or(0, |t| t.0);
-    out[..64].copy_from_slice(&file_header(entry, text.len(), shoff, sections.len()));
+    w.write_null_symbol();
+    for s in &syms {
+        w.write_symbol(s);
+    }
+    w.write_strtab();
+    w.write_shstrtab();
+    w.write_null_section_header();
+    for (t, (_, name)) in text.iter().zip(&sections) {
+        w.write_section_header(&SectionHeader {
+            name: Some(*name),
+            sh_type: elf::SHT_NOBITS,
+            sh_flags: (elf::SHF_ALLOC | elf::SHF_EXECINSTR) as u64,
+            sh_addr: t.start,
+            sh_offset: 0,
+            sh_size: t.end - t.start,
+            sh_link: 0,
+            sh_info: 0,
+            sh_addralign: 16,
+            sh_entsize: 0,
+        });
+    }
+    // Every symbol but the null one is global: the first global is 1.
+    w.write_symtab_section_header(1);
+    w.write_strtab_section_header();
+    w.write_shstrtab_section_header();
     out
-}
-
-/// `.symtab` and `.strtab`: every symbol global, a function inside `text`.
-fn symbol_table(symbols: &Symbols, text: &[Text]) -> (Vec<u8>, Vec<u8>) {
-    let mut strtab = vec![0u8];
-    let mut symtab = vec![0u8; 24];
-    for (sym, addr, size) in symbols.entries() {
-        let (shndx, kind) = text
-            .iter()
-            .find(|(s, e, _)| addr >= *s && addr < *e)
-            .map_or((SHN_ABS, STT_OBJECT), |t| (t.2, STT_FUNC));
-        symtab.extend((strtab.len() as u32).to_le_bytes());
-        symtab.push(STB_GLOBAL << 4 | kind);
-        symtab.push(0);
-        symtab.extend(shndx.to_le_bytes());
-        symtab.extend(addr.to_le_bytes());
-        symtab.extend(size.to_le_bytes());
-        strtab.extend(sym.as_bytes());
-        strtab.push(0);
-    }
-    (symtab, strtab)
-}
-
-/// One PT_LOAD per code range, with no bytes in the file, as an executable
-/// has: LLDB sizes the module from its segments.
-fn program_headers(text: &[Text]) -> Vec<u8> {
-    let mut out = vec![];
-    for (start, end, _) in text {
-        out.extend(1u32.to_le_bytes()); // PT_LOAD
-        out.extend(5u32.to_le_bytes()); // R | X
-        out.extend(0u64.to_le_bytes()); // p_offset
-        out.extend(start.to_le_bytes()); // p_vaddr
-        out.extend(start.to_le_bytes()); // p_paddr
-        out.extend(0u64.to_le_bytes()); // p_filesz
-        out.extend((end - start).to_le_bytes()); // p_memsz
-        out.extend(0x1000u64.to_le_bytes()); // p_align
-    }
-    out
-}
-
-fn section_header(sh: &Shdr) -> Vec<u8> {
-    let &(name, kind, flags, addr, off, size, link, info, align, entsize) = sh;
-    let mut out = Vec::with_capacity(64);
-    out.extend(name.to_le_bytes());
-    out.extend(kind.to_le_bytes());
-    out.extend(flags.to_le_bytes());
-    out.extend(addr.to_le_bytes());
-    out.extend(off.to_le_bytes());
-    out.extend(size.to_le_bytes());
-    out.extend(link.to_le_bytes());
-    out.extend(info.to_le_bytes());
-    out.extend(align.to_le_bytes());
-    out.extend(entsize.to_le_bytes());
-    out
-}
-
-/// The ELF header of an x86-64 executable whose program headers follow it and
-/// whose last section is `.shstrtab`.
-fn file_header(entry: u64, phnum: usize, shoff: u64, shnum: usize) -> Vec<u8> {
-    let mut h = Vec::with_capacity(64);
-    h.extend(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-    h.extend(2u16.to_le_bytes()); // ET_EXEC
-    h.extend(62u16.to_le_bytes()); // EM_X86_64
-    h.extend(1u32.to_le_bytes());
-    h.extend(entry.to_le_bytes());
-    h.extend(64u64.to_le_bytes()); // e_phoff
-    h.extend(shoff.to_le_bytes());
-    h.extend(0u32.to_le_bytes()); // e_flags
-    h.extend(64u16.to_le_bytes()); // e_ehsize
-    h.extend(56u16.to_le_bytes()); // e_phentsize
-    h.extend((phnum as u16).to_le_bytes());
-    h.extend(64u16.to_le_bytes()); // e_shentsize
-    h.extend((shnum as u16).to_le_bytes());
-    h.extend((shnum as u16 - 1).to_le_bytes()); // e_shstrndx
-    h
 }
 
 #[cfg(test)]
