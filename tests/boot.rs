@@ -441,6 +441,16 @@ fn dtr_cr_and_xcr_images_see_their_register_writes() {
         dtr.serial
     );
     let xcr = boot("xcr", |_| {}, Arc::new(PassThrough));
+    if !host().debug().xsetbv {
+        // XSAVE is hidden from the guest where KVM never sees XSETBV (the
+        // rig): the image, as an OS does, leaves CR4.OSXSAVE alone.
+        assert!(
+            xcr.serial.contains("(xsave 0)") && xcr.serial.contains("no XSAVE in CPUID"),
+            "{}",
+            xcr.serial
+        );
+        return;
+    }
     assert!(
         xcr.serial.contains("xsetbv xcr0 <- 3 (ok), xcr0 now 3"),
         "{}",
