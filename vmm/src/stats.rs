@@ -112,3 +112,82 @@ mod tests {
         assert_eq!(s[ExitClass::Fixup as usize], (ExitClass::Fixup, 1));
     }
 }
+
+/// An instruction the VMM completes, for `caps` and `stats`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completed {
+    Xgetbv,
+    Cmpxchg16b,
+    Clac,
+    Stac,
+    Popcnt,
+    Lzcnt,
+    Tzcnt,
+    Fwait,
+    Movbe,
+    Clwb,
+    Invpcid,
+    Rdpru,
+    Ldmxcsr,
+    Stmxcsr,
+    /// `int n` (the guest's own `int3` goes through the breakpoint path).
+    IntN,
+}
+
+impl Completed {
+    pub const ALL: [Completed; 15] = [
+        Completed::Xgetbv,
+        Completed::Cmpxchg16b,
+        Completed::Clac,
+        Completed::Stac,
+        Completed::Popcnt,
+        Completed::Lzcnt,
+        Completed::Tzcnt,
+        Completed::Fwait,
+        Completed::Movbe,
+        Completed::Clwb,
+        Completed::Invpcid,
+        Completed::Rdpru,
+        Completed::Ldmxcsr,
+        Completed::Stmxcsr,
+        Completed::IntN,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Completed::Xgetbv => "xgetbv",
+            Completed::Cmpxchg16b => "cmpxchg16b",
+            Completed::Clac => "clac",
+            Completed::Stac => "stac",
+            Completed::Popcnt => "popcnt",
+            Completed::Lzcnt => "lzcnt",
+            Completed::Tzcnt => "tzcnt",
+            Completed::Fwait => "fwait",
+            Completed::Movbe => "movbe",
+            Completed::Clwb => "clwb",
+            Completed::Invpcid => "invpcid",
+            Completed::Rdpru => "rdpru",
+            Completed::Ldmxcsr => "ldmxcsr",
+            Completed::Stmxcsr => "stmxcsr",
+            Completed::IntN => "int n",
+        }
+    }
+}
+
+/// How many of each instruction the VMM completed (shared by all vCPUs).
+#[derive(Default)]
+pub struct CompletedCounters([AtomicU64; Completed::ALL.len()]);
+
+impl CompletedCounters {
+    pub fn bump(&self, what: Completed) {
+        self.0[what as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> Vec<(Completed, u64)> {
+        Completed::ALL
+            .iter()
+            .zip(&self.0)
+            .map(|(c, n)| (*c, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+}

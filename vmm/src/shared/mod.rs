@@ -185,7 +185,7 @@ pub struct VmShared {
     /// takes it for writing, so no vCPU runs while a slot is briefly missing.
     run_gate: RwLock<()>,
     /// Instructions the VMM completed for KVM's emulator, by kind.
-    completed: crate::vcpu::complete::CompletedCounters,
+    completed: crate::stats::CompletedCounters,
     /// A commit is waiting for the gate: vCPUs must not re-enter the guest.
     gate_pending: AtomicBool,
     /// The thread holding the gate for writing (`hold_guest`), so a commit
@@ -255,11 +255,11 @@ impl VmShared {
     }
 
     /// How many of each instruction the VMM completed for KVM's emulator.
-    pub fn completed(&self) -> Vec<(crate::vcpu::complete::Completed, u64)> {
+    pub fn completed(&self) -> Vec<(crate::stats::Completed, u64)> {
         self.completed.snapshot()
     }
 
-    pub(crate) fn count_completed(&self, what: crate::vcpu::complete::Completed) {
+    pub(crate) fn count_completed(&self, what: crate::stats::Completed) {
         self.completed.bump(what);
     }
 
