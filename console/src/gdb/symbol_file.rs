@@ -5,6 +5,7 @@
 //! data are read from the guest. Written with `object`'s ELF writer.
 
 use object::elf;
+use object::write::StringId;
 use object::write::elf::{FileHeader, ProgramHeader, SectionHeader, SectionIndex, Sym, Writer};
 use vmiscope_vmm::Symbols;
 
@@ -39,7 +40,7 @@ pub fn elf(symbols: &Symbols) -> Vec<u8> {
     w.reserve_file_header();
     w.reserve_program_headers(text.len() as u32);
     w.reserve_null_section_index();
-    let sections: Vec<(SectionIndex, object::write::StringId)> = text
+    let sections: Vec<(SectionIndex, StringId)> = text
         .iter()
         .map(|t| {
             (
@@ -49,31 +50,7 @@ pub fn elf(symbols: &Symbols) -> Vec<u8> {
         })
         .collect();
     w.reserve_null_symbol_index();
-    let section_of = |addr: u64| {
-        text.iter()
-            .position(|t| addr >= t.start && addr < t.end)
-            .map(|i| sections[i].0)
-    };
-    let syms: Vec<Sym> = entries
-        .iter()
-        .map(|(name, addr, size)| {
-            let section = section_of(*addr);
-            w.reserve_symbol_index(section);
-            let kind = match section {
-                Some(_) => elf::STT_FUNC,
-                None => elf::STT_OBJECT,
-            };
-            Sym {
-                name: Some(w.add_string(name.as_bytes())),
-                section,
-                st_info: (elf::STB_GLOBAL << 4) | kind,
-                st_other: 0,
-                st_shndx: if section.is_some() { 0 } else { elf::SHN_ABS },
-                st_value: *addr,
-                st_size: *size,
-            }
-        })
-        .collect();
+    let syms = reserve_symbols(&mut w, &entries, &text, &sections);
     w.reserve_symtab_section_index();
     w.reserve_strtab_section_index();
     w.reserve_shstrtab_section_index();
@@ -116,24 +93,64 @@ pub fn elf(symbols: &Symbols) -> Vec<u8> {
     w.write_shstrtab();
     w.write_null_section_header();
     for (t, (_, name)) in text.iter().zip(&sections) {
-        w.write_section_header(&SectionHeader {
-            name: Some(*name),
-            sh_type: elf::SHT_NOBITS,
-            sh_flags: (elf::SHF_ALLOC | elf::SHF_EXECINSTR) as u64,
-            sh_addr: t.start,
-            sh_offset: 0,
-            sh_size: t.end - t.start,
-            sh_link: 0,
-            sh_info: 0,
-            sh_addralign: 16,
-            sh_entsize: 0,
-        });
+        w.write_section_header(&text_header(t, *name));
     }
     // Every symbol but the null one is global: the first global is 1.
     w.write_symtab_section_header(1);
     w.write_strtab_section_header();
     w.write_shstrtab_section_header();
     out
+}
+
+/// Reserves a symbol for each entry: a function in the code section that holds
+/// it, else an absolute object.
+fn reserve_symbols<'a>(
+    w: &mut Writer<'a>,
+    entries: &[(&'a str, u64, u64)],
+    text: &[Text],
+    sections: &[(SectionIndex, StringId)],
+) -> Vec<Sym> {
+    let section_of = |addr: u64| {
+        text.iter()
+            .position(|t| addr >= t.start && addr < t.end)
+            .map(|i| sections[i].0)
+    };
+    entries
+        .iter()
+        .map(|&(name, addr, size)| {
+            let section = section_of(addr);
+            w.reserve_symbol_index(section);
+            let kind = match section {
+                Some(_) => elf::STT_FUNC,
+                None => elf::STT_OBJECT,
+            };
+            Sym {
+                name: Some(w.add_string(name.as_bytes())),
+                section,
+                st_info: (elf::STB_GLOBAL << 4) | kind,
+                st_other: 0,
+                st_shndx: if section.is_some() { 0 } else { elf::SHN_ABS },
+                st_value: addr,
+                st_size: size,
+            }
+        })
+        .collect()
+}
+
+/// A code range's section: no bytes in the file (code is read from the guest).
+fn text_header(t: &Text, name: StringId) -> SectionHeader {
+    SectionHeader {
+        name: Some(name),
+        sh_type: elf::SHT_NOBITS,
+        sh_flags: (elf::SHF_ALLOC | elf::SHF_EXECINSTR) as u64,
+        sh_addr: t.start,
+        sh_offset: 0,
+        sh_size: t.end - t.start,
+        sh_link: 0,
+        sh_info: 0,
+        sh_addralign: 16,
+        sh_entsize: 0,
+    }
 }
 
 #[cfg(test)]
