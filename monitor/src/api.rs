@@ -165,3 +165,63 @@ impl Introspection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmiscope_introspect::mock::MockGuest;
+    use vmiscope_introspect::policy::PolicyEnv;
+    use vmiscope_introspect::{Outcome, Rights};
+
+    fn intro_with_a_hook() -> (Introspection, HookId) {
+        let intro = Introspection::new(Engine::new(), vec![], PolicyEnv::default());
+        let mut g = MockGuest::new();
+        let target = Target::Gpa {
+            gpa: 0x5000,
+            len: 8,
+            rights: Rights::W,
+        };
+        let id = intro
+            .engine
+            .lock()
+            .unwrap()
+            .add_hook(&mut g, target, "analyst", Box::new(|_| Outcome::allow()))
+            .unwrap();
+        (intro, id)
+    }
+
+    #[test]
+    fn the_front_ends_see_copies_and_change_only_through_calls() {
+        let (intro, id) = intro_with_a_hook();
+        let hooks = intro.hooks();
+        assert_eq!(hooks.len(), 1);
+        assert_eq!((hooks[0].id, hooks[0].enabled), (id, true));
+        assert_eq!(hooks[0].name, "analyst");
+        assert!(intro.has_hook(id));
+        assert!(!intro.has_hook(HookId(id.0 + 1)));
+        intro.set_hook_enabled(id, false).unwrap();
+        assert!(
+            !intro.hooks()[0].enabled,
+            "the copy taken before stays as it was"
+        );
+        assert!(hooks[0].enabled);
+        assert!(intro.set_hook_enabled(HookId(99), true).is_err());
+        // Nothing handled yet: empty copies, no alert to make a rule from.
+        assert!(intro.recent(10, None).is_empty() && intro.recent_since(0).is_empty());
+        assert!(intro.alert(1).is_none() && intro.except_alert(1).is_none());
+        assert_eq!(intro.counters().events, 0);
+        assert!(intro.exceptions().rules.is_empty());
+    }
+
+    #[test]
+    fn quiesce_holds_the_engine_until_dropped() {
+        let (intro, _) = intro_with_a_hook();
+        let held = intro.quiesce();
+        assert!(
+            intro.engine.try_lock().is_err(),
+            "callbacks wait while quiesced"
+        );
+        drop(held);
+        assert!(intro.engine.try_lock().is_ok());
+    }
+}
