@@ -232,9 +232,11 @@ fn console_run(n: u64, with_tui: bool) -> Result<(f64, Vec<f64>), Error> {
             tui.refresh(&mut s);
             term.draw(|f| tui.draw(f, &s)).map_err(|e| e.to_string())?;
             // Every event newer than the last frame's newest appears in this frame.
-            let now = s.intro().now_us();
+            // The copy first, then the clock: a record handled between the two
+            // calls is older than `now`, never newer (it wrapped round once).
             let new = s.intro().recent_since(shown);
-            lat.extend(new.iter().map(|r| (now - r.at_us) as f64 / 1e3));
+            let now = s.intro().now_us();
+            lat.extend(new.iter().map(|r| now.saturating_sub(r.at_us) as f64 / 1e3));
             shown = new.last().map(|r| r.event_id).unwrap_or(shown);
         }
         std::thread::sleep(Duration::from_millis(50));
