@@ -98,14 +98,12 @@ impl VmShared {
             return Err(VmError::OutsideRam(gpa));
         }
         self.slots.lock().unwrap().open(gpa / PAGE_SIZE);
-        self.slot_gen.fetch_add(1, Ordering::SeqCst);
         self.commit_access()
     }
 
     /// Ends one `open_page`: the page's access of now is installed again.
     pub(crate) fn close_page(&self, gpa: u64) -> Result<CommitStats, VmError> {
         self.slots.lock().unwrap().close(gpa / PAGE_SIZE);
-        self.slot_gen.fetch_add(1, Ordering::SeqCst);
         self.commit_access()
     }
 
