@@ -66,7 +66,7 @@ fn ept_write_exits_once_per_write_and_allow_or_drop_decides_what_the_guest_sees(
         let out = boot(
             "ept-write",
             |vm| {
-                let gpa = vm.symbol("ept_target").unwrap();
+                let gpa = symbol("ept-write", "ept_target");
                 t.store(gpa as u32, Ordering::SeqCst);
                 vm.shared().protect_page(gpa, Access::WriteTrap).unwrap();
             },
@@ -124,7 +124,7 @@ fn ept_read_trap_lets_the_vmm_supply_the_data() {
         "ept-read",
         |vm| {
             vm.shared()
-                .protect_page(vm.symbol("ept_secret").unwrap(), Access::AllTrap)
+                .protect_page(symbol("ept-read", "ept_secret"), Access::AllTrap)
                 .unwrap();
         },
         rec.clone(),
@@ -160,7 +160,7 @@ fn ept_exec_trap_reports_the_fetch_and_the_instruction_still_runs() {
     let out = boot(
         "ept-exec",
         |vm| {
-            let gpa = vm.symbol("exec_target").unwrap();
+            let gpa = symbol("ept-exec", "exec_target");
             t.store(gpa as u32, Ordering::SeqCst);
             vm.shared().protect_page(gpa, Access::AllTrap).unwrap();
         },
@@ -284,7 +284,7 @@ fn software_breakpoints_hit_and_the_guests_own_int3_is_reinjected() {
         "int3",
         |vm| {
             vm.shared()
-                .insert_sw_breakpoint(vm.symbol("bp_target").unwrap(), None)
+                .insert_sw_breakpoint(symbol("int3", "bp_target"), None)
                 .unwrap()
         },
         rec.clone(),
@@ -323,9 +323,9 @@ fn hardware_breakpoint_then_single_steps_visit_the_labelled_instructions() {
     let cfg = config(1);
     let vm = Vm::new(&cfg, img.elf).unwrap();
     let (start, mid, end) = (
-        vm.symbol("step_start").unwrap(),
-        vm.symbol("step_mid").unwrap(),
-        vm.symbol("step_end").unwrap(),
+        symbol("step", "step_start"),
+        symbol("step", "step_mid"),
+        symbol("step", "step_end"),
     );
     let steps = Arc::new(std::sync::Mutex::new(Vec::new()));
     let s = steps.clone();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::{host, kvm_available, not_run_here};
+use common::{host, kvm_available, not_run_here, symbol};
 use vmiscope_introspect::policy::PolicyEnv;
 use vmiscope_introspect::{Alert, Class, Cr, Engine, EventInfo, Guest, Outcome, Rights, Target};
 use vmiscope_monitor::Introspection;
@@ -34,7 +34,7 @@ fn run(
     for (sym, v) in patch {
         vm.shared()
             .ram()
-            .write(vm.symbol(sym).unwrap(), &v.to_le_bytes())
+            .write(symbol(image, sym), &v.to_le_bytes())
             .unwrap();
     }
     let mut intro = Introspection::new(Engine::new(), vec![], PolicyEnv::default());
@@ -51,7 +51,7 @@ fn block(why: &'static str) -> vmiscope_introspect::Callback {
 }
 
 fn sym(image: &str, name: &str) -> u64 {
-    vmiscope_vmm::Symbols::parse(vmiscope_images::find(image).unwrap().elf)
+    vmiscope_monitor::Symbols::parse(vmiscope_images::find(image).unwrap().elf)
         .get(name)
         .unwrap()
 }
@@ -340,7 +340,7 @@ fn timer_finds_an_integrity_violation_and_restores_it() {
     let img = vmiscope_images::find("hang").unwrap();
     let c = cfg(1);
     let vm = Vm::new(&c, img.elf).unwrap();
-    let gdt = vm.symbol("rt_gdt").unwrap();
+    let gdt = symbol("hang", "rt_gdt");
     let shared = vm.shared().clone();
     let mut intro = Introspection::new(Engine::new(), vec![], PolicyEnv::default());
     intro.timer_period = Duration::from_millis(50);
@@ -570,12 +570,12 @@ fn hot_loop_beyond_the_slots(n: u64, at: &str, hits: Arc<AtomicU32>) -> (u64, u6
     let c = cfg(1);
     let vm = Vm::new(&c, img.elf).unwrap();
     let ram = vm.shared().ram();
-    ram.write(vm.symbol("spin_mode").unwrap(), &8u64.to_le_bytes())
+    ram.write(symbol("spin", "spin_mode"), &8u64.to_le_bytes())
         .unwrap();
-    ram.write(vm.symbol("spin_count").unwrap(), &n.to_le_bytes())
+    ram.write(symbol("spin", "spin_count"), &n.to_le_bytes())
         .unwrap();
     while vm.shared().claim_hw_breakpoint(0xdead_0000).is_some() {}
-    let target = vm.symbol(at).unwrap();
+    let target = symbol("spin", at);
     let intro = Introspection::new(Engine::new(), vec![], PolicyEnv::default());
     intro.on_ready(Box::new(move |e, g| {
         let t = Target::Breakpoint {
@@ -661,8 +661,8 @@ fn a_hook_goes_in_while_every_vcpu_runs_with_no_vcpu_answering() {
     let img = vmiscope_images::find("spin").unwrap();
     let c = cfg(2);
     let vm = Vm::new(&c, img.elf).unwrap();
-    let page = vm.symbol("spin_page").unwrap();
-    let count = vm.symbol("spin_count").unwrap();
+    let page = symbol("spin", "spin_page");
+    let count = symbol("spin", "spin_count");
     // Mode 0 (the default): every vCPU writes spin_page at CPL3, here for good.
     vm.shared()
         .ram()

@@ -255,7 +255,7 @@ fn hostile_guest_code_at_cpl0_and_cpl3_ends_cleanly() {
     let mut rng = Rng::new(2);
     let dir = common::temp_dir("fuzz-code");
     let hello = common::image("hello");
-    let syms = vmiscope_vmm::Symbols::parse(hello);
+    let syms = vmiscope_monitor::Symbols::parse(hello);
     let targets = [
         ("CPL3", syms.get("user_hello").unwrap()),
         ("CPL0", syms.get("main").unwrap() + 0x10),

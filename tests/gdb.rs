@@ -958,7 +958,7 @@ fn monitor_writes_host_files_only_when_allowed_and_a_wide_bind_warns() {
 
 /// The address of `name` in built-in image `image`.
 fn symbol(image: &str, name: &str) -> u64 {
-    vmiscope_vmm::Symbols::parse(common::image(image))
+    vmiscope_monitor::Symbols::parse(common::image(image))
         .get(name)
         .unwrap_or_else(|| panic!("no symbol {name} in {image}"))
 }

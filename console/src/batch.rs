@@ -24,7 +24,7 @@ impl ExitHandler for BatchHandler {
                 "[vmiscope] vcpu{} {}: {}",
                 cpu.id(),
                 event.class(),
-                crate::format::exit_text(event, cpu.vm().symbols())
+                crate::format::exit_text(event, self.engine.symbols())
             );
         }
         self.engine.on_event(cpu, event)
@@ -68,14 +68,15 @@ pub fn run(a: &RunArgs) -> i32 {
             return 2;
         }
     };
-    let vm = match Vm::new(&cfg, &image) {
+    let mut vm = match Vm::new(&cfg, &image) {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("vmiscope: error: {e}");
             return 2;
         }
     };
-    let (intro, journal) = match engine(a, vm.shared()) {
+    let os = crate::launch::os(a, &image, &mut vm);
+    let (intro, journal) = match os.and_then(|os| engine(a, vm.shared(), os)) {
         Ok(i) => i,
         Err(e) => {
             eprintln!("vmiscope: error: {e}");
@@ -150,7 +151,7 @@ fn summary(out: &vmiscope_vmm::RunOutcome, intro: &Introspection, shared: &vmisc
         if let Some(f) = shared.final_state(c) {
             eprintln!(
                 "[vmiscope] vCPU {c} ended at {} cpl{} rsp {:#x}",
-                crate::format::at(shared.symbols(), f.regs.rip),
+                crate::format::at(intro.symbols(), f.regs.rip),
                 f.sregs.cs.selector & 3,
                 f.regs.rsp
             );

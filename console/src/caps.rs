@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
+use crate::launch::image_symbol;
 
 use serde::Serialize;
 use vmiscope_vmm::{Access, Event, ExitHandler, Host, HostKind, Reply, VcpuCtl, Vm, VmConfig};
@@ -125,7 +126,7 @@ fn page_probe(
     let (ev, _) = probe(
         image,
         |vm| {
-            let gpa = vm.symbol(symbol).ok_or(format!("{image} lacks {symbol}"))?;
+            let gpa = image_symbol(image, symbol).ok_or(format!("{image} lacks {symbol}"))?;
             vm.shared()
                 .protect_page(gpa, access)
                 .map(|_| ())
@@ -349,7 +350,7 @@ fn int3_rows(host: Host) -> Result<Vec<Row>, Error> {
     let (ev, _) = probe(
         "int3",
         |vm| {
-            let at = vm.symbol("bp_target").ok_or("int3 lacks bp_target")?;
+            let at = image_symbol("int3", "bp_target").ok_or("int3 lacks bp_target")?;
             vm.shared()
                 .insert_sw_breakpoint(at, None)
                 .map_err(|e| e.to_string())
@@ -409,7 +410,8 @@ fn step_rows(host: Host) -> Result<Vec<Row>, Error> {
     let (ev, _) = probe(
         "step",
         |vm| {
-            vm.shared().set_hw_breakpoint(0, vm.symbol("step_start"));
+            vm.shared()
+                .set_hw_breakpoint(0, image_symbol("step", "step_start"));
             Ok(())
         },
         move |cpu, e| {
@@ -480,10 +482,9 @@ fn steps_from_writes() -> Result<(Vec<Event>, Vec<StepFrom>), Error> {
     let (ev, _) = probe(
         "ept-write",
         |vm| {
-            vm.shared().set_hw_breakpoint(0, vm.symbol("user_write"));
-            let at = vm
-                .symbol("ept_target")
-                .ok_or("ept-write lacks ept_target")?;
+            vm.shared()
+                .set_hw_breakpoint(0, image_symbol("ept-write", "user_write"));
+            let at = image_symbol("ept-write", "ept_target").ok_or("ept-write lacks ept_target")?;
             vm.shared()
                 .protect_page(at, Access::WriteTrap)
                 .map(|_| ())

@@ -62,7 +62,7 @@ const CLASSES: &[&str] = &[
 /// What the session offers after the first word: sub-words, hook ids, symbols.
 pub fn words(s: &Session) -> Vec<String> {
     let mut w: Vec<String> = SUBWORDS.iter().map(|x| x.to_string()).collect();
-    w.extend(s.shared().symbols().iter().map(|(n, _)| n.to_string()));
+    w.extend(s.intro().symbols().iter().map(|(n, _)| n.to_string()));
     w.extend(s.intro().hooks().iter().map(|h| h.id.to_string()));
     w
 }

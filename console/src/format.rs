@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use vmiscope_introspect::arch::DtrKind;
 use vmiscope_introspect::event::{AccessKind, Detection, EventInfo};
 use vmiscope_introspect::{Cr, EventRecord, Target, Verdict};
-use vmiscope_vmm::loader::Symbols;
+use vmiscope_monitor::Symbols;
 use vmiscope_vmm::{Event, Reply};
 
 pub fn size_name(n: u64) -> &'static str {
@@ -49,7 +49,7 @@ pub fn hexdump(addr: u64, b: &[u8]) -> String {
 
 /// `0x1234 <symbol+0x10>`, or the bare address when the image does not name it.
 pub fn at(sym: &Symbols, a: u64) -> String {
-    match crate::journal::symbol_of(sym, a) {
+    match vmiscope_monitor::journal::symbol_of(sym, a) {
         Some(n) => format!("{a:#x} <{n}>"),
         None => format!("{a:#x}"),
     }

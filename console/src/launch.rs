@@ -6,11 +6,11 @@ use crate::error::Error;
 
 use vmiscope_introspect::policy;
 use vmiscope_introspect::{Engine, Exceptions};
-use vmiscope_monitor::{Introspection, policy_env};
-use vmiscope_vmm::{Module, VmConfig};
+use vmiscope_monitor::{Introspection, OsKnowledge, policy_env};
+use vmiscope_vmm::{Module, Vm, VmConfig};
 
 use crate::cli::RunArgs;
-use crate::journal::{JournalFile, RunInfo};
+use vmiscope_monitor::journal::{JournalFile, RunInfo};
 
 /// Reads a file that must fit in `mem_mib` MiB of guest RAM; a larger one (or an
 /// endless one, `/dev/zero`) is refused after reading one byte past the limit,
@@ -47,6 +47,13 @@ pub fn load_image(name: &str, mem_mib: u64) -> Result<(Vec<u8>, u32), Error> {
     }
 }
 
+/// The address of `symbol` in the built-in image `image` (caps' probes and
+/// the benchmarks patch and hook our own images at their link addresses).
+pub fn image_symbol(image: &str, symbol: &str) -> Option<u64> {
+    let img = vmiscope_images::find(image)?;
+    vmiscope_monitor::Symbols::parse(img.elf).get(symbol)
+}
+
 pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, Error> {
     let mut modules = Vec::new();
     for m in &a.modules {
@@ -63,13 +70,6 @@ pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, Error> {
                 .map_err(|e| format!("cannot read initrd {}: {e}", p.display()))?,
         ),
         None => None,
-    };
-    let symbols = match &a.symbols {
-        Some(map) => Some(crate::symbols::read_map(map)?),
-        None => crate::symbols::find_map(std::path::Path::new(&a.image)).map(|(p, s)| {
-            eprintln!("[vmiscope] symbols from {}", p.display());
-            s
-        }),
     };
     let timeout = match a.timeout {
         Some(t) => Some(
@@ -88,7 +88,6 @@ pub fn config(a: &RunArgs, default_vcpus: u32) -> Result<VmConfig, Error> {
         modules,
         initrd,
         linux_own_decompressor: a.own_decompressor,
-        symbols,
         // The process makes one run: every signal since it started ends it.
         signals_seen: Some(0),
         ..VmConfig::default()
@@ -113,22 +112,41 @@ pub fn run_info(a: &RunArgs, shared: &vmiscope_vmm::VmShared) -> RunInfo {
     }
 }
 
-/// The engine as the options ask for it, for the VM `shared` describes (its
-/// symbols name addresses; a Linux guest's BTF names the current task), and the
-/// journal file when `--journal` asks for one (the front end writes its end).
+/// What the monitor knows of the OS in `image` (its bytes), built in `vm`:
+/// the symbols of a `--symbols` map, else of a map beside the kernel, else the
+/// kernel's own; a Linux kernel's BTF layout.
+pub fn os(a: &RunArgs, image: &[u8], vm: &mut Vm) -> Result<OsKnowledge, Error> {
+    use vmiscope_monitor::os::maps;
+    let map = match &a.symbols {
+        Some(map) => Some(maps::read_map(map)?),
+        None => maps::find_map(std::path::Path::new(&a.image)).map(|(p, s)| {
+            eprintln!("[vmiscope] symbols from {}", p.display());
+            s
+        }),
+    };
+    let slides = vmiscope_monitor::os::may_slide(a.own_decompressor, image, &a.cmdline);
+    let vmlinux = vm.take_vmlinux();
+    Ok(OsKnowledge::read(image, vmlinux.as_deref(), map, slides))
+}
+
+/// The engine as the options ask for it, for the VM `shared` describes and
+/// the OS `os` (its symbols name addresses; a Linux guest's BTF names the
+/// current task), and the journal file when `--journal` asks for one (the
+/// front end writes its end).
 pub fn engine(
     a: &RunArgs,
     shared: &vmiscope_vmm::VmShared,
+    os: OsKnowledge,
 ) -> Result<(Introspection, Option<JournalFile>), Error> {
-    let symbols = shared.symbols();
+    let symbols = os.symbols();
     let mut e = Engine::new();
-    if let (Some(Ok(layout)), Some(current)) = (shared.linux(), symbols.get("current_task")) {
+    if let (Some(Ok(layout)), Some(current)) = (os.linux(), symbols.get("current_task")) {
         e.set_task_namer(vmiscope_introspect::linux::task_namer(*layout, current));
     }
     e.set_log_only(a.log_only);
     let names = symbols.clone();
     e.set_symbolizer(Box::new(move |addr| {
-        crate::journal::symbol_of(&names, addr)
+        vmiscope_monitor::journal::symbol_of(&names, addr)
     }));
     if let Some(p) = &a.exceptions {
         let text = std::fs::read_to_string(p)
@@ -153,5 +171,5 @@ pub fn engine(
     // Refused before the run: a policy with nothing valid to protect would
     // install nothing and look on silently.
     env.check(&policies)?;
-    Ok((Introspection::new(e, policies, env), journal))
+    Ok((Introspection::new(e, policies, env).with_os(os), journal))
 }

@@ -10,14 +10,14 @@ pub mod complete;
 pub mod error;
 pub mod format;
 pub mod gdb;
-pub mod journal;
+
 pub mod launch;
 pub mod out;
 pub mod repl;
 pub mod script;
 pub mod session;
 pub mod stats;
-pub mod symbols;
+
 pub mod symbols_cmd;
 pub mod tui;
 pub mod ui;

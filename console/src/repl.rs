@@ -56,6 +56,7 @@ fn watch(
 ) -> std::thread::JoinHandle<()> {
     let notices = s.intro().subscribe();
     let shared = s.shared().clone();
+    let intro = s.intro().clone();
     let ended_already = shared.stop_reason();
     std::thread::spawn(move || {
         let line = |n: Notice| -> Option<String> {
@@ -64,7 +65,7 @@ fn watch(
                 Notice::Alert(a) => format!("ALERT {}", alert_line(&a)),
                 Notice::Stop(st) => {
                     let (rip, _) = shared.last_position(st.vcpu).unwrap_or_default();
-                    let at = crate::format::at(shared.symbols(), rip);
+                    let at = crate::format::at(intro.symbols(), rip);
                     format!("stopped: vCPU {} ({}) at {at}", st.vcpu, st.cause)
                 }
                 Notice::End(why) => format!(

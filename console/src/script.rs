@@ -2,6 +2,7 @@
 //! lines assert; the exit status is 0 iff every expectation held.
 
 use std::path::Path;
+use vmiscope_monitor::os::maps;
 
 use crate::cli::RunArgs;
 use crate::commands::{self, Command};
@@ -131,7 +132,7 @@ fn load(a: &RunArgs, path: &Path) -> Result<Vec<(usize, String, Command)>, ()> {
     }
     // Symbols for parsing come from the image; parse everything before running.
     let syms = match crate::launch::load_image(&a.image, a.mem)
-        .and_then(|(img, _)| crate::symbols::for_image(&a.image, &img, a.symbols.as_deref()))
+        .and_then(|(img, _)| Ok(maps::for_image(&a.image, &img, a.symbols.as_deref())?))
     {
         Ok(s) => s,
         Err(e) => {

@@ -15,11 +15,11 @@ pub fn symbols(a: &crate::cli::SymbolsArgs) -> i32 {
 
 fn list_symbols(a: &crate::cli::SymbolsArgs) -> Result<(), crate::error::Error> {
     let syms = match &a.symbols {
-        Some(map) => crate::symbols::read_map(map)?,
+        Some(map) => vmiscope_monitor::os::maps::read_map(map)?,
         None => {
             let (image, _) =
                 crate::launch::load_image(&a.image, vmiscope_vmm::config::MAX_MEM_MIB)?;
-            crate::symbols::for_image(&a.image, &image, None)?
+            vmiscope_monitor::os::maps::for_image(&a.image, &image, None)?
         }
     };
     if syms.is_empty() {

@@ -12,7 +12,7 @@ use std::panic::AssertUnwindSafe;
 use vmiscope_vmm::{Event, ExitHandler, HandlerStop, Reply, VcpuCtl};
 
 use crate::notices::{Notice, Notices};
-use crate::os::{LINUX_CEA_RO_IDT, policy_env};
+use crate::os::{LINUX_CEA_RO_IDT, OsKnowledge, Symbols, policy_env};
 
 use vmiscope_introspect::handlers::MemExit;
 use vmiscope_introspect::policy::{self, Policy, PolicyEnv};
@@ -46,6 +46,8 @@ pub struct Introspection {
     /// Where the policies find what they protect: from the symbols, again once
     /// a KASLR slide is found (policies armed after that see the moved kernel).
     env: Mutex<PolicyEnv>,
+    /// The guest OS's symbols and layout.
+    os: OsKnowledge,
 }
 
 impl Introspection {
@@ -62,7 +64,25 @@ impl Introspection {
             timer_period: Duration::from_secs(1),
             alert_sink: std::sync::OnceLock::new(),
             notices: Arc::default(),
+            os: OsKnowledge::default(),
         }
+    }
+
+    /// The same, knowing the guest's OS (`env` is made from its symbols).
+    pub fn with_os(mut self, os: OsKnowledge) -> Self {
+        self.os = os;
+        self
+    }
+
+    /// The guest's symbols (moved by the KASLR slide once it is found).
+    pub fn symbols(&self) -> &Symbols {
+        self.os.symbols()
+    }
+
+    /// A Linux guest's layout (from its BTF), or why there is none; None for
+    /// a guest that is not Linux.
+    pub fn linux(&self) -> Option<&Result<vmiscope_introspect::linux::Layout, String>> {
+        self.os.linux()
     }
 
     /// Switches `policies` on when the guest is ready (see `arm`), with the
@@ -139,7 +159,7 @@ impl Introspection {
         if env.linux.is_none() {
             return (idt != 0).then(|| env.clone());
         }
-        let sym = cpu.vm().symbols();
+        let sym = self.os.symbols();
         if sym.slide().is_none() {
             // Until the slide is known, `env` holds link addresses: the kernel's
             // own IDTs there (its boot table and `idt_table`; not the fixed alias).
@@ -193,6 +213,9 @@ impl Introspection {
         let before = e.alerts().len();
         let out = respond(&mut e, cpu, event);
         self.report(&e, before);
+        if out.1.is_some() {
+            self.notices.event_recorded();
+        }
         out
     }
 
@@ -206,6 +229,9 @@ impl Introspection {
         let timer = self.tick_due();
         let rec = per_exit(&mut e, cpu, timer, |e, cpu| self.arm(e, cpu));
         self.report(&e, before);
+        if matches!(rec, Ok(Some(_))) {
+            self.notices.event_recorded();
+        }
         rec
     }
 

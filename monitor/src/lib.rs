@@ -7,14 +7,15 @@
 mod api;
 pub mod handler;
 mod hooks;
+pub mod journal;
 pub mod notices;
-mod os;
+pub mod os;
 mod session;
 pub mod stops;
 
 pub use api::{Counters, HookInfo, Quiesced};
 pub use handler::{AlertSink, Introspection, OnReady, per_exit, respond};
 pub use notices::{LineSplitter, Notice, Notices};
-pub use os::policy_env;
+pub use os::{OsKnowledge, Symbols, policy_env};
 pub use session::SessionHandler;
 pub use stops::{BreakId, Control, EventBreak, Override, Proposed, Snapshot, Stop, StopCause};

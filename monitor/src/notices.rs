@@ -3,8 +3,10 @@
 //! channel per subscriber. A front end blocks on its receiver instead of
 //! polling the session's state.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Condvar, Mutex};
+use std::time::Instant;
 
 use vmiscope_introspect::Alert;
 use vmiscope_vmm::StopReason;
@@ -27,10 +29,55 @@ pub enum Notice {
     Wake,
 }
 
-/// The subscribers, each with its own channel.
+/// The subscribers, each with its own channel; and a count of everything that
+/// happened (each notice, each recorded event) that a front end can block on
+/// without a channel: one that waits for a condition on the session's state
+/// (a script's `expect`, a TUI frame) sleeps until the count moves.
 #[derive(Default)]
 pub struct Notices {
     subscribers: Mutex<Vec<Sender<Notice>>>,
+    progress: Progress,
+}
+
+/// A counter that threads can wait on. Moving it costs one atomic add while
+/// nobody waits: every recorded event moves it, so the exit path must not take
+/// a lock for it.
+#[derive(Default)]
+struct Progress {
+    count: AtomicU64,
+    waiters: AtomicUsize,
+    lock: Mutex<()>,
+    moved: Condvar,
+}
+
+impl Progress {
+    fn advance(&self) {
+        // SeqCst on both sides: a waiter counts itself before it reads `count`
+        // under `lock`; so either it sees the new count, or this sees the
+        // waiter and takes `lock`, which it can only get once the waiter sleeps.
+        self.count.fetch_add(1, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            let _held = self.lock.lock().unwrap();
+            self.moved.notify_all();
+        }
+    }
+
+    fn wait_past(&self, seen: u64, deadline: Option<Instant>) -> u64 {
+        let mut held = self.lock.lock().unwrap();
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        loop {
+            let now = self.count.load(Ordering::SeqCst);
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if now != seen || left.is_some_and(|l| l.is_zero()) {
+                self.waiters.fetch_sub(1, Ordering::SeqCst);
+                return now;
+            }
+            held = match left {
+                Some(l) => self.moved.wait_timeout(held, l).unwrap().0,
+                None => self.moved.wait(held).unwrap(),
+            };
+        }
+    }
 }
 
 impl Notices {
@@ -47,6 +94,25 @@ impl Notices {
             .lock()
             .unwrap()
             .retain(|tx| tx.send(notice.clone()).is_ok());
+        self.progress.advance();
+    }
+
+    /// How many things have happened so far (notices and recorded events): the
+    /// `seen` to give `wait_past`.
+    pub fn progress(&self) -> u64 {
+        self.progress.count.load(Ordering::SeqCst)
+    }
+
+    /// Counts one recorded event (no notice: events come too fast to queue).
+    pub fn event_recorded(&self) {
+        self.progress.advance();
+    }
+
+    /// Blocks until something happened after `seen` (a `progress()` value), or
+    /// `deadline` passed; returns the count then. Read the state, then wait past
+    /// the count read before it: nothing that happens in between is missed.
+    pub fn wait_past(&self, seen: u64, deadline: Option<Instant>) -> u64 {
+        self.progress.wait_past(seen, deadline)
     }
 }
 
@@ -91,6 +157,29 @@ mod tests {
         assert!(matches!(a.try_recv(), Ok(Notice::Serial(l)) if l == "one"));
         assert!(matches!(a.try_recv(), Ok(Notice::Wake)));
         assert_eq!(n.subscribers.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_waiter_wakes_when_something_happens_and_not_before_its_deadline_otherwise() {
+        let n = std::sync::Arc::new(Notices::default());
+        let seen = n.progress();
+        // Nothing happens: it waits until the deadline, then returns the same count.
+        let t = Instant::now();
+        let d = t + std::time::Duration::from_millis(30);
+        assert_eq!(n.wait_past(seen, Some(d)), seen);
+        assert!(Instant::now() >= d);
+        // Something that happened before the wait returns it at once.
+        n.event_recorded();
+        assert_eq!(n.wait_past(seen, None), seen + 1);
+        // Something that happens during the wait ends it (no deadline: a
+        // missed wake-up would hang the test).
+        let m = n.clone();
+        let waiter = std::thread::spawn(move || m.wait_past(seen + 1, None));
+        while n.progress.waiters.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        n.publish(Notice::Wake);
+        assert_eq!(waiter.join().unwrap(), seen + 2);
     }
 
     #[test]

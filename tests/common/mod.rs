@@ -44,6 +44,15 @@ pub fn image(name: &str) -> &'static [u8] {
         .elf
 }
 
+/// The address of `symbol` in the built-in image `image` (its link address:
+/// our images run where they were linked).
+#[allow(dead_code)]
+pub fn symbol(image: &str, symbol: &str) -> u64 {
+    vmiscope_monitor::Symbols::parse(self::image(image))
+        .get(symbol)
+        .unwrap_or_else(|| panic!("{image} has no {symbol}"))
+}
+
 pub fn config(vcpus: u32) -> VmConfig {
     VmConfig {
         vcpus,

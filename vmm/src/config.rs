@@ -19,8 +19,6 @@ pub struct VmConfig {
     pub tick: Duration,
     pub cmdline: String,
     pub modules: Vec<Module>,
-    /// Symbols to use instead of the image's own (a System.map).
-    pub symbols: Option<crate::loader::Symbols>,
     /// Boot a bzImage through its own decompressor (else vmiscope decompresses
     /// it and enters the vmlinux).
     pub linux_own_decompressor: bool,
@@ -48,7 +46,6 @@ impl Default for VmConfig {
             modules: vec![],
             initrd: None,
             linux_own_decompressor: false,
-            symbols: None,
             start_paused: false,
             signals_seen: None,
         }

@@ -27,7 +27,7 @@ pub use config::VmConfig;
 pub use error::{LoadError, VmError};
 pub use event::{Event, ExitHandler, HandlerStop, Introcall, MemAccess, PassThrough, Reply};
 pub use host::{DebugCaps, Feature, Host, HostKind, Int3, Via};
-pub use loader::{Module, Symbols};
+pub use loader::Module;
 pub use shared::{
     FinalState, GuestHeld, HANDOFF_SPIN, VcpuCtl, VcpuState, VcpuTask, VmShared, spin_for,
 };

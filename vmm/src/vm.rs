@@ -43,6 +43,8 @@ pub struct Vm {
     /// What the user should know about how the kernel was started (a Linux
     /// kernel's command line and what vmiscope added to it).
     pub boot_note: Option<String>,
+    /// See `take_vmlinux`.
+    vmlinux: Option<Vec<u8>>,
 }
 
 impl Vm {
@@ -111,23 +113,12 @@ impl Vm {
         }
         let shared = Arc::new(VmShared::new(Parts {
             host,
-            linux: loaded.linux,
             ram,
             vm_fd: vm,
-            symbols: cfg.symbols.clone().unwrap_or(loaded.symbols),
             serial,
             devices,
             vcpus: cfg.vcpus,
         }));
-        // A kernel that its own decompressor places may be anywhere (KASLR):
-        // its slide is found from the first IDT it loads (`Introspection`).
-        // Every other image runs at its link addresses.
-        let kaslr = cfg.linux_own_decompressor
-            && loader::is_linux(image)
-            && !cmdline.split_whitespace().any(|w| w == "nokaslr");
-        if !kaslr {
-            shared.symbols().set_unslid();
-        }
         // Before the first exit, "last position" is the entry.
         for c in 0..cfg.vcpus {
             let r = loader::regs_for(&entry, c, cfg.vcpus);
@@ -139,6 +130,7 @@ impl Vm {
             shared,
             fds,
             format: loaded.format,
+            vmlinux: loaded.vmlinux,
             boot_note,
         })
     }
@@ -153,8 +145,10 @@ impl Vm {
         (self.shared, self.fds)
     }
 
-    pub fn symbol(&self, name: &str) -> Option<u64> {
-        self.shared.symbols().get(name)
+    /// The Linux kernel's ELF the loader read (decompressed from a bzImage),
+    /// for the monitor to read its symbols and BTF from; once.
+    pub fn take_vmlinux(&mut self) -> Option<Vec<u8>> {
+        self.vmlinux.take()
     }
 
     /// Runs every vCPU on its own thread until the run stops; `cfg.timeout` and

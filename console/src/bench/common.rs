@@ -30,7 +30,7 @@ pub fn spin_vm(mode: u64, n: u64, vcpus: u32) -> Result<Vm, Error> {
         img.elf,
     )?;
     for (sym, v) in [("spin_mode", mode), ("spin_count", n)] {
-        let at = vm.symbol(sym).ok_or("spin image lacks its symbols")?;
+        let at = spin_sym(sym)?;
         vm.shared().ram().write(at, &v.to_le_bytes())?;
     }
     Ok(vm)
@@ -38,7 +38,7 @@ pub fn spin_vm(mode: u64, n: u64, vcpus: u32) -> Result<Vm, Error> {
 
 pub fn spin_sym(name: &str) -> Result<u64, Error> {
     let img = vmiscope_images::find("spin").ok_or("missing image")?;
-    let sym = vmiscope_vmm::Symbols::parse(img.elf).get(name);
+    let sym = vmiscope_monitor::Symbols::parse(img.elf).get(name);
     Ok(sym.ok_or_else(|| format!("spin lacks {name}"))?)
 }
 

@@ -10,7 +10,7 @@ use vmiscope_introspect::policy::PolicyEnv;
 use vmiscope_monitor::{Introspection, OnReady};
 use vmiscope_vmm::{Access, Event, ExitHandler, Reply, VcpuCtl, Vm, VmConfig};
 
-use super::common::spin_vm;
+use super::common::{spin_sym, spin_vm};
 use crate::error::Error;
 
 pub(super) const BENCH_PORT: u16 = 0x80;
@@ -47,11 +47,8 @@ pub(super) fn build(w: Workload, n: u64) -> Result<Vm, Error> {
     let vm = spin_vm(w.mode(), n, 1)?;
     let sh = vm.shared();
     if let Workload::Mmio { .. } = w {
-        sh.protect_page(
-            vm.symbol("spin_page").ok_or("no spin_page")?,
-            Access::WriteTrap,
-        )
-        .map_err(|e| e.to_string())?;
+        sh.protect_page(spin_sym("spin_page")?, Access::WriteTrap)
+            .map_err(|e| e.to_string())?;
     }
     Ok(vm)
 }
@@ -70,9 +67,9 @@ pub(super) fn per_exit(
 
 /// The floor: KVM_RUN in a loop that only answers what the guest needs.
 pub(super) fn raw(w: Workload, n: u64) -> Result<f64, Error> {
-    let (shared, mut fds) = build(w, n)?.into_raw();
+    let (_shared, mut fds) = build(w, n)?.into_raw();
     let fd = &mut fds[0];
-    let spin_page = shared.symbols().get("spin_page").unwrap_or(0);
+    let spin_page = spin_sym("spin_page")?;
     let (mut first, mut last, mut count) = (None, None, 0u64);
     loop {
         match fd.run().map_err(|e| format!("KVM_RUN: {e}"))? {

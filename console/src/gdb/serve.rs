@@ -116,7 +116,7 @@ impl Drop for ImageFile {
 pub fn exec_file_for(
     image: &str,
     bytes: &[u8],
-    symbols: &vmiscope_vmm::Symbols,
+    symbols: &vmiscope_monitor::Symbols,
 ) -> Option<ImageFile> {
     if vmiscope_vmm::loader::is_linux(bytes) {
         return temp_file(image, &super::symbol_file::elf(symbols));
@@ -206,7 +206,7 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) ->
     // Kept until the run ends: a temporary file is removed with it.
     let exec = crate::launch::load_image(&a.image, a.mem)
         .ok()
-        .and_then(|(img, _)| exec_file_for(&a.image, &img, s.shared().symbols()));
+        .and_then(|(img, _)| exec_file_for(&a.image, &img, s.intro().symbols()));
     let exec_path = exec.as_ref().map(|e| e.path().to_string());
     eprintln!(
         "[vmiscope] gdb: the guest waits at its entry; connect with `gdb -ex 'target remote {}'`",
@@ -216,27 +216,34 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) ->
     // Whether a gdb session is on: the guest's end is then reported to it
     // (`W`/`X`) before the process exits.
     let active = Arc::new(AtomicBool::new(false));
+    // Told when the server thread is done (it has reported the end to gdb).
+    let (served, server_done) = std::sync::mpsc::channel::<()>();
     let server = {
         let active = active.clone();
-        std::thread::spawn(move || serve(listener, g, exec_path, &active))
+        std::thread::spawn(move || {
+            serve(listener, g, exec_path, &active);
+            let _ = served.send(());
+        })
     };
     let code = match ui {
         Some(mode) => crate::ui::run_session(s, mode),
         None => {
+            // The guest's lines as they come: woken by each notice (a serial
+            // line, or the end, which is queued even if it came before the
+            // first check).
+            let notices = s.intro().subscribe();
             let mut printed = 0;
             while !s.ended() {
-                std::thread::sleep(Duration::from_millis(20));
                 print_new_serial(&s, &mut printed);
+                if notices.recv().is_err() {
+                    break;
+                }
             }
             print_new_serial(&s, &mut printed);
             // A connected gdb gets the guest's end (bounded: a stuck peer does not
             // hold the exit).
-            let t = std::time::Instant::now();
-            while active.load(Ordering::SeqCst)
-                && !server.is_finished()
-                && t.elapsed() < Duration::from_secs(5)
-            {
-                std::thread::sleep(Duration::from_millis(5));
+            if active.load(Ordering::SeqCst) {
+                let _ = server_done.recv_timeout(Duration::from_secs(5));
             }
             let o = s.finish();
             let code = o.map(|o| o.reason.exit_status()).unwrap_or(0);

@@ -7,7 +7,7 @@
 use object::elf;
 use object::write::StringId;
 use object::write::elf::{FileHeader, ProgramHeader, SectionHeader, SectionIndex, Sym, Writer};
-use vmiscope_vmm::Symbols;
+use vmiscope_monitor::Symbols;
 
 /// Code ranges a Linux kernel names: (section, start symbol, end symbol).
 const TEXT: [(&str, &str, &str); 2] = [

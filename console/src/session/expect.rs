@@ -1,4 +1,4 @@
-//! `expect …`: the assertions of scripts, polled until they hold or time out.
+//! `expect …`: the assertions of scripts, waited for until they hold or time out.
 //! One function per kind of expectation; Err carries what was seen instead.
 
 use std::time::{Duration, Instant};
@@ -43,9 +43,13 @@ impl Session {
         }
     }
 
-    /// Calls `f` every 10 ms until it holds or `deadline` passes.
-    fn poll_until(&mut self, deadline: Instant, mut f: impl FnMut(&mut Session) -> bool) -> bool {
+    /// Whether `f` holds by `deadline`: looked at again each time something
+    /// happens in the session (a serial line, an alert, a recorded event, a
+    /// stop, the end), blocking in between.
+    fn wait_until(&mut self, deadline: Instant, mut f: impl FnMut(&mut Session) -> bool) -> bool {
+        let notices = self.intro.notices().clone();
         loop {
+            let seen = notices.progress();
             if f(self) {
                 return true;
             }
@@ -53,7 +57,7 @@ impl Session {
             if Instant::now() >= deadline || self.outcome().is_some() {
                 return f(self);
             }
-            std::thread::sleep(Duration::from_millis(10));
+            notices.wait_past(seen, Some(deadline));
         }
     }
 
@@ -100,7 +104,7 @@ impl Session {
             }
         };
         let what = if alerts { "alert" } else { "event" };
-        if self.poll_until(deadline, seen) {
+        if self.wait_until(deadline, seen) {
             return Ok(format!("{what} seen"));
         }
         let detail = if alerts {
@@ -110,7 +114,7 @@ impl Session {
                 .intro
                 .recent(5, None)
                 .iter()
-                .map(|r| event_line(r, self.shared.symbols()))
+                .map(|r| event_line(r, self.intro.symbols()))
                 .collect();
             format!("last events: [{}]", last.join("; "))
         };
@@ -123,7 +127,7 @@ impl Session {
 
     fn expect_serial(&mut self, text: &str, deadline: Instant, t: f64) -> Result<String, String> {
         let seen = |s: &mut Session| s.serial_lines().iter().any(|l| l.contains(text));
-        if self.poll_until(deadline, seen) {
+        if self.wait_until(deadline, seen) {
             return Ok("seen on the serial line".into());
         }
         let tail: Vec<String> = {
@@ -137,7 +141,7 @@ impl Session {
     }
 
     fn expect_exit(&mut self, code: i32, deadline: Instant, t: f64) -> Result<String, String> {
-        let ended = self.poll_until(deadline, |s| s.outcome().is_some());
+        let ended = self.wait_until(deadline, |s| s.outcome().is_some());
         match self.outcome() {
             Some(o) if ended && o.reason.exit_status() == code => Ok(format!("exit {code}")),
             Some(o) => Err(format!(

@@ -170,7 +170,7 @@ impl Session {
         f.options_mut().set_uppercase_hex(false);
         f.options_mut().set_show_branch_size(false);
         f.options_mut().set_branch_leading_zeros(false);
-        let sym = self.shared.symbols();
+        let sym = self.intro.symbols();
         let mut out = Vec::new();
         for instr in d.iter().take(count) {
             let mut text = String::new();
@@ -184,14 +184,14 @@ impl Session {
             .then(|| instr.near_branch_target())
             .filter(|t| *t != 0);
             if let Some(t) = target
-                && let Some(n) = crate::journal::symbol_of(sym, t)
+                && let Some(n) = vmiscope_monitor::journal::symbol_of(sym, t)
             {
                 text.push_str(&format!(" <{n}>"));
             }
             out.push(DisLine {
                 ip: instr.ip(),
                 text,
-                label: crate::journal::symbol_of(sym, instr.ip()),
+                label: vmiscope_monitor::journal::symbol_of(sym, instr.ip()),
                 target,
                 current: instr.ip() == rip,
                 breakpoint: bps.contains(&instr.ip()),
@@ -233,7 +233,7 @@ impl Session {
     pub(super) fn lsmod(&self) -> Result<String, Error> {
         let layout = self.linux_layout()?;
         let head = self
-            .shared
+            .intro
             .symbols()
             .get("modules")
             .ok_or("the kernel has no `modules` symbol")?;
@@ -249,7 +249,7 @@ impl Session {
 
     /// A Linux guest's BTF layout, or why there is none.
     fn linux_layout(&self) -> Result<vmiscope_introspect::linux::Layout, Error> {
-        match self.shared.linux() {
+        match self.intro.linux() {
             None => Err("this needs a Linux guest".into()),
             Some(Err(why)) => Err(why.clone().into()),
             Some(Ok(l)) => Ok(*l),
@@ -261,7 +261,7 @@ impl Session {
     pub(super) fn ps(&self) -> Result<String, Error> {
         use vmiscope_introspect::linux;
         let layout = self.linux_layout()?;
-        let sym = self.shared.symbols();
+        let sym = self.intro.symbols();
         let init = sym
             .get("init_task")
             .ok_or("the kernel has no init_task symbol")?;
@@ -291,10 +291,10 @@ impl Session {
     /// The task vCPU `cpu` runs (`comm[pid]`) in a Linux guest, given the
     /// vCPU's GS base (the per-CPU base while it runs kernel code).
     pub fn current_task(&self, cpu: u32, gs_base: u64) -> Option<String> {
-        let Some(Ok(layout)) = self.shared.linux() else {
+        let Some(Ok(layout)) = self.intro.linux() else {
             return None;
         };
-        let off = self.shared.symbols().get("current_task")?;
+        let off = self.intro.symbols().get("current_task")?;
         let read = |a: u64, buf: &mut [u8]| self.shared.read_virt(cpu, a, buf).is_ok();
         vmiscope_introspect::linux::current(layout, off, gs_base, 0, &read)
             .ok()

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use super::Session;
 use crate::commands::Command;
 use crate::error::Error;
-use crate::journal::{alert_json, event_json, hexify, regs_json};
+use vmiscope_monitor::journal::{alert_json, event_json, hexify, regs_json};
 
 impl Session {
     pub(super) fn json(&mut self, c: Command) -> Result<Value, Error> {
@@ -54,7 +54,7 @@ impl Session {
             C::Events { n, class } => Value::Array(
                 self.recent_events(n, class)
                     .iter()
-                    .map(|r| event_json(r, self.shared.symbols()))
+                    .map(|r| event_json(r, self.intro.symbols()))
                     .collect(),
             ),
             C::Alerts => Value::Array(self.intro.alerts().iter().map(alert_json).collect()),

@@ -2,6 +2,7 @@
 //! breakpoints, and the execution of commands (shared by REPL, TUI and scripts).
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -95,6 +96,8 @@ pub struct Session {
     intro: Arc<Introspection>,
     control: Arc<Control>,
     runner: Option<JoinHandle<RunOutcome>>,
+    /// Set by the VM thread once the run has returned (before `Notice::End`).
+    ran: Arc<AtomicBool>,
     outcome: Option<RunOutcome>,
     /// The selected vCPU.
     vcpu: u32,
@@ -107,9 +110,9 @@ pub struct Session {
     /// gdb's `monitor` unless `--gdb-host-writes`.
     host_writes: bool,
     /// `--journal`'s file, which gets the `end` record when the guest ends.
-    journal: Option<crate::journal::JournalFile>,
+    journal: Option<vmiscope_monitor::journal::JournalFile>,
     /// What `--journal`'s header says (also `journal save`'s).
-    info: Arc<crate::journal::RunInfo>,
+    info: Arc<vmiscope_monitor::journal::RunInfo>,
 }
 
 impl Session {
@@ -118,8 +121,9 @@ impl Session {
         let (image, vcpus) = crate::launch::load_image(&a.image, a.mem)?;
         let mut cfg = crate::launch::config(a, vcpus)?;
         cfg.start_paused = true;
-        let vm = Vm::new(&cfg, &image)?;
-        let (intro, journal) = crate::launch::engine(a, vm.shared())?;
+        let mut vm = Vm::new(&cfg, &image)?;
+        let os = crate::launch::os(a, &image, &mut vm)?;
+        let (intro, journal) = crate::launch::engine(a, vm.shared(), os)?;
         let intro = Arc::new(intro);
         let info = Arc::new(crate::launch::run_info(a, vm.shared()));
         let shared = vm.shared().clone();
@@ -147,10 +151,14 @@ impl Session {
         }));
         let handler = Arc::new(SessionHandler::new(intro.clone(), control.clone()));
         let c2 = control.clone();
+        let ran = Arc::new(AtomicBool::new(false));
+        let ran2 = ran.clone();
         let runner = std::thread::Builder::new()
             .name("vm".into())
             .spawn(move || {
                 let out = vm.run(handler, &cfg);
+                // Before the notice: whoever it wakes can join this thread at once.
+                ran2.store(true, Ordering::SeqCst);
                 notices.publish(vmiscope_monitor::Notice::End(out.reason.clone()));
                 c2.notify_end();
                 out
@@ -169,6 +177,7 @@ impl Session {
             intro,
             control,
             runner: Some(runner),
+            ran,
             outcome: None,
             vcpu: 0,
             at_entry: true,
@@ -190,6 +199,7 @@ impl Session {
             intro: self.intro.clone(),
             control: self.control.clone(),
             runner: None,
+            ran: Arc::new(AtomicBool::new(false)),
             outcome: None,
             vcpu: 0,
             at_entry: self.at_entry,
@@ -242,7 +252,8 @@ impl Session {
 
     /// The run's outcome once the guest has ended.
     pub fn outcome(&mut self) -> Option<&RunOutcome> {
-        if self.outcome.is_none() && self.runner.as_ref().is_some_and(|r| r.is_finished()) {
+        let done = |r: &JoinHandle<RunOutcome>| r.is_finished() || self.ran.load(Ordering::SeqCst);
+        if self.outcome.is_none() && self.runner.as_ref().is_some_and(done) {
             self.outcome = self.runner.take().and_then(|r| r.join().ok());
             self.journal_end();
         }
@@ -287,7 +298,7 @@ impl Session {
     /// The task a stopped vCPU runs in a Linux guest (`comm[pid]`), read
     /// while it is held at CPL0; None for other guests.
     fn stopped_task(&self, vcpu: u32) -> Option<String> {
-        self.shared.linux()?;
+        self.intro.linux()?;
         let (cpl, gs) = self
             .on_vcpu(vcpu, |c| {
                 let s = VcpuCtl::sregs(c);
@@ -379,7 +390,7 @@ impl Session {
         let regs = line.contains('$').then(|| self.cpu_state().ok()).flatten();
         let resolve = |n: &str| match n.strip_prefix('$') {
             Some(r) => regs.and_then(|c| reg_by_name(&c.regs, &c.sregs, &r.to_ascii_lowercase())),
-            None => self.shared.symbols().get(n),
+            None => self.intro.symbols().get(n),
         };
         Ok(commands::parse(line, &resolve)?)
     }
@@ -464,7 +475,7 @@ impl Session {
 
     /// `0x1234 <symbol+0x10>`
     pub fn addr_name(&self, a: u64) -> String {
-        match self.shared.symbols().lookup(a) {
+        match self.intro.symbols().lookup(a) {
             Some((n, 0)) => format!("{a:#x} <{n}>"),
             Some((n, off)) if off < 0x1000 => format!("{a:#x} <{n}+{off:#x}>"),
             _ => format!("{a:#x}"),
@@ -478,7 +489,7 @@ impl Session {
         };
         let mut t = format!("vCPU {} stopped ({})", s.vcpu, s.cause);
         if let Some(e) = &s.event {
-            let _ = write!(t, "\n  {}", event_line(e, self.shared.symbols()));
+            let _ = write!(t, "\n  {}", event_line(e, self.intro.symbols()));
             let _ = write!(
                 t,
                 "\n  instruction: {} at {}",
@@ -488,7 +499,7 @@ impl Session {
             let _ = write!(t, "\n  hooks: {}", hook_list(&e.hooks));
         }
         if let Some(r) = &s.raw {
-            let _ = write!(t, "\n  exit: {}", exit_text(r, self.shared().symbols()));
+            let _ = write!(t, "\n  exit: {}", exit_text(r, self.intro().symbols()));
         }
         let _ = write!(
             t,

@@ -24,7 +24,7 @@ impl Session {
     pub(super) fn events(&mut self, n: usize, class: Option<Class>) -> Result<Output, Error> {
         let mut t = String::new();
         for r in self.recent_events(n, class) {
-            let _ = writeln!(t, "{}", event_line(&r, self.shared.symbols()));
+            let _ = writeln!(t, "{}", event_line(&r, self.intro.symbols()));
         }
         Ok(Output::text(if t.is_empty() {
             "no handled events yet".into()
@@ -52,7 +52,7 @@ impl Session {
             .intro
             .alert(id)
             .ok_or_else(|| format!("no alert {id} (see `alerts`)"))?;
-        let sym = self.shared.symbols();
+        let sym = self.intro.symbols();
         Ok(Output::text(format!(
             "{}\n  event #{}{}: {}\n  vCPU {} cpl{} rip {} cr3 {:#x}{}\n  instruction: {}\n  hook {} ({}), verdict {}, {}\n  `exception add-from-alert {id}` allows it from now on; `json alert {id}` gives it as JSON",
             alert_line(a),
@@ -151,12 +151,14 @@ impl Session {
     /// engine's memory (its recent events, every alert and override), records
     /// in time order between the header and, once the guest has ended, `end`.
     pub(super) fn save_journal(&mut self, f: String) -> Result<Output, Error> {
-        use crate::journal;
+        use vmiscope_monitor::journal;
         self.may_write(&f)?;
         let now = self.intro.now_us();
-        let shared = self.shared.clone();
-        let end = self.outcome().map(|o| journal::end_json(&shared, o, now));
-        let sym = self.shared.symbols();
+        let (shared, intro) = (self.shared.clone(), self.intro.clone());
+        let end = self
+            .outcome()
+            .map(|o| journal::end_json(&shared, intro.symbols(), o, now));
+        let sym = self.intro.symbols();
         let (events, alerts, overrides) = (
             self.intro.recent(usize::MAX, None),
             self.intro.alerts(),

@@ -43,15 +43,14 @@ impl Session {
         self.wait_after(n, secs)
     }
 
-    /// Waits for a stop newer than `n` or the guest's end, up to `secs`.
+    /// Waits for a stop newer than `n` or the guest's end, up to `secs`,
+    /// blocking until the session's notices say something happened.
     fn wait_after(&mut self, n: u64, secs: f64) -> Result<Output, Error> {
         let deadline = std::time::Instant::now() + Duration::from_secs_f64(secs);
+        let notices = self.intro.notices().clone();
         loop {
-            if self
-                .control
-                .wait_stop(n, Duration::from_millis(100))
-                .is_some()
-            {
+            let seen = notices.progress();
+            if self.control.stop_count() > n && self.control.stop().is_some() {
                 return Ok(Output::text(self.describe_stop()?));
             }
             if self.ended() {
@@ -67,6 +66,7 @@ impl Session {
                 )
                 .into());
             }
+            notices.wait_past(seen, Some(deadline));
         }
     }
 
@@ -191,7 +191,7 @@ impl Session {
         match self.control.wait_stop(n, Duration::from_secs(5)) {
             Some(s) => {
                 let raw = s.raw.as_ref();
-                let what = raw.map(|r| crate::format::exit_text(r, self.shared().symbols()));
+                let what = raw.map(|r| crate::format::exit_text(r, self.intro().symbols()));
                 Output::text(format!("vCPU {}: {}", s.vcpu, what.unwrap_or_default())).pipe(Ok)
             }
             None => Err("the step did not complete within 5 s".into()),

@@ -55,7 +55,8 @@ impl Session {
                 if m.no_exec { "-" } else { "x" },
                 if m.user { "u" } else { "s" },
                 m.gpa,
-                crate::journal::symbol_of(self.shared.symbols(), m.gva).unwrap_or_default()
+                vmiscope_monitor::journal::symbol_of(self.intro.symbols(), m.gva)
+                    .unwrap_or_default()
             );
         }
         if maps.len() > VMMAP_LINES {

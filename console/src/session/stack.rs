@@ -75,7 +75,7 @@ impl Session {
         // At a function's first instruction its frame is not built yet: the
         // return address is at RSP.
         if self
-            .shared
+            .intro
             .symbols()
             .lookup(r.rip)
             .is_some_and(|(_, o)| o == 0)
@@ -114,7 +114,7 @@ impl Session {
     /// `kaslr`: the slide, once known, and how gdb takes it (its symbol file is
     /// made when it attaches).
     pub(super) fn kaslr(&self) -> String {
-        match self.shared.symbols().slide() {
+        match self.intro.symbols().slide() {
             Some(0) => "no slide: the kernel runs at its link addresses".into(),
             Some(d) => format!(
                 "slide {d:#x}: every symbol is moved by it; a gdb attached before it was found: `symbol-file -o {d:#x} FILE` (FILE from `vmiscope symbols IMAGE --elf FILE`)"
@@ -128,7 +128,7 @@ impl Session {
 
     /// `sym ADDR`.
     pub(super) fn sym_of(&self, a: u64) -> Result<String, Error> {
-        match self.shared.symbols().lookup(a) {
+        match self.intro.symbols().lookup(a) {
             Some((n, 0)) => Ok(format!("{a:#x} is {n}")),
             Some((n, off)) => Ok(format!("{a:#x} is {n}+{off:#x}")),
             None => Err(format!("no symbol at or below {a:#x}").into()),
@@ -137,7 +137,7 @@ impl Session {
 
     /// `addr SYMBOL`.
     pub(super) fn addr_of(&self, name: &str) -> Result<String, Error> {
-        self.shared
+        self.intro
             .symbols()
             .get(name)
             .map(|a| format!("{name} = {a:#x}"))

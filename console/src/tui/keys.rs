@@ -1,8 +1,6 @@
 //! Keys, mouse and the actions they take: running the guest, deciding a stop,
 //! moving the focus and scrolling, following a call, the details popups.
 
-use std::time::Instant;
-
 use crossterm::event::{KeyCode, KeyModifiers, MouseButton, MouseEvent, MouseEventKind};
 
 use super::state::{CmdLine, PANES, Pane, Popup, Tui, register_count};
@@ -45,7 +43,6 @@ impl Tui {
             }
             self.last_state = state;
         }
-        self.last_refresh = Instant::now();
     }
 
     pub(super) fn exec(&mut self, s: &mut Session, line: &str) -> bool {
@@ -55,7 +52,7 @@ impl Tui {
                 addr, phys: false, ..
             }
             | Command::Examine { addr, .. },
-        )) = commands::parse(line, &|n| s.shared().symbols().get(n))
+        )) = commands::parse(line, &|n| s.intro().symbols().get(n))
         {
             self.at.memory_at = Some(addr);
         }
@@ -117,7 +114,7 @@ impl Tui {
                 let recent = s.intro().recent(super::view::KEEP, None);
                 recent
                     .get(i)
-                    .map(|r| crate::format::event_detail(r, s.shared().symbols()))
+                    .map(|r| crate::format::event_detail(r, s.intro().symbols()))
             }),
             Pane::Alerts => self
                 .selected(Pane::Alerts)

@@ -1,8 +1,6 @@
 //! The TUI's state: its panes, the focus and scroll of each, the command line,
 //! the popup, and what the panes show.
 
-use std::time::{Duration, Instant};
-
 use ratatui::layout::Rect;
 
 use super::view::{Focus, View};
@@ -89,7 +87,6 @@ pub struct Tui {
     /// Where each pane was drawn (mouse focus and wheel).
     pub(super) rects: Vec<(Pane, Rect)>,
     pub(super) last_state: Option<RunState>,
-    pub(super) last_refresh: Instant,
     /// Register cells per line at the last draw.
     pub(super) reg_per_line: usize,
 }
@@ -108,7 +105,6 @@ impl Tui {
             at: Focus::default(),
             rects: Vec::new(),
             last_state: None,
-            last_refresh: Instant::now() - Duration::from_secs(1),
             reg_per_line: 1,
         }
     }

@@ -43,7 +43,7 @@ impl View {
         self.status = s.status();
         let state = s.run_state();
         self.state = Some(state);
-        let sym = s.shared().symbols();
+        let sym = s.intro().symbols();
         let recent = s.intro().recent(KEEP, None);
         self.events = recent.iter().map(|r| event_line(r, sym)).collect();
         let alerts = s.intro().alerts();
@@ -97,7 +97,7 @@ impl View {
             self.stack.clear();
             return;
         };
-        let sym = s.shared().symbols();
+        let sym = s.intro().symbols();
         // One read for the whole window (a slot at a time only if part of it is
         // unmapped): this runs at every frame.
         let mut all = [0u8; STACK_SLOTS * 8];
@@ -114,7 +114,11 @@ impl View {
                         .ok()
                         .map(|_| u64::from_le_bytes(b))
                 };
-                (a, v, v.and_then(|v| crate::journal::symbol_of(sym, v)))
+                (
+                    a,
+                    v,
+                    v.and_then(|v| vmiscope_monitor::journal::symbol_of(sym, v)),
+                )
             })
             .collect();
     }

@@ -11,24 +11,36 @@ pub struct Module {
     pub data: Vec<u8>,
 }
 
-/// The ELF parser reads headers in place and needs 8-byte alignment, which an
-/// `include_bytes!` or a sub-slice does not promise: copy into u64 words.
-pub(crate) fn aligned(image: &[u8]) -> Vec<u64> {
-    image
-        .chunks(8)
-        .map(|c| {
-            let mut b = [0u8; 8];
-            b[..c.len()].copy_from_slice(c);
-            u64::from_ne_bytes(b)
-        })
-        .collect()
+/// A copy of an image on an 8-byte boundary. The ELF parser reads headers in
+/// place and needs that alignment, which an `include_bytes!` or a sub-slice
+/// does not promise.
+pub struct Aligned {
+    words: Vec<u64>,
+    len: usize,
 }
 
-pub(crate) fn as_bytes(words: &[u64], len: usize) -> &[u8] {
-    assert!(len <= words.len() * 8);
-    // SAFETY: `words` holds at least `len` initialised bytes, u8 has no alignment
-    // requirement, and the returned slice borrows `words`.
-    unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, len) }
+impl Aligned {
+    pub fn copy(image: &[u8]) -> Aligned {
+        let words = image
+            .chunks(8)
+            .map(|c| {
+                let mut b = [0u8; 8];
+                b[..c.len()].copy_from_slice(c);
+                u64::from_ne_bytes(b)
+            })
+            .collect();
+        Aligned {
+            words,
+            len: image.len(),
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `words` holds `len` initialised bytes (`copy` made it from
+        // them: len <= words.len() * 8), u8 has no alignment requirement, and
+        // the slice borrows `self`.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) }
+    }
 }
 
 /// Checks that `[gpa, gpa+len)` fits in RAM above the VMM's boot structures,

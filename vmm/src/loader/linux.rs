@@ -86,19 +86,6 @@ pub fn command_line(user: &str, pvm: bool) -> (String, Vec<&'static str>) {
 const PVM_CLEARCPUID: &str =
     "clearcpuid=ssse3,sse4_1,sse4_2,aes,pclmulqdq,sha_ni,gfni,vaes,vpclmulqdq";
 
-/// The offsets `ps` needs, from the vmlinux's own `.BTF` section.
-pub fn btf_layout(vmlinux: &[u8]) -> Result<vmiscope_introspect::linux::Layout, String> {
-    use object::{Object, ObjectSection};
-    let words = super::image::aligned(vmlinux);
-    let elf = super::image::as_bytes(&words, vmlinux.len());
-    let file = object::File::parse(elf).map_err(|e| e.to_string())?;
-    let btf = file
-        .section_by_name(".BTF")
-        .ok_or("the kernel has no .BTF section (CONFIG_DEBUG_INFO_BTF)")?;
-    let bytes = btf.data().map_err(|e| e.to_string())?;
-    vmiscope_introspect::linux::Layout::from_btf(bytes).map_err(|e| e.to_string())
-}
-
 /// Whether `image` is a Linux kernel: a bzImage, or an ELF with the "Linux"
 /// (or Xen PVH) notes every vmlinux carries.
 pub fn is_linux(image: &[u8]) -> bool {
@@ -148,8 +135,8 @@ pub fn load(ram: &GuestRam, image: &[u8], boot: &LinuxBoot) -> Result<LinuxLoade
             (entry, end, "bzImage (its own decompressor)".to_string())
         }
         _ => {
-            let words = super::image::aligned(&vmlinux);
-            let elf = super::image::as_bytes(&words, vmlinux.len());
+            let copy = super::image::Aligned::copy(&vmlinux);
+            let elf = copy.bytes();
             let (entry, end) = load_vmlinux(ram, elf)?;
             (entry, end, format)
         }

@@ -6,20 +6,16 @@ pub(crate) mod boot;
 mod bzimage;
 mod elf;
 mod image;
-pub mod kallsyms;
 mod linux;
 mod multiboot;
-mod symbols;
 
 pub use boot::{
     ELF_BOOT_AREA_END, EntryState, MULTIBOOT_BOOT_AREA_END, regs as regs_for, sregs as sregs_for,
     write_boot_area,
 };
+pub use image::Aligned;
 pub use image::Module;
 pub use linux::{LinuxBoot, command_line as linux_command_line, is_linux};
-pub use symbols::Symbols;
-
-use image::{aligned, as_bytes};
 
 use crate::error::LoadError;
 use crate::memory::GuestRam;
@@ -37,13 +33,14 @@ pub struct BootInputs<'a> {
     pub vcpus: u32,
 }
 
-/// A loaded image: how to enter it, and its symbols.
+/// A loaded image: how to enter it.
 #[derive(Debug)]
 pub struct Loaded {
     pub entry: EntryState,
-    pub symbols: Symbols,
-    /// A Linux kernel's layout from its BTF (Err: why there is none).
-    pub linux: Option<Result<vmiscope_introspect::linux::Layout, String>>,
+    /// A Linux kernel's ELF (decompressed from a bzImage, or the file): what
+    /// the monitor reads the kernel's symbols and BTF from. The VMM keeps no
+    /// knowledge of the OS.
+    pub vmlinux: Option<Vec<u8>>,
     pub format: String,
 }
 
@@ -76,23 +73,20 @@ pub fn load(ram: &GuestRam, image: &[u8], inputs: &BootInputs) -> Result<Loaded,
         let l = linux::load(ram, image, &boot)?;
         return Ok(Loaded {
             entry: l.entry,
-            symbols: linux_symbols(&l.vmlinux),
-            linux: Some(linux::btf_layout(&l.vmlinux)),
+            vmlinux: Some(l.vmlinux),
             format: l.format,
         });
     }
     if initrd.is_some() {
         return Err(LoadError::Linux("--initrd is for Linux kernels".into()));
     }
-    let words = aligned(image);
-    let image = as_bytes(&words, image.len());
-    let symbols = Symbols::parse(image);
+    let copy = Aligned::copy(image);
+    let image = copy.bytes();
     if let Some(header) = multiboot::find_header(image)? {
         let entry = multiboot::load(ram, image, &header, cmdline, modules)?;
         return Ok(Loaded {
             entry,
-            symbols,
-            linux: None,
+            vmlinux: None,
             format: "multiboot v1".into(),
         });
     }
@@ -105,32 +99,20 @@ pub fn load(ram: &GuestRam, image: &[u8], inputs: &BootInputs) -> Result<Loaded,
     let entry = elf::load(ram, image)?;
     Ok(Loaded {
         entry,
-        symbols,
-        linux: None,
+        vmlinux: None,
         format: "ELF64".into(),
     })
 }
 
-/// A vmlinux's symbols: its ELF symbol table when it kept one, else the
-/// kernel's own kallsyms tables.
-fn linux_symbols(vmlinux: &[u8]) -> Symbols {
-    let elf = Symbols::parse(vmlinux);
-    if elf.len() > 1000 {
-        return elf;
-    }
-    kallsyms::read(vmlinux).map_or(elf, Symbols::from_entries)
-}
-
-/// The symbols of the kernel in `image` (a bzImage or a vmlinux): its ELF
-/// symbols, else its kallsyms tables; None when it is not a Linux kernel.
-pub fn kernel_symbols(image: &[u8], limit: usize) -> Result<Option<Symbols>, LoadError> {
+/// The ELF of the Linux kernel in `image` (a bzImage, decompressed to at most
+/// `limit` bytes, or a vmlinux); None when it is not a Linux kernel.
+pub fn vmlinux(image: &[u8], limit: usize) -> Result<Option<Vec<u8>>, LoadError> {
     if !linux::is_linux(image) {
         return Ok(None);
     }
-    let vmlinux = if bzimage::is_bzimage(image) {
+    Ok(Some(if bzimage::is_bzimage(image) {
         bzimage::vmlinux(image, limit)?.0
     } else {
         image.to_vec()
-    };
-    Ok(Some(linux_symbols(&vmlinux)))
+    }))
 }

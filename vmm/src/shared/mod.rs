@@ -15,7 +15,6 @@ use kvm_ioctls::{VcpuFd, VmFd};
 
 use crate::devices::{Devices, SerialLog};
 use crate::host::Host;
-use crate::loader::Symbols;
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::msr::MsrIntercepts;
 use crate::slots::SlotMap;
@@ -157,9 +156,6 @@ pub struct VmShared {
     ram: GuestRam,
     vm_fd: VmFd,
     host: Host,
-    /// A Linux kernel's layout from its BTF (Err: why there is none).
-    linux: Option<Result<vmiscope_introspect::linux::Layout, String>>,
-    symbols: Symbols,
     serial: Arc<SerialLog>,
     devices: Mutex<Devices>,
     slots: Mutex<SlotMap>,
@@ -238,22 +234,14 @@ impl<'a> VcpuCtl<'a> {
 /// The parts a VM's `VmShared` is made of.
 pub(crate) struct Parts {
     pub(crate) host: Host,
-    pub(crate) linux: Option<Result<vmiscope_introspect::linux::Layout, String>>,
     pub(crate) ram: GuestRam,
     pub(crate) vm_fd: VmFd,
-    pub(crate) symbols: Symbols,
     pub(crate) serial: Arc<SerialLog>,
     pub(crate) devices: Devices,
     pub(crate) vcpus: u32,
 }
 
 impl VmShared {
-    /// A Linux guest's layout (from its BTF), or why there is none; None for
-    /// a guest that is not Linux.
-    pub fn linux(&self) -> Option<&Result<vmiscope_introspect::linux::Layout, String>> {
-        self.linux.as_ref()
-    }
-
     /// How many of each instruction the VMM completed for KVM's emulator.
     pub fn completed(&self) -> Vec<(crate::stats::Completed, u64)> {
         self.completed.snapshot()
@@ -284,8 +272,6 @@ impl VmShared {
             ram: p.ram,
             vm_fd: p.vm_fd,
             host: p.host,
-            linux: p.linux,
-            symbols: p.symbols,
             serial: p.serial,
             devices: Mutex::new(p.devices),
             msrs: Mutex::new(MsrIntercepts::default()),

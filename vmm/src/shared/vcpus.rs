@@ -8,7 +8,6 @@ use super::{VcpuInfo, VcpuMsg, VcpuState, VcpuTask, VmShared};
 use crate::devices::SerialLog;
 use crate::host::Host;
 use crate::kick;
-use crate::loader::Symbols;
 use crate::stats::ExitClass;
 use crate::stop::StopReason;
 
@@ -24,11 +23,6 @@ impl VmShared {
     /// What kind of KVM this is (PVM or hardware-virtualised).
     pub fn host(&self) -> Host {
         self.host
-    }
-
-    /// The loaded image's symbols.
-    pub fn symbols(&self) -> &Symbols {
-        &self.symbols
     }
 
     /// The guest's serial output.

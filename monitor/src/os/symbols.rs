@@ -1,4 +1,4 @@
-//! ELF symbols of an image (for scripts, tests, benchmarks and the console).
+//! The symbols of an image or a kernel, moved by its KASLR slide once known.
 
 use object::{Object, ObjectSymbol, SymbolKind};
 
@@ -25,8 +25,8 @@ const KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
 impl Symbols {
     /// Reads the symbol table; an image without one (or not ELF) has no symbols.
     pub fn parse(image: &[u8]) -> Self {
-        let words = super::image::aligned(image);
-        let image = super::image::as_bytes(&words, image.len());
+        let copy = vmiscope_vmm::loader::Aligned::copy(image);
+        let image = copy.bytes();
         let Ok(file) = object::File::parse(image) else {
             return Symbols::default();
         };

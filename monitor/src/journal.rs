@@ -13,9 +13,9 @@
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 
+use crate::os::Symbols;
 use serde_json::{Value, json};
 use vmiscope_introspect::{Alert, EventRecord, Journal, Override, Record};
-use vmiscope_vmm::loader::Symbols;
 use vmiscope_vmm::{RunOutcome, VmShared};
 
 /// Keys whose numbers are counts, ids or sizes: kept as numbers.
@@ -181,13 +181,13 @@ pub fn regs_json(r: &kvm_bindings::kvm_regs) -> Value {
 }
 
 /// The last record: why the run ended and where each vCPU was.
-pub fn end_json(shared: &VmShared, out: &RunOutcome, t_us: u64) -> Value {
+pub fn end_json(shared: &VmShared, symbols: &Symbols, out: &RunOutcome, t_us: u64) -> Value {
     let vcpus: Vec<Value> = (0..shared.vcpu_count())
         .map(|c| match shared.final_state(c) {
             Some(f) => {
                 let mut v = regs_json(&f.regs);
                 v["vcpu"] = c.into();
-                v["rip_sym"] = symbol_of(shared.symbols(), f.regs.rip).into();
+                v["rip_sym"] = symbol_of(symbols, f.regs.rip).into();
                 v["cpl"] = (f.sregs.cs.selector & 3).into();
                 v["cr0"] = f.sregs.cr0.into();
                 v["cr3"] = f.sregs.cr3.into();
@@ -241,7 +241,7 @@ impl JournalFile {
     /// Writes the `end` record, once.
     pub fn end(&self, shared: &VmShared, out: &RunOutcome, t_us: u64) {
         if !self.ended.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            self.line(&end_json(shared, out, t_us));
+            self.line(&end_json(shared, &self.symbols, out, t_us));
         }
     }
 }

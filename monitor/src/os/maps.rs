@@ -1,19 +1,17 @@
-//! A kernel's symbols for the console: from the image (ELF symbols or Linux's
-//! kallsyms tables), or from a System.map the user gives or that sits beside
-//! the kernel (`System.map-VERSION`, or Debian's debug package tree).
+//! A kernel's symbols from files: a System.map the user gives or that sits
+//! beside the kernel (`System.map-VERSION`, or Debian's debug package tree),
+//! else the image itself (ELF symbols or Linux's kallsyms tables).
 
 use std::path::{Path, PathBuf};
 
-use vmiscope_vmm::Symbols;
-use vmiscope_vmm::loader::kallsyms;
-
-use crate::error::Error;
+use super::kallsyms;
+use super::symbols::Symbols;
 
 /// A System.map larger than this is refused unread (Debian's is ~5 MB).
 const MAX_MAP: u64 = 256 << 20;
 
 /// Reads a System.map file (at most `MAX_MAP` bytes).
-pub fn read_map(path: &Path) -> Result<Symbols, Error> {
+pub fn read_map(path: &Path) -> Result<Symbols, String> {
     use std::io::Read;
     let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
     let mut text = Vec::new();
@@ -27,8 +25,7 @@ pub fn read_map(path: &Path) -> Result<Symbols, Error> {
             "{}: larger than {} MiB, not a System.map",
             path.display(),
             MAX_MAP >> 20
-        )
-        .into());
+        ));
     }
     kallsyms::parse_system_map(&String::from_utf8_lossy(&text))
         .map(Symbols::from_entries)
@@ -37,7 +34,6 @@ pub fn read_map(path: &Path) -> Result<Symbols, Error> {
                 "{}: not a System.map (lines of \"ADDRESS TYPE NAME\"; Debian's placeholder names the -dbg package that has the real one)",
                 path.display()
             )
-            .into()
         })
 }
 
@@ -70,16 +66,19 @@ pub fn find_map(kernel: &Path) -> Option<(PathBuf, Symbols)> {
 /// The symbols a run of `image` (its bytes) uses: a `--symbols` map, else a
 /// map beside the kernel, else the image's own (ELF symbols, or a Linux
 /// kernel's kallsyms tables).
-pub fn for_image(image: &str, bytes: &[u8], map: Option<&Path>) -> Result<Symbols, Error> {
+pub fn for_image(image: &str, bytes: &[u8], map: Option<&Path>) -> Result<Symbols, String> {
     if let Some(m) = map {
         return read_map(m);
     }
     if let Some((_, s)) = find_map(Path::new(image)) {
         return Ok(s);
     }
-    let kernel = vmiscope_vmm::loader::kernel_symbols(bytes, 1 << 30)
-        .map_err(|e| format!("{image}: {e}"))?;
-    Ok(kernel.unwrap_or_else(|| Symbols::parse(bytes)))
+    let vmlinux =
+        vmiscope_vmm::loader::vmlinux(bytes, 1 << 30).map_err(|e| format!("{image}: {e}"))?;
+    Ok(match vmlinux {
+        Some(v) => super::linux_symbols(&v),
+        None => Symbols::parse(bytes),
+    })
 }
 
 #[cfg(test)]

@@ -2,8 +2,97 @@
 //! policies find what they protect (`policy_env`), and for a Linux kernel its
 //! entry points, IDTs and the functions of its own text patching.
 
+pub mod kallsyms;
+pub mod maps;
+mod symbols;
+
+pub use symbols::Symbols;
+
+use vmiscope_introspect::linux::Layout;
 use vmiscope_introspect::policy::{LinuxEnv, Policy, PolicyEnv};
-use vmiscope_vmm::Symbols;
+
+/// What the monitor knows of the guest's OS before it runs: the image's
+/// symbols (moved by the KASLR slide once it is found), and a Linux kernel's
+/// layout from its BTF. The VMM knows none of it: it hands over the kernel's
+/// ELF it read (`Vm::take_vmlinux`).
+#[derive(Debug, Default, Clone)]
+pub struct OsKnowledge {
+    symbols: Symbols,
+    linux: Option<Result<Layout, String>>,
+}
+
+impl OsKnowledge {
+    /// From the image's bytes and, for a Linux kernel, its ELF (`vmlinux`);
+    /// `map`: symbols to use instead of the kernel's own (a System.map).
+    /// `may_slide`: whether the kernel may run away from its link addresses
+    /// (see `may_slide`); if not, the symbols hold as they are from the start.
+    pub fn read(
+        image: &[u8],
+        vmlinux: Option<&[u8]>,
+        map: Option<Symbols>,
+        may_slide: bool,
+    ) -> OsKnowledge {
+        let own = || match vmlinux {
+            Some(v) => linux_symbols(v),
+            None => Symbols::parse(image),
+        };
+        let symbols = map.unwrap_or_else(own);
+        if !may_slide {
+            symbols.set_unslid();
+        }
+        OsKnowledge {
+            symbols,
+            linux: vmlinux.map(btf_layout),
+        }
+    }
+
+    /// Symbols of an image that runs where it was linked (tests, benchmarks).
+    pub fn of_image(image: &[u8]) -> OsKnowledge {
+        OsKnowledge::read(image, None, None, false)
+    }
+
+    pub fn symbols(&self) -> &Symbols {
+        &self.symbols
+    }
+
+    /// A Linux guest's layout (from its BTF), or why there is none; None for
+    /// a guest that is not Linux.
+    pub fn linux(&self) -> Option<&Result<Layout, String>> {
+        self.linux.as_ref()
+    }
+}
+
+/// Whether a kernel may not run at its link addresses: one that its own
+/// decompressor places may be anywhere (KASLR), unless told `nokaslr`; its
+/// slide is then found from the first IDT it loads (`Introspection`). Every
+/// other image runs where it was linked.
+pub fn may_slide(own_decompressor: bool, image: &[u8], cmdline: &str) -> bool {
+    own_decompressor
+        && vmiscope_vmm::loader::is_linux(image)
+        && !cmdline.split_whitespace().any(|w| w == "nokaslr")
+}
+
+/// A vmlinux's symbols: its ELF symbol table when it kept one, else the
+/// kernel's own kallsyms tables.
+pub fn linux_symbols(vmlinux: &[u8]) -> Symbols {
+    let elf = Symbols::parse(vmlinux);
+    if elf.len() > 1000 {
+        return elf;
+    }
+    kallsyms::read(vmlinux).map_or(elf, Symbols::from_entries)
+}
+
+/// The offsets `ps` needs, from the vmlinux's own `.BTF` section.
+pub fn btf_layout(vmlinux: &[u8]) -> Result<Layout, String> {
+    use object::{Object, ObjectSection};
+    let copy = vmiscope_vmm::loader::Aligned::copy(vmlinux);
+    let file = object::File::parse(copy.bytes()).map_err(|e| e.to_string())?;
+    let btf = file
+        .section_by_name(".BTF")
+        .ok_or("the kernel has no .BTF section (CONFIG_DEBUG_INFO_BTF)")?;
+    let bytes = btf.data().map_err(|e| e.to_string())?;
+    Layout::from_btf(bytes).map_err(|e| e.to_string())
+}
 
 /// Where the image's symbols put the things policies protect. Each region is
 /// checked first (the image is as hostile as the guest): one whose end is below
