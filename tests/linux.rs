@@ -136,8 +136,18 @@ fn run_script_on(kernel: &std::path::Path, args: &[&str], script: &std::path::Pa
         .args(["--script", script.to_str().unwrap()])
         .output()
         .unwrap();
-    let text =
+    let mut text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.code() != Some(0)
+        && let Some(j) = args.iter().position(|a| *a == "--journal")
+        && let Ok(journal) = std::fs::read_to_string(args[j + 1])
+    {
+        // The journal lives in a temporary directory (on the rig, inside
+        // it): its last records go with the failure.
+        let lines: Vec<&str> = journal.lines().collect();
+        text += "\nlast journal records:\n";
+        text += &lines[lines.len().saturating_sub(20)..].join("\n");
+    }
     assert_eq!(out.status.code(), Some(0), "{text}");
     text
 }

@@ -20,10 +20,11 @@ pub enum StopReason {
     GuestExit(i32),
     /// The guest pulsed the i8042 reset line.
     Reset,
-    /// A vCPU triple-faulted. `reset`: KVM re-initialised the vCPU at the
-    /// shutdown (SVM does, `shutdown_interception` in arch/x86/kvm/svm/svm.c:
-    /// the VMCB is undefined after a shutdown), so `rip` and every register
-    /// are the INIT state, not the fault's.
+    /// A vCPU triple-faulted at `rip`. `reset`: KVM re-initialised the vCPU at
+    /// the shutdown (SVM does, `shutdown_interception` in
+    /// arch/x86/kvm/svm/svm.c: the VMCB is undefined after a shutdown), so
+    /// every register is the INIT state, not the fault's, and `rip` is where
+    /// its exit before the shutdown was.
     TripleFault { cpu: u32, rip: u64, reset: bool },
     /// KVM's emulator could not run an instruction and nobody handled it.
     EmulationFailure {
@@ -83,11 +84,14 @@ impl fmt::Display for StopReason {
                 reset: false,
             } => write!(f, "vCPU {cpu} triple-faulted (shutdown) at rip {rip:#x}"),
             StopReason::TripleFault {
-                cpu, reset: true, ..
+                cpu,
+                rip,
+                reset: true,
             } => write!(
                 f,
                 "vCPU {cpu} triple-faulted (shutdown); KVM re-initialised it at the shutdown \
-                 (as KVM on SVM does), so its registers are the INIT state, not the fault's"
+                 (as KVM on SVM does), so its registers are the INIT state, not the fault's; \
+                 its exit before was at rip {rip:#x}"
             ),
             StopReason::EmulationFailure {
                 cpu,

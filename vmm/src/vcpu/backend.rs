@@ -34,9 +34,16 @@ impl ExitBackend for VcpuThread {
         self.fd.sync_regs().sregs.cr4 & (1 << 12) != 0
     }
 
-    fn in_init_state(&self) -> bool {
+    fn reset_at_shutdown(&self) -> Option<u64> {
         let s = self.fd.sync_regs();
-        s.regs.rip == 0xfff0 && s.sregs.cs.selector == 0xf000 && s.sregs.cs.base == 0xffff_0000
+        let init =
+            s.regs.rip == 0xfff0 && s.sregs.cs.selector == 0xf000 && s.sregs.cs.base == 0xffff_0000;
+        // `run` leaves the shutdown out of `last_rip`.
+        init.then(|| {
+            self.info()
+                .last_rip
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
     }
 
     fn count(&self, class: ExitClass) {

@@ -30,9 +30,10 @@ pub(crate) trait ExitBackend {
     fn cpl(&self) -> u8;
     /// CR4.LA57: addresses are 57-bit canonical instead of 48-bit.
     fn la57(&self) -> bool;
-    /// Whether the vCPU holds the state INIT gives it (CS F000 based at
-    /// FFFF0000, RIP FFF0): KVM on SVM resets a vCPU that shut down.
-    fn in_init_state(&self) -> bool;
+    /// After a shutdown: when the vCPU holds the state INIT gives it (CS F000
+    /// based at FFFF0000, RIP FFF0; KVM on SVM resets a vCPU that shut down),
+    /// the RIP of its exit before the shutdown, the last place known; else None.
+    fn reset_at_shutdown(&self) -> Option<u64>;
     /// Counts an exit of `class` (for `stats` and `bench`).
     fn count(&self, class: ExitClass);
     /// Asks the exit handler (the engine, in a session) about `event`.
@@ -115,8 +116,20 @@ pub(crate) fn handle_exit(be: &mut dyn ExitBackend, raw: RawExit) -> Flow {
         RawExit::Shutdown => {
             // The guest cannot go on, whatever the handler says.
             let _ = ask(be, &Event::Shutdown);
-            let (cpu, rip, reset) = (be.id(), be.regs().rip, be.in_init_state());
-            stop(be, StopReason::TripleFault { cpu, rip, reset })
+            let cpu = be.id();
+            let reason = match be.reset_at_shutdown() {
+                Some(rip) => StopReason::TripleFault {
+                    cpu,
+                    rip,
+                    reset: true,
+                },
+                None => StopReason::TripleFault {
+                    cpu,
+                    rip: be.regs().rip,
+                    reset: false,
+                },
+            };
+            stop(be, reason)
         }
         RawExit::Intr => be.kicked(),
         RawExit::FailEntry { reason } => {

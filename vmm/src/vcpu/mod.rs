@@ -168,7 +168,11 @@ impl VcpuThread {
             let raw = self.enter_guest();
             let Some(raw) = raw else { break };
             last_out = matches!(raw, RawExit::IoOut { .. } | RawExit::MmioWrite { .. });
-            self.note_exit();
+            // A shutdown on SVM comes back in the INIT state (see
+            // `reset_at_shutdown`): the exit before it stays the last position.
+            if raw != RawExit::Shutdown {
+                self.note_exit();
+            }
             let (mut ctl, handler) = self.ctl_and_handler();
             if let Err(cause) = handler.on_exit(&mut ctl) {
                 self.vm.stop(StopReason::Handler(cause));

@@ -36,6 +36,8 @@ struct Fake {
     effect: Option<PortEffect>,
     /// KVM's single-step is armed.
     stepping: bool,
+    /// A shutdown comes back in the INIT state (SVM), the exit before at this RIP.
+    reset_at: Option<u64>,
 }
 
 const RAM: u64 = 0x10_0000;
@@ -78,8 +80,8 @@ impl ExitBackend for Fake {
     fn la57(&self) -> bool {
         false
     }
-    fn in_init_state(&self) -> bool {
-        false
+    fn reset_at_shutdown(&self) -> Option<u64> {
+        self.reset_at
     }
     fn count(&self, _: ExitClass) {}
     fn ask(&mut self, event: &Event) -> Reply {
@@ -383,6 +385,19 @@ fn halt_shutdown_and_guest_exits_end_the_run() {
             cpu: 0,
             rip: 0x1000,
             reset: false,
+        })]
+    );
+    // On SVM the vCPU comes back from a shutdown in the INIT state: the
+    // reason names where its previous exit was instead.
+    let mut f = Fake::answering(Reply::Continue);
+    f.reset_at = Some(0xffff_ffff_8100_0000);
+    handle_exit(&mut f, RawExit::Shutdown);
+    assert_eq!(
+        f.effects(),
+        [Did::Stopped(StopReason::TripleFault {
+            cpu: 0,
+            rip: 0xffff_ffff_8100_0000,
+            reset: true,
         })]
     );
     let mut f = Fake::answering(Reply::Continue);
