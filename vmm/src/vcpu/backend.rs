@@ -5,13 +5,15 @@
 use kvm_bindings::kvm_regs;
 
 use super::VcpuThread;
-use super::handle::{ExitBackend, Flow};
+use super::handle::{ExitBackend, FailureSite, Flow, SlotUse};
+use super::state::Catch;
 use crate::devices::PortEffect;
 use crate::event::{Event, Reply};
 use crate::guest;
 use crate::slots::Access;
 use crate::stats::ExitClass;
 use crate::stop::StopReason;
+use vmiscope_introspect::paging;
 
 impl ExitBackend for VcpuThread {
     fn id(&self) -> u32 {
@@ -140,27 +142,56 @@ impl ExitBackend for VcpuThread {
         let _ = self.vm.ram().write(gpa, data);
     }
 
-    fn debug_exit(&mut self, exception: u32, pc: u64, dr6: u64) -> Flow {
-        VcpuThread::debug_exit(self, exception, pc, dr6)
+    fn slot_use(&self, slot: usize) -> SlotUse {
+        if let Some(catch) = self.debug.catches.get(slot).copied().flatten() {
+            return SlotUse::Catch(catch);
+        }
+        match self.vm.register_breakpoint_in(slot) {
+            Some(gpa) => SlotUse::HiddenBreakpoint { gpa },
+            None => SlotUse::Analyst,
+        }
     }
 
-    fn internal_error(&mut self) -> Flow {
-        self.emulation_failure()
+    fn stepped(&mut self, pc: u64) -> Flow {
+        VcpuThread::stepped(self, pc)
     }
 
-    fn kicked(&mut self) -> Flow {
-        self.kick_exit()
+    fn caught(&mut self, catch: Catch) -> Flow {
+        VcpuThread::caught(self, catch)
+    }
+
+    fn step_past_hw_breakpoint(&mut self) {
+        self.let_guest_handler_run();
+    }
+
+    fn sw_breakpoint_at(&self, rip: u64) -> (Option<u64>, bool) {
+        let gpa = paging::translate(self.vm.ram(), self.mode(), rip)
+            .ok()
+            .map(|t| t.gpa);
+        let ours = gpa.and_then(|g| self.vm.sw_breakpoint_at(g)).is_some();
+        (gpa, ours)
+    }
+
+    fn failure_site(&mut self) -> FailureSite {
+        VcpuThread::failure_site(self)
+    }
+
+    fn exec_fault(&mut self, gva: u64, gpa: u64, cpl: u8) -> Flow {
+        VcpuThread::exec_fault(self, gva, gpa, cpl)
+    }
+
+    fn fixup(&mut self, bytes: &[u8]) -> bool {
+        VcpuThread::fixup(self, bytes)
+    }
+
+    fn kicked_on_hypercall(&mut self) -> Option<u64> {
+        VcpuThread::kicked_on_hypercall(self)
     }
 
     fn kvm_stepping(&self) -> bool {
         self.debug
             .applied
             .is_some_and(|(control, _)| control & kvm_bindings::KVM_GUESTDBG_SINGLESTEP != 0)
-    }
-
-    fn step_trap_lost(&mut self) -> Flow {
-        let rip = self.regs().rip;
-        self.stepped(rip)
     }
 
     fn finish_deferred(&mut self) {

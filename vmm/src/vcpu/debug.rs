@@ -10,7 +10,7 @@ use kvm_ioctls::SyncReg;
 use vmiscope_introspect::paging;
 
 use super::VcpuThread;
-use super::handle::{self, Flow};
+use super::handle::{self, ExitBackend, Flow};
 use super::state::{Catch, Plan, Restore};
 use crate::error::VmError;
 use crate::event::{Event, Reply};
@@ -165,39 +165,6 @@ impl VcpuThread {
         Some(self.stepped(rip.wrapping_add(4)))
     }
 
-    pub(super) fn debug_exit(&mut self, exception: u32, pc: u64, dr6: u64) -> Flow {
-        const DR6_BS: u64 = 1 << 14;
-        match exception {
-            1 if dr6 & DR6_BS != 0 || dr6 & 0xf == 0 => self.stepped(pc),
-            1 => {
-                let slot = (dr6 & 0xf).trailing_zeros() as usize;
-                if let Some(catch) = self.debug.catches.get(slot).copied().flatten() {
-                    return self.caught(catch);
-                }
-                if let Some(gpa) = self.vm.register_breakpoint_in(slot) {
-                    return self.register_breakpoint(pc, gpa);
-                }
-                let ev = Event::HwBreakpoint {
-                    rip: pc,
-                    slot: slot as u8,
-                };
-                match handle::ask(self, &ev) {
-                    Reply::Stop(cause) => handle::stop(self, StopReason::Handler(cause)),
-                    Reply::Retry => Flow::Continue,
-                    _ => {
-                        self.let_guest_handler_run();
-                        Flow::Continue
-                    }
-                }
-            }
-            3 => self.breakpoint(pc),
-            _ => {
-                let why = format!("vCPU {}: debug exit for exception {exception}", self.id);
-                handle::stop(self, StopReason::Error(why))
-            }
-        }
-    }
-
     /// One instruction ran under a step (KVM's, or a TF step caught at #DB).
     pub(super) fn stepped(&mut self, pc: u64) -> Flow {
         if std::mem::take(&mut self.debug.tf_pushf) {
@@ -216,34 +183,9 @@ impl VcpuThread {
         Flow::Continue
     }
 
-    /// One of our hidden breakpoints held in a debug register fired: the same
-    /// event as an INT3 of ours, then a step over the instruction with the
-    /// debug registers off (resuming on it would fire it again). Nothing was
-    /// patched, so nothing is put back, and other vCPUs run on meanwhile.
-    fn register_breakpoint(&mut self, rip: u64, gpa: u64) -> Flow {
-        let ev = Event::Breakpoint {
-            rip,
-            gpa: Some(gpa),
-            ours: true,
-            cpl: self.cpl(),
-        };
-        match handle::ask(self, &ev) {
-            Reply::Stop(cause) => handle::stop(self, StopReason::Handler(cause)),
-            Reply::Retry => Flow::Continue,
-            Reply::Skip(len) => {
-                self.edit_regs(|r| r.rip = r.rip.wrapping_add(len as u64));
-                Flow::Continue
-            }
-            _ => {
-                self.let_guest_handler_run();
-                Flow::Continue
-            }
-        }
-    }
-
     /// Resuming on an execute breakpoint would fire it again: step over the
     /// instruction with the hardware breakpoints (and catches) off.
-    fn let_guest_handler_run(&mut self) {
+    pub(super) fn let_guest_handler_run(&mut self) {
         self.step.hw_suspended = true;
         self.begin_step_over(vec![Restore::HwBps]);
     }
@@ -251,7 +193,7 @@ impl VcpuThread {
     /// A guest exception entry we watch was reached (see `usertrap`). If the
     /// exception is ours (a TF step, or an INT3 at CPL3), pop its frame and go back
     /// to user mode; otherwise it is the guest's own and its handler runs.
-    fn caught(&mut self, catch: Catch) -> Flow {
+    pub(super) fn caught(&mut self, catch: Catch) -> Flow {
         let s = self.fd.sync_regs().sregs;
         let mode = guest::paging_mode(&s);
         let frame = Frame::read(&self.vm, mode, self.regs().rsp).filter(Frame::came_from_user);
@@ -488,11 +430,9 @@ impl VcpuThread {
         true
     }
 
+    /// The INT3 at `rip` (see `handle::breakpoint`).
     pub(super) fn breakpoint(&mut self, rip: u64) -> Flow {
-        let gpa = paging::translate(self.vm.ram(), self.mode(), rip)
-            .ok()
-            .map(|t| t.gpa);
-        let ours = gpa.and_then(|g| self.vm.sw_breakpoint_at(g)).is_some();
+        let (gpa, ours) = ExitBackend::sw_breakpoint_at(self, rip);
         let cpl = self.cpl();
         handle::breakpoint(self, rip, gpa, ours, cpl)
     }

@@ -13,6 +13,10 @@ use crate::exit::RawExit;
 use crate::slots::Access;
 use crate::stats::ExitClass;
 use crate::stop::StopReason;
+use crate::vcpu::state::Catch;
+
+mod faults;
+pub(crate) use faults::{FailureSite, SlotUse};
 
 /// What the loop does after an exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,16 +64,35 @@ pub(crate) trait ExitBackend {
     fn ram_read(&self, gpa: u64, buf: &mut [u8]);
     fn ram_write(&mut self, gpa: u64, data: &[u8]);
 
-    /// Debug exits, emulation failures and kicks: the debug machinery's.
-    fn debug_exit(&mut self, exception: u32, pc: u64, dr6: u64) -> Flow;
-    fn internal_error(&mut self) -> Flow;
-    fn kicked(&mut self) -> Flow;
+    // Debug exits, emulation failures and kicks (routed in `faults`).
+    /// What debug-register slot `slot` (0-3) holds.
+    fn slot_use(&self, slot: usize) -> SlotUse;
+    /// One instruction ran under a step (KVM's, or a TF step caught at #DB)
+    /// and ended at `pc`: a step-over's restores are put back; an analyst's
+    /// step (or one nobody asked for) is reported.
+    fn stepped(&mut self, pc: u64) -> Flow;
+    /// A watched guest exception entry was reached: ours (a TF step, an INT3
+    /// at CPL3) is undone and handled, the guest's own runs its handler.
+    fn caught(&mut self, catch: Catch) -> Flow;
+    /// Resumes past an execute breakpoint that fired (resuming on it would
+    /// fire it again): a step over the instruction with debug registers off.
+    fn step_past_hw_breakpoint(&mut self);
+    /// The INT3 at `rip`: its guest-physical address, and whether it is ours.
+    fn sw_breakpoint_at(&self, rip: u64) -> (Option<u64>, bool);
+    /// Where an internal error happened (see `FailureSite`).
+    fn failure_site(&mut self) -> FailureSite;
+    /// A fetch at `gva` from the execute-trapped page at `gpa`: its event,
+    /// then the instruction completed here or stepped over.
+    fn exec_fault(&mut self, gva: u64, gpa: u64, cpl: u8) -> Flow;
+    /// Completes an instruction KVM's emulator cannot run (on PVM) if the VMM
+    /// can; returns whether it did.
+    fn fixup(&mut self, bytes: &[u8]) -> bool;
+    /// After a kick: Some(RIP) when the vCPU was kicked on the same CPL0
+    /// hypercall the previous time too, with no exit in between (livelock).
+    fn kicked_on_hypercall(&mut self) -> Option<u64>;
     /// Whether KVM's single-step (KVM_GUESTDBG_SINGLESTEP) is armed for the
     /// instruction that exited.
     fn kvm_stepping(&self) -> bool;
-    /// Ends a KVM single-step whose trap KVM dropped (see `handle_exit`): the
-    /// step is reported as done at the current RIP.
-    fn step_trap_lost(&mut self) -> Flow;
     /// Called before every exit but a debug one: a step-over that could not
     /// single-step finishes here.
     fn finish_deferred(&mut self);
@@ -103,15 +126,16 @@ pub(crate) fn handle_exit(be: &mut dyn ExitBackend, raw: RawExit) -> Flow {
             // and PVM alike). The step ends here instead, as the CPU's would.
             let flow = mmio_write(be, gpa, len, data);
             if flow == Flow::Continue && be.kvm_stepping() {
-                be.step_trap_lost()
+                let rip = be.regs().rip;
+                be.stepped(rip)
             } else {
                 flow
             }
         }
         RawExit::RdMsr { index } => msr(be, index, None),
         RawExit::WrMsr { index, value } => msr(be, index, Some(value)),
-        RawExit::Debug { exception, pc, dr6 } => be.debug_exit(exception, pc, dr6),
-        RawExit::InternalError => be.internal_error(),
+        RawExit::Debug { exception, pc, dr6 } => faults::debug(be, exception, pc, dr6),
+        RawExit::InternalError => faults::internal_error(be),
         RawExit::Hlt => halt(be),
         RawExit::Shutdown => {
             // The guest cannot go on, whatever the handler says.
@@ -131,7 +155,7 @@ pub(crate) fn handle_exit(be: &mut dyn ExitBackend, raw: RawExit) -> Flow {
             };
             stop(be, reason)
         }
-        RawExit::Intr => be.kicked(),
+        RawExit::Intr => faults::kicked(be),
         RawExit::FailEntry { reason } => {
             let why = format!("vCPU {}: VM entry failed (reason {reason:#x})", be.id());
             stop(be, StopReason::Error(why))

@@ -15,13 +15,13 @@ use vmiscope_introspect::paging::{self, PagingMode};
 
 use crate::config::VmConfig;
 use crate::error::VmError;
-use crate::event::{Event, ExitHandler, Reply};
+use crate::event::ExitHandler;
 use crate::exit::{RawExit, decode};
 use crate::guest;
 use crate::kick;
 use crate::loader::{self, EntryState};
 use crate::shared::{VcpuCtl, VcpuMsg, VcpuState, VmShared};
-use crate::slots::Access;
+
 use crate::stats::ExitClass;
 use crate::stop::StopReason;
 
@@ -32,7 +32,7 @@ pub(crate) mod handle;
 mod insn_cpu;
 mod page_exec;
 pub(crate) mod state;
-use handle::Flow;
+use handle::{FailureSite, Flow};
 use state::{DebugState, StepOver};
 
 /// Creates and initialises vCPU `id` for `entry`.
@@ -312,22 +312,21 @@ impl VcpuThread {
         self.fd.set_sync_dirty_reg(SyncReg::Register);
     }
 
-    fn kick_exit(&mut self) -> Flow {
+    /// See `ExitBackend::kicked_on_hypercall`.
+    fn kicked_on_hypercall(&mut self) -> Option<u64> {
         self.debug.plan = None;
         let rip = self.regs().rip;
         let quiet = self.exits_since_kick == 0;
         self.exits_since_kick = 0;
         if quiet && self.cpl() == 0 && self.is_hypercall_at(rip) {
             if self.kick_rip == Some(rip) {
-                let cpu = self.id;
-                return handle::stop(self, StopReason::Livelock { cpu, rip });
+                return Some(rip);
             }
             self.kick_rip = Some(rip);
         } else {
             self.kick_rip = None;
         }
-        let reply = handle::ask(self, &Event::Kicked);
-        handle::stop_or_continue(self, reply)
+        None
     }
 
     fn is_hypercall_at(&self, rip: u64) -> bool {
@@ -336,34 +335,20 @@ impl VcpuThread {
             && (b == [0x0f, 0x01, 0xc1] || b == [0x0f, 0x01, 0xd9])
     }
 
-    fn emulation_failure(&mut self) -> Flow {
-        let data = self.internal_error_data();
-        let (suberror, data) = data;
+    /// See `ExitBackend::failure_site`.
+    fn failure_site(&mut self) -> FailureSite {
+        let (suberror, data) = self.internal_error_data();
         let rip = self.regs().rip;
         let cpl = self.cpl();
         let mode = self.mode();
         let gpa = paging::translate(self.vm.ram(), mode, rip)
             .ok()
             .map(|t| t.gpa);
-        if suberror == KVM_INTERNAL_ERROR_EMULATION {
-            let access = gpa.map(|g| self.vm.page_access(g));
-            // The page rights changed since this vCPU entered (another vCPU opened
-            // an execute-trapped page to step over it, say): the fetch may have
-            // failed on a page that is there now. Run the instruction again. Read
-            // after `access`: a change that `access` missed shows here.
-            if self.vm.slot_generation() != self.entered_slots {
-                return Flow::Continue;
-            }
-            // An instruction fetch from a page with no memslot: our execute trap.
-            if let (Some(gpa), Some(Access::AllTrap)) = (gpa, access) {
-                return self.exec_fault(rip, gpa, cpl);
-            }
-            // INT3 at CPL0 on a PVM host: KVM's emulator cannot run it.
-            let mut b = [0u8];
-            if guest::read_virt(self.vm.ram(), mode, rip, &mut b).is_ok() && b[0] == 0xcc {
-                return self.breakpoint(rip);
-            }
-        }
+        let page = gpa.map(|g| (g, self.vm.page_access(g)));
+        // Read after `page`: a change that `page` missed shows here.
+        let slots_changed = self.vm.slot_generation() != self.entered_slots;
+        let mut b = [0u8];
+        let int3 = guest::read_virt(self.vm.ram(), mode, rip, &mut b).is_ok() && b[0] == 0xcc;
         let mut bytes = [0u8; 15];
         let len = match guest::read_virt(self.vm.ram(), mode, rip, &mut bytes) {
             Ok(()) => 15,
@@ -374,33 +359,21 @@ impl VcpuThread {
                 raw[0].min(15)
             }
         };
-        if self.fixup(&bytes[..len as usize]) {
-            return Flow::Continue;
-        }
-        let ev = Event::EmulationFailure {
+        FailureSite {
+            emulation: suberror == KVM_INTERNAL_ERROR_EMULATION,
             rip,
+            cpl,
+            page,
+            slots_changed,
+            int3,
             bytes,
             len,
-            cpl,
-        };
-        match handle::ask(self, &ev) {
-            Reply::Retry => Flow::Continue,
-            Reply::Stop(cause) => handle::stop(self, StopReason::Handler(cause)),
-            _ => {
-                let reason = StopReason::EmulationFailure {
-                    cpu: self.id,
-                    rip,
-                    cpl,
-                    bytes: bytes[..len as usize].to_vec(),
-                };
-                handle::stop(self, reason)
-            }
         }
     }
 
     /// Instructions KVM's emulator cannot run at CPL0 on a PVM host but the VMM can
     /// complete itself (`complete.rs`). Returns whether it did.
-    fn fixup(&mut self, bytes: &[u8]) -> bool {
+    pub(super) fn fixup(&mut self, bytes: &[u8]) -> bool {
         let Some((what, outcome)) = complete::complete(self, bytes) else {
             return false;
         };

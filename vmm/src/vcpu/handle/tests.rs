@@ -21,6 +21,10 @@ enum Did {
     Reinjected(u64),
     Halted,
     StepEnded(u64),
+    Caught(Catch),
+    PastHwBreakpoint,
+    ExecFault(u64, u64),
+    FixedUp,
 }
 
 #[derive(Default)]
@@ -38,6 +42,16 @@ struct Fake {
     stepping: bool,
     /// A shutdown comes back in the INIT state (SVM), the exit before at this RIP.
     reset_at: Option<u64>,
+    /// What each debug-register slot holds (an analyst's when not here).
+    slots: HashMap<usize, SlotUse>,
+    /// Our INT3s: RIP → guest-physical address (other RIPs map to themselves).
+    sw_bps: HashMap<u64, u64>,
+    /// What the next internal error says.
+    site: Option<FailureSite>,
+    /// The VMM can complete the failed instruction.
+    fixable: bool,
+    /// A kick finds the vCPU on the same CPL0 hypercall as the last one.
+    livelocked: bool,
 }
 
 const RAM: u64 = 0x10_0000;
@@ -134,21 +148,44 @@ impl ExitBackend for Fake {
     fn ram_write(&mut self, gpa: u64, data: &[u8]) {
         self.did.push(Did::RamWrite(gpa, data.to_vec()));
     }
-    fn debug_exit(&mut self, _: u32, _: u64, _: u64) -> Flow {
+    fn slot_use(&self, slot: usize) -> SlotUse {
+        self.slots.get(&slot).copied().unwrap_or(SlotUse::Analyst)
+    }
+    fn stepped(&mut self, pc: u64) -> Flow {
+        self.did.push(Did::StepEnded(pc));
+        Flow::Stop
+    }
+    fn caught(&mut self, catch: Catch) -> Flow {
+        self.did.push(Did::Caught(catch));
         Flow::Continue
     }
-    fn internal_error(&mut self) -> Flow {
+    fn step_past_hw_breakpoint(&mut self) {
+        self.did.push(Did::PastHwBreakpoint);
+    }
+    fn sw_breakpoint_at(&self, rip: u64) -> (Option<u64>, bool) {
+        match self.sw_bps.get(&rip) {
+            Some(gpa) => (Some(*gpa), true),
+            None => (Some(rip), false),
+        }
+    }
+    fn failure_site(&mut self) -> FailureSite {
+        self.site.expect("an internal error the test set up")
+    }
+    fn exec_fault(&mut self, gva: u64, gpa: u64, _: u8) -> Flow {
+        self.did.push(Did::ExecFault(gva, gpa));
         Flow::Continue
     }
-    fn kicked(&mut self) -> Flow {
-        Flow::Continue
+    fn fixup(&mut self, _: &[u8]) -> bool {
+        if self.fixable {
+            self.did.push(Did::FixedUp);
+        }
+        self.fixable
+    }
+    fn kicked_on_hypercall(&mut self) -> Option<u64> {
+        self.livelocked.then_some(self.regs.rip)
     }
     fn kvm_stepping(&self) -> bool {
         self.stepping
-    }
-    fn step_trap_lost(&mut self) -> Flow {
-        self.did.push(Did::StepEnded(self.regs.rip));
-        Flow::Stop
     }
     fn finish_deferred(&mut self) {}
     fn skip(&mut self, len: u8) {
@@ -409,4 +446,171 @@ fn halt_shutdown_and_guest_exits_end_the_run() {
     };
     assert_eq!(handle_exit(&mut f, exit), Flow::Stop);
     assert_eq!(f.did(), [Did::Stopped(StopReason::GuestExit(3))]);
+}
+
+// Debug exits, emulation failures and kicks (`faults`).
+
+const PC: u64 = 0xffff_ffff_8100_1000;
+
+fn debug_exit(f: &mut Fake, exception: u32, dr6: u64) -> Flow {
+    handle_exit(
+        f,
+        RawExit::Debug {
+            exception,
+            pc: PC,
+            dr6,
+        },
+    )
+}
+
+#[test]
+fn a_debug_exit_goes_to_the_step_the_catch_or_the_breakpoint_it_is() {
+    // A step's end (DR6.BS), or a #DB with no slot bit (KVM's step on some hosts).
+    for dr6 in [1 << 14, 0] {
+        let mut f = Fake::answering(Reply::Continue);
+        debug_exit(&mut f, 1, dr6);
+        assert_eq!(f.effects(), [Did::StepEnded(PC)]);
+    }
+    // A slot that watches a guest exception entry is a catch, not an event.
+    let mut f = Fake::answering(Reply::Continue);
+    f.slots.insert(2, SlotUse::Catch(Catch::Db));
+    assert_eq!(debug_exit(&mut f, 1, 1 << 2), Flow::Continue);
+    assert_eq!(f.did, [Did::Caught(Catch::Db)]);
+    // One of our hidden breakpoints: its event, then a step past it; a skip
+    // moves RIP instead.
+    let mut f = Fake::answering(Reply::Continue);
+    f.slots.insert(1, SlotUse::HiddenBreakpoint { gpa: 0x1000 });
+    debug_exit(&mut f, 1, 1 << 1);
+    let ev = Event::Breakpoint {
+        rip: PC,
+        gpa: Some(0x1000),
+        ours: true,
+        cpl: 3,
+    };
+    assert_eq!(f.did, [Did::Asked(ev), Did::PastHwBreakpoint]);
+    let mut f = Fake::answering(Reply::Skip(3));
+    f.slots.insert(1, SlotUse::HiddenBreakpoint { gpa: 0x1000 });
+    debug_exit(&mut f, 1, 1 << 1);
+    assert_eq!(f.effects(), [Did::Skipped(3)]);
+    // An analyst's: HwBreakpoint with its slot; Retry runs it again as is.
+    let mut f = Fake::answering(Reply::Continue);
+    debug_exit(&mut f, 1, 1);
+    let ev = Event::HwBreakpoint { rip: PC, slot: 0 };
+    assert_eq!(f.did, [Did::Asked(ev), Did::PastHwBreakpoint]);
+    let mut f = Fake::answering(Reply::Retry);
+    debug_exit(&mut f, 1, 1 << 3);
+    assert_eq!(f.effects(), []);
+    let mut f = Fake::answering(crashed());
+    assert_eq!(debug_exit(&mut f, 1, 1), Flow::Stop);
+    // An INT3: ours is stepped over at its page, the guest's goes back to it.
+    let mut f = Fake::answering(Reply::Continue);
+    f.sw_bps.insert(PC, 0x2000);
+    debug_exit(&mut f, 3, 0);
+    assert_eq!(f.effects(), [Did::SteppedOver(0x2000)]);
+    let mut f = Fake::answering(Reply::Continue);
+    debug_exit(&mut f, 3, 0);
+    assert_eq!(f.effects(), [Did::Reinjected(PC)]);
+    // Any other exception is not ours to have: the run ends with the reason.
+    let mut f = Fake::answering(Reply::Continue);
+    assert_eq!(debug_exit(&mut f, 6, 0), Flow::Stop);
+    assert!(
+        matches!(&f.did[..], [Did::Stopped(StopReason::Error(w))] if w.contains("exception 6")),
+        "{:?}",
+        f.did
+    );
+}
+
+fn site() -> FailureSite {
+    FailureSite {
+        emulation: true,
+        rip: PC,
+        cpl: 0,
+        page: Some((0x3000, Access::Full)),
+        slots_changed: false,
+        int3: false,
+        bytes: [0x0f, 0x0b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        len: 15,
+    }
+}
+
+fn failed(reply: Reply, site: FailureSite) -> (Fake, Flow) {
+    let mut f = Fake::answering(reply);
+    f.site = Some(site);
+    let flow = handle_exit(&mut f, RawExit::InternalError);
+    (f, flow)
+}
+
+#[test]
+fn an_emulation_failure_is_an_exec_trap_an_int3_a_fixup_or_the_end() {
+    // A fetch from a page with no memslot is our execute trap.
+    let trap = FailureSite {
+        page: Some((0x3000, Access::AllTrap)),
+        ..site()
+    };
+    let (f, flow) = failed(Reply::Continue, trap);
+    assert_eq!(
+        (f.did.as_slice(), flow),
+        (&[Did::ExecFault(PC, 0x3000)][..], Flow::Continue)
+    );
+    // …unless the memslots changed since the entry: then it runs again.
+    let moved = FailureSite {
+        slots_changed: true,
+        ..trap
+    };
+    let (f, flow) = failed(Reply::Continue, moved);
+    assert_eq!((f.did.as_slice(), flow), (&[][..], Flow::Continue));
+    // Not an emulation failure: no execute trap, whatever the page.
+    let other = FailureSite {
+        emulation: false,
+        ..trap
+    };
+    let (f, flow) = failed(Reply::Continue, other);
+    assert_eq!(flow, Flow::Stop);
+    assert!(!f.did.contains(&Did::ExecFault(PC, 0x3000)));
+    // An INT3 KVM's emulator could not run (PVM, CPL0): the breakpoint route.
+    let int3 = FailureSite {
+        int3: true,
+        ..site()
+    };
+    let (f, _) = failed(Reply::Continue, int3);
+    assert_eq!(f.effects(), [Did::Reinjected(PC)]);
+    // An instruction the VMM completes: nothing asked, the guest goes on.
+    let mut f = Fake::answering(Reply::Continue);
+    (f.site, f.fixable) = (Some(site()), true);
+    assert_eq!(handle_exit(&mut f, RawExit::InternalError), Flow::Continue);
+    assert_eq!(f.did, [Did::FixedUp]);
+    // Else the handler is asked: Retry runs it again, anything else ends the
+    // run with the instruction's bytes.
+    let (f, flow) = failed(Reply::Retry, site());
+    assert_eq!((f.effects().as_slice(), flow), (&[][..], Flow::Continue));
+    let (f, flow) = failed(Reply::Continue, FailureSite { len: 2, ..site() });
+    assert_eq!(flow, Flow::Stop);
+    assert_eq!(
+        f.effects(),
+        [Did::Stopped(StopReason::EmulationFailure {
+            cpu: 0,
+            rip: PC,
+            cpl: 0,
+            bytes: vec![0x0f, 0x0b],
+        })]
+    );
+}
+
+#[test]
+fn a_kick_is_an_event_unless_the_vcpu_sits_on_a_hypercall() {
+    let mut f = Fake::answering(Reply::Continue);
+    assert_eq!(handle_exit(&mut f, RawExit::Intr), Flow::Continue);
+    assert_eq!(f.did, [Did::Asked(Event::Kicked)]);
+    let mut f = Fake::answering(crashed());
+    assert_eq!(handle_exit(&mut f, RawExit::Intr), Flow::Stop);
+    let mut f = Fake::answering(Reply::Continue);
+    f.livelocked = true;
+    assert_eq!(handle_exit(&mut f, RawExit::Intr), Flow::Stop);
+    assert_eq!(
+        f.did,
+        [Did::Stopped(StopReason::Livelock {
+            cpu: 0,
+            rip: 0x1000
+        })]
+    );
 }

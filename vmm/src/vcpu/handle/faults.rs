@@ -1,0 +1,165 @@
+//! Debug exits, emulation failures and kicks: where each goes, decided here over
+//! the backend's verbs (as io, mmio and msr exits are), so the fake backend
+//! checks the routing. What each route then does to the guest (a step-over,
+//! popping a caught exception frame, completing an instruction) is the
+//! backend's.
+
+use super::{ExitBackend, Flow, ask, breakpoint, stop, stop_or_continue};
+use crate::event::{Event, Reply};
+use crate::slots::Access;
+use crate::stop::StopReason;
+use crate::vcpu::state::Catch;
+
+/// What a debug-register slot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SlotUse {
+    /// A guest exception entry watched for user-mode stepping (see `usertrap`).
+    Catch(Catch),
+    /// One of our hidden breakpoints, on the code at `gpa`.
+    HiddenBreakpoint { gpa: u64 },
+    /// An analyst's hardware breakpoint (gdb's `hbreak`).
+    Analyst,
+}
+
+/// Where an internal error (KVM_EXIT_INTERNAL_ERROR) happened, read once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FailureSite {
+    /// The suberror is KVM's emulation failure (else: another internal error).
+    pub emulation: bool,
+    pub rip: u64,
+    pub cpl: u8,
+    /// RIP's page, through the guest's page tables, and its access then.
+    pub page: Option<(u64, Access)>,
+    /// The memslots changed since the vCPU entered (read after `page`).
+    pub slots_changed: bool,
+    /// The byte at RIP is an INT3.
+    pub int3: bool,
+    /// The instruction's bytes (from guest memory, else KVM's copy).
+    pub bytes: [u8; 15],
+    pub len: u8,
+}
+
+/// DR6.BS: the #DB is a single-step's.
+const DR6_BS: u64 = 1 << 14;
+
+/// A debug exit: a step's end, a debug-register breakpoint (a catch, one of
+/// our hidden breakpoints, or an analyst's), or an INT3.
+pub(crate) fn debug(be: &mut dyn ExitBackend, exception: u32, pc: u64, dr6: u64) -> Flow {
+    match exception {
+        1 if dr6 & DR6_BS != 0 || dr6 & 0xf == 0 => be.stepped(pc),
+        1 => {
+            let slot = (dr6 & 0xf).trailing_zeros() as usize;
+            match be.slot_use(slot) {
+                SlotUse::Catch(catch) => be.caught(catch),
+                SlotUse::HiddenBreakpoint { gpa } => hidden_hw_breakpoint(be, pc, gpa),
+                SlotUse::Analyst => {
+                    let ev = Event::HwBreakpoint {
+                        rip: pc,
+                        slot: slot as u8,
+                    };
+                    match ask(be, &ev) {
+                        Reply::Stop(cause) => stop(be, StopReason::Handler(cause)),
+                        Reply::Retry => Flow::Continue,
+                        _ => {
+                            be.step_past_hw_breakpoint();
+                            Flow::Continue
+                        }
+                    }
+                }
+            }
+        }
+        3 => {
+            let (gpa, ours) = be.sw_breakpoint_at(pc);
+            let cpl = be.cpl();
+            breakpoint(be, pc, gpa, ours, cpl)
+        }
+        _ => {
+            let why = format!("vCPU {}: debug exit for exception {exception}", be.id());
+            stop(be, StopReason::Error(why))
+        }
+    }
+}
+
+/// One of our hidden breakpoints held in a debug register fired: the same
+/// event as an INT3 of ours. Resuming on it would fire it again, so the
+/// instruction is stepped over with the debug registers off. Nothing was
+/// patched, so nothing is put back, and other vCPUs run on meanwhile.
+fn hidden_hw_breakpoint(be: &mut dyn ExitBackend, rip: u64, gpa: u64) -> Flow {
+    let ev = Event::Breakpoint {
+        rip,
+        gpa: Some(gpa),
+        ours: true,
+        cpl: be.cpl(),
+    };
+    match ask(be, &ev) {
+        Reply::Stop(cause) => stop(be, StopReason::Handler(cause)),
+        Reply::Retry => Flow::Continue,
+        Reply::Skip(len) => {
+            be.skip(len);
+            Flow::Continue
+        }
+        _ => {
+            be.step_past_hw_breakpoint();
+            Flow::Continue
+        }
+    }
+}
+
+/// An internal error. An emulation failure may be ours: a fetch from an
+/// execute-trapped page (no memslot), an INT3 at CPL0 on PVM (KVM's emulator
+/// cannot run it), or an instruction the VMM completes itself. Otherwise the
+/// handler is asked, and the run ends unless it says to retry.
+pub(crate) fn internal_error(be: &mut dyn ExitBackend) -> Flow {
+    let site = be.failure_site();
+    let FailureSite { rip, cpl, .. } = site;
+    if site.emulation {
+        // The page rights changed since this vCPU entered (another vCPU opened
+        // an execute-trapped page to step over it, say): the fetch may have
+        // failed on a page that is there now. Run the instruction again.
+        if site.slots_changed {
+            return Flow::Continue;
+        }
+        if let Some((gpa, Access::AllTrap)) = site.page {
+            return be.exec_fault(rip, gpa, cpl);
+        }
+        if site.int3 {
+            let (gpa, ours) = be.sw_breakpoint_at(rip);
+            return breakpoint(be, rip, gpa, ours, cpl);
+        }
+    }
+    let len = site.len.min(15);
+    if be.fixup(&site.bytes[..len as usize]) {
+        return Flow::Continue;
+    }
+    let ev = Event::EmulationFailure {
+        rip,
+        bytes: site.bytes,
+        len,
+        cpl,
+    };
+    match ask(be, &ev) {
+        Reply::Retry => Flow::Continue,
+        Reply::Stop(cause) => stop(be, StopReason::Handler(cause)),
+        _ => {
+            let reason = StopReason::EmulationFailure {
+                cpu: be.id(),
+                rip,
+                cpl,
+                bytes: site.bytes[..len as usize].to_vec(),
+            };
+            stop(be, reason)
+        }
+    }
+}
+
+/// A kick (another thread wanted this vCPU out of the guest). A vCPU kicked
+/// twice on the same CPL0 hypercall with no exit in between sits on it for
+/// good (PVM's VMCALL at CPL0): the run ends there instead of spinning.
+pub(crate) fn kicked(be: &mut dyn ExitBackend) -> Flow {
+    if let Some(rip) = be.kicked_on_hypercall() {
+        let cpu = be.id();
+        return stop(be, StopReason::Livelock { cpu, rip });
+    }
+    let reply = ask(be, &Event::Kicked);
+    stop_or_continue(be, reply)
+}
