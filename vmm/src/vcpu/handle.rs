@@ -7,103 +7,16 @@
 use kvm_bindings::kvm_regs;
 
 use crate::devices::{INTROCALL_MAGIC, PortEffect};
-use crate::error::VmError;
 use crate::event::{Event, Introcall, MemAccess, Reply};
 use crate::exit::RawExit;
 use crate::slots::Access;
 use crate::stats::ExitClass;
 use crate::stop::StopReason;
-use crate::vcpu::state::Catch;
 
+mod contract;
 mod faults;
-pub(crate) use faults::{FailureSite, SlotUse};
-
-/// What the loop does after an exit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Flow {
-    Continue,
-    Stop,
-}
-
-/// What exit handling needs from the vCPU and its VM.
-pub(crate) trait ExitBackend {
-    fn id(&self) -> u32;
-    fn regs(&self) -> kvm_regs;
-    /// Changes general registers (loaded on the next entry).
-    fn set_regs(&mut self, regs: &kvm_regs);
-    fn cpl(&self) -> u8;
-    /// CR4.LA57: addresses are 57-bit canonical instead of 48-bit.
-    fn la57(&self) -> bool;
-    /// After a shutdown: when the vCPU holds the state INIT gives it (CS F000
-    /// based at FFFF0000, RIP FFF0; KVM on SVM resets a vCPU that shut down),
-    /// the RIP of its exit before the shutdown, the last place known; else None.
-    fn reset_at_shutdown(&self) -> Option<u64>;
-    /// Counts an exit of `class` (for `stats` and `bench`).
-    fn count(&self, class: ExitClass);
-    /// Asks the exit handler (the engine, in a session) about `event`.
-    fn ask(&mut self, event: &Event) -> Reply;
-    /// Ends the run with `reason` (the first reason wins).
-    fn stop(&mut self, reason: StopReason);
-    /// Marks this vCPU halted; returns whether every vCPU now is.
-    fn halt(&mut self) -> bool;
-
-    fn port_write(&mut self, port: u16, size: u8, value: u32) -> PortEffect;
-    fn port_read(&mut self, port: u16, size: u8) -> Option<u32>;
-    /// Completes an IN: the value the guest's register receives.
-    fn complete_io_in(&mut self, value: u32);
-    /// Completes an MMIO read: the value the guest's load receives.
-    fn complete_mmio_read(&mut self, value: u64);
-    /// Completes RDMSR/WRMSR: `error` raises #GP; `data` is what RDMSR returns.
-    fn complete_msr(&mut self, error: bool, data: Option<u64>);
-    fn get_msr(&mut self, index: u32) -> Option<u64>;
-    /// Applies an MSR write KVM handed to user space; returns whether KVM took it.
-    fn set_msr(&mut self, index: u32, value: u64) -> bool;
-
-    fn ram_contains(&self, gpa: u64, len: u64) -> bool;
-    fn page_access(&self, gpa: u64) -> Access;
-    fn ram_read(&self, gpa: u64, buf: &mut [u8]);
-    fn ram_write(&mut self, gpa: u64, data: &[u8]);
-
-    // Debug exits, emulation failures and kicks (routed in `faults`).
-    /// What debug-register slot `slot` (0-3) holds.
-    fn slot_use(&self, slot: usize) -> SlotUse;
-    /// One instruction ran under a step (KVM's, or a TF step caught at #DB)
-    /// and ended at `pc`: a step-over's restores are put back; an analyst's
-    /// step (or one nobody asked for) is reported.
-    fn stepped(&mut self, pc: u64) -> Flow;
-    /// A watched guest exception entry was reached: ours (a TF step, an INT3
-    /// at CPL3) is undone and handled, the guest's own runs its handler.
-    fn caught(&mut self, catch: Catch) -> Flow;
-    /// Resumes past an execute breakpoint that fired (resuming on it would
-    /// fire it again): a step over the instruction with debug registers off.
-    fn step_past_hw_breakpoint(&mut self);
-    /// The INT3 at `rip`: its guest-physical address, and whether it is ours.
-    fn sw_breakpoint_at(&self, rip: u64) -> (Option<u64>, bool);
-    /// Where an internal error happened (see `FailureSite`).
-    fn failure_site(&mut self) -> FailureSite;
-    /// A fetch at `gva` from the execute-trapped page at `gpa`: its event,
-    /// then the instruction completed here or stepped over.
-    fn exec_fault(&mut self, gva: u64, gpa: u64, cpl: u8) -> Flow;
-    /// Completes an instruction KVM's emulator cannot run (on PVM) if the VMM
-    /// can; returns whether it did.
-    fn fixup(&mut self, bytes: &[u8]) -> bool;
-    /// After a kick: Some(RIP) when the vCPU was kicked on the same CPL0
-    /// hypercall the previous time too, with no exit in between (livelock).
-    fn kicked_on_hypercall(&mut self) -> Option<u64>;
-    /// Whether KVM's single-step (KVM_GUESTDBG_SINGLESTEP) is armed for the
-    /// instruction that exited.
-    fn kvm_stepping(&self) -> bool;
-    /// Called before every exit but a debug one: a step-over that could not
-    /// single-step finishes here.
-    fn finish_deferred(&mut self);
-    /// Moves RIP past an instruction of `len` bytes without running it.
-    fn skip(&mut self, len: u8);
-    /// Runs the instruction under our breakpoint at `gpa` once (original byte,
-    /// page opened if execute-trapped), then re-arms everything.
-    fn step_over_at(&mut self, gpa: u64) -> Result<(), VmError>;
-    /// Delivers the guest's own #BP for the INT3 at `rip`.
-    fn reinject_breakpoint(&mut self, rip: u64) -> Result<(), VmError>;
-}
+pub(crate) use contract::{ExitBackend, FailureSite, Flow, SlotUse, ask, stop, stop_or_continue};
+pub(crate) use faults::breakpoint;
 
 /// Handles one decoded exit: asks the handler where the exit is an event, then
 /// applies its reply.
@@ -171,25 +84,6 @@ pub(crate) fn handle_exit(be: &mut dyn ExitBackend, raw: RawExit) -> Flow {
             let why = format!("vCPU {}: {what}", be.id());
             stop(be, StopReason::Error(why))
         }
-    }
-}
-
-/// Counts the event's class, then asks the handler.
-pub(crate) fn ask(be: &mut dyn ExitBackend, event: &Event) -> Reply {
-    be.count(event.class());
-    be.ask(event)
-}
-
-pub(crate) fn stop(be: &mut dyn ExitBackend, reason: StopReason) -> Flow {
-    be.stop(reason);
-    Flow::Stop
-}
-
-/// `Reply::Stop` ends the run; any other reply goes on.
-pub(crate) fn stop_or_continue(be: &mut dyn ExitBackend, reply: Reply) -> Flow {
-    match reply {
-        Reply::Stop(cause) => stop(be, StopReason::Handler(cause)),
-        _ => Flow::Continue,
     }
 }
 
@@ -365,39 +259,6 @@ fn msr(be: &mut dyn ExitBackend, index: u32, write: Option<u64>) -> Flow {
     };
     be.complete_msr(error, write.is_none().then_some(data));
     Flow::Continue
-}
-
-/// An INT3 executed at `rip`: one of ours (`ours`, planted at `gpa`) or the
-/// guest's own.
-pub(crate) fn breakpoint(
-    be: &mut dyn ExitBackend,
-    rip: u64,
-    gpa: Option<u64>,
-    ours: bool,
-    cpl: u8,
-) -> Flow {
-    let ev = Event::Breakpoint {
-        rip,
-        gpa,
-        ours,
-        cpl,
-    };
-    let done = match ask(be, &ev) {
-        Reply::Stop(cause) => return stop(be, StopReason::Handler(cause)),
-        Reply::Retry => Ok(()),
-        Reply::Skip(len) if ours => {
-            be.skip(len);
-            Ok(())
-        }
-        _ => match gpa {
-            Some(gpa) if ours => be.step_over_at(gpa),
-            _ => be.reinject_breakpoint(rip),
-        },
-    };
-    match done {
-        Ok(()) => Flow::Continue,
-        Err(e) => stop(be, StopReason::Error(e.to_string())),
-    }
 }
 
 #[cfg(test)]

@@ -4,40 +4,10 @@
 //! popping a caught exception frame, completing an instruction) is the
 //! backend's.
 
-use super::{ExitBackend, Flow, ask, breakpoint, stop, stop_or_continue};
+use super::contract::{ExitBackend, FailureSite, Flow, SlotUse, ask, stop, stop_or_continue};
 use crate::event::{Event, Reply};
 use crate::slots::Access;
 use crate::stop::StopReason;
-use crate::vcpu::state::Catch;
-
-/// What a debug-register slot holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum SlotUse {
-    /// A guest exception entry watched for user-mode stepping (see `usertrap`).
-    Catch(Catch),
-    /// One of our hidden breakpoints, on the code at `gpa`.
-    HiddenBreakpoint { gpa: u64 },
-    /// An analyst's hardware breakpoint (gdb's `hbreak`).
-    Analyst,
-}
-
-/// Where an internal error (KVM_EXIT_INTERNAL_ERROR) happened, read once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct FailureSite {
-    /// The suberror is KVM's emulation failure (else: another internal error).
-    pub emulation: bool,
-    pub rip: u64,
-    pub cpl: u8,
-    /// RIP's page, through the guest's page tables, and its access then.
-    pub page: Option<(u64, Access)>,
-    /// The memslots changed since the vCPU entered (read after `page`).
-    pub slots_changed: bool,
-    /// The byte at RIP is an INT3.
-    pub int3: bool,
-    /// The instruction's bytes (from guest memory, else KVM's copy).
-    pub bytes: [u8; 15],
-    pub len: u8,
-}
 
 /// DR6.BS: the #DB is a single-step's.
 const DR6_BS: u64 = 1 << 14;
@@ -162,4 +132,37 @@ pub(crate) fn kicked(be: &mut dyn ExitBackend) -> Flow {
     }
     let reply = ask(be, &Event::Kicked);
     stop_or_continue(be, reply)
+}
+
+/// An INT3 executed at `rip`: one of ours (`ours`, planted at `gpa`) or the
+/// guest's own.
+pub(crate) fn breakpoint(
+    be: &mut dyn ExitBackend,
+    rip: u64,
+    gpa: Option<u64>,
+    ours: bool,
+    cpl: u8,
+) -> Flow {
+    let ev = Event::Breakpoint {
+        rip,
+        gpa,
+        ours,
+        cpl,
+    };
+    let done = match ask(be, &ev) {
+        Reply::Stop(cause) => return stop(be, StopReason::Handler(cause)),
+        Reply::Retry => Ok(()),
+        Reply::Skip(len) if ours => {
+            be.skip(len);
+            Ok(())
+        }
+        _ => match gpa {
+            Some(gpa) if ours => be.step_over_at(gpa),
+            _ => be.reinject_breakpoint(rip),
+        },
+    };
+    match done {
+        Ok(()) => Flow::Continue,
+        Err(e) => stop(be, StopReason::Error(e.to_string())),
+    }
 }

@@ -4,7 +4,9 @@
 use std::collections::{HashMap, VecDeque};
 
 use super::*;
+use crate::error::VmError;
 use crate::event::HandlerStop;
+use crate::vcpu::state::Catch;
 
 /// What the fake saw the exit handling do.
 #[derive(Debug, Clone, PartialEq, Eq)]
