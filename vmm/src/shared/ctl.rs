@@ -129,7 +129,7 @@ impl<'a> VcpuCtl<'a> {
 
     /// Single-steps this vCPU from now on (each step is a `SingleStep` event).
     pub fn set_single_step(&mut self, on: bool) {
-        self.debug.user_step = on;
+        *self.user_step = on;
     }
 
     /// Sets hardware execute breakpoint `slot` (0..4) on every vCPU (see

@@ -20,7 +20,6 @@ use crate::msr::MsrIntercepts;
 use crate::slots::SlotMap;
 use crate::stats::ExitCounters;
 use crate::stop::StopReason;
-use crate::vcpu::state::DebugState;
 
 mod breakpoints;
 mod ctl;
@@ -206,7 +205,8 @@ pub struct VcpuCtl<'a> {
     id: u32,
     fd: &'a mut VcpuFd,
     vm: &'a VmShared,
-    debug: &'a mut DebugState,
+    /// The analyst's single-step is on (the vCPU's debug machinery reads it).
+    user_step: &'a mut bool,
     rx: &'a Receiver<VcpuMsg>,
     paused: &'a mut bool,
 }
@@ -216,7 +216,7 @@ impl<'a> VcpuCtl<'a> {
         id: u32,
         fd: &'a mut VcpuFd,
         vm: &'a VmShared,
-        debug: &'a mut DebugState,
+        user_step: &'a mut bool,
         rx: &'a Receiver<VcpuMsg>,
         paused: &'a mut bool,
     ) -> Self {
@@ -224,7 +224,7 @@ impl<'a> VcpuCtl<'a> {
             id,
             fd,
             vm,
-            debug,
+            user_step,
             rx,
             paused,
         }

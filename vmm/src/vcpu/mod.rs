@@ -141,7 +141,7 @@ impl VcpuThread {
             self.id,
             &mut self.fd,
             &self.vm,
-            &mut self.debug,
+            &mut self.debug.user_step,
             &self.rx,
             &mut self.paused,
         );

@@ -1,6 +1,7 @@
 //! The data of a vCPU's debug machinery (no behaviour here: `debug.rs` and
-//! `usertrap.rs` hold it), apart so that `VcpuCtl` can hold it without naming the
-//! vCPU thread.
+//! `usertrap.rs` hold it). `VcpuCtl` borrows only its `user_step`, so the
+//! shared state (`shared/`) names nothing of this module: the tie between
+//! `shared/` and `vcpu/` runs one way.
 
 /// Debug controls of one vCPU (KVM_SET_GUEST_DEBUG is issued only on change).
 #[derive(Debug, Default)]
