@@ -227,6 +227,11 @@ pub const HELP: &[HelpEntry] = &[
         "journal save /tmp/vmiscope-journal.jsonl",
     ),
     h(
+        "expect WHAT [timeout SECS]",
+        "wait until WHAT holds (alert|event [CLASS], no-alert, serial \"TEXT\", mem ADDR = BYTES [phys], reg NAME = VALUE, exit CODE) or say what was seen; at most SECS (10)",
+        "expect serial \"demo: starting\"",
+    ),
+    h(
         "json CMD",
         "CMD's answer as JSON (regs sregs events alerts hooks stats caps); also `CMD --json`",
         "json regs",

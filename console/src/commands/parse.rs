@@ -58,7 +58,8 @@ fn action(s: Option<&&str>) -> Result<Action, ParseError> {
     }
 }
 
-/// Parses one line. Empty lines and `#` comments are `Ok(None)`.
+/// Parses one line. Empty lines and `#` comments are `Ok(None)`. The first
+/// word picks the command's parser in `COMMANDS`.
 pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Command>, ParseError> {
     let line = line.trim();
     if line.is_empty() || line.starts_with('#') {
@@ -71,160 +72,215 @@ pub fn parse(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Option<Com
     if let Some(rest) = line.strip_suffix(" --json") {
         return json_of(parse(rest, sym)?);
     }
-    let w: Vec<&str> = line.split_whitespace().collect();
-    let num = |i: usize, what: &str| -> Result<u64, ParseError> {
-        let s = w
-            .get(i)
-            .ok_or_else(|| format!("`{}` expects {what}", w[0]))?;
-        number(s, sym)
+    let l = Line {
+        text: line,
+        w: line.split_whitespace().collect(),
+        sym,
     };
-    let none_after = |n: usize| -> Result<(), ParseError> {
-        match w.get(n) {
-            Some(x) => Err(format!("`{}` takes no `{x}` here", w[..n].join(" ")).into()),
+    // `x/FMT` carries its format in its first word.
+    let word = if l.w[0].starts_with("x/") {
+        "x"
+    } else {
+        l.w[0]
+    };
+    let spec = COMMANDS
+        .iter()
+        .find(|c| c.words.contains(&word))
+        .ok_or_else(|| format!("unknown command `{}` (try `help`)", l.w[0]))?;
+    (spec.parse)(&l).map(Some)
+}
+
+/// A line being parsed: its text, its words (at least one) and the symbols
+/// numbers may name.
+pub(super) struct Line<'a> {
+    text: &'a str,
+    w: Vec<&'a str>,
+    sym: &'a dyn Fn(&str) -> Option<u64>,
+}
+
+impl Line<'_> {
+    /// Word `i` as a number (see `number`); `what` names it when it is missing.
+    fn num(&self, i: usize, what: &str) -> Result<u64, ParseError> {
+        let s = self
+            .w
+            .get(i)
+            .ok_or_else(|| format!("`{}` expects {what}", self.w[0]))?;
+        number(s, self.sym)
+    }
+
+    /// A 32-bit number: a larger one is refused, not truncated.
+    fn num32(&self, i: usize, what: &str) -> Result<u32, ParseError> {
+        let v = self.num(i, what)?;
+        u32::try_from(v).map_err(|_| format!("`{v:#x}` is too large for {what}").into())
+    }
+
+    /// Word `i`, if there is one, as a number.
+    fn opt_num(&self, i: usize) -> Result<Option<u64>, ParseError> {
+        self.w.get(i).map(|s| number(s, self.sym)).transpose()
+    }
+
+    /// Refuses any word from `n` on.
+    fn none_after(&self, n: usize) -> Result<(), ParseError> {
+        match self.w.get(n) {
+            Some(x) => Err(format!("`{}` takes no `{x}` here", self.w[..n].join(" ")).into()),
             None => Ok(()),
         }
-    };
-    // A 32-bit number: a larger one is refused, not truncated.
-    let num32 = |i: usize, what: &str| -> Result<u32, ParseError> {
-        let v = num(i, what)?;
-        u32::try_from(v).map_err(|_| format!("`{v:#x}` is too large for {what}").into())
-    };
-    use Command as C;
-    let c = match w[0] {
-        "continue" | "c" => match w.get(1).copied() {
-            None => C::Continue { wait: false },
-            Some("--wait") => none_after(2).map(|_| C::Continue { wait: true })?,
-            Some(x) => return Err(format!("`continue` takes `--wait`, not `{x}`").into()),
-        },
-        "wait" => C::Wait(match w.get(1) {
+    }
+
+    /// `cmd` alone: no word after the command's.
+    fn bare(&self, cmd: Command) -> Result<Command, ParseError> {
+        self.none_after(1).map(|()| cmd)
+    }
+
+    fn word(&self, i: usize) -> Option<&str> {
+        self.w.get(i).copied()
+    }
+}
+
+/// One command: the words that name it (the first as in `HELP`, then its
+/// aliases) and its parser. `help`'s rows and this table are checked against
+/// each other (a word here without a row, or a row without a word here, fails
+/// `every_help_row_has_a_parser_and_every_parser_a_help_row`).
+pub(super) struct Spec {
+    pub(super) words: &'static [&'static str],
+    parse: fn(&Line<'_>) -> Result<Command, ParseError>,
+}
+
+const fn spec(
+    words: &'static [&'static str],
+    parse: fn(&Line<'_>) -> Result<Command, ParseError>,
+) -> Spec {
+    Spec { words, parse }
+}
+
+use Command as C;
+
+/// Every command the console takes, by its first word.
+pub(super) const COMMANDS: &[Spec] = &[
+    spec(&["help", "?"], |l| {
+        Ok(C::Help(l.word(1).map(str::to_string)))
+    }),
+    spec(&["caps"], |l| l.bare(C::Caps)),
+    spec(&["protect", "unprotect"], |l| parse_protect(&l.w)),
+    spec(&["hook"], |l| parse_hook(&l.w, l.sym)),
+    spec(&["hooks"], |l| l.bare(C::Hooks)),
+    spec(&["continue", "c"], |l| match l.word(1) {
+        None => Ok(C::Continue { wait: false }),
+        Some("--wait") => l.none_after(2).map(|()| C::Continue { wait: true }),
+        Some(x) => Err(format!("`continue` takes `--wait`, not `{x}`").into()),
+    }),
+    spec(&["wait"], |l| {
+        Ok(C::Wait(match l.word(1) {
             None => 10.0,
             Some(t) => t
                 .parse::<f64>()
                 .ok()
                 .filter(|t| seconds(*t).is_some())
                 .ok_or("expected `wait [SECS]` (more than 0, at most 1e9)")?,
-        }),
-        "pause" => none_after(1).map(|_| C::Pause)?,
-        "step" | "s" | "si" => none_after(1).map(|_| C::Step)?,
-        "next-event" | "n" => match w.get(1).copied() {
-            None => C::NextEvent { all: false },
-            Some("all") => none_after(2).map(|_| C::NextEvent { all: true })?,
-            Some(x) => return Err(format!("`next-event` takes `all`, not `{x}`").into()),
-        },
-        "quit" | "q" | "exit" => none_after(1).map(|_| C::Quit)?,
-        "vcpu" => C::Vcpu(num32(1, "a vCPU number")?),
-        "break" => parse_break(&w, &num)?,
-        "breaks" => none_after(1).map(|_| C::Breaks)?,
-        "delete" => C::Delete(BreakId(num32(1, "a breakpoint number")?)),
-        "event" => none_after(1).map(|_| C::Event)?,
-        "verdict" => C::Verdict(match w.get(1).copied() {
+        }))
+    }),
+    spec(&["pause"], |l| l.bare(C::Pause)),
+    spec(&["step", "s", "si"], |l| l.bare(C::Step)),
+    spec(&["next-event", "n"], |l| match l.word(1) {
+        None => Ok(C::NextEvent { all: false }),
+        Some("all") => l.none_after(2).map(|()| C::NextEvent { all: true }),
+        Some(x) => Err(format!("`next-event` takes `all`, not `{x}`").into()),
+    }),
+    spec(&["quit", "q", "exit"], |l| l.bare(C::Quit)),
+    spec(&["vcpu"], |l| Ok(C::Vcpu(l.num32(1, "a vCPU number")?))),
+    spec(&["break"], |l| parse_break(&l.w, &|i, what| l.num(i, what))),
+    spec(&["breaks"], |l| l.bare(C::Breaks)),
+    spec(&["delete"], |l| {
+        Ok(C::Delete(BreakId(l.num32(1, "a breakpoint number")?)))
+    }),
+    spec(&["event"], |l| l.bare(C::Event)),
+    spec(&["verdict"], |l| {
+        Ok(C::Verdict(match l.word(1) {
             Some("allow") => VerdictChoice::Allow,
             Some("deny") => VerdictChoice::Deny,
             Some("policy") => VerdictChoice::Policy,
             _ => return Err("expected `verdict allow|deny|policy`".into()),
-        }),
-        "hooks" => none_after(1).map(|_| C::Hooks)?,
-        "hook" => parse_hook(&w, sym)?,
-        "protect" | "unprotect" => parse_protect(&w)?,
-        "events" => parse_events(&w)?,
-        "alerts" => none_after(1).map(|_| C::Alerts)?,
-        "alert" => C::Alert(num(1, "an alert id")?),
-        "exception" => match (w.get(1).copied(), w.get(2)) {
-            (Some("add-from-alert"), Some(id)) => C::ExceptionFromAlert(number(id, sym)?),
-            _ => return Err("expected `exception add-from-alert ID`".into()),
-        },
-        "exceptions" => match (w.get(1).copied(), w.get(2)) {
-            (None, _) => C::Exceptions,
-            (Some("save"), Some(f)) => C::ExceptionsSave(f.to_string()),
-            _ => return Err("expected `exceptions` or `exceptions save FILE`".into()),
-        },
-        "log-only" => C::LogOnly(match w.get(1).copied() {
+        }))
+    }),
+    spec(&["events"], |l| parse_events(&l.w)),
+    spec(&["alerts"], |l| l.bare(C::Alerts)),
+    spec(&["alert"], |l| Ok(C::Alert(l.num(1, "an alert id")?))),
+    spec(&["exception"], |l| match (l.word(1), l.w.get(2)) {
+        (Some("add-from-alert"), Some(id)) => Ok(C::ExceptionFromAlert(number(id, l.sym)?)),
+        _ => Err("expected `exception add-from-alert ID`".into()),
+    }),
+    spec(&["exceptions"], |l| match (l.word(1), l.w.get(2)) {
+        (None, _) => Ok(C::Exceptions),
+        (Some("save"), Some(f)) => Ok(C::ExceptionsSave(f.to_string())),
+        _ => Err("expected `exceptions` or `exceptions save FILE`".into()),
+    }),
+    spec(&["log-only"], |l| {
+        Ok(C::LogOnly(match l.word(1) {
             Some("on") => true,
             Some("off") => false,
             _ => return Err("expected `log-only on|off`".into()),
-        }),
-        "stats" => none_after(1).map(|_| C::Stats)?,
-        "caps" => none_after(1).map(|_| C::Caps)?,
-        "journal" => match (w.get(1).copied(), w.get(2)) {
-            (Some("save"), Some(f)) => C::JournalSave(f.to_string()),
-            _ => return Err("expected `journal save FILE`".into()),
-        },
-        "help" | "?" => C::Help(w.get(1).map(|s| s.to_string())),
-        "expect" => parse_expect(line, &w, sym)?,
-        _ => return parse_state(line, &w, sym).map(Some),
-    };
-    Ok(Some(c))
-}
-
-/// The commands that read or write the guest's state (registers, memory,
-/// tables, symbols).
-fn parse_state(
-    line: &str,
-    w: &[&str],
-    sym: &dyn Fn(&str) -> Option<u64>,
-) -> Result<Command, ParseError> {
-    let num = |i: usize, what: &str| -> Result<u64, ParseError> {
-        let s = w
-            .get(i)
-            .ok_or_else(|| format!("`{}` expects {what}", w[0]))?;
-        number(s, sym)
-    };
-    let none_after = |n: usize| -> Result<(), ParseError> {
-        match w.get(n) {
-            Some(x) => Err(format!("`{}` takes no `{x}` here", w[..n].join(" ")).into()),
-            None => Ok(()),
-        }
-    };
-    use Command as C;
-    Ok(match w[0] {
-        "regs" => none_after(1).map(|_| C::Regs)?,
-        "sregs" => none_after(1).map(|_| C::Sregs)?,
-        "segments" => none_after(1).map(|_| C::Segments)?,
-        "dregs" => none_after(1).map(|_| C::Dregs)?,
-        "idt" => C::Idt(
-            w.get(1)
-                .map(|n| number(n, sym).map(|n| n.min(256) as usize))
-                .transpose()?,
-        ),
-        "gdt" => none_after(1).map(|_| C::Gdt)?,
-        "vmmap" => none_after(1).map(|_| C::Vmmap)?,
-        "kaslr" => none_after(1).map(|_| C::Kaslr)?,
-        "bt" => C::Bt(
-            w.get(1)
-                .map(|n| number(n, sym).map(|n| n.clamp(1, 256) as usize))
-                .transpose()?
+        }))
+    }),
+    spec(&["stats"], |l| l.bare(C::Stats)),
+    spec(&["journal"], |l| match (l.word(1), l.w.get(2)) {
+        (Some("save"), Some(f)) => Ok(C::JournalSave(f.to_string())),
+        _ => Err("expected `journal save FILE`".into()),
+    }),
+    spec(&["expect"], |l| parse_expect(l.text, &l.w, l.sym)),
+    // `json CMD` is taken before the table; here is `json` alone.
+    spec(&["json"], |_| {
+        Err("expected `json CMD` (or `CMD --json`)".into())
+    }),
+    // The guest's state: registers, memory, tables, symbols.
+    spec(&["regs"], |l| l.bare(C::Regs)),
+    spec(&["sregs"], |l| l.bare(C::Sregs)),
+    spec(&["segments"], |l| l.bare(C::Segments)),
+    spec(&["dregs"], |l| l.bare(C::Dregs)),
+    spec(&["idt"], |l| {
+        Ok(C::Idt(l.opt_num(1)?.map(|n| n.min(256) as usize)))
+    }),
+    spec(&["gdt"], |l| l.bare(C::Gdt)),
+    spec(&["vmmap"], |l| l.bare(C::Vmmap)),
+    spec(&["kaslr"], |l| l.bare(C::Kaslr)),
+    spec(&["bt"], |l| {
+        Ok(C::Bt(
+            l.opt_num(1)?
+                .map(|n| n.clamp(1, 256) as usize)
                 .unwrap_or(32),
-        ),
-        "sym" => C::Sym(num(1, "an address")?),
-        "addr" => match (w.get(1), w.get(2)) {
-            (Some(n), None) => C::Addr(n.to_string()),
-            _ => return Err("expected `addr SYMBOL`".into()),
-        },
-        "ps" => none_after(1).map(|_| C::Ps)?,
-        "lsmod" => none_after(1).map(|_| C::Lsmod)?,
-        "msr" => C::Msr(
-            u32::try_from(num(1, "an MSR index")?)
-                .map_err(|_| format!("`{}` is too large for an MSR index", w[1]))?,
-        ),
-        "mem" => parse_mem(line, w, sym)?,
-        x if x.starts_with("x/") || x == "x" => C::Examine {
-            fmt: XFormat::parse(x.strip_prefix("x/").unwrap_or(""))?,
-            addr: num(1, "an address (`x/FMT ADDR`)")?,
-        },
-        "disasm" => C::Disasm {
-            addr: w.get(1).map(|s| number(s, sym)).transpose()?,
-            count: w
-                .get(2)
-                .map(|s| number(s, sym))
-                .transpose()?
-                .unwrap_or(8)
-                .min(200) as usize,
-        },
-        "translate" => C::Translate(num(1, "a guest-virtual address")?),
-        "pagewalk" => C::Pagewalk(num(1, "a guest-virtual address")?),
-        other => return Err(format!("unknown command `{other}` (try `help`)").into()),
-    })
-}
+        ))
+    }),
+    spec(&["sym"], |l| Ok(C::Sym(l.num(1, "an address")?))),
+    spec(&["addr"], |l| match (l.w.get(1), l.w.get(2)) {
+        (Some(n), None) => Ok(C::Addr(n.to_string())),
+        _ => Err("expected `addr SYMBOL`".into()),
+    }),
+    spec(&["ps"], |l| l.bare(C::Ps)),
+    spec(&["lsmod"], |l| l.bare(C::Lsmod)),
+    spec(&["msr"], |l| {
+        Ok(C::Msr(u32::try_from(l.num(1, "an MSR index")?).map_err(
+            |_| format!("`{}` is too large for an MSR index", l.w[1]),
+        )?))
+    }),
+    spec(&["mem"], |l| parse_mem(l.text, &l.w, l.sym)),
+    spec(&["x"], |l| {
+        Ok(C::Examine {
+            fmt: XFormat::parse(l.w[0].strip_prefix("x/").unwrap_or(""))?,
+            addr: l.num(1, "an address (`x/FMT ADDR`)")?,
+        })
+    }),
+    spec(&["disasm"], |l| {
+        Ok(C::Disasm {
+            addr: l.opt_num(1)?,
+            count: l.opt_num(2)?.unwrap_or(8).min(200) as usize,
+        })
+    }),
+    spec(&["translate"], |l| {
+        Ok(C::Translate(l.num(1, "a guest-virtual address")?))
+    }),
+    spec(&["pagewalk"], |l| {
+        Ok(C::Pagewalk(l.num(1, "a guest-virtual address")?))
+    }),
+];
 
 type Num<'a> = dyn Fn(usize, &str) -> Result<u64, ParseError> + 'a;
 

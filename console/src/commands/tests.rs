@@ -218,3 +218,27 @@ fn every_command_parses_and_malformed_input_says_what_was_expected() {
         assert!(!e.0.contains('\n'), "one line: {e}");
     }
 }
+
+#[test]
+fn every_help_row_has_a_parser_and_every_parser_a_help_row() {
+    let parsers = &super::parse::COMMANDS;
+    for w in command_words() {
+        assert!(
+            parsers.iter().any(|c| c.words.contains(&w)),
+            "`help` lists `{w}`, which no parser takes"
+        );
+    }
+    let listed = command_words();
+    for c in parsers.iter() {
+        assert!(
+            listed.contains(&c.words[0]),
+            "`{}` is parsed but not in `help`",
+            c.words[0]
+        );
+        // Each alias is taken by this parser alone.
+        for w in c.words {
+            let owners = parsers.iter().filter(|o| o.words.contains(w)).count();
+            assert_eq!(owners, 1, "`{w}` names {owners} commands");
+        }
+    }
+}
