@@ -219,3 +219,38 @@ fn lldb_runs_a_two_vcpu_guest_and_sees_a_breakpoint_on_vcpu_1() {
     let (code, err) = g.finish();
     assert_eq!(code, Some(0), "{err}");
 }
+
+#[test]
+#[cfg_attr(any(no_kvm, no_lldb), ignore = "needs /dev/kvm and lldb")]
+fn lldb_steps_off_a_breakpoint_on_vcpu_1_every_time() {
+    if !kvm_available() || !lldb_available() {
+        return;
+    }
+    // The same step-over as gdb's on the second vCPU (tests/gdb.rs): LLDB's
+    // `thread step-inst` came back with no stop about half the time.
+    let runs = std::env::var("VMISCOPE_REPEAT")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10);
+    for run in 0..runs {
+        let g = guest("smp");
+        let out = output(g.lldb(&[
+            "breakpoint set -n ap_main",
+            "continue",
+            "thread step-inst",
+            "breakpoint delete 1",
+            "continue",
+        ]));
+        assert!(out.contains("ap_main(cpu=1)"), "run {run}: {out}");
+        assert!(
+            out.contains("stop reason = instruction step into"),
+            "run {run}: the step never stopped: {out}"
+        );
+        assert!(
+            out.contains("exited with status = 0"),
+            "run {run}: ran to its end: {out}"
+        );
+        let (code, err) = g.finish();
+        assert_eq!(code, Some(0), "run {run}: {err}");
+    }
+}

@@ -41,11 +41,25 @@ impl VmShared {
         if !self.ram.contains(gpa, 1) {
             return Err(VmError::OutsideRam(gpa));
         }
-        let changed = self.slots.lock().unwrap().set(gpa / PAGE_SIZE, access);
+        Ok(self.change_slots(|s| s.set(gpa / PAGE_SIZE, access)))
+    }
+
+    /// Applies `change` to the slot map and, if it changed what is installed,
+    /// bumps the slot generation before the map is unlocked. A vCPU that reads a
+    /// page's access to judge a failed fetch then reads the generation (see
+    /// `FailureSite`): if it saw the new access, it sees the new generation and
+    /// runs the instruction again instead of taking the failure as real. With
+    /// the bump left to the commit, a page opened for another vCPU's step-over
+    /// read as open while the generation still said nothing had changed: the
+    /// fetch that had failed on the closed page ended the run as an emulation
+    /// failure (about 1 LLDB session in 60 on `smp`).
+    fn change_slots(&self, change: impl FnOnce(&mut crate::slots::SlotMap) -> bool) -> bool {
+        let mut slots = self.slots.lock().unwrap();
+        let changed = change(&mut slots);
         if changed {
             self.slot_gen.fetch_add(1, Ordering::SeqCst);
         }
-        Ok(changed)
+        changed
     }
 
     /// The access installed for the page holding `gpa` (`Full` while a
@@ -97,13 +111,19 @@ impl VmShared {
         if !self.ram.contains(gpa, 1) {
             return Err(VmError::OutsideRam(gpa));
         }
-        self.slots.lock().unwrap().open(gpa / PAGE_SIZE);
+        self.change_slots(|s| {
+            s.open(gpa / PAGE_SIZE);
+            true
+        });
         self.commit_access()
     }
 
     /// Ends one `open_page`: the page's access of now is installed again.
     pub(crate) fn close_page(&self, gpa: u64) -> Result<CommitStats, VmError> {
-        self.slots.lock().unwrap().close(gpa / PAGE_SIZE);
+        self.change_slots(|s| {
+            s.close(gpa / PAGE_SIZE);
+            true
+        });
         self.commit_access()
     }
 

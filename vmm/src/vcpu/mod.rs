@@ -153,7 +153,7 @@ impl VcpuThread {
         // Whether the last exit was a write to a port or MMIO (see `complete_pending_io`).
         let mut last_out = false;
         while self.serve_messages() {
-            if self.paused {
+            if self.pause_now() {
                 continue;
             }
             if let Err(e) = self.apply_debug() {
@@ -211,12 +211,22 @@ impl VcpuThread {
     }
 
     /// Drains the message queue (blocking while paused); false once the run ends.
+    /// Whether a pause takes effect now. Not in the middle of a step-over that
+    /// runs alone (`begin_exclusive`): a vCPU paused there would keep every
+    /// other vCPU out of the guest until it is resumed. gdb pauses every vCPU
+    /// when one stops, then steps that one alone, which then waited for good
+    /// (half the `stepi`s after `break ap_main` on `smp`). The step is one
+    /// instruction; the pause takes effect right after it.
+    fn pause_now(&self) -> bool {
+        self.paused && !self.step.exclusive
+    }
+
     fn serve_messages(&mut self) -> bool {
         loop {
             if self.vm.is_stopping() {
                 return false;
             }
-            let msg = if self.paused {
+            let msg = if self.pause_now() {
                 self.vm.set_state(self.id, VcpuState::Paused);
                 match self.rx.recv() {
                     Ok(m) => m,
