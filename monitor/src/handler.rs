@@ -213,8 +213,8 @@ impl Introspection {
         let before = e.alerts().len();
         let out = respond(&mut e, cpu, event);
         self.report(&e, before);
-        if out.1.is_some() {
-            self.notices.event_recorded();
+        if let Some(r) = &out.1 {
+            self.notices.event_recorded(r.class);
         }
         out
     }
@@ -229,8 +229,8 @@ impl Introspection {
         let timer = self.tick_due();
         let rec = per_exit(&mut e, cpu, timer, |e, cpu| self.arm(e, cpu));
         self.report(&e, before);
-        if matches!(rec, Ok(Some(_))) {
-            self.notices.event_recorded();
+        if let Ok(Some(r)) = &rec {
+            self.notices.event_recorded(r.class);
         }
         rec
     }

@@ -15,7 +15,7 @@ pub mod stops;
 
 pub use api::{Counters, HookInfo, Quiesced};
 pub use handler::{AlertSink, Introspection, OnReady, per_exit, respond};
-pub use notices::{LineSplitter, Notice, Notices};
+pub use notices::{LineSplitter, Notice, Notices, Wants};
 pub use os::{OsKnowledge, Symbols, policy_env};
 pub use session::SessionHandler;
 pub use stops::{BreakId, Control, EventBreak, Override, Proposed, Snapshot, Stop, StopCause};

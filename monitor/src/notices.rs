@@ -8,7 +8,7 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
-use vmiscope_introspect::Alert;
+use vmiscope_introspect::{Alert, Class};
 use vmiscope_vmm::StopReason;
 
 use crate::stops::Stop;
@@ -39,44 +39,78 @@ pub struct Notices {
     progress: Progress,
 }
 
+/// What a waiter on the session's progress is woken for, besides notices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wants {
+    /// Notices only (serial lines, alerts, stops, the end).
+    Notices,
+    /// Recorded events too: of one class, or of any (None).
+    Events(Option<Class>),
+}
+
+/// How many event classes there are (`Class as usize` indexes them).
+const CLASSES: usize = 8;
+
 /// A counter that threads can wait on. Moving it costs one atomic add while
-/// nobody waits: every recorded event moves it, so the exit path must not take
-/// a lock for it.
+/// nobody waits for what moved it: every recorded event moves it, so the exit
+/// path takes no lock for it unless a waiter wants events (of its class). A
+/// script's `expect event msr` is woken by MSR events only, not by each of the
+/// thousands of page events a policy makes meanwhile (each such wake made the
+/// script thread take the engine's lock: on the nested-SVM rig that starved
+/// the guest).
 #[derive(Default)]
 struct Progress {
     count: AtomicU64,
+    /// Every waiter (each wants notices).
     waiters: AtomicUsize,
+    /// Waiters that want events of any class.
+    any_event: AtomicUsize,
+    /// Waiters that want events of one class.
+    class: [AtomicUsize; CLASSES],
     lock: Mutex<()>,
     moved: Condvar,
 }
 
 impl Progress {
-    fn advance(&self) {
+    /// Moves the count; wakes the waiters if `wake` says one of them wants this.
+    fn advance(&self, wake: impl Fn(&Progress) -> bool) {
         // SeqCst on both sides: a waiter counts itself before it reads `count`
         // under `lock`; so either it sees the new count, or this sees the
         // waiter and takes `lock`, which it can only get once the waiter sleeps.
         self.count.fetch_add(1, Ordering::SeqCst);
-        if self.waiters.load(Ordering::SeqCst) > 0 {
+        if wake(self) {
             let _held = self.lock.lock().unwrap();
             self.moved.notify_all();
         }
     }
 
-    fn wait_past(&self, seen: u64, deadline: Option<Instant>) -> u64 {
+    fn interest(&self, wants: Wants) -> Option<&AtomicUsize> {
+        match wants {
+            Wants::Notices => None,
+            Wants::Events(None) => Some(&self.any_event),
+            Wants::Events(Some(c)) => self.class.get(c as usize),
+        }
+    }
+
+    fn wait_past(&self, seen: u64, deadline: Option<Instant>, wants: Wants) -> u64 {
         let mut held = self.lock.lock().unwrap();
+        let interest = self.interest(wants);
         self.waiters.fetch_add(1, Ordering::SeqCst);
-        loop {
+        interest.map(|i| i.fetch_add(1, Ordering::SeqCst));
+        let now = loop {
             let now = self.count.load(Ordering::SeqCst);
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if now != seen || left.is_some_and(|l| l.is_zero()) {
-                self.waiters.fetch_sub(1, Ordering::SeqCst);
-                return now;
+                break now;
             }
             held = match left {
                 Some(l) => self.moved.wait_timeout(held, l).unwrap().0,
                 None => self.moved.wait(held).unwrap(),
             };
-        }
+        };
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        interest.map(|i| i.fetch_sub(1, Ordering::SeqCst));
+        now
     }
 }
 
@@ -94,7 +128,8 @@ impl Notices {
             .lock()
             .unwrap()
             .retain(|tx| tx.send(notice.clone()).is_ok());
-        self.progress.advance();
+        self.progress
+            .advance(|p| p.waiters.load(Ordering::SeqCst) > 0);
     }
 
     /// How many things have happened so far (notices and recorded events): the
@@ -103,16 +138,24 @@ impl Notices {
         self.progress.count.load(Ordering::SeqCst)
     }
 
-    /// Counts one recorded event (no notice: events come too fast to queue).
-    pub fn event_recorded(&self) {
-        self.progress.advance();
+    /// Counts one recorded event of `class` (no notice: events come too fast
+    /// to queue); wakes only the waiters that want such events.
+    pub fn event_recorded(&self, class: Class) {
+        self.progress.advance(|p| {
+            p.any_event.load(Ordering::SeqCst) > 0
+                || p.class
+                    .get(class as usize)
+                    .is_some_and(|n| n.load(Ordering::SeqCst) > 0)
+        });
     }
 
-    /// Blocks until something happened after `seen` (a `progress()` value), or
-    /// `deadline` passed; returns the count then. Read the state, then wait past
-    /// the count read before it: nothing that happens in between is missed.
-    pub fn wait_past(&self, seen: u64, deadline: Option<Instant>) -> u64 {
-        self.progress.wait_past(seen, deadline)
+    /// Blocks until something this waiter `wants` happened after `seen` (a
+    /// `progress()` value), or `deadline` passed; returns the count then (it
+    /// may have moved for things not wanted too). Read the state, then wait
+    /// past the count read before it: nothing that happens in between is
+    /// missed.
+    pub fn wait_past(&self, seen: u64, deadline: Option<Instant>, wants: Wants) -> u64 {
+        self.progress.wait_past(seen, deadline, wants)
     }
 }
 
@@ -161,25 +204,43 @@ mod tests {
 
     #[test]
     fn a_waiter_wakes_when_something_happens_and_not_before_its_deadline_otherwise() {
-        let n = std::sync::Arc::new(Notices::default());
+        use std::sync::Arc;
+        let n = Arc::new(Notices::default());
         let seen = n.progress();
         // Nothing happens: it waits until the deadline, then returns the same count.
         let t = Instant::now();
         let d = t + std::time::Duration::from_millis(30);
-        assert_eq!(n.wait_past(seen, Some(d)), seen);
+        assert_eq!(n.wait_past(seen, Some(d), Wants::Notices), seen);
         assert!(Instant::now() >= d);
         // Something that happened before the wait returns it at once.
-        n.event_recorded();
-        assert_eq!(n.wait_past(seen, None), seen + 1);
-        // Something that happens during the wait ends it (no deadline: a
-        // missed wake-up would hang the test).
-        let m = n.clone();
-        let waiter = std::thread::spawn(move || m.wait_past(seen + 1, None));
-        while n.progress.waiters.load(Ordering::SeqCst) == 0 {
-            std::thread::yield_now();
-        }
+        n.event_recorded(Class::Ept);
+        assert_eq!(n.wait_past(seen, None, Wants::Notices), seen + 1);
+        // Something wanted that happens during the wait ends it (no deadline:
+        // a missed wake-up would hang the test).
+        let waiting = |n: &Arc<Notices>, wants| {
+            let m = n.clone();
+            let seen = n.progress();
+            let w = std::thread::spawn(move || m.wait_past(seen, None, wants));
+            while n.progress.waiters.load(Ordering::SeqCst) == 0 {
+                std::thread::yield_now();
+            }
+            w
+        };
+        let w = waiting(&n, Wants::Notices);
         n.publish(Notice::Wake);
-        assert_eq!(waiter.join().unwrap(), seen + 2);
+        assert_eq!(w.join().unwrap(), seen + 2);
+        // Events of another class move the count but wake no one who waits
+        // for MSR events; an MSR event does.
+        let w = waiting(&n, Wants::Events(Some(Class::Msr)));
+        n.event_recorded(Class::Ept);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!w.is_finished(), "woken by an event it does not want");
+        n.event_recorded(Class::Msr);
+        assert_eq!(w.join().unwrap(), seen + 4);
+        // Any class: the first event.
+        let w = waiting(&n, Wants::Events(None));
+        n.event_recorded(Class::Timer);
+        assert_eq!(w.join().unwrap(), seen + 5);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use vmiscope_introspect::Class;
+use vmiscope_monitor::Wants;
 use vmiscope_vmm::VcpuCtl;
 
 use super::Session;
@@ -46,7 +47,13 @@ impl Session {
     /// Whether `f` holds by `deadline`: looked at again each time something
     /// happens in the session (a serial line, an alert, a recorded event, a
     /// stop, the end), blocking in between.
-    fn wait_until(&mut self, deadline: Instant, mut f: impl FnMut(&mut Session) -> bool) -> bool {
+    /// `wants`: whether recorded events (of which class) can make `f` hold.
+    fn wait_until(
+        &mut self,
+        deadline: Instant,
+        wants: Wants,
+        mut f: impl FnMut(&mut Session) -> bool,
+    ) -> bool {
         let notices = self.intro.notices().clone();
         loop {
             let seen = notices.progress();
@@ -57,7 +64,7 @@ impl Session {
             if Instant::now() >= deadline || self.outcome().is_some() {
                 return f(self);
             }
-            notices.wait_past(seen, Some(deadline));
+            notices.wait_past(seen, Some(deadline), wants);
         }
     }
 
@@ -104,7 +111,12 @@ impl Session {
             }
         };
         let what = if alerts { "alert" } else { "event" };
-        if self.wait_until(deadline, seen) {
+        let wants = if alerts {
+            Wants::Notices
+        } else {
+            Wants::Events(class)
+        };
+        if self.wait_until(deadline, wants, seen) {
             return Ok(format!("{what} seen"));
         }
         let detail = if alerts {
@@ -127,7 +139,7 @@ impl Session {
 
     fn expect_serial(&mut self, text: &str, deadline: Instant, t: f64) -> Result<String, String> {
         let seen = |s: &mut Session| s.serial_lines().iter().any(|l| l.contains(text));
-        if self.wait_until(deadline, seen) {
+        if self.wait_until(deadline, Wants::Notices, seen) {
             return Ok("seen on the serial line".into());
         }
         let tail: Vec<String> = {
@@ -141,7 +153,7 @@ impl Session {
     }
 
     fn expect_exit(&mut self, code: i32, deadline: Instant, t: f64) -> Result<String, String> {
-        let ended = self.wait_until(deadline, |s| s.outcome().is_some());
+        let ended = self.wait_until(deadline, Wants::Notices, |s| s.outcome().is_some());
         match self.outcome() {
             Some(o) if ended && o.reason.exit_status() == code => Ok(format!("exit {code}")),
             Some(o) => Err(format!(

@@ -66,7 +66,7 @@ impl Session {
                 )
                 .into());
             }
-            notices.wait_past(seen, Some(deadline));
+            notices.wait_past(seen, Some(deadline), vmiscope_monitor::Wants::Notices);
         }
     }
 

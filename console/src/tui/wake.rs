@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Instant;
 
-use vmiscope_monitor::{Notice, Notices};
+use vmiscope_monitor::{Notice, Notices, Wants};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -116,7 +116,7 @@ impl Wakes {
 fn watch(notices: &Notices, fd: &EventFd, closing: &AtomicBool, look_again: &Receiver<()>) {
     let mut seen = notices.progress();
     loop {
-        seen = notices.wait_past(seen, None);
+        seen = notices.wait_past(seen, None, Wants::Events(None));
         if closing.load(Ordering::SeqCst) || fd.write(1).is_err() {
             return;
         }
@@ -153,11 +153,11 @@ mod tests {
         // Nothing: the clock.
         assert_eq!(w.wait(true, soon()), Wake::Clock);
         // A notice: the session (a missed one would hang here, no limit).
-        notices.event_recorded();
+        notices.event_recorded(vmiscope_introspect::Class::Ept);
         assert_eq!(w.wait(true, None), Wake::Session);
         // Then a flood of them is one wake, not one per event…
         for _ in 0..1000 {
-            notices.event_recorded();
+            notices.event_recorded(vmiscope_introspect::Class::Ept);
         }
         assert_eq!(w.wait(true, None), Wake::Session);
         // …which was taken: at most one more (the flood may have started
@@ -166,7 +166,7 @@ mod tests {
         assert!(matches!(more, Wake::Session | Wake::Clock), "{more:?}");
         assert_eq!(w.wait(true, soon()), Wake::Clock);
         // During a frame's rest the session waits; the terminal does not.
-        notices.event_recorded();
+        notices.event_recorded(vmiscope_introspect::Class::Ept);
         assert_eq!(w.wait(false, soon()), Wake::Clock);
         nix::unistd::write(&wr, b"k").unwrap();
         assert_eq!(w.wait(false, None), Wake::Terminal);
