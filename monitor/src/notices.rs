@@ -51,16 +51,18 @@ pub enum Wants {
 /// How many event classes there are (`Class as usize` indexes them).
 const CLASSES: usize = 8;
 
-/// A counter that threads can wait on. Moving it costs one atomic add while
-/// nobody waits for what moved it: every recorded event moves it, so the exit
-/// path takes no lock for it unless a waiter wants events (of its class). A
-/// script's `expect event msr` is woken by MSR events only, not by each of the
-/// thousands of page events a policy makes meanwhile (each such wake made the
-/// script thread take the engine's lock: on the nested-SVM rig that starved
-/// the guest).
+/// Counts that threads can wait on: one of notices, one of events per class
+/// and one of all events. A waiter compares only what it `wants` (a count of
+/// everything moved with each of a policy's thousands of events, so a script
+/// waiting for a serial line woke at once every time it looked, and spun).
+/// Moving a count costs an atomic add or two while nobody waits for it: every
+/// recorded event moves two, so the exit path takes no lock unless a waiter
+/// wants events (of its class).
 #[derive(Default)]
 struct Progress {
-    count: AtomicU64,
+    notices: AtomicU64,
+    events: AtomicU64,
+    class_events: [AtomicU64; CLASSES],
     /// Every waiter (each wants notices).
     waiters: AtomicUsize,
     /// Waiters that want events of any class.
@@ -72,16 +74,49 @@ struct Progress {
 }
 
 impl Progress {
-    /// Moves the count; wakes the waiters if `wake` says one of them wants this.
-    fn advance(&self, wake: impl Fn(&Progress) -> bool) {
-        // SeqCst on both sides: a waiter counts itself before it reads `count`
-        // under `lock`; so either it sees the new count, or this sees the
-        // waiter and takes `lock`, which it can only get once the waiter sleeps.
-        self.count.fetch_add(1, Ordering::SeqCst);
-        if wake(self) {
+    /// Wakes the waiters if `wake` says one of them wants what just moved.
+    fn wake_if(&self, wake: bool) {
+        // SeqCst on both sides: a waiter counts itself before it reads the
+        // counts under `lock`; so either it sees the new count, or this sees
+        // the waiter and takes `lock`, which it can only get once the waiter
+        // sleeps.
+        if wake {
             let _held = self.lock.lock().unwrap();
             self.moved.notify_all();
         }
+    }
+
+    fn notice(&self) {
+        self.notices.fetch_add(1, Ordering::SeqCst);
+        self.wake_if(self.waiters.load(Ordering::SeqCst) > 0);
+    }
+
+    fn event(&self, class: Class) {
+        let slot = class as usize;
+        self.events.fetch_add(1, Ordering::SeqCst);
+        if let Some(n) = self.class_events.get(slot) {
+            n.fetch_add(1, Ordering::SeqCst);
+        }
+        let wanted = self.any_event.load(Ordering::SeqCst) > 0
+            || self
+                .class
+                .get(slot)
+                .is_some_and(|n| n.load(Ordering::SeqCst) > 0);
+        self.wake_if(wanted);
+    }
+
+    /// What `wants` compares: the notices, plus the events it wants.
+    fn count(&self, wants: Wants) -> u64 {
+        let notices = self.notices.load(Ordering::SeqCst);
+        let events = match wants {
+            Wants::Notices => 0,
+            Wants::Events(None) => self.events.load(Ordering::SeqCst),
+            Wants::Events(Some(c)) => self
+                .class_events
+                .get(c as usize)
+                .map_or(0, |n| n.load(Ordering::SeqCst)),
+        };
+        notices.wrapping_add(events)
     }
 
     fn interest(&self, wants: Wants) -> Option<&AtomicUsize> {
@@ -98,7 +133,7 @@ impl Progress {
         self.waiters.fetch_add(1, Ordering::SeqCst);
         interest.map(|i| i.fetch_add(1, Ordering::SeqCst));
         let now = loop {
-            let now = self.count.load(Ordering::SeqCst);
+            let now = self.count(wants);
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if now != seen || left.is_some_and(|l| l.is_zero()) {
                 break now;
@@ -128,32 +163,25 @@ impl Notices {
             .lock()
             .unwrap()
             .retain(|tx| tx.send(notice.clone()).is_ok());
-        self.progress
-            .advance(|p| p.waiters.load(Ordering::SeqCst) > 0);
+        self.progress.notice();
     }
 
-    /// How many things have happened so far (notices and recorded events): the
-    /// `seen` to give `wait_past`.
-    pub fn progress(&self) -> u64 {
-        self.progress.count.load(Ordering::SeqCst)
+    /// How many things a waiter that `wants` so much has seen happen so far
+    /// (notices, and the events it wants): the `seen` to give `wait_past`.
+    pub fn progress(&self, wants: Wants) -> u64 {
+        self.progress.count(wants)
     }
 
     /// Counts one recorded event of `class` (no notice: events come too fast
     /// to queue); wakes only the waiters that want such events.
     pub fn event_recorded(&self, class: Class) {
-        self.progress.advance(|p| {
-            p.any_event.load(Ordering::SeqCst) > 0
-                || p.class
-                    .get(class as usize)
-                    .is_some_and(|n| n.load(Ordering::SeqCst) > 0)
-        });
+        self.progress.event(class);
     }
 
     /// Blocks until something this waiter `wants` happened after `seen` (a
-    /// `progress()` value), or `deadline` passed; returns the count then (it
-    /// may have moved for things not wanted too). Read the state, then wait
-    /// past the count read before it: nothing that happens in between is
-    /// missed.
+    /// `progress(wants)` value), or `deadline` passed; returns the count then.
+    /// Read the count, then the state, then wait past the count: nothing that
+    /// happens in between is missed, and nothing unwanted ends the wait.
     pub fn wait_past(&self, seen: u64, deadline: Option<Instant>, wants: Wants) -> u64 {
         self.progress.wait_past(seen, deadline, wants)
     }
@@ -206,41 +234,46 @@ mod tests {
     fn a_waiter_wakes_when_something_happens_and_not_before_its_deadline_otherwise() {
         use std::sync::Arc;
         let n = Arc::new(Notices::default());
-        let seen = n.progress();
+        let seen = n.progress(Wants::Notices);
         // Nothing happens: it waits until the deadline, then returns the same count.
         let t = Instant::now();
         let d = t + std::time::Duration::from_millis(30);
         assert_eq!(n.wait_past(seen, Some(d), Wants::Notices), seen);
         assert!(Instant::now() >= d);
-        // Something that happened before the wait returns it at once.
+        // An event is not a notice: a notice waiter's count stays; one that
+        // wants events sees it, at once since it came before the wait.
+        let before = n.progress(Wants::Events(None));
         n.event_recorded(Class::Ept);
-        assert_eq!(n.wait_past(seen, None, Wants::Notices), seen + 1);
+        assert_eq!(n.progress(Wants::Notices), seen);
+        assert_eq!(n.wait_past(before, None, Wants::Events(None)), before + 1);
         // Something wanted that happens during the wait ends it (no deadline:
         // a missed wake-up would hang the test).
         let waiting = |n: &Arc<Notices>, wants| {
             let m = n.clone();
-            let seen = n.progress();
+            let seen = n.progress(wants);
             let w = std::thread::spawn(move || m.wait_past(seen, None, wants));
             while n.progress.waiters.load(Ordering::SeqCst) == 0 {
                 std::thread::yield_now();
             }
-            w
+            (w, seen)
         };
-        let w = waiting(&n, Wants::Notices);
+        let (w, seen) = waiting(&n, Wants::Notices);
         n.publish(Notice::Wake);
-        assert_eq!(w.join().unwrap(), seen + 2);
-        // Events of another class move the count but wake no one who waits
-        // for MSR events; an MSR event does.
-        let w = waiting(&n, Wants::Events(Some(Class::Msr)));
+        assert_eq!(w.join().unwrap(), seen + 1);
+        // Events of another class neither wake nor end the wait of one who
+        // waits for MSR events (the wait would return at once on any moved
+        // count); an MSR event does.
+        let (w, seen) = waiting(&n, Wants::Events(Some(Class::Msr)));
+        n.event_recorded(Class::Ept);
         n.event_recorded(Class::Ept);
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(!w.is_finished(), "woken by an event it does not want");
         n.event_recorded(Class::Msr);
-        assert_eq!(w.join().unwrap(), seen + 4);
+        assert_eq!(w.join().unwrap(), seen + 1);
         // Any class: the first event.
-        let w = waiting(&n, Wants::Events(None));
+        let (w, seen) = waiting(&n, Wants::Events(None));
         n.event_recorded(Class::Timer);
-        assert_eq!(w.join().unwrap(), seen + 5);
+        assert_eq!(w.join().unwrap(), seen + 1);
     }
 
     #[test]

@@ -56,7 +56,7 @@ impl Session {
     ) -> bool {
         let notices = self.intro.notices().clone();
         loop {
-            let seen = notices.progress();
+            let seen = notices.progress(wants);
             if f(self) {
                 return true;
             }

@@ -49,7 +49,7 @@ impl Session {
         let deadline = std::time::Instant::now() + Duration::from_secs_f64(secs);
         let notices = self.intro.notices().clone();
         loop {
-            let seen = notices.progress();
+            let seen = notices.progress(vmiscope_monitor::Wants::Notices);
             if self.control.stop_count() > n && self.control.stop().is_some() {
                 return Ok(Output::text(self.describe_stop()?));
             }

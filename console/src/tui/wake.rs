@@ -114,7 +114,7 @@ impl Wakes {
 /// The watcher: one eventfd write per move of the session's progress, each
 /// after the previous one was taken.
 fn watch(notices: &Notices, fd: &EventFd, closing: &AtomicBool, look_again: &Receiver<()>) {
-    let mut seen = notices.progress();
+    let mut seen = notices.progress(Wants::Events(None));
     loop {
         seen = notices.wait_past(seen, None, Wants::Events(None));
         if closing.load(Ordering::SeqCst) || fd.write(1).is_err() {
