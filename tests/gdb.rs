@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
-use common::kvm_available;
+use common::{kvm_available, repeat};
 
 fn gdb_available() -> bool {
     common::tool_available("gdb", "--version")
@@ -834,15 +834,6 @@ fn a_breakpoint_in_code_both_vcpus_run_stops_instead_of_triple_faulting() {
     assert!(out.contains("hit Breakpoint 1.2, ap_main"), "{out}");
 }
 
-/// How many times the SMP step-over tests repeat (`VMISCOPE_REPEAT`, default
-/// 10): a lost stop showed in about half the runs.
-fn repeat() -> usize {
-    std::env::var("VMISCOPE_REPEAT")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(10)
-}
-
 #[test]
 #[cfg_attr(any(no_kvm, no_gdb), ignore = "needs /dev/kvm and gdb")]
 fn a_stepi_off_a_breakpoint_on_the_second_vcpu_comes_back_every_time() {
@@ -853,6 +844,7 @@ fn a_stepi_off_a_breakpoint_on_the_second_vcpu_comes_back_every_time() {
     // (`vCont;s:p1.2`). vCPU 0 had been paused in the middle of a step-over of
     // its own on the same page, one that runs alone: vCPU 1 then waited for it
     // for good and the stop never came (about 1 run in 2).
+    // A lost stop showed in about half the runs: `repeat()` runs (10).
     for run in 0..repeat() {
         let (out, code, vout) = gdb_session(
             "smp",

@@ -228,11 +228,7 @@ fn lldb_steps_off_a_breakpoint_on_vcpu_1_every_time() {
     }
     // The same step-over as gdb's on the second vCPU (tests/gdb.rs): LLDB's
     // `thread step-inst` came back with no stop about half the time.
-    let runs = std::env::var("VMISCOPE_REPEAT")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(10);
-    for run in 0..runs {
+    for run in 0..common::repeat() {
         let g = guest("smp");
         let out = output(g.lldb(&[
             "breakpoint set -n ap_main",

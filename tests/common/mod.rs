@@ -53,6 +53,16 @@ pub fn symbol(image: &str, symbol: &str) -> u64 {
         .unwrap_or_else(|| panic!("{image} has no {symbol}"))
 }
 
+/// How many times a test that hunts a race repeats (`VMISCOPE_REPEAT`,
+/// default 10).
+#[allow(dead_code)]
+pub fn repeat() -> usize {
+    std::env::var("VMISCOPE_REPEAT")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10)
+}
+
 pub fn config(vcpus: u32) -> VmConfig {
     VmConfig {
         vcpus,
