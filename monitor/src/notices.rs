@@ -166,6 +166,13 @@ impl Notices {
         self.progress.notice();
     }
 
+    /// Counts something that is not worth a notice but may end a wait: the
+    /// guest printed part of a line (a prompt with no newline yet, which a
+    /// script's `expect serial` may be waiting for).
+    pub fn touch(&self) {
+        self.progress.notice();
+    }
+
     /// How many things a waiter that `wants` so much has seen happen so far
     /// (notices, and the events it wants): the `seen` to give `wait_past`.
     pub fn progress(&self, wants: Wants) -> u64 {

@@ -145,6 +145,10 @@ impl Session {
             lines.extend(done.iter().cloned());
             lines.push(split.partial().to_string());
             drop(lines);
+            if done.is_empty() {
+                // Part of a line (a prompt): what `expect serial` may wait for.
+                n2.touch();
+            }
             for line in done {
                 n2.publish(vmiscope_monitor::Notice::Serial(line));
             }
