@@ -213,6 +213,8 @@ impl Introspection {
         let before = e.alerts().len();
         let out = respond(&mut e, cpu, event);
         self.report(&e, before);
+        // Counted once the lock is free: a waiter it wakes reads the engine.
+        drop(e);
         if let Some(r) = &out.1 {
             self.notices.event_recorded(r.class);
         }
@@ -229,6 +231,7 @@ impl Introspection {
         let timer = self.tick_due();
         let rec = per_exit(&mut e, cpu, timer, |e, cpu| self.arm(e, cpu));
         self.report(&e, before);
+        drop(e);
         if let Ok(Some(r)) = &rec {
             self.notices.event_recorded(r.class);
         }

@@ -5,7 +5,7 @@
 use kvm_bindings::kvm_regs;
 
 use super::VcpuThread;
-use super::handle::{ExitBackend, FailureSite, Flow, SlotUse};
+use super::handle::{ExitBackend, FailedInsn, FailureSite, Flow, SlotUse};
 use super::state::Catch;
 use crate::devices::PortEffect;
 use crate::event::{Event, Reply};
@@ -174,6 +174,10 @@ impl ExitBackend for VcpuThread {
 
     fn failure_site(&mut self) -> FailureSite {
         VcpuThread::failure_site(self)
+    }
+
+    fn failed_instruction(&mut self) -> FailedInsn {
+        VcpuThread::failed_instruction(self)
     }
 
     fn exec_fault(&mut self, gva: u64, gpa: u64, cpl: u8) -> Flow {

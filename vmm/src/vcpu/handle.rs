@@ -15,7 +15,9 @@ use crate::stop::StopReason;
 
 mod contract;
 mod faults;
-pub(crate) use contract::{ExitBackend, FailureSite, Flow, SlotUse, ask, stop, stop_or_continue};
+pub(crate) use contract::{
+    ExitBackend, FailedInsn, FailureSite, Flow, SlotUse, ask, stop, stop_or_continue,
+};
 pub(crate) use faults::breakpoint;
 
 /// Handles one decoded exit: asks the handler where the exit is an event, then

@@ -32,7 +32,7 @@ pub(crate) mod handle;
 mod insn_cpu;
 mod page_exec;
 pub(crate) mod state;
-use handle::{FailureSite, Flow};
+use handle::{FailedInsn, FailureSite, Flow};
 use state::{DebugState, StepOver};
 
 /// Creates and initialises vCPU `id` for `entry`.
@@ -347,20 +347,30 @@ impl VcpuThread {
 
     /// See `ExitBackend::failure_site`.
     fn failure_site(&mut self) -> FailureSite {
-        let (suberror, data) = self.internal_error_data();
+        let (suberror, _) = self.internal_error_data();
         let rip = self.regs().rip;
         let cpl = self.cpl();
-        let mode = self.mode();
-        let gpa = paging::translate(self.vm.ram(), mode, rip)
+        let gpa = paging::translate(self.vm.ram(), self.mode(), rip)
             .ok()
             .map(|t| t.gpa);
         let page = gpa.map(|g| (g, self.vm.page_access(g)));
         // Read after `page`: a change that `page` missed shows here.
         let slots_changed = self.vm.slot_generation() != self.entered_slots;
-        let mut b = [0u8];
-        let int3 = guest::read_virt(self.vm.ram(), mode, rip, &mut b).is_ok() && b[0] == 0xcc;
+        FailureSite {
+            emulation: suberror == KVM_INTERNAL_ERROR_EMULATION,
+            rip,
+            cpl,
+            page,
+            slots_changed,
+        }
+    }
+
+    /// See `ExitBackend::failed_instruction`.
+    fn failed_instruction(&mut self) -> FailedInsn {
+        let (_, data) = self.internal_error_data();
+        let rip = self.regs().rip;
         let mut bytes = [0u8; 15];
-        let len = match guest::read_virt(self.vm.ram(), mode, rip, &mut bytes) {
+        let len = match guest::read_virt(self.vm.ram(), self.mode(), rip, &mut bytes) {
             Ok(()) => 15,
             // The kernel's copy: data[1] = insn_size | bytes…
             Err(_) => {
@@ -369,16 +379,7 @@ impl VcpuThread {
                 raw[0].min(15)
             }
         };
-        FailureSite {
-            emulation: suberror == KVM_INTERNAL_ERROR_EMULATION,
-            rip,
-            cpl,
-            page,
-            slots_changed,
-            int3,
-            bytes,
-            len,
-        }
+        FailedInsn { bytes, len }
     }
 
     /// Instructions KVM's emulator cannot run at CPL0 on a PVM host but the VMM can

@@ -22,7 +22,9 @@ pub(crate) enum SlotUse {
     Analyst,
 }
 
-/// Where an internal error (KVM_EXIT_INTERNAL_ERROR) happened, read once.
+/// Where an internal error (KVM_EXIT_INTERNAL_ERROR) happened, read once:
+/// enough to route an execute trap (the common case, on a hot loop's page)
+/// without reading the instruction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FailureSite {
     /// The suberror is KVM's emulation failure (else: another internal error).
@@ -33,11 +35,21 @@ pub(crate) struct FailureSite {
     pub page: Option<(u64, Access)>,
     /// The memslots changed since the vCPU entered (read after `page`).
     pub slots_changed: bool,
-    /// The byte at RIP is an INT3.
-    pub int3: bool,
-    /// The instruction's bytes (from guest memory, else KVM's copy).
+}
+
+/// The instruction an internal error happened at: its bytes from guest
+/// memory, else KVM's copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FailedInsn {
     pub bytes: [u8; 15],
     pub len: u8,
+}
+
+impl FailedInsn {
+    /// The instruction is an INT3.
+    pub(crate) fn int3(&self) -> bool {
+        self.len > 0 && self.bytes[0] == 0xcc
+    }
 }
 
 /// What the loop does after an exit.
@@ -103,6 +115,9 @@ pub(crate) trait ExitBackend {
     fn sw_breakpoint_at(&self, rip: u64) -> (Option<u64>, bool);
     /// Where an internal error happened (see `FailureSite`).
     fn failure_site(&mut self) -> FailureSite;
+    /// The instruction it happened at (read only when the site does not
+    /// route it).
+    fn failed_instruction(&mut self) -> FailedInsn;
     /// A fetch at `gva` from the execute-trapped page at `gpa`: its event,
     /// then the instruction completed here or stepped over.
     fn exec_fault(&mut self, gva: u64, gpa: u64, cpl: u8) -> Flow;

@@ -92,18 +92,19 @@ pub(crate) fn internal_error(be: &mut dyn ExitBackend) -> Flow {
         if let Some((gpa, Access::AllTrap)) = site.page {
             return be.exec_fault(rip, gpa, cpl);
         }
-        if site.int3 {
-            let (gpa, ours) = be.sw_breakpoint_at(rip);
-            return breakpoint(be, rip, gpa, ours, cpl);
-        }
     }
-    let len = site.len.min(15);
-    if be.fixup(&site.bytes[..len as usize]) {
+    let insn = be.failed_instruction();
+    if site.emulation && insn.int3() {
+        let (gpa, ours) = be.sw_breakpoint_at(rip);
+        return breakpoint(be, rip, gpa, ours, cpl);
+    }
+    let len = insn.len.min(15);
+    if be.fixup(&insn.bytes[..len as usize]) {
         return Flow::Continue;
     }
     let ev = Event::EmulationFailure {
         rip,
-        bytes: site.bytes,
+        bytes: insn.bytes,
         len,
         cpl,
     };
@@ -115,7 +116,7 @@ pub(crate) fn internal_error(be: &mut dyn ExitBackend) -> Flow {
                 cpu: be.id(),
                 rip,
                 cpl,
-                bytes: site.bytes[..len as usize].to_vec(),
+                bytes: insn.bytes[..len as usize].to_vec(),
             };
             stop(be, reason)
         }

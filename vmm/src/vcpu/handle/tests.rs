@@ -49,7 +49,9 @@ struct Fake {
     /// Our INT3s: RIP → guest-physical address (other RIPs map to themselves).
     sw_bps: HashMap<u64, u64>,
     /// What the next internal error says.
-    site: Option<FailureSite>,
+    site: Option<Site>,
+    /// How often the failed instruction was read.
+    insn_reads: std::cell::Cell<u32>,
     /// The VMM can complete the failed instruction.
     fixable: bool,
     /// A kick finds the vCPU on the same CPL0 hypercall as the last one.
@@ -171,7 +173,23 @@ impl ExitBackend for Fake {
         }
     }
     fn failure_site(&mut self) -> FailureSite {
-        self.site.expect("an internal error the test set up")
+        let s = self.site.expect("an internal error the test set up");
+        FailureSite {
+            emulation: s.emulation,
+            rip: s.rip,
+            cpl: s.cpl,
+            page: s.page,
+            slots_changed: s.slots_changed,
+        }
+    }
+    fn failed_instruction(&mut self) -> FailedInsn {
+        let s = self.site.expect("an internal error the test set up");
+        self.insn_reads.set(self.insn_reads.get() + 1);
+        let mut bytes = s.bytes;
+        if s.int3 {
+            bytes[0] = 0xcc;
+        }
+        FailedInsn { bytes, len: s.len }
     }
     fn exec_fault(&mut self, gva: u64, gpa: u64, _: u8) -> Flow {
         self.did.push(Did::ExecFault(gva, gpa));
@@ -522,8 +540,21 @@ fn a_debug_exit_goes_to_the_step_the_catch_or_the_breakpoint_it_is() {
     );
 }
 
-fn site() -> FailureSite {
-    FailureSite {
+/// An internal error as the test sets it up: where, and the instruction.
+#[derive(Debug, Clone, Copy)]
+struct Site {
+    emulation: bool,
+    rip: u64,
+    cpl: u8,
+    page: Option<(u64, Access)>,
+    slots_changed: bool,
+    int3: bool,
+    bytes: [u8; 15],
+    len: u8,
+}
+
+fn site() -> Site {
+    Site {
         emulation: true,
         rip: PC,
         cpl: 0,
@@ -535,7 +566,7 @@ fn site() -> FailureSite {
     }
 }
 
-fn failed(reply: Reply, site: FailureSite) -> (Fake, Flow) {
+fn failed(reply: Reply, site: Site) -> (Fake, Flow) {
     let mut f = Fake::answering(reply);
     f.site = Some(site);
     let flow = handle_exit(&mut f, RawExit::InternalError);
@@ -545,7 +576,7 @@ fn failed(reply: Reply, site: FailureSite) -> (Fake, Flow) {
 #[test]
 fn an_emulation_failure_is_an_exec_trap_an_int3_a_fixup_or_the_end() {
     // A fetch from a page with no memslot is our execute trap.
-    let trap = FailureSite {
+    let trap = Site {
         page: Some((0x3000, Access::AllTrap)),
         ..site()
     };
@@ -554,15 +585,18 @@ fn an_emulation_failure_is_an_exec_trap_an_int3_a_fixup_or_the_end() {
         (f.did.as_slice(), flow),
         (&[Did::ExecFault(PC, 0x3000)][..], Flow::Continue)
     );
+    // Routed without reading the instruction (a hot loop's page faults on
+    // every fetch).
+    assert_eq!(f.insn_reads.get(), 0);
     // …unless the memslots changed since the entry: then it runs again.
-    let moved = FailureSite {
+    let moved = Site {
         slots_changed: true,
         ..trap
     };
     let (f, flow) = failed(Reply::Continue, moved);
     assert_eq!((f.did.as_slice(), flow), (&[][..], Flow::Continue));
     // Not an emulation failure: no execute trap, whatever the page.
-    let other = FailureSite {
+    let other = Site {
         emulation: false,
         ..trap
     };
@@ -570,7 +604,7 @@ fn an_emulation_failure_is_an_exec_trap_an_int3_a_fixup_or_the_end() {
     assert_eq!(flow, Flow::Stop);
     assert!(!f.did.contains(&Did::ExecFault(PC, 0x3000)));
     // An INT3 KVM's emulator could not run (PVM, CPL0): the breakpoint route.
-    let int3 = FailureSite {
+    let int3 = Site {
         int3: true,
         ..site()
     };
@@ -585,7 +619,7 @@ fn an_emulation_failure_is_an_exec_trap_an_int3_a_fixup_or_the_end() {
     // run with the instruction's bytes.
     let (f, flow) = failed(Reply::Retry, site());
     assert_eq!((f.effects().as_slice(), flow), (&[][..], Flow::Continue));
-    let (f, flow) = failed(Reply::Continue, FailureSite { len: 2, ..site() });
+    let (f, flow) = failed(Reply::Continue, Site { len: 2, ..site() });
     assert_eq!(flow, Flow::Stop);
     assert_eq!(
         f.effects(),
