@@ -69,18 +69,36 @@ struct Tables {
 impl Tables {
     /// The tables, given where the "0\01\0…9\0" run is.
     fn around(b: &[u8], digits: usize) -> Option<Tables> {
-        // Walk back over the 0x30 tokens before '0': each ends with a NUL.
-        let mut start = digits;
-        for _ in 0..0x30 {
-            let prev_nul = b[..start.checked_sub(1)?].iter().rposition(|&c| c == 0)?;
-            start = prev_nul + 1;
-            if digits - start > 0x30 * 64 {
+        // Walk back over tokens 0x2f..1 before '0': each ends with a NUL.
+        let mut token1 = digits;
+        for _ in 0..0x2f {
+            let prev_nul = b[..token1.checked_sub(1)?].iter().rposition(|&c| c == 0)?;
+            token1 = prev_nul + 1;
+            if digits - token1 > 0x30 * 64 {
                 return None;
             }
         }
-        if !start.is_multiple_of(8) {
-            return None;
+        // Token 0 ends with the NUL just before token 1 and starts on an
+        // 8-byte boundary. What precedes it need not be a NUL: when the table
+        // before (`kallsyms_seqs_of_names`) ends exactly on that boundary, as
+        // in Debian's PREEMPT_RT 6.1 kernel, token 0 follows its last byte.
+        // So each aligned start with no NUL up to token 1 is tried, nearest
+        // first; the index check refuses a start too early.
+        let end0 = token1.checked_sub(1)?;
+        let mut start = end0.checked_sub(1)? & !7;
+        loop {
+            if let Some(t) = Self::at(b, start) {
+                return Some(t);
+            }
+            start = start.checked_sub(8)?;
+            if end0 - start > 64 || b[start..end0].contains(&0) {
+                return None;
+            }
         }
+    }
+
+    /// The tables, given that the token table starts at `start`.
+    fn at(b: &[u8], start: usize) -> Option<Tables> {
         let mut tokens = Vec::with_capacity(256);
         let mut at = start;
         for _ in 0..256 {
@@ -196,17 +214,25 @@ impl Tables {
                 out.push((addr, 0, name));
             }
         }
-        out.sort();
-        let next: Vec<u64> = out.iter().map(|e| e.0).collect();
-        for (i, e) in out.iter_mut().enumerate() {
-            let n = next[i + 1..].iter().find(|a| **a > e.0);
-            // A longer distance is a gap between regions (per-CPU offsets,
-            // then the kernel image), not a size: unknown.
-            let distance = n.map_or(0, |n| n - e.0);
-            e.1 = if distance > MAX_SIZE { 0 } else { distance };
-        }
-        Some(out)
+        Some(sized_by_neighbours(out))
     }
+}
+
+/// Sorts `out` and gives each symbol the distance to the next higher one as
+/// its size: neither kallsyms nor a System.map keeps sizes, and the policies
+/// need them (a writer is allowed when its RIP is inside a function of the
+/// kernel's own text patching), whichever of the two named it.
+fn sized_by_neighbours(mut out: Vec<Entry>) -> Vec<Entry> {
+    out.sort();
+    let next: Vec<u64> = out.iter().map(|e| e.0).collect();
+    for (i, e) in out.iter_mut().enumerate() {
+        let n = next[i + 1..].iter().find(|a| **a > e.0);
+        // A longer distance is a gap between regions (per-CPU offsets,
+        // then the kernel image), not a size: unknown.
+        let distance = n.map_or(0, |n| n - e.0);
+        e.1 = if distance > MAX_SIZE { 0 } else { distance };
+    }
+    out
 }
 
 /// A name's length and the bytes its length takes: one, or two when the
@@ -239,8 +265,7 @@ pub fn parse_system_map(text: &str) -> Option<Vec<Entry>> {
     if out.len() < 16 {
         return None;
     }
-    out.sort();
-    Some(out)
+    Some(sized_by_neighbours(out))
 }
 
 #[cfg(test)]
@@ -249,6 +274,12 @@ mod tests {
 
     /// Builds kallsyms tables the way scripts/kallsyms lays them out.
     fn tables(syms: &[(u64, &str)], base: u64) -> Vec<u8> {
+        tables_with(syms, base, false)
+    }
+
+    /// With `seqs`, the 3-byte `kallsyms_seqs_of_names` entries (none of
+    /// them zero) come between the markers and the token table.
+    fn tables_with(syms: &[(u64, &str)], base: u64, seqs: bool) -> Vec<u8> {
         let mut b = vec![0xaau8; 64];
         // Tokens: every byte stands for itself.
         let offsets_at = b.len();
@@ -281,11 +312,20 @@ mod tests {
         while !b.len().is_multiple_of(8) {
             b.push(0);
         }
+        if seqs {
+            b.extend([0x01, 0x50, 0x7a].repeat(syms.len()));
+            while !b.len().is_multiple_of(8) {
+                b.push(0);
+            }
+        }
         let mut index = vec![];
         let table = b.len();
         for t in 0..=255u8 {
             index.push((b.len() - table) as u16);
-            if t != 0 {
+            // Token 0 is a pair, as in real kernels ("na" in the RT one).
+            if t == 0 {
+                b.extend(b"na");
+            } else {
                 b.push(t);
             }
             b.push(0);
@@ -322,6 +362,24 @@ mod tests {
         assert!(read(&bad).is_none());
     }
 
+    /// Debian's PREEMPT_RT kernel: `kallsyms_seqs_of_names` ends exactly on
+    /// the 8-byte boundary where the token table starts, so no NUL precedes
+    /// token 0 (600 names: 1,800 bytes of seqs).
+    #[test]
+    fn a_token_table_right_after_a_table_ending_on_its_boundary_is_found() {
+        let base = 0xffff_ffff_8100_0000;
+        let names: Vec<String> = (0..600).map(|i| format!("rt_{i}")).collect();
+        let syms: Vec<(u64, &str)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (base + 0x20 * i as u64, n.as_str()))
+            .collect();
+        let img = tables_with(&syms, base, true);
+        let got = read(&img).expect("found after the seqs table");
+        assert_eq!(got.len(), 600);
+        assert_eq!(got[42], (base + 0x20 * 42, 0x20, "rt_42".into()));
+    }
+
     #[test]
     fn a_digit_run_at_the_start_or_alone_is_no_table_and_no_panic() {
         let digits: Vec<u8> = (b'0'..=b'9').flat_map(|d| [d, 0]).collect();
@@ -339,6 +397,9 @@ mod tests {
         let m = parse_system_map(&text).unwrap();
         assert_eq!(m.len(), 20);
         assert_eq!(m[1].2, "f1");
+        // Sized by the next symbol, as kallsyms are (the -dbg System.map
+        // gave every function size 0, so no writer was ever inside one).
+        assert_eq!(m[1].1, 1);
         assert!(
             parse_system_map("ffffffffffffffff B The real System.map is in the linux-image-6.1.0-57-cloud-amd64-dbg package\n").is_none()
         );

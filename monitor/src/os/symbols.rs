@@ -21,6 +21,9 @@ const SLIDE_MAX: u64 = 1 << 30;
 /// Where the kernel image is mapped (`__START_KERNEL_map`): KASLR moves what
 /// lies above it. Per-CPU symbols (offsets from 0) and fixed areas stay put.
 const KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
+/// How far past a symbol of unknown size (an assembler label, the last
+/// symbol before a gap) an address is still named after it.
+const UNSIZED_REACH: u64 = 0x1000;
 
 impl Symbols {
     /// Reads the symbol table; an image without one (or not ELF) has no symbols.
@@ -116,12 +119,25 @@ impl Symbols {
         self.link_address(name).map(|a| self.moved(a))
     }
 
-    /// The symbol containing (or the nearest below) `addr`, with the offset.
+    /// The symbol containing `addr`, with the offset. A symbol holds its
+    /// size (the ELF's, or the distance to the next for kallsyms and a
+    /// System.map); one of unknown size (0) is given `UNSIZED_REACH`. An
+    /// address past the end is no symbol's: `sym+0xffdbdfff` would send an
+    /// analyst to the wrong place.
     pub fn lookup(&self, addr: u64) -> Option<(&str, u64)> {
         let addr = self.unmoved(addr);
         let i = self.by_addr.partition_point(|(a, _, _)| *a <= addr);
+        // Several symbols may share an address (aliases, a label at a
+        // function's start): the largest size among them decides the reach.
         let (a, _, n) = self.by_addr.get(i.checked_sub(1)?)?;
-        Some((n.as_str(), addr - a))
+        let size = self.by_addr[..i]
+            .iter()
+            .rev()
+            .take_while(|(b, _, _)| b == a)
+            .map(|(_, s, _)| *s)
+            .max()?;
+        let reach = if size == 0 { UNSIZED_REACH } else { size };
+        (addr - a < reach).then_some((n.as_str(), addr - a))
     }
 
     pub fn len(&self) -> usize {
@@ -194,6 +210,23 @@ mod tests {
         );
         assert_eq!(s.lookup(0x1_fd40), Some(("current_task", 0)));
         assert_eq!(find_slide(&s, 0, &["idt_table"]), None, "found once, kept");
+    }
+
+    /// An address past a symbol's end is not named after it (the review saw
+    /// `sym+0xffdbdfff`); a symbol of unknown size reaches one page.
+    #[test]
+    fn an_address_past_a_symbols_end_has_no_symbol() {
+        let s = Symbols::from_entries(vec![
+            (0x1000, 0x10, "f".into()),
+            (0x1000, 0, "f_alias".into()),
+            (0x3000, 0, "label".into()),
+        ]);
+        assert_eq!(s.lookup(0x100f).map(|l| l.1), Some(0xf));
+        assert_eq!(s.lookup(0x1010), None);
+        assert_eq!(s.lookup(0xffff_0000), None);
+        assert_eq!(s.lookup(0x3fff), Some(("label", 0xfff)));
+        assert_eq!(s.lookup(0x4000), None);
+        assert_eq!(s.lookup(0xfff), None);
     }
 
     #[test]
