@@ -234,6 +234,47 @@ fn cpio(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
     out
 }
 
+/// A Linux kernel whose symbols are not found is said loudly, and the
+/// policies that need them are not armed: before, they fell back to the
+/// generic guest's rules, denied the kernel's own `lidt` of `idt_table`, and
+/// Debian's PREEMPT_RT kernel (whose kallsyms were not found) triple-faulted.
+/// A System.map that names none of the kernel's entry points stands in for
+/// missing symbols here.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+#[cfg_attr(no_linux, ignore = "needs Debian's kernel package unpacked by .ci/run")]
+fn a_linux_kernel_without_symbols_is_said_and_its_policies_do_not_kill_it() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = common::temp_dir("linux-no-symbols");
+    let map = dir.join("System.map");
+    let junk: String = (0..32)
+        .map(|i| format!("ffffffff9000{i:04x} T unrelated_{i}\n"))
+        .collect();
+    std::fs::write(&map, junk).unwrap();
+    let script = dir.join("boot.vms");
+    // `Memory:` comes after setup_arch's switch to idt_table.
+    std::fs::write(
+        &script,
+        "expect serial \"Linux version\" timeout 120\n\
+         expect serial \"Memory:\" timeout 300\n\
+         expect no-alert\n",
+    )
+    .unwrap();
+    let extra = ["--symbols", map.to_str().unwrap()];
+    let text = run_script(&[&PROTECTED[..], &extra].concat(), &script);
+    assert!(
+        text.contains("WARNING: no symbols found for this Linux kernel")
+            && text.contains("syscall-msrs, kernel-code"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("user-page"),
+        "`all` leaves it out on Linux: {text}"
+    );
+}
+
 /// The policies know the kernel's own code whichever source named its
 /// symbols: with the -dbg package's System.map instead of the kallsyms, the
 /// protected boot passes its text patching (alternatives) and IDT set-up

@@ -154,9 +154,15 @@ pub fn engine(
         *e.exceptions_mut() =
             Exceptions::parse(&text).map_err(|err| format!("{}: {err}", p.display()))?;
     }
-    let policies = match &a.protect {
-        Some(list) => policy::parse_list(list)?,
-        None => vec![],
+    let (wanted, named) = match &a.protect {
+        Some(list) => {
+            let named = list.split(',').filter(|n| n.trim() != "all");
+            (
+                policy::parse_list(list)?,
+                policy::parse_list(&named.collect::<Vec<_>>().join(","))?,
+            )
+        }
+        None => (vec![], vec![]),
     };
     let journal = match &a.journal {
         Some(p) => {
@@ -168,6 +174,10 @@ pub fn engine(
         None => None,
     };
     let env = policy_env(symbols, a.mem << 20);
+    let (policies, warning) = vmiscope_monitor::os::usable_policies(&os, &env, &wanted, &named);
+    if let Some(w) = warning {
+        eprintln!("[vmiscope] {w}");
+    }
     // Refused before the run: a policy with nothing valid to protect would
     // install nothing and look on silently.
     env.check(&policies)?;

@@ -134,13 +134,64 @@ pub fn policy_env(sym: &Symbols, ram: u64) -> PolicyEnv {
         .and_then(|(name, (a, n))| {
             region(&[Policy::SyscallTable, Policy::Integrity], name, a, Some(n)).map(|r| (name, r))
         });
+    // The page of `user_secret` (the demo's), checked as every region is.
+    let user_page = sym.get("user_secret").and_then(|a| {
+        region(
+            &[Policy::UserPage],
+            "user_secret's page",
+            a & !0xfff,
+            Some(0x1000),
+        )
+    });
     env.linux = linux_env(sym);
     env.kernel_code.extend(kernel_code);
     env.syscall_table = table.map(|(_, r)| r);
-    env.user_pages.extend(sym.get("user_secret"));
+    env.user_pages.extend(user_page.map(|(a, _)| a));
     env.integrity
         .extend(table.map(|(name, (a, n))| (name.to_string(), a, n)));
     env
+}
+
+/// The policies that run on this guest, of those `wanted` (`named`: the ones
+/// the user named, not through `all`), with what to tell the user.
+///
+/// A Linux kernel whose symbols were not found (no kallsyms in the image, no
+/// System.map) is not recognised by its symbols, so the policies that know
+/// a Linux kernel's own set-up would fall back to the generic guest's rules:
+/// arm at its boot IDT and deny every later IDTR change, its own `lidt` of
+/// `idt_table` included, and the kernel triple-faults (Debian's PREEMPT_RT
+/// kernel did, before its kallsyms were read). Those policies are not armed
+/// there, and the user is told so loudly; CR4 and CR0.WP need no symbol. On
+/// a Linux kernel `all` leaves out `user-page` (the demo's user page): only
+/// naming it asks for it.
+pub fn usable_policies(
+    os: &OsKnowledge,
+    env: &PolicyEnv,
+    wanted: &[Policy],
+    named: &[Policy],
+) -> (Vec<Policy>, Option<String>) {
+    if os.linux().is_none() {
+        return (wanted.to_vec(), None);
+    }
+    let wanted = wanted
+        .iter()
+        .copied()
+        .filter(|p| *p != Policy::UserPage || named.contains(p));
+    if env.linux.is_some() {
+        return (wanted.collect(), None);
+    }
+    let (kept, dropped): (Vec<Policy>, Vec<Policy>) =
+        wanted.partition(|p| matches!(p, Policy::Cr4 | Policy::Cr0Wp));
+    let warning = (!dropped.is_empty()).then(|| {
+        let names: Vec<&str> = dropped.iter().map(|p| p.name()).collect();
+        format!(
+            "WARNING: no symbols found for this Linux kernel (no kallsyms in it, no System.map given \
+             or beside it): the policies {} are NOT armed, since without the kernel's symbols they \
+             would deny its own set-up (give --symbols System.map)",
+            names.join(", ")
+        )
+    });
+    (kept, warning)
 }
 
 /// Where the kernel's read-only IDT alias lives (the CPU entry area's first
@@ -246,4 +297,51 @@ fn functions(sym: &Symbols, wanted: impl Fn(&str) -> bool, cap: u64) -> Vec<(u64
         .filter(|(n, _, _)| wanted(n))
         .map(|(_, a, size)| (a, a + size.min(cap)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Linux kernel (it came with a vmlinux) whose symbols were not found:
+    /// only the policies that need no symbol arm, and the user is told loudly
+    /// which do not. With its symbols every policy arms but `all`'s
+    /// `user-page`; a guest that is not Linux keeps them all.
+    #[test]
+    fn a_linux_kernel_without_symbols_arms_no_policy_that_needs_them() {
+        let all = Policy::ALL.to_vec();
+        let linux = OsKnowledge::read(b"bzImage", Some(b"no ELF, no kallsyms"), None, false);
+        let env = policy_env(linux.symbols(), 64 << 20);
+        let (kept, warning) = usable_policies(&linux, &env, &all, &[]);
+        assert_eq!(kept, [Policy::Cr4, Policy::Cr0Wp]);
+        let warning = warning.expect("said");
+        assert!(
+            warning.contains("NOT armed") && warning.contains("idt"),
+            "{warning}"
+        );
+        assert!(!warning.contains("user-page"), "{warning}");
+
+        let named = usable_policies(&linux, &env, &[Policy::UserPage], &[Policy::UserPage]);
+        assert_eq!(named.0, []);
+        assert!(named.1.unwrap().contains("user-page"));
+
+        let mut with_symbols = env.clone();
+        with_symbols.linux = Some(LinuxEnv::default());
+        let (kept, warning) = usable_policies(&linux, &with_symbols, &all, &[]);
+        assert_eq!(kept.len(), all.len() - 1);
+        assert!(!kept.contains(&Policy::UserPage) && warning.is_none());
+
+        let other = OsKnowledge::of_image(b"not linux");
+        assert_eq!(usable_policies(&other, &env, &all, &[]).0, all);
+    }
+
+    /// `user_secret`'s page is checked as every region is: one beyond RAM is
+    /// a problem the policy reports (and the run is refused), not a notice.
+    #[test]
+    fn an_unusable_user_secret_is_a_problem_of_the_user_page_policy() {
+        let sym = Symbols::from_entries(vec![(u64::MAX, 8, "user_secret".into())]);
+        let env = policy_env(&sym, 64 << 20);
+        assert!(env.user_pages.is_empty());
+        assert!(env.check(&[Policy::UserPage]).is_err());
+    }
 }
