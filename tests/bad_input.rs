@@ -399,3 +399,26 @@ fn program_headers_counted_by_pn_xnum_are_refused() {
         "{e}"
     );
 }
+
+/// A reader that goes away from stdout and stderr both does not panic the run
+/// (`vmiscope run hello --batch 2>&1 | grep -m1 Hello` exited 101:
+/// `eprintln!` on the closed stderr). The run still ends with its own status.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_closed_stderr_is_no_panic() {
+    if !common::kvm_available() {
+        return;
+    }
+    let exe = env!("CARGO_BIN_EXE_vmiscope");
+    for args in ["run hello --batch", "run demo --protect all --batch"] {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "{exe} {args} 2>&1 | grep -m1 -q 'vmiscope\\|Hello'; echo \"status ${{PIPESTATUS[0]}}\""
+            ))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("status 0"), "{args}: {text}");
+    }
+}

@@ -101,6 +101,31 @@ fn a_failing_expectation_fails_the_run_with_a_report() {
     );
 }
 
+/// Registers work where numbers go in a script as in the REPL: `$rsp`,
+/// `$rsp-8`, `$rip+1` (the README's `x/4gx $rsp` exited 2 in a script, and
+/// `$reg-N` was refused everywhere); an unknown one is refused before the run.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn registers_stand_for_numbers_in_scripts_with_an_offset_either_way() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, out, err) = run_script(
+        "hello",
+        "regs",
+        "x/2gx $rsp\n\
+         mem write $rsp-8 11 22 33 44 55 66 77 88\n\
+         expect mem $rsp-8 = 1122334455667788\n\
+         expect mem $rsp-0x7 = 22334455\n\
+         disasm $rip+0 1\n",
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("2 held, 0 failed"), "{out}");
+    let (code, _, err) = run_script("hello", "badreg", "x/2gx $nosuch-8\n");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("`$nosuch-8` is not a register"), "{err}");
+}
+
 /// `mem write` over one of our INT3s changes the byte the breakpoint will put
 /// back, and the INT3 stays; deleting the hook then leaves the written byte.
 #[test]

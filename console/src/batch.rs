@@ -20,7 +20,7 @@ struct BatchHandler {
 impl ExitHandler for BatchHandler {
     fn on_event(&self, cpu: &mut VcpuCtl<'_>, event: &Event) -> Reply {
         if self.events && !matches!(event, Event::Kicked) {
-            eprintln!(
+            crate::errln!(
                 "[vmiscope] vcpu{} {}: {}",
                 cpu.id(),
                 event.class(),
@@ -57,21 +57,21 @@ pub fn run(a: &RunArgs) -> i32 {
     let (image, vcpus) = match load_image(&a.image, a.mem) {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("vmiscope: error: {e}");
+            crate::errln!("vmiscope: error: {e}");
             return 2;
         }
     };
     let cfg = match config(a, vcpus) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("vmiscope: error: {e}");
+            crate::errln!("vmiscope: error: {e}");
             return 2;
         }
     };
     let mut vm = match Vm::new(&cfg, &image) {
         Ok(vm) => vm,
         Err(e) => {
-            eprintln!("vmiscope: error: {e}");
+            crate::errln!("vmiscope: error: {e}");
             return 2;
         }
     };
@@ -79,7 +79,7 @@ pub fn run(a: &RunArgs) -> i32 {
     let (intro, journal) = match os.and_then(|os| engine(a, vm.shared(), os)) {
         Ok(i) => i,
         Err(e) => {
-            eprintln!("vmiscope: error: {e}");
+            crate::errln!("vmiscope: error: {e}");
             return 2;
         }
     };
@@ -90,7 +90,7 @@ pub fn run(a: &RunArgs) -> i32 {
         let _ = out.write_all(b);
         let _ = out.flush();
     }));
-    eprintln!(
+    crate::errln!(
         "[vmiscope] {} ({}) on {}: {} vCPU(s), {} MiB",
         a.image,
         vm.format,
@@ -99,7 +99,7 @@ pub fn run(a: &RunArgs) -> i32 {
         cfg.mem_mib
     );
     if let Some(note) = &vm.boot_note {
-        eprintln!("[vmiscope] {note}");
+        crate::errln!("[vmiscope] {note}");
     }
     let shared = vm.shared().clone();
     let out = vm.run(
@@ -129,19 +129,19 @@ pub fn run_default() -> i32 {
 /// vCPU ended.
 fn summary(out: &vmiscope_vmm::RunOutcome, intro: &Introspection, shared: &vmiscope_vmm::VmShared) {
     let summary: Vec<String> = out.exits.iter().map(|(c, n)| format!("{c}={n}")).collect();
-    eprintln!(
+    crate::errln!(
         "[vmiscope] exits: {} (per vCPU: {:?})",
         summary.join(" "),
         out.exits_per_vcpu
     );
     let alerts = intro.alerts();
     let enforced = alerts.iter().filter(|a| a.enforced).count();
-    eprintln!(
+    crate::errln!(
         "[vmiscope] alerts: {} ({} enforced)",
         alerts.len(),
         enforced
     );
-    eprintln!(
+    crate::errln!(
         "[vmiscope] stop: {} after {:.3} s",
         out.reason,
         out.elapsed.as_secs_f64()
@@ -149,7 +149,7 @@ fn summary(out: &vmiscope_vmm::RunOutcome, intro: &Introspection, shared: &vmisc
     // Where each vCPU was when it ended, named.
     for c in 0..shared.vcpu_count() {
         if let Some(f) = shared.final_state(c) {
-            eprintln!(
+            crate::errln!(
                 "[vmiscope] vCPU {c} ended at {} cpl{} rsp {:#x}",
                 crate::format::at(intro.symbols(), f.regs.rip),
                 f.sregs.cs.selector & 3,

@@ -581,7 +581,7 @@ pub fn run(a: &crate::cli::CapsArgs) -> i32 {
     let caps = match measure() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("vmiscope: error: {e}");
+            crate::errln!("vmiscope: error: {e}");
             return 2;
         }
     };

@@ -204,17 +204,17 @@ impl RunArgs {
 pub fn images(a: &ImagesArgs) -> i32 {
     if let Some(dir) = &a.export {
         if let Err(e) = std::fs::create_dir_all(dir) {
-            eprintln!("vmiscope: error: cannot create {}: {e}", dir.display());
+            crate::errln!("vmiscope: error: cannot create {}: {e}", dir.display());
             return 2;
         }
         for i in IMAGES {
             let p = dir.join(format!("{}.elf", i.name));
             if let Err(e) = std::fs::write(&p, i.elf) {
-                eprintln!("vmiscope: error: cannot write {}: {e}", p.display());
+                crate::errln!("vmiscope: error: cannot write {}: {e}", p.display());
                 return 2;
             }
         }
-        eprintln!(
+        crate::errln!(
             "vmiscope: wrote {} images to {}",
             IMAGES.len(),
             dir.display()

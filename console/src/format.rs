@@ -509,5 +509,5 @@ impl<T> Pipe for T {}
 /// Alerts on stderr as they are raised: what a run with no console shows
 /// (plain `--batch`, and `--batch --gdb`).
 pub fn stderr_alert_sink() -> vmiscope_monitor::AlertSink {
-    Box::new(|a| eprintln!("[vmiscope] {}", batch_alert_line(a)))
+    Box::new(|a| crate::errln!("[vmiscope] {}", batch_alert_line(a)))
 }

@@ -120,7 +120,7 @@ pub fn os(a: &RunArgs, image: &[u8], vm: &mut Vm) -> Result<OsKnowledge, Error> 
     let map = match &a.symbols {
         Some(map) => Some(maps::read_map(map)?),
         None => maps::find_map(std::path::Path::new(&a.image)).map(|(p, s)| {
-            eprintln!("[vmiscope] symbols from {}", p.display());
+            crate::errln!("[vmiscope] symbols from {}", p.display());
             s
         }),
     };
@@ -176,7 +176,7 @@ pub fn engine(
     let env = policy_env(symbols, a.mem << 20);
     let (policies, warning) = vmiscope_monitor::os::usable_policies(&os, &env, &wanted, &named);
     if let Some(w) = warning {
-        eprintln!("[vmiscope] {w}");
+        crate::errln!("[vmiscope] {w}");
     }
     // Refused before the run: a policy with nothing valid to protect would
     // install nothing and look on silently.

@@ -37,3 +37,17 @@ macro_rules! outln {
     () => { $crate::out::line(format_args!("")) };
     ($($arg:tt)*) => { $crate::out::line(format_args!($($arg)*)) };
 }
+
+/// Writes one line to stderr, dropping it when stderr is closed (`2>&1 |
+/// grep -m1 …`: `eprintln!` panicked there, exit 101).
+pub fn err_line(text: std::fmt::Arguments<'_>) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(text).and_then(|()| err.write_all(b"\n"));
+}
+
+/// `eprintln!` that does not panic on a closed stderr.
+#[macro_export]
+macro_rules! errln {
+    () => { $crate::out::err_line(format_args!("")) };
+    ($($arg:tt)*) => { $crate::out::err_line(format_args!($($arg)*)) };
+}

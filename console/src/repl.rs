@@ -100,7 +100,7 @@ pub fn run(s: &mut Session) -> Mode {
     let mut rl: Editor<Words, rustyline::history::DefaultHistory> = match Editor::new() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("vmiscope: error: cannot start the line editor: {e}");
+            crate::errln!("vmiscope: error: cannot start the line editor: {e}");
             return Mode::Quit;
         }
     };
@@ -161,7 +161,7 @@ pub fn run(s: &mut Session) -> Mode {
                 break Mode::Quit;
             }
             Err(e) => {
-                eprintln!("vmiscope: error: {e}");
+                crate::errln!("vmiscope: error: {e}");
                 break Mode::Quit;
             }
         }

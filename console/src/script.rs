@@ -16,7 +16,7 @@ pub fn run(a: &RunArgs, path: &Path) -> i32 {
     let mut s = match Session::start(a) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("vmiscope: error: {e}");
+            crate::errln!("vmiscope: error: {e}");
             return 2;
         }
     };
@@ -26,7 +26,17 @@ pub fn run(a: &RunArgs, path: &Path) -> i32 {
         // Every line was checked before the run; it is parsed again as it runs,
         // so its symbols are the running kernel's (a KASLR slide is found only
         // once the kernel loads its IDT).
-        let cmd = s.parse(&line).ok().flatten().unwrap_or(checked);
+        // A line naming a register (`$rsp`) is checked with a stand-in value:
+        // only what it means now may run, or the error is its result.
+        let cmd = match s.parse(&line) {
+            Ok(Some(cmd)) => cmd,
+            Err(e) if line.contains('$') => {
+                failed += 1;
+                crate::outln!("ERROR  {}:{line_no}: {line}: {e}", path.display());
+                continue;
+            }
+            _ => checked,
+        };
         let is_expect = matches!(cmd, Command::Expect(..));
         let quit = matches!(cmd, Command::Quit);
         let r = s.run(cmd);
@@ -119,7 +129,7 @@ fn load(a: &RunArgs, path: &Path) -> Result<Vec<(usize, String, Command)>, ()> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!(
+            crate::errln!(
                 "vmiscope: error: cannot read script {}: {e}",
                 path.display()
             );
@@ -127,7 +137,7 @@ fn load(a: &RunArgs, path: &Path) -> Result<Vec<(usize, String, Command)>, ()> {
         }
     };
     if let Err(e) = check_image(a, path, &text) {
-        eprintln!("vmiscope: error: {e}");
+        crate::errln!("vmiscope: error: {e}");
         return Err(());
     }
     // Symbols for parsing come from the image; parse everything before running.
@@ -136,18 +146,28 @@ fn load(a: &RunArgs, path: &Path) -> Result<Vec<(usize, String, Command)>, ()> {
     {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("vmiscope: error: {e}");
+            crate::errln!("vmiscope: error: {e}");
             return Err(());
         }
     };
     let mut cmds = Vec::new();
     let mut bad = false;
     for (i, line) in text.lines().enumerate() {
-        match commands::parse(line, &|n| syms.get(n)) {
+        // `$rsp` and the like are read when the line runs: here a register's
+        // name stands for 0 (an unknown one is still an error).
+        let resolve = |n: &str| match n.strip_prefix('$') {
+            Some(r) => crate::format::reg_by_name(
+                &Default::default(),
+                &Default::default(),
+                &r.to_ascii_lowercase(),
+            ),
+            None => syms.get(n),
+        };
+        match commands::parse(line, &resolve) {
             Ok(Some(c)) => cmds.push((i + 1, line.trim().to_string(), c)),
             Ok(None) => {}
             Err(e) => {
-                eprintln!("{}:{}: {e}", path.display(), i + 1);
+                crate::errln!("{}:{}: {e}", path.display(), i + 1);
                 bad = true;
             }
         }

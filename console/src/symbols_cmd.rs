@@ -7,7 +7,7 @@ pub fn symbols(a: &crate::cli::SymbolsArgs) -> i32 {
     match list_symbols(a) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("vmiscope: error: {e}");
+            crate::errln!("vmiscope: error: {e}");
             2
         }
     }
@@ -28,7 +28,7 @@ fn list_symbols(a: &crate::cli::SymbolsArgs) -> Result<(), crate::error::Error> 
     if let Some(path) = &a.elf {
         std::fs::write(path, crate::gdb::symbol_elf(&syms))
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        eprintln!(
+        crate::errln!(
             "vmiscope: wrote {} symbols to {}",
             syms.len(),
             path.display()

@@ -10,7 +10,7 @@ pub fn interactive(a: &RunArgs, mode: Mode) -> i32 {
     match Session::start(a) {
         Ok(s) => run_session(s, mode),
         Err(e) => {
-            eprintln!("vmiscope: error: {e}");
+            crate::errln!("vmiscope: error: {e}");
             2
         }
     }
@@ -28,7 +28,7 @@ pub fn run_session(mut s: Session, mut mode: Mode) -> i32 {
     }
     let code = s.finish().map(|o| o.reason.exit_status()).unwrap_or(0);
     if let Some(o) = s.finish() {
-        eprintln!("vmiscope: {}", o.reason);
+        crate::errln!("vmiscope: {}", o.reason);
     }
     // A signal that came as the console was ending (`exit_on_signal` had no time).
     if vmiscope_vmm::signals::received() > 0 {
@@ -52,7 +52,7 @@ fn exit_on_signal(s: &Session) {
         let _quiet = intro.quiesce();
         let reason = vmiscope_vmm::StopReason::Signal(vmiscope_vmm::signals::last());
         terminal.restore();
-        eprintln!("\nvmiscope: {reason}");
+        crate::errln!("\nvmiscope: {reason}");
         std::process::exit(reason.exit_status());
     });
 }

@@ -139,14 +139,14 @@ impl Introspection {
             match p {
                 Pending::Policies(p) => {
                     if let Err(err) = policy::enable(e, cpu, &p, &env) {
-                        eprintln!("[vmiscope] {err}");
+                        crate::say!("[vmiscope] {err}");
                     }
                 }
                 Pending::Setup(f) => f(e, cpu),
             }
         }
         if let Err(err) = e.commit(cpu) {
-            eprintln!("[vmiscope] {err}");
+            crate::say!("[vmiscope] {err}");
         }
     }
 
@@ -165,7 +165,7 @@ impl Introspection {
             // own IDTs there (its boot table and `idt_table`; not the fixed alias).
             let links = env.linux.as_ref()?.idt_bases.iter().copied();
             let slide = sym.slide_from(idt, links.filter(|b| *b != LINUX_CEA_RO_IDT))?;
-            eprintln!(
+            crate::say!(
                 "[vmiscope] KASLR: the kernel runs {slide:#x} above its link addresses (found from its IDT at {idt:#x}); every symbol moves with it"
             );
             *env = policy_env(sym, cpu.vm().ram().size());

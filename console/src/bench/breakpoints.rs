@@ -23,7 +23,7 @@ fn bp_hook(at: u64, hidden: bool) -> OnReady {
             hidden,
         };
         if let Err(err) = e.add_hook(g, t, "bench", Box::new(|_| Outcome::allow())) {
-            eprintln!("[bench] breakpoint: {err}");
+            crate::errln!("[bench] breakpoint: {err}");
         }
     })
 }

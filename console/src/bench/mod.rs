@@ -36,7 +36,7 @@ fn write_hook(off: u64, len: u64) -> Result<OnReady, Error> {
             rights: Rights::W,
         };
         if let Err(err) = e.add_hook(g, t, "bench", Box::new(|_| Outcome::allow())) {
-            eprintln!("[bench] write hook: {err}");
+            crate::errln!("[bench] write hook: {err}");
         }
     }))
 }
@@ -446,7 +446,7 @@ pub fn run(a: &crate::cli::BenchArgs) -> i32 {
     let r = match r {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("vmiscope: error: bench: {e}");
+            crate::errln!("vmiscope: error: bench: {e}");
             return 2;
         }
     };

@@ -34,6 +34,12 @@ pub fn number(s: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<u64, ParseEr
     {
         return Ok(x.wrapping_add(y));
     }
+    // `$rsp-8`, `sym-0x10`, as gdb users type by reflex.
+    if let Some((a, b)) = s.rsplit_once('-')
+        && let (Some(x), Some(y)) = (parse(a), parse(b))
+    {
+        return Ok(x.wrapping_sub(y));
+    }
     if s.starts_with('$') {
         return Err(format!("`{s}` is not a register (rax … r15, rip, rflags, cr3 …)").into());
     }

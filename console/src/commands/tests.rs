@@ -71,6 +71,9 @@ fn numbers_symbols_and_offsets() {
     // Registers resolve through the same resolver as symbols.
     let regs = |n: &str| (n == "$rsp").then_some(0x7ff0);
     assert_eq!(number("$rsp+8", &regs), Ok(0x7ff8));
+    assert_eq!(number("$rsp-8", &regs), Ok(0x7fe8));
+    assert_eq!(number("$rsp-0x10", &regs), Ok(0x7fe0));
+    assert!(number("$nosuch-8", &regs).is_err());
 }
 
 #[test]

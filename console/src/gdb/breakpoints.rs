@@ -65,14 +65,14 @@ impl HwBreakpoint for GdbTarget {
         // make steps and breakpoints work in user code.
         let cpl3_debug = self.s.shared().host().dr_breakpoints_at(3);
         if !cpl3_debug && self.user_only_code(addr) {
-            eprintln!(
+            crate::errln!(
                 "[vmiscope] gdb: hbreak {addr:#x} refused: user code, and this host's DR breakpoints fire at CPL0 only (use break)"
             );
             return Ok(false);
         }
         let Some(slot) = self.s.shared().claim_hw_breakpoint(addr) else {
             let usable = self.s.shared().usable_hw_slots();
-            eprintln!(
+            crate::errln!(
                 "[vmiscope] gdb: hbreak {addr:#x} refused: all {usable} DR slots in use (hbreaks, or hidden breakpoints)"
             );
             return Ok(false);
@@ -140,7 +140,7 @@ impl GdbTarget {
             hidden: true,
         };
         let Some(piece) = self.add_engine_hook(target) else {
-            eprintln!(
+            crate::errln!(
                 "[vmiscope] gdb: hbreak {addr:#x} refused: this host's debug registers never fire, and the address is not mapped yet for the hidden breakpoint that stands in (set it once the guest maps it)"
             );
             return false;

@@ -244,7 +244,7 @@ impl GdbTarget {
                 self.resume.insert(cpu, action);
             }
             None => {
-                eprintln!(
+                crate::errln!(
                     "[vmiscope] gdb: no thread {t} (this guest has {} vCPUs); nothing resumed",
                     self.s.shared().vcpu_count()
                 );

@@ -33,7 +33,7 @@ impl MultiThreadResume for GdbTarget {
                 };
                 if !stepping {
                     // Not fatal: the thread stops where it is and gdb sees no progress.
-                    eprintln!(
+                    crate::errln!(
                         "[vmiscope] gdb: vCPU {cpu} cannot single-step here (CPL3 needs a #DB gate in the guest's IDT and a free DR slot; see `vmiscope caps`)"
                     );
                     self.refused = true;

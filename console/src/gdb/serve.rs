@@ -32,11 +32,11 @@ pub fn serve(listener: TcpListener, s: Session, exec_file: Option<String>, activ
     while !target.s.ended() {
         let conn = match listener.accept() {
             Ok((c, peer)) => {
-                eprintln!("[vmiscope] gdb connected from {peer}");
+                crate::errln!("[vmiscope] gdb connected from {peer}");
                 c
             }
             Err(e) => {
-                eprintln!("[vmiscope] gdb: {e}");
+                crate::errln!("[vmiscope] gdb: {e}");
                 return;
             }
         };
@@ -56,7 +56,7 @@ pub fn serve(listener: TcpListener, s: Session, exec_file: Option<String>, activ
             {
                 Ok(s) => s,
                 Err(e) => {
-                    eprintln!("[vmiscope] gdb: {e}");
+                    crate::errln!("[vmiscope] gdb: {e}");
                     return;
                 }
             };
@@ -76,13 +76,13 @@ pub fn serve(listener: TcpListener, s: Session, exec_file: Option<String>, activ
                 return;
             }
             Ok(DisconnectReason::Disconnect) => {
-                eprintln!("[vmiscope] gdb detached; the guest runs on");
+                crate::errln!("[vmiscope] gdb detached; the guest runs on");
                 target.s.go();
             }
             Ok(_) => return,
             // A broken connection or a malformed conversation ends this session
             // only: the guest stays stopped for the next gdb (as with QEMU).
-            Err(e) => eprintln!("[vmiscope] gdb session ended: {e}; waiting for gdb again"),
+            Err(e) => crate::errln!("[vmiscope] gdb session ended: {e}; waiting for gdb again"),
         }
     }
 }
@@ -178,7 +178,7 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) ->
     let mut s = match Session::start(a) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("vmiscope: error: {e}");
+            crate::errln!("vmiscope: error: {e}");
             return 2;
         }
     };
@@ -191,14 +191,14 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) ->
         Ok(l) if l.local_addr().is_ok_and(|a| !a.ip().is_loopback()) => {
             // The stub reads and writes guest memory and registers for anyone who
             // reaches it: say so where it cannot be missed.
-            eprintln!(
+            crate::errln!(
                 "[vmiscope] WARNING: the gdb stub listens on {addr}, beyond this host: anyone who reaches it controls the guest"
             );
             l
         }
         Ok(l) => l,
         Err(e) => {
-            eprintln!("vmiscope: error: cannot listen on {addr}: {e}");
+            crate::errln!("vmiscope: error: cannot listen on {addr}: {e}");
             s.finish();
             return 2;
         }
@@ -208,7 +208,7 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) ->
         .ok()
         .and_then(|(img, _)| exec_file_for(&a.image, &img, s.intro().symbols()));
     let exec_path = exec.as_ref().map(|e| e.path().to_string());
-    eprintln!(
+    crate::errln!(
         "[vmiscope] gdb: the guest waits at its entry; connect with `gdb -ex 'target remote {}'`",
         listener.local_addr().map(|a| a.to_string()).unwrap_or(addr)
     );
@@ -248,7 +248,7 @@ pub fn run(a: &crate::cli::RunArgs, addr: &str, ui: Option<crate::cli::Mode>) ->
             let o = s.finish();
             let code = o.map(|o| o.reason.exit_status()).unwrap_or(0);
             if let Some(o) = o {
-                eprintln!("[vmiscope] stop: {}", o.reason);
+                crate::errln!("[vmiscope] stop: {}", o.reason);
             }
             code
         }

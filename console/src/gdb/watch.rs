@@ -29,7 +29,7 @@ impl HwWatchpoint for GdbTarget {
         // Checked before anything is built: an empty or wrapping range, or one
         // larger than MAX_WATCH (a page hook per page), is refused.
         if len == 0 || len > MAX_WATCH || addr.checked_add(len).is_none() {
-            eprintln!(
+            crate::errln!(
                 "[vmiscope] gdb: watch {addr:#x}+{len:#x} refused (1 to {MAX_WATCH:#x} bytes)"
             );
             return Ok(false);
@@ -41,10 +41,10 @@ impl HwWatchpoint for GdbTarget {
             .s
             .check_gva_cpu_pages(addr, len, rights, self.force_watch)
         {
-            Ok(Some(warning)) => eprintln!("[vmiscope] gdb: watch {addr:#x}: {warning}"),
+            Ok(Some(warning)) => crate::errln!("[vmiscope] gdb: watch {addr:#x}: {warning}"),
             Ok(None) => {}
             Err(why) => {
-                eprintln!(
+                crate::errln!(
                     "[vmiscope] gdb: watch {addr:#x} refused: {why} (gdb: `monitor watch force`)"
                 );
                 return Ok(false);

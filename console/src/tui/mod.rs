@@ -44,11 +44,13 @@ pub fn run(s: &mut Session) -> Mode {
     let mut terminal = match tty.then(ratatui::try_init) {
         Some(Ok(t)) => t,
         Some(Err(e)) => {
-            eprintln!("vmiscope: cannot start the TUI ({e}); the REPL instead");
+            crate::errln!("vmiscope: cannot start the TUI ({e}); the REPL instead");
             return Mode::Repl;
         }
         None => {
-            eprintln!("vmiscope: the TUI needs a terminal on stdin and stdout; the REPL instead");
+            crate::errln!(
+                "vmiscope: the TUI needs a terminal on stdin and stdout; the REPL instead"
+            );
             return Mode::Repl;
         }
     };
@@ -56,7 +58,7 @@ pub fn run(s: &mut Session) -> Mode {
         Ok(w) => w,
         Err(e) => {
             ratatui::restore();
-            eprintln!("vmiscope: cannot start the TUI ({e}); the REPL instead");
+            crate::errln!("vmiscope: cannot start the TUI ({e}); the REPL instead");
             return Mode::Repl;
         }
     };
