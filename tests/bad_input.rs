@@ -422,3 +422,39 @@ fn a_closed_stderr_is_no_panic() {
         assert!(text.contains("status 0"), "{args}: {text}");
     }
 }
+
+/// A journal that cannot be written is the run's failure, said at once: one
+/// that cannot take its header is refused before the run (`/dev/full`), and a
+/// write that fails later (a file-size limit standing in for a full disk)
+/// ends the run with the reason. Before, both ran to exit 0, every record lost.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_journal_write_error_ends_the_run_as_its_failure() {
+    if !common::kvm_available() {
+        return;
+    }
+    let (code, _, err, _) = run_cli(&["run", "demo", "--batch", "--journal", "/dev/full"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("cannot create /dev/full: No space left"),
+        "{err}"
+    );
+    let dir = common::temp_dir("journal-full");
+    let j = dir.join("j.jsonl");
+    let exe = env!("CARGO_BIN_EXE_vmiscope");
+    // SIGXFSZ ignored: the write past the limit fails with EFBIG instead.
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "trap '' XFSZ; ulimit -f 4; exec {exe} run demo --protect all --batch --journal {}",
+            j.display()
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot be written: File too large") && err.contains("the run ends"),
+        "{err}"
+    );
+    assert_ne!(out.status.code(), Some(0), "{err}");
+}

@@ -530,3 +530,70 @@ fn random_console_lines_get_an_answer_or_an_error() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every file option given a FIFO (no writer, no reader), an endless device
+/// and a full disk: each is refused at once with the reason, never an `open`
+/// that waits for ever (a FIFO as `--journal`, `--exceptions` or `--initrd`
+/// blocked there, ignoring every signal and `--timeout`), never read whole
+/// (`--exceptions /dev/zero` ran the host out of memory).
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn every_file_option_refuses_fifos_endless_files_and_full_disks_at_once() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = common::temp_dir("fuzz-files");
+    let fifo = dir.join("fifo");
+    let _ = std::fs::remove_file(&fifo);
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let fifo = fifo.to_str().unwrap();
+    let script = dir.join("s.vms");
+    std::fs::write(&script, "quit\n").unwrap();
+    let script = script.to_str().unwrap();
+    let mut cases: Vec<(Vec<&str>, &str)> = vec![(vec!["run", fifo, "--batch"], "a FIFO")];
+    for opt in [
+        "--journal",
+        "--exceptions",
+        "--initrd",
+        "--symbols",
+        "--module",
+        "--script",
+    ] {
+        cases.push((vec!["run", "demo", "--batch", opt, fifo], "a FIFO"));
+    }
+    for opt in [
+        "--exceptions",
+        "--initrd",
+        "--symbols",
+        "--module",
+        "--script",
+    ] {
+        cases.push((
+            vec!["run", "demo", "--batch", opt, "/dev/zero"],
+            "larger than",
+        ));
+    }
+    cases.push((
+        vec!["run", "demo", "--batch", "--journal", "/dev/full"],
+        "No space left",
+    ));
+    cases.push((
+        vec!["run", "demo", "--script", script, "--journal", "/dev/full"],
+        "No space left",
+    ));
+    for (args, why) in cases {
+        let what = args.join(" ");
+        let child = vmiscope().args(&args).spawn().unwrap();
+        let out = finish(child, Duration::from_secs(20), &what);
+        check(&out, &what);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+        assert!(err.contains(why), "{what}: {err}");
+    }
+}

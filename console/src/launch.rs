@@ -16,20 +16,14 @@ use vmiscope_monitor::journal::{JournalFile, RunInfo};
 /// endless one, `/dev/zero`) is refused after reading one byte past the limit,
 /// not read whole.
 fn read_bounded(path: &std::path::Path, mem_mib: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
     let limit = mem_mib.min(vmiscope_vmm::config::MAX_MEM_MIB) << 20;
-    let mut data = Vec::new();
-    std::fs::File::open(path)?
-        .take(limit + 1)
-        .read_to_end(&mut data)?;
-    if data.len() as u64 > limit {
-        return Err(std::io::Error::other(format!(
-            "larger than the guest's {} MiB of RAM (--mem)",
-            limit >> 20
-        )));
-    }
-    Ok(data)
+    let what = format!("the guest's {} MiB of RAM (--mem)", limit >> 20);
+    vmiscope_monitor::files::read_bounded(path, limit, &what)
 }
+
+/// An exception list larger than this is refused unread (HVMI's whole
+/// Windows and Linux list is well under 1 MiB of JSON).
+const MAX_EXCEPTIONS: u64 = 16 << 20;
 
 /// The image named `name` (built-in, or a file that fits in `mem_mib` MiB) and
 /// the vCPUs it is meant for.
@@ -135,7 +129,7 @@ pub fn os(a: &RunArgs, image: &[u8], vm: &mut Vm) -> Result<OsKnowledge, Error> 
 /// front end writes its end).
 pub fn engine(
     a: &RunArgs,
-    shared: &vmiscope_vmm::VmShared,
+    shared: &std::sync::Arc<vmiscope_vmm::VmShared>,
     os: OsKnowledge,
 ) -> Result<(Introspection, Option<JournalFile>), Error> {
     let symbols = os.symbols();
@@ -149,7 +143,8 @@ pub fn engine(
         vmiscope_monitor::journal::symbol_of(&names, addr)
     }));
     if let Some(p) = &a.exceptions {
-        let text = std::fs::read_to_string(p)
+        let text = vmiscope_monitor::files::read_bounded(p, MAX_EXCEPTIONS, "16 MiB")
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
             .map_err(|err| format!("cannot read {}: {err}", p.display()))?;
         *e.exceptions_mut() =
             Exceptions::parse(&text).map_err(|err| format!("{}: {err}", p.display()))?;
@@ -166,7 +161,7 @@ pub fn engine(
     };
     let journal = match &a.journal {
         Some(p) => {
-            let j = JournalFile::create(p, &run_info(a, shared), symbols)
+            let j = JournalFile::create(p, &run_info(a, shared), symbols, Some(shared.clone()))
                 .map_err(|err| format!("cannot create {}: {err}", p.display()))?;
             e.set_journal(Box::new(j.clone()));
             Some(j)

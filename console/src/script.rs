@@ -123,10 +123,15 @@ fn check_image(a: &RunArgs, path: &Path, text: &str) -> Result<(), String> {
     ))
 }
 
+/// A script larger than this is refused unread.
+const MAX_SCRIPT: u64 = 16 << 20;
+
 /// The script's commands with their line numbers, every line parsed before
 /// anything runs; a problem is printed and is `Err`.
 fn load(a: &RunArgs, path: &Path) -> Result<Vec<(usize, String, Command)>, ()> {
-    let text = match std::fs::read_to_string(path) {
+    let text = match vmiscope_monitor::files::read_bounded(path, MAX_SCRIPT, "16 MiB")
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+    {
         Ok(t) => t,
         Err(e) => {
             crate::errln!(

@@ -208,34 +208,62 @@ pub fn end_json(shared: &VmShared, symbols: &Symbols, out: &RunOutcome, t_us: u6
 
 /// A journal file, written line by line as records come (nothing buffered away
 /// if the process dies). Cloned handles share the file: the engine writes
-/// records, the front end writes the header and the end.
+/// records, the front end writes the header and the end. A write that fails
+/// (a full disk, `/dev/full`) ends the run with the reason: a journal that
+/// silently loses its records is no audit trail.
 #[derive(Clone)]
 pub struct JournalFile {
     out: Arc<Mutex<std::io::LineWriter<std::fs::File>>>,
+    path: Arc<std::path::Path>,
     symbols: Arc<Symbols>,
     ended: Arc<std::sync::atomic::AtomicBool>,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+    run: Option<Arc<VmShared>>,
 }
 
 impl JournalFile {
-    /// Creates the file and writes the header.
+    /// Creates the file and writes the header (an error if it cannot be
+    /// written). `run`: the VM whose run a later write failure ends.
     pub fn create(
         path: &std::path::Path,
         info: &RunInfo,
         symbols: &Symbols,
+        run: Option<Arc<VmShared>>,
     ) -> std::io::Result<Self> {
         let j = JournalFile {
-            out: Arc::new(Mutex::new(std::io::LineWriter::new(std::fs::File::create(
-                path,
-            )?))),
+            out: Arc::new(Mutex::new(std::io::LineWriter::new(
+                crate::files::create_output(path)?,
+            ))),
+            path: path.into(),
             symbols: Arc::new(symbols.clone()),
             ended: Arc::default(),
+            failed: Arc::default(),
+            run,
         };
-        j.line(&header_json(info));
+        writeln!(j.out.lock().unwrap(), "{}", header_json(info))?;
         Ok(j)
     }
 
     fn line(&self, v: &Value) {
-        let _ = writeln!(self.out.lock().unwrap(), "{v}");
+        let Err(err) = writeln!(self.out.lock().unwrap(), "{v}") else {
+            return;
+        };
+        if self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let why = format!(
+            "the journal {} cannot be written: {err}",
+            self.path.display()
+        );
+        crate::say!("[vmiscope] error: {why}; the run ends");
+        if let Some(vm) = &self.run {
+            vm.stop(vmiscope_vmm::StopReason::Error(why));
+        }
+    }
+
+    /// Whether a write has failed (the records since are lost).
+    pub fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Writes the `end` record, once.

@@ -5,6 +5,7 @@
 //! through them.
 
 mod api;
+pub mod files;
 pub mod handler;
 mod hooks;
 pub mod journal;

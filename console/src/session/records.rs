@@ -118,7 +118,7 @@ impl Session {
     pub(super) fn save_exceptions(&mut self, f: String) -> Result<Output, Error> {
         self.may_write(&f)?;
         let json = self.intro.exceptions().to_json();
-        std::fs::write(&f, json).map_err(|e| format!("cannot write {f}: {e}"))?;
+        write_file(&f, json.as_bytes())?;
         Ok(Output::text(format!("saved to {f}")))
     }
 
@@ -178,7 +178,7 @@ impl Session {
         if let Some(end) = &end {
             let _ = writeln!(out, "{end}");
         }
-        std::fs::write(&f, out).map_err(|e| format!("cannot write {f}: {e}"))?;
+        write_file(&f, out.as_bytes())?;
         Ok(Output::text(format!(
             "saved {} events, {} alerts and {} overrides to {f}",
             events.len(),
@@ -268,4 +268,12 @@ impl Session {
         }
         Ok(Output::text(lines))
     }
+}
+
+/// Writes a host file a command names (never waiting on a FIFO with no reader).
+fn write_file(f: &str, bytes: &[u8]) -> Result<(), Error> {
+    use std::io::Write as _;
+    vmiscope_monitor::files::create_output(std::path::Path::new(f))
+        .and_then(|mut file| file.write_all(bytes))
+        .map_err(|e| format!("cannot write {f}: {e}").into())
 }

@@ -12,21 +12,9 @@ const MAX_MAP: u64 = 256 << 20;
 
 /// Reads a System.map file (at most `MAX_MAP` bytes).
 pub fn read_map(path: &Path) -> Result<Symbols, String> {
-    use std::io::Read;
-    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
-    let mut text = Vec::new();
-    std::fs::File::open(path)
-        .map_err(cannot)?
-        .take(MAX_MAP + 1)
-        .read_to_end(&mut text)
-        .map_err(cannot)?;
-    if text.len() as u64 > MAX_MAP {
-        return Err(format!(
-            "{}: larger than {} MiB, not a System.map",
-            path.display(),
-            MAX_MAP >> 20
-        ));
-    }
+    let limit = format!("{} MiB, not a System.map", MAX_MAP >> 20);
+    let text = crate::files::read_bounded(path, MAX_MAP, &limit)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     kallsyms::parse_system_map(&String::from_utf8_lossy(&text))
         .map(Symbols::from_entries)
         .ok_or_else(|| {
