@@ -62,13 +62,14 @@ pub fn create_output(path: &Path) -> io::Result<File> {
 /// Clears O_NONBLOCK again: reads and writes wait as usual once open.
 fn blocking(f: &File) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    // SAFETY: F_GETFL/F_SETFL on a descriptor this File owns; no memory is
-    // passed.
-    let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
-    // SAFETY: as above.
-    if flags < 0
-        || unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0
-    {
+    let fd = f.as_raw_fd();
+    // SAFETY: F_GETFL on a descriptor this File owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL on the same descriptor, with an integer argument.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
