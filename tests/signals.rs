@@ -192,10 +192,20 @@ fn a_repl_exits_0_at_the_end_of_its_input_and_143_on_sigterm() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "end of input");
 
-    let mut child = vmiscope(&["run", "hang", "--repl"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // With a journal: it ends with its `end` record on the signal too (the
+    // REPL and the TUI exited without it).
+    let dir = common::temp_dir("repl-signal");
+    let journal = dir.join("j.jsonl");
+    let mut child = vmiscope(&[
+        "run",
+        "hang",
+        "--repl",
+        "--journal",
+        journal.to_str().unwrap(),
+    ])
+    .stdin(Stdio::piped())
+    .spawn()
+    .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     let out = lines(child.stdout.take().unwrap());
     let err = lines(child.stderr.take().unwrap());
@@ -208,6 +218,11 @@ fn a_repl_exits_0_at_the_end_of_its_input_and_143_on_sigterm() {
     assert_eq!(status(&mut child), Some(143));
     assert!(rest(&err).contains("stopped by SIGTERM"));
     drop(stdin);
+    let text = std::fs::read_to_string(&journal).unwrap();
+    let last = text.lines().last().unwrap_or_default();
+    let end: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(end["type"], "end", "the journal's last record: {last}");
+    assert_eq!(end["status"], 143, "{last}");
 }
 
 #[test]

@@ -46,9 +46,14 @@ pub fn run_session(mut s: Session, mut mode: Mode) -> i32 {
 /// 128 + the signal's number.
 fn exit_on_signal(s: &Session) {
     let intro = s.intro().clone();
+    let end = s.run_end().clone();
     let terminal = SavedTerminal::now();
     std::thread::spawn(move || {
         vmiscope_vmm::signals::wait();
+        // The watchdog stops the run on the signal; the VM thread then writes
+        // the journal's `end`. Waited for (bounded: a vCPU stuck in the host
+        // must not keep the process), before the engine is quiesced.
+        end.wait(std::time::Duration::from_secs(5));
         let _quiet = intro.quiesce();
         let reason = vmiscope_vmm::StopReason::Signal(vmiscope_vmm::signals::last());
         terminal.restore();

@@ -2,7 +2,7 @@
 //! breakpoints, and the execution of commands (shared by REPL, TUI and scripts).
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -97,7 +97,7 @@ pub struct Session {
     control: Arc<Control>,
     runner: Option<JoinHandle<RunOutcome>>,
     /// Set by the VM thread once the run has returned (before `Notice::End`).
-    ran: Arc<AtomicBool>,
+    ran: Arc<RunEnd>,
     outcome: Option<RunOutcome>,
     /// The selected vCPU.
     vcpu: u32,
@@ -155,14 +155,20 @@ impl Session {
         }));
         let handler = Arc::new(SessionHandler::new(intro.clone(), control.clone()));
         let c2 = control.clone();
-        let ran = Arc::new(AtomicBool::new(false));
+        let ran = Arc::new(RunEnd::default());
         let ran2 = ran.clone();
+        let (j2, shared2, intro2) = (journal.clone(), vm.shared().clone(), intro.clone());
         let runner = std::thread::Builder::new()
             .name("vm".into())
             .spawn(move || {
                 let out = vm.run(handler, &cfg);
+                // The journal ends here, whatever ends the console after: a
+                // signal's exit waits for this (`RunEnd::wait`).
+                if let Some(j) = &j2 {
+                    j.end(&shared2, &out, intro2.now_us());
+                }
                 // Before the notice: whoever it wakes can join this thread at once.
-                ran2.store(true, Ordering::SeqCst);
+                ran2.set();
                 notices.publish(vmiscope_monitor::Notice::End(out.reason.clone()));
                 c2.notify_end();
                 out
@@ -203,7 +209,7 @@ impl Session {
             intro: self.intro.clone(),
             control: self.control.clone(),
             runner: None,
-            ran: Arc::new(AtomicBool::new(false)),
+            ran: Arc::new(RunEnd::default()),
             outcome: None,
             vcpu: 0,
             at_entry: self.at_entry,
@@ -220,6 +226,11 @@ impl Session {
     }
 
     /// The engine and its adapter.
+    /// Set once the VM thread has finished the run (and ended the journal).
+    pub fn run_end(&self) -> &Arc<RunEnd> {
+        &self.ran
+    }
+
     pub fn intro(&self) -> &Arc<Introspection> {
         &self.intro
     }
@@ -256,7 +267,7 @@ impl Session {
 
     /// The run's outcome once the guest has ended.
     pub fn outcome(&mut self) -> Option<&RunOutcome> {
-        let done = |r: &JoinHandle<RunOutcome>| r.is_finished() || self.ran.load(Ordering::SeqCst);
+        let done = |r: &JoinHandle<RunOutcome>| r.is_finished() || self.ran.is_set();
         if self.outcome.is_none() && self.runner.as_ref().is_some_and(done) {
             self.outcome = self.runner.take().and_then(|r| r.join().ok());
             self.journal_end();
@@ -545,5 +556,31 @@ impl Session {
             self.journal_end();
         }
         self.outcome.as_ref()
+    }
+}
+
+/// That the VM thread has finished its run and written the journal's `end`:
+/// something to wait for (a signal's exit does, so the record is there).
+#[derive(Default)]
+pub struct RunEnd {
+    done: Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl RunEnd {
+    fn set(&self) {
+        *self.done.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+
+    pub fn is_set(&self) -> bool {
+        *self.done.lock().unwrap()
+    }
+
+    /// Waits at most `timeout` for the end; whether it came.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let g = self.done.lock().unwrap();
+        let (g, _) = self.cv.wait_timeout_while(g, timeout, |d| !*d).unwrap();
+        *g
     }
 }
