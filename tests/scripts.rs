@@ -126,6 +126,35 @@ fn registers_stand_for_numbers_in_scripts_with_an_offset_either_way() {
     assert!(err.contains("`$nosuch-8` is not a register"), "{err}");
 }
 
+/// The console follows the vCPU that stopped, as gdb does: after vCPU 1
+/// hits a breakpoint in `ap_main` (only the APs run it), `expect reg`,
+/// `regs` and `step` act on vCPU 1. They acted on vCPU 0 before.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn the_console_follows_the_vcpu_that_stopped() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, out, err) = run_script(
+        "smp",
+        "follow",
+        "hook bp ap_main\n\
+         break event breakpoint\n\
+         continue\n\
+         expect event breakpoint timeout 30\n\
+         expect reg rip = ap_main\n\
+         regs\n\
+         step\n\
+         expect reg cpl = 0\n\
+         vcpu 0\n\
+         regs\n",
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("3 held, 0 failed"), "{out}");
+    // `regs` after the stop names vCPU 1 and its RIP in ap_main.
+    assert!(out.contains("vCPU 1") || out.contains("vcpu 1"), "{out}");
+}
+
 /// `mem write` over one of our INT3s changes the byte the breakpoint will put
 /// back, and the INT3 stays; deleting the hook then leaves the written byte.
 #[test]

@@ -103,6 +103,8 @@ pub struct Session {
     vcpu: u32,
     /// vCPUs still in their initial pause.
     at_entry: bool,
+    /// The stop count the selected vCPU last followed (see `follow_stop`).
+    followed: u64,
     image: String,
     /// Serial output lines, for the TUI.
     serial: Arc<Mutex<Vec<String>>>,
@@ -191,6 +193,7 @@ impl Session {
             outcome: None,
             vcpu: 0,
             at_entry: true,
+            followed: 0,
             image: a.image.clone(),
             serial,
             host_writes: true,
@@ -213,6 +216,7 @@ impl Session {
             outcome: None,
             vcpu: 0,
             at_entry: self.at_entry,
+            followed: self.followed,
             image: self.image.clone(),
             serial: self.serial.clone(),
             journal: None,
@@ -288,6 +292,7 @@ impl Session {
 
     /// running / paused / stopped-at-event / ended, for status lines.
     pub fn status(&mut self) -> String {
+        self.follow_stop();
         match self.run_state() {
             RunState::Ended => match self.outcome() {
                 Some(o) => format!("ended: {}", o.reason),
@@ -402,6 +407,7 @@ impl Session {
     /// `$rip+8` … (a register where a number goes, as in gdb) from one read of
     /// the selected vCPU's registers, only when the line names one.
     pub fn parse(&mut self, line: &str) -> Result<Option<Command>, Error> {
+        self.follow_stop();
         let regs = line.contains('$').then(|| self.cpu_state().ok()).flatten();
         let resolve = |n: &str| match n.strip_prefix('$') {
             Some(r) => regs.and_then(|c| reg_by_name(&c.regs, &c.sregs, &r.to_ascii_lowercase())),
@@ -410,8 +416,24 @@ impl Session {
         Ok(commands::parse(line, &resolve)?)
     }
 
+    /// Selects the vCPU of a stop that came since the last one followed, as
+    /// gdb switches to the thread that stopped: `regs`, `step` and `expect
+    /// reg` then act on the vCPU at the breakpoint, not on vCPU 0. `vcpu N`
+    /// still selects another until the next stop.
+    fn follow_stop(&mut self) {
+        let count = self.control.stop_count();
+        if count == self.followed {
+            return;
+        }
+        self.followed = count;
+        if let Some(stop) = self.control.stop() {
+            self.vcpu = stop.vcpu;
+        }
+    }
+
     pub fn run(&mut self, cmd: Command) -> Result<Output, Error> {
         use Command as C;
+        self.follow_stop();
         if self.ended() && needs_live_guest(&cmd) {
             return Err(format!(
                 "the guest has ended ({}); its final registers, memory, events, alerts and the journal can still be read",
