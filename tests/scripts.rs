@@ -121,6 +121,11 @@ fn registers_stand_for_numbers_in_scripts_with_an_offset_either_way() {
     );
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("2 held, 0 failed"), "{out}");
+    // The script ends with its real reason (it said "stopped by the user").
+    assert!(
+        out.contains("(the script's last line ran, the guest still paused)"),
+        "{out}"
+    );
     let (code, _, err) = run_script("hello", "badreg", "x/2gx $nosuch-8\n");
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("`$nosuch-8` is not a register"), "{err}");

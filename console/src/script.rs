@@ -74,7 +74,15 @@ pub fn run(a: &RunArgs, path: &Path) -> i32 {
             break;
         }
     }
-    let reason = s.finish().map(|o| o.reason.clone());
+    let state = match s.run_state() {
+        crate::session::RunState::Running => "running",
+        crate::session::RunState::Stopped { .. } => "held at a stop",
+        _ => "paused",
+    };
+    let done = format!("the script's last line ran, the guest still {state}");
+    let reason = s
+        .finish_with(vmiscope_vmm::StopReason::Done(done))
+        .map(|o| o.reason.clone());
     let outcome = reason.as_ref().map(|r| r.to_string()).unwrap_or_default();
     flush_serial(&s, &mut printed);
     crate::outln!(

@@ -311,6 +311,14 @@ impl Control {
         let _ = self.stopped.read();
     }
 
+    /// Whether a vCPU is held at a stop that has been published (its
+    /// registers taken, the stop count moved): `stop()` is set a moment
+    /// before, while the vCPU is still on its way.
+    pub fn is_held(&self) -> bool {
+        let s = self.state.lock().unwrap();
+        s.stop.is_some() && s.snapshot.is_some()
+    }
+
     pub fn stop_count(&self) -> u64 {
         self.published.load(std::sync::atomic::Ordering::Acquire)
     }

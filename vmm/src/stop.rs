@@ -44,6 +44,9 @@ pub enum StopReason {
     },
     /// The user ended the run (`quit`, the end of a console's input, gdb's `kill`).
     User,
+    /// A front end ended the run because it was done, and says why (a
+    /// script's last line ran while the guest still ran).
+    Done(String),
     /// A signal ended the run (SIGINT from Ctrl-C, SIGTERM, SIGHUP).
     Signal(i32),
     /// The exit handler ended the run.
@@ -66,7 +69,7 @@ impl StopReason {
             StopReason::AllHalted => 10,
             StopReason::Timeout { .. } => 124,
             // The user chose to end it: not a failure.
-            StopReason::User => 0,
+            StopReason::User | StopReason::Done(_) => 0,
             // The shell's convention for a process ended by a signal.
             StopReason::Signal(n) => 128 + n,
         }
@@ -126,6 +129,7 @@ impl fmt::Display for StopReason {
                 Ok(())
             }
             StopReason::User => write!(f, "stopped by the user"),
+            StopReason::Done(why) => f.write_str(why),
             StopReason::Signal(n) if *n == libc::SIGINT => {
                 write!(f, "stopped by the user (Ctrl-C, SIGINT)")
             }

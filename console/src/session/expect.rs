@@ -95,6 +95,14 @@ impl Session {
         t: f64,
     ) -> Result<String, String> {
         let of_class = move |c: Class| class.is_none_or(|want| want == c);
+        // With an event breakpoint on the class, the event is seen once its
+        // vCPU is held at the stop: the event is recorded just before, and a
+        // command after the expectation (`expect reg`, `regs`) must find the
+        // vCPU there, not still on its way.
+        let breaks = !alerts
+            && self.control.breaks().iter().any(|b| {
+                b.hook.is_none() && (b.class.is_none() || class.is_none() || b.class == class)
+            });
         let seen = move |s: &mut Session| {
             if alerts {
                 s.intro.alerts().iter().any(|a| of_class(a.class))
@@ -104,10 +112,11 @@ impl Session {
                 // patching its own text under `kernel-code`) pushes a record
                 // out of that window.
                 let counters = s.intro.counters();
-                match class {
+                let recorded = match class {
                     Some(c) => counters.per_class.get(&c).is_some_and(|n| *n > 0),
                     None => counters.events > 0,
-                }
+                };
+                recorded && (!breaks || s.control.is_held() || s.ended())
             }
         };
         let what = if alerts { "alert" } else { "event" };

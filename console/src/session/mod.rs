@@ -569,8 +569,13 @@ impl Session {
 
     /// Ends the guest (if running) and returns the outcome.
     pub fn finish(&mut self) -> Option<&RunOutcome> {
+        self.finish_with(StopReason::User)
+    }
+
+    /// Ends the guest (if running) for `reason`, and returns the outcome.
+    pub fn finish_with(&mut self, reason: StopReason) -> Option<&RunOutcome> {
         if self.running() {
-            self.shared.stop(StopReason::User);
+            self.shared.stop(reason);
             let _ = self.control.resume(None);
         }
         if let Some(r) = self.runner.take() {
