@@ -945,3 +945,36 @@ fn kernel_code_catches_a_text_write_that_is_not_the_kernels_own_patching() {
     assert!(printed(), "{}", g.why(&text));
     g.ends();
 }
+
+/// A `--cmdline` too long for the kernel is refused with the user's own
+/// budget (vmiscope's additions are not theirs to count), and a newline in
+/// it is shown escaped, not cutting the note.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+#[cfg_attr(no_linux, ignore = "needs Debian's kernel package unpacked by .ci/run")]
+fn a_long_command_line_is_refused_with_the_users_budget() {
+    if !common::kvm_available() {
+        return;
+    }
+    let k = kernel();
+    let run = |cmdline: &str| {
+        Command::new(EXE)
+            .args(["run", k.to_str().unwrap(), "--batch", "--timeout", "0.5"])
+            .args(["--cmdline", cmdline])
+            .output()
+            .unwrap()
+    };
+    let out = run(&"a".repeat(2047));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("the command line is 2047 bytes") && err.contains("give at most"),
+        "{err}"
+    );
+    let out = run("quiet\nloglevel=3");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("kernel command line: quiet\\nloglevel=3 "),
+        "{err}"
+    );
+}

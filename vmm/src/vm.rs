@@ -88,6 +88,7 @@ impl Vm {
         let (cmdline, boot_note) = command_line(image, cfg, &host);
         let inputs = loader::BootInputs {
             cmdline: &cmdline,
+            user_cmdline_bytes: cfg.cmdline.trim().len(),
             modules: &cfg.modules,
             initrd: cfg.initrd.as_deref(),
             own_decompressor: cfg.linux_own_decompressor,
@@ -389,6 +390,17 @@ fn adjust_cpuid(entries: &mut [kvm_bindings::kvm_cpuid_entry2]) {
     }
 }
 
+/// `line` as one printed line: a control character (a newline in
+/// `--cmdline`) is escaped, not allowed to cut the note.
+fn shown(line: &str) -> String {
+    line.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
+}
+
 /// The command line the kernel gets: a Linux kernel's gets what it needs on
 /// this host, with a note that says what was added.
 /// The note also says when the guest's CPUID lacks XSAVE (see `hide_xsave`).
@@ -402,9 +414,10 @@ fn command_line(image: &[u8], cfg: &VmConfig, host: &crate::Host) -> (String, Op
     let pvm = host.kind() == crate::HostKind::Pvm;
     let (line, added) = loader::linux_command_line(&cfg.cmdline, pvm);
     let mut note = match added.is_empty() {
-        true => format!("kernel command line: {line}"),
+        true => format!("kernel command line: {}", shown(&line)),
         false => format!(
-            "kernel command line: {line} (vmiscope added: {})",
+            "kernel command line: {} (vmiscope added: {})",
+            shown(&line),
             added.join(" ")
         ),
     };

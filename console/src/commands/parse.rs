@@ -138,6 +138,13 @@ impl Line<'_> {
         self.none_after(1).map(|()| cmd)
     }
 
+    /// `parsed`, if the line has at most `n` words (a trailing word such as a
+    /// typo `… phy` is refused, not ignored).
+    fn upto(&self, n: usize, parsed: Result<Command, ParseError>) -> Result<Command, ParseError> {
+        let cmd = parsed?;
+        self.none_after(n).map(|()| cmd)
+    }
+
     fn word(&self, i: usize) -> Option<&str> {
         self.w.get(i).copied()
     }
@@ -164,10 +171,12 @@ use Command as C;
 /// Every command the console takes, by its first word.
 pub(super) const COMMANDS: &[Spec] = &[
     spec(&["help", "?"], |l| {
-        Ok(C::Help(l.word(1).map(str::to_string)))
+        l.upto(2, Ok(C::Help(l.word(1).map(str::to_string))))
     }),
     spec(&["caps"], |l| l.bare(C::Caps)),
-    spec(&["protect", "unprotect"], |l| parse_protect(&l.w)),
+    spec(&["protect", "unprotect"], |l| {
+        l.upto(2, parse_protect(&l.w))
+    }),
     spec(&["hook"], |l| parse_hook(&l.w, l.sym)),
     spec(&["hooks"], |l| l.bare(C::Hooks)),
     spec(&["continue", "c"], |l| match l.word(1) {
@@ -176,14 +185,17 @@ pub(super) const COMMANDS: &[Spec] = &[
         Some(x) => Err(format!("`continue` takes `--wait`, not `{x}`").into()),
     }),
     spec(&["wait"], |l| {
-        Ok(C::Wait(match l.word(1) {
-            None => 10.0,
-            Some(t) => t
-                .parse::<f64>()
-                .ok()
-                .filter(|t| seconds(*t).is_some())
-                .ok_or("expected `wait [SECS]` (more than 0, at most 1e9)")?,
-        }))
+        l.upto(
+            2,
+            Ok(C::Wait(match l.word(1) {
+                None => 10.0,
+                Some(t) => t
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|t| seconds(*t).is_some())
+                    .ok_or("expected `wait [SECS]` (more than 0, at most 1e9)")?,
+            })),
+        )
     }),
     spec(&["pause"], |l| l.bare(C::Pause)),
     spec(&["step", "s", "si"], |l| l.bare(C::Step)),
@@ -193,42 +205,58 @@ pub(super) const COMMANDS: &[Spec] = &[
         Some(x) => Err(format!("`next-event` takes `all`, not `{x}`").into()),
     }),
     spec(&["quit", "q", "exit"], |l| l.bare(C::Quit)),
-    spec(&["vcpu"], |l| Ok(C::Vcpu(l.num32(1, "a vCPU number")?))),
+    spec(&["vcpu"], |l| {
+        l.upto(2, Ok(C::Vcpu(l.num32(1, "a vCPU number")?)))
+    }),
     spec(&["break"], |l| parse_break(&l.w, &|i, what| l.num(i, what))),
     spec(&["breaks"], |l| l.bare(C::Breaks)),
     spec(&["delete"], |l| {
-        Ok(C::Delete(BreakId(l.num32(1, "a breakpoint number")?)))
+        l.upto(
+            2,
+            Ok(C::Delete(BreakId(l.num32(1, "a breakpoint number")?))),
+        )
     }),
     spec(&["event"], |l| l.bare(C::Event)),
     spec(&["verdict"], |l| {
-        Ok(C::Verdict(match l.word(1) {
-            Some("allow") => VerdictChoice::Allow,
-            Some("deny") => VerdictChoice::Deny,
-            Some("policy") => VerdictChoice::Policy,
-            _ => return Err("expected `verdict allow|deny|policy`".into()),
-        }))
+        l.upto(
+            2,
+            Ok(C::Verdict(match l.word(1) {
+                Some("allow") => VerdictChoice::Allow,
+                Some("deny") => VerdictChoice::Deny,
+                Some("policy") => VerdictChoice::Policy,
+                _ => return Err("expected `verdict allow|deny|policy`".into()),
+            })),
+        )
     }),
     spec(&["events"], |l| parse_events(&l.w)),
     spec(&["alerts"], |l| l.bare(C::Alerts)),
-    spec(&["alert"], |l| Ok(C::Alert(l.num(1, "an alert id")?))),
+    spec(&["alert"], |l| {
+        l.upto(2, Ok(C::Alert(l.num(1, "an alert id")?)))
+    }),
     spec(&["exception"], |l| match (l.word(1), l.w.get(2)) {
+        _ if l.w.len() > 3 => l.none_after(3).map(|()| C::Exceptions),
         (Some("add-from-alert"), Some(id)) => Ok(C::ExceptionFromAlert(number(id, l.sym)?)),
         _ => Err("expected `exception add-from-alert ID`".into()),
     }),
     spec(&["exceptions"], |l| match (l.word(1), l.w.get(2)) {
+        _ if l.w.len() > 3 => l.none_after(3).map(|()| C::Exceptions),
         (None, _) => Ok(C::Exceptions),
         (Some("save"), Some(f)) => Ok(C::ExceptionsSave(f.to_string())),
         _ => Err("expected `exceptions` or `exceptions save FILE`".into()),
     }),
     spec(&["log-only"], |l| {
-        Ok(C::LogOnly(match l.word(1) {
-            Some("on") => true,
-            Some("off") => false,
-            _ => return Err("expected `log-only on|off`".into()),
-        }))
+        l.upto(
+            2,
+            Ok(C::LogOnly(match l.word(1) {
+                Some("on") => true,
+                Some("off") => false,
+                _ => return Err("expected `log-only on|off`".into()),
+            })),
+        )
     }),
     spec(&["stats"], |l| l.bare(C::Stats)),
     spec(&["journal"], |l| match (l.word(1), l.w.get(2)) {
+        _ if l.w.len() > 3 => l.none_after(3).map(|()| C::Exceptions),
         (Some("save"), Some(f)) => Ok(C::JournalSave(f.to_string())),
         _ => Err("expected `journal save FILE`".into()),
     }),
@@ -243,19 +271,22 @@ pub(super) const COMMANDS: &[Spec] = &[
     spec(&["segments"], |l| l.bare(C::Segments)),
     spec(&["dregs"], |l| l.bare(C::Dregs)),
     spec(&["idt"], |l| {
-        Ok(C::Idt(l.opt_num(1)?.map(|n| n.min(256) as usize)))
+        l.upto(2, Ok(C::Idt(l.opt_num(1)?.map(|n| n.min(256) as usize))))
     }),
     spec(&["gdt"], |l| l.bare(C::Gdt)),
     spec(&["vmmap"], |l| l.bare(C::Vmmap)),
     spec(&["kaslr"], |l| l.bare(C::Kaslr)),
     spec(&["bt"], |l| {
-        Ok(C::Bt(
-            l.opt_num(1)?
-                .map(|n| n.clamp(1, 256) as usize)
-                .unwrap_or(32),
-        ))
+        l.upto(
+            2,
+            Ok(C::Bt(
+                l.opt_num(1)?
+                    .map(|n| n.clamp(1, 256) as usize)
+                    .unwrap_or(32),
+            )),
+        )
     }),
-    spec(&["sym"], |l| Ok(C::Sym(l.num(1, "an address")?))),
+    spec(&["sym"], |l| l.upto(2, Ok(C::Sym(l.num(1, "an address")?)))),
     spec(&["addr"], |l| match (l.w.get(1), l.w.get(2)) {
         (Some(n), None) => Ok(C::Addr(n.to_string())),
         _ => Err("expected `addr SYMBOL`".into()),
@@ -263,28 +294,37 @@ pub(super) const COMMANDS: &[Spec] = &[
     spec(&["ps"], |l| l.bare(C::Ps)),
     spec(&["lsmod"], |l| l.bare(C::Lsmod)),
     spec(&["msr"], |l| {
-        Ok(C::Msr(u32::try_from(l.num(1, "an MSR index")?).map_err(
-            |_| format!("`{}` is too large for an MSR index", l.w[1]),
-        )?))
+        l.upto(
+            2,
+            Ok(C::Msr(u32::try_from(l.num(1, "an MSR index")?).map_err(
+                |_| format!("`{}` is too large for an MSR index", l.w[1]),
+            )?)),
+        )
     }),
     spec(&["mem"], |l| parse_mem(l.text, &l.w, l.sym)),
     spec(&["x"], |l| {
-        Ok(C::Examine {
-            fmt: XFormat::parse(l.w[0].strip_prefix("x/").unwrap_or(""))?,
-            addr: l.num(1, "an address (`x/FMT ADDR`)")?,
-        })
+        l.upto(
+            2,
+            Ok(C::Examine {
+                fmt: XFormat::parse(l.w[0].strip_prefix("x/").unwrap_or(""))?,
+                addr: l.num(1, "an address (`x/FMT ADDR`)")?,
+            }),
+        )
     }),
     spec(&["disasm"], |l| {
-        Ok(C::Disasm {
-            addr: l.opt_num(1)?,
-            count: l.opt_num(2)?.unwrap_or(8).min(200) as usize,
-        })
+        l.upto(
+            3,
+            Ok(C::Disasm {
+                addr: l.opt_num(1)?,
+                count: l.opt_num(2)?.unwrap_or(8).min(200) as usize,
+            }),
+        )
     }),
     spec(&["translate"], |l| {
-        Ok(C::Translate(l.num(1, "a guest-virtual address")?))
+        l.upto(2, Ok(C::Translate(l.num(1, "a guest-virtual address")?)))
     }),
     spec(&["pagewalk"], |l| {
-        Ok(C::Pagewalk(l.num(1, "a guest-virtual address")?))
+        l.upto(2, Ok(C::Pagewalk(l.num(1, "a guest-virtual address")?)))
     }),
 ];
 
@@ -402,6 +442,9 @@ fn parse_mem(
     let phys = w.last() == Some(&"phys");
     let args: Vec<&str> = w.iter().copied().filter(|x| *x != "phys").collect();
     match args.get(1).copied() {
+        Some("read") if args.len() > 4 => {
+            Err(format!("`mem read` takes ADDR [LEN] [phys], not `{}`", args[4]).into())
+        }
         Some("read") => Ok(Command::MemRead {
             addr: number(
                 args.get(2).ok_or("expected `mem read ADDR [LEN] [phys]`")?,

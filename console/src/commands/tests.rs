@@ -214,6 +214,23 @@ fn every_command_parses_and_malformed_input_says_what_was_expected() {
         ("addr", "expected `addr SYMBOL`"),
         ("json step", "`json` answers"),
         ("gdt 1", "takes no `1`"),
+        // Trailing words the review found ignored (a typo `phy` read virtual memory).
+        ("idt 1 2", "takes no `2`"),
+        ("bt 1 2", "takes no `2`"),
+        ("sym 0x100000 x", "takes no `x`"),
+        ("translate 0x100000 x", "takes no `x`"),
+        ("pagewalk 0x100000 x", "takes no `x`"),
+        ("disasm 0x10 2 x", "takes no `x`"),
+        ("mem read 0x10 4 x", "not `x`"),
+        ("mem read 0x10 4 phy", "not `phy`"),
+        ("vcpu 0 x", "takes no `x`"),
+        ("log-only on x", "takes no `x`"),
+        ("protect idt x", "takes no `x`"),
+        ("help hook x", "takes no `x`"),
+        ("wait 1 x", "takes no `x`"),
+        ("alert 1 x", "takes no `x`"),
+        ("x/4gx 0x10 x", "takes no `x`"),
+        ("journal save f x", "takes no `x`"),
     ];
     for (b, want) in bad {
         let e = p(b).unwrap_err();

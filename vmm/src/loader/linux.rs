@@ -33,6 +33,8 @@ type Header = object::elf::FileHeader64<object::Endianness>;
 #[derive(Debug, Default)]
 pub struct LinuxBoot<'a> {
     pub cmdline: &'a str,
+    /// How many of `cmdline`'s bytes are the user's.
+    pub user_cmdline_bytes: usize,
     pub initrd: Option<&'a [u8]>,
     /// Run the bzImage's own decompressor instead of entering the vmlinux
     /// vmiscope decompressed (for comparison: `bench --linux`).
@@ -266,9 +268,17 @@ fn fill_zero_page(
     kernel_end: u64,
 ) -> Result<(), LoadError> {
     let limit = (params.hdr.cmdline_size as usize).clamp(255, CMDLINE_MAX - 1);
-    if boot.cmdline.len() > limit || boot.cmdline.contains('\0') {
+    if boot.cmdline.contains('\0') {
+        return Err(LoadError::Linux("the command line has a NUL byte".into()));
+    }
+    if boot.cmdline.len() > limit {
+        // The user is told their own budget: what vmiscope adds is not theirs.
+        let added = boot.cmdline.len().saturating_sub(boot.user_cmdline_bytes);
         return Err(LoadError::Linux(format!(
-            "the command line must be at most {limit} bytes with no NUL"
+            "the command line is {} bytes; this kernel takes at most {limit}, of which vmiscope's \
+             additions take {added}: give at most {} bytes",
+            boot.user_cmdline_bytes,
+            limit.saturating_sub(added)
         )));
     }
     let mut line = boot.cmdline.as_bytes().to_vec();

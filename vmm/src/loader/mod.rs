@@ -24,6 +24,9 @@ use crate::memory::GuestRam;
 #[derive(Debug, Clone, Copy)]
 pub struct BootInputs<'a> {
     pub cmdline: &'a str,
+    /// How many of `cmdline`'s bytes are the user's (the rest vmiscope
+    /// added): the limit a user is told is theirs.
+    pub user_cmdline_bytes: usize,
     /// Multiboot modules.
     pub modules: &'a [Module],
     /// A Linux kernel's initrd.
@@ -50,6 +53,7 @@ pub struct Loaded {
 pub fn load(ram: &GuestRam, image: &[u8], inputs: &BootInputs) -> Result<Loaded, LoadError> {
     let BootInputs {
         cmdline,
+        user_cmdline_bytes,
         modules,
         initrd,
         own_decompressor,
@@ -66,6 +70,7 @@ pub fn load(ram: &GuestRam, image: &[u8], inputs: &BootInputs) -> Result<Loaded,
         }
         let boot = LinuxBoot {
             cmdline,
+            user_cmdline_bytes,
             initrd,
             own_decompressor,
             vcpus,
