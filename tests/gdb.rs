@@ -1234,3 +1234,41 @@ fn breakpoints_and_watchpoints_set_again_at_each_step_cost_no_kicks() {
         assert!(!out.contains("\"kick\""), "a held vCPU was kicked: {out}");
     }
 }
+
+/// `M` answers exactly what it did: a write that runs off the end of RAM
+/// changes nothing and answers an error (it changed the first bytes and
+/// answered `E79`), and one that wraps past 2^64 is an error (it answered
+/// `OK` with nothing written).
+#[test]
+#[cfg_attr(any(no_kvm, no_gdb), ignore = "needs /dev/kvm and gdb")]
+fn a_memory_write_is_all_or_nothing_and_says_which() {
+    if !kvm_available() || !gdb_available() {
+        return;
+    }
+    let (out, _, _) = gdb_session(
+        "hello",
+        &[
+            "set {int}0x7fffffe = 0x04030201",
+            "x/2xb 0x7fffffe",
+            "maint packet Mfffffffffffffff8,10:0102030405060708090a0b0c0d0e0f10",
+            "maint packet M7fffffc,4:01020304",
+            "x/4xb 0x7fffffc",
+            "continue",
+        ],
+    );
+    assert!(
+        out.contains("Cannot access memory at address 0x7fffffe"),
+        "{out}"
+    );
+    assert!(out.contains("0x7fffffe:\t0x00\t0x00"), "unchanged: {out}");
+    let replies: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split("received: \"").nth(1))
+        .collect();
+    assert!(
+        replies.first().is_some_and(|r| r.starts_with('E')),
+        "wrap: {out}"
+    );
+    assert!(replies.get(1).is_some_and(|r| r.starts_with("OK")), "{out}");
+    assert!(out.contains("0x7fffffc:\t0x01\t0x02\t0x03\t0x04"), "{out}");
+}

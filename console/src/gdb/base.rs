@@ -88,20 +88,36 @@ impl MultiThreadBase for GdbTarget {
         let Some(cpu) = self.cpu(t) else {
             return err("no such thread");
         };
+        // All or nothing: every page is translated and checked first, so `E`
+        // means nothing changed and `OK` that all of it did (a write running
+        // off the end of RAM changed the first part and answered `E`; one
+        // wrapping past 2^64 wrote nothing and answered `OK`).
+        let len = data.len() as u64;
+        if start.checked_add(len).is_none() {
+            return err("wraps past the end of the address space");
+        }
+        let ram = self.s.shared().ram().size();
+        let mut pieces = Vec::new();
         let mut done = 0;
-        for (va, n) in vmiscope_introspect::decode::split_pages(start, data.len() as u64) {
+        for (va, n) in vmiscope_introspect::decode::split_pages(start, len) {
             let Some(gpa) = self.translate(cpu, va) else {
                 return err("unmapped");
             };
+            if gpa.checked_add(n).is_none_or(|end| end > ram) {
+                return err("outside RAM");
+            }
+            pieces.push((gpa, &data[done..done + n as usize]));
+            done += n as usize;
+        }
+        for (gpa, bytes) in pieces {
             if self
                 .s
                 .shared()
-                .write_around_breakpoints(gpa, &data[done..done + n as usize])
+                .write_around_breakpoints(gpa, bytes)
                 .is_err()
             {
                 return err("outside RAM");
             }
-            done += n as usize;
         }
         Ok(())
     }
