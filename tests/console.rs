@@ -42,19 +42,37 @@ fn a_piped_session_waits_for_its_stops_and_quit_exits_0() {
     if !kvm_available() {
         return;
     }
+    let dir = common::temp_dir("console-override");
+    let journal = dir.join("j.jsonl");
     let (code, out, _) = piped(
         "demo",
-        &["--protect", "all"],
+        &["--protect", "all", "--journal", journal.to_str().unwrap()],
         &[
             "break event msr",
             "continue --wait",
             "event",
             "verdict allow",
+            "alerts",
+            "alert 1",
+            "events 100 msr",
             "delete 1",
             "wait",
             "quit",
         ],
     );
+    // The analyst's answer shows wherever the alert and the event do (it was
+    // only in a separate override line).
+    assert!(out.contains("msr allowed by the analyst: "), "{out}");
+    assert!(out.contains("allowed (analyst)"), "`events`: {out}");
+    let text = std::fs::read_to_string(&journal).unwrap();
+    let alert = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["type"] == "alert" && r["class"] == "msr")
+        .last()
+        .unwrap_or_else(|| panic!("no msr alert in the journal: {text}"));
+    assert_eq!(alert["overridden"], true, "{alert}");
+    assert_eq!(alert["enforced"], false, "{alert}");
     // The stop is there when `event` runs: the reviewer's pipe got "not
     // stopped at an event" here.
     assert!(out.contains("vCPU 0 stopped (breakpoint 1)"), "{out}");

@@ -309,7 +309,10 @@ pub fn event_line(r: &EventRecord, sym: &Symbols) -> String {
         r.event_id,
         r.vcpu,
         r.class.name(),
-        verdict_name(r.verdict),
+        match r.overridden {
+            Some(_) => format!("{} (analyst)", verdict_name(r.verdict)),
+            None => verdict_name(r.verdict).to_string(),
+        },
         at(sym, r.rip),
         r.cpl,
         info_text(&r.event, sym),
@@ -360,7 +363,12 @@ pub fn alert_line(a: &vmiscope_introspect::Alert) -> String {
             String::new()
         },
         a.class.name(),
-        if a.enforced { "blocked" } else { "log-only" },
+        match (a.overridden, a.enforced) {
+            (Some(true), _) => "allowed by the analyst",
+            (Some(false), _) => "denied by the analyst",
+            (None, true) => "blocked",
+            (None, false) => "log-only",
+        },
         a.reason,
         a.vcpu,
         a.rip,

@@ -40,6 +40,10 @@ pub struct Alert {
     pub repeats: u64,
     /// The event of the newest repeat (`event_id` when none).
     pub last_event_id: u64,
+    /// An analyst replaced the verdict at a stop (`verdict allow|deny`):
+    /// allowed (true) or denied; `enforced` then says what happened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overridden: Option<bool>,
 }
 
 /// A journal record: every handled event, every alert, every exception that

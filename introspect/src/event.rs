@@ -97,4 +97,8 @@ pub struct EventRecord {
     pub event: EventInfo,
     pub hooks: Vec<HookId>,
     pub verdict: Verdict,
+    /// An analyst replaced the verdict (allowed: true); `verdict` is then
+    /// the one applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overridden: Option<bool>,
 }

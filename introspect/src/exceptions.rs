@@ -277,6 +277,7 @@ mod tests {
             at_us: 0,
             repeats: 0,
             last_event_id: 1,
+            overridden: None,
             class: Class::Ept,
             vcpu: 0,
             rip: 0x100ae1,

@@ -484,6 +484,7 @@ mod tests {
             event: EventInfo::Msr {
                 index: 0x10,
                 write: Some(1),
+                overridden: None,
             },
             hooks,
             verdict,

@@ -163,6 +163,7 @@ impl Engine {
             event: info.clone(),
             hooks,
             verdict,
+            overridden: None,
         };
         // Shared, not copied: the record is in `recent` and goes to the caller.
         let record = Arc::new(record);
@@ -222,6 +223,7 @@ impl Engine {
             enforced: true,
             repeats: 0,
             last_event_id: self.event_id,
+            overridden: None,
         }
     }
 
@@ -238,6 +240,31 @@ impl Engine {
             self.overrides.remove(0);
         }
         self.overrides.push(o);
+        // The answer shows where the analyst looks: the alert (`alerts`,
+        // `alert N`, and once more in the journal with the override, the
+        // record a reader keyed by id keeps) and the event (`events`).
+        let verdict = if allow {
+            Verdict::Allowed
+        } else {
+            Verdict::NotAllowed
+        };
+        let mut changed = vec![];
+        for a in self.alerts.iter_mut() {
+            if a.event_id == event_id || a.last_event_id == event_id {
+                a.overridden = Some(allow);
+                a.enforced = !allow;
+                changed.push(a.clone());
+            }
+        }
+        for a in &changed {
+            self.journal(&Record::Alert(a));
+        }
+        for r in self.recent.iter_mut().filter(|r| r.event_id == event_id) {
+            let mut updated = (**r).clone();
+            updated.verdict = verdict;
+            updated.overridden = Some(allow);
+            *r = std::sync::Arc::new(updated);
+        }
     }
 
     /// Keeps an alert, folding a repeat of the newest one (same vCPU, hook,
