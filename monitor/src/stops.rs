@@ -484,10 +484,10 @@ mod tests {
             event: EventInfo::Msr {
                 index: 0x10,
                 write: Some(1),
-                overridden: None,
             },
             hooks,
             verdict,
+            overridden: None,
         }
     }
 
