@@ -67,9 +67,9 @@ fn a_piped_session_waits_for_its_stops_and_quit_exits_0() {
     let text = std::fs::read_to_string(&journal).unwrap();
     let alert = text
         .lines()
+        .rev()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|r| r["type"] == "alert" && r["class"] == "msr")
-        .last()
+        .find(|r| r["type"] == "alert" && r["class"] == "msr")
         .unwrap_or_else(|| panic!("no msr alert in the journal: {text}"));
     assert_eq!(alert["overridden"], true, "{alert}");
     assert_eq!(alert["enforced"], false, "{alert}");
