@@ -476,3 +476,28 @@ fn steps_cost_no_kicks() {
     assert!(out.contains("\"single-step\":50"), "{out}");
     assert!(!out.contains("\"kick\""), "{out}");
 }
+
+/// `break event CLASS` on a class nothing hooks says so (it would wait in
+/// silence); once a hook of that class exists it does not.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_break_on_a_class_nothing_hooks_says_so() {
+    if !kvm_available() {
+        return;
+    }
+    let (_, out, _) = piped(
+        "demo",
+        &[],
+        &[
+            "break event msr",
+            "hook msr 0xc0000082 w",
+            "break event msr",
+            "quit",
+        ],
+    );
+    assert!(
+        out.contains("breakpoint 1: events of class msr (nothing is hooked on class msr yet"),
+        "{out}"
+    );
+    assert!(out.contains("breakpoint 2: events of class msr\n"), "{out}");
+}

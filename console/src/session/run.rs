@@ -103,8 +103,28 @@ impl Session {
         vcpu: Option<u32>,
     ) -> Result<Output, Error> {
         let id = self.control.add_break(class, None, vcpu);
+        // A breakpoint on a class nothing watches would wait in silence: say
+        // so (policies not armed yet will bring hooks of their own).
+        let hooked = self
+            .intro
+            .hooks()
+            .iter()
+            .any(|h| class.is_none_or(|c| h.target.class() == c));
+        let note = match (hooked, self.intro.armed()) {
+            (true, _) => String::new(),
+            (false, 0) => format!(
+                " (nothing is hooked{} yet: it stops once a hook or a policy is)",
+                class
+                    .map(|c| format!(" on class {}", c.name()))
+                    .unwrap_or_default()
+            ),
+            (false, _) => {
+                " (nothing of it is hooked yet; the policies arm when the guest loads its own IDT)"
+                    .into()
+            }
+        };
         Ok(Output::text(format!(
-            "breakpoint {id}: events{}{}",
+            "breakpoint {id}: events{}{}{note}",
             class
                 .map(|c| format!(" of class {}", c.name()))
                 .unwrap_or_default(),
