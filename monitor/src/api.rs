@@ -153,6 +153,11 @@ impl Introspection {
     }
 
     /// Log-only mode: every verdict is logged and then allowed.
+    /// Whether policies only log (`--log-only`, `log-only on`).
+    pub fn log_only(&self) -> bool {
+        self.engine.lock().unwrap().log_only()
+    }
+
     pub fn set_log_only(&self, on: bool) {
         self.engine.lock().unwrap().set_log_only(on);
     }

@@ -57,6 +57,22 @@ pub enum HookSpec {
     },
 }
 
+impl HookSpec {
+    /// What a hit does, for hooks that decide (breakpoints and introcalls
+    /// only observe or answer).
+    pub fn action(&self) -> Option<Action> {
+        match self {
+            HookSpec::Ept { action, .. }
+            | HookSpec::Gva { action, .. }
+            | HookSpec::Msr { action, .. }
+            | HookSpec::Cr { action, .. }
+            | HookSpec::Dtr { action, .. }
+            | HookSpec::Xcr { action } => Some(*action),
+            HookSpec::Bp { .. } | HookSpec::Introcall { .. } => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VerdictChoice {
     Allow,

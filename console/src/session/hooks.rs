@@ -71,7 +71,7 @@ impl Session {
     pub(super) fn add_hook(&mut self, spec: HookSpec) -> Result<Output, Error> {
         // Named by who made it and what it watches; `hooks` shows its id.
         let name = format!(
-            "console:{}",
+            "console:{}{}",
             match &spec {
                 HookSpec::Ept { .. } => "ept",
                 HookSpec::Gva { .. } => "gva",
@@ -81,6 +81,10 @@ impl Session {
                 HookSpec::Xcr { .. } => "xcr",
                 HookSpec::Bp { .. } => "bp",
                 HookSpec::Introcall { .. } => "introcall",
+            },
+            match spec.action() {
+                Some(Action::Deny) => " deny",
+                _ => "",
             }
         );
         let deny_cb = |act: Action| -> vmiscope_introspect::Callback {
@@ -181,16 +185,17 @@ impl Session {
 
     pub fn hooks_text(&self) -> String {
         let mut t = String::new();
-        for h in self.intro.hooks() {
+        for r in hook_rows(&self.intro.hooks(), self.intro.log_only()) {
             let _ = writeln!(
                 t,
-                "{:>4} {:<10} {:<22} hits {:<6} {} {}",
-                h.id,
-                h.target.class().name(),
-                h.name,
-                h.hits,
-                if h.enabled { "on " } else { "off" },
-                target_text(&h.target)
+                "{:>4} {:<10} {:<22} hits {:<6} {} {:<4} {}",
+                r.ids,
+                r.class,
+                r.name,
+                r.hits,
+                if r.enabled { "on " } else { "off" },
+                r.action,
+                r.what
             );
         }
         if !t.is_empty() {
@@ -203,4 +208,67 @@ impl Session {
             ),
         }
     }
+}
+
+/// One line of `hooks` or `stats`: a hook, or a policy's hooks of one class
+/// together (`kernel-code` puts one on every page of a kernel's text: 3,596
+/// lines for Debian's).
+pub(crate) struct HookRow {
+    pub ids: String,
+    pub class: &'static str,
+    pub name: String,
+    pub hits: u64,
+    pub enabled: bool,
+    /// `deny` or `log`: what a hit does (a policy's hooks only log in
+    /// log-only mode; a console hook was made one or the other).
+    pub action: &'static str,
+    pub what: String,
+}
+
+pub(crate) fn hook_rows(hooks: &[vmiscope_monitor::HookInfo], log_only: bool) -> Vec<HookRow> {
+    use vmiscope_introspect::Owner;
+    let mut rows: Vec<HookRow> = vec![];
+    let mut groups: std::collections::BTreeMap<
+        (String, &'static str),
+        Vec<&vmiscope_monitor::HookInfo>,
+    > = Default::default();
+    for h in hooks {
+        let class = h.target.class().name();
+        match h.owner {
+            Owner::Policy(_) => groups.entry((h.name.clone(), class)).or_default().push(h),
+            _ => rows.push(HookRow {
+                ids: h.id.to_string(),
+                class,
+                name: h.name.trim_end_matches(" deny").to_string(),
+                hits: h.hits,
+                enabled: h.enabled,
+                action: match h.target {
+                    Target::Breakpoint { .. } | Target::Introcall { .. } => "",
+                    _ if h.name.ends_with(" deny") => "deny",
+                    _ => "log",
+                },
+                what: target_text(&h.target),
+            }),
+        }
+    }
+    for ((name, class), hs) in groups {
+        let (first, last) = (hs[0], hs[hs.len() - 1]);
+        rows.push(HookRow {
+            ids: match hs.len() {
+                1 => first.id.to_string(),
+                _ => format!("{}-{}", first.id, last.id),
+            },
+            class,
+            name,
+            hits: hs.iter().map(|h| h.hits).sum(),
+            enabled: hs.iter().any(|h| h.enabled),
+            action: if log_only { "log" } else { "deny" },
+            what: match hs.len() {
+                1 => target_text(&first.target),
+                n => format!("{n} hooks, the first {}", target_text(&first.target)),
+            },
+        });
+    }
+    rows.sort_by_key(|r| r.ids.split('-').next().and_then(|i| i.parse::<u64>().ok()));
+    rows
 }

@@ -221,8 +221,8 @@ impl Session {
             let _ = writeln!(t, "completed by the VMM: {}", completed.join(" "));
         }
         t.push_str("hook hits:\n");
-        for h in self.intro.hooks() {
-            let _ = writeln!(t, "  hook {:>3} {:<22} {}", h.id, h.name, h.hits);
+        for r in super::hooks::hook_rows(&self.intro.hooks(), self.intro.log_only()) {
+            let _ = writeln!(t, "  hook {:>3} {:<22} {}", r.ids, r.name, r.hits);
         }
         let (exits, per) = self.shared.exit_counts();
         let per: Vec<String> = per
