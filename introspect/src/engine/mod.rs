@@ -66,6 +66,9 @@ impl Latency {
     }
 }
 
+/// What makes two alerts the same act: vCPU, hook, class, RIP and reason.
+type AlertKey = (u32, HookId, Class, u64, String);
+
 /// How many handled events `Engine::recent` keeps (the journal keeps all).
 pub const RECENT: usize = 10_000;
 
@@ -114,6 +117,8 @@ pub struct Engine {
     class_counts: HashMap<Class, u32>,
     rights_dirty: bool,
     alerts: Vec<Alert>,
+    /// Where each distinct act's alert is in `alerts` (see `push_alert`).
+    alert_index: std::collections::HashMap<AlertKey, usize>,
     /// The analyst's verdict overrides, newest last (at most `RECENT`).
     overrides: Vec<crate::alert::Override>,
     /// The last `RECENT` handled events.
@@ -169,6 +174,7 @@ impl Engine {
             class_counts: HashMap::new(),
             rights_dirty: false,
             alerts: vec![],
+            alert_index: Default::default(),
             overrides: vec![],
             recent: VecDeque::new(),
             exceptions: Exceptions::default(),

@@ -1054,3 +1054,43 @@ fn a_breakpoint_the_host_cannot_report_traps_its_page_and_stays_visible_if_asked
         assert_eq!(g.rights.get(&0x30000), None, "the trap goes with it");
     }
 }
+
+/// The same act again folds into its first alert even when other acts come
+/// between (a hot page cycled through 7 writers and gave 165 lines), and the
+/// ids of the alerts listed stay 1, 2, 3.
+#[test]
+fn a_repeated_act_folds_into_its_alert_across_other_acts() {
+    let (mut e, mut g) = (Engine::new(), MockGuest::new());
+    e.add_hook(
+        &mut g,
+        gpa_hook(0x10000, 8, Rights::W),
+        "w",
+        answer(Verdict::NotAllowed),
+    )
+    .unwrap();
+    e.add_hook(
+        &mut g,
+        Target::Msr {
+            index: 0xc000_0082,
+            read: false,
+            write: true,
+        },
+        "m",
+        answer(Verdict::NotAllowed),
+    )
+    .unwrap();
+    g.put(0x20000, &[0x89, 0x08]);
+    g.regs.rax = 0x10000;
+    for _ in 0..3 {
+        g.regs.rip = 0x20000;
+        handle_ept_violation(&mut e, &mut g, &write_exit(0x10000, 4, 7, 0x20002));
+        g.regs.rip = 0x30000;
+        handle_msr_violation(&mut e, &mut g, 0xc000_0082, Some(1));
+    }
+    g.regs.rip = 0x40000;
+    handle_msr_violation(&mut e, &mut g, 0xc000_0082, Some(2));
+    let a = e.alerts();
+    assert_eq!(a.len(), 3, "{a:?}");
+    assert_eq!(a.iter().map(|a| a.id).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!((a[0].repeats, a[1].repeats, a[2].repeats), (2, 2, 0));
+}
