@@ -160,6 +160,63 @@ fn the_console_follows_the_vcpu_that_stopped() {
     assert!(out.contains("vCPU 1") || out.contains("vcpu 1"), "{out}");
 }
 
+/// `mem find` takes integers and pointers as pwndbg's `search` does: `-q`
+/// a little-endian quadword, `-p` a pointer named by a symbol, `-d`/`-w`/`-b`
+/// narrower ones; a value too wide for its flag is refused.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn mem_find_takes_integers_and_pointers() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, out, err) = run_script(
+        "demo",
+        "find",
+        "mem write 0x300008 20 02 10 00 00 00 00 00 phys\n\
+         mem find -p kprintf 0x2ff000 0x2000 phys\n\
+         mem find -q 0x100220 0x300000 0x100 phys\n\
+         mem find -w 0x220 0x300000 0x100 phys\n\
+         mem find -q 0x100221 0x300000 0x100 phys\n",
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(out.matches("       0x300008").count(), 3, "{out}");
+    assert!(out.contains("not found"), "{out}");
+    let (code, _, err) = run_script("demo", "find-bad", "mem find -b 0x1ff\n");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("does not fit in 1 byte"), "{err}");
+}
+
+/// `tele ADDR [N]` follows each slot as a pointer chain, as pwndbg's
+/// telescope: links named by their symbols, a string shown, a loop said,
+/// small values not taken for pointers.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn tele_follows_pointer_chains_with_symbols_strings_and_loops() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, out, err) = run_script(
+        "demo",
+        "tele",
+        "hook bp kprintf\n\
+         break event breakpoint\n\
+         continue\n\
+         expect event breakpoint timeout 20\n\
+         tele $rsp 1\n\
+         mem write 0x300000 10 00 30 00 00 00 00 00 00 00 30 00 00 00 00 00 phys\n\
+         mem write 0x300010 48 65 6c 6c 6f 21 00 00 00 00 00 00 00 00 00 00 phys\n\
+         tele 0x300000 3\n\
+         mem write 0x300000 08 00 30 00 00 00 00 00 phys\n\
+         tele 0x300000 1\n",
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("00:0000│ 0x"), "{out}");
+    assert!(out.contains(" <main+0x"), "the return address: {out}");
+    assert!(out.contains("0x300000 —▸ 0x300010 \"Hello!\""), "{out}");
+    assert!(out.contains("02:0010│ 0x300010 ◂— 0x216f6c6c6548"), "{out}");
+    assert!(out.contains("0x300000 —▸ 0x300008 —▸ 0x300000 (loop)"), "{out}");
+}
+
 /// `mem write` over one of our INT3s changes the byte the breakpoint will put
 /// back, and the INT3 stays; deleting the hook then leaves the written byte.
 #[test]

@@ -124,9 +124,14 @@ pub const HELP: &[HelpEntry] = &[
         "mem write user_secret de ad be ef",
     ),
     h(
-        "mem find BYTES|\"TEXT\" [ADDR LEN] [phys]",
-        "search memory (default: every mapped page, or all RAM with phys)",
-        "mem find \"demo\"",
+        "mem find BYTES|\"TEXT\"|-b|-w|-d|-q|-p VALUE [ADDR LEN] [phys]",
+        "search memory for bytes, text or a 1/2/4/8-byte integer or pointer (default: every mapped page, or all RAM with phys)",
+        "mem find -p kprintf",
+    ),
+    h(
+        "tele ADDR [N]",
+        "N 8-byte slots from ADDR, each followed as a pointer chain with symbols and strings (pwndbg's telescope)",
+        "tele $rsp 8",
     ),
     h(
         "x/FMT ADDR",

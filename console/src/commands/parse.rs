@@ -311,6 +311,15 @@ pub(super) const COMMANDS: &[Spec] = &[
             }),
         )
     }),
+    spec(&["tele", "telescope"], |l| {
+        l.upto(
+            3,
+            Ok(C::Tele {
+                addr: l.num(1, "an address")?,
+                count: l.opt_num(2)?.unwrap_or(8).clamp(1, 256) as usize,
+            }),
+        )
+    }),
     spec(&["disasm"], |l| {
         l.upto(
             3,
@@ -390,26 +399,45 @@ fn json_of(c: Option<Command>) -> Result<Option<Command>, ParseError> {
     }
 }
 
-/// `mem find BYTES|"TEXT" [ADDR LEN] [phys]`.
+/// `mem find BYTES|"TEXT"|-b|-w|-d|-q|-p VALUE [ADDR LEN] [phys]`.
 fn parse_find(line: &str, sym: &dyn Fn(&str) -> Option<u64>) -> Result<Command, ParseError> {
-    let usage = "expected `mem find BYTES|\"TEXT\" [ADDR LEN] [phys]`";
+    let usage = "expected `mem find BYTES|\"TEXT\"|-b|-w|-d|-q|-p VALUE [ADDR LEN] [phys]`";
     let rest = line
         .trim_start_matches("mem")
         .trim_start()
         .trim_start_matches("find");
-    let (pattern, after): (Vec<u8>, String) = match rest.trim_start().strip_prefix('"') {
-        Some(r) => {
-            let (text, after) = r.split_once('"').ok_or(usage)?;
-            (text.as_bytes().to_vec(), after.to_string())
+    let width = |flag: &str| match flag {
+        "-b" => Some(1),
+        "-w" => Some(2),
+        "-d" => Some(4),
+        "-q" | "-p" => Some(8),
+        _ => None,
+    };
+    let first = rest.split_whitespace().next().unwrap_or_default();
+    let (pattern, after): (Vec<u8>, String) = if let Some(n) = width(first) {
+        // An integer (or a pointer: a symbol, `$rsp`), little-endian, as
+        // pwndbg's `search -q`; one that does not fit the width is refused.
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        let v = number(words.get(1).ok_or(usage)?, sym)?;
+        if n < 8 && v >> (8 * n) != 0 {
+            return Err(format!("{v:#x} does not fit in {n} byte(s) (`{first}`)").into());
         }
-        None => {
-            // Hex bytes up to the first word that is not (an address: `0x…`).
-            let words: Vec<&str> = rest.split_whitespace().collect();
-            let n = words
-                .iter()
-                .take_while(|x| !x.starts_with("0x") && hex_bytes(&[x]).is_ok())
-                .count();
-            (hex_bytes(&words[..n])?, words[n..].join(" "))
+        (v.to_le_bytes()[..n].to_vec(), words[2..].join(" "))
+    } else {
+        match rest.trim_start().strip_prefix('"') {
+            Some(r) => {
+                let (text, after) = r.split_once('"').ok_or(usage)?;
+                (text.as_bytes().to_vec(), after.to_string())
+            }
+            None => {
+                // Hex bytes up to the first word that is not (an address: `0x…`).
+                let words: Vec<&str> = rest.split_whitespace().collect();
+                let n = words
+                    .iter()
+                    .take_while(|x| !x.starts_with("0x") && hex_bytes(&[x]).is_ok())
+                    .count();
+                (hex_bytes(&words[..n])?, words[n..].join(" "))
+            }
         }
     };
     if pattern.is_empty() || pattern.len() > 256 {

@@ -179,6 +179,11 @@ pub enum Command {
         fmt: XFormat,
         addr: u64,
     },
+    /// `tele ADDR [N]`: pointer chains from N 8-byte slots.
+    Tele {
+        addr: u64,
+        count: usize,
+    },
     Bt(usize),
     Sym(u64),
     Addr(String),

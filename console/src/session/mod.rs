@@ -482,6 +482,7 @@ impl Session {
             C::Vmmap => Ok(Output::text(self.vmmap()?)),
             C::Kaslr => Ok(Output::text(self.kaslr())),
             C::Examine { fmt, addr } => Ok(Output::text(self.examine(fmt, addr)?)),
+            C::Tele { addr, count } => Ok(Output::text(self.telescope(addr, count)?)),
             C::Bt(n) => Ok(Output::text(self.backtrace(n)?)),
             C::Sym(a) => Ok(Output::text(self.sym_of(a)?)),
             C::Addr(n) => Ok(Output::text(self.addr_of(&n)?)),

@@ -10,7 +10,69 @@ use crate::error::Error;
 /// The longest string `x/s` reads.
 const STRING_MAX: usize = 256;
 
+/// How far `tele` follows a pointer chain from each slot.
+const TELE_DEPTH: usize = 4;
+
 impl Session {
+    /// `tele ADDR [N]`: N 8-byte slots from ADDR, each followed as a pointer
+    /// chain (pwndbg's `telescope`): every link is named by its symbol, a
+    /// chain ends at a value that is no readable address, at a string
+    /// (shown), or after `TELE_DEPTH` links (a loop is said).
+    pub(super) fn telescope(&mut self, addr: u64, n: usize) -> Result<String, Error> {
+        let mut out = String::new();
+        for i in 0..n as u64 {
+            let slot = addr.wrapping_add(8 * i);
+            let Some(v) = self.read_u64(slot).ok() else {
+                if i == 0 {
+                    return Err(format!("cannot read {slot:#x}").into());
+                }
+                let _ = writeln!(out, "{:02}:{:04x}│ {slot:#x}: (unreadable)", i, 8 * i);
+                break;
+            };
+            let mut line = format!("{:02}:{:04x}│ {}", i, 8 * i, self.addr_name(slot));
+            let mut seen = vec![slot];
+            let mut cur = v;
+            for depth in 0..=TELE_DEPTH {
+                if seen.contains(&cur) {
+                    let _ = write!(line, " —▸ {cur:#x} (loop)");
+                    break;
+                }
+                // The first page is nobody's pointer (null, small counts).
+                match self.read_u64(cur).ok().filter(|_| cur >= 0x1000) {
+                    Some(next) if depth < TELE_DEPTH => {
+                        let _ = write!(line, " —▸ {}", self.addr_name(cur));
+                        if let Some(s) = self.string_at(cur) {
+                            let _ = write!(line, " \"{s}\"");
+                            break;
+                        }
+                        seen.push(cur);
+                        cur = next;
+                    }
+                    _ => {
+                        let _ = write!(line, " ◂— {cur:#x}");
+                        break;
+                    }
+                }
+            }
+            out.push_str(&line);
+            out.push('\n');
+        }
+        Ok(out)
+    }
+
+    /// The printable string at `a`, if at least 4 characters are.
+    fn string_at(&self, a: u64) -> Option<String> {
+        let mut b = [0u8; 48];
+        self.read(a, &mut b, false).ok()?;
+        let n = b
+            .iter()
+            .take_while(|c| c.is_ascii_graphic() || **c == b' ')
+            .count();
+        (n >= 4 && (n == b.len() || b[n] == 0 || b[n] == b'\n')).then(|| {
+            String::from_utf8_lossy(&b[..n]).into_owned() + if n == b.len() { "…" } else { "" }
+        })
+    }
+
     /// `x/FMT ADDR`.
     pub(super) fn examine(&mut self, f: XFormat, addr: u64) -> Result<String, Error> {
         match f.kind {
