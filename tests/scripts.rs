@@ -214,7 +214,44 @@ fn tele_follows_pointer_chains_with_symbols_strings_and_loops() {
     assert!(out.contains(" <main+0x"), "the return address: {out}");
     assert!(out.contains("0x300000 —▸ 0x300010 \"Hello!\""), "{out}");
     assert!(out.contains("02:0010│ 0x300010 ◂— 0x216f6c6c6548"), "{out}");
-    assert!(out.contains("0x300000 —▸ 0x300008 —▸ 0x300000 (loop)"), "{out}");
+    assert!(
+        out.contains("0x300000 —▸ 0x300008 —▸ 0x300000 (loop)"),
+        "{out}"
+    );
+}
+
+/// One rule for debug-register breakpoints: on a kernel that maps its own
+/// text U/S=1 (the multiboot image), a hidden breakpoint takes a debug
+/// register as `hbreak` does. It took the trapped-page path: thousands of
+/// exec faults and kicks, and on 2 vCPUs 3 of kprintf's 8 calls were seen.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_hidden_breakpoint_on_a_small_kernels_user_mapped_text_takes_a_debug_register() {
+    if !kvm_available() || not_run_here(!host().dr_breakpoints_at(0), common::NO_DR_BREAKPOINTS) {
+        return;
+    }
+    let p = std::env::temp_dir().join(format!("vmiscope-mbbp-{}.vms", std::process::id()));
+    std::fs::write(&p, "hook bp kprintf\ncontinue\nexpect exit 0\nstats\n").unwrap();
+    let (code, out, err) = vmiscope(&[
+        "run",
+        "multiboot",
+        "--vcpus",
+        "2",
+        "--script",
+        p.to_str().unwrap(),
+    ]);
+    let _ = std::fs::remove_file(&p);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let exits = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("exits:"))
+        .unwrap_or_else(|| panic!("no exit counts: {out}"));
+    let calls = out.matches("multiboot: ").count().min(8);
+    assert!(
+        exits.contains(" breakpoint=8 "),
+        "every kprintf call seen ({calls}): {exits}"
+    );
+    assert!(!exits.contains("exec-fault"), "no trapped page: {exits}");
 }
 
 /// `mem write` over one of our INT3s changes the byte the breakpoint will put

@@ -55,6 +55,8 @@ pub struct PagingMode {
     pub cr3: u64,
     pub paging: bool,
     pub la57: bool,
+    /// CR4.SMEP: CPL0 cannot run code on user-accessible pages.
+    pub smep: bool,
 }
 
 impl PagingMode {
@@ -64,6 +66,7 @@ impl PagingMode {
             cr3,
             paging: cr0 & (1 << 31) != 0 && efer & (1 << 10) != 0,
             la57: cr4 & (1 << 12) != 0,
+            smep: cr4 & (1 << 20) != 0,
         }
     }
 }
@@ -243,6 +246,7 @@ mod tests {
             cr3,
             paging: true,
             la57: false,
+            smep: false,
         }
     }
 
@@ -277,6 +281,7 @@ mod tests {
             cr3: 0,
             paging: false,
             la57: false,
+            smep: false,
         };
         assert_eq!(translate(&mem, off, 0xabc).unwrap().gpa, 0xabc);
         let (maps, cut) = mappings(&mem, mode(0x1000), 1 << 20);

@@ -179,7 +179,15 @@ pub(super) fn engine_run(
     vcpus: u32,
     setup: OnReady,
 ) -> Result<EngineRun, Error> {
-    let vm = spin_vm(mode, n, vcpus)?;
+    engine_run_on(spin_vm(mode, n, vcpus)?, vcpus, setup)
+}
+
+/// `engine_run` on a VM already made (another image than `spin`).
+pub(super) fn engine_run_on(
+    vm: vmiscope_vmm::Vm,
+    vcpus: u32,
+    setup: OnReady,
+) -> Result<EngineRun, Error> {
     let shared = vm.shared().clone();
     let intro = Arc::new(Introspection::new(
         Engine::new(),

@@ -98,32 +98,17 @@ impl GdbTarget {
         translate(self.s.shared().ram(), mode, addr).is_err()
     }
 
-    /// Whether the code at `addr` can run at CPL3 only, as far as the guest's
-    /// state tells: on a user-accessible page while SMEP keeps CPL0 off user
-    /// pages, or while the kernel's own code is on supervisor pages (the guest
-    /// separates the two). A kernel that runs from user-accessible pages itself
-    /// (many small kernels identity-map everything with U/S=1), or a guest
-    /// without paging, says nothing by U/S: its code may well be CPL0 code.
+    /// Whether the code at `addr` runs at CPL3 only: the VMM's one rule
+    /// for debug-register breakpoints (`VmShared::user_only_code`), with the
+    /// stopped vCPU's paging.
     fn user_only_code(&self, addr: u64) -> bool {
-        use vmiscope_introspect::paging::{PagingMode, translate};
+        use vmiscope_introspect::paging::PagingMode;
         let cpu = self.s.control().stop().map(|s| s.vcpu).unwrap_or(0);
         let Some(sregs) = self.on_cpu(cpu, |c| c.sregs()) else {
             return false;
         };
         let mode = PagingMode::from_regs(sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer);
-        let shared = self.s.shared();
-        let user = |va: u64| translate(shared.ram(), mode, va).is_ok_and(|t| t.user);
-        if !mode.paging || !user(addr) {
-            return false;
-        }
-        const CR4_SMEP: u64 = 1 << 20;
-        if sregs.cr4 & CR4_SMEP != 0 {
-            return true;
-        }
-        let kernel_on_user_pages = (0..shared.vcpu_count())
-            .filter_map(|c| shared.last_position(c))
-            .any(|(rip, cpl)| cpl == 0 && user(rip));
-        !kernel_on_user_pages
+        self.s.shared().user_only_code(mode, addr).unwrap_or(false)
     }
 
     /// An `hbreak` on a host where no debug-register breakpoint fires (measured

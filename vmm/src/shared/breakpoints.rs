@@ -4,8 +4,37 @@ use std::sync::atomic::Ordering;
 
 use super::{SwBp, VmShared};
 use crate::error::VmError;
+use vmiscope_introspect::paging::{self, PagingMode};
 
 impl VmShared {
+    /// Whether the code at `gva` runs at CPL3 only, as far as the guest's
+    /// state tells. One rule for every debug-register breakpoint (a hidden
+    /// `break`, gdb's `hbreak`): its slot must fire at CPL3 then, else at
+    /// CPL0. Yes when the page is user-accessible and CPL0 cannot run it
+    /// (SMEP) or the guest keeps its kernel on supervisor pages; no for a
+    /// supervisor page, no paging, or a kernel that runs from user-accessible
+    /// pages itself (many small kernels map everything U/S=1: their code is
+    /// CPL0 code). None on the tables the VMM built for the entry: they map
+    /// everything as supervisor and say nothing of the guest's code yet (the
+    /// caller decides: a hidden breakpoint plays safe, an `hbreak` the
+    /// analyst asked for is taken as kernel code).
+    pub fn user_only_code(&self, mode: PagingMode, gva: u64) -> Option<bool> {
+        if mode.cr3 & !0xfff == crate::loader::boot::PML4 {
+            return None;
+        }
+        let user = |va: u64| paging::translate(self.ram(), mode, va).is_ok_and(|t| t.user);
+        if !mode.paging || !user(gva) {
+            return Some(false);
+        }
+        if mode.smep {
+            return Some(true);
+        }
+        let kernel_on_user_pages = (0..self.vcpu_count())
+            .filter_map(|c| self.last_position(c))
+            .any(|(rip, cpl)| cpl == 0 && rip != 0 && user(rip));
+        Some(!kernel_on_user_pages)
+    }
+
     pub(crate) fn debug_generation(&self) -> u64 {
         self.debug_gen.load(Ordering::SeqCst)
     }
