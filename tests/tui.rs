@@ -322,3 +322,70 @@ fn after_a_step_at_cpl3_the_disassembly_shows_the_user_code() {
     );
     t.keys(&["q"]);
 }
+
+/// A TUI whose terminal goes away without a SIGHUP (a pty that is not its
+/// controlling terminal, its other end closed) ends, instead of waiting on
+/// a terminal nobody can type into (the review saw such TUIs busy for good).
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_tui_whose_terminal_is_gone_ends() {
+    use std::os::fd::FromRawFd;
+    if !common::kvm_available() {
+        return;
+    }
+    let (mut master, mut slave) = (0, 0);
+    let size = libc::winsize {
+        ws_row: 24,
+        ws_col: 80,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two descriptors into the given ints and reads
+    // the window size; no name or termios is passed.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    assert_eq!(r, 0, "openpty");
+    // The child must not inherit the master (openpty does not set
+    // close-on-exec): holding it, it would keep its own terminal alive.
+    // SAFETY: F_SETFD on the descriptor openpty just returned.
+    assert_eq!(
+        unsafe { libc::fcntl(master, libc::F_SETFD, libc::FD_CLOEXEC) },
+        0
+    );
+    // SAFETY: fresh descriptors from openpty, each owned once from here.
+    let (master, slave) = unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    };
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vmiscope"))
+        .args(["run", "demo", "--tui"])
+        .env("TERM", "xterm")
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The TUI is up once it has drawn its first screen.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut m = master;
+    while !String::from_utf8_lossy(&seen).contains("demo") {
+        use std::io::Read;
+        let n = m.read(&mut buf).unwrap();
+        assert!(n > 0, "the terminal closed before the TUI drew");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(m);
+    let status = common::exit_within(&mut child, std::time::Duration::from_secs(20))
+        .expect("the TUI kept running after its terminal was gone");
+    assert!(status.code().is_some(), "ended by a signal: {status:?}");
+}

@@ -76,6 +76,9 @@ pub fn run(s: &mut Session) -> Mode {
                 }
             }
             Wake::Session | Wake::Clock => {}
+            // Nobody can type or see anything any more: the run ends, as a
+            // REPL's does at the end of its input.
+            Wake::Gone => break Mode::Quit,
         }
         t.refresh(s);
     };

@@ -26,6 +26,9 @@ pub enum Wake {
     Session,
     /// The timeout passed.
     Clock,
+    /// The terminal hung up (its other end closed, with no SIGHUP to us: a
+    /// tty that is not our controlling one). Reads would fail for ever.
+    Gone,
 }
 
 /// The terminal and the session, as one thing to block on.
@@ -94,6 +97,14 @@ impl Wakes {
             // Interrupted (a signal): the caller looks at its state and waits again.
             Err(_) => return Wake::Clock,
         };
+        let hung_up = ready[..n].iter().any(|e| {
+            e.data() == TERMINAL
+                && e.event_set()
+                    .intersects(EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP)
+        });
+        if hung_up {
+            return Wake::Gone;
+        }
         let tags: Vec<u64> = ready[..n].iter().map(|e| e.data()).collect();
         if tags.contains(&SESSION) {
             let _ = self.fd.read();
