@@ -355,10 +355,8 @@ fn a_tui_whose_terminal_is_gone_ends() {
     // The child must not inherit the master (openpty does not set
     // close-on-exec): holding it, it would keep its own terminal alive.
     // SAFETY: F_SETFD on the descriptor openpty just returned.
-    assert_eq!(
-        unsafe { libc::fcntl(master, libc::F_SETFD, libc::FD_CLOEXEC) },
-        0
-    );
+    let cloexec = unsafe { libc::fcntl(master, libc::F_SETFD, libc::FD_CLOEXEC) };
+    assert_eq!(cloexec, 0);
     // SAFETY: fresh descriptors from openpty, each owned once from here.
     let (master, slave) = unsafe {
         (
