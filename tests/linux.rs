@@ -978,3 +978,60 @@ fn a_long_command_line_is_refused_with_the_users_budget() {
         "{err}"
     );
 }
+
+/// memtest86+ is a bzImage with no compressed kernel in it: refused without
+/// `--own-decompressor` with what to do (it said "the compressed payload is
+/// empty", which read like a truncated file), and entered at its own 64-bit
+/// code with it. It then runs until the timeout, or on a PVM host until KVM's
+/// emulator meets its first x87 instruction at CPL0 (a host limit: CPL0 runs
+/// in the emulator there).
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+#[cfg_attr(no_linux, ignore = "needs Debian's packages unpacked by .ci/run")]
+fn memtest86_plus_is_entered_at_its_own_code() {
+    if !common::kvm_available() {
+        return;
+    }
+    let bin = root().join("memtest/boot/memtest86+x64.bin");
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    assert!(
+        bin.exists() || !ci,
+        "CI=true but {} is missing",
+        bin.display()
+    );
+    if common::not_run_here(
+        !bin.exists(),
+        "memtest86+ is not unpacked under target/linux/memtest (.ci/run does it)",
+    ) {
+        return;
+    }
+    let run = |extra: &[&str]| {
+        let out = Command::new(EXE)
+            .arg("run")
+            .arg(&bin)
+            .args(["--batch", "--timeout", "20"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let (code, text) = run(&[]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("no compressed payload") && text.contains("--own-decompressor"),
+        "{text}"
+    );
+    let (_, text) = run(&["--own-decompressor"]);
+    assert!(
+        text.contains("bzImage with no payload (its own code)"),
+        "{text}"
+    );
+    // Its own code ran: it clears the serial console's screen first.
+    assert!(text.contains("\x1b[2J"), "{text}");
+    assert!(
+        text.contains("timeout:") || text.contains("KVM cannot emulate the instruction"),
+        "{text}"
+    );
+}

@@ -122,6 +122,32 @@ fn is_vmlinux(image: &[u8]) -> bool {
 pub fn load(ram: &GuestRam, image: &[u8], boot: &LinuxBoot) -> Result<LinuxLoaded, LoadError> {
     let (vmlinux, header, format) = if bzimage::is_bzimage(image) {
         let hdr = bzimage::header(image)?;
+        if hdr.version >= 0x208 && hdr.payload_length == 0 {
+            // Not a Linux kernel: a bzImage-format program with no compressed
+            // kernel inside (memtest86+), entered at its own 64-bit code as
+            // QEMU's -kernel and GRUB's `linux` do.
+            if !boot.own_decompressor {
+                return Err(LoadError::Linux(
+                    "a bzImage with no compressed payload (not a Linux kernel, e.g. memtest86+): \
+                     run it with --own-decompressor, which enters its own code"
+                        .into(),
+                ));
+            }
+            let (entry, end) = load_protected_mode(ram, image, &hdr)?;
+            let mut params = boot_params {
+                hdr,
+                ..Default::default()
+            };
+            fill_zero_page(ram, &mut params, boot, end)?;
+            return Ok(LinuxLoaded {
+                entry: EntryState::Linux64 {
+                    rip: entry,
+                    zero_page: ZERO_PAGE,
+                },
+                vmlinux: vec![],
+                format: "bzImage with no payload (its own code)".into(),
+            });
+        }
         let (elf, kind) = bzimage::vmlinux(image, ram.size() as usize)?;
         let format = match kind {
             Compression::None => "bzImage".to_string(),

@@ -10,6 +10,10 @@ use super::image::{Module, check_range};
 use crate::error::LoadError;
 use crate::memory::GuestRam;
 
+/// Where the extended BIOS data area starts: the end of base memory, as on
+/// a PC with 639 KiB of it.
+const EBDA: u64 = 0x9_fc00;
+
 const MAGIC: u32 = 0x1BAD_B002;
 const BOOT_MAGIC: u32 = 0x2BAD_B002;
 const FLAG_AOUT_KLUDGE: u32 = 1 << 16;
@@ -209,9 +213,15 @@ pub(super) fn load(
         }
     }
     let ram_size = ram.size();
+    // The BIOS data area a PC's firmware leaves: the EBDA's segment (0x40e)
+    // and the base memory below it in KiB (0x413). Xen places its trampoline
+    // below the smaller of these and `mem_lower`: with zeros there it copied
+    // ~4 GiB from address 0 and hung silently.
+    w(0x40e, &((EBDA >> 4) as u16).to_le_bytes())?;
+    w(0x413, &((EBDA >> 10) as u16).to_le_bytes())?;
     let regions: [(u64, u64, u32); 3] = [
-        (0, 0x9fc00, 1),
-        (0x9fc00, 0x100000 - 0x9fc00, 2),
+        (0, EBDA, 1),
+        (EBDA, 0x100000 - EBDA, 2),
         (0x100000, ram_size - 0x100000, 1),
     ];
     for (i, (base, len, ty)) in regions.iter().enumerate() {
@@ -224,7 +234,7 @@ pub(super) fn load(
     let flags: u32 = 1 | (1 << 2) | (1 << 3) | (1 << 6);
     let info: [u32; 13] = [
         flags,
-        640,
+        (EBDA >> 10) as u32,
         ((ram_size - 0x100000) >> 10) as u32,
         0,
         cmd_addr,
@@ -314,5 +324,14 @@ mod tests {
         let mut p = [0u8; 7];
         ram.read(start, &mut p).unwrap();
         assert_eq!(&p, b"payload");
+        // A PC's BIOS data area, agreeing with mem_lower and the memory map:
+        // Xen's early code hung when it read zeros there.
+        let mut w = [0u8; 2];
+        ram.read(0x40e, &mut w).unwrap();
+        assert_eq!(u16::from_le_bytes(w), 0x9fc0, "EBDA segment");
+        ram.read(0x413, &mut w).unwrap();
+        assert_eq!(u16::from_le_bytes(w), 639, "base memory KiB");
+        ram.read(mbi + 4, &mut b).unwrap();
+        assert_eq!(u32::from_le_bytes(b), 639, "mem_lower");
     }
 }
