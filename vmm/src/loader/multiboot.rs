@@ -155,6 +155,34 @@ fn load_elf<H: FileHeader<Endian = object::Endianness>>(
 }
 
 /// Loads a multiboot kernel and its modules, and writes the information structure.
+/// The memory map at `mmap` (3 entries: base memory, the EBDA and ROM area,
+/// the rest of RAM) and the BIOS data area a PC's firmware leaves: the EBDA's
+/// segment (0x40e) and the base memory below it in KiB (0x413). Xen places
+/// its trampoline below the smaller of these and `mem_lower`: with zeros there
+/// it copied ~4 GiB from address 0 and hung silently.
+const MMAP_ENTRIES: usize = 3;
+
+/// Writes bytes at a guest-physical address.
+type Write<'a> = dyn Fn(u64, &[u8]) -> Result<(), LoadError> + 'a;
+
+fn write_memory_map(w: &Write<'_>, mmap: u64, ram_size: u64) -> Result<(), LoadError> {
+    w(0x40e, &((EBDA >> 4) as u16).to_le_bytes())?;
+    w(0x413, &((EBDA >> 10) as u16).to_le_bytes())?;
+    let regions: [(u64, u64, u32); MMAP_ENTRIES] = [
+        (0, EBDA, 1),
+        (EBDA, 0x100000 - EBDA, 2),
+        (0x100000, ram_size - 0x100000, 1),
+    ];
+    for (i, (base, len, ty)) in regions.iter().enumerate() {
+        let at = mmap + 24 * i as u64;
+        w(at, &20u32.to_le_bytes())?;
+        w(at + 4, &base.to_le_bytes())?;
+        w(at + 12, &len.to_le_bytes())?;
+        w(at + 20, &ty.to_le_bytes())?;
+    }
+    Ok(())
+}
+
 pub(super) fn load(
     ram: &GuestRam,
     image: &[u8],
@@ -213,24 +241,7 @@ pub(super) fn load(
         }
     }
     let ram_size = ram.size();
-    // The BIOS data area a PC's firmware leaves: the EBDA's segment (0x40e)
-    // and the base memory below it in KiB (0x413). Xen places its trampoline
-    // below the smaller of these and `mem_lower`: with zeros there it copied
-    // ~4 GiB from address 0 and hung silently.
-    w(0x40e, &((EBDA >> 4) as u16).to_le_bytes())?;
-    w(0x413, &((EBDA >> 10) as u16).to_le_bytes())?;
-    let regions: [(u64, u64, u32); 3] = [
-        (0, EBDA, 1),
-        (EBDA, 0x100000 - EBDA, 2),
-        (0x100000, ram_size - 0x100000, 1),
-    ];
-    for (i, (base, len, ty)) in regions.iter().enumerate() {
-        let at = mmap + 24 * i as u64;
-        w(at, &20u32.to_le_bytes())?;
-        w(at + 4, &base.to_le_bytes())?;
-        w(at + 12, &len.to_le_bytes())?;
-        w(at + 20, &ty.to_le_bytes())?;
-    }
+    write_memory_map(&w, mmap, ram_size)?;
     let flags: u32 = 1 | (1 << 2) | (1 << 3) | (1 << 6);
     let info: [u32; 13] = [
         flags,
@@ -244,7 +255,7 @@ pub(super) fn load(
         0,
         0,
         0,
-        (regions.len() * 24) as u32,
+        (MMAP_ENTRIES * 24) as u32,
         mmap as u32,
     ];
     for (i, v) in info.iter().enumerate() {
