@@ -312,4 +312,14 @@ fn hooks_on_pages_the_cpu_itself_uses_need_force() {
     );
     assert!(out.contains("warning (forced): gpa 0x1000"), "{out}");
     assert!(out.contains("hook 1 added"), "{out}");
+    // A range as wide as RAM holds pages the guest takes later (stacks, page
+    // tables): warned about (it was accepted in silence, and crawled or
+    // killed the guest); a small one is not.
+    let (_, out, _) = run_script(
+        "hello",
+        "cpu-wide",
+        "hook ept 0x400000 0x7c00000 w log\nhook ept 0x300000 0x1000 w log\n",
+    );
+    assert!(out.contains("warning: this hook spans 124 MiB"), "{out}");
+    assert_eq!(out.matches("warning").count(), 1, "{out}");
 }

@@ -164,6 +164,31 @@ impl Session {
     /// A memory hook's check against the pages the vCPUs use by themselves
     /// (`cpu_pages`); other hooks pass.
     fn check_hook_pages(&self, spec: &HookSpec) -> Result<Option<String>, Error> {
+        let in_use = self.check_pages_in_use(spec)?;
+        // The pages in use now are checked; those the guest takes later (its
+        // stacks, page tables, IDT) cannot be: a range this wide will hold
+        // some. One over all RAM above 4 MiB crawled `hello` and killed a
+        // third-party kernel at its first exception, with no word.
+        let len = match *spec {
+            HookSpec::Ept { len, .. } | HookSpec::Gva { len, .. } => len,
+            _ => 0,
+        };
+        let wide = (len > WIDE_HOOK).then(|| {
+            format!(
+                "warning: this hook spans {} MiB: pages the guest takes later for its stacks, page \
+                 tables or IDT are likely in it, and every access to them becomes an event (the \
+                 guest slows to a crawl; with deny it may fault at its first exception)",
+                len >> 20
+            )
+        });
+        Ok(match (in_use, wide) {
+            (Some(a), Some(b)) => Some(format!("{a}\n{b}")),
+            (a, b) => a.or(b),
+        })
+    }
+
+    /// The pages the vCPUs use by themselves now (see `cpu_pages`).
+    fn check_pages_in_use(&self, spec: &HookSpec) -> Result<Option<String>, Error> {
         match *spec {
             HookSpec::Ept {
                 gpa,
@@ -209,6 +234,9 @@ impl Session {
         }
     }
 }
+
+/// A memory hook wider than this is warned about (see `check_hook_pages`).
+const WIDE_HOOK: u64 = 16 << 20;
 
 /// One line of `hooks` or `stats`: a hook, or a policy's hooks of one class
 /// together (`kernel-code` puts one on every page of a kernel's text: 3,596
