@@ -35,8 +35,13 @@ fn images_lists_and_exports_every_image() {
         );
     }
     let dir = std::env::temp_dir().join(format!("vmiscope-export-{}", std::process::id()));
-    let (code, _, _) = vmiscope(&["images", "--export", dir.to_str().unwrap()]);
+    let (code, out, err) = vmiscope(&["images", "--export", dir.to_str().unwrap()]);
     assert_eq!(code, Some(0));
+    // An export says what it wrote; it does not reprint the table.
+    assert!(
+        err.contains("wrote") && !out.contains("WHAT IT DOES"),
+        "{out}{err}"
+    );
     let elf = std::fs::read(dir.join("int3.elf")).unwrap();
     assert_eq!(&elf[..4], b"\x7fELF");
     let _ = std::fs::remove_dir_all(&dir);

@@ -108,7 +108,7 @@ fn next_event_stops_where_a_hook_asked_and_all_stops_anywhere() {
     // IDT write; `next-event all` stops at it.
     let (_, out, _) = piped("demo", &["--protect", "all"], &["next-event", "quit"]);
     assert!(out.contains("write 2B at 0x239200 <idt+0x140>"), "{out}");
-    assert!(out.contains("hooks: 1\n"), "{out}");
+    assert!(out.contains("hook 1\n"), "{out}");
     assert!(!out.contains("hooks: none"), "{out}");
     let (_, out, _) = piped("demo", &["--protect", "all"], &["next-event all", "quit"]);
     assert!(out.contains("<console_lock>"), "{out}");
@@ -262,6 +262,42 @@ fn jq(filter: &str, input: &str) -> bool {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_policy_the_console_switches_on_is_in_the_journal() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = common::temp_dir("journal-protect");
+    let (a, b) = (dir.join("run.jsonl"), dir.join("saved.jsonl"));
+    let (code, out, _) = piped(
+        "demo",
+        &["--journal", a.to_str().unwrap()],
+        &[
+            "protect syscall-msrs",
+            "continue --wait",
+            &format!("journal save {}", b.display()),
+            "quit",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let run = std::fs::read_to_string(&a).unwrap();
+    let saved = std::fs::read_to_string(&b).unwrap();
+    assert!(
+        run.lines()
+            .any(|l| l.contains("\"type\":\"protect\"") && l.contains("\"syscall-msrs\"")),
+        "--journal records the console's protect: {run}"
+    );
+    let header = saved.lines().next().unwrap_or_default();
+    assert!(
+        header.contains("\"policies\":[\"syscall-msrs\"]"),
+        "journal save's header names it: {header}"
+    );
+    // The policy did its work: the demo's LSTAR write is an alert.
+    assert!(saved.contains("\"type\":\"alert\""), "{saved}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 #[cfg_attr(any(no_kvm, no_jq), ignore = "needs /dev/kvm and jq")]
 fn the_journal_and_json_answers_read_back_with_jq() {
     if !kvm_available() || !common::tool_available("jq", "--version") {
@@ -339,6 +375,16 @@ fn the_journal_and_json_answers_read_back_with_jq() {
             "{name}: alerts"
         );
     }
+    // Both `end` records carry when the run ended, not when they were written.
+    let end_t = |j: &str| {
+        j.lines()
+            .last()
+            .unwrap_or_default()
+            .split("\"t_us\":")
+            .nth(1)
+            .map(|t| t.split([',', '}']).next().unwrap_or_default().to_string())
+    };
+    assert_eq!(end_t(&run), end_t(&saved), "end times:\n{run}\n{saved}");
     // `json CMD` answers: one JSON value per command, in the same conventions.
     let json: Vec<&str> = out
         .lines()

@@ -85,6 +85,14 @@ fn tui_stop_at_an_event_and_deny_it() {
             && l.contains("\"verdict\":\"deny\"")),
         "the journal records the analyst's deny: {text}"
     );
+    // Enter with nothing selected opens the newest event, its time in seconds.
+    t.keys(&["Enter"]);
+    let s = t.wait_for("s into the run)");
+    assert!(
+        s.contains("class msr") && !s.contains("µs into"),
+        "the newest event's details:\n{s}"
+    );
+    t.keys(&["Escape"]);
     t.keys(&["q"]);
     let _ = std::fs::remove_file(&j);
 }
@@ -257,6 +265,12 @@ fn every_pane_takes_the_focus_and_scrolls_and_the_command_line_completes() {
     t.wait_for("disasm _start 2 (↑↓ scroll, Esc closes)");
     t.keys(&["Escape", ":", "Up"]);
     t.wait_for(":disasm _start 2█");
+    // Ctrl-W kills the word before the cursor, Ctrl-U the line, as in a shell.
+    t.keys(&["C-w"]);
+    t.wait_for(":disasm _start █");
+    t.keys(&["C-u"]);
+    t.literal("ok");
+    t.wait_for(":ok█");
     t.keys(&["Escape"]);
     // A click focuses the pane under it (the serial pane, bottom right).
     t.click(150, 46);

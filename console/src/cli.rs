@@ -219,6 +219,8 @@ pub fn images(a: &ImagesArgs) -> i32 {
             IMAGES.len(),
             dir.display()
         );
+        // The table was asked for by `images` alone, not by an export.
+        return 0;
     }
     crate::outln!("{:<14} {:<8} {:>5}  WHAT IT DOES", "IMAGE", "KIND", "VCPUS");
     for i in IMAGES {

@@ -270,23 +270,28 @@ pub fn exit_text(e: &Event, sym: &Symbols) -> String {
 }
 
 /// The hooks an event fired, for people: ids, or why there are none.
+/// Which hooks an event called, labelled so that an id does not read as a
+/// count: `hook 11`, `hooks 3, 7`.
 pub fn hook_list(hooks: &[vmiscope_introspect::HookId]) -> String {
-    if hooks.is_empty() {
-        return "none (an unhooked access on a hooked page)".into();
+    let ids: Vec<String> = hooks.iter().map(|h| h.to_string()).collect();
+    match ids.len() {
+        0 => "hooks: none (an unhooked access on a hooked page)".into(),
+        1 => format!("hook {}", ids[0]),
+        _ => format!("hooks {}", ids.join(", ")),
     }
-    hooks
-        .iter()
-        .map(|h| h.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+}
+
+/// Microseconds as seconds with three decimals (`67.163`).
+pub fn seconds(us: u64) -> String {
+    format!("{}.{:03}", us / 1_000_000, us % 1_000_000 / 1000)
 }
 
 /// One handled event in full (the TUI's details popup).
 pub fn event_detail(r: &EventRecord, sym: &Symbols) -> String {
     format!(
-        "event #{} ({} µs into the run)\n  class {}  vCPU {}  cpl{}{}\n  rip {}\n  instruction: {}\n  what: {}\n  hooks: {}\n  verdict: {}",
+        "event #{} ({} s into the run)\n  class {}  vCPU {}  cpl{}{}\n  rip {}\n  instruction: {}\n  what: {}\n  {}\n  verdict: {}",
         r.event_id,
-        r.at_us,
+        seconds(r.at_us),
         r.class.name(),
         r.vcpu,
         r.cpl,

@@ -83,6 +83,20 @@ pub fn warm_up() {
     let _ = decode_bytes(&[0x90], 0, &Regs::default(), &SRegs::default());
 }
 
+/// The one instruction formatter: Intel syntax with C hex (`[rbx+0x140]`),
+/// so an alert's instruction reads as the disassembly does, not in MASM's
+/// `140h`.
+pub fn formatter() -> IntelFormatter {
+    let mut f = IntelFormatter::new();
+    let o = f.options_mut();
+    o.set_hex_prefix("0x");
+    o.set_hex_suffix("");
+    o.set_uppercase_hex(false);
+    o.set_show_branch_size(false);
+    o.set_branch_leading_zeros(false);
+    f
+}
+
 /// Decodes `bytes` as the instruction at `rip` and computes its accesses with `regs`.
 pub fn decode_bytes(
     bytes: &[u8],
@@ -96,7 +110,7 @@ pub fn decode_bytes(
         return Err(DecodeError::Invalid(rip));
     }
     let mut text = String::new();
-    IntelFormatter::new().format(&instr, &mut text);
+    formatter().format(&instr, &mut text);
     let accesses = accesses(&instr, regs, sregs);
     Ok(Decoded {
         rip,
@@ -250,6 +264,19 @@ pub fn phys(guest: &dyn VmControl) -> impl paging::PhysRead + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_instruction_reads_with_c_hex_as_the_disassembly_does() {
+        // mov [rbx+0x140],ax: MASM hex (`140h`) before.
+        let d = decode_bytes(
+            &[0x66, 0x89, 0x83, 0x40, 0x01, 0, 0],
+            0x1000,
+            &regs(),
+            &SRegs::default(),
+        )
+        .unwrap();
+        assert_eq!(d.text, "mov [rbx+0x140],ax");
+    }
 
     fn regs() -> Regs {
         Regs {

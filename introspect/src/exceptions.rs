@@ -285,7 +285,7 @@ mod tests {
             task: None,
             cr3: 0x1000,
             cpl: 0,
-            instruction: Some("mov [rbx+140h],ax".into()),
+            instruction: Some("mov [rbx+0x140],ax".into()),
             event: mem(0x239200),
             hook: crate::HookId(3),
             hook_name: "policy:idt".into(),

@@ -35,14 +35,32 @@ impl Session {
         if self.with_guest(|cpu| VcpuCtl::sregs(cpu).idt.base)? == 0 {
             // At entry the guest has no IDT yet: arm the policy for when it does,
             // as `--protect` does.
+            self.record_policies(&policies);
             self.intro.enable_when_ready(policies);
             return Ok(Output::text(format!(
                 "policy {names} armed: it switches on when the guest loads its own IDT"
             )));
         }
         let intro = self.intro.clone();
-        let ids = self.with_guest(move |cpu| intro.enable_policies(cpu, &policies))??;
+        let wanted = policies.clone();
+        let ids = self.with_guest(move |cpu| intro.enable_policies(cpu, &wanted))??;
+        self.record_policies(&policies);
         Ok(Output::text(format!("policy {names} on: hooks {ids:?}")))
+    }
+
+    /// Policies the console switches on go in the journal (`protect`
+    /// records) and in `journal save`'s header, as `--protect`'s do.
+    fn record_policies(&mut self, policies: &[Policy]) {
+        let names: Vec<&str> = policies.iter().map(|p| p.name()).collect();
+        if let Some(j) = &self.journal {
+            j.policies_added(self.intro.now_us(), &names);
+        }
+        let info = std::sync::Arc::make_mut(&mut self.info);
+        for n in names {
+            if !info.policies.iter().any(|p| p == n) {
+                info.policies.push(n.to_string());
+            }
+        }
     }
 
     pub(super) fn hook_enable(&mut self, id: HookId, on: bool) -> Result<Output, Error> {

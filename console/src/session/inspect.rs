@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use crate::error::Error;
 
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Formatter, IntelFormatter};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Formatter};
 
 use vmiscope_introspect::Target;
 
@@ -164,12 +164,7 @@ impl Session {
             }
         }
         let mut d = Decoder::with_ip(64, &bytes[..n], start, DecoderOptions::NONE);
-        let mut f = IntelFormatter::new();
-        f.options_mut().set_hex_prefix("0x");
-        f.options_mut().set_hex_suffix("");
-        f.options_mut().set_uppercase_hex(false);
-        f.options_mut().set_show_branch_size(false);
-        f.options_mut().set_branch_leading_zeros(false);
+        let mut f = vmiscope_introspect::decode::formatter();
         let sym = self.intro.symbols();
         let mut out = Vec::new();
         for instr in d.iter().take(count) {

@@ -164,13 +164,14 @@ impl Session {
             .name("vm".into())
             .spawn(move || {
                 let out = vm.run(handler, &cfg);
+                let ended = intro2.now_us();
                 // The journal ends here, whatever ends the console after: a
                 // signal's exit waits for this (`RunEnd::wait`).
                 if let Some(j) = &j2 {
-                    j.end(&shared2, &out, intro2.now_us());
+                    j.end(&shared2, &out, ended);
                 }
                 // Before the notice: whoever it wakes can join this thread at once.
-                ran2.set();
+                ran2.set(ended);
                 notices.publish(vmiscope_monitor::Notice::End(out.reason.clone()));
                 c2.notify_end();
                 out
@@ -279,10 +280,15 @@ impl Session {
         self.outcome.as_ref()
     }
 
+    /// When the run ended (engine µs); now, if the VM thread did not say.
+    pub(super) fn ended_us(&self) -> u64 {
+        self.ran.at_us().unwrap_or_else(|| self.intro.now_us())
+    }
+
     /// Writes `--journal`'s last record, once the outcome is known.
     fn journal_end(&self) {
         if let (Some(j), Some(o)) = (&self.journal, &self.outcome) {
-            j.end(&self.shared, o, self.intro.now_us());
+            j.end(&self.shared, o, self.ended_us());
         }
     }
 
@@ -534,7 +540,7 @@ impl Session {
                 e.instruction.as_deref().unwrap_or("(unknown: polled)"),
                 self.addr_name(e.rip)
             );
-            let _ = write!(t, "\n  hooks: {}", hook_list(&e.hooks));
+            let _ = write!(t, "\n  {}", hook_list(&e.hooks));
         }
         if let Some(r) = &s.raw {
             let _ = write!(t, "\n  exit: {}", exit_text(r, self.intro().symbols()));
@@ -591,24 +597,34 @@ impl Session {
 /// something to wait for (a signal's exit does, so the record is there).
 #[derive(Default)]
 pub struct RunEnd {
-    done: Mutex<bool>,
+    /// When the run ended, on the engine's clock (µs): every `end` record
+    /// (`--journal`'s, `journal save`'s) carries this, not the time it is written.
+    done: Mutex<Option<u64>>,
     cv: std::sync::Condvar,
 }
 
 impl RunEnd {
-    fn set(&self) {
-        *self.done.lock().unwrap() = true;
+    fn set(&self, t_us: u64) {
+        *self.done.lock().unwrap() = Some(t_us);
         self.cv.notify_all();
     }
 
     pub fn is_set(&self) -> bool {
+        self.done.lock().unwrap().is_some()
+    }
+
+    /// When the run ended (engine µs), once it has.
+    pub fn at_us(&self) -> Option<u64> {
         *self.done.lock().unwrap()
     }
 
     /// Waits at most `timeout` for the end; whether it came.
     pub fn wait(&self, timeout: Duration) -> bool {
         let g = self.done.lock().unwrap();
-        let (g, _) = self.cv.wait_timeout_while(g, timeout, |d| !*d).unwrap();
-        *g
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |d| d.is_none())
+            .unwrap();
+        g.is_some()
     }
 }

@@ -153,11 +153,11 @@ impl Session {
     pub(super) fn save_journal(&mut self, f: String) -> Result<Output, Error> {
         use vmiscope_monitor::journal;
         self.may_write(&f)?;
-        let now = self.intro.now_us();
         let (shared, intro) = (self.shared.clone(), self.intro.clone());
+        let ended = self.ended_us();
         let end = self
             .outcome()
-            .map(|o| journal::end_json(&shared, intro.symbols(), o, now));
+            .map(|o| journal::end_json(&shared, intro.symbols(), o, ended));
         let sym = self.intro.symbols();
         let (events, alerts, overrides) = (
             self.intro.recent(usize::MAX, None),

@@ -1,6 +1,6 @@
 //! The `:` command line: editing, history (↑/↓) and completion (Tab).
 
-use crossterm::event::KeyCode;
+use crossterm::event::{KeyCode, KeyModifiers};
 
 use super::state::Tui;
 use crate::cli::Mode;
@@ -10,9 +10,27 @@ use crate::session::Session;
 const HISTORY: usize = 500;
 
 impl Tui {
-    /// A key while the command line is open.
-    pub(super) fn input_key(&mut self, s: &mut Session, code: KeyCode) -> Option<Mode> {
+    /// A key while the command line is open. Ctrl-U and Ctrl-W edit as a
+    /// shell's line does (kill the line, kill the word before the cursor).
+    pub(super) fn input_key(
+        &mut self,
+        s: &mut Session,
+        code: KeyCode,
+        mods: KeyModifiers,
+    ) -> Option<Mode> {
         let input = self.input.as_mut()?;
+        if mods.contains(KeyModifiers::CONTROL) {
+            match code {
+                KeyCode::Char('u') => input.text.clear(),
+                KeyCode::Char('w') => {
+                    let kept = input.text.trim_end().rfind(' ').map_or(0, |i| i + 1);
+                    input.text.truncate(kept);
+                }
+                _ => {}
+            }
+            input.offered.clear();
+            return None;
+        }
         match code {
             KeyCode::Enter => {
                 let line = self.input.take().map(|c| c.text).unwrap_or_default();

@@ -16,7 +16,7 @@ fn key_help() -> String {
      Esc     in Disassembly, back to RIP; in Memory, back to RSP\n\
      a / d   allow / deny the stopped event (its vCPU then goes on)\n\
      e       the selected alert becomes an exception\n\
-     :       a console command (↑↓ history, Tab completes); `mem read ADDR` and\n\
+     :       a console command (↑↓ history, Tab completes, Ctrl-U/W erase); `mem read ADDR` and\n\
              `x/FMT ADDR` also point the Memory pane there\n\
      ?       this help (↑↓ scroll it, Esc closes)\n\n\
      Commands\n"
@@ -108,7 +108,13 @@ impl Tui {
     }
 
     /// Enter: details of an event or alert; follow a call in the disassembly.
+    /// With nothing selected in Events or Alerts, Enter opens the newest
+    /// (the line the pane follows), not a hint to press ↑ first.
     fn enter(&mut self, s: &mut Session) {
+        if matches!(self.focus, Pane::Events | Pane::Alerts) && self.selected(self.focus).is_none()
+        {
+            self.scroll(self.focus, 0);
+        }
         let detail = match self.focus {
             Pane::Events => self.selected(Pane::Events).and_then(|i| {
                 let recent = s.intro().recent(super::view::KEEP, None);
@@ -148,7 +154,7 @@ impl Tui {
                     scroll: 0,
                 })
             }
-            None => self.message = "select an event or alert first (↑/↓)".into(),
+            None => self.message = "no event or alert here yet".into(),
         }
     }
 
@@ -176,7 +182,7 @@ impl Tui {
         mods: KeyModifiers,
     ) -> Option<Mode> {
         if self.input.is_some() {
-            return self.input_key(s, code);
+            return self.input_key(s, code, mods);
         }
         if self.popup.is_some() {
             self.popup_key(code);
