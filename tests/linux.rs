@@ -352,6 +352,12 @@ fn debian_kernel_boots_protected_and_a_syscall_table_patch_is_caught() {
         text.contains("vmiscope added: console=ttyS0") || !text.contains("PVM"),
         "{text}"
     );
+    // One vCPU gets a MADT too: the kernel sets up its IOAPIC (and later its
+    // local APIC timer), not virtual-wire mode with the PIT as its only tick.
+    assert!(
+        !text.contains("MADT or MP tables are not detected") && !text.contains("virtual wire mode"),
+        "a single vCPU without ACPI tables: {text}"
+    );
     assert!(
         text.contains("sys_call_table[1] modified (sys_call_table+0x8)"),
         "{text}"
@@ -549,6 +555,12 @@ fn busybox_as_init(kernel: &std::path::Path) {
     assert!(
         text.contains("guest| Linux version"),
         "cat /proc/version: {text}"
+    );
+    // One vCPU gets a MADT too: the kernel uses its IOAPIC and local APIC
+    // timer, not the PIT through the 8259 in virtual-wire mode for good.
+    assert!(
+        !text.contains("MADT or MP tables are not detected") && !text.contains("virtual wire mode"),
+        "a single vCPU without ACPI tables: {text}"
     );
     // SYSCALL saved the user RIP in RCX: a user address.
     let rcx = text

@@ -72,6 +72,7 @@ impl Vm {
             };
             vm.create_pit2(pit)
                 .map_err(VmError::ioctl("KVM_CREATE_PIT2"))?;
+            pit_without_reinjection(&vm)?;
             let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Kvm(e.to_string()))?;
             vm.register_irqfd(&fd, 4)
                 .map_err(VmError::ioctl("KVM_IRQFD"))?;
@@ -273,6 +274,31 @@ fn watchdog(shared: &VmShared, timeout: Option<Duration>, tick: Duration, signal
             }
         }
     }
+}
+
+vmm_sys_util::ioctl_io_nr!(KVM_REINJECT_CONTROL, kvm_bindings::KVMIO, 0x71);
+
+/// Turns off KVM's PIT "reinjection" (the lost-tick policy `delay` that QEMU
+/// calls `lost_tick_policy`): in that mode the PIT holds every later tick until
+/// the guest has acknowledged the last one, so one tick never acknowledged
+/// silences it for good. Seen on the nested-SVM rig: a PIT interrupt injected
+/// and re-injected, never EOIed, and no timer interrupt for the rest of the run
+/// (KVM's `kvm_inj_virq`/`kvm_pic_set_irq` tracepoints; the guest's clock froze
+/// and RCU, with no ticks, let `filp` fill 512 MiB until the OOM killer came).
+/// Linux counts time from its clocksource, not from ticks, so a late tick
+/// dropped costs it nothing.
+fn pit_without_reinjection(vm: &VmFd) -> Result<(), VmError> {
+    let ctl = kvm_bindings::kvm_reinject_control::default();
+    // SAFETY: KVM_REINJECT_CONTROL reads one kvm_reinject_control (32 bytes,
+    // `pit_reinject` 0: off) from the pointer, which lives across the call; the
+    // fd is a VM with a PIT (created just before).
+    let r = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, KVM_REINJECT_CONTROL(), &ctl) };
+    if r < 0 {
+        return Err(VmError::ioctl("KVM_REINJECT_CONTROL")(
+            kvm_ioctls::Error::last(),
+        ));
+    }
+    Ok(())
 }
 
 fn enable_vm_caps(kvm: &Kvm, vm: &VmFd, cfg: &VmConfig) -> Result<(), VmError> {

@@ -39,8 +39,7 @@ pub struct LinuxBoot<'a> {
     /// Run the bzImage's own decompressor instead of entering the vmlinux
     /// vmiscope decompressed (for comparison: `bench --linux`).
     pub own_decompressor: bool,
-    /// With more than one, an ACPI MADT names them (the kernel reads no MP
-    /// tables).
+    /// An ACPI MADT names them (the kernel reads no MP tables).
     pub vcpus: u32,
 }
 
@@ -173,9 +172,12 @@ pub fn load(ram: &GuestRam, image: &[u8], boot: &LinuxBoot) -> Result<LinuxLoade
         hdr: header.unwrap_or_else(default_header),
         ..Default::default()
     };
-    if boot.vcpus > 1 {
-        params.acpi_rsdp_addr = super::acpi::write_tables(ram, ACPI_START, boot.vcpus)?;
-    }
+    // A MADT for one vCPU too, as every PC and QEMU give: without one the
+    // kernel finds "no MADT or MP tables", runs its APIC in virtual-wire mode
+    // and never starts its local APIC timer, so the PIT through the 8259 is its
+    // only tick for the whole run (on the nested-SVM rig one PIT interrupt never
+    // acknowledged then stopped the clock for good: README, "Hosts").
+    params.acpi_rsdp_addr = super::acpi::write_tables(ram, ACPI_START, boot.vcpus)?;
     fill_zero_page(ram, &mut params, boot, kernel_end)?;
     Ok(LinuxLoaded {
         entry: EntryState::Linux64 {
