@@ -73,15 +73,48 @@ pub(crate) fn set_msr(fd: &VcpuFd, index: u32, data: u64) -> bool {
         == Some(1)
 }
 
-/// Injects exception `vector` on the next entry.
+/// Injects exception `vector` on the next entry — unless this exit came in
+/// the middle of delivering an event (see [`delivering`]): then nothing is
+/// injected, the event is delivered on entry, and the instruction, which has
+/// not run yet, runs (and traps) again after it.
 pub(crate) fn inject(fd: &VcpuFd, vector: u8, error_code: Option<u32>) -> Result<(), VmError> {
     let mut ev = fd
         .get_vcpu_events()
         .map_err(VmError::ioctl("KVM_GET_VCPU_EVENTS"))?;
+    if delivering(&ev) {
+        return Ok(());
+    }
     ev.exception.injected = 1;
     ev.exception.nr = vector;
     ev.exception.has_error_code = error_code.is_some() as u8;
     ev.exception.error_code = error_code.unwrap_or(0);
     fd.set_vcpu_events(&ev)
         .map_err(VmError::ioctl("KVM_SET_VCPU_EVENTS"))
+}
+
+/// Whether KVM was delivering an interrupt, NMI or exception when the vCPU
+/// exited (VMX's IDT-vectoring information, SVM's EXITINTINFO): KVM re-delivers
+/// it on the next entry. An exception injected now would take its place, and
+/// KVM then drops the interrupt for good (SVM clears both queues at the next
+/// exit): the interrupt controller holds it in service, the guest never EOIs
+/// it, and its timer stops.
+fn delivering(ev: &kvm_bindings::kvm_vcpu_events) -> bool {
+    ev.interrupt.injected != 0 || ev.nmi.injected != 0 || ev.exception.injected != 0
+}
+
+#[cfg(test)]
+mod delivery_tests {
+    use super::*;
+
+    #[test]
+    fn an_exception_waits_while_an_interrupt_is_being_delivered() {
+        let mut ev = kvm_bindings::kvm_vcpu_events::default();
+        assert!(!delivering(&ev), "nothing in flight: inject");
+        ev.interrupt.injected = 1;
+        ev.interrupt.nr = 0x30;
+        assert!(delivering(&ev), "a PIT tick in flight");
+        ev.interrupt.injected = 0;
+        ev.nmi.injected = 1;
+        assert!(delivering(&ev));
+    }
 }
