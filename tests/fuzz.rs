@@ -1,7 +1,9 @@
 //! A bounded, seeded fuzz suite that keeps the hardening findings fixed: mutated
-//! images, hostile guest code at CPL0 and CPL3 (with and without policies),
-//! random and malformed gdb packets followed by a real gdb attaching, and random
-//! console lines. The rule it checks everywhere: no panic, no hang past the
+//! images and mutated Linux kernels (the bzImage boot path), hostile guest code
+//! at CPL0 and CPL3 (with and without policies), random and malformed gdb
+//! packets followed by a real gdb attaching, random console lines, FIFOs and
+//! full disks for every file option, and signals at random moments of REPL and
+//! TUI sessions. The rule it checks everywhere: no panic, no hang past the
 //! timeout, a clear error for every refusal, the journal valid.
 //!
 //! About a minute in all by default. `VMISCOPE_FUZZ_SEED` picks the seed (printed
@@ -596,4 +598,297 @@ fn every_file_option_refuses_fifos_endless_files_and_full_disks_at_once() {
         assert_eq!(out.status.code(), Some(2), "{what}: {err}");
         assert!(err.contains(why), "{what}: {err}");
     }
+}
+
+/// Debian's cloud kernel, if .ci/run unpacked it (target/linux/boot).
+fn debian_kernel() -> Option<Vec<u8>> {
+    let boot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/linux/boot");
+    let path = std::fs::read_dir(boot).ok()?.find_map(|e| {
+        let p = e.ok()?.path();
+        let name = p.file_name()?.to_string_lossy().into_owned();
+        name.starts_with("vmlinuz-").then_some(p)
+    })?;
+    std::fs::read(path).ok()
+}
+
+/// One mutation of a bzImage along its boot path: a field of the setup header
+/// the loader reads (setup_sects, the `HdrS` magic, the protocol version,
+/// loadflags, the alignment, xloadflags, cmdline_size, the payload's offset and
+/// length, init_size, pref_address) set to a hostile value, bytes of the
+/// compressed payload scribbled, or the file cut short.
+fn mutate_bzimage(rng: &mut Rng, k: &[u8]) -> (Vec<u8>, String) {
+    let mut m = k.to_vec();
+    let fields: [(usize, usize, &str); 12] = [
+        (0x1f1, 1, "setup_sects"),
+        (0x202, 4, "HdrS"),
+        (0x206, 2, "version"),
+        (0x211, 1, "loadflags"),
+        (0x230, 4, "kernel_alignment"),
+        (0x236, 2, "xloadflags"),
+        (0x238, 4, "cmdline_size"),
+        (0x248, 4, "payload_offset"),
+        (0x24c, 4, "payload_length"),
+        (0x258, 8, "pref_address"),
+        (0x260, 4, "init_size"),
+        (0x1f4, 4, "syssize"),
+    ];
+    match rng.below(4) {
+        0 | 1 => {
+            let (at, len, name) = *rng.pick(&fields);
+            let random = rng.next();
+            let v = *rng.pick(&[0, 1, u64::MAX, 0x8000_0000, random, 0x7fff_ffff]);
+            m[at..at + len].copy_from_slice(&v.to_le_bytes()[..len]);
+            (m, format!("{name} = {v:#x}"))
+        }
+        2 => {
+            // The payload starts after the setup sectors: scribble inside it.
+            let setup = (usize::from(m[0x1f1]).max(4) + 1) * 512;
+            let at = setup + rng.below((m.len() - setup) as u64) as usize;
+            let len = (1 + rng.below(64) as usize).min(m.len() - at);
+            for b in &mut m[at..at + len] {
+                *b = rng.next() as u8;
+            }
+            (m, format!("{len} bytes scribbled at {at:#x}"))
+        }
+        _ => {
+            let len = rng.below(m.len() as u64) as usize;
+            m.truncate(len);
+            (m, format!("cut to {len} bytes"))
+        }
+    }
+}
+
+/// The Linux boot path under mutation: Debian's own kernel with hostile
+/// setup-header fields, a scribbled payload or cut short, sometimes with a
+/// garbage initrd or command line, is run (for at most 2 s) or refused with a
+/// message, never a panic or a hang.
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_linux),
+    ignore = "needs /dev/kvm and Debian's kernel (.ci/run)"
+)]
+fn mutated_linux_kernels_are_run_or_refused_clearly() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(kernel) = debian_kernel() else {
+        panic!("no vmlinuz in target/linux/boot (.ci/run unpacks it)");
+    };
+    let mut rng = Rng::new(7);
+    let dir = common::temp_dir("fuzz-linux");
+    let initrd = dir.join("garbage.cpio");
+    let junk: Vec<u8> = (0..4096).map(|_| rng.next() as u8).collect();
+    std::fs::write(&initrd, junk).unwrap();
+    for i in 0..scaled(8) {
+        let (img, how) = mutate_bzimage(&mut rng, &kernel);
+        let path = dir.join(format!("k{i}"));
+        std::fs::write(&path, &img).unwrap();
+        let mut args = vec![
+            "run".to_string(),
+            path.to_str().unwrap().into(),
+            "--batch".into(),
+            "--timeout".into(),
+            "2".into(),
+            "--mem".into(),
+            "256".into(),
+        ];
+        if rng.below(3) == 0 {
+            args.extend(["--initrd".into(), initrd.to_str().unwrap().into()]);
+        }
+        if rng.below(3) == 0 {
+            let n = rng.below(3000) as usize;
+            args.extend(["--cmdline".into(), "x".repeat(n)]);
+        }
+        let what = format!("kernel {i} ({how})");
+        let out = finish(
+            vmiscope().args(&args).spawn().unwrap(),
+            Duration::from_secs(60),
+            &what,
+        );
+        check(&out, &what);
+        if out.status.code() == Some(2) {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.lines().any(|l| l.starts_with("vmiscope: error: ")),
+                "{what}: a refusal without a message {}\n{err}",
+                seed_note()
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The last record of a journal, parsed.
+fn last_record(path: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    serde_json::from_str(text.lines().last().unwrap_or("null")).unwrap_or_default()
+}
+
+/// Signals at random moments of REPL and TUI sessions (at the entry, while the
+/// guest runs, stopped at an event, during `journal save`): each ends vmiscope
+/// with 128 + the signal and a journal whose last record is `end` with that
+/// status. SIGINT at the REPL only pauses the guest (as Ctrl-C there), so it
+/// is followed by a SIGTERM.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn signals_at_random_moments_end_repl_and_tui_sessions_with_their_journal() {
+    if !kvm_available() {
+        return;
+    }
+    let mut rng = Rng::new(8);
+    let dir = common::temp_dir("fuzz-signals");
+    let phases: [&[u8]; 4] = [
+        b"",
+        b"continue\n",
+        b"hook msr 0x176 w\nbreak event msr\ncontinue --wait\n",
+        b"continue\njournal save /dev/null\njournal save /dev/null\n",
+    ];
+    for i in 0..scaled(6) {
+        let journal = dir.join(format!("r{i}.jsonl"));
+        let phase = *rng.pick(&phases);
+        // `hang` never ends on its own; `msr` stops at its SYSENTER write.
+        let image = if phase.starts_with(b"hook") {
+            "msr"
+        } else {
+            "hang"
+        };
+        let mut child = vmiscope()
+            .args([
+                "run",
+                image,
+                "--repl",
+                "--journal",
+                journal.to_str().unwrap(),
+            ])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let _ = stdin.write_all(phase);
+        // The header is written before the console starts: wait for it, then
+        // a random moment more (up to 0.5 s).
+        let t = Instant::now();
+        while std::fs::metadata(&journal).map_or(true, |m| m.len() == 0) {
+            assert!(t.elapsed() < Duration::from_secs(20), "no journal header");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(rng.below(500)));
+        let sig = *rng.pick(&[libc::SIGTERM, libc::SIGHUP, libc::SIGINT]);
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let expect = if sig == libc::SIGINT {
+            std::thread::sleep(Duration::from_millis(200));
+            // SAFETY: as above.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            128 + libc::SIGTERM
+        } else {
+            128 + sig
+        };
+        let what = format!(
+            "REPL {i} on {image}, phase {:?}, signal {sig}",
+            String::from_utf8_lossy(phase)
+        );
+        let out = finish(child, Duration::from_secs(30), &what);
+        drop(stdin);
+        check(&out, &what);
+        // SIGINT ends a command that is running (130); at the prompt it only
+        // pauses the guest, and the SIGTERM after it ends the session (143).
+        let code = out.status.code().unwrap_or_default();
+        assert!(
+            code == expect || (sig == libc::SIGINT && code == 128 + libc::SIGINT),
+            "{what}: exit status {code} {}",
+            seed_note()
+        );
+        let end = last_record(&journal);
+        assert_eq!(end["type"], "end", "{what}: last record {end}");
+        assert_eq!(end["status"], code, "{what}: {end}");
+    }
+    if common::tool_available("tmux", "-V") {
+        for i in 0..scaled(2) {
+            tui_signalled(&mut rng, &dir.join(format!("t{i}.jsonl")));
+        }
+    } else if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true but tmux is missing");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A TUI in a tmux terminal, signalled at a random moment: its journal ends
+/// with the signal's status (the terminal keeps the process's status away, the
+/// journal records it).
+fn tui_signalled(rng: &mut Rng, journal: &std::path::Path) {
+    let name = format!(
+        "vmiscope-fuzz-{}-{}",
+        std::process::id(),
+        rng.below(1 << 30)
+    );
+    let exe = env!("CARGO_BIN_EXE_vmiscope");
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(["-L", &name])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+    };
+    let cmd = format!("{exe} run hang --tui --journal {}", journal.display());
+    assert!(
+        tmux(&[
+            "new-session",
+            "-d",
+            "-s",
+            &name,
+            "-x",
+            "120",
+            "-y",
+            "40",
+            &cmd
+        ])
+        .success()
+    );
+    let t = Instant::now();
+    let pid = loop {
+        let found = std::fs::read_dir("/proc").unwrap().find_map(|e| {
+            let e = e.ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (text.starts_with(exe) && text.contains(&*journal.to_string_lossy()))
+                .then(|| e.file_name().to_string_lossy().parse::<i32>().ok())
+                .flatten()
+        });
+        let header = std::fs::metadata(journal).is_ok_and(|m| m.len() > 0);
+        match found {
+            Some(p) if header => break p,
+            _ => {}
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the TUI did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    if rng.below(2) == 0 {
+        // While the guest runs.
+        tmux(&["send-keys", "-t", &name, "F5"]);
+    }
+    std::thread::sleep(Duration::from_millis(rng.below(500)));
+    let sig = *rng.pick(&[libc::SIGTERM, libc::SIGHUP]);
+    // SAFETY: signalling the vmiscope this test started.
+    unsafe { libc::kill(pid, sig) };
+    let t = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists()
+        && std::fs::read(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| !String::from_utf8_lossy(&s).contains(") Z"))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the TUI outlived signal {sig}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    tmux(&["kill-server"]);
+    let end = last_record(journal);
+    assert_eq!(end["type"], "end", "TUI, signal {sig}: last record {end}");
+    assert_eq!(end["status"], 128 + sig, "TUI, signal {sig}: {end}");
 }
