@@ -88,8 +88,9 @@ impl Session {
 
     pub(super) fn add_hook(&mut self, spec: HookSpec) -> Result<Output, Error> {
         // Named by who made it and what it watches; `hooks` shows its id.
+        let action = spec.action();
         let name = format!(
-            "console:{}{}",
+            "console:{}",
             match &spec {
                 HookSpec::Ept { .. } => "ept",
                 HookSpec::Gva { .. } => "gva",
@@ -100,10 +101,6 @@ impl Session {
                 HookSpec::Bp { .. } => "bp",
                 HookSpec::Introcall { .. } => "introcall",
             },
-            match spec.action() {
-                Some(Action::Deny) => " deny",
-                _ => "",
-            }
         );
         let deny_cb = |act: Action| -> vmiscope_introspect::Callback {
             match act {
@@ -173,6 +170,9 @@ impl Session {
         let id = self
             .intro
             .add_hook(&self.shared, self.vcpu, target, name, cb)?;
+        if let Some(a) = action {
+            self.hook_actions.lock().unwrap().insert(id, a);
+        }
         Ok(Output::text(match warning {
             Some(w) => format!("{w}\nhook {id} added"),
             None => format!("hook {id} added"),
@@ -228,7 +228,11 @@ impl Session {
 
     pub fn hooks_text(&self) -> String {
         let mut t = String::new();
-        for r in hook_rows(&self.intro.hooks(), self.intro.log_only()) {
+        for r in hook_rows(
+            &self.intro.hooks(),
+            self.intro.log_only(),
+            &self.hook_actions(),
+        ) {
             let _ = writeln!(
                 t,
                 "{:>4} {:<10} {:<22} hits {:<6} {} {:<4} {}",
@@ -271,7 +275,12 @@ pub(crate) struct HookRow {
     pub what: String,
 }
 
-pub(crate) fn hook_rows(hooks: &[vmiscope_monitor::HookInfo], log_only: bool) -> Vec<HookRow> {
+/// `actions`: what each console hook was made to do (see `Session::hook_actions`).
+pub(crate) fn hook_rows(
+    hooks: &[vmiscope_monitor::HookInfo],
+    log_only: bool,
+    actions: &std::collections::HashMap<HookId, Action>,
+) -> Vec<HookRow> {
     use vmiscope_introspect::Owner;
     let mut rows: Vec<HookRow> = vec![];
     let mut groups: std::collections::BTreeMap<
@@ -285,12 +294,12 @@ pub(crate) fn hook_rows(hooks: &[vmiscope_monitor::HookInfo], log_only: bool) ->
             _ => rows.push(HookRow {
                 ids: h.id.to_string(),
                 class,
-                name: h.name.trim_end_matches(" deny").to_string(),
+                name: h.name.clone(),
                 hits: h.hits,
                 enabled: h.enabled,
-                action: match h.target {
-                    Target::Breakpoint { .. } | Target::Introcall { .. } => "",
-                    _ if h.name.ends_with(" deny") => "deny",
+                action: match (&h.target, actions.get(&h.id)) {
+                    (Target::Breakpoint { .. } | Target::Introcall { .. }, _) => "",
+                    (_, Some(Action::Deny)) => "deny",
                     _ => "log",
                 },
                 what: target_text(&h.target),

@@ -13,7 +13,7 @@ use crate::error::Error;
 use vmiscope_vmm::{RunOutcome, StopReason, VcpuCtl, VcpuState, Vm, VmShared};
 
 use crate::cli::RunArgs;
-use crate::commands::{self, Command};
+use crate::commands::{self, Action, Command};
 use vmiscope_monitor::Introspection;
 use vmiscope_monitor::{Control, SessionHandler};
 
@@ -115,7 +115,13 @@ pub struct Session {
     journal: Option<vmiscope_monitor::journal::JournalFile>,
     /// What `--journal`'s header says (also `journal save`'s).
     info: Arc<vmiscope_monitor::journal::RunInfo>,
+    /// What each console hook does on a hit, as it was made (`hooks` shows
+    /// it); shared with attached sessions.
+    hook_actions: Arc<Mutex<HookActions>>,
 }
+
+/// What each console hook was made to do on a hit, by its id.
+type HookActions = std::collections::HashMap<vmiscope_introspect::HookId, Action>;
 
 impl Session {
     /// Builds the VM and starts it paused at its entry.
@@ -200,6 +206,7 @@ impl Session {
             host_writes: true,
             journal,
             info,
+            hook_actions: Default::default(),
         })
     }
 
@@ -222,7 +229,13 @@ impl Session {
             serial: self.serial.clone(),
             journal: None,
             info: self.info.clone(),
+            hook_actions: self.hook_actions.clone(),
         }
+    }
+
+    /// What each console hook was made to do (a copy).
+    pub(super) fn hook_actions(&self) -> HookActions {
+        self.hook_actions.lock().unwrap().clone()
     }
 
     /// The VM's shared state (memory, vCPUs, symbols).

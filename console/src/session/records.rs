@@ -221,7 +221,11 @@ impl Session {
             let _ = writeln!(t, "completed by the VMM: {}", completed.join(" "));
         }
         t.push_str("hook hits:\n");
-        for r in super::hooks::hook_rows(&self.intro.hooks(), self.intro.log_only()) {
+        for r in super::hooks::hook_rows(
+            &self.intro.hooks(),
+            self.intro.log_only(),
+            &self.hook_actions(),
+        ) {
             let _ = writeln!(t, "  hook {:>3} {:<22} {}", r.ids, r.name, r.hits);
         }
         let (exits, per) = self.shared.exit_counts();
