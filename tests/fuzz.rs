@@ -139,6 +139,21 @@ fn check(out: &Output, what: &str) {
     );
 }
 
+/// `vmiscope ARGS` within `limit`, by the rule (`check`); a refusal (exit 2)
+/// must say why.
+fn run_or_refuse(args: &[impl AsRef<std::ffi::OsStr>], limit: Duration, what: &str) {
+    let out = finish(vmiscope().args(args).spawn().unwrap(), limit, what);
+    check(&out, what);
+    if out.status.code() == Some(2) {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.lines().any(|l| l.starts_with("vmiscope: error: ")),
+            "{what}: a refusal without a message {}\n{err}",
+            seed_note()
+        );
+    }
+}
+
 /// One mutation of an ELF image: bit flips in the headers, a truncation, or an
 /// edge value in a header or program-header field.
 fn mutate(rng: &mut Rng, elf: &[u8]) -> Vec<u8> {
@@ -204,20 +219,7 @@ fn mutated_images_are_run_or_refused_clearly() {
             args.extend(["--protect", "all"]);
         }
         let what = format!("image {i} (from {base})");
-        let out = finish(
-            vmiscope().args(&args).spawn().unwrap(),
-            Duration::from_secs(20),
-            &what,
-        );
-        check(&out, &what);
-        if out.status.code() == Some(2) {
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                err.lines().any(|l| l.starts_with("vmiscope: error: ")),
-                "{what}: a refusal without a message {}\n{err}",
-                seed_note()
-            );
-        }
+        run_or_refuse(&args, Duration::from_secs(20), &what);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -700,20 +702,7 @@ fn mutated_linux_kernels_are_run_or_refused_clearly() {
             args.extend(["--cmdline".into(), "x".repeat(n)]);
         }
         let what = format!("kernel {i} ({how})");
-        let out = finish(
-            vmiscope().args(&args).spawn().unwrap(),
-            Duration::from_secs(60),
-            &what,
-        );
-        check(&out, &what);
-        if out.status.code() == Some(2) {
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                err.lines().any(|l| l.starts_with("vmiscope: error: ")),
-                "{what}: a refusal without a message {}\n{err}",
-                seed_note()
-            );
-        }
+        run_or_refuse(&args, Duration::from_secs(60), &what);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
