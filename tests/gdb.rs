@@ -1023,10 +1023,12 @@ fn a_plain_continue_resumes_every_vcpu_and_kill_gets_a_reply() {
     // It used to resume thread 1 alone, which then waited for vCPU 1 until the
     // guest gave up (`W02`).
     let stop = rsp.ask("c");
-    assert!(
-        stop.starts_with("T05") && (stop.contains("thread:2;") || stop.contains("thread:02;")),
-        "the breakpoint on vCPU 1: {stop}"
-    );
+    if !(stop.starts_with("T05") && (stop.contains("thread:2;") || stop.contains("thread:02;"))) {
+        // vmiscope's own report (a triple fault names the exit before it)
+        // goes with the failure: it came once in a run on the nested-SVM rig.
+        let (code, out) = finish(child);
+        panic!("the breakpoint on vCPU 1: {stop}; vmiscope ({code:?}):\n{out}");
+    }
     // A plain `s` steps the selected thread; the others run too.
     let step = rsp.ask("s");
     assert!(step.starts_with('T'), "{step}");
