@@ -766,7 +766,6 @@ fn signals_at_random_moments_end_repl_and_tui_sessions_with_their_journal() {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, sig) };
         let expect = if sig == libc::SIGINT {
-            std::thread::sleep(Duration::from_millis(200));
             // SAFETY: as above.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             128 + libc::SIGTERM

@@ -269,9 +269,8 @@ pub fn exit_text(e: &Event, sym: &Symbols) -> String {
     }
 }
 
-/// The hooks an event fired, for people: ids, or why there are none.
-/// Which hooks an event called, labelled so that an id does not read as a
-/// count: `hook 11`, `hooks 3, 7`.
+/// The hooks an event fired, for people, labelled so that an id does not read
+/// as a count (`hook 11`, `hooks 3, 7`), or why there are none.
 pub fn hook_list(hooks: &[vmiscope_introspect::HookId]) -> String {
     let ids: Vec<String> = hooks.iter().map(|h| h.to_string()).collect();
     match ids.len() {

@@ -60,6 +60,12 @@ pub enum Record<'a> {
         at_us: u64,
     },
     Override(&'a Override),
+    /// Policies switched on after the start (the console's or gdb's
+    /// `protect`): the journal's header, written at the start, cannot say so.
+    Protect {
+        policies: &'a [crate::Policy],
+        at_us: u64,
+    },
 }
 
 /// An analyst replaced a stopped event's verdict (the console's `verdict`).

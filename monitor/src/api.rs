@@ -113,6 +113,11 @@ impl Introspection {
         self.engine.lock().unwrap().overrides().to_vec()
     }
 
+    /// Journals policies switched on after the start (a `protect` record).
+    pub fn journal_protect(&self, policies: &[vmiscope_introspect::Policy]) {
+        self.engine.lock().unwrap().journal_protect(policies);
+    }
+
     /// Journals an analyst's verdict on a stopped event (`proposed` was the
     /// engine's).
     pub fn journal_override(&self, event_id: u64, proposed: Verdict, allow: bool) {

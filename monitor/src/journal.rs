@@ -139,11 +139,14 @@ pub fn record_json(r: &Record<'_>, sym: &Symbols) -> Value {
             typed("exception", *at_us, json!({"alert": alert, "rule": rule}))
         }
         Record::Override(o) => override_json(o),
+        Record::Protect { policies, at_us } => {
+            let names: Vec<&str> = policies.iter().map(|p| p.name()).collect();
+            json!({"type": "protect", "t_us": at_us, "policies": names})
+        }
     }
 }
 
 /// What the header says about the run.
-#[derive(Clone)]
 pub struct RunInfo {
     pub image: String,
     pub vcpus: u32,
@@ -260,12 +263,6 @@ impl JournalFile {
         if let Some(vm) = &self.run {
             vm.stop(vmiscope_vmm::StopReason::Error(why));
         }
-    }
-
-    /// A policy switched on after the start (the console's `protect`): the
-    /// header, written at the start, cannot say so.
-    pub fn policies_added(&self, t_us: u64, names: &[&str]) {
-        self.line(&json!({"type": "protect", "t_us": t_us, "policies": names}));
     }
 
     /// Whether a write has failed (the records since are lost).

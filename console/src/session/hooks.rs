@@ -51,14 +51,11 @@ impl Session {
     /// Policies the console switches on go in the journal (`protect`
     /// records) and in `journal save`'s header, as `--protect`'s do.
     fn record_policies(&mut self, policies: &[Policy]) {
-        let names: Vec<&str> = policies.iter().map(|p| p.name()).collect();
-        if let Some(j) = &self.journal {
-            j.policies_added(self.intro.now_us(), &names);
-        }
-        let info = std::sync::Arc::make_mut(&mut self.info);
-        for n in names {
-            if !info.policies.iter().any(|p| p == n) {
-                info.policies.push(n.to_string());
+        self.intro.journal_protect(policies);
+        let mut info = self.info.lock().unwrap();
+        for p in policies {
+            if !info.policies.iter().any(|n| n == p.name()) {
+                info.policies.push(p.name().to_string());
             }
         }
     }

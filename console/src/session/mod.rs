@@ -114,7 +114,8 @@ pub struct Session {
     /// `--journal`'s file, which gets the `end` record when the guest ends.
     journal: Option<vmiscope_monitor::journal::JournalFile>,
     /// What `--journal`'s header says (also `journal save`'s).
-    info: Arc<vmiscope_monitor::journal::RunInfo>,
+    /// Shared with attached sessions: a `protect` from either adds to it.
+    info: Arc<Mutex<vmiscope_monitor::journal::RunInfo>>,
     /// What each console hook does on a hit, as it was made (`hooks` shows
     /// it); shared with attached sessions.
     hook_actions: Arc<Mutex<HookActions>>,
@@ -133,7 +134,7 @@ impl Session {
         let os = crate::launch::os(a, &image, &mut vm)?;
         let (intro, journal) = crate::launch::engine(a, vm.shared(), os)?;
         let intro = Arc::new(intro);
-        let info = Arc::new(crate::launch::run_info(a, vm.shared()));
+        let info = Arc::new(Mutex::new(crate::launch::run_info(a, vm.shared())));
         let shared = vm.shared().clone();
         let notices = intro.notices().clone();
         let n1 = notices.clone();
@@ -233,9 +234,9 @@ impl Session {
         }
     }
 
-    /// What each console hook was made to do (a copy).
-    pub(super) fn hook_actions(&self) -> HookActions {
-        self.hook_actions.lock().unwrap().clone()
+    /// What each console hook was made to do (held while the guard lives).
+    pub(super) fn hook_actions(&self) -> std::sync::MutexGuard<'_, HookActions> {
+        self.hook_actions.lock().unwrap()
     }
 
     /// The VM's shared state (memory, vCPUs, symbols).

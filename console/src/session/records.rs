@@ -171,7 +171,7 @@ impl Session {
             .chain(overrides.iter().map(journal::override_json))
             .collect();
         records.sort_by_key(|r| r["t_us"].as_u64().unwrap_or(0));
-        let mut out = format!("{}\n", journal::header_json(&self.info));
+        let mut out = format!("{}\n", journal::header_json(&self.info.lock().unwrap()));
         for r in &records {
             let _ = writeln!(out, "{r}");
         }

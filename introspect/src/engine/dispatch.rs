@@ -228,6 +228,12 @@ impl Engine {
     }
 
     /// Journals an analyst's override of event `event_id`'s verdict.
+    /// Journals policies switched on after the start (`Record::Protect`).
+    pub fn journal_protect(&mut self, policies: &[crate::Policy]) {
+        let at_us = self.now_us();
+        self.journal(&Record::Protect { policies, at_us });
+    }
+
     pub fn journal_override(&mut self, event_id: u64, proposed: Verdict, allow: bool) {
         let o = Override {
             event_id,
